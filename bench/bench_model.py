@@ -1,0 +1,116 @@
+"""Train-step throughput of evods' InternLM vs transformers' LlamaForCausalLM(attention_bias=True) on CPU.
+
+Same config and weights for both (hidden 512, 8 layers, 8 heads, intermediate 1536, vocab 103168); one 2048-token
+row holding 1 document or 8 documents of 256; a step is forward + loss + backward + AdamW. Llama runs the 8-document
+row two ways: as one causal row (it attends across documents), and with the packed position_ids, which transformers
+turns into a block-diagonal mask (documents kept apart, as evods does). Model FLOPs = 6·N·tokens + causal attention
+6·layers·hidden·Σ(doc_len²), N without the input embedding, against this machine's measured matmul rate.
+
+    OMP_NUM_THREADS=2 python bench/bench_model.py [--steps 3] [--dtypes fp32 bf16]
+"""
+
+import argparse
+import platform
+import statistics
+import subprocess
+import time
+
+import torch
+import transformers
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from evods.model import InternLMConfig, InternLMForCausalLM
+
+SEQ_LEN = 2048
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+CONFIG = dict(
+    vocab_size=103168, hidden_size=512, intermediate_size=1536, num_hidden_layers=8, num_attention_heads=8,
+    max_position_embeddings=SEQ_LEN,
+)
+
+
+def make_models() -> tuple[InternLMForCausalLM, LlamaForCausalLM]:
+    torch.manual_seed(0)
+    internlm = InternLMForCausalLM(InternLMConfig(**CONFIG, rotary={"base": 10000, "type": "origin"}))
+    llama = LlamaForCausalLM(LlamaConfig(**CONFIG, attention_bias=True, tie_word_embeddings=False))
+    llama.load_state_dict(internlm.state_dict())
+    return internlm, llama
+
+
+def step_seconds(model, input_ids, position_ids, steps: int) -> float:
+    """Median wall time of a training step, after one warmup step."""
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
+    times = []
+    for _ in range(steps + 1):
+        start = time.perf_counter()
+        loss = model(input_ids, position_ids=position_ids, labels=input_ids, use_cache=False).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times[1:])
+
+
+def matmul_flops_per_s(dtype: torch.dtype, n: int = 2048, repeats: int = 5) -> float:
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    a @ b
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        a @ b
+        times.append(time.perf_counter() - start)
+    return 2 * n**3 / statistics.median(times)
+
+
+def model_flops_per_step(model: InternLMForCausalLM, doc_lengths: list[int]) -> float:
+    c = model.config
+    n_params = model.num_parameters() - c.vocab_size * c.hidden_size  # the input embedding is a lookup
+    attention = 6 * c.num_hidden_layers * c.hidden_size * sum(n * n for n in doc_lengths)
+    return 6 * n_params * sum(doc_lengths) + attention
+
+
+def cpu_name() -> str:
+    for line in subprocess.run(["lscpu"], capture_output=True, text=True).stdout.splitlines():
+        if line.startswith("Model name:"):
+            return line.split(":", 1)[1].strip()
+    return platform.processor()
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--dtypes", nargs="+", default=list(DTYPES), choices=list(DTYPES))
+    args = parser.parse_args()
+
+    print(f"CPU: {cpu_name()}, torch threads {torch.get_num_threads()}; torch {torch.__version__}, "
+          f"transformers {transformers.__version__}")
+    internlm, llama = make_models()
+    layouts = {"1 doc": [SEQ_LEN], "8 docs": [SEQ_LEN // 8] * 8}
+    rows = []
+    for dtype_name in args.dtypes:
+        dtype = DTYPES[dtype_name]
+        internlm.to(dtype), llama.to(dtype)
+        peak = matmul_flops_per_s(dtype)
+        print(f"{dtype_name} matmul 2048^3: {peak / 1e9:.1f} GFLOP/s")
+        for layout, doc_lengths in layouts.items():
+            input_ids = torch.randint(0, CONFIG["vocab_size"], (1, SEQ_LEN))
+            packed_positions = torch.cat([torch.arange(n) for n in doc_lengths])[None]
+            runs = [("evods", internlm, packed_positions), ("llama, one causal row", llama, None)]
+            if len(doc_lengths) > 1:
+                runs.append(("llama, packed position_ids (mask)", llama, packed_positions))
+            flops = model_flops_per_step(internlm, doc_lengths)
+            timings = {name: step_seconds(model, input_ids, pos, args.steps) for name, model, pos in runs}
+            for name, seconds in timings.items():
+                rows.append((dtype_name, layout, name, seconds, SEQ_LEN / seconds,
+                             timings["llama, one causal row"] / seconds, flops / seconds / 1e9,
+                             100 * flops / seconds / peak))
+                print(f"  {dtype_name} {layout} {name}: {seconds:.2f} s/step", flush=True)
+
+    print("\n| dtype | row | model | s/step | tokens/s | speed vs llama causal row | model GFLOP/s | % of matmul rate |")
+    print("|---|---|---|---|---|---|---|---|")
+    for dtype_name, layout, name, seconds, tps, ratio, gflops, mfu in rows:
+        print(f"| {dtype_name} | {layout} | {name} | {seconds:.2f} | {tps:.0f} | {ratio:.2f}x | {gflops:.1f} | {mfu:.0f}% |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,82 @@
+"""Checks that need facts from outside the file: the world size, the device, the installed kernels.
+
+They run once the process group exists (InternEvo checks these in launch.py too), and fail with a ConfigError that
+names the config keys involved.
+"""
+import importlib.util
+import logging
+import os
+from typing import NamedTuple, Optional
+
+import torch
+
+from .schema import TrainConfig
+
+logger = logging.getLogger("evods.config")
+
+# fp16 on CPU runs (slowly) only once DeepSpeed's accelerator is told fp16 is supported (notes Q7). Tests use it to
+# exercise loss scaling; with it set, the engine must patch `get_accelerator().is_fp16_supported = lambda: True`
+# before deepspeed.initialize.
+CPU_FP16_ENV = "EVODS_CPU_FP16"
+
+
+class ParallelDims(NamedTuple):
+    dp: int
+    pp: int
+    tp: int
+
+
+def check_topology(cfg: TrainConfig, world_size: int) -> ParallelDims:
+    """Split `world_size` processes into data × pipeline × tensor parallel sizes and check the model fits them."""
+    pp, tp = cfg.parallel.pipeline.size, cfg.parallel.tensor.size
+    model, source = cfg.model, cfg.source
+    if world_size % (pp * tp):
+        raise source.error("parallel", f"{world_size} processes cannot be split into pipeline {pp} × tensor {tp} "
+                                       f"groups: the world size must be a multiple of {pp * tp}; change "
+                                       f"parallel.pipeline/parallel.tensor or the number of processes")
+    if model.num_attention_heads % tp:
+        raise source.error("parallel.tensor", f"model.num_attention_heads={model.num_attention_heads} is not "
+                                              f"divisible by parallel.tensor size {tp}; pick a tensor size that "
+                                              f"divides the heads")
+    if model.num_layers < pp:
+        raise source.error("parallel.pipeline", f"model.num_layers={model.num_layers} is less than parallel.pipeline "
+                                                f"size {pp}: every pipeline stage needs at least one layer")
+    if cfg.data.micro_num < pp:
+        raise source.error("data.micro_num", f"data.micro_num={cfg.data.micro_num} is less than parallel.pipeline "
+                                             f"size {pp}: a 1F1B pipeline needs at least one micro-batch per stage; "
+                                             f"raise micro_num")
+    if model.num_chunks > 1:
+        raise source.error("model.num_chunks", f"model.num_chunks={model.num_chunks} asks for InternEvo's interleaved "
+                                               f"pipeline, but DeepSpeed pipelines run 1F1B only; set num_chunks=1")
+    if cfg.parallel.sequence_parallel:
+        raise source.error("parallel.sequence_parallel", "parallel.sequence_parallel=True is not supported by evods "
+                                                         "yet; set sequence_parallel=False")
+    dp = world_size // (pp * tp)
+    zero1 = cfg.parallel.zero1
+    if zero1 == 1:
+        logger.info("parallel.zero1=1 asks for no ZeRO, but evods still uses ZeRO-1 over the data-parallel group: "
+                    "DeepSpeed's non-ZeRO optimizers compute wrong gradient norms under pipeline/tensor parallelism.")
+    elif zero1 > 1 and zero1 != dp:
+        logger.warning("parallel.zero1=%d: DeepSpeed ZeRO-1 shards the optimizer state over the whole data-parallel "
+                       "group (%d ranks), not over groups of %d.", zero1, dp, zero1)
+    return ParallelDims(dp=dp, pp=pp, tp=tp)
+
+
+def cpu_fp16_forced() -> bool:
+    return os.environ.get(CPU_FP16_ENV) == "1"
+
+
+def check_device(cfg: TrainConfig, device_type: str, flash_attn_available: Optional[bool] = None) -> None:
+    """Fit the config to the device: flash-attn falls back (one warning) when it is missing; a dtype the device cannot
+    train in is an error. `device_type` is DeepSpeed's accelerator name ("cuda", "cpu", ...)."""
+    model = cfg.model
+    if flash_attn_available is None:
+        flash_attn_available = importlib.util.find_spec("flash_attn") is not None
+    if model.use_flash_attn and not flash_attn_available:
+        logger.warning("model.use_flash_attn=True but flash-attn is not installed (or not usable on %s): "
+                       "using the PyTorch attention path instead.", device_type)
+        model.use_flash_attn = False
+    if device_type == "cpu" and model.dtype == torch.float16 and not cpu_fp16_forced():
+        raise cfg.source.error("model.dtype", f'model.dtype torch.float16 cannot train on the CPU; use '
+                                              f'"torch.bfloat16", "torch.float32" or "torch.tf32" (runs as fp32) '
+                                              f'there, or set {CPU_FP16_ENV}=1 to force slow fp16 (for tests)')

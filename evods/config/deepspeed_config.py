@@ -1,0 +1,183 @@
+"""The DeepSpeed JSON of a run: evods' fixed settings (ds_configs/default.json), the values derived from the training
+config, then an optional user JSON (`--ds_config FILE`) deep-merged on top."""
+import copy
+import json
+import logging
+import math
+from pathlib import Path
+from typing import Any, Iterator, Optional
+
+import torch
+
+from .errors import ConfigError
+from .schema import TrainConfig
+
+logger = logging.getLogger("evods.config")
+
+DEFAULTS_PATH = Path(__file__).resolve().parents[2] / "ds_configs" / "default.json"
+EFFECTIVE_NAME = "ds_config.json"
+
+# Settings of default.json that evods' loop depends on, with the reason an override would break it.
+FIXED_BY_EVODS = {
+    "train_micro_batch_size_per_gpu": "one micro-batch is one packed row of data.micro_bsz × data.seq_len tokens",
+    "zero_optimization.stage": "evods always runs ZeRO-1: DeepSpeed's other optimizers get the gradient norm wrong "
+                               "under pipeline/tensor parallelism",
+}
+# Keys that fix how many rows a step consumes; the loop feeds data.micro_num rows per step, so they must agree.
+BATCH_GEOMETRY = {"train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "train_batch_size"}
+
+
+def _read_json(path: Path, what: str) -> dict:
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: {what} not found") from None
+    except json.JSONDecodeError as error:
+        raise ConfigError(f"{path}:{error.lineno}: {what} is not valid JSON: {error.msg}") from None
+
+
+def _leaves(tree: dict, prefix: str = "") -> Iterator[tuple[str, Any]]:
+    for name, value in tree.items():
+        dotted = f"{prefix}{name}"
+        if isinstance(value, dict) and value:
+            yield from _leaves(value, dotted + ".")
+        else:
+            yield dotted, value
+
+
+def _nested(flat: dict) -> dict:
+    tree: dict = {}
+    for dotted, value in flat.items():
+        *parents, name = dotted.split(".")
+        node = tree
+        for parent in parents:
+            node = node.setdefault(parent, {})
+        node[name] = value
+    return tree
+
+
+def deep_merge(base: dict, top: dict) -> dict:
+    """`top` over `base`, recursing into dicts both have; neither input is changed."""
+    merged = copy.deepcopy(base)
+    for name, value in top.items():
+        if isinstance(value, dict) and isinstance(merged.get(name), dict):
+            merged[name] = deep_merge(merged[name], value)
+        else:
+            merged[name] = copy.deepcopy(value)
+    return merged
+
+
+def _derived(cfg: TrainConfig, dp_size: int) -> dict[str, tuple[Any, str]]:
+    """Dotted DeepSpeed key -> (value, the training config key it comes from)."""
+    data, zero, scaler = cfg.data, cfg.hybrid_zero_optimizer, cfg.grad_scaler
+    derived = {
+        "gradient_accumulation_steps": (data.micro_num, "data.micro_num"),
+        "train_batch_size": (data.micro_num * dp_size, "data.micro_num × data-parallel size"),
+        "zero_optimization.reduce_bucket_size": (zero.reduce_bucket_size, "hybrid_zero_optimizer.reduce_bucket_size"),
+        "gradient_clipping": (float(zero.clip_grad_norm), "hybrid_zero_optimizer.clip_grad_norm"),
+    }
+    if cfg.model.dtype == torch.float16:
+        power = math.log2(scaler.fp16.initial_scale)
+        if not power.is_integer():
+            raise cfg.source.error("grad_scaler.fp16.initial_scale",
+                                   f"grad_scaler.fp16.initial_scale={scaler.fp16.initial_scale} must be a power of 2 "
+                                   f"(DeepSpeed takes initial_scale_power), e.g. 2**16")
+        if (scaler.growth_factor, scaler.backoff_factor) != (2, 0.5):
+            logger.warning("grad_scaler: DeepSpeed's loss scaler doubles and halves the scale; growth_factor=%s and "
+                           "backoff_factor=%s are not used.", scaler.growth_factor, scaler.backoff_factor)
+        logger.info("grad_scaler.max_scale=%s is not enforced: DeepSpeed's loss scaler has no upper bound.",
+                    scaler.max_scale)
+        derived.update({
+            "fp16.enabled": (True, "model.dtype"),
+            "fp16.initial_scale_power": (int(power), "grad_scaler.fp16.initial_scale"),
+            "fp16.loss_scale_window": (scaler.fp16.growth_interval, "grad_scaler.fp16.growth_interval"),
+            "fp16.hysteresis": (scaler.hysteresis, "grad_scaler.hysteresis"),
+            # InternEvo restores the hysteresis budget only when the scale grows, not after every good step
+            "fp16.consecutive_hysteresis": (False, "grad_scaler.hysteresis"),
+            "fp16.min_loss_scale": (scaler.fp16.min_scale, "grad_scaler.fp16.min_scale"),
+        })
+    elif cfg.model.dtype == torch.bfloat16:
+        derived.update({
+            "bf16.enabled": (True, "model.dtype"),
+            # fp32 gradient accumulation: DeepSpeed then runs its BF16_Optimizer with ZeRO-1 partitioned fp32 master
+            # weights, correct under PP/TP (notes Q2); bf16 accumulation over micro_num steps loses precision.
+            "data_types.grad_accum_dtype": ("fp32", "model.dtype"),
+        })
+    return derived
+
+
+def _check_override(user: dict, evods: dict[str, tuple[Any, str]], origin: str) -> None:
+    for dotted, value in _leaves(user):
+        if dotted not in evods or evods[dotted][0] == value:
+            continue
+        ours, reason = evods[dotted]
+        if dotted in BATCH_GEOMETRY:
+            raise ConfigError(f"{origin}: {dotted}={value!r} conflicts with the training config ({reason} gives "
+                              f"{ours!r}); remove it from the DeepSpeed JSON and set data.micro_num / "
+                              f"data.micro_bsz in the training config instead")
+        logger.warning("%s: %s=%r overrides %r from the training config (%s).", origin, dotted, value, ours, reason)
+
+
+def build_deepspeed_config(cfg: TrainConfig, dp_size: int, override_path: Optional[str | Path] = None) -> dict:
+    """The DeepSpeed config dict for `deepspeed.initialize(config=...)`.
+
+    One DeepSpeed micro-batch is one packed row (micro_bsz × seq_len tokens), so the micro-batch size is 1 and
+    gradient accumulation is data.micro_num. Precision follows model.dtype: fp16 with dynamic loss scaling from
+    grad_scaler, bf16 with fp32 gradient accumulation, fp32 (and tf32, which is fp32 plus TF32 matmuls set by the
+    engine) with neither.
+
+    The optimizer is deliberately NOT in the JSON: build `torch.optim.AdamW(params, **adamw_kwargs(cfg))` and pass
+    it to `deepspeed.initialize(optimizer=...)`. evods changes lr and beta2 on its param_groups every step (its own
+    schedules, so the JSON has no scheduler either), and InternEvo's optimizer is exactly torch AdamW.
+
+    `override_path`: a JSON file deep-merged on top. Overriding a value that comes from the training config warns;
+    overriding the batch geometry is an error, since the loop feeds data.micro_num rows per step.
+    """
+    if not (isinstance(dp_size, int) and dp_size > 0):
+        raise ConfigError(f"data-parallel size must be a positive int, got {dp_size!r}")
+    defaults = _read_json(DEFAULTS_PATH, "evods' DeepSpeed defaults")
+    derived = _derived(cfg, dp_size)
+    ds_config = deep_merge(defaults, _nested({name: value for name, (value, _) in derived.items()}))
+    if override_path is not None:
+        user = _read_json(Path(override_path), "the --ds_config file")
+        fixed = {name: (value, FIXED_BY_EVODS[name]) for name, value in _leaves(defaults) if name in FIXED_BY_EVODS}
+        _check_override(user, {**fixed, **derived}, str(override_path))
+        ds_config = deep_merge(ds_config, user)
+    validate_deepspeed_config(ds_config, dp_size, origin=str(override_path or DEFAULTS_PATH))
+    return ds_config
+
+
+def adamw_kwargs(cfg: TrainConfig) -> dict:
+    """InternEvo's optimizer settings as `torch.optim.AdamW` keyword arguments."""
+    adam = cfg.adam
+    return dict(lr=adam.lr, betas=(adam.adam_beta1, adam.adam_beta2), eps=adam.adam_eps,
+                weight_decay=adam.weight_decay)
+
+
+def validate_deepspeed_config(ds_config: dict, dp_size: int, origin: str = "DeepSpeed config") -> None:
+    """Check the dict with DeepSpeed's own config classes (strict pydantic models reject misspelt sub-keys).
+
+    DeepSpeedConfig sizes the batch from the process group when one exists, so the batch arithmetic is checked here
+    against `dp_size` and train_batch_size is left for DeepSpeed to derive.
+    """
+    from deepspeed.runtime.config import DeepSpeedConfig
+
+    micro = ds_config.get("train_micro_batch_size_per_gpu")
+    steps = ds_config.get("gradient_accumulation_steps")
+    total = ds_config.get("train_batch_size")
+    if total is not None and micro is not None and steps is not None and total != micro * steps * dp_size:
+        raise ConfigError(f"{origin}: train_batch_size={total} must equal train_micro_batch_size_per_gpu ({micro}) × "
+                          f"gradient_accumulation_steps ({steps}) × data-parallel size ({dp_size})")
+    unsized = {name: value for name, value in ds_config.items() if name != "train_batch_size"}
+    try:
+        DeepSpeedConfig(unsized)
+    except Exception as error:  # DeepSpeed raises pydantic, assertion and value errors alike
+        raise ConfigError(f"{origin}: DeepSpeed rejects the config: {error}") from error
+
+
+def write_deepspeed_config(ds_config: dict, run_dir: str | Path) -> Path:
+    """Write the effective JSON to `run_dir/ds_config.json` (so a run can be reproduced) and return its path."""
+    path = Path(run_dir) / EFFECTIVE_NAME
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(ds_config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    return path

@@ -1,0 +1,515 @@
+"""The one schema of a training config: typed sections with InternEvo's defaults (§4.2), built from the loaded dict.
+
+Each key is a dataclass field whose metadata holds its `Rule` (what the value must be, in words for the error) or
+its `section` (a nested dataclass). `_build` walks a section generically: unknown keys fail with the closest known
+key, missing required keys and wrong values fail with the key's full name. `_normalise` then applies the fill-ins
+and rewrites of InternEvo's `launch.py` (`args_sanity_check`).
+"""
+import difflib
+import logging
+import math
+import os
+from dataclasses import MISSING, dataclass, field, fields
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import torch
+
+from .errors import ConfigError
+from .loader import ConfigSource, load_config_file
+
+logger = logging.getLogger("evods.config")
+
+
+@dataclass(frozen=True)
+class Rule:
+    words: str  # completes "data.micro_num must be ..."
+    test: Callable[[Any], bool]
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _optional(rule: Rule) -> Rule:
+    return Rule(f"None or {rule.words}", lambda v: v is None or rule.test(v))
+
+
+BOOL = Rule("a bool (True or False)", lambda v: isinstance(v, bool))
+STR = Rule("a string", lambda v: isinstance(v, str))
+INT = Rule("an int", _is_int)
+POSITIVE_INT = Rule("a positive int", lambda v: _is_int(v) and v > 0)
+NON_NEGATIVE_INT = Rule("a non-negative int", lambda v: _is_int(v) and v >= 0)
+NUMBER = Rule("a number", _is_number)
+POSITIVE_NUMBER = Rule("a positive number", lambda v: _is_number(v) and v > 0)
+NON_NEGATIVE_NUMBER = Rule("a non-negative number", lambda v: _is_number(v) and v >= 0)
+# checkpoint_every and oss_snapshot_freq: a step count, or float("inf") for never
+STEP_INTERVAL = Rule("a positive int or float('inf')", lambda v: (_is_int(v) and v > 0) or v == math.inf)
+OPTIONAL_STR = _optional(STR)
+DICT = Rule("a dict", lambda v: isinstance(v, dict))
+
+
+def _in_range(low: float, high: float, *, high_open: bool = False) -> Rule:
+    bracket = ")" if high_open else "]"
+    return Rule(f"a number in [{low}, {high}{bracket}",
+                lambda v: _is_number(v) and low <= v and (v < high if high_open else v <= high))
+
+
+def _one_of(*choices: str, note: str = "") -> Rule:
+    return Rule(f"one of {', '.join(map(repr, choices))}{note}", lambda v: v in choices)
+
+
+def key(rule: Rule, default=MISSING, *, coerce: Optional[Callable] = None):
+    """A config key. Without a default it is required. `coerce` reshapes an accepted alternative spelling first."""
+    return field(default=default, metadata={"rule": rule, "coerce": coerce})
+
+
+def section(cls, *, optional: bool = False, required: bool = False, coerce: Optional[Callable] = None):
+    """A nested dict of keys. `optional`: None is allowed and is the default."""
+    if required:
+        default = dict(default=MISSING)
+    elif optional:
+        default = dict(default=None)
+    else:
+        default = dict(default_factory=cls)
+    return field(**default, metadata={"section": cls, "optional": optional, "coerce": coerce})
+
+
+def _parse_skip_batches(text: str) -> list[tuple[int, int]]:
+    """"100-200,350" -> [(100, 200), (350, 350)]: inclusive ranges of batch_count (§3.5)."""
+    spans = []
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        low, _, high = part.partition("-")
+        spans.append((int(low), int(high or low)))
+    return spans
+
+
+def _parses(parse: Callable[[str], Any]) -> Callable[[Any], bool]:
+    def test(value) -> bool:
+        try:
+            parse(value)
+        except (ValueError, TypeError, AttributeError):
+            return False
+        return True
+    return test
+
+
+def _parse_rampup(text: str) -> Optional[tuple[int, int, int]]:
+    """"start incr every" -> (start, incr, every); "" -> None (§3.5)."""
+    if not text.strip():
+        return None
+    start, incr, every = (int(part) for part in text.split())
+    return start, incr, every
+
+
+SKIP_BATCHES = Rule('a string of inclusive batch ranges like "100-200,350" (or "")', _parses(_parse_skip_batches))
+RAMPUP = Rule('a string "start increment every" like "1 1 100" (or "")', _parses(_parse_rampup))
+
+# ---------------------------------------------------------------------------------------------------- sections
+
+
+@dataclass(kw_only=True)
+class DataConfig:
+    seq_len: int = key(POSITIVE_INT)
+    micro_num: int = key(POSITIVE_INT, 1)  # micro-batches per optimizer step (gradient accumulation)
+    micro_bsz: int = key(POSITIVE_INT)  # seq_len rows packed into one micro-batch
+    # Always seq_len * micro_bsz; a user value is ignored with a warning, as InternEvo does.
+    packed_length: Optional[int] = key(_optional(POSITIVE_INT), None)
+    valid_micro_num: Optional[int] = key(_optional(POSITIVE_INT), None)  # None -> micro_num
+    valid_every: int = key(NON_NEGATIVE_INT, 0)  # 0: no validation
+    total_steps: int = key(POSITIVE_INT)
+    # InternEvo requires the next three; evods gives the values every shipped config uses.
+    pack_sample_into_one: bool = key(BOOL, False)
+    skip_batches: str = key(SKIP_BATCHES, "")
+    rampup_batch_size: str = key(RAMPUP, "")
+    min_length: int = key(NON_NEGATIVE_INT, 0)
+    train_folder: Optional[str] = key(OPTIONAL_STR, None)  # None: random data (§3.6)
+    valid_folder: Optional[str] = key(OPTIONAL_STR, None)
+    empty_cache_and_diag_interval: int = key(POSITIVE_INT, 50)
+    diag_outlier_ratio: float = key(NUMBER, 1.1)  # clamped to >= 1
+    min_length_dict: Optional[dict] = key(_optional(DICT), None)
+    # InternEvo [IE] additions
+    type: str = key(_one_of("tokenized", note=" (the only data type InternEvo and evods read)"), "tokenized")
+    use_packed_dataset: bool = key(BOOL, True)
+    fixed_random_dataset_seqlen: bool = key(BOOL, False)
+    num_worker: int = key(NON_NEGATIVE_INT, 4)
+    seed: int = key(INT, 1024)
+
+    def skip_batch(self, batch_count: int) -> bool:
+        """Whether `skip_batches` names this batch_count: it is consumed without forward, backward or step."""
+        return any(low <= batch_count <= high for low, high in _parse_skip_batches(self.skip_batches))
+
+    @property
+    def rampup(self) -> Optional[tuple[int, int, int]]:
+        """`rampup_batch_size` as (start, increment, every), or None for no ramp-up."""
+        return _parse_rampup(self.rampup_batch_size)
+
+
+CKPT_CONTENT = {"model", "sampler", "optimizer", "scheduler", "all"}
+
+
+def _as_tuple(value):
+    """content=("model") is a common slip for ("model",); lists are fine too."""
+    if isinstance(value, str):
+        return (value,)
+    return tuple(value) if isinstance(value, list) else value
+
+
+@dataclass(kw_only=True)
+class LoadCkptInfo:
+    path: str = key(STR)
+    content: tuple = key(Rule('a non-empty tuple of "model", "sampler", "optimizer", "scheduler" or "all"',
+                              lambda v: isinstance(v, tuple) and bool(v) and set(v) <= CKPT_CONTENT),
+                         ("model",), coerce=_as_tuple)
+    ckpt_type: str = key(STR, "internlm")
+
+
+@dataclass(kw_only=True)
+class CkptConfig:
+    enable_save_ckpt: bool = key(BOOL, True)
+    save_ckpt_folder: Optional[str] = key(OPTIONAL_STR, None)
+    load_ckpt_info: Optional[LoadCkptInfo] = section(LoadCkptInfo, optional=True)
+    auto_resume: bool = key(BOOL, True)  # overrides load_ckpt_info when a checkpoint exists under save_ckpt_folder
+    checkpoint_every: float = key(STEP_INTERVAL, math.inf)
+    async_upload: bool = key(BOOL, False)  # only for boto3:/s3: folders
+    async_upload_tmp_folder: Optional[str] = key(OPTIONAL_STR, "/dev/shm/internlm_tmp_ckpt/")
+    oss_snapshot_freq: float = key(STEP_INTERVAL, math.inf)
+    stop_file_path: Optional[str] = key(OPTIONAL_STR, None)
+    snapshot_ckpt_folder: Optional[str] = key(OPTIONAL_STR, None)  # None -> {save_ckpt_folder}/snapshot
+    # legacy keys (§6.3), used when load_ckpt_info is absent
+    load_ckpt_folder: Optional[str] = key(OPTIONAL_STR, None)
+    load_model_only_folder: Optional[str] = key(OPTIONAL_STR, None)
+    load_optimizer: bool = key(BOOL, True)
+    load_given_ckpt: bool = key(BOOL, False)
+
+
+@dataclass(kw_only=True)
+class PipelineConfig:
+    size: int = key(POSITIVE_INT, 1)
+    interleaved_overlap: bool = key(BOOL, False)
+
+
+@dataclass(kw_only=True)
+class TensorConfig:
+    size: int = key(POSITIVE_INT, 1)
+    mode: str = key(_one_of("mtp", note=" (the sequence-parallel modes msp, fsp and isp are not supported yet)"),
+                    "mtp")
+
+
+def _sized(value):
+    """InternEvo accepts `pipeline=2` for `pipeline=dict(size=2)`, and the same for `tensor`."""
+    return dict(size=value) if _is_int(value) else value
+
+
+@dataclass(kw_only=True)
+class ParallelConfig:
+    # <=0: shard over the whole data-parallel group; 1: no sharding; >1: a subset (evods always uses the whole group)
+    zero1: int = key(INT, -1)
+    pipeline: PipelineConfig = section(PipelineConfig, coerce=_sized)
+    tensor: TensorConfig = section(TensorConfig, coerce=_sized)
+    sequence_parallel: bool = key(BOOL, False)
+
+
+@dataclass(kw_only=True)
+class Fp16ScaleConfig:
+    initial_scale: float = key(POSITIVE_NUMBER, 2**16)
+    min_scale: float = key(POSITIVE_NUMBER, 1)
+    growth_interval: int = key(POSITIVE_INT, 1000)
+
+
+@dataclass(kw_only=True)
+class GradScalerConfig:
+    fp16: Fp16ScaleConfig = section(Fp16ScaleConfig)
+    growth_factor: float = key(POSITIVE_NUMBER, 2)
+    backoff_factor: float = key(_in_range(0, 1, high_open=True), 0.5)
+    max_scale: float = key(POSITIVE_NUMBER, 2**24)
+    hysteresis: int = key(POSITIVE_INT, 2)
+
+
+@dataclass(kw_only=True)
+class HybridZeroConfig:
+    overlap_sync_grad: bool = key(BOOL, False)
+    overlap_sync_param: bool = key(BOOL, False)
+    reduce_bucket_size: int = key(POSITIVE_INT, 512 * 1024 * 1024)
+    clip_grad_norm: float = key(NON_NEGATIVE_NUMBER, 0.0)  # 0: no clipping
+    zero_overlap_communication: Optional[bool] = key(_optional(BOOL), None)  # legacy name of overlap_sync_grad
+
+
+@dataclass(kw_only=True)
+class LossConfig:
+    label_smoothing: float = key(_in_range(0, 1, high_open=True), 0.0)
+    moe_loss_coeff: float = key(NON_NEGATIVE_NUMBER, 1.0)
+
+
+@dataclass(kw_only=True)
+class AdamConfig:
+    lr: float = key(POSITIVE_NUMBER, 1e-4)
+    adam_beta1: float = key(_in_range(0, 1, high_open=True), 0.9)
+    adam_beta2: float = key(_in_range(0, 1, high_open=True), 0.95)
+    adam_beta2_c: float = key(NUMBER, 0)
+    adam_eps: float = key(POSITIVE_NUMBER, 1e-8)
+    weight_decay: float = key(NON_NEGATIVE_NUMBER, 0.01)
+
+
+@dataclass(kw_only=True)
+class LrSchedulerConfig:
+    total_steps: Optional[int] = key(_optional(POSITIVE_INT), None)  # None -> data.total_steps
+    init_steps: int = key(NON_NEGATIVE_INT, 0)  # steps at lr 0 before the warmup
+    warmup_ratio: float = key(_in_range(0, 1), 0.01)
+    eta_min: float = key(NON_NEGATIVE_NUMBER, 1e-5)
+    last_epoch: int = key(INT, -1)
+
+    @property
+    def warmup_steps(self) -> int:
+        return int(self.total_steps * self.warmup_ratio)
+
+
+@dataclass(kw_only=True)
+class Beta2SchedulerConfig:
+    init_beta2: Optional[float] = key(_optional(_in_range(0, 1, high_open=True)), None)  # None -> adam.adam_beta2
+    c: Optional[float] = key(_optional(NUMBER), None)  # None -> adam.adam_beta2_c; <=0: constant beta2
+    cur_iter: int = key(INT, -1)
+
+
+@dataclass(kw_only=True)
+class AlertConfig:
+    enable_feishu_alert: bool = key(BOOL, False)
+    feishu_alert_address: Optional[str] = key(OPTIONAL_STR, None)
+    light_monitor_address: Optional[str] = key(OPTIONAL_STR, None)
+    alert_file_path: Optional[str] = key(OPTIONAL_STR, None)
+
+
+@dataclass(kw_only=True)
+class TensorboardMonitorConfig:
+    queue_max_length: Optional[int] = key(_optional(POSITIVE_INT), None)
+
+
+@dataclass(kw_only=True)
+class MonitorConfig:
+    alert: AlertConfig = section(AlertConfig)
+    tensorboard: TensorboardMonitorConfig = section(TensorboardMonitorConfig)
+
+
+DTYPES = {  # config string -> (torch dtype, use TF32 matmuls)
+    "torch.float16": (torch.float16, False),
+    "torch.half": (torch.float16, False),
+    "torch.bfloat16": (torch.bfloat16, False),
+    "torch.float32": (torch.float32, False),
+    "torch.tf32": (torch.float32, True),
+}
+DTYPE = Rule(f"one of {', '.join(map(repr, DTYPES))}",
+             lambda v: v in DTYPES or v in (torch.float16, torch.bfloat16, torch.float32))
+
+
+@dataclass(kw_only=True)
+class ModelConfig:
+    """The `model` keys evods itself reads. Every key, these and any other, goes to the model builder (§4.3), which
+    rejects the ones it does not know: see `TrainConfig.model_dict`."""
+
+    num_attention_heads: int = key(POSITIVE_INT)
+    hidden_size: int = key(POSITIVE_INT)
+    num_layers: int = key(POSITIVE_INT)
+    vocab_size: int = key(POSITIVE_INT)
+    mlp_ratio: float = key(POSITIVE_NUMBER)
+    # fraction of layers that recompute activations; True -> 1.0, False -> 0.0
+    checkpoint: float = key(Rule("True, False or a number in [0, 1]",
+                                 lambda v: isinstance(v, bool) or (_is_number(v) and 0 <= v <= 1)), 0.0,
+                            coerce=lambda v: float(v) if isinstance(v, bool) else v)
+    dtype: torch.dtype = key(DTYPE, None)  # missing -> fp16 with a warning, as InternEvo
+    tf32: bool = field(default=False, init=False)  # from dtype="torch.tf32": fp32 with TF32 matmuls
+    use_flash_attn: bool = key(BOOL, True)
+    num_chunks: int = key(POSITIVE_INT, 1)  # >1 asks for the interleaved pipeline, which DeepSpeed lacks
+    embed_split_hidden: bool = key(BOOL, False)
+    embed_grad_scale: float = key(NUMBER, 1)
+    parallel_output: bool = key(BOOL, True)
+    apply_post_layer_norm: bool = key(BOOL, False)
+    norm_type: str = key(STR, "rmsnorm")
+    layer_norm_epsilon: float = key(POSITIVE_NUMBER, 1e-5)
+
+    EXTRA_KEYS_ALLOWED = True  # other keys belong to the model builder
+
+
+@dataclass(kw_only=True)
+class TrainConfig:
+    JOB_NAME: str = key(STR, "AnonymousJob")
+    model_type: str = key(STR, "INTERNLM")  # resolved by evods.model.registry, not here
+    enable_tb: bool = key(BOOL, True)
+    tensorboard_folder: Optional[str] = key(OPTIONAL_STR, None)  # None -> env tensorboard_folder
+    resume_tb_folder: Optional[str] = key(OPTIONAL_STR, None)  # None -> env resume_tb_folder
+    alert_address: Optional[str] = key(OPTIONAL_STR, None)  # legacy
+    cudnn_deterministic: bool = key(BOOL, False)
+    cudnn_benchmark: bool = key(BOOL, False)
+
+    data: DataConfig = section(DataConfig, required=True)
+    model: ModelConfig = section(ModelConfig, required=True)
+    parallel: ParallelConfig = section(ParallelConfig)
+    ckpt: CkptConfig = section(CkptConfig)
+    grad_scaler: GradScalerConfig = section(GradScalerConfig)
+    hybrid_zero_optimizer: HybridZeroConfig = section(HybridZeroConfig)
+    loss: LossConfig = section(LossConfig)
+    adam: AdamConfig = section(AdamConfig)
+    lr_scheduler: LrSchedulerConfig = section(LrSchedulerConfig)
+    beta2_scheduler: Beta2SchedulerConfig = section(Beta2SchedulerConfig)
+    monitor: MonitorConfig = section(MonitorConfig)
+
+    # Filled from the file, not keys
+    constants: dict = field(default_factory=dict)  # the UPPERCASE user variables (SEQ_LEN, MODEL_ONLY_FOLDER, ...)
+    source: Optional[ConfigSource] = None  # the file's path and text (checkpoints store the text: config_file.pt)
+    raw_model: dict = field(default_factory=dict)  # the `model` dict as written
+
+    @property
+    def model_dict(self) -> dict:
+        """The kwargs for the model builder (`get_module(model_type)(**cfg.model_dict)`): the `model` dict as written,
+        with the values launch.py normalises (checkpoint as float, dtype as torch dtype, use_flash_attn after the
+        device check, num_chunks) filled in."""
+        typed = self.model
+        return {**self.raw_model, "checkpoint": typed.checkpoint, "dtype": typed.dtype,
+                "use_flash_attn": typed.use_flash_attn, "num_chunks": typed.num_chunks}
+
+
+# ---------------------------------------------------------------------------------------------------- building
+
+
+def _keys_of(cls) -> dict:
+    return {f.name: f for f in fields(cls) if "rule" in f.metadata or "section" in f.metadata}
+
+
+def _unknown_key_error(source: ConfigSource, where: str, name: str, known, note: str = "") -> ConfigError:
+    full = f"{where}.{name}" if where else name
+    close = difflib.get_close_matches(name, list(known), n=1)
+    hint = f"did you mean {(where + '.') if where else ''}{close[0]}?" if close else \
+        f"known keys: {', '.join(sorted(known))}"
+    return source.error(full, f"unknown key {full!r}; {hint}{note}")
+
+
+def _build(cls, raw: dict, where: str, source: ConfigSource):
+    known = _keys_of(cls)
+    if not getattr(cls, "EXTRA_KEYS_ALLOWED", False):
+        for name in raw:
+            if name not in known:
+                raise _unknown_key_error(source, where, name, known)
+    values = {}
+    for name, spec in known.items():
+        full = f"{where}.{name}" if where else name
+        if name not in raw:
+            if spec.default is MISSING and spec.default_factory is MISSING:
+                container = f"to {where} = dict(...)" if where else "at the top level"
+                raise source.error(where, f"{full} is required: add {name}=... {container}")
+            continue
+        value = raw[name]
+        if spec.metadata["coerce"] is not None:
+            value = spec.metadata["coerce"](value)
+        nested = spec.metadata.get("section")
+        if nested is not None:
+            if value is None and spec.metadata["optional"]:
+                values[name] = None
+                continue
+            if not isinstance(value, dict):
+                raise source.error(full, f"{full} must be a dict(...), got {value!r}")
+            values[name] = _build(nested, value, full, source)
+        elif not spec.metadata["rule"].test(value):
+            raise source.error(full, f"{full} must be {spec.metadata['rule'].words}, got {value!r}")
+        else:
+            values[name] = value
+    return cls(**values)
+
+
+def parse_config(raw: dict, source: ConfigSource) -> TrainConfig:
+    """Validate the loaded names against the schema, fill in the defaults and normalise as InternEvo's launch.py."""
+    known = _keys_of(TrainConfig)
+    constants = {name: value for name, value in raw.items() if name.isupper() and name not in known}
+    keys = {name: value for name, value in raw.items() if name not in constants}
+    for name in keys:
+        if name not in known:
+            raise _unknown_key_error(source, "", name, known,
+                                     note=" (UPPERCASE names are free user variables; prefix helpers with '_')")
+    cfg = _build(TrainConfig, keys, "", source)
+    cfg.constants, cfg.source = constants, source
+    cfg.raw_model = dict(keys["model"])
+    _normalise(cfg, source)
+    return cfg
+
+
+def load_config(path: str | Path) -> TrainConfig:
+    """Load, validate and normalise an InternEvo-style Python config file. Raises ConfigError."""
+    raw, source = load_config_file(path)
+    return parse_config(raw, source)
+
+
+# ---------------------------------------------------------------------------------------------------- launch.py
+
+
+def _normalise(cfg: TrainConfig, source: ConfigSource) -> None:
+    _normalise_data(cfg.data)
+    _normalise_model(cfg.model)
+    _normalise_ckpt(cfg.ckpt, source)
+    _normalise_optimizer(cfg, source)
+    if cfg.tensorboard_folder is None:
+        cfg.tensorboard_folder = os.environ.get("tensorboard_folder")
+    if cfg.resume_tb_folder is None:
+        cfg.resume_tb_folder = os.environ.get("resume_tb_folder")
+    alert = cfg.monitor.alert
+    if alert.enable_feishu_alert or alert.light_monitor_address or cfg.alert_address:
+        logger.warning("monitor.alert: Feishu alerts and light-monitor heartbeats are not sent yet by evods; "
+                       "watch the log (or its JSONL metrics) instead.")
+
+
+def _normalise_data(data: DataConfig) -> None:
+    packed_length = data.seq_len * data.micro_bsz
+    if data.packed_length not in (None, packed_length):
+        logger.warning("data.packed_length=%s is ignored: it is always seq_len * micro_bsz = %d",
+                       data.packed_length, packed_length)
+    data.packed_length = packed_length
+    if data.valid_micro_num is None:
+        data.valid_micro_num = data.micro_num
+    data.diag_outlier_ratio = max(data.diag_outlier_ratio, 1.0)
+
+
+def _normalise_model(model: ModelConfig) -> None:
+    if model.dtype is None:
+        logger.warning('model.dtype is not set: using torch.float16, as InternEvo does. Set dtype="torch.bfloat16" '
+                       'or another to silence this.')
+        model.dtype = "torch.float16"
+    if isinstance(model.dtype, str):
+        model.dtype, model.tf32 = DTYPES[model.dtype]
+
+
+def _normalise_ckpt(ckpt: CkptConfig, source: ConfigSource) -> None:
+    if not ckpt.enable_save_ckpt:
+        ckpt.checkpoint_every = ckpt.oss_snapshot_freq = math.inf
+        ckpt.save_ckpt_folder = ckpt.snapshot_ckpt_folder = None
+        ckpt.async_upload, ckpt.async_upload_tmp_folder = False, None
+        return
+    if ckpt.save_ckpt_folder is None:
+        raise source.error("ckpt", "ckpt.save_ckpt_folder is required when ckpt.enable_save_ckpt=True: "
+                                   "give a folder (e.g. 'local:llm_ckpts') or set enable_save_ckpt=False")
+    if ckpt.snapshot_ckpt_folder is None:
+        ckpt.snapshot_ckpt_folder = f"{ckpt.save_ckpt_folder.rstrip('/')}/snapshot"
+    if ckpt.async_upload and not ckpt.save_ckpt_folder.startswith(("boto3:", "s3:")):
+        logger.warning("ckpt.async_upload=True only works for boto3:/s3: save folders; saving to %s synchronously",
+                       ckpt.save_ckpt_folder)
+        ckpt.async_upload = False
+    if not ckpt.async_upload:
+        ckpt.async_upload_tmp_folder = None
+
+
+def _normalise_optimizer(cfg: TrainConfig, source: ConfigSource) -> None:
+    zero = cfg.hybrid_zero_optimizer
+    if zero.zero_overlap_communication is not None:
+        zero.overlap_sync_grad = zero.zero_overlap_communication
+    schedule = cfg.lr_scheduler
+    if schedule.total_steps is None:
+        schedule.total_steps = cfg.data.total_steps
+    if schedule.total_steps <= schedule.init_steps + schedule.warmup_steps:
+        raise source.error("lr_scheduler", f"lr_scheduler.total_steps={schedule.total_steps} must exceed init_steps "
+                                           f"({schedule.init_steps}) + warmup steps ({schedule.warmup_steps}) "
+                                           f"so that the cosine phase has steps")
+    beta2 = cfg.beta2_scheduler
+    if beta2.init_beta2 is None:
+        beta2.init_beta2 = cfg.adam.adam_beta2
+    if beta2.c is None:
+        beta2.c = cfg.adam.adam_beta2_c

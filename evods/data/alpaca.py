@@ -1,0 +1,112 @@
+"""Alpaca SFT data to train/valid bin/meta pairs: the logic behind tools/alpaca_tokenizer.py (§2).
+
+Sample layout: [BOS] + -(encode(user) + [<eoh>, <0x0A>]) + -encode("<|Bot|>:") + encode(output) + [<eoa>, <0x0A>],
+cut to MAX_LENGTH - 1, then [EOS]. Negative ids are masked from the loss. Special ids are looked up by piece.
+Unlike upstream, the validation split is drawn without replacement, so it has exactly int(N * split_ratio) samples.
+"""
+from pathlib import Path
+
+import numpy as np
+
+from evods.data.binfile import BinWriter
+from evods.data.errors import DataError
+from evods.data.tokenize import load_tokenizer
+
+MAX_LENGTH = 2048
+SPLIT_SEED = 0
+BOT_PREFIX = "<|Bot|>:"
+_ENCODE_BATCH = 1024
+
+
+def load_alpaca_records(path):
+    """The Alpaca records via `datasets`: a JSON/JSONL file, or a folder saved with `save_to_disk`."""
+    import datasets  # slow to import; only this tool needs it
+
+    path = Path(path)
+    try:
+        if path.is_dir():
+            loaded = datasets.load_from_disk(str(path))
+            return loaded["train"] if isinstance(loaded, datasets.DatasetDict) else loaded
+        if path.is_file():
+            return datasets.load_dataset("json", data_files=str(path), split="train")
+    except Exception as err:  # datasets raises many unrelated types for unreadable input
+        raise DataError(f"{path}: cannot read it as an Alpaca dataset: {err}") from None
+    raise DataError(f"Alpaca dataset {path} not found")
+
+
+def _piece_id(sp, piece):
+    piece_id = sp.piece_to_id(piece)
+    if piece_id == sp.unk_id():
+        raise DataError(f"the tokenizer has no {piece!r} piece; use InternLM's V7_sft.model")
+    return piece_id
+
+
+class AlpacaTemplate:
+    """The InternLM chat template of alpaca_tokenizer.py, with special ids taken from the tokenizer."""
+
+    def __init__(self, sp):
+        self.sp = sp
+        self.eoh = _piece_id(sp, "<eoh>")
+        self.eoa = _piece_id(sp, "<eoa>")
+        self.newline = _piece_id(sp, "<0x0A>")
+        self.bot_ids = [-i for i in sp.encode(BOT_PREFIX)]
+
+    @staticmethod
+    def user_text(instruction, input_text):
+        return f"<|User|>:{instruction}\n{input_text}" if input_text else f"<|User|>:{instruction}"
+
+    def encode(self, instructions, inputs, outputs) -> list[list[int]]:
+        """Token lists for a batch of records given as columns."""
+        users = self.sp.encode([self.user_text(i or "", x or "") for i, x in zip(instructions, inputs)])
+        responses = self.sp.encode([o or "" for o in outputs])
+        samples = []
+        for user, response in zip(users, responses):
+            ids = [-i for i in user + [self.eoh, self.newline]] + self.bot_ids + response + [self.eoa, self.newline]
+            samples.append([self.sp.bos_id()] + ids[:MAX_LENGTH - 2] + [self.sp.eos_id()])
+        return samples
+
+
+def validation_indices(num_samples: int, split_ratio: float) -> np.ndarray:
+    """int(N * ratio) distinct indices, the same for every run."""
+    if not 0 <= split_ratio < 1:
+        raise DataError(f"--split_ratio must be in [0, 1), not {split_ratio}")
+    return np.random.RandomState(SPLIT_SEED).permutation(num_samples)[:int(num_samples * split_ratio)]
+
+
+def tokenize_alpaca(dataset_path, output_path, tokenizer_path, split_ratio=0.1, overwrite=False) -> dict:
+    """Write {output}/train/en/dataset.bin(.meta) and {output}/valid/en/dataset.bin(.meta); return sample counts.
+
+    A split with no samples is not written.
+    """
+    records = load_alpaca_records(dataset_path)
+    if len(records) == 0:
+        raise DataError(f"{dataset_path} has no records; nothing was written")
+    missing = {"instruction", "input", "output"} - set(records.column_names)
+    if missing:
+        raise DataError(f"{dataset_path}: records lack the Alpaca field(s) {sorted(missing)}")
+    template = AlpacaTemplate(load_tokenizer(tokenizer_path))
+    is_valid = np.zeros(len(records), dtype=bool)
+    is_valid[validation_indices(len(records), split_ratio)] = True
+    mode = "overwrite" if overwrite else "create"
+    splits = {name: Path(output_path) / name / "en" / "dataset.bin" for name in ("train", "valid")}
+    counts = {"train": int((~is_valid).sum()), "valid": int(is_valid.sum())}
+    writers = {}
+    try:
+        for name, path in splits.items():
+            if counts[name]:
+                writers[name] = BinWriter(path, mode)
+        start = 0
+        for batch in records.iter(batch_size=_ENCODE_BATCH):
+            samples = template.encode(batch["instruction"], batch["input"], batch["output"])
+            flags = is_valid[start:start + len(samples)]
+            start += len(samples)
+            for name, wanted in (("train", False), ("valid", True)):
+                if name in writers:
+                    writers[name].write([sample for sample, flag in zip(samples, flags) if flag == wanted])
+        for writer in writers.values():
+            writer.commit()
+    except BaseException:
+        for writer in writers.values():
+            writer.abort()
+        raise
+    return counts

@@ -1,0 +1,43 @@
+"""Batches as fixed-shape LongTensors, and the log-line statistics derived from them (§3.4, §3.7, §9.4).
+
+Every batch is {"input_ids", "position_ids", "labels", "type_ids"}, each LongTensor [rows, length]: train rows are
+packs ([micro_num, micro_bsz * seq_len]), validation rows are single documents ([batch, seq_len]). Document
+boundaries are where position_ids == 0 (no cu_seqlens, so a DeepSpeed pipeline can ship the tensors between stages).
+"""
+import numpy as np
+import torch
+
+from evods.data.packing import IGNORE_INDEX, next_token_labels
+
+FIELDS = ("input_ids", "position_ids", "labels", "type_ids")
+
+
+def collate_packs(packs: list[dict]) -> dict:
+    return {name: torch.from_numpy(np.stack([pack[name] for pack in packs])) for name in FIELDS}
+
+
+def collate_documents(documents: list[np.ndarray], seq_len: int) -> dict:
+    """Validation: one document per row, cut to seq_len and right-padded (input 0, label -100)."""
+    batch = {name: np.zeros((len(documents), seq_len), dtype=np.int64) for name in FIELDS}
+    batch["labels"].fill(IGNORE_INDEX)
+    batch["position_ids"][:] = np.arange(seq_len)
+    for row, tokens in enumerate(documents):
+        tokens = tokens[:seq_len]
+        batch["input_ids"][row, :len(tokens)] = np.abs(tokens)
+        batch["labels"][row, :len(tokens) - 1] = next_token_labels(tokens[1:])
+    return {name: torch.from_numpy(array) for name, array in batch.items()}
+
+
+def batch_stats(position_ids: torch.Tensor) -> dict:
+    """num_samples_in_batch (segments in the step), largest_length (longest segment), largest_batch /
+    smallest_batch (most / fewest segments in one micro-batch); a segment starts where position_ids == 0."""
+    starts = position_ids.numpy() == 0
+    rows, length = starts.shape
+    flat_starts = np.flatnonzero(starts)  # row 0 of every row is a start, so no segment spans two rows
+    per_row = starts.sum(axis=1)
+    return {
+        "num_samples_in_batch": int(per_row.sum()),
+        "largest_length": int(np.diff(np.append(flat_starts, rows * length)).max()),
+        "largest_batch": int(per_row.max()),
+        "smallest_batch": int(per_row.min()),
+    }

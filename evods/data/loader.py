@@ -1,0 +1,134 @@
+"""The entry points the training loop calls: build_train_loader and build_valid_loaders, from the config's `data`.
+
+Train folder layout (§3.1): train_folder/<type>/**/*.bin, each with its .bin.meta. Type ids follow InternEvo's
+current rule: the sorted names of train_folder's top-level folders, enumerated (e.g. cn=0, code=1, en=2); any name
+works. Each .bin is packed on its own (own shuffle, own dropped tail), then all packs are concatenated.
+Without train_folder the packs come from RandomDataset(1_000_000, seq_len) and dataset_types is ["en", "cn", "code"].
+"""
+import os
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+from torch.utils.data import ConcatDataset, DataLoader
+
+from evods.data.binfile import TokenizedDataset
+from evods.data.collate import collate_documents, collate_packs
+from evods.data.errors import DataError
+from evods.data.packing import PackedDataset
+from evods.data.random_data import RandomDataset
+from evods.data.sampler import StaticBatchSampler
+
+RANDOM_TRAIN_SAMPLES = 1_000_000
+RANDOM_VALID_SAMPLES_PER_RANK = 500
+RANDOM_DATASET_TYPES = ["en", "cn", "code"]
+VALID_MIN_LENGTH = 50  # InternEvo's JsonlDataset default, which validation sets keep
+
+
+def _bin_files(folder: Path) -> list[Path]:
+    found = []
+    for root, dirs, files in os.walk(folder, followlinks=True):
+        dirs.sort()
+        found += [Path(root) / name for name in sorted(files) if name.endswith(".bin")]
+    return found
+
+
+def discover_train_files(train_folder) -> tuple[list[str], list[tuple[Path, int]]]:
+    """(dataset_types in id order, [(bin path, type id)]) for train_folder/<type>/**/*.bin."""
+    folder = Path(train_folder)
+    if not folder.is_dir():
+        raise DataError(f"train_folder {folder} is not a folder")
+    dataset_types = sorted(entry.name for entry in os.scandir(folder) if entry.is_dir())
+    loose = [path for path in _bin_files(folder) if path.parent == folder]
+    if loose:
+        raise DataError(f"{loose[0]} is directly in train_folder; put .bin files in a type folder such as "
+                        f"{folder}/en/ or {folder}/cn/")
+    files = [(path, type_id) for type_id, name in enumerate(dataset_types) for path in _bin_files(folder / name)]
+    if not files:
+        raise DataError(f"no .bin files under {folder}/<type>/; create them with tools/tokenizer.py")
+    return dataset_types, files
+
+
+def min_length_for(path, min_length: int, min_length_dict: dict | None) -> int:
+    """min_length_dict {substring: min_len} overrides min_length for paths containing the substring."""
+    matches = [key for key in (min_length_dict or {}) if key in str(path)]
+    if len(matches) > 1:
+        raise DataError(f"{path} matches several min_length_dict keys {matches}; make them match at most one")
+    return min_length_dict[matches[0]] if matches else min_length
+
+
+def build_train_dataset(data_cfg: dict) -> tuple[ConcatDataset, list[str]]:
+    """All packs of the training data, and dataset_types (type names in id order)."""
+    seq_len, micro_bsz = data_cfg["seq_len"], data_cfg["micro_bsz"]
+    if data_cfg.get("train_folder"):
+        dataset_types, files = discover_train_files(data_cfg["train_folder"])
+        min_length = data_cfg.get("min_length", 0)
+        sources = [TokenizedDataset(path, type_id, min_length_for(path, min_length, data_cfg.get("min_length_dict")))
+                   for path, type_id in files]
+    else:
+        dataset_types, sources = list(RANDOM_DATASET_TYPES), [RandomDataset(RANDOM_TRAIN_SAMPLES, seq_len)]
+    pack_into_one = data_cfg.get("pack_sample_into_one", False)
+    packed = ConcatDataset([PackedDataset(source, seq_len, micro_bsz, pack_into_one) for source in sources])
+    return packed, dataset_types
+
+
+class TrainLoader:
+    """Endless iterable of training batches (see evods.data.collate); each batch handed out advances the sampler,
+    so `sampler.state_dict()` always describes the batches the training loop has consumed."""
+
+    def __init__(self, dataset, sampler: StaticBatchSampler, num_workers: int = 0):
+        self.sampler = sampler
+        self._loader = DataLoader(dataset, batch_sampler=sampler, collate_fn=collate_packs, num_workers=num_workers,
+                                  persistent_workers=False)
+
+    def __iter__(self):
+        for batch in self._loader:
+            self.sampler.advance()
+            yield batch
+
+
+def build_train_loader(data_cfg: dict, dp_rank: int, dp_size: int, num_workers: int = 0):
+    """-> (TrainLoader, StaticBatchSampler, dataset_types). Uses data_cfg keys seq_len, micro_num, micro_bsz,
+    pack_sample_into_one, train_folder, min_length, min_length_dict, rampup_batch_size."""
+    dataset, dataset_types = build_train_dataset(data_cfg)
+    sampler = StaticBatchSampler(len(dataset), data_cfg["micro_num"], data_cfg.get("rampup_batch_size", ""),
+                                 dp_rank, dp_size)
+    return TrainLoader(dataset, sampler, num_workers), sampler, dataset_types
+
+
+def discover_valid_sets(valid_folder) -> dict[str, list[Path]]:
+    """{folder basename: its .bin files} for every folder under valid_folder that directly holds .bin files."""
+    sets = {}
+    for path in _bin_files(Path(valid_folder)):
+        name = path.parent.name
+        if name in sets and sets[name][0].parent != path.parent:
+            raise DataError(f"two validation folders are named {name!r} ({sets[name][0].parent} and {path.parent}); "
+                            "rename one")
+        sets.setdefault(name, []).append(path)
+    if not sets:
+        raise DataError(f"no .bin files under valid_folder {valid_folder}")
+    return sets
+
+
+def build_valid_loaders(data_cfg: dict, dp_rank: int, dp_size: int, num_workers: int = 0) -> dict[str, DataLoader]:
+    """{name: DataLoader} of unpacked, padded validation batches ([batch, seq_len], see evods.data.collate).
+
+    Batch size: min(valid_micro_num * micro_bsz, len // dp_size), rounded down to a multiple of micro_bsz; a set too
+    small for one batch is left out. Each rank reads a disjoint, fixed slice; the last partial batch is dropped.
+    """
+    seq_len, micro_bsz = data_cfg["seq_len"], data_cfg["micro_bsz"]
+    valid_micro_num = data_cfg.get("valid_micro_num") or data_cfg["micro_num"]
+    if data_cfg.get("valid_folder"):
+        datasets = {name: ConcatDataset([TokenizedDataset(path, 0, VALID_MIN_LENGTH) for path in paths])
+                    for name, paths in discover_valid_sets(data_cfg["valid_folder"]).items()}
+    else:
+        datasets = {"val": RandomDataset(RANDOM_VALID_SAMPLES_PER_RANK * dp_size, seq_len)}
+    loaders = {}
+    for name, dataset in datasets.items():
+        batch_size = min(valid_micro_num * micro_bsz, len(dataset) // dp_size) // micro_bsz * micro_bsz
+        if batch_size == 0:
+            continue
+        rank_indices = np.arange(dp_rank, len(dataset) // dp_size * dp_size, dp_size).tolist()
+        loaders[name] = DataLoader(dataset, batch_size=batch_size, sampler=rank_indices, drop_last=True,
+                                   num_workers=num_workers, collate_fn=partial(collate_documents, seq_len=seq_len))
+    return loaders

@@ -1,0 +1,68 @@
+"""Packing samples into fixed rows of micro_bsz * seq_len tokens (§3.3), vectorised per pack.
+
+The shuffled samples form one token stream (seed 1024); pack i is the window [i*P, (i+1)*P) and the tail is dropped.
+Each pack is a dict of int64 arrays of length P:
+- input_ids: abs(token);
+- labels: the next token of the same document if it is > 0, else -100 (document ends, masked prompt tokens, <unk>).
+  At a pack's end a cut document keeps its next token as label, as InternEvo does;
+- position_ids: pack_sample_into_one=False: restart at 0 at every document fragment and every seq_len tokens inside
+  a fragment longer than seq_len; True: 0..seq_len-1 repeated micro_bsz times (attention crosses documents);
+- type_ids: the source's type id.
+"""
+import numpy as np
+from torch.utils.data import Dataset
+
+PACK_SEED = 1024
+IGNORE_INDEX = -100
+
+
+def next_token_labels(next_tokens: np.ndarray) -> np.ndarray:
+    """Loss targets from next tokens: non-positive ids (masked, padding, <unk>) are not predicted."""
+    return np.where(next_tokens > 0, next_tokens, IGNORE_INDEX)
+
+
+class PackedDataset(Dataset):
+    """Packs of one source: anything with `lengths` (int array), `type_id` and `source[i] -> int64 token array`."""
+
+    def __init__(self, source, seq_len: int, micro_bsz: int, pack_sample_into_one: bool = False):
+        self.source = source
+        self.seq_len = seq_len
+        self.pack_len = seq_len * micro_bsz
+        self.pack_sample_into_one = pack_sample_into_one
+        self.order = np.arange(len(source))
+        np.random.RandomState(PACK_SEED).shuffle(self.order)
+        # cum[k] = stream position where the k-th shuffled sample starts
+        self.cum = np.concatenate([[0], np.cumsum(source.lengths[self.order], dtype=np.int64)])
+        self._fixed_positions = np.tile(np.arange(seq_len, dtype=np.int64), micro_bsz)
+
+    def __len__(self):
+        return int(self.cum[-1] // self.pack_len)
+
+    def __getitem__(self, index) -> dict:
+        if not 0 <= index < len(self):
+            raise IndexError(f"pack {index} out of range ({len(self)} packs)")
+        P = self.pack_len
+        start = index * P
+        first = int(np.searchsorted(self.cum, start, side="right")) - 1  # sample holding token `start`
+        last = int(np.searchsorted(self.cum, start + P, side="left")) - 1  # sample holding token `start + P - 1`
+        stream = np.concatenate([self.source[int(i)] for i in self.order[first:last + 1]])
+        offset = start - self.cum[first]
+        tokens = stream[offset:offset + P]
+        next_tokens = np.zeros(P, dtype=np.int64)
+        tail = stream[offset + 1:offset + P + 1]
+        next_tokens[:len(tail)] = tail
+        labels = next_token_labels(next_tokens)
+        doc_ends = self.cum[first + 1:last + 2] - 1 - start  # pack positions of each document's last token
+        labels[doc_ends[doc_ends < P]] = IGNORE_INDEX
+        if self.pack_sample_into_one:
+            positions = self._fixed_positions.copy()
+        else:
+            frag_starts = np.maximum(self.cum[first:last + 1] - start, 0)
+            frag_lengths = np.diff(np.append(frag_starts, P))
+            positions = (np.arange(P) - np.repeat(frag_starts, frag_lengths)) % self.seq_len
+        return {
+            "input_ids": np.abs(tokens),
+            "position_ids": positions,
+            "labels": labels,
+            "type_ids": np.full(P, self.source.type_id, dtype=np.int64),
+        }

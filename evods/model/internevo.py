@@ -1,0 +1,74 @@
+"""Build the InternLM HF model from an InternEvo training config's `model` dict."""
+
+import math
+
+import torch
+
+from .configuration_internlm import InternLMConfig
+from .modeling_internlm import InternLMForCausalLM, set_activation_checkpointing
+from .registry import MODEL_INITIALIZER
+
+# Keys that shape InternEvo's training run (parallelism, recompute, kernels), not the model's math. They are
+# accepted; `checkpoint` is applied by the builder below, num_chunks by the pipeline builder.
+TRAINING_ONLY_KEYS = {
+    "checkpoint",
+    "embed_split_hidden",
+    "parallel_output",
+    "embed_grad_scale",
+    "apply_post_layer_norm",
+    "use_flash_attn",
+    "num_chunks",
+}
+MLP_MULTIPLE_OF = 256
+
+
+def intermediate_size(hidden_size: int, mlp_ratio: float) -> int:
+    """int(hidden * mlp_ratio) rounded up to a multiple of 256 (4096 * 8/3 -> 11008), as InternEvo's MLP."""
+    return math.ceil(int(hidden_size * mlp_ratio) / MLP_MULTIPLE_OF) * MLP_MULTIPLE_OF
+
+
+def config_from_model_dict(model: dict) -> InternLMConfig:
+    """InternLMConfig from InternEvo's `model = dict(...)` (keys as in configs/7B_sft.py)."""
+    known = TRAINING_ONLY_KEYS | {
+        "hidden_size",
+        "num_layers",
+        "num_attention_heads",
+        "mlp_ratio",
+        "vocab_size",
+        "layer_norm_epsilon",
+        "dtype",
+        "norm_type",
+        "use_dynamic_ntk_rope",
+        "max_position_embeddings",
+        "rope_base",
+    }
+    unknown = sorted(set(model) - known)
+    if unknown:
+        raise ValueError(f"model config: unknown keys {unknown}; known keys are {sorted(known)}")
+    norm_type = model.get("norm_type", "rmsnorm")
+    if norm_type != "rmsnorm":
+        raise ValueError(f"model config: norm_type={norm_type!r} is not supported; InternLM uses 'rmsnorm'.")
+    hidden_size = model.get("hidden_size", 2048)
+    dtype = model.get("dtype", torch.float32)
+    return InternLMConfig(
+        vocab_size=model.get("vocab_size", 50304),
+        hidden_size=hidden_size,
+        intermediate_size=intermediate_size(hidden_size, model.get("mlp_ratio", 4.0)),
+        num_hidden_layers=model.get("num_layers", 48),
+        num_attention_heads=model.get("num_attention_heads", 32),
+        rms_norm_eps=model.get("layer_norm_epsilon", 1e-5),
+        max_position_embeddings=model.get("max_position_embeddings", 2048),
+        rotary={
+            "base": model.get("rope_base", 10000),
+            "type": "dynamic" if model.get("use_dynamic_ntk_rope", False) else "origin",
+        },
+        dtype=getattr(torch, dtype.removeprefix("torch.")) if isinstance(dtype, str) else dtype,
+    )
+
+
+@MODEL_INITIALIZER.register_module("INTERNLM")
+def build_internlm(**model: object) -> InternLMForCausalLM:
+    config = config_from_model_dict(model)
+    internlm = InternLMForCausalLM(config).to(config.dtype)
+    set_activation_checkpointing(internlm, model.get("checkpoint", False))
+    return internlm

@@ -1,0 +1,530 @@
+"""InternLM (v1) as a Hugging Face model: LLaMA layout with bias on q/k/v/o, fp32 RMSNorm, rotate-half RoPE, SwiGLU.
+
+One forward takes two kinds of input:
+- packed rows (no `attention_mask`, no filled cache): several documents concatenated in a row, each starting where
+  `position_ids == 0`. Attention never crosses a document; the kernel is `config.packed_attention`.
+- ordinary HF batches (an `attention_mask` with left or right padding, or a filled KV cache): transformers' masks
+  and its `attn_implementation`.
+A row whose position_ids are 0..T-1 is one document, so plain training batches take the packed path.
+
+This file imports only torch, transformers and `configuration_internlm`: `save_pretrained` copies both files next to
+the weights, so the folder loads with `trust_remote_code=True` where evods is not installed.
+"""
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import partial
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+from transformers import GenerationMixin, PreTrainedModel
+from transformers import initialization as init
+from transformers.activations import ACT2FN
+from transformers.cache_utils import Cache, DynamicCache
+from transformers.masking_utils import create_causal_mask
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+from .configuration_internlm import InternLMConfig
+
+try:
+    from flash_attn import flash_attn_varlen_func
+except ImportError:
+    flash_attn_varlen_func = None
+
+
+class InternLMRMSNorm(nn.Module):
+    """RMSNorm computed in fp32 whatever the input dtype (InternEvo casts every norm input to fp32)."""
+
+    def __init__(self, hidden_size: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(hidden_size))
+        self.variance_epsilon = eps
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        hidden_states = hidden_states.float()
+        variance = hidden_states.pow(2).mean(-1, keepdim=True)
+        hidden_states = hidden_states * torch.rsqrt(variance + self.variance_epsilon)
+        return self.weight * hidden_states.to(self.weight.dtype)
+
+
+class InternLMRotaryEmbedding(nn.Module):
+    """Rotate-half RoPE tables in fp32, with InternEvo's dynamic NTK base for sequences beyond max_position_embeddings."""
+
+    def __init__(self, config: InternLMConfig):
+        super().__init__()
+        self.head_dim = config.head_dim
+        self.base = float(config.rotary["base"])
+        self.dynamic = config.rotary["type"] == "dynamic"
+        self.scaling_factor = float(config.rotary.get("scaling_factor", 1.0))
+        self.max_position_embeddings = config.max_position_embeddings
+        # Not saved (InternEvo checkpoints have no inv_freq); `_init_weights` refills it after from_pretrained.
+        self.inv_freq = nn.Buffer(self.inv_freq_for_base(self.base), persistent=False)
+
+    def inv_freq_for_base(self, base: float, device: torch.device | None = None) -> torch.Tensor:
+        exponents = torch.arange(0, self.head_dim, 2, dtype=torch.float32, device=device) / self.head_dim
+        return 1.0 / (base**exponents)
+
+    def base_for_length(self, seq_len: int) -> float:
+        """The RoPE base for a total length `seq_len` (past + current tokens, or max(position_ids) + 1)."""
+        if not self.dynamic or seq_len <= self.max_position_embeddings:
+            return self.base
+        alpha, d = self.scaling_factor, self.head_dim
+        return self.base * (alpha * seq_len / self.max_position_embeddings - (alpha - 1)) ** (d / (d - 2))
+
+    def forward(self, position_ids: torch.Tensor, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and sin, fp32, shaped [B, T, head_dim]."""
+        base = self.base_for_length(seq_len)
+        inv_freq = self.inv_freq if base == self.base else self.inv_freq_for_base(base, position_ids.device)
+        freqs = position_ids[..., None].float() * inv_freq
+        emb = torch.cat((freqs, freqs), dim=-1)
+        return emb.cos(), emb.sin()
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x: [B, T, heads, head_dim]; cos, sin: [B, T, head_dim]."""
+    cos = cos.unsqueeze(2).to(x.dtype)
+    sin = sin.unsqueeze(2).to(x.dtype)
+    return x * cos + rotate_half(x) * sin
+
+
+@dataclass
+class PackedDocuments:
+    """Document layout of packed rows, derived from position_ids (a document starts wherever position_ids == 0).
+
+    Offsets index the flattened [B*T] tokens; a document never spans two rows because every row starts at 0.
+    """
+
+    position_ids: torch.Tensor
+    cu_seqlens: torch.Tensor  # int32 [num_docs + 1], for flash-attn varlen
+    max_seqlen: int
+    groups: list[tuple[int, int]]  # (document length, number of documents), the documents sorted by length
+    order: torch.Tensor | None  # token permutation that sorts the documents by length; None when already sorted
+    inverse_order: torch.Tensor | None
+
+    @classmethod
+    def from_position_ids(cls, position_ids: torch.Tensor) -> "PackedDocuments":
+        starts = position_ids[:, 0]
+        if (starts != 0).any():
+            row = int((starts != 0).nonzero()[0])
+            raise ValueError(
+                f"position_ids of row {row} start at {int(starts[row])}: in a packed row (no attention_mask, no "
+                "cache) every row must start a document, with position 0."
+            )
+        batch, seq_len = position_ids.shape
+        doc_starts = (position_ids.flatten() == 0).nonzero().flatten()
+        total = torch.tensor([batch * seq_len], device=doc_starts.device)
+        cu_seqlens = torch.cat([doc_starts, total]).to(torch.int32)
+        offsets = cu_seqlens.tolist()
+        starts_by_length = {}
+        for start, end in zip(offsets[:-1], offsets[1:]):
+            starts_by_length.setdefault(end - start, []).append(start)
+        groups = [(length, len(starts)) for length, starts in starts_by_length.items()]
+        order = inverse_order = None
+        if [start for starts in starts_by_length.values() for start in starts] != offsets[:-1]:
+            order = torch.cat([
+                (torch.tensor(starts)[:, None] + torch.arange(length)).flatten()
+                for length, starts in starts_by_length.items()
+            ]).to(position_ids.device)
+            inverse_order = torch.empty_like(order)
+            inverse_order[order] = torch.arange(len(order), device=order.device)
+        return cls(position_ids, cu_seqlens, max(starts_by_length), groups, order, inverse_order)
+
+
+def packed_attention_loop(q, k, v, documents: PackedDocuments, scaling: float) -> torch.Tensor:
+    """Causal SDPA per document; [B, T, H, D] in and out.
+
+    Documents of equal length share one batched call (CPU SDPA's backward costs tens of ms per call); a row of one
+    document is a single plain causal call.
+    """
+    batch, seq_len, heads, head_dim = q.shape
+    q, k, v = (x.flatten(0, 1) for x in (q, k, v))  # [B*T, H, D]
+    if documents.order is not None:
+        q, k, v = (x.index_select(0, documents.order) for x in (q, k, v))
+    sizes = [length * count for length, count in documents.groups]
+    outs = []
+    for (length, count), q_g, k_g, v_g in zip(documents.groups, q.split(sizes), k.split(sizes), v.split(sizes)):
+        q_g, k_g, v_g = (x.view(count, length, heads, head_dim).transpose(1, 2) for x in (q_g, k_g, v_g))
+        out = F.scaled_dot_product_attention(q_g, k_g, v_g, is_causal=True, scale=scaling)
+        outs.append(out.transpose(1, 2).reshape(length * count, heads, head_dim))
+    out = outs[0] if len(outs) == 1 else torch.cat(outs)
+    if documents.inverse_order is not None:
+        out = out.index_select(0, documents.inverse_order)
+    return out.view(batch, seq_len, heads, head_dim)
+
+
+def packed_attention_mask(q, k, v, documents: PackedDocuments, scaling: float) -> torch.Tensor:
+    """One SDPA with a block-diagonal causal bool mask; [B, T, H, D] in and out."""
+    doc_ids = (documents.position_ids == 0).cumsum(-1)
+    seq_len = q.shape[1]
+    causal = torch.ones(seq_len, seq_len, dtype=torch.bool, device=q.device).tril()
+    mask = (doc_ids[:, :, None] == doc_ids[:, None, :]) & causal
+    out = F.scaled_dot_product_attention(
+        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask[:, None], scale=scaling
+    )
+    return out.transpose(1, 2)
+
+
+def packed_attention_flash(q, k, v, documents: PackedDocuments, scaling: float) -> torch.Tensor:
+    """flash-attn varlen over the flattened tokens; [B, T, H, D] in and out. fp32 runs in bf16, as InternEvo does."""
+    if flash_attn_varlen_func is None or not q.is_cuda:
+        raise RuntimeError("packed_attention='flash' needs the flash-attn package and CUDA tensors.")
+    dtype = q.dtype if q.dtype in (torch.float16, torch.bfloat16) else torch.bfloat16
+    q_flat, k_flat, v_flat = (x.flatten(0, 1).to(dtype) for x in (q, k, v))
+    cu, max_len = documents.cu_seqlens, documents.max_seqlen
+    out = flash_attn_varlen_func(q_flat, k_flat, v_flat, cu, cu, max_len, max_len, softmax_scale=scaling, causal=True)
+    return out.unflatten(0, q.shape[:2]).to(q.dtype)
+
+
+PACKED_ATTENTION = {"loop": packed_attention_loop, "mask": packed_attention_mask, "flash": packed_attention_flash}
+
+
+def packed_attention_backend(name: str, device: torch.device) -> Callable:
+    if name == "auto":
+        name = "flash" if flash_attn_varlen_func is not None and device.type == "cuda" else "loop"
+    return PACKED_ATTENTION[name]
+
+
+def eager_attention_forward(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
+    """Plain softmax attention for `attn_implementation="eager"`; [B, H, T, D] in, [B, T, H, D] out."""
+    attn_weights = torch.matmul(query, key.transpose(2, 3)) * scaling
+    if attention_mask is not None:
+        attn_weights = attn_weights + attention_mask
+    attn_weights = F.softmax(attn_weights, dim=-1, dtype=torch.float32).to(query.dtype)
+    attn_output = torch.matmul(attn_weights, value)
+    return attn_output.transpose(1, 2).contiguous(), attn_weights
+
+
+class InternLMAttention(nn.Module):
+    def __init__(self, config: InternLMConfig, layer_idx: int):
+        super().__init__()
+        self.config = config
+        self.layer_idx = layer_idx
+        self.head_dim = config.head_dim
+        self.scaling = self.head_dim**-0.5
+        # Read by transformers' attention functions.
+        self.is_causal = True
+        self.num_key_value_groups = 1
+        hidden = config.hidden_size
+        self.q_proj = nn.Linear(hidden, hidden, bias=config.bias)
+        self.k_proj = nn.Linear(hidden, hidden, bias=config.bias)
+        self.v_proj = nn.Linear(hidden, hidden, bias=config.bias)
+        self.o_proj = nn.Linear(hidden, hidden, bias=config.bias)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor],
+        attention_mask: torch.Tensor | None = None,
+        documents: PackedDocuments | None = None,
+        cache: Cache | None = None,
+    ) -> torch.Tensor:
+        heads_shape = (*hidden_states.shape[:-1], -1, self.head_dim)  # [B, T, H, D]
+        cos, sin = position_embeddings
+        q = apply_rotary(self.q_proj(hidden_states).view(heads_shape), cos, sin)
+        k = apply_rotary(self.k_proj(hidden_states).view(heads_shape), cos, sin)
+        v = self.v_proj(hidden_states).view(heads_shape)
+
+        keys, values = k.transpose(1, 2), v.transpose(1, 2)  # [B, H, T, D]
+        if cache is not None:
+            # Keys are cached rotated (like InternEvo's native inference).
+            keys, values = cache.update(keys, values, self.layer_idx)
+        if documents is not None:
+            # Packed rows come with an empty cache: the current keys are all the keys.
+            attn_fn = packed_attention_backend(self.config.packed_attention, q.device)
+            out = attn_fn(q, k, v, documents, self.scaling)
+        else:
+            attn_fn = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, eager_attention_forward)
+            out, _ = attn_fn(self, q.transpose(1, 2), keys, values, attention_mask, scaling=self.scaling, dropout=0.0)
+        return self.o_proj(out.reshape(*hidden_states.shape[:-1], -1))
+
+
+class InternLMMLP(nn.Module):
+    def __init__(self, config: InternLMConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+        self.act_fn = ACT2FN[config.hidden_act]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
+
+
+class InternLMDecoderLayer(GradientCheckpointingLayer):
+    """Pre-norm block. `gradient_checkpointing` (see `set_activation_checkpointing`) recomputes it in backward."""
+
+    def __init__(self, config: InternLMConfig, layer_idx: int):
+        super().__init__()
+        self.self_attn = InternLMAttention(config, layer_idx)
+        self.mlp = InternLMMLP(config)
+        self.input_layernorm = InternLMRMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.post_attention_layernorm = InternLMRMSNorm(config.hidden_size, config.rms_norm_eps)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor],
+        attention_mask: torch.Tensor | None = None,
+        documents: PackedDocuments | None = None,
+        cache: Cache | None = None,
+    ) -> torch.Tensor:
+        attn_out = self.self_attn(
+            self.input_layernorm(hidden_states), position_embeddings, attention_mask, documents, cache
+        )
+        hidden_states = hidden_states + attn_out.to(hidden_states.dtype)
+        mlp_out = self.mlp(self.post_attention_layernorm(hidden_states))
+        return hidden_states + mlp_out.to(hidden_states.dtype)
+
+
+def check_position_ids(position_ids: torch.Tensor, batch: int, seq_len: int) -> torch.Tensor:
+    """position_ids as [B, T] (a [1, T] row is broadcast), or a ValueError saying how the shapes disagree."""
+    if position_ids.dim() != 2 or position_ids.shape[1] != seq_len or position_ids.shape[0] not in (1, batch):
+        raise ValueError(
+            f"position_ids has shape {list(position_ids.shape)} but the input has shape [{batch}, {seq_len}]: "
+            "give one position per input token."
+        )
+    return position_ids.expand(batch, seq_len)
+
+
+def packed_rope_length(position_ids: torch.Tensor, rotary: InternLMRotaryEmbedding) -> int:
+    """Length that sets the dynamic NTK base of packed rows: max(position_ids) + 1 (only read when it matters)."""
+    return int(position_ids.max()) + 1 if rotary.dynamic else 0
+
+
+class InternLMPreTrainedModel(PreTrainedModel):
+    config_class = InternLMConfig
+    config: InternLMConfig
+    base_model_prefix = "model"
+    # InternLM v1 HF checkpoints made by InternLM's convert2hf.py carry these (recomputed) buffers.
+    _keys_to_ignore_on_load_unexpected = [r"rotary_emb\.inv_freq"]
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["InternLMDecoderLayer"]
+    _supports_sdpa = True
+    _supports_flash_attn = True
+    _supports_attention_backend = True
+
+    @classmethod
+    def from_pretrained(cls, *args, **kwargs):
+        """As transformers', but parameter names that disagree with the config are an error, not a warning.
+
+        (A checkpoint with q/k/v/o biases loaded under `bias=False` would otherwise drop them silently. Shapes
+        that disagree already raise in transformers, after its load report.)
+        """
+        return_loading_info = kwargs.pop("output_loading_info", False)
+        model, loading_info = super().from_pretrained(*args, output_loading_info=True, **kwargs)
+        mismatches = {kind: sorted(loading_info[kind]) for kind in ("missing_keys", "unexpected_keys")}
+        if any(mismatches.values()):
+            raise ValueError(
+                f"the checkpoint's parameters do not match the config ({cls.__name__}, bias={model.config.bias}, "
+                f"num_hidden_layers={model.config.num_hidden_layers}): {mismatches}"
+            )
+        return (model, loading_info) if return_loading_info else model
+
+    def _init_weights(self, module: nn.Module):
+        super()._init_weights(module)
+        if isinstance(module, InternLMRotaryEmbedding):
+            # Buffers come back uninitialized from the meta device after from_pretrained.
+            init.copy_(module.inv_freq, module.inv_freq_for_base(module.base))
+
+
+class InternLMModel(InternLMPreTrainedModel):
+    def __init__(self, config: InternLMConfig):
+        super().__init__(config)
+        # No padding_idx: InternLM's pad id is often EOS, which must keep learning in packed training.
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(InternLMDecoderLayer(config, i) for i in range(config.num_hidden_layers))
+        self.norm = InternLMRMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.rotary_emb = InternLMRotaryEmbedding(config)
+        self.post_init()
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        cache: Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        use_cache: bool | None = None,
+        **kwargs,
+    ) -> BaseModelOutputWithPast:
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("Give exactly one of input_ids and inputs_embeds.")
+        if inputs_embeds is None:
+            inputs_embeds = self.embed_tokens(input_ids)
+        batch, seq_len = inputs_embeds.shape[:2]
+        if use_cache is None:
+            use_cache = self.config.use_cache and not self.training  # a training step never needs a cache
+        if use_cache and cache is None:
+            cache = DynamicCache(config=self.config)
+        past_len = cache.get_seq_length() if cache is not None else 0
+        if position_ids is None:
+            position_ids = torch.arange(past_len, past_len + seq_len, device=inputs_embeds.device)[None]
+        position_ids = check_position_ids(position_ids, batch, seq_len)
+
+        causal_mask, documents = None, None
+        if attention_mask is None and past_len == 0:
+            documents = PackedDocuments.from_position_ids(position_ids)
+            rope_length = packed_rope_length(position_ids, self.rotary_emb)
+        else:
+            causal_mask = create_causal_mask(
+                config=self.config,
+                inputs_embeds=inputs_embeds,
+                attention_mask=attention_mask,
+                cache=cache,
+                position_ids=position_ids,
+            )
+            rope_length = past_len + seq_len
+        position_embeddings = self.rotary_emb(position_ids, rope_length)
+
+        hidden_states = inputs_embeds
+        for layer in self.layers:
+            hidden_states = layer(
+                hidden_states, position_embeddings, attention_mask=causal_mask, documents=documents, cache=cache
+            )
+        return BaseModelOutputWithPast(last_hidden_state=self.norm(hidden_states), cache=cache)
+
+
+class InternLMForCausalLM(InternLMPreTrainedModel, GenerationMixin):
+    def __init__(self, config: InternLMConfig):
+        super().__init__(config)
+        self.model = InternLMModel(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        cache: Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        logits_to_keep: int = 0,
+        **kwargs,
+    ) -> CausalLMOutputWithPast:
+        """Logits are fp32 (as InternEvo's last stage). `labels` are unshifted, as in transformers."""
+        outputs = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            cache=cache,
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
+        )
+        hidden_states = outputs.last_hidden_state[:, -logits_to_keep:]
+        logits = self.lm_head(hidden_states).float()
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
+        return CausalLMOutputWithPast(loss=loss, logits=logits, cache=outputs.cache)
+
+    def pipeline_layers(self) -> list[nn.Module]:
+        """[EmbeddingStage, DecoderStage x num_layers, HeadStage] for deepspeed.pipe.PipelineModule.
+
+        The stages hold this model's own submodules, so they share its parameters; `pipeline_parameter_name` maps
+        their parameter names back to this model's.
+        """
+        decoder_stages = [DecoderStage(layer, self.model.rotary_emb) for layer in self.model.layers]
+        return [EmbeddingStage(self.model.embed_tokens), *decoder_stages, HeadStage(self.model.norm, self.lm_head)]
+
+
+class EmbeddingStage(nn.Module):
+    """(input_ids, position_ids) -> (hidden_states, position_ids)."""
+
+    def __init__(self, embed_tokens: nn.Embedding):
+        super().__init__()
+        self.embed_tokens = embed_tokens
+
+    def forward(self, inputs: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        input_ids, position_ids = inputs
+        check_position_ids(position_ids, *input_ids.shape)
+        return self.embed_tokens(input_ids), position_ids
+
+
+class DecoderStage(nn.Module):
+    """(hidden_states, position_ids) -> (hidden_states, position_ids): one decoder layer on packed rows.
+
+    Only fixed-shape integer position_ids travel between pipeline stages; each stage derives the documents itself.
+    """
+
+    def __init__(self, layer: InternLMDecoderLayer, rotary_emb: InternLMRotaryEmbedding):
+        super().__init__()
+        self.layer = layer
+        self.rotary_emb = rotary_emb
+
+    def forward(self, inputs: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        hidden_states, position_ids = inputs
+        documents = PackedDocuments.from_position_ids(position_ids)
+        position_embeddings = self.rotary_emb(position_ids, packed_rope_length(position_ids, self.rotary_emb))
+        return self.layer(hidden_states, position_embeddings, documents=documents), position_ids
+
+
+class HeadStage(nn.Module):
+    """(hidden_states, position_ids) -> fp32 logits [B, T, V]."""
+
+    def __init__(self, norm: InternLMRMSNorm, lm_head: nn.Linear):
+        super().__init__()
+        self.norm = norm
+        self.lm_head = lm_head
+
+    def forward(self, inputs: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        hidden_states, _ = inputs
+        return self.lm_head(self.norm(hidden_states)).float()
+
+
+def pipeline_parameter_name(stage_index: int, local_name: str, num_layers: int) -> str:
+    """HF parameter name of parameter `local_name` of stage `stage_index` in `pipeline_layers()`.
+
+    (0, "embed_tokens.weight") -> "model.embed_tokens.weight";
+    (i + 1, "layer.self_attn.q_proj.weight") -> "model.layers.{i}.self_attn.q_proj.weight";
+    (num_layers + 1, "norm.weight") -> "model.norm.weight"; (num_layers + 1, "lm_head.weight") -> "lm_head.weight".
+    """
+    if stage_index == 0 and local_name.startswith("embed_tokens."):
+        return f"model.{local_name}"
+    if 1 <= stage_index <= num_layers and local_name.startswith("layer."):
+        return f"model.layers.{stage_index - 1}.{local_name.removeprefix('layer.')}"
+    if stage_index == num_layers + 1 and local_name.startswith("norm."):
+        return f"model.{local_name}"
+    if stage_index == num_layers + 1 and local_name.startswith("lm_head."):
+        return local_name
+    raise ValueError(f"no parameter {local_name!r} in pipeline stage {stage_index} of a {num_layers}-layer model")
+
+
+def set_activation_checkpointing(model: nn.Module | list[nn.Module], fraction: float | bool) -> int:
+    """Recompute the FIRST int(num_layers * fraction) decoder layers in backward, as InternEvo's `checkpoint`.
+
+    `model` is an InternLM model or a list of pipeline stages (which wrap the same layers). True means 1.0, False
+    0.0. Returns the number of checkpointed layers.
+    """
+    fraction = float(fraction)
+    if not 0.0 <= fraction <= 1.0:
+        raise ValueError(f"activation checkpointing fraction must be in [0, 1], got {fraction}")
+    parts = model if isinstance(model, list) else [model]
+    layers = [m for part in parts for m in part.modules() if isinstance(m, InternLMDecoderLayer)]
+    num_checkpointed = int(len(layers) * fraction)
+    for index, layer in enumerate(layers):
+        layer.gradient_checkpointing = index < num_checkpointed
+        layer._gradient_checkpointing_func = partial(checkpoint, use_reentrant=False)
+    return num_checkpointed
+
+
+__all__ = [
+    "InternLMPreTrainedModel",
+    "InternLMModel",
+    "InternLMForCausalLM",
+    "EmbeddingStage",
+    "DecoderStage",
+    "HeadStage",
+    "pipeline_parameter_name",
+    "set_activation_checkpointing",
+]

@@ -1,0 +1,73 @@
+"""Process-group start-up for the three launchers users have: deepspeed, torchrun and slurm."""
+import datetime
+import os
+import socket
+import subprocess
+
+import deepspeed
+import torch
+from deepspeed.accelerator import get_accelerator
+
+from evods.config import cpu_fp16_forced
+
+LAUNCHERS = ("deepspeed", "torch", "slurm")
+
+
+def _slurm_master_addr() -> str:
+    nodelist = os.environ.get("SLURM_JOB_NODELIST") or os.environ.get("SLURM_NODELIST")
+    if not nodelist:
+        return "127.0.0.1"
+    hosts = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True, check=True)
+    return hosts.stdout.split()[0]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def set_launcher_env(launcher: str, port: int | None = None) -> None:
+    """Fill RANK / WORLD_SIZE / LOCAL_RANK / MASTER_* from what the launcher provides.
+
+    deepspeed and torchrun export them already; slurm exports SLURM_* instead (InternEvo's default launcher);
+    a plain `python train_ds.py` gets a one-process group.
+    """
+    if launcher not in LAUNCHERS:
+        raise ValueError(f"--launcher must be one of {', '.join(LAUNCHERS)}, got {launcher!r}")
+    if launcher == "slurm":
+        if "SLURM_PROCID" not in os.environ:
+            raise RuntimeError("--launcher slurm needs SLURM_PROCID: start it with `srun ... python train_ds.py`")
+        os.environ["RANK"] = os.environ["SLURM_PROCID"]
+        os.environ["WORLD_SIZE"] = os.environ["SLURM_NPROCS"]
+        os.environ["LOCAL_RANK"] = os.environ.get("SLURM_LOCALID", "0")
+        os.environ.setdefault("MASTER_ADDR", _slurm_master_addr())
+        os.environ.setdefault("MASTER_PORT", str(port or 8888))
+        return
+    if "RANK" not in os.environ:  # plain python: a one-process run
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(port or _free_port()))
+
+
+def prepare_deepspeed_for_device(allow_cpu_fp16: bool = False) -> None:
+    """Work around what DeepSpeed gets wrong on CPU machines (deepspeed-cpu-notes Q1, Q7).
+
+    - The shm all-reduce op is JIT-compiled (30 s) at init although training never uses it: switch it off.
+    - The CPU accelerator reports fp16 as unsupported; fp16 still computes correctly, only slowly, so tests
+      of the loss-scaling path may opt in.
+    """
+    if get_accelerator().device_name() == "cpu":
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+        if allow_cpu_fp16:
+            get_accelerator().is_fp16_supported = lambda: True
+
+
+def init_distributed(launcher: str = "deepspeed", port: int | None = None, timeout_s: int = 1800) -> None:
+    set_launcher_env(launcher, port)
+    prepare_deepspeed_for_device(allow_cpu_fp16=cpu_fp16_forced())
+    accelerator = get_accelerator()
+    if accelerator.device_name() == "cuda":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    if not torch.distributed.is_initialized():
+        deepspeed.init_distributed(dist_backend=accelerator.communication_backend_name(),
+                                   timeout=datetime.timedelta(seconds=timeout_s))

@@ -1,0 +1,112 @@
+"""The DeepSpeed engine behind one training step.
+
+pipeline size 1: the Hugging Face model itself under ZeRO-1. pipeline size > 1: the model's stage layers in a
+`deepspeed.pipe.PipelineModule` (1F1B), balanced by decoder layers. Either way a step consumes micro_num packed rows
+and reports the same numbers, so the loop does not care which one runs.
+"""
+from dataclasses import dataclass
+from typing import Callable, Iterable
+
+import deepspeed
+import torch
+import torch.distributed as dist
+from deepspeed.pipe import PipelineModule
+
+from evods.parallel import ParallelSizes, build_process_topology
+
+from .loss import PackedLoss
+
+# The name DeepSpeed's "type:" partition method matches, so each stage gets an equal share of decoder layers.
+DECODER_STAGE_PATTERN = "type:DecoderStage"
+
+
+@dataclass
+class StepOutcome:
+    loss: float  # mean over the step's micro-batches and data-parallel ranks
+    grad_norm: float | None  # global L2 norm of unscaled gradients, before clipping
+    loss_scale: float
+    applied: bool  # False when DeepSpeed skipped the update (inf/nan gradients)
+
+
+def _micro_batches(batch: dict) -> list:
+    """Split a [micro_num, P] batch into the ((inputs), (targets)) rows a DeepSpeed pipeline pulls."""
+    rows = batch["input_ids"].shape[0]
+    return [((batch["input_ids"][i:i + 1], batch["position_ids"][i:i + 1]),
+             (batch["labels"][i:i + 1], batch["type_ids"][i:i + 1])) for i in range(rows)]
+
+
+class TrainEngine:
+    def __init__(self, model: torch.nn.Module, make_optimizer: Callable[[Iterable], torch.optim.Optimizer],
+                 ds_config: dict, sizes: ParallelSizes, loss_fn: PackedLoss):
+        self.sizes = sizes
+        self.loss_fn = loss_fn
+        self.pipelined = sizes.pp > 1
+        if self.pipelined:
+            module = PipelineModule(layers=model.pipeline_layers(), loss_fn=loss_fn,
+                                    topology=build_process_topology(sizes), partition_method=DECODER_STAGE_PATTERN)
+        else:
+            module = model
+        params = [p for p in module.parameters() if p.requires_grad]
+        self.engine, self.optimizer, _, _ = deepspeed.initialize(model=module, optimizer=make_optimizer(params),
+                                                                 config=ds_config)
+        self.data_parallel_group = self.engine.mpu.get_data_parallel_group() if self.pipelined else None
+        # The pipeline engine sends activation shapes once and reuses its receive buffers; validation rows have
+        # another shape, so the buffers are reset on every switch between training and evaluation.
+        self._pipe_shapes_are_eval = False
+
+    @property
+    def is_log_rank(self) -> bool:
+        """InternEvo logs from data rank 0, tensor rank 0, last pipeline stage: the rank that sees the loss."""
+        last_stage = self.engine.is_last_stage() if self.pipelined else True
+        return last_stage and self.sizes.dp_rank == 0 and self.sizes.tp_rank == 0
+
+    @property
+    def computes_loss(self) -> bool:
+        return self.engine.is_last_stage() if self.pipelined else True
+
+    def loss_scale(self) -> float:
+        scale = getattr(self.engine.optimizer, "cur_scale", 1.0)
+        return float(scale)
+
+    def train_step(self, batch: dict) -> StepOutcome:
+        self.engine.train()
+        if self.pipelined:
+            if self._pipe_shapes_are_eval:
+                self.engine.reset_activation_shape()
+                self._pipe_shapes_are_eval = False
+            loss = float(self.engine.train_batch(iter(_micro_batches(batch))))
+        else:
+            loss = self._train_step_plain(batch)
+        return StepOutcome(loss=loss, grad_norm=self._grad_norm(), loss_scale=self.loss_scale(),
+                           applied=self.engine.was_step_applied())
+
+    def _train_step_plain(self, batch: dict) -> float:
+        total = torch.zeros((), dtype=torch.float64)
+        for inputs, targets in _micro_batches(batch):
+            logits = self.engine(input_ids=inputs[0], position_ids=inputs[1]).logits
+            loss = self.loss_fn(logits, targets)
+            self.engine.backward(loss)
+            self.engine.step()  # DeepSpeed applies the update only at the accumulation boundary
+            total += loss.detach().double().cpu()
+        mean = total / batch["input_ids"].shape[0]
+        if dist.is_initialized() and self.sizes.dp > 1:
+            dist.all_reduce(mean, group=self.data_parallel_group)
+            mean /= self.sizes.dp
+        return float(mean)
+
+    def _grad_norm(self) -> float | None:
+        norm = self.engine.get_global_grad_norm()
+        return None if norm is None else float(norm)
+
+    @torch.no_grad()
+    def eval_loss(self, input_ids: torch.Tensor, position_ids: torch.Tensor, labels: torch.Tensor,
+                  type_ids: torch.Tensor) -> float:
+        """Mean loss of one validation micro-batch, the same on every rank of the pipeline."""
+        self.engine.eval()
+        if self.pipelined:
+            rows = [((input_ids, position_ids), (labels, type_ids))]
+            self.engine.reset_activation_shape()
+            self._pipe_shapes_are_eval = True
+            return float(self.engine.eval_batch(iter(rows), num_micro_batches=1))
+        logits = self.engine(input_ids=input_ids, position_ids=position_ids).logits
+        return float(self.loss_fn(logits, (labels, type_ids)))

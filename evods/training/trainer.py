@@ -1,0 +1,253 @@
+"""The training loop: one InternEvo config in, a trained model and a metrics log out."""
+import logging
+import math
+import os
+import random
+import signal
+import time
+from dataclasses import asdict, dataclass, field
+from datetime import datetime
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from evods.config import (TrainConfig, adamw_kwargs, build_deepspeed_config, check_device, check_topology,
+                          write_deepspeed_config)
+from evods.data import batch_stats, build_train_loader, build_valid_loaders
+from evods.model import set_activation_checkpointing
+from evods.model.registry import MODEL_INITIALIZER
+from evods.parallel import ParallelSizes, parallel_sizes
+
+from .distributed import init_distributed
+from .engine import StepOutcome, TrainEngine
+from .flops import megatron_tflops, model_flops_per_token, peak_flops, tgs
+from .loss import PackedLoss, TokenMetrics
+from .metrics import MetricsSink, format_metrics_line, setup_logging
+from .schedules import Beta2Scheduler, LRScheduler
+
+logger = logging.getLogger("evods")
+
+
+@dataclass
+class TrainState:
+    """Counters that move with the data, as InternEvo's TrainState (§9.4)."""
+
+    batch_count: int = 0  # batches consumed, including skipped ones
+    step_count: int = 0  # successful optimizer steps
+    num_consumed_tokens: int = 0
+    inf_nan_skip_batches: int = 0
+    skipped_by_config: int = 0
+    history: list = field(default_factory=list)  # one dict per trained batch: step, loss, grad_norm, loss_scale
+
+
+class GracefulStop:
+    """SIGTERM (and SIGINT) finish the running step, then the loop exits cleanly."""
+
+    def __init__(self):
+        self.requested = False
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, self._request)
+
+    def _request(self, signum, _frame):
+        logger.warning("received %s: finishing this step, then stopping", signal.Signals(signum).name)
+        self.requested = True
+
+    def agreed(self) -> bool:
+        """A stop only one rank saw must stop every rank at the same step."""
+        flag = torch.tensor([int(self.requested)])
+        if dist.is_initialized():
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def seed_runtime_rng(seed: int, sizes: ParallelSizes) -> None:
+    """InternEvo's runtime seeds: tensor/pipeline ranks offset the torch seed so dropout masks differ (§12).
+
+    Called after the model is built: initial weights come from the plain seed on every rank, so a model starts the
+    same whatever the parallel layout.
+    """
+    torch.manual_seed(seed + sizes.tp_rank + sizes.pp_rank * 1024)
+
+
+def default_run_dir(job_name: str) -> Path:
+    """runs/{JOB_NAME}/{launch time}; rank 0 picks the time so every rank writes to the same folder."""
+    stamp = [datetime.now().strftime("%Y%m%d-%H%M%S")]
+    if dist.is_initialized():
+        dist.broadcast_object_list(stamp, src=0)
+    return Path("runs") / job_name / stamp[0]
+
+
+class Trainer:
+    def __init__(self, cfg: TrainConfig, run_dir: Path | None = None, seed: int = 1024,
+                 ds_config_override: str | None = None, peak_tflops: float | None = None):
+        self.cfg = cfg
+        rank, world = dist.get_rank(), dist.get_world_size()
+        topology = check_topology(cfg, world)
+        self.sizes = parallel_sizes(rank, world, pp=topology.pp, tp=topology.tp)
+        check_device(cfg, device_type=_device_type())
+        seed_everything(seed)
+        self.run_dir = run_dir or default_run_dir(cfg.JOB_NAME)
+
+        model = MODEL_INITIALIZER.get_module(cfg.model_type)(**cfg.model_dict)
+        set_activation_checkpointing(model, cfg.model.checkpoint)
+        seed_runtime_rng(seed, self.sizes)
+        self.flops_per_token = model_flops_per_token(cfg.data.seq_len, cfg.model.hidden_size, cfg.model.num_layers,
+                                                     cfg.model.vocab_size, cfg.model.mlp_ratio)
+        self.peak = peak_flops(peak_tflops)
+
+        self.loader, self.sampler, self.dataset_types = build_train_loader(asdict(cfg.data), self.sizes.dp_rank,
+                                                                            self.sizes.dp)
+        self.token_metrics = TokenMetrics(num_types=len(self.dataset_types))
+        loss_fn = PackedLoss(cfg.loss.label_smoothing, self.token_metrics)
+        ds_config = build_deepspeed_config(cfg, self.sizes.dp, ds_config_override)
+        self.engine = TrainEngine(model, self._make_optimizer, ds_config, self.sizes, loss_fn)
+        self.lr_scheduler = LRScheduler(self.engine.optimizer, cfg.adam.lr, cfg.lr_scheduler)
+        self.beta2_scheduler = Beta2Scheduler(self.engine.optimizer, cfg.beta2_scheduler)
+        self.valid_loaders = build_valid_loaders(asdict(cfg.data), self.sizes.dp_rank, self.sizes.dp)
+        self.state = TrainState()
+        if rank == 0:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            write_deepspeed_config(ds_config, self.run_dir)
+        self.sink = None
+        if self.engine.is_log_rank:
+            tb_dir = Path(cfg.tensorboard_folder) if cfg.tensorboard_folder else self.run_dir / "tensorboard"
+            self.sink = MetricsSink(self.run_dir, tb_dir if cfg.enable_tb else None)
+        logger.info("Distributed environment is initialized, data parallel size: %d, pipeline parallel size: %d, "
+                    "tensor parallel size: %d", self.sizes.dp, self.sizes.pp, self.sizes.tp)
+        logger.info("run folder: %s; model parameters: %.2fM", self.run_dir, model.num_parameters() / 1e6)
+
+    def _make_optimizer(self, params) -> torch.optim.Optimizer:
+        return torch.optim.AdamW(params, **adamw_kwargs(self.cfg))
+
+    def train(self) -> TrainState:
+        data = self.cfg.data
+        stop = GracefulStop()
+        batches = iter(self.loader)
+        try:
+            while self.state.step_count < data.total_steps:
+                start = time.time()
+                batch = next(batches)
+                self.state.batch_count += 1
+                if self.cfg.data.skip_batch(self.state.batch_count - 1):
+                    self.state.skipped_by_config += 1
+                    continue
+                outcome = self.engine.train_step(batch)
+                self._after_step(batch, outcome, time.time() - start)
+                if data.valid_every > 0 and self.state.step_count % data.valid_every == 0 and outcome.applied:
+                    self.validate()
+                if stop.agreed():
+                    logger.warning("stopped on request after %d optimizer steps", self.state.step_count)
+                    break
+            self._log_summary()
+        finally:
+            if self.sink is not None:
+                self.sink.close()
+        return self.state
+
+    def _log_summary(self) -> None:
+        trained = [entry for entry in self.state.history if entry["applied"]]
+        if trained:
+            logger.info("finished: %d optimizer steps, %d skipped (inf/nan), loss %.4f -> %.4f; metrics in %s",
+                        self.state.step_count, self.state.inf_nan_skip_batches, trained[0]["loss"],
+                        trained[-1]["loss"], self.run_dir)
+
+    def _after_step(self, batch: dict, outcome: StepOutcome, elapsed: float) -> None:
+        state, data = self.state, self.cfg.data
+        tokens_this_rank = batch["labels"].numel()
+        state.num_consumed_tokens += tokens_this_rank * self.sizes.dp
+        if outcome.applied:
+            self.lr_scheduler.step()
+            self.beta2_scheduler.step()
+            state.step_count += 1
+        else:
+            state.inf_nan_skip_batches += 1
+            logger.warning("Warning: skip parameter update at step %d (inf/nan gradients).", state.batch_count - 1)
+        totals = self.token_metrics.reduce_and_reset(self.engine.data_parallel_group) \
+            if self.engine.computes_loss else None
+        state.history.append({"step": state.batch_count - 1, "loss": outcome.loss, "grad_norm": outcome.grad_norm,
+                              "loss_scale": outcome.loss_scale, "applied": outcome.applied})
+        if self.sink is None or not outcome.applied:
+            return
+        world = self.sizes.world
+        global_batch = data.micro_bsz * data.micro_num * self.sizes.dp
+        achieved = self.flops_per_token * tokens_this_rank * self.sizes.dp / elapsed / world
+        metrics = {
+            "tflops": megatron_tflops(elapsed, self.cfg.model.checkpoint, data.seq_len, self.cfg.model.hidden_size,
+                                      self.cfg.model.num_layers, self.cfg.model.vocab_size, global_batch, world,
+                                      self.cfg.model.mlp_ratio),
+            "step": state.batch_count - 1,
+            "loss": outcome.loss,
+            "tgs (tokens/gpu/second)": tgs(tokens_this_rank, self.sizes.dp, world, elapsed),
+            "lr": self.engine.optimizer.param_groups[0]["lr"],
+            "loss_scale": outcome.loss_scale,
+            "grad_norm": outcome.grad_norm,
+            "micro_num": batch["labels"].shape[0],
+            "num_consumed_tokens": state.num_consumed_tokens,
+            "inf_nan_skip_batches": state.inf_nan_skip_batches,
+            **batch_stats(batch["position_ids"]),
+            "adam_beta2": self.beta2_scheduler.get_beta2(),
+            "fwd_bwd_time": round(elapsed, 2),
+        }
+        if self.peak:
+            metrics["mfu"] = round(achieved / self.peak, 4)
+        metrics.update(_token_metric_values(totals, self.dataset_types))
+        logger.info(format_metrics_line(metrics))
+        self.sink.write(metrics["step"], metrics)
+
+    @torch.no_grad()
+    def validate(self) -> dict:
+        results = {}
+        for name, loader in self.valid_loaders.items():
+            losses = []
+            valid_metrics = TokenMetrics(num_types=1)
+            self.engine.loss_fn.metrics, saved = valid_metrics, self.engine.loss_fn.metrics
+            try:
+                for batch in loader:
+                    losses.append(self.engine.eval_loss(batch["input_ids"], batch["position_ids"], batch["labels"],
+                                                        batch["type_ids"]))
+            finally:
+                self.engine.loss_fn.metrics = saved
+            totals = valid_metrics.reduce_and_reset(self.engine.data_parallel_group)
+            loss = float(np.mean(losses)) if losses else float("nan")
+            tokens = float(totals["tokens"].sum())
+            results[name] = {f"val/{name}_loss": loss,
+                             f"val/{name}_acc": float(totals["correct"].sum()) / max(tokens, 1.0),
+                             f"val/{name}_plex": math.exp(min(loss, 50.0))}
+            if self.sink is not None:
+                logger.info("Validation on %s: step=%d %s", name, self.state.step_count,
+                            " ".join(f"{k}={v}" for k, v in results[name].items()))
+                self.sink.write(self.state.step_count, results[name])
+        return results
+
+
+def _token_metric_values(totals: dict | None, dataset_types: list[str]) -> dict:
+    if totals is None:
+        return {}
+    tokens = totals["tokens"]
+    all_tokens = float(tokens.sum())
+    values = {"acc": float(totals["correct"].sum()) / max(all_tokens, 1.0),
+              "perplexity": math.exp(min(float(totals["loss_sum"].sum()) / max(all_tokens, 1.0), 50.0))}
+    for type_id, name in enumerate(dataset_types):
+        if tokens[type_id] > 0:
+            values[f"loss/{name}"] = float(totals["loss_sum"][type_id] / tokens[type_id])
+    return values
+
+
+def _device_type() -> str:
+    from deepspeed.accelerator import get_accelerator
+
+    return get_accelerator().device_name()
+
+
+def run(cfg: TrainConfig, launcher: str = "deepspeed", port: int | None = None, **trainer_kwargs) -> TrainState:
+    init_distributed(launcher, port)
+    setup_logging(dist.get_rank())
+    return Trainer(cfg, **trainer_kwargs).train()

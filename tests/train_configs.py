@@ -1,0 +1,19 @@
+"""Small training configs for tests: configs/demo_cpu.py with sections overridden."""
+from pathlib import Path
+
+from evods.config import TrainConfig, load_config_file, parse_config
+
+DEMO_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo_cpu.py"
+
+TINY_MODEL = dict(hidden_size=64, num_layers=4, num_attention_heads=4, vocab_size=512, mlp_ratio=2)
+# InternEvo's random data draws tokens below 200, so a 512-token vocabulary holds it.
+
+
+def tiny_config(**sections) -> TrainConfig:
+    """The demo config with a tiny model; each keyword is a section whose keys replace the demo's."""
+    raw, source = load_config_file(DEMO_CONFIG)
+    sections.setdefault("model", {})
+    sections["model"] = {**TINY_MODEL, **sections["model"]}
+    for name, values in sections.items():
+        raw[name] = {**raw[name], **values} if isinstance(raw.get(name), dict) else values
+    return parse_config(raw, source)
