@@ -180,6 +180,7 @@ class CkptConfig:
     oss_snapshot_freq: float = key(STEP_INTERVAL, math.inf)
     stop_file_path: Optional[str] = key(OPTIONAL_STR, None)
     snapshot_ckpt_folder: Optional[str] = key(OPTIONAL_STR, None)  # None -> {save_ckpt_folder}/snapshot
+    keep_last_ckpts: int = key(NON_NEGATIVE_INT, 0)  # keep only the newest k normal checkpoints (0: keep all)
     # legacy keys (§6.3), used when load_ckpt_info is absent
     load_ckpt_folder: Optional[str] = key(OPTIONAL_STR, None)
     load_model_only_folder: Optional[str] = key(OPTIONAL_STR, None)

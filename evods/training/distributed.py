@@ -13,10 +13,8 @@ from evods.config import cpu_fp16_forced
 LAUNCHERS = ("deepspeed", "torch", "slurm")
 
 
-def _slurm_master_addr() -> str:
-    nodelist = os.environ.get("SLURM_JOB_NODELIST") or os.environ.get("SLURM_NODELIST")
-    if not nodelist:
-        return "127.0.0.1"
+def _first_host(nodelist: str) -> str:
+    """The first host of a slurm node list such as "node[01-04]", as InternEvo picks its master."""
     hosts = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True, check=True)
     return hosts.stdout.split()[0]
 
@@ -27,7 +25,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def set_launcher_env(launcher: str, port: int | None = None) -> None:
+def set_launcher_env(launcher: str, port: int | None = None, environ=os.environ) -> None:
     """Fill RANK / WORLD_SIZE / LOCAL_RANK / MASTER_* from what the launcher provides.
 
     deepspeed and torchrun export them already; slurm exports SLURM_* instead (InternEvo's default launcher);
@@ -36,17 +34,18 @@ def set_launcher_env(launcher: str, port: int | None = None) -> None:
     if launcher not in LAUNCHERS:
         raise ValueError(f"--launcher must be one of {', '.join(LAUNCHERS)}, got {launcher!r}")
     if launcher == "slurm":
-        if "SLURM_PROCID" not in os.environ:
+        if "SLURM_PROCID" not in environ:
             raise RuntimeError("--launcher slurm needs SLURM_PROCID: start it with `srun ... python train_ds.py`")
-        os.environ["RANK"] = os.environ["SLURM_PROCID"]
-        os.environ["WORLD_SIZE"] = os.environ["SLURM_NPROCS"]
-        os.environ["LOCAL_RANK"] = os.environ.get("SLURM_LOCALID", "0")
-        os.environ.setdefault("MASTER_ADDR", _slurm_master_addr())
-        os.environ.setdefault("MASTER_PORT", str(port or 8888))
+        environ["RANK"] = environ["SLURM_PROCID"]
+        environ["WORLD_SIZE"] = environ["SLURM_NPROCS"]
+        environ["LOCAL_RANK"] = environ.get("SLURM_LOCALID", "0")
+        nodelist = environ.get("SLURM_JOB_NODELIST") or environ.get("SLURM_NODELIST")
+        environ.setdefault("MASTER_ADDR", _first_host(nodelist) if nodelist else "127.0.0.1")
+        environ.setdefault("MASTER_PORT", str(port or 8888))
         return
-    if "RANK" not in os.environ:  # plain python: a one-process run
-        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(port or _free_port()))
+    if "RANK" not in environ:  # plain python: a one-process run
+        environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1")
+        environ.setdefault("MASTER_PORT", str(port or _free_port()))
 
 
 def prepare_deepspeed_for_device(allow_cpu_fp16: bool = False) -> None:

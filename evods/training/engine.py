@@ -88,11 +88,20 @@ class TrainEngine:
             self.engine.backward(loss)
             self.engine.step()  # DeepSpeed applies the update only at the accumulation boundary
             total += loss.detach().double().cpu()
-        mean = total / batch["input_ids"].shape[0]
-        if dist.is_initialized() and self.sizes.dp > 1:
-            dist.all_reduce(mean, group=self.data_parallel_group)
-            mean /= self.sizes.dp
-        return float(mean)
+        return self._mean_over_data_parallel(total / batch["input_ids"].shape[0])
+
+    def _mean_over_data_parallel(self, value: torch.Tensor) -> float:
+        if self.sizes.dp > 1:
+            dist.all_reduce(value, group=self.data_parallel_group)
+            value /= self.sizes.dp
+        return float(value)
+
+    def share_from_last_stage(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Give every pipeline stage the values only the last stage computed (e.g. validation accuracy)."""
+        if self.pipelined:
+            dist.broadcast(tensor, src=self.engine._loss_stage_global_rank(),
+                           group=self.engine.mpu.get_pipe_parallel_group())
+        return tensor
 
     def _grad_norm(self) -> float | None:
         norm = self.engine.get_global_grad_norm()
@@ -101,7 +110,7 @@ class TrainEngine:
     @torch.no_grad()
     def eval_loss(self, input_ids: torch.Tensor, position_ids: torch.Tensor, labels: torch.Tensor,
                   type_ids: torch.Tensor) -> float:
-        """Mean loss of one validation micro-batch, the same on every rank of the pipeline."""
+        """Mean loss of one validation batch over the data-parallel ranks, the same on every rank."""
         self.engine.eval()
         if self.pipelined:
             rows = [((input_ids, position_ids), (labels, type_ids))]
@@ -109,4 +118,4 @@ class TrainEngine:
             self._pipe_shapes_are_eval = True
             return float(self.engine.eval_batch(iter(rows), num_micro_batches=1))
         logits = self.engine(input_ids=input_ids, position_ids=position_ids).logits
-        return float(self.loss_fn(logits, (labels, type_ids)))
+        return self._mean_over_data_parallel(self.loss_fn(logits, (labels, type_ids)).detach().double())

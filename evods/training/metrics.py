@@ -49,14 +49,15 @@ class MetricsSink:
 
             self.tensorboard = SummaryWriter(log_dir=str(tensorboard_dir))
 
-    def write(self, step: int, metrics: dict, prefix: str = "") -> None:
+    def write(self, step: int, metrics: dict) -> None:
         record = {scalar_name(k): v for k, v in metrics.items()}
-        self.jsonl.write(json.dumps({"step": step, **{prefix + k: v for k, v in record.items()}}) + "\n")
+        record.setdefault("step", step)  # the training line carries its own step, in the quickstart's position
+        self.jsonl.write(json.dumps(record) + "\n")
         self.jsonl.flush()
         if self.tensorboard is not None:
             for key, value in record.items():
                 if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
-                    self.tensorboard.add_scalar(prefix + key, value, step)
+                    self.tensorboard.add_scalar(key, value, step)
 
     def close(self) -> None:
         self.jsonl.close()

@@ -5,7 +5,7 @@ import os
 import random
 import signal
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from datetime import datetime
 from pathlib import Path
 
@@ -13,6 +13,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from evods.checkpoint import CheckpointManager, TrainingParts
 from evods.config import (TrainConfig, adamw_kwargs, build_deepspeed_config, check_device, check_topology,
                           write_deepspeed_config)
 from evods.data import batch_stats, build_train_loader, build_valid_loaders
@@ -40,6 +41,14 @@ class TrainState:
     inf_nan_skip_batches: int = 0
     skipped_by_config: int = 0
     history: list = field(default_factory=list)  # one dict per trained batch: step, loss, grad_norm, loss_scale
+
+    def state_dict(self) -> dict:
+        """The counters a checkpoint keeps (context.pt); the history stays with the run that made it."""
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "history"}
+
+    def load_state_dict(self, state: dict) -> None:
+        for name, value in state.items():
+            setattr(self, name, value)
 
 
 class GracefulStop:
@@ -98,6 +107,9 @@ class Trainer:
 
         model = MODEL_INITIALIZER.get_module(cfg.model_type)(**cfg.model_dict)
         set_activation_checkpointing(model, cfg.model.checkpoint)
+        self.checkpoints = CheckpointManager(cfg.ckpt, self.sizes, model.config,
+                                             cfg.source.text if cfg.source else None)
+        self.checkpoints.load_model_weights(model)
         seed_runtime_rng(seed, self.sizes)
         self.flops_per_token = model_flops_per_token(cfg.data.seq_len, cfg.model.hidden_size, cfg.model.num_layers,
                                                      cfg.model.vocab_size, cfg.model.mlp_ratio)
@@ -113,6 +125,7 @@ class Trainer:
         self.beta2_scheduler = Beta2Scheduler(self.engine.optimizer, cfg.beta2_scheduler)
         self.valid_loaders = build_valid_loaders(asdict(cfg.data), self.sizes.dp_rank, self.sizes.dp)
         self.state = TrainState()
+        self.checkpoints.restore(self._checkpoint_parts())
         if rank == 0:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             write_deepspeed_config(ds_config, self.run_dir)
@@ -124,6 +137,10 @@ class Trainer:
                     "tensor parallel size: %d", self.sizes.dp, self.sizes.pp, self.sizes.tp)
         logger.info("run folder: %s; model parameters: %.2fM", self.run_dir, model.num_parameters() / 1e6)
 
+    def _checkpoint_parts(self) -> TrainingParts:
+        return TrainingParts(engine=self.engine.engine, context=self.state, sampler=self.sampler,
+                             lr_scheduler=self.lr_scheduler, beta2_scheduler=self.beta2_scheduler)
+
     def _make_optimizer(self, params) -> torch.optim.Optimizer:
         return torch.optim.AdamW(params, **adamw_kwargs(self.cfg))
 
@@ -131,26 +148,30 @@ class Trainer:
         data = self.cfg.data
         stop = GracefulStop()
         batches = iter(self.loader)
-        try:
-            while self.state.step_count < data.total_steps:
-                start = time.time()
-                batch = next(batches)
-                self.state.batch_count += 1
-                if self.cfg.data.skip_batch(self.state.batch_count - 1):
-                    self.state.skipped_by_config += 1
-                    continue
-                outcome = self.engine.train_step(batch)
-                self._after_step(batch, outcome, time.time() - start)
-                if data.valid_every > 0 and self.state.step_count % data.valid_every == 0 and outcome.applied:
-                    self.validate()
-                if stop.agreed():
-                    logger.warning("stopped on request after %d optimizer steps", self.state.step_count)
-                    break
-            self._log_summary()
-        finally:
-            if self.sink is not None:
-                self.sink.close()
+        while self.state.step_count < data.total_steps:
+            start = time.time()
+            batch = next(batches)
+            self.state.batch_count += 1
+            if self.cfg.data.skip_batch(self.state.batch_count - 1):
+                self.state.skipped_by_config += 1
+                continue
+            outcome = self.engine.train_step(batch)
+            self._after_step(batch, outcome, time.time() - start)
+            if data.valid_every > 0 and self.state.step_count % data.valid_every == 0 and outcome.applied:
+                self.validate()
+            if outcome.applied and self.checkpoints.after_step(self.state.step_count, self._checkpoint_parts()):
+                logger.warning("stopped by the stop file after %d optimizer steps", self.state.step_count)
+                break
+            if stop.agreed():
+                logger.warning("stopped on request after %d optimizer steps", self.state.step_count)
+                break
+        self.checkpoints.close()  # waits for background uploads and writes the last checkpoint's marker
+        self._log_summary()
         return self.state
+
+    def close(self) -> None:
+        if self.sink is not None:
+            self.sink.close()
 
     def _log_summary(self) -> None:
         trained = [entry for entry in self.state.history if entry["applied"]]
@@ -216,6 +237,8 @@ class Trainer:
             finally:
                 self.engine.loss_fn.metrics = saved
             totals = valid_metrics.reduce_and_reset(self.engine.data_parallel_group)
+            self.engine.share_from_last_stage(totals["tokens"])
+            self.engine.share_from_last_stage(totals["correct"])
             loss = float(np.mean(losses)) if losses else float("nan")
             tokens = float(totals["tokens"].sum())
             results[name] = {f"val/{name}_loss": loss,
@@ -250,4 +273,8 @@ def _device_type() -> str:
 def run(cfg: TrainConfig, launcher: str = "deepspeed", port: int | None = None, **trainer_kwargs) -> TrainState:
     init_distributed(launcher, port)
     setup_logging(dist.get_rank())
-    return Trainer(cfg, **trainer_kwargs).train()
+    trainer = Trainer(cfg, **trainer_kwargs)
+    try:
+        return trainer.train()
+    finally:
+        trainer.close()

@@ -1,0 +1,91 @@
+"""An evods checkpoint as a Hugging Face folder: InternLM (remote code included) or stock Llama, with the tokenizer.
+
+HF InternLM and HF Llama share evods' parameter names, so only the config differs between the two layouts.
+"""
+import json
+import os
+import shutil
+import tempfile
+
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from evods.model import InternLMConfig, InternLMForCausalLM
+from evods.storage import LocalStorage, open_storage
+
+from . import layout
+from .errors import CheckpointError
+from .transfer import fetch_folder
+from .weights import deepspeed_weights, load_weights
+
+FORMATS = ("internlm", "llama")
+# InternLM's SentencePiece ids (§7.4); pad is EOS.
+SPECIAL_TOKENS = {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>", "pad_token": "</s>"}
+BOS_ID, EOS_ID, PAD_ID = 1, 2, 2
+
+
+def llama_config(config: InternLMConfig) -> LlamaConfig:
+    """The Llama config computing what the InternLM one does: q/k/v/o bias, no MLP bias, rotate-half RoPE."""
+    rotary = config.rotary
+    rope = {"rope_type": "default", "rope_theta": float(rotary["base"])}
+    if rotary["type"] == "dynamic":
+        rope = {**rope, "rope_type": "dynamic", "factor": float(rotary.get("scaling_factor", 1.0))}
+    return LlamaConfig(
+        vocab_size=config.vocab_size, hidden_size=config.hidden_size, intermediate_size=config.intermediate_size,
+        num_hidden_layers=config.num_hidden_layers, num_attention_heads=config.num_attention_heads,
+        num_key_value_heads=config.num_attention_heads, hidden_act=config.hidden_act,
+        max_position_embeddings=config.max_position_embeddings, rms_norm_eps=config.rms_norm_eps,
+        attention_bias=True, mlp_bias=False, tie_word_embeddings=False, rope_parameters=rope,
+        bos_token_id=BOS_ID, eos_token_id=EOS_ID, pad_token_id=PAD_ID,
+    )
+
+
+def export_hf(src: str, tgt: str, tokenizer: str | None = None, fmt: str = "internlm", dtype: str | None = None,
+              max_shard_size: str = "10GB") -> None:
+    """Write the model of the evods checkpoint `src` (a storage path of one checkpoint folder) to the folder `tgt`.
+    `dtype`: "float16", "bfloat16" or "float32"; None keeps the training dtype."""
+    if fmt not in FORMATS:
+        raise CheckpointError(f"--format {fmt!r}: use one of {FORMATS}")
+    storage = open_storage(src)
+    if layout.marked_step(storage, "") is None:
+        raise CheckpointError(f"{src} has no {{step}}{layout.MARKER_SUFFIX} marker: it is not a complete evods "
+                              "checkpoint (give a folder such as save_ckpt_folder/100)")
+    temp = None if isinstance(storage, LocalStorage) else tempfile.mkdtemp(prefix="evods-convert-")
+    try:
+        folder = fetch_folder(storage, "", temp or "")
+        with open(os.path.join(folder, layout.MODEL_CONFIG)) as f:
+            config = InternLMConfig.from_dict(json.load(f))
+        weights = deepspeed_weights(folder)
+    finally:
+        if temp:
+            shutil.rmtree(temp, ignore_errors=True)
+    config.bos_token_id, config.eos_token_id, config.pad_token_id = BOS_ID, EOS_ID, PAD_ID
+    target_dtype = getattr(torch, dtype) if dtype else config.dtype
+    model = InternLMForCausalLM(config) if fmt == "internlm" else LlamaForCausalLM(llama_config(config))
+    load_weights(model, weights, src)
+    model.to(target_dtype).save_pretrained(tgt, max_shard_size=max_shard_size)
+    if tokenizer:
+        write_tokenizer(tokenizer, tgt, config.max_position_embeddings)
+
+
+def write_tokenizer(sentencepiece_model: str, tgt: str, max_length: int) -> None:
+    """tokenizer.model plus the configs that make `AutoTokenizer` read it as a BOS-adding Llama-style tokenizer."""
+    if not os.path.isfile(sentencepiece_model):
+        raise CheckpointError(f"--tokenizer {sentencepiece_model}: no such file (give a SentencePiece .model file)")
+    shutil.copyfile(sentencepiece_model, os.path.join(tgt, "tokenizer.model"))
+    tokenizer_config = {"tokenizer_class": "LlamaTokenizer", "add_bos_token": True, "add_eos_token": False,
+                        "add_prefix_space": _adds_dummy_prefix(sentencepiece_model),
+                        "clean_up_tokenization_spaces": False, "model_max_length": max_length, **SPECIAL_TOKENS}
+    for name, content in (("tokenizer_config.json", tokenizer_config), ("special_tokens_map.json", SPECIAL_TOKENS)):
+        with open(os.path.join(tgt, name), "w") as f:
+            json.dump(content, f, indent=2)
+
+
+def _adds_dummy_prefix(sentencepiece_model: str) -> bool:
+    """Whether SentencePiece prepends "▁" to the text (V7_sft.model does not); HF must do the same."""
+    from sentencepiece import sentencepiece_model_pb2
+
+    proto = sentencepiece_model_pb2.ModelProto()
+    with open(sentencepiece_model, "rb") as f:
+        proto.ParseFromString(f.read())
+    return proto.normalizer_spec.add_dummy_prefix

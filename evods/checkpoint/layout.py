@@ -1,0 +1,90 @@
+"""Where things live in an evods checkpoint, and which checkpoints under a save folder are complete.
+
+    {save_ckpt_folder}/{step}/             normal checkpoints
+    {save_ckpt_folder}/snapshot/{0|1}/     the two alternating snapshots
+        deepspeed/...        DeepSpeed's own files: model states (per pipeline layer when pipelined) and ZeRO-1
+                             optimizer partitions, written by engine.save_checkpoint
+        context.pt           training counters (step_count, batch_count, consumed tokens, skips)
+        sampler.pt           the data sampler's state
+        schedulers.pt        {"lr": ..., "beta2": ...}
+        rng/rank{r}.pt       python, numpy and torch RNG states of rank r
+        topology.json        {"dp", "pp", "tp", "num_layers"} of the run that saved it
+        config.json          the model's Hugging Face config
+        config_file.py       the training config file's text
+        {step}.step          the completion marker, written last (InternEvo's name)
+
+A folder without its marker is incomplete (a save was interrupted) and is never loaded.
+"""
+from dataclasses import dataclass
+
+from evods.storage import Storage
+
+DEEPSPEED_TAG = "deepspeed"
+CONTEXT = "context.pt"
+SAMPLER = "sampler.pt"
+SCHEDULERS = "schedulers.pt"
+TOPOLOGY = "topology.json"
+MODEL_CONFIG = "config.json"
+CONFIG_TEXT = "config_file.py"
+MARKER_SUFFIX = ".step"
+SNAPSHOT_FOLDER = "snapshot"
+SNAPSHOT_SLOTS = ("0", "1")
+
+
+def rng_file(rank: int) -> str:
+    return f"rng/rank{rank}.pt"
+
+
+def marker_name(step: int) -> str:
+    return f"{step}{MARKER_SUFFIX}"
+
+
+def join(*parts: str) -> str:
+    return "/".join(part.strip("/") for part in parts if part.strip("/"))
+
+
+@dataclass(frozen=True, order=True)
+class CheckpointRef:
+    """A complete checkpoint: its step and its folder relative to the save folder's root."""
+
+    step: int
+    folder: str
+
+
+def marked_step(storage: Storage, folder: str) -> int | None:
+    """The step of the `{step}.step` marker in `folder`, or None when the folder has no marker."""
+    steps = [int(name[:-len(MARKER_SUFFIX)]) for name in storage.list(folder)
+             if name.endswith(MARKER_SUFFIX) and name[:-len(MARKER_SUFFIX)].isdigit()]
+    return max(steps) if steps else None
+
+
+def complete_checkpoints(storage: Storage) -> list[CheckpointRef]:
+    """Every complete checkpoint under the root (normal ones and snapshots), oldest first."""
+    found = []
+    for name in storage.list(""):
+        if name.isdigit() and marked_step(storage, name) == int(name):
+            found.append(CheckpointRef(int(name), name))
+    for slot in SNAPSHOT_SLOTS:
+        folder = join(SNAPSHOT_FOLDER, slot)
+        step = marked_step(storage, folder)
+        if step is not None:
+            found.append(CheckpointRef(step, folder))
+    # At equal steps the normal checkpoint counts as newer than a snapshot, so it is the one loaded.
+    return sorted(found, key=lambda ref: (ref.step, not ref.folder.startswith(SNAPSHOT_FOLDER)))
+
+
+def latest_checkpoint(storage: Storage) -> CheckpointRef | None:
+    complete = complete_checkpoints(storage)
+    return complete[-1] if complete else None
+
+
+def walk_files(storage: Storage, folder: str) -> list[str]:
+    """Paths (relative to `folder`) of every file below `folder`, recursively."""
+    files = []
+    for name in storage.list(folder):
+        path = join(folder, name)
+        if storage.exists(path):
+            files.append(name)
+        else:
+            files.extend(join(name, inner) for inner in walk_files(storage, path))
+    return files

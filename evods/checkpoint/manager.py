@@ -1,0 +1,249 @@
+"""The checkpoint manager the training loop talks to: what to load at start, when and what to save, and the atomic
+completion of every save (see layout.py for the folder contents)."""
+import json
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from evods.config import CkptConfig
+from evods.parallel import ParallelSizes
+from evods.storage import AsyncUploader, AsyncUploadError, LocalStorage, Storage, open_storage
+
+from . import layout
+from .errors import CheckpointError
+from .policy import SavePolicy, StopFile
+from .rng import rng_state, set_rng_state
+from .sources import LoadPlan, choose_load_plan, read_model_weights
+from .transfer import Publisher, fetch_folder, from_bytes, fsync_tree, to_bytes
+from .weights import load_weights
+
+logger = logging.getLogger("evods.checkpoint")
+
+
+@dataclass
+class TrainingParts:
+    """What a checkpoint saves and restores besides the model config; each part has state_dict/load_state_dict."""
+
+    engine: Any  # the DeepSpeed engine: model and ZeRO-1 optimizer through save_checkpoint / load_checkpoint
+    context: Any  # the loop's counters (step_count, batch_count, consumed tokens, skips)
+    sampler: Any
+    lr_scheduler: Any
+    beta2_scheduler: Any
+
+
+class CheckpointManager:
+    def __init__(self, ckpt: CkptConfig, sizes: ParallelSizes, model_config, config_text: str | None,
+                 upload_options: dict | None = None):
+        """`model_config`: the model's HF config (saved as config.json). `upload_options`: AsyncUploader keyword
+        arguments (attempts, retry_backoff_s, workers)."""
+        self.sizes = sizes
+        self.model_config = model_config
+        self.config_text = config_text
+        self.keep_last = ckpt.keep_last_ckpts
+        self.storage: Storage | None = None
+        self._pending: tuple[str, int] | None = None  # an async save whose uploads and marker are still due
+        self.loaded: LoadPlan | None = None
+        if ckpt.save_ckpt_folder:
+            self.storage = open_storage(ckpt.save_ckpt_folder)
+            expected_snapshots = f"{ckpt.save_ckpt_folder.rstrip('/')}/{layout.SNAPSHOT_FOLDER}"
+            if ckpt.snapshot_ckpt_folder not in (None, expected_snapshots):
+                raise CheckpointError(f"ckpt.snapshot_ckpt_folder={ckpt.snapshot_ckpt_folder!r}: evods keeps snapshots"
+                                      f" in {expected_snapshots} so that auto_resume finds them; remove the key")
+            self.storage.ping()
+            uploader = AsyncUploader(self.storage, ckpt.async_upload_tmp_folder, **(upload_options or {})) \
+                if ckpt.async_upload else None
+            self.publisher = Publisher(self.storage, uploader)
+            self.policy = SavePolicy(ckpt.checkpoint_every, ckpt.oss_snapshot_freq, StopFile(ckpt.stop_file_path))
+        self.plan = choose_load_plan(ckpt, self.storage)
+
+    # ------------------------------------------------------------------------------------------------ loading
+
+    def load_model_weights(self, model: torch.nn.Module) -> None:
+        """Before the engine exists: copy the planned model weights into the plain model (HF names). A full resume
+        (with the optimizer) loads the weights through DeepSpeed in `restore` instead."""
+        if self.plan is None or not self.plan.loads_weights_only:
+            return
+        with _LocalCopy(self.plan) as folder:
+            load_weights(model, read_model_weights(self.plan, folder), self.plan.describe())
+        self.plan.announce()
+
+    def restore(self, parts: TrainingParts) -> None:
+        """After the engine exists: optimizer, schedulers, sampler, counters and RNG, as the plan's content says."""
+        plan = self.plan
+        if plan is None or plan.content == {"model"}:
+            return
+        with _LocalCopy(plan) as folder:
+            if "optimizer" in plan.content:
+                self._check_same_topology(folder, plan)
+                path, _ = parts.engine.load_checkpoint(folder, tag=layout.DEEPSPEED_TAG, load_optimizer_states=True,
+                                                       load_lr_scheduler_states=False)
+                if path is None:
+                    raise CheckpointError(f"DeepSpeed found no checkpoint in {plan.describe()}/{layout.DEEPSPEED_TAG}")
+            parts.context.load_state_dict(_read(folder, layout.CONTEXT))
+            if "scheduler" in plan.content:
+                schedulers = _read(folder, layout.SCHEDULERS)
+                parts.lr_scheduler.load_state_dict(schedulers["lr"])
+                parts.beta2_scheduler.load_state_dict(schedulers["beta2"])
+            if "sampler" in plan.content:
+                parts.sampler.load_state_dict(_read(folder, layout.SAMPLER))
+            rng_path = os.path.join(folder, layout.rng_file(_rank()))
+            if os.path.isfile(rng_path):
+                set_rng_state(_read(folder, layout.rng_file(_rank())))
+        self.loaded = plan
+        plan.announce()
+
+    def _check_same_topology(self, folder: str, plan: LoadPlan) -> None:
+        with open(os.path.join(folder, layout.TOPOLOGY)) as f:
+            saved = json.load(f)
+        now = {"dp": self.sizes.dp, "pp": self.sizes.pp, "tp": self.sizes.tp}
+        if {key: saved[key] for key in now} != now:
+            raise CheckpointError(
+                f"{plan.describe()} was saved with {saved} and this run has {now}: the optimizer state only loads "
+                "into the same layout. Load the model alone (load_ckpt_info content=('model',), auto_resume=False), "
+                "or convert it with `python -m deepspeed.checkpoint.ds_to_universal` first")
+
+    # ------------------------------------------------------------------------------------------------ saving
+
+    @property
+    def saving(self) -> bool:
+        return self.storage is not None
+
+    def after_step(self, step_count: int, parts: TrainingParts) -> bool:
+        """Save if the policy says so; True when the stop file asked to quit now."""
+        if not self.saving:
+            return False
+        decision = self.policy.decide(step_count)
+        if decision.folder is not None:
+            self.save(decision.folder, step_count, parts)
+        return decision.quit
+
+    def save(self, folder: str, step: int, parts: TrainingParts) -> None:
+        self._complete_pending()
+        rank = _rank()
+        if rank == 0 and self.storage.list(folder):
+            self.storage.delete_prefix(folder)  # an interrupted save at this step, or the snapshot slot's previous one
+        _barrier()
+        if isinstance(self.storage, LocalStorage):  # DeepSpeed writes in place; the marker guards the folder
+            target = os.path.join(self.storage.root, *folder.split("/"))
+            parts.engine.save_checkpoint(target, tag=layout.DEEPSPEED_TAG, save_latest=False)
+            fsync_tree(os.path.join(target, layout.DEEPSPEED_TAG))
+        else:  # each rank stages its own DeepSpeed files locally and sends exactly those
+            staging = tempfile.mkdtemp(prefix=f"evods-ckpt-{step}-rank{rank}-", dir=self._staging_root())
+            parts.engine.save_checkpoint(staging, tag=layout.DEEPSPEED_TAG, save_latest=False)
+            self.publisher.move_folder(staging, folder)
+        if rank == 0:
+            self._write_run_state(folder, parts)
+        self.publisher.write(layout.join(folder, layout.rng_file(rank)), to_bytes(rng_state()))
+        self._pending = (folder, step)
+        if self.publisher.uploader is None:
+            self._complete_pending()
+        else:
+            logger.info("checkpoint of step %d: uploading to %s in the background", step, self.storage.uri(folder))
+
+    def _staging_root(self) -> str | None:
+        return self.publisher.uploader.tmp_folder if self.publisher.uploader else None
+
+    def _write_run_state(self, folder: str, parts: TrainingParts) -> None:
+        files = {
+            layout.CONTEXT: to_bytes(parts.context.state_dict()),
+            layout.SAMPLER: to_bytes(parts.sampler.state_dict()),
+            layout.SCHEDULERS: to_bytes({"lr": parts.lr_scheduler.state_dict(),
+                                         "beta2": parts.beta2_scheduler.state_dict()}),
+            layout.TOPOLOGY: json.dumps({"dp": self.sizes.dp, "pp": self.sizes.pp, "tp": self.sizes.tp,
+                                         "num_layers": self.model_config.num_hidden_layers}).encode(),
+            layout.MODEL_CONFIG: self.model_config.to_json_string().encode(),
+        }
+        if self.config_text is not None:
+            files[layout.CONFIG_TEXT] = self.config_text.encode()
+        for name, data in files.items():
+            self.publisher.write(layout.join(folder, name), data)
+
+    def _complete_pending(self) -> None:
+        """Wait for the pending save's files on every rank, then write its marker (rank 0), then prune."""
+        if self._pending is None:
+            return
+        folder, step = self._pending
+        self._pending = None
+        failure = None
+        try:
+            self.publisher.wait()
+        except AsyncUploadError as exc:
+            failure = exc
+        failed = torch.tensor([int(failure is not None)])
+        if dist.is_initialized():
+            dist.all_reduce(failed, op=dist.ReduceOp.MAX)  # also the barrier: every rank's files are stored
+        if failed.item():
+            where = self.storage.uri(folder)
+            if failure is not None:
+                raise CheckpointError(f"checkpoint of step {step} at {where} is incomplete (no marker written, it will "
+                                      f"not be loaded): {failure}") from failure
+            raise CheckpointError(f"checkpoint of step {step} at {where} is incomplete: another rank's uploads failed "
+                                  "(see its error)")
+        if _rank() == 0:
+            self.storage.write_bytes(layout.join(folder, layout.marker_name(step)),
+                                     json.dumps({"step": step}).encode())
+            logger.info("checkpoint of step %d is complete: %s", step, self.storage.uri(folder))
+            self._prune()
+        _barrier()
+
+    def _prune(self) -> None:
+        """Keep only the newest `keep_last_ckpts` normal checkpoints (snapshots are not counted)."""
+        if not self.keep_last:
+            return
+        normal = [ref for ref in layout.complete_checkpoints(self.storage) if ref.folder.isdigit()]
+        if len(normal) <= self.keep_last:
+            return
+        oldest_kept = normal[-self.keep_last].step
+        for name in self.storage.list(""):
+            if name.isdigit() and int(name) < oldest_kept:
+                self.storage.delete_prefix(name)
+                logger.info("removed old checkpoint %s (keep_last_ckpts=%d)", self.storage.uri(name), self.keep_last)
+
+    def close(self) -> None:
+        """At the end of training: finish the pending save (uploads, then marker) and stop the upload threads."""
+        if not self.saving:
+            return
+        self._complete_pending()
+        if self.publisher.uploader is not None:
+            self.publisher.uploader.close()
+
+
+class _LocalCopy:
+    """The plan's checkpoint as a local folder for the duration of a `with` block (downloaded when remote)."""
+
+    def __init__(self, plan: LoadPlan):
+        self.plan = plan
+        self._temp = None
+
+    def __enter__(self) -> str:
+        storage = open_storage(self.plan.path)
+        if not isinstance(storage, LocalStorage):
+            self._temp = tempfile.mkdtemp(prefix=f"evods-load-rank{_rank()}-")
+        return fetch_folder(storage, self.plan.folder, self._temp or "")
+
+    def __exit__(self, *exc_info) -> None:
+        if self._temp:
+            shutil.rmtree(self._temp, ignore_errors=True)
+
+
+def _read(folder: str, name: str):
+    path = os.path.join(folder, name)
+    if not os.path.isfile(path):
+        raise CheckpointError(f"{path} is missing: the checkpoint is not an evods checkpoint or lacks this content")
+    with open(path, "rb") as f:
+        return from_bytes(f.read())
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()

@@ -1,0 +1,104 @@
+"""Which checkpoint to load at start, and how to read its model weights: auto_resume, load_ckpt_info and the legacy
+keys, resolved as InternEvo's CheckpointManager does (§6.3)."""
+import logging
+from dataclasses import dataclass
+
+import torch
+
+from evods.config import CkptConfig
+from evods.storage import Storage, open_storage
+
+from . import layout
+from .errors import CheckpointError
+from .weights import deepspeed_weights, hf_weights
+
+logger = logging.getLogger("evods.checkpoint")
+
+ALL_CONTENT = frozenset({"model", "sampler", "optimizer", "scheduler"})
+CKPT_TYPES = ("evods", "hf")
+
+
+@dataclass(frozen=True)
+class LoadPlan:
+    path: str  # storage path of the root (as in the config: local:/..., boto3:s3://..., or a plain path)
+    folder: str  # the checkpoint folder relative to that root ("" when the path is the checkpoint itself)
+    content: frozenset
+    ckpt_type: str
+    reason: str
+
+    @property
+    def loads_weights_only(self) -> bool:
+        """Model weights go into the plain model before the engine is built unless DeepSpeed loads them with the
+        optimizer state."""
+        return "model" in self.content and "optimizer" not in self.content
+
+    def describe(self) -> str:
+        return layout.join(self.path, self.folder) if self.folder else self.path
+
+    def announce(self) -> None:
+        logger.warning("=" * 100)
+        logger.warning("LOADED CHECKPOINT %s (type %s, content %s)", self.describe(), self.ckpt_type,
+                       ", ".join(sorted(self.content)))
+        logger.warning("why: %s", self.reason)
+        logger.warning("=" * 100)
+
+
+def choose_load_plan(ckpt: CkptConfig, save_storage: Storage | None) -> LoadPlan | None:
+    """The checkpoint to start from, or None for a new run."""
+    if ckpt.auto_resume and save_storage is not None:
+        latest = layout.latest_checkpoint(save_storage)
+        if latest is not None:
+            ignored = f"; load_ckpt_info ({ckpt.load_ckpt_info.path}) is ignored, set auto_resume=False to use it" \
+                if ckpt.load_ckpt_info else ""
+            return LoadPlan(ckpt.save_ckpt_folder, latest.folder, ALL_CONTENT, "evods",
+                            f"auto_resume=True and the newest complete checkpoint under {ckpt.save_ckpt_folder} is "
+                            f"step {latest.step}{ignored}")
+    if ckpt.load_ckpt_info is not None:
+        info = ckpt.load_ckpt_info
+        return _checked(LoadPlan(info.path, "", _expand(info.content), info.ckpt_type, "ckpt.load_ckpt_info"))
+    legacy = _legacy_plan(ckpt)
+    return _checked(legacy) if legacy else None
+
+
+def _expand(content) -> frozenset:
+    return ALL_CONTENT if "all" in content else frozenset(content)
+
+
+def _legacy_plan(ckpt: CkptConfig) -> LoadPlan | None:
+    """load_ckpt_folder / load_model_only_folder, InternEvo's keys before load_ckpt_info (neither loads schedulers)."""
+    if ckpt.load_ckpt_folder:
+        content = {"model", "sampler", "optimizer"} if ckpt.load_optimizer else {"model", "sampler"}
+        return LoadPlan(ckpt.load_ckpt_folder, "", frozenset(content), "evods", "ckpt.load_ckpt_folder")
+    if ckpt.load_model_only_folder:
+        return LoadPlan(ckpt.load_model_only_folder, "", frozenset({"model"}), "evods", "ckpt.load_model_only_folder")
+    return None
+
+
+def _checked(plan: LoadPlan) -> LoadPlan:
+    storage = open_storage(plan.path)
+    is_evods = storage.exists(layout.TOPOLOGY)
+    if plan.ckpt_type == "internlm":
+        hint = "it is an evods checkpoint: set ckpt_type='evods'" if is_evods else \
+            "InternEvo's native format is not readable yet: convert it to HF and use ckpt_type='hf'"
+        raise CheckpointError(f"cannot load {plan.path} as ckpt_type='internlm': {hint}")
+    if plan.ckpt_type not in CKPT_TYPES:
+        raise CheckpointError(f"ckpt.load_ckpt_info ckpt_type={plan.ckpt_type!r} is unknown; use one of {CKPT_TYPES}")
+    if plan.ckpt_type == "hf" and plan.content != {"model"}:
+        raise CheckpointError(f"an HF folder ({plan.path}) holds model weights only: set content=('model',) "
+                              f"instead of {tuple(sorted(plan.content))}")
+    if "optimizer" in plan.content and "model" not in plan.content:
+        raise CheckpointError(f"content {tuple(sorted(plan.content))} for {plan.path}: the optimizer state only loads "
+                              "together with its model; add 'model'")
+    if plan.ckpt_type == "evods":
+        if not is_evods:
+            raise CheckpointError(f"{plan.path} is not an evods checkpoint folder (no {layout.TOPOLOGY}); for an HF "
+                                  "folder set ckpt_type='hf'")
+        if layout.marked_step(storage, "") is None:
+            raise CheckpointError(f"{plan.path} has no {{step}}{layout.MARKER_SUFFIX} marker: its save did not "
+                                  "finish, so it may be partial; load an earlier checkpoint")
+    return plan
+
+
+def read_model_weights(plan: LoadPlan, local_folder: str) -> dict[str, torch.Tensor]:
+    """HF-named model weights of the planned checkpoint, copied locally at `local_folder`."""
+    return deepspeed_weights(local_folder) if plan.ckpt_type == "evods" else hf_weights(local_folder)

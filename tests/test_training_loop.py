@@ -1,0 +1,188 @@
+"""The training loop as users run it: launchers, the metrics line, validation, fp16 loss scaling, clean stops."""
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from evods.training.distributed import set_launcher_env
+from evods.training.metrics import QUICKSTART_KEYS, format_metrics_line
+from tests.distributed import run_distributed
+from tests.train_configs import tiny_config
+
+ROOT = Path(__file__).resolve().parents[1]
+PYTHON = sys.executable
+
+
+def write_config(folder: Path, body: str) -> Path:
+    """A user config that starts from the CPU demo and changes a few keys, as users write them."""
+    path = folder / "run_config.py"
+    path.write_text(f'exec(open({str(ROOT / "configs" / "demo_cpu.py")!r}).read())\n'
+                    'model.update(hidden_size=64, num_layers=2, num_attention_heads=4, vocab_size=512)\n'
+                    'data.update(seq_len=64)\n' + body)
+    return path
+
+
+def test_log_line_keeps_the_quickstart_keys_in_order():
+    metrics = {key: index for index, key in enumerate(reversed(QUICKSTART_KEYS))}
+    metrics["loss/en"] = 1.0
+    line = format_metrics_line(metrics)
+    keys = [item.split("=")[0] for item in line.split(",")]
+    assert keys == [*QUICKSTART_KEYS, "loss/en"]
+    assert line.startswith("tflops=15,step=14,loss=13,tgs (tokens/gpu/second)=12,lr=11,")
+
+
+def train_and_report(pipeline: int, run_dir: str) -> dict:
+    from evods.training.distributed import init_distributed
+    from evods.training.trainer import Trainer
+
+    init_distributed("torch")
+    cfg = tiny_config(data=dict(seq_len=64, micro_bsz=1, micro_num=2, total_steps=6, valid_every=3),
+                      parallel=dict(pipeline=dict(size=pipeline)), lr_scheduler=dict(total_steps=6),
+                      enable_tb=True)
+    trainer = Trainer(cfg, run_dir=Path(run_dir))
+    state = trainer.train()
+    return {"losses": [entry["loss"] for entry in state.history], "log_rank": trainer.engine.is_log_rank,
+            "validation": trainer.validate(), "consumed": state.num_consumed_tokens}
+
+
+@pytest.mark.parametrize("pipeline", [1, 2])
+def test_training_writes_metrics_tensorboard_and_validates(tmp_path, pipeline):
+    # two ranks: pipeline 1 runs them as two data-parallel ranks, pipeline 2 as two stages
+    ranks = run_distributed(train_and_report, world=2, args=(pipeline, str(tmp_path)))
+    log_rank = next(rank for rank in ranks if rank["log_rank"])
+    losses = log_rank["losses"]
+    assert len(losses) == 6 and losses[-1] < losses[0], losses
+    assert log_rank["consumed"] == 6 * 2 * 64 * (2 // pipeline)
+
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in records if "tflops" in r]
+    assert [r["step"] for r in steps] == list(range(6))
+    first = steps[0]
+    assert [k for k in first if k in {key.split(" ")[0] for key in QUICKSTART_KEYS}] == \
+        [key.split(" ")[0] for key in QUICKSTART_KEYS]
+    assert first["micro_num"] == 2 and first["tflops"] > 0 and first["tgs"] > 0 and first["grad_norm"] > 0
+    assert "loss/en" in first and 0 <= first["acc"] <= 1
+    validations = [r for r in records if "val/val_loss" in r]
+    assert [r["step"] for r in validations] == [3, 6, 6]  # valid_every=3 over 6 steps, then the test's own call
+    assert all(math.isfinite(r["val/val_loss"]) for r in validations)
+    assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
+    effective = json.loads((tmp_path / "ds_config.json").read_text())
+    assert effective["gradient_accumulation_steps"] == 2 and effective["zero_optimization"]["stage"] == 1
+    # every rank of the pipeline computed the same validation loss
+    assert all(rank["validation"] == ranks[0]["validation"] for rank in ranks)
+
+
+def fp16_overflow_run(run_dir: str) -> list[dict]:
+    os.environ["EVODS_CPU_FP16"] = "1"
+    from evods.training.distributed import init_distributed
+    from evods.training.loss import PackedLoss
+    from evods.training.trainer import Trainer
+
+    init_distributed("torch")
+    cfg = tiny_config(data=dict(seq_len=32, micro_bsz=1, micro_num=2, total_steps=6),
+                      model=dict(dtype="torch.float16"), lr_scheduler=dict(total_steps=8, warmup_ratio=0.5),
+                      grad_scaler=dict(fp16=dict(initial_scale=2**16, min_scale=1, growth_interval=2), hysteresis=2))
+    trainer = Trainer(cfg, run_dir=Path(run_dir))
+    overflow_batches = {1, 2}  # the second and third batches overflow
+
+    class OverflowingLoss(PackedLoss):
+        calls = 0
+
+        def __call__(self, logits, targets):
+            batch = OverflowingLoss.calls // cfg.data.micro_num
+            OverflowingLoss.calls += 1
+            loss = super().__call__(logits, targets)
+            return loss * math.inf if batch in overflow_batches else loss
+
+    trainer.engine.loss_fn = OverflowingLoss(metrics=trainer.token_metrics)
+    lrs = []
+    original_step = trainer.lr_scheduler.step
+
+    def record_lr():
+        original_step()
+        lrs.append(trainer.engine.optimizer.param_groups[0]["lr"])
+
+    trainer.lr_scheduler.step = record_lr
+    state = trainer.train()
+    return {"history": state.history, "skipped": state.inf_nan_skip_batches, "steps": state.step_count, "lrs": lrs}
+
+
+def test_fp16_overflow_skips_the_step_and_scale_follows_hysteresis(tmp_path):
+    result = run_distributed(fp16_overflow_run, world=1, args=(str(tmp_path),))[0]
+    history = result["history"]
+    applied = [entry["applied"] for entry in history]
+    scales = [entry["loss_scale"] for entry in history]
+    assert applied == [True, False, False, True, True, True, True, True]
+    # hysteresis 2: the first overflow keeps the scale, the second halves it. DeepSpeed then doubles it after
+    # growth_interval (2) good steps that follow the first good step, and every 2 good steps after that.
+    assert scales == [65536, 65536, 32768, 32768, 32768, 65536, 65536, 131072]
+    assert result["skipped"] == 2 and result["steps"] == 6
+    # the lr advanced only on the six successful steps: warmup over 4 steps (the logged lr is the next step's)
+    assert len(result["lrs"]) == 6
+    assert result["lrs"][:3] == pytest.approx([1e-3 * (t + 2) / 4 for t in range(3)])
+
+
+def test_slurm_launcher_reads_slurm_variables():
+    environ = {"SLURM_PROCID": "5", "SLURM_NPROCS": "16", "SLURM_LOCALID": "1"}
+    set_launcher_env("slurm", port=9999, environ=environ)
+    assert (environ["RANK"], environ["WORLD_SIZE"], environ["LOCAL_RANK"]) == ("5", "16", "1")
+    assert (environ["MASTER_ADDR"], environ["MASTER_PORT"]) == ("127.0.0.1", "9999")
+
+
+def test_slurm_launcher_outside_slurm_says_how_to_start():
+    with pytest.raises(RuntimeError, match="srun"):
+        set_launcher_env("slurm", environ={})
+
+
+def test_plain_python_gets_a_one_process_group():
+    environ = {}
+    set_launcher_env("deepspeed", environ=environ)
+    assert (environ["RANK"], environ["WORLD_SIZE"]) == ("0", "1") and int(environ["MASTER_PORT"]) > 0
+
+
+def run_cli(*args, env=None, timeout=240):
+    return subprocess.run([*args], cwd=ROOT, capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
+
+
+def test_torchrun_launch_trains_two_ranks(tmp_path):
+    config = write_config(tmp_path, "data.update(total_steps=2)\nlr_scheduler.update(total_steps=2)\n")
+    result = run_cli(PYTHON, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "train_ds.py",
+                     "--config", str(config), "--launcher", "torch", "--run_dir", str(tmp_path / "run"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "data parallel size: 2" in result.stderr
+    assert result.stderr.count("tflops=") == 2
+
+
+def test_bad_config_is_one_clear_line(tmp_path):
+    config = write_config(tmp_path, "data.update(micro_nun=3)\n")
+    result = run_cli(PYTHON, "train_ds.py", "--config", str(config))
+    assert result.returncode == 2
+    assert "micro_nun" in result.stderr and "micro_num" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_sigterm_finishes_the_step_and_exits_cleanly(tmp_path):
+    config = write_config(tmp_path, "data.update(total_steps=10000)\nlr_scheduler.update(total_steps=10000)\n")
+    process = subprocess.Popen([PYTHON, "train_ds.py", "--config", str(config), "--run_dir", str(tmp_path / "run")],
+                               cwd=ROOT, stderr=subprocess.PIPE, text=True,
+                               env={**os.environ, "OMP_NUM_THREADS": "1"})
+    deadline = time.time() + 180
+    lines = []
+    for line in process.stderr:  # wait for the first metrics line, then ask the run to stop
+        lines.append(line)
+        if "tflops=" in line or time.time() > deadline:
+            break
+    process.send_signal(signal.SIGTERM)
+    _, rest = process.communicate(timeout=120)
+    output = "".join(lines) + rest
+    assert process.returncode == 0, output[-3000:]
+    assert "stopped on request" in output
+    logged = [json.loads(line)["step"] for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert logged == list(range(len(logged))) and len(logged) < 10000
