@@ -17,6 +17,9 @@ from evods.data.errors import DataError
 INT32_MAX = np.iinfo(np.int32).max
 _META_COPY_ROWS = 1 << 20  # rows per chunk when turning the row stream into the final meta
 
+# How much a process reads through a file's map before handing the pages back (see TokenizedDataset._read_line).
+RELEASE_MAPPED_BYTES = 64 << 20
+
 
 def meta_path(bin_path) -> Path:
     return Path(f"{bin_path}.meta")
@@ -196,7 +199,15 @@ class TokenizedDataset:
             with open(self.path, "rb") as handle:
                 self._mmap = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ)
             self._mmap_pid = os.getpid()
-        return self._mmap[self.offsets[row]:self._ends[row]]
+            self._bytes_since_release = 0
+        start, end = self.offsets[row], self._ends[row]
+        self._bytes_since_release += end - start
+        if self._bytes_since_release > RELEASE_MAPPED_BYTES:
+            # Pages read through the map count in this process's RSS until unmapped; dropping them keeps memory
+            # flat over an epoch (they stay in the page cache, so re-reads are still fast).
+            self._mmap.madvise(mmap.MADV_DONTNEED)
+            self._bytes_since_release = 0
+        return self._mmap[start:end]
 
     def _parse(self, row, line: bytes) -> np.ndarray:
         where = f"{self.path} row {row} (byte {self.offsets[row]})"
