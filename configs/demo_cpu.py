@@ -12,10 +12,10 @@ VOCAB_SIZE = 103168  # V7_sft.model's vocabulary, so the same model also trains 
 TOTAL_STEPS = 40
 
 ckpt = dict(
-    enable_save_ckpt=False,  # set True (with save_ckpt_folder) to write checkpoints
-    save_ckpt_folder="local:demo_out/ckpt",
-    checkpoint_every=20,
-    auto_resume=False,
+    enable_save_ckpt=True,
+    save_ckpt_folder="local:demo_out/ckpt",  # the last step's checkpoint: tools/demo.sh converts it to HF
+    checkpoint_every=TOTAL_STEPS,
+    auto_resume=False,  # every `make demo` trains from scratch; True would resume from demo_out/ckpt
 )
 
 data = dict(

@@ -64,7 +64,7 @@ def test_auto_resume_overrides_load_ckpt_info_and_says_so(tmp_path):
 
 @pytest.mark.parametrize("info, words", [
     (dict(content=("model", "optimizer"), ckpt_type="hf"), "holds model weights only"),
-    (dict(content=("all",), ckpt_type="internlm"), "not readable yet"),
+    (dict(content=("all",), ckpt_type="internlm"), "not an InternEvo native checkpoint"),
     (dict(content=("model",), ckpt_type="megatron"), "unknown"),
     (dict(content=("all",), ckpt_type="evods"), "not an evods checkpoint"),
 ])

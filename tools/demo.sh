@@ -1,8 +1,17 @@
 #!/usr/bin/env bash
-# The main job on a 2-core CPU: train the demo config on two DeepSpeed ranks with the built-in random data.
+# The main job on a 2-core CPU: train the demo config on two DeepSpeed ranks with the built-in random data, then
+# convert the last checkpoint to a Hugging Face folder and generate from it with `from_pretrained`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-PORT=$(.venv/bin/python -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+PY=.venv/bin/python
+PORT=$($PY -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
 # The deepspeed launcher leaves OMP_NUM_THREADS alone; one thread per rank avoids oversubscribing 2 cores.
 export OMP_NUM_THREADS=1
-exec .venv/bin/deepspeed --num_gpus 2 --master_port "$PORT" train_ds.py --config configs/demo_cpu.py "$@"
+.venv/bin/deepspeed --num_gpus 2 --master_port "$PORT" train_ds.py --config configs/demo_cpu.py "$@"
+
+STEP=$($PY -c 'import runpy; print(runpy.run_path("configs/demo_cpu.py")["TOTAL_STEPS"])')
+$PY tools/convert2hf.py --src "demo_out/ckpt/$STEP" --tgt demo_out/hf
+# InternEvo's random data is counting: [n, r, 0, 1, .., n-1, 0, 1, ..], so even 40 steps teach the model to count
+# on (token 2 is a number here, not end-of-text).
+echo "prompt 4,50,0,1,2,3,0,1 -> the model continues with:"
+$PY tools/generate.py --model demo_out/hf --token_ids 4,50,0,1,2,3,0,1 --max_new_tokens 12 --ignore_eos

@@ -1,22 +1,20 @@
-"""An evods checkpoint as a Hugging Face folder: InternLM (remote code included) or stock Llama, with the tokenizer.
+"""An evods or InternEvo native checkpoint as a Hugging Face folder: InternLM (remote code included) or stock
+Llama, with the tokenizer.
 
 HF InternLM and HF Llama share evods' parameter names, so only the config differs between the two layouts.
 """
 import json
 import os
 import shutil
-import tempfile
 
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from evods.model import InternLMConfig, InternLMForCausalLM
-from evods.storage import LocalStorage, open_storage
 
-from . import layout
+from .checkpoint_model import read_checkpoint_model
 from .errors import CheckpointError
-from .transfer import fetch_folder
-from .weights import deepspeed_weights, load_weights
+from .weights import load_weights
 
 FORMATS = ("internlm", "llama")
 # InternLM's SentencePiece ids (§7.4); pad is EOS.
@@ -41,24 +39,13 @@ def llama_config(config: InternLMConfig) -> LlamaConfig:
 
 
 def export_hf(src: str, tgt: str, tokenizer: str | None = None, fmt: str = "internlm", dtype: str | None = None,
-              max_shard_size: str = "10GB") -> None:
-    """Write the model of the evods checkpoint `src` (a storage path of one checkpoint folder) to the folder `tgt`.
-    `dtype`: "float16", "bfloat16" or "float32"; None keeps the training dtype."""
+              max_shard_size: str = "10GB", mlp_naming: str = "v1") -> None:
+    """Write the model of the checkpoint `src` (a storage path of one evods or InternEvo native checkpoint folder) to
+    the folder `tgt`. `dtype`: "float16", "bfloat16" or "float32"; None keeps the training dtype. `mlp_naming`: see
+    native_format.MLP_NAMINGS (native checkpoints only)."""
     if fmt not in FORMATS:
         raise CheckpointError(f"--format {fmt!r}: use one of {FORMATS}")
-    storage = open_storage(src)
-    if layout.marked_step(storage, "") is None:
-        raise CheckpointError(f"{src} has no {{step}}{layout.MARKER_SUFFIX} marker: it is not a complete evods "
-                              "checkpoint (give a folder such as save_ckpt_folder/100)")
-    temp = None if isinstance(storage, LocalStorage) else tempfile.mkdtemp(prefix="evods-convert-")
-    try:
-        folder = fetch_folder(storage, "", temp or "")
-        with open(os.path.join(folder, layout.MODEL_CONFIG)) as f:
-            config = InternLMConfig.from_dict(json.load(f))
-        weights = deepspeed_weights(folder)
-    finally:
-        if temp:
-            shutil.rmtree(temp, ignore_errors=True)
+    config, weights = read_checkpoint_model(src, mlp_naming)
     config.bos_token_id, config.eos_token_id, config.pad_token_id = BOS_ID, EOS_ID, PAD_ID
     target_dtype = getattr(torch, dtype) if dtype else config.dtype
     model = InternLMForCausalLM(config) if fmt == "internlm" else LlamaForCausalLM(llama_config(config))

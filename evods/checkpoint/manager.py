@@ -15,9 +15,10 @@ from evods.config import CkptConfig
 from evods.parallel import ParallelSizes
 from evods.storage import AsyncUploader, AsyncUploadError, LocalStorage, Storage, open_storage
 
-from . import layout
+from . import layout, native
 from .errors import CheckpointError
 from .policy import SavePolicy, StopFile
+from .reshard import check_reshardable, load_resharded, reshard_sampler_state
 from .rng import rng_state, set_rng_state
 from .sources import LoadPlan, choose_load_plan, read_model_weights
 from .transfer import Publisher, fetch_folder, from_bytes, fsync_tree, to_bytes
@@ -79,34 +80,50 @@ class CheckpointManager:
         if plan is None or plan.content == {"model"}:
             return
         with _LocalCopy(plan) as folder:
-            if "optimizer" in plan.content:
-                self._check_same_topology(folder, plan)
+            if plan.is_native:
+                self._restore_native_run_state(folder, plan, parts)
+            else:
+                self._restore_evods(folder, plan, parts)
+        self.loaded = plan
+        plan.announce()
+
+    def _restore_evods(self, folder: str, plan: LoadPlan, parts: TrainingParts) -> None:
+        with open(os.path.join(folder, layout.TOPOLOGY)) as f:
+            saved = json.load(f)
+        now = {"dp": self.sizes.dp, "pp": self.sizes.pp, "tp": self.sizes.tp}
+        if "optimizer" in plan.content:
+            if check_reshardable(saved, now, plan.describe()):
+                load_resharded(parts.engine, folder, plan.describe(), saved, now)
+            else:
                 path, _ = parts.engine.load_checkpoint(folder, tag=layout.DEEPSPEED_TAG, load_optimizer_states=True,
                                                        load_lr_scheduler_states=False)
                 if path is None:
                     raise CheckpointError(f"DeepSpeed found no checkpoint in {plan.describe()}/{layout.DEEPSPEED_TAG}")
-            parts.context.load_state_dict(_read(folder, layout.CONTEXT))
-            if "scheduler" in plan.content:
-                schedulers = _read(folder, layout.SCHEDULERS)
-                parts.lr_scheduler.load_state_dict(schedulers["lr"])
-                parts.beta2_scheduler.load_state_dict(schedulers["beta2"])
-            if "sampler" in plan.content:
-                parts.sampler.load_state_dict(_read(folder, layout.SAMPLER))
-            rng_path = os.path.join(folder, layout.rng_file(_rank()))
-            if os.path.isfile(rng_path):
-                set_rng_state(_read(folder, layout.rng_file(_rank())))
-        self.loaded = plan
-        plan.announce()
+        parts.context.load_state_dict(_read(folder, layout.CONTEXT))
+        if "scheduler" in plan.content:
+            schedulers = _read(folder, layout.SCHEDULERS)
+            parts.lr_scheduler.load_state_dict(schedulers["lr"])
+            parts.beta2_scheduler.load_state_dict(schedulers["beta2"])
+        if "sampler" in plan.content:
+            sampler = _read(folder, layout.SAMPLER)
+            if saved["dp"] != now["dp"]:
+                sampler = reshard_sampler_state(sampler, now["dp"], plan.describe())
+            parts.sampler.load_state_dict(sampler)
+        rng_path = os.path.join(folder, layout.rng_file(_rank()))
+        if os.path.isfile(rng_path):
+            set_rng_state(_read(folder, layout.rng_file(_rank())))
 
-    def _check_same_topology(self, folder: str, plan: LoadPlan) -> None:
-        with open(os.path.join(folder, layout.TOPOLOGY)) as f:
-            saved = json.load(f)
-        now = {"dp": self.sizes.dp, "pp": self.sizes.pp, "tp": self.sizes.tp}
-        if {key: saved[key] for key in now} != now:
-            raise CheckpointError(
-                f"{plan.describe()} was saved with {saved} and this run has {now}: the optimizer state only loads "
-                "into the same layout. Load the model alone (load_ckpt_info content=('model',), auto_resume=False), "
-                "or convert it with `python -m deepspeed.checkpoint.ds_to_universal` first")
+    @staticmethod
+    def _restore_native_run_state(folder: str, plan: LoadPlan, parts: TrainingParts) -> None:
+        """InternEvo's context.pt, then its scheduler (from the step count) and sampler, as requested (§6.3)."""
+        context = native.evods_context(folder)
+        parts.context.load_state_dict(context)
+        if "scheduler" in plan.content:
+            schedulers = native.evods_schedulers(context["step_count"])
+            parts.lr_scheduler.load_state_dict(schedulers["lr"])
+            parts.beta2_scheduler.load_state_dict(schedulers["beta2"])
+        if "sampler" in plan.content:
+            parts.sampler.load_state_dict(native.evods_sampler(folder))
 
     # ------------------------------------------------------------------------------------------------ saving
 

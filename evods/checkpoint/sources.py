@@ -10,12 +10,16 @@ from evods.storage import Storage, open_storage
 
 from . import layout
 from .errors import CheckpointError
+from .native import is_native_checkpoint, read_native_model
 from .weights import deepspeed_weights, hf_weights
 
 logger = logging.getLogger("evods.checkpoint")
 
 ALL_CONTENT = frozenset({"model", "sampler", "optimizer", "scheduler"})
-CKPT_TYPES = ("evods", "hf")
+# InternEvo's native format by the MLP naming of the code that wrote it: "internlm" for InternLM (and InternEvo before
+# its 2024-02 rename), "internevo" for InternEvo after it (native_format.MLP_NAMINGS).
+NATIVE_MLP_NAMING = {"internlm": "v1", "internevo": "v2"}
+CKPT_TYPES = ("evods", "hf", *NATIVE_MLP_NAMING)
 
 
 @dataclass(frozen=True)
@@ -31,6 +35,10 @@ class LoadPlan:
         """Model weights go into the plain model before the engine is built unless DeepSpeed loads them with the
         optimizer state."""
         return "model" in self.content and "optimizer" not in self.content
+
+    @property
+    def is_native(self) -> bool:
+        return self.ckpt_type in NATIVE_MLP_NAMING
 
     def describe(self) -> str:
         return layout.join(self.path, self.folder) if self.folder else self.path
@@ -77,10 +85,6 @@ def _legacy_plan(ckpt: CkptConfig) -> LoadPlan | None:
 def _checked(plan: LoadPlan) -> LoadPlan:
     storage = open_storage(plan.path)
     is_evods = storage.exists(layout.TOPOLOGY)
-    if plan.ckpt_type == "internlm":
-        hint = "it is an evods checkpoint: set ckpt_type='evods'" if is_evods else \
-            "InternEvo's native format is not readable yet: convert it to HF and use ckpt_type='hf'"
-        raise CheckpointError(f"cannot load {plan.path} as ckpt_type='internlm': {hint}")
     if plan.ckpt_type not in CKPT_TYPES:
         raise CheckpointError(f"ckpt.load_ckpt_info ckpt_type={plan.ckpt_type!r} is unknown; use one of {CKPT_TYPES}")
     if plan.ckpt_type == "hf" and plan.content != {"model"}:
@@ -89,6 +93,8 @@ def _checked(plan: LoadPlan) -> LoadPlan:
     if "optimizer" in plan.content and "model" not in plan.content:
         raise CheckpointError(f"content {tuple(sorted(plan.content))} for {plan.path}: the optimizer state only loads "
                               "together with its model; add 'model'")
+    if plan.is_native:
+        _check_native(plan, is_native_checkpoint(storage.list("")), is_evods)
     if plan.ckpt_type == "evods":
         if not is_evods:
             raise CheckpointError(f"{plan.path} is not an evods checkpoint folder (no {layout.TOPOLOGY}); for an HF "
@@ -99,6 +105,20 @@ def _checked(plan: LoadPlan) -> LoadPlan:
     return plan
 
 
+def _check_native(plan: LoadPlan, is_native: bool, is_evods: bool) -> None:
+    if not is_native:
+        hint = "it is an evods checkpoint: set ckpt_type='evods'" if is_evods else \
+            "for an HF folder set ckpt_type='hf'"
+        raise CheckpointError(f"{plan.path} holds no model_tp*_pp*.pt files, so it is not an InternEvo native "
+                              f"checkpoint (ckpt_type={plan.ckpt_type!r}); {hint}")
+    if "optimizer" in plan.content:
+        raise CheckpointError(f"content {tuple(sorted(plan.content))} for the native checkpoint {plan.path}: "
+                              "InternEvo's optimizer state (HybridZero partitions) does not load into DeepSpeed; use "
+                              "content=('model', 'sampler', 'scheduler') to continue with a fresh Adam state")
+
+
 def read_model_weights(plan: LoadPlan, local_folder: str) -> dict[str, torch.Tensor]:
     """HF-named model weights of the planned checkpoint, copied locally at `local_folder`."""
+    if plan.is_native:
+        return read_native_model(local_folder, NATIVE_MLP_NAMING[plan.ckpt_type])[1]
     return deepspeed_weights(local_folder) if plan.ckpt_type == "evods" else hf_weights(local_folder)

@@ -12,7 +12,7 @@ import torch
 import torch.distributed as dist
 from deepspeed.pipe import PipelineModule
 
-from evods.parallel import ParallelSizes, build_process_topology
+from evods.parallel import ParallelGrid, ParallelSizes, build_parallel_grid, build_process_topology
 
 from .loss import PackedLoss
 
@@ -37,19 +37,23 @@ def _micro_batches(batch: dict) -> list:
 
 class TrainEngine:
     def __init__(self, model: torch.nn.Module, make_optimizer: Callable[[Iterable], torch.optim.Optimizer],
-                 ds_config: dict, sizes: ParallelSizes, loss_fn: PackedLoss):
+                 ds_config: dict, sizes: ParallelSizes, loss_fn: PackedLoss, grid: ParallelGrid | None = None):
+        """`model` is already tensor-parallel when sizes.tp > 1, over `grid`'s tensor group (built here if not given)."""
         self.sizes = sizes
+        grid = grid or build_parallel_grid(sizes)
         self.loss_fn = loss_fn
         self.pipelined = sizes.pp > 1
         if self.pipelined:
+            # A PipelineModule builds its own grid from the topology; DeepSpeed then requires mpu=None.
             module = PipelineModule(layers=model.pipeline_layers(), loss_fn=loss_fn,
                                     topology=build_process_topology(sizes), partition_method=DECODER_STAGE_PATTERN)
         else:
             module = model
         params = [p for p in module.parameters() if p.requires_grad]
         self.engine, self.optimizer, _, _ = deepspeed.initialize(model=module, optimizer=make_optimizer(params),
-                                                                 config=ds_config)
-        self.data_parallel_group = self.engine.mpu.get_data_parallel_group() if self.pipelined else None
+                                                                 config=ds_config,
+                                                                 mpu=None if self.pipelined else grid)
+        self.data_parallel_group = grid.get_data_parallel_group()
         # The pipeline engine sends activation shapes once and reuses its receive buffers; validation rows have
         # another shape, so the buffers are reset on every switch between training and evaluation.
         self._pipe_shapes_are_eval = False

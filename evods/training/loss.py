@@ -20,10 +20,10 @@ class TokenMetrics:
         self.sums = torch.zeros(3, max(self.num_types, 1), dtype=torch.float64)
 
     @torch.no_grad()
-    def add(self, token_losses: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor, type_ids: torch.Tensor):
+    def add(self, token_losses: torch.Tensor, predictions: torch.Tensor, labels: torch.Tensor, type_ids: torch.Tensor):
         mask = labels != IGNORE_INDEX
         types = type_ids[mask].clamp(0, self.sums.shape[1] - 1).cpu()
-        correct = (logits.argmax(-1)[mask] == labels[mask]).double().cpu()
+        correct = (predictions[mask] == labels[mask]).double().cpu()
         self.sums[0].index_add_(0, types, token_losses[mask].double().cpu())
         self.sums[1].index_add_(0, types, torch.ones_like(correct))
         self.sums[2].index_add_(0, types, correct)
@@ -44,6 +44,16 @@ def token_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, label_smooth
                            label_smoothing=label_smoothing).view(labels.shape)
 
 
+class FullLogits:
+    """Logits that hold the whole vocabulary; `evods.parallel.VocabParallelLogits` is the tensor-parallel twin."""
+
+    def token_cross_entropy(self, logits: torch.Tensor, labels: torch.Tensor, label_smoothing: float) -> torch.Tensor:
+        return token_cross_entropy(logits, labels, label_smoothing)
+
+    def argmax(self, logits: torch.Tensor) -> torch.Tensor:
+        return logits.argmax(-1)
+
+
 class PackedLoss:
     """Token-mean cross entropy of one micro-batch, ignoring -100 (§9.1).
 
@@ -52,15 +62,16 @@ class PackedLoss:
     DeepSpeed PipelineModule gives its loss_fn.
     """
 
-    def __init__(self, label_smoothing: float = 0.0, metrics: TokenMetrics | None = None):
+    def __init__(self, label_smoothing: float = 0.0, metrics: TokenMetrics | None = None, logits=FullLogits()):
         self.label_smoothing = label_smoothing
         self.metrics = metrics
+        self.logits = logits  # how to read the logits: whole, or split along the vocabulary over tensor ranks
 
     def __call__(self, logits: torch.Tensor, targets) -> torch.Tensor:
         labels, type_ids = targets
-        token_losses = token_cross_entropy(logits, labels, self.label_smoothing)
+        token_losses = self.logits.token_cross_entropy(logits, labels, self.label_smoothing)
         num_tokens = (labels != IGNORE_INDEX).sum()
         if self.metrics is not None:
-            self.metrics.add(token_losses.detach(), logits.detach(), labels, type_ids)
+            self.metrics.add(token_losses.detach(), self.logits.argmax(logits.detach()), labels, type_ids)
         # A micro-batch whose labels are all masked contributes 0, not nan.
         return token_losses.sum() / num_tokens.clamp(min=1)

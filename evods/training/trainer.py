@@ -19,12 +19,13 @@ from evods.config import (TrainConfig, adamw_kwargs, build_deepspeed_config, che
 from evods.data import batch_stats, build_train_loader, build_valid_loaders
 from evods.model import set_activation_checkpointing
 from evods.model.registry import MODEL_INITIALIZER
-from evods.parallel import ParallelSizes, parallel_sizes
+from evods.parallel import (ParallelSizes, VocabParallelLogits, apply_tensor_parallel, build_parallel_grid,
+                            parallel_sizes)
 
 from .distributed import init_distributed
 from .engine import StepOutcome, TrainEngine
 from .flops import megatron_tflops, model_flops_per_token, peak_flops, tgs
-from .loss import PackedLoss, TokenMetrics
+from .loss import FullLogits, PackedLoss, TokenMetrics
 from .metrics import MetricsSink, format_metrics_line, setup_logging
 from .schedules import Beta2Scheduler, LRScheduler
 
@@ -110,6 +111,11 @@ class Trainer:
         self.checkpoints = CheckpointManager(cfg.ckpt, self.sizes, model.config,
                                              cfg.source.text if cfg.source else None)
         self.checkpoints.load_model_weights(model)
+        num_parameters = model.num_parameters()  # of the whole model, before tensor parallelism slices it
+        self.grid = build_parallel_grid(self.sizes)
+        tensor_group = self.grid.get_tensor_model_parallel_group()
+        apply_tensor_parallel(model, tensor_group, self.sizes.tp_rank, self.sizes.tp, cfg.model.embed_split_hidden,
+                              cfg.model.parallel_output)
         seed_runtime_rng(seed, self.sizes)
         self.flops_per_token = model_flops_per_token(cfg.data.seq_len, cfg.model.hidden_size, cfg.model.num_layers,
                                                      cfg.model.vocab_size, cfg.model.mlp_ratio)
@@ -118,9 +124,11 @@ class Trainer:
         self.loader, self.sampler, self.dataset_types = build_train_loader(asdict(cfg.data), self.sizes.dp_rank,
                                                                             self.sizes.dp)
         self.token_metrics = TokenMetrics(num_types=len(self.dataset_types))
-        loss_fn = PackedLoss(cfg.loss.label_smoothing, self.token_metrics)
+        vocab_split = self.sizes.tp > 1 and cfg.model.parallel_output
+        loss_fn = PackedLoss(cfg.loss.label_smoothing, self.token_metrics,
+                             VocabParallelLogits(tensor_group) if vocab_split else FullLogits())
         ds_config = build_deepspeed_config(cfg, self.sizes.dp, ds_config_override)
-        self.engine = TrainEngine(model, self._make_optimizer, ds_config, self.sizes, loss_fn)
+        self.engine = TrainEngine(model, self._make_optimizer, ds_config, self.sizes, loss_fn, self.grid)
         self.lr_scheduler = LRScheduler(self.engine.optimizer, cfg.adam.lr, cfg.lr_scheduler)
         self.beta2_scheduler = Beta2Scheduler(self.engine.optimizer, cfg.beta2_scheduler)
         self.valid_loaders = build_valid_loaders(asdict(cfg.data), self.sizes.dp_rank, self.sizes.dp)
@@ -135,7 +143,7 @@ class Trainer:
             self.sink = MetricsSink(self.run_dir, tb_dir if cfg.enable_tb else None)
         logger.info("Distributed environment is initialized, data parallel size: %d, pipeline parallel size: %d, "
                     "tensor parallel size: %d", self.sizes.dp, self.sizes.pp, self.sizes.tp)
-        logger.info("run folder: %s; model parameters: %.2fM", self.run_dir, model.num_parameters() / 1e6)
+        logger.info("run folder: %s; model parameters: %.2fM", self.run_dir, num_parameters / 1e6)
 
     def _checkpoint_parts(self) -> TrainingParts:
         return TrainingParts(engine=self.engine.engine, context=self.state, sampler=self.sampler,

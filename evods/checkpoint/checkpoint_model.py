@@ -1,0 +1,39 @@
+"""The model of a checkpoint folder, whatever its format: its InternLM config and its full HF-named weights."""
+import json
+import os
+import shutil
+import tempfile
+
+import torch
+
+from evods.model import InternLMConfig, config_from_model_dict
+from evods.storage import LocalStorage, open_storage
+
+from . import layout
+from .errors import CheckpointError
+from .native import is_native_checkpoint, read_native_model
+from .transfer import fetch_folder
+from .weights import deepspeed_weights
+
+
+def read_checkpoint_model(src: str, mlp_naming: str = "v1") -> tuple[InternLMConfig, dict[str, torch.Tensor]]:
+    """`src`: a storage path of one evods checkpoint (with its marker) or InternEvo native checkpoint folder.
+    `mlp_naming` applies to native checkpoints (see native_format.MLP_NAMINGS)."""
+    storage = open_storage(src)
+    names = storage.list("")
+    native = is_native_checkpoint(names)
+    if not native and layout.marked_step(storage, "") is None:
+        raise CheckpointError(f"{src} has no {{step}}{layout.MARKER_SUFFIX} marker and no model_tp*_pp*.pt files: it "
+                              "is not a complete evods checkpoint nor an InternEvo native one (give a folder such as "
+                              "save_ckpt_folder/100)")
+    temp = None if isinstance(storage, LocalStorage) else tempfile.mkdtemp(prefix="evods-convert-")
+    try:
+        folder = fetch_folder(storage, "", temp or "")
+        if native:
+            model_dict, weights = read_native_model(folder, mlp_naming)
+            return config_from_model_dict(model_dict), weights
+        with open(os.path.join(folder, layout.MODEL_CONFIG)) as f:
+            return InternLMConfig.from_dict(json.load(f)), deepspeed_weights(folder)
+    finally:
+        if temp:
+            shutil.rmtree(temp, ignore_errors=True)

@@ -1,0 +1,130 @@
+"""InternEvo native checkpoint folders (§6.1): their model as full HF weights, their run state as evods' state, and
+writing one from full weights at any tensor/pipeline size (the tensors are laid out by native_format.py).
+
+    model_tp{t}_pp{p}.pt     the stage's weights (see native_format.py)
+    topo_tp{t}_pp{p}.json    {module: {"dim": 0}} for the vocab-parallel embedding (torch-saved, as InternEvo)
+    model_config.pt          the training config's `model` dict, dtype as a torch dtype
+    context.pt               {batch_count, step_count, num_consumed_tokens, inf_nan_skip_batches, ...}
+    sampler.pt               the batch sampler's state (InternEvo's keys, which evods' sampler shares)
+    schedulder.pt            (sic) the lr scheduler's state
+    {step}.step              {"step": step}, written last
+
+InternEvo's optimizer files (HybridZero's flat partitions) have no DeepSpeed counterpart and are neither read nor
+written.
+"""
+import os
+import re
+
+import torch
+
+from evods.model import InternLMConfig, config_from_model_dict, intermediate_size
+
+from .errors import CheckpointError
+from .native_format import PREFIX, NativeLayout, merge_shards, shard_weights
+
+MODEL_CONFIG = "model_config.pt"
+CONTEXT = "context.pt"
+SAMPLER = "sampler.pt"
+SCHEDULER = "schedulder.pt"  # InternEvo's spelling in every version
+MODEL_FILE = re.compile(r"^model_tp(\d+)_pp(\d+)\.pt$")
+SPLIT_HIDDEN_EMBEDDING = PREFIX + "embedding.weight"
+
+
+def model_file(tp_rank: int, pp_rank: int) -> str:
+    return f"model_tp{tp_rank}_pp{pp_rank}.pt"
+
+
+def is_native_checkpoint(names: list[str]) -> bool:
+    """Whether a folder with these file names is an InternEvo native checkpoint."""
+    return any(MODEL_FILE.match(name) for name in names)
+
+
+def read_native_model(folder: str, mlp_naming: str = "v1") -> tuple[dict, dict[str, torch.Tensor]]:
+    """(the `model` dict of model_config.pt, full HF-named weights) of the native checkpoint in the local `folder`."""
+    grid = sorted(tuple(map(int, match.groups())) for name in os.listdir(folder) if (match := MODEL_FILE.match(name)))
+    if not grid:
+        raise CheckpointError(f"{folder} holds no model_tp*_pp*.pt files: it is not an InternEvo native checkpoint")
+    tp, pp = grid[-1][0] + 1, grid[-1][1] + 1
+    missing = sorted(set((t, p) for t in range(tp) for p in range(pp)) - set(grid))
+    if missing:
+        raise CheckpointError(f"{folder} is incomplete: {', '.join(model_file(t, p) for t, p in missing)} missing")
+    model_dict = _load(folder, MODEL_CONFIG)
+    if model_dict.get("num_chunks", 1) != 1:
+        raise CheckpointError(f"{folder}: num_chunks={model_dict['num_chunks']} (interleaved pipeline) is not "
+                              "supported")
+    files = {(t, p): _load(folder, model_file(t, p)) for t, p in grid}
+    layout = NativeLayout(tp=tp, pp=pp, num_layers=model_dict["num_layers"],
+                          embed_split_hidden=SPLIT_HIDDEN_EMBEDDING in files[(0, 0)], mlp_naming=mlp_naming)
+    return model_dict, merge_shards(files, layout, folder)
+
+
+def write_native_checkpoint(folder: str, weights: dict[str, torch.Tensor], model_dict: dict, layout: NativeLayout,
+                            step: int, run_state: dict[str, dict] | None = None) -> None:
+    """Write a native checkpoint of full HF-named `weights` at `layout`'s sizes; `run_state` maps CONTEXT, SAMPLER
+    and SCHEDULER to their content (see `native_run_state`). The marker comes last."""
+    config = config_from_model_dict(model_dict)
+    if config.num_attention_heads % layout.tp:
+        raise CheckpointError(f"{config.num_attention_heads} attention heads do not split over tp={layout.tp}")
+    os.makedirs(folder, exist_ok=True)
+    for (t, p), state in shard_weights(weights, layout).items():
+        torch.save({name: tensor.to(config.dtype) for name, tensor in state.items()},
+                   os.path.join(folder, model_file(t, p)))
+        vocab_parallel = p == 0 and not layout.embed_split_hidden
+        torch.save({"model.embedding.word_embeddings": {"dim": 0}} if vocab_parallel else {},
+                   os.path.join(folder, f"topo_tp{t}_pp{p}.json"))
+    saved_model_dict = {**model_dict, "dtype": config.dtype, "embed_split_hidden": layout.embed_split_hidden,
+                        "num_chunks": 1}
+    torch.save(saved_model_dict, os.path.join(folder, MODEL_CONFIG))
+    for name, content in (run_state or {}).items():
+        torch.save(content, os.path.join(folder, name))
+    torch.save({"step": step}, os.path.join(folder, f"{step}.step"))
+
+
+def model_dict_from_config(config: InternLMConfig) -> dict:
+    """InternEvo's `model` dict for an InternLM config (what model_config.pt holds)."""
+    model_dict = {
+        "num_layers": config.num_hidden_layers, "hidden_size": config.hidden_size,
+        "num_attention_heads": config.num_attention_heads, "vocab_size": config.vocab_size,
+        "mlp_ratio": config.intermediate_size / config.hidden_size, "layer_norm_epsilon": config.rms_norm_eps,
+        "max_position_embeddings": config.max_position_embeddings, "rope_base": config.rotary["base"],
+        "use_dynamic_ntk_rope": config.rotary["type"] == "dynamic", "dtype": config.dtype, "norm_type": "rmsnorm",
+    }
+    if intermediate_size(config.hidden_size, model_dict["mlp_ratio"]) != config.intermediate_size:
+        raise CheckpointError(f"intermediate_size {config.intermediate_size} is not one InternEvo's mlp_ratio can "
+                              f"give for hidden_size {config.hidden_size} (a multiple of 256)")
+    return model_dict
+
+
+def native_run_state(context: dict, sampler: dict, schedulers: dict) -> dict[str, dict]:
+    """InternEvo's context.pt, sampler.pt and schedulder.pt from evods' TrainState, sampler and schedulers states."""
+    native_context = {
+        "batch_count": context["batch_count"] - 1,  # InternEvo counts the index of the last batch, evods the batches
+        "step_count": context["step_count"], "num_consumed_tokens": context["num_consumed_tokens"],
+        "inf_nan_skip_batches": context["inf_nan_skip_batches"],
+        "num_consumed_samples_in_epoch": sampler["num_consumed_samples_in_epoch"], "tensorboard_folder": None,
+    }
+    return {CONTEXT: native_context, SAMPLER: sampler, SCHEDULER: {"last_epoch": schedulers["lr"]["last_epoch"]}}
+
+
+def evods_context(folder: str) -> dict:
+    """evods' TrainState counters from context.pt."""
+    context = _load(folder, CONTEXT)
+    return {"batch_count": context["batch_count"] + 1, "step_count": context["step_count"],
+            "num_consumed_tokens": context["num_consumed_tokens"],
+            "inf_nan_skip_batches": context["inf_nan_skip_batches"]}
+
+
+def evods_schedulers(step_count: int) -> dict:
+    """The lr and beta2 schedules resume at the step count, as InternEvo's scheduler reload does (§6.3)."""
+    return {"lr": {"last_epoch": step_count}, "beta2": {"cur_iter": step_count}}
+
+
+def evods_sampler(folder: str) -> dict:
+    return _load(folder, SAMPLER)
+
+
+def _load(folder: str, name: str):
+    path = os.path.join(folder, name)
+    if not os.path.isfile(path):
+        raise CheckpointError(f"{path} is missing from the InternEvo native checkpoint")
+    return torch.load(path, map_location="cpu", weights_only=False)

@@ -1,0 +1,34 @@
+"""A checkpoint (evods, or native at other sizes) as an InternEvo native checkpoint at any tensor/pipeline size."""
+from evods.storage import open_storage
+
+from . import layout
+from .checkpoint_model import read_checkpoint_model
+from .errors import CheckpointError
+from .native import model_dict_from_config, native_run_state, write_native_checkpoint
+from .native_format import NativeLayout
+from .transfer import from_bytes
+
+
+def export_native(src: str, tgt: str, tp: int = 1, pp: int = 1, mlp_naming: str = "v1",
+                  embed_split_hidden: bool = False, src_mlp_naming: str = "v1") -> None:
+    """Write the model of checkpoint `src` to the local folder `tgt` as model_tp{t}_pp{p}.pt files, with
+    model_config.pt and the marker; an evods source also gives context.pt, sampler.pt and schedulder.pt."""
+    if tp < 1 or pp < 1:
+        raise CheckpointError(f"tp={tp}, pp={pp}: both must be at least 1")
+    config, weights = read_checkpoint_model(src, src_mlp_naming)
+    native_layout = NativeLayout(tp=tp, pp=pp, num_layers=config.num_hidden_layers,
+                                 embed_split_hidden=embed_split_hidden, mlp_naming=mlp_naming)
+    step, run_state = _evods_run_state(src)
+    write_native_checkpoint(tgt, weights, model_dict_from_config(config), native_layout, step, run_state)
+
+
+def _evods_run_state(src: str) -> tuple[int, dict | None]:
+    """(step, native run-state files) of an evods checkpoint; (0, None) for a native source, whose model alone is
+    converted."""
+    storage = open_storage(src)
+    step = layout.marked_step(storage, "")
+    if step is None or not storage.exists(layout.CONTEXT):
+        return step or 0, None
+    context, sampler, schedulers = (from_bytes(storage.read_bytes(name))
+                                    for name in (layout.CONTEXT, layout.SAMPLER, layout.SCHEDULERS))
+    return step, native_run_state(context, sampler, schedulers)

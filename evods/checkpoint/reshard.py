@@ -1,0 +1,139 @@
+"""Loading an evods checkpoint saved at another data- or pipeline-parallel size, with no separate conversion step.
+
+Model weights and the ZeRO-1 optimizer state go through DeepSpeed's universal checkpoint: node-local rank 0 converts
+the saved DeepSpeed files (ds_to_universal, in-process) into a local cache folder, renames the per-parameter folders
+from the saved model's parameter names to this run's (a pipeline names parameters by stage layer, the plain model by
+HF name), and every rank loads that with `load_universal`. Tensor-parallel changes are refused (DeepSpeed cannot
+merge replicated parameters of tensor-parallel checkpoints). The sampler position is translated to the new data size.
+"""
+import argparse
+import hashlib
+import logging
+import os
+import shutil
+import tempfile
+
+import torch.distributed as dist
+
+from evods.model import pipeline_parameter_name
+
+from .errors import CheckpointError
+from .layout import DEEPSPEED_TAG
+
+logger = logging.getLogger("evods.checkpoint")
+UNIVERSAL_TAG = "universal"
+
+
+def check_reshardable(saved: dict, now: dict, source: str) -> bool:
+    """True when the optimizer state needs resharding (data or pipeline size changed)."""
+    if saved["tp"] != now["tp"]:
+        raise CheckpointError(
+            f"{source} was saved with tensor size {saved['tp']} and this run has {now['tp']}: the optimizer state "
+            "does not reshard across tensor sizes. Load the model alone (load_ckpt_info content=('model',), "
+            "auto_resume=False) to continue with a fresh optimizer")
+    return (saved["dp"], saved["pp"]) != (now["dp"], now["pp"])
+
+
+def load_resharded(engine, checkpoint_folder: str, source: str, saved: dict, now: dict) -> None:
+    """Load model weights and optimizer state of the evods checkpoint `source`, copied locally at
+    `checkpoint_folder` and saved at topology `saved`, into the DeepSpeed `engine` of this run (topology `now`)."""
+    cache = _cache_folder(source, now)
+    current_names = _current_names(engine, saved["num_layers"])
+    if _is_node_leader():
+        logger.warning("checkpoint %s was saved with dp=%d, pp=%d and this run has dp=%d, pp=%d: converting it to "
+                       "DeepSpeed's universal checkpoint in %s and loading that", checkpoint_folder, saved["dp"],
+                       saved["pp"], now["dp"], now["pp"], cache)
+        _convert(os.path.join(checkpoint_folder, DEEPSPEED_TAG), os.path.join(cache, UNIVERSAL_TAG),
+                 _ParameterNames(saved["num_layers"], saved["pp"] > 1), current_names)
+    _barrier()
+    # DeepSpeed reads this flag only inside load_checkpoint; setting it for this one load leaves the run's config
+    # (and its later saves) as they are.
+    config = engine._config
+    config.load_universal_checkpoint, previous = True, config.load_universal_checkpoint
+    try:
+        path, _ = engine.load_checkpoint(cache, tag=UNIVERSAL_TAG, load_optimizer_states=True,
+                                         load_lr_scheduler_states=False)
+    finally:
+        config.load_universal_checkpoint = previous
+    _barrier()
+    if _is_node_leader():
+        shutil.rmtree(cache, ignore_errors=True)
+    if path is None:
+        raise CheckpointError(f"DeepSpeed could not load the universal checkpoint made from {checkpoint_folder}")
+
+
+def reshard_sampler_state(state: dict, dp: int, source: str) -> dict:
+    """The sampler state at the same global position for `dp` data ranks: a step reads a contiguous block of the
+    shuffled order across the ranks, so the samples consumed so far are `per-rank count x data size`."""
+    consumed = state["num_consumed_samples_in_epoch"] * state["data_world_size"]
+    if consumed % dp:
+        raise CheckpointError(f"{source}: {consumed} samples of this pass were consumed, which {dp} data ranks "
+                              "cannot split evenly; resume with a data size that divides it")
+    return {**state, "data_world_size": dp, "num_consumed_samples_in_epoch": consumed // dp}
+
+
+class _ParameterNames:
+    """DeepSpeed's parameter names of a model: HF names, or `{stage layer}.{local name}` in a PipelineModule."""
+
+    def __init__(self, num_layers: int, pipelined: bool):
+        self.num_layers = num_layers
+        self.pipelined = pipelined
+
+    def hf_name(self, name: str) -> str:
+        if not self.pipelined:
+            return name
+        stage_index, local_name = name.split(".", 1)
+        return pipeline_parameter_name(int(stage_index), local_name, self.num_layers)
+
+
+def _current_names(engine, num_layers: int) -> dict[str, str]:
+    """{HF name: this engine's name} of every parameter of this run (all stages: each rank may convert for all)."""
+    from deepspeed.pipe import PipelineModule
+
+    pipelined = isinstance(engine.module, PipelineModule)
+    names = _ParameterNames(num_layers, pipelined)
+    local = [name for name, _ in engine.module.named_parameters()]
+    if pipelined:  # another stage's parameters are not in this module: name them from the layer count
+        gathered = [None] * dist.get_world_size()
+        dist.all_gather_object(gathered, local)
+        local = sorted({name for names_of_rank in gathered for name in names_of_rank})
+    return {names.hf_name(name): name for name in local}
+
+
+def _convert(deepspeed_folder: str, output: str, saved_names: _ParameterNames, current: dict[str, str]) -> None:
+    from deepspeed.checkpoint import ds_to_universal
+
+    shutil.rmtree(output, ignore_errors=True)
+    # one worker each: no process pools inside a training process
+    ds_to_universal.main(argparse.Namespace(input_folder=deepspeed_folder, output_folder=output,
+                                            num_extract_workers=1, num_merge_workers=1, keep_temp_folder=False,
+                                            strict=True, inject_missing_state=True))
+    zero = os.path.join(output, "zero")
+    staged = os.path.join(output, "zero_saved_names")
+    os.rename(zero, staged)
+    os.makedirs(zero)
+    for name in os.listdir(staged):
+        if not os.path.isdir(os.path.join(staged, name)):  # optimizer_state.pt: the common optimizer state
+            os.rename(os.path.join(staged, name), os.path.join(zero, name))
+            continue
+        hf_name = saved_names.hf_name(name)
+        if hf_name not in current:
+            raise CheckpointError(f"parameter {name} ({hf_name}) of the checkpoint has no counterpart in this run's "
+                                  "model: the model sizes differ")
+        os.rename(os.path.join(staged, name), os.path.join(zero, current[hf_name]))
+    shutil.rmtree(staged)
+
+
+def _cache_folder(source: str, now: dict) -> str:
+    """A node-local folder every rank of the node derives alike, one per checkpoint and target layout."""
+    key = hashlib.sha1(f"{source}|{sorted(now.items())}".encode()).hexdigest()[:16]
+    return os.path.join(tempfile.gettempdir(), f"evods-universal-{key}")
+
+
+def _is_node_leader() -> bool:
+    return int(os.environ.get("LOCAL_RANK", "0")) == 0
+
+
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()

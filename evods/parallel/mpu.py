@@ -1,0 +1,25 @@
+"""The process groups DeepSpeed asks an `mpu` for, over InternEvo's rank layout.
+
+DeepSpeed's own PipelineParallelGrid already builds every group from a ProcessTopology; this adds the tensor-parallel
+names its helpers (and Megatron-style code) look for. Traps (deepspeed-cpu-notes Q2): the grid's "model parallel"
+group is pipe × tensor, the tensor group is the grid's slice group. With pipeline size 1 the two are the same, which
+is what ZeRO-1 needs from `mpu` for a plain module; a PipelineModule builds its own grid from the same topology.
+"""
+from deepspeed.runtime.pipe.topology import PipelineParallelGrid
+
+from .topology import ParallelSizes, build_process_topology
+
+
+class ParallelGrid(PipelineParallelGrid):
+    def get_tensor_model_parallel_group(self):
+        return self.get_slice_parallel_group()
+
+
+def build_parallel_grid(sizes: ParallelSizes) -> ParallelGrid:
+    """Every rank must call this, in the same order as its other group creations (torch.distributed.new_group)."""
+    grid = ParallelGrid(topology=build_process_topology(sizes))
+    placed = (grid.get_data_parallel_rank(), grid.get_pipe_parallel_rank(), grid.get_tensor_model_parallel_rank())
+    if placed != (sizes.dp_rank, sizes.pp_rank, sizes.tp_rank):
+        raise RuntimeError(f"DeepSpeed placed rank {grid.get_global_rank()} at (dp, pp, tp) = {placed}, but "
+                           f"InternEvo's layout gives {(sizes.dp_rank, sizes.pp_rank, sizes.tp_rank)}")
+    return grid

@@ -1,0 +1,156 @@
+"""InternEvo's native checkpoint format (model_tp{t}_pp{p}.pt): written from full weights at any tensor/pipeline size,
+read back, converted to HF, and loaded into training (issue: checkpoints)."""
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.distributed import run_distributed
+from tests.train_configs import TINY_MODEL, tiny_config
+from tools.convert2hf import main as convert2hf
+
+UNEVEN_MODEL = {**TINY_MODEL, "num_layers": 3, "dtype": torch.float32}  # pp=2 splits it 1 + 2
+
+
+def random_weights(model_dict: dict) -> dict[str, torch.Tensor]:
+    from evods.model import InternLMForCausalLM, config_from_model_dict
+
+    torch.manual_seed(0)
+    model = InternLMForCausalLM(config_from_model_dict(model_dict))
+    for param in model.parameters():  # norms and biases start as ones and zeros: make every value tell
+        param.data.normal_()
+    return model.state_dict()
+
+
+def write_native(folder: Path, weights: dict, tp: int, pp: int, mlp_naming: str, embed_split_hidden: bool) -> None:
+    from evods.checkpoint.native import write_native_checkpoint
+    from evods.checkpoint.native_format import NativeLayout
+
+    layout = NativeLayout(tp=tp, pp=pp, num_layers=UNEVEN_MODEL["num_layers"], embed_split_hidden=embed_split_hidden,
+                          mlp_naming=mlp_naming)
+    write_native_checkpoint(str(folder), weights, UNEVEN_MODEL, layout, step=7)
+
+
+@pytest.mark.parametrize("mlp_naming", ["v1", "v2"])
+@pytest.mark.parametrize("embed_split_hidden", [False, True], ids=["vocab_split_embedding", "hidden_split_embedding"])
+def test_a_tp2_pp2_native_checkpoint_converts_to_one_hf_folder_exactly(tmp_path, mlp_naming, embed_split_hidden):
+    from evods.checkpoint import hf_weights
+
+    weights = random_weights(UNEVEN_MODEL)
+    write_native(tmp_path / "native", weights, 2, 2, mlp_naming, embed_split_hidden)
+    args = ["--src", str(tmp_path / "native"), "--tgt", str(tmp_path / "hf"), "--mlp_naming", mlp_naming]
+    assert convert2hf(args) == 0
+    exported = hf_weights(str(tmp_path / "hf"))
+    assert exported.keys() == weights.keys()
+    assert all(torch.equal(exported[name], weights[name]) for name in weights)
+
+
+@pytest.mark.parametrize("mlp_naming", ["v1", "v2"])
+@pytest.mark.parametrize("embed_split_hidden", [False, True], ids=["vocab_split_embedding", "hidden_split_embedding"])
+def test_native_files_hold_what_internevo_writes(tmp_path, mlp_naming, embed_split_hidden):
+    weights = random_weights(UNEVEN_MODEL)
+    write_native(tmp_path, weights, 2, 2, mlp_naming, embed_split_hidden)
+    load = lambda name: torch.load(tmp_path / name, weights_only=False)  # noqa: E731
+    stage0, stage1 = load("model_tp1_pp0.pt"), load("model_tp1_pp1.pt")
+    hidden, vocab, heads, head_dim = 64, 512, 4, 16
+    # the later stage gets the extra layer, numbered from 0 on its own stage
+    assert {k.split(".")[2] for k in stage0 if ".blocks." in k} == {"0"}
+    assert {k.split(".")[2] for k in stage1 if ".blocks." in k} == {"0", "1"}
+    # Wqkv of tensor rank 1 holds heads 2 and 3 of q, then of k, then of v
+    attn = "model.layers.2.self_attn"
+    heads_2_3 = [weights[f"{attn}.{x}_proj.weight"].view(heads, head_dim, hidden)[2:].reshape(-1, hidden)
+                 for x in "qkv"]
+    assert torch.equal(stage1["model.blocks.1.mixer.Wqkv.weight"], torch.cat(heads_2_3))
+    assert "model.blocks.0.mixer.out_proj.bias" in load("model_tp0_pp1.pt")
+    assert "model.blocks.0.mixer.out_proj.bias" not in stage1
+    assert stage1["model.blocks.0.mixer.out_proj.weight"].shape == (hidden, hidden // 2)
+    up, down = ("w2", "w3") if mlp_naming == "v1" else ("w3", "w2")
+    assert torch.equal(stage1[f"model.blocks.1.mlp.{up}.weight"], weights["model.layers.2.mlp.up_proj.weight"][128:])
+    assert torch.equal(stage1[f"model.blocks.1.mlp.{down}.weight"],
+                       weights["model.layers.2.mlp.down_proj.weight"][:, 128:])
+    assert stage1["model.head.weight"].shape == (vocab // 2, hidden) and "model.norm.weight" in stage1
+    embedding = "model.embedding.weight" if embed_split_hidden else "model.embedding.word_embeddings.weight"
+    assert stage0[embedding].shape == ((vocab, hidden // 2) if embed_split_hidden else (vocab // 2, hidden))
+    assert load("topo_tp1_pp0.json") == ({} if embed_split_hidden else
+                                         {"model.embedding.word_embeddings": {"dim": 0}})
+    assert load("model_config.pt")["num_layers"] == 3 and load("model_config.pt")["dtype"] is torch.float32
+    assert load("7.step") == {"step": 7}
+
+
+def test_the_wrong_mlp_naming_is_a_clear_error(tmp_path, capsys):
+    write_native(tmp_path / "native", random_weights(UNEVEN_MODEL), 1, 1, "v2", False)
+    assert convert2hf(["--src", str(tmp_path / "native"), "--tgt", str(tmp_path / "hf")]) == 1
+    assert "looks like naming v2" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------------- into training and back
+
+def config(total_steps: int, ckpt: dict):
+    return tiny_config(data=dict(seq_len=32, micro_bsz=2, micro_num=2, total_steps=total_steps),
+                       model=dict(dtype="torch.float32"), parallel=dict(pipeline=dict(size=1), zero1=-1),
+                       lr_scheduler=dict(total_steps=4, warmup_ratio=0.25),
+                       ckpt=dict(enable_save_ckpt=True, checkpoint_every=2, auto_resume=False, **ckpt))
+
+
+def train(total_steps: int, ckpt: dict, run_dir: str) -> dict:
+    from evods.training.trainer import Trainer
+
+    trainer = Trainer(config(total_steps, ckpt), run_dir=Path(run_dir))
+    # numpy arrays travel by value; tensors would travel as shared memory that dies with this process
+    start = {name: tensor.numpy().copy() for name, tensor in trainer.engine.engine.module.state_dict().items()}
+    state = trainer.train()
+    trainer.close()
+    return {"start": start, "losses": [entry["loss"] for entry in state.history],
+            "counters": (state.step_count, state.batch_count, state.num_consumed_tokens)}
+
+
+def train_from(load_infos: list[dict], root: str) -> list[dict]:
+    from evods.training.distributed import init_distributed
+
+    init_distributed("torch")
+    return [train(4, dict(save_ckpt_folder=f"local:{root}/ckpt{i}", load_ckpt_info=info), f"{root}/run{i}")
+            for i, info in enumerate(load_infos)]
+
+
+def test_native_checkpoints_train_on_and_round_trip_through_evods_hf_and_llama(tmp_path):
+    from transformers import LlamaForCausalLM
+
+    from evods.checkpoint import hf_weights
+    from evods.checkpoint.checkpoint_model import read_checkpoint_model
+    from evods.checkpoint.native import write_native_checkpoint
+    from evods.checkpoint.native_export import export_native
+    from evods.checkpoint.native_format import NativeLayout
+    from evods.model import InternLMConfig, InternLMForCausalLM
+
+    # an InternEvo tp=2, pp=2 model starts an evods run
+    model_dict = {**TINY_MODEL, "dtype": torch.float32}
+    weights = random_weights(model_dict)
+    write_native_checkpoint(str(tmp_path / "internevo"), weights, model_dict, NativeLayout(tp=2, pp=2, num_layers=4),
+                            step=0)
+    first = run_distributed(train_from, 1, ([dict(path=str(tmp_path / "internevo"), content=("model",),
+                                                  ckpt_type="internlm")], str(tmp_path / "a")))[0][0]
+    assert all(torch.equal(torch.from_numpy(first["start"][name]), weights[name]) for name in weights)
+
+    # its step-2 evods checkpoint, as a native checkpoint of InternEvo's newer naming, to HF InternLM and Llama
+    evods_ckpt = tmp_path / "a" / "ckpt0" / "2"
+    export_native(str(evods_ckpt), str(tmp_path / "native2"), tp=2, pp=2, mlp_naming="v2", embed_split_hidden=True)
+    for fmt in ("internlm", "llama"):
+        assert convert2hf(["--src", str(tmp_path / "native2"), "--tgt", str(tmp_path / fmt), "--format", fmt,
+                           "--mlp_naming", "v2"]) == 0
+    trained = InternLMForCausalLM(InternLMConfig.from_pretrained(evods_ckpt))
+    trained.load_state_dict(hf_weights(str(tmp_path / "internlm")))
+    _, evods_weights = read_checkpoint_model(str(evods_ckpt))
+    assert all(torch.equal(trained.state_dict()[name], evods_weights[name]) for name in evods_weights)
+    llama = LlamaForCausalLM.from_pretrained(tmp_path / "llama")
+    input_ids = torch.randint(0, 512, (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(llama(input_ids=input_ids).logits, trained(input_ids=input_ids).logits,
+                                   rtol=1e-5, atol=1e-5)
+
+    # the native checkpoint continues training as the evods one does without its Adam state
+    content = ("model", "sampler", "scheduler")
+    from_evods, from_native = run_distributed(train_from, 1, ([
+        dict(path=str(evods_ckpt), content=content, ckpt_type="evods"),
+        dict(path=str(tmp_path / "native2"), content=content, ckpt_type="internevo")], str(tmp_path / "b")))[0]
+    assert from_native["losses"] == from_evods["losses"] and len(from_native["losses"]) == 2
+    assert from_native["counters"] == from_evods["counters"]
