@@ -66,7 +66,7 @@ def main():
         peak = {k: max(v, rss_mb()[k]) for k, v in peak.items()}
         print(f"iterated {tokens / packed.pack_len:.0f} packs: {tokens / seconds / 1e6:.2f} M tokens/s (one process)")
         print(f"RSS growth: anonymous {peak['RssAnon'] - before['RssAnon']:.0f} MB, "
-              f"file-backed (mmap'd page cache, reclaimable) {peak['RssFile'] - before['RssFile']:.0f} MB")
+              f"file-backed {peak['RssFile'] - before['RssFile']:.0f} MB")
     finally:
         shutil.rmtree(work)
 

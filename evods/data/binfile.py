@@ -5,7 +5,6 @@
 (byte offset of line i, token count of line i). See internevo-compat.md §1.4, §1.5, §3.2.
 """
 import json
-import mmap
 import os
 import shutil
 from pathlib import Path
@@ -16,9 +15,6 @@ from evods.data.errors import DataError
 
 INT32_MAX = np.iinfo(np.int32).max
 _META_COPY_ROWS = 1 << 20  # rows per chunk when turning the row stream into the final meta
-
-# How much a process reads through a file's map before handing the pages back (see TokenizedDataset._read_line).
-RELEASE_MAPPED_BYTES = 64 << 20
 
 
 def meta_path(bin_path) -> Path:
@@ -140,8 +136,8 @@ class BinWriter:
 class TokenizedDataset:
     """One `.bin` file as a dataset of token arrays (InternEvo's JsonlDataset, §3.2).
 
-    Opening reads only the meta (plus the last line, for the consistency check); samples are read from a lazily
-    opened mmap, so the object is cheap to pickle into DataLoader workers. `min_length` drops samples with fewer
+    Opening reads only the meta (plus the last line, for the consistency check); samples are read with pread at their meta
+    offset (O(1) per sample) from a lazily opened descriptor, so the object is cheap to pickle into DataLoader workers. `min_length` drops samples with fewer
     tokens (by the meta count). Item i is an int64 array of the i-th kept sample's tokens (negative = masked).
     """
 
@@ -163,8 +159,8 @@ class TokenizedDataset:
         self.offsets = meta[:, 0].astype(np.int64)
         self.all_lengths = meta[:, 1].astype(np.int64)
         self.file_size = self.path.stat().st_size
-        self._mmap = None
-        self._mmap_pid = None
+        self._fd = None
+        self._fd_pid = None
         self._ends = np.append(self.offsets[1:], self.file_size)
         self._check_consistency(meta_file)
         self._rows = np.flatnonzero(self.all_lengths >= min_length)
@@ -195,19 +191,14 @@ class TokenizedDataset:
         return self._parse(row, self._read_line(row))
 
     def _read_line(self, row) -> bytes:
-        if self._mmap_pid != os.getpid():  # one map per process, opened on first use
-            with open(self.path, "rb") as handle:
-                self._mmap = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ)
-            self._mmap_pid = os.getpid()
-            self._bytes_since_release = 0
-        start, end = self.offsets[row], self._ends[row]
-        self._bytes_since_release += end - start
-        if self._bytes_since_release > RELEASE_MAPPED_BYTES:
-            # Pages read through the map count in this process's RSS until unmapped; dropping them keeps memory
-            # flat over an epoch (they stay in the page cache, so re-reads are still fast).
-            self._mmap.madvise(mmap.MADV_DONTNEED)
-            self._bytes_since_release = 0
-        return self._mmap[start:end]
+        # pread, not mmap: pages of a mapped file count in the process's RSS (the whole file, after an epoch of
+        # shuffled reads, even with madvise), while pread leaves them to the page cache. One descriptor per
+        # process, opened on first use, since DataLoader workers fork.
+        if self._fd_pid != os.getpid():
+            self._fd = os.open(self.path, os.O_RDONLY)
+            self._fd_pid = os.getpid()
+        start = int(self.offsets[row])
+        return os.pread(self._fd, int(self._ends[row]) - start, start)
 
     def _parse(self, row, line: bytes) -> np.ndarray:
         where = f"{self.path} row {row} (byte {self.offsets[row]})"
@@ -222,5 +213,5 @@ class TokenizedDataset:
 
     def __getstate__(self):
         state = dict(self.__dict__)
-        state["_mmap"] = state["_mmap_pid"] = None
+        state["_fd"] = state["_fd_pid"] = None
         return state
