@@ -12,7 +12,6 @@ import numpy as np
 import pytest
 import torch
 
-from evods.data.tokenize import tokenize_file
 from tests.conftest import DATA, TOKENIZER, need_shared
 from tests.distributed import run_distributed
 from tests.train_configs import tiny_config
@@ -46,6 +45,8 @@ REFERENCE = (1, 1, 1), [Variant(False)]
 @pytest.fixture(scope="module")
 def train_folder(tmp_path_factory) -> Path:
     """Sentences of the first wiki articles, one document per line, tokenized with V7_sft.model into en/."""
+    from evods.data.tokenize import tokenize_file
+
     need_shared(TOKENIZER)
     need_shared(DATA)
     root = tmp_path_factory.mktemp("tp_data")
