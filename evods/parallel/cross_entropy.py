@@ -11,7 +11,7 @@ import torch.distributed as dist
 
 from .comm import reduce_from_tensor_parallel_region
 
-IGNORE_INDEX = -100
+IGNORE_INDEX = -100  # evods.data.IGNORE_INDEX (and torch's default); `parallel` does not import `data`
 
 
 def vocab_parallel_cross_entropy(local_logits: torch.Tensor, labels: torch.Tensor, group,

@@ -27,7 +27,6 @@ from .layers import ColumnParallelLinear, HiddenParallelEmbedding, RowParallelLi
 class ShardContext:
     group: object
     rank: int
-    size: int
     parallel_output: bool
 
 
@@ -104,7 +103,7 @@ def apply_tensor_parallel(model: nn.Module, tp_group, tp_rank: int, tp_size: int
     heads = model.config.num_attention_heads
     if heads % tp_size:
         raise ValueError(f"num_attention_heads={heads} is not divisible by tensor parallel size {tp_size}")
-    ctx = ShardContext(tp_group, tp_rank, tp_size, parallel_output)
+    ctx = ShardContext(tp_group, tp_rank, parallel_output)
     swapped = 0
     for name, module in list(model.named_modules()):
         style = module_style(name, embed_split_hidden)
