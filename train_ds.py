@@ -6,6 +6,7 @@
 """
 import argparse
 import sys
+from pathlib import Path
 
 from evods.config import ConfigError, load_config
 from evods.training.distributed import LAUNCHERS
@@ -29,17 +30,19 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    try:
-        cfg = load_config(args.config)
-    except ConfigError as error:
-        print(f"train_ds.py: {error}", file=sys.stderr)
-        return 2
-    from pathlib import Path
-
+    from evods.checkpoint import CheckpointError
+    from evods.data import DataError
+    from evods.storage import StorageError
     from evods.training.trainer import run
 
-    run(cfg, launcher=args.launcher, port=args.port, run_dir=Path(args.run_dir) if args.run_dir else None,
-        seed=args.seed, ds_config_override=args.ds_config, peak_tflops=args.peak_tflops)
+    try:
+        cfg = load_config(args.config)
+        run(cfg, launcher=args.launcher, port=args.port, run_dir=Path(args.run_dir) if args.run_dir else None,
+            seed=args.seed, ds_config_override=args.ds_config, peak_tflops=args.peak_tflops)
+    except (ConfigError, DataError, CheckpointError, StorageError) as error:
+        # A mistake in the config, data or storage: one line that says what to fix, not a traceback per rank.
+        print(f"train_ds.py: {error}", file=sys.stderr)
+        return 2
     return 0
 
 

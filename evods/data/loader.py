@@ -37,7 +37,8 @@ def discover_train_files(train_folder) -> tuple[list[str], list[tuple[Path, int]
     """(dataset_types in id order, [(bin path, type id)]) for train_folder/<type>/**/*.bin."""
     folder = Path(train_folder)
     if not folder.is_dir():
-        raise DataError(f"train_folder {folder} is not a folder")
+        raise DataError(f"train_folder {folder} is not a folder ({folder.resolve()}); create it "
+                        "with tools/tokenizer.py, or drop data.train_folder to train on random data")
     dataset_types = sorted(entry.name for entry in os.scandir(folder) if entry.is_dir())
     loose = [path for path in _bin_files(folder) if path.parent == folder]
     if loose:

@@ -32,7 +32,8 @@ class ColumnParallelLinear(nn.Module):
         return gather_from_tensor_parallel_region(out, self.group) if self.gather_output else out
 
     def extra_repr(self) -> str:
-        return f"local_shape={tuple(self.weight.shape)}, bias={self.bias is not None}, gather_output={self.gather_output}"
+        return (f"local_shape={tuple(self.weight.shape)}, bias={self.bias is not None}, "
+                f"gather_output={self.gather_output}")
 
 
 class RowParallelLinear(nn.Module):
