@@ -24,7 +24,8 @@ def write_config(folder: Path, body: str) -> Path:
     path = folder / "run_config.py"
     path.write_text(f'exec(open({str(ROOT / "configs" / "demo_cpu.py")!r}).read())\n'
                     'model.update(hidden_size=64, num_layers=2, num_attention_heads=4, vocab_size=512)\n'
-                    'data.update(seq_len=64)\n' + body)
+                    'data.update(seq_len=64)\n'
+                    'ckpt.update(enable_save_ckpt=False)\n' + body)
     return path
 
 
@@ -168,8 +169,10 @@ def test_bad_config_is_one_clear_line(tmp_path):
     assert "Traceback" not in result.stderr
 
 
-def test_sigterm_finishes_the_step_and_exits_cleanly(tmp_path):
-    config = write_config(tmp_path, "data.update(total_steps=10000)\nlr_scheduler.update(total_steps=10000)\n")
+def test_sigterm_finishes_the_step_saves_and_exits_cleanly(tmp_path):
+    config = write_config(tmp_path, "data.update(total_steps=10000)\nlr_scheduler.update(total_steps=10000)\n"
+                                    f"ckpt.update(enable_save_ckpt=True, save_ckpt_folder='local:{tmp_path}/ckpt', "
+                                    "checkpoint_every=1000)\n")
     process = subprocess.Popen([PYTHON, "train_ds.py", "--config", str(config), "--run_dir", str(tmp_path / "run")],
                                cwd=ROOT, stderr=subprocess.PIPE, text=True,
                                env={**os.environ, "OMP_NUM_THREADS": "1"})
@@ -186,3 +189,8 @@ def test_sigterm_finishes_the_step_and_exits_cleanly(tmp_path):
     assert "stopped on request" in output
     logged = [json.loads(line)["step"] for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert logged == list(range(len(logged))) and len(logged) < 10000
+    # the progress is kept: a complete checkpoint of the last finished step, although checkpoint_every is 1000
+    from evods.checkpoint import latest_checkpoint
+    from evods.storage import open_storage
+
+    assert latest_checkpoint(open_storage(f"local:{tmp_path}/ckpt")).step == len(logged)

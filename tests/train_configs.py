@@ -12,6 +12,7 @@ TINY_MODEL = dict(hidden_size=64, num_layers=4, num_attention_heads=4, vocab_siz
 def tiny_config(**sections) -> TrainConfig:
     """The demo config with a tiny model; each keyword is a section whose keys replace the demo's."""
     raw, source = load_config_file(DEMO_CONFIG)
+    sections.setdefault("ckpt", {"enable_save_ckpt": False})  # the demo saves into demo_out/; tests opt in
     sections.setdefault("model", {})
     sections["model"] = {**TINY_MODEL, **sections["model"]}
     for name, values in sections.items():

@@ -49,6 +49,7 @@ class CheckpointManager:
         self.keep_last = ckpt.keep_last_ckpts
         self.storage: Storage | None = None
         self._pending: tuple[str, int] | None = None  # an async save whose uploads and marker are still due
+        self._last_saved_step: int | None = None
         self.loaded: LoadPlan | None = None
         if ckpt.save_ckpt_folder:
             self.storage = open_storage(ckpt.save_ckpt_folder)
@@ -140,8 +141,16 @@ class CheckpointManager:
             self.save(decision.folder, step_count, parts)
         return decision.quit
 
+    def save_on_stop(self, step_count: int, parts: TrainingParts) -> None:
+        """A run stopped on request (SIGTERM from a scheduler's preemption) keeps its progress: a normal checkpoint
+        of `step_count`, unless the policy has just written one."""
+        if self.saving and self._last_saved_step != step_count:
+            logger.warning("saving a checkpoint of step %d before stopping", step_count)
+            self.save(str(step_count), step_count, parts)
+
     def save(self, folder: str, step: int, parts: TrainingParts) -> None:
         self._complete_pending()
+        self._last_saved_step = step
         rank = _rank()
         if rank == 0 and self.storage.list(folder):
             self.storage.delete_prefix(folder)  # an interrupted save at this step, or the snapshot slot's previous one

@@ -171,6 +171,7 @@ class Trainer:
                 logger.warning("stopped by the stop file after %d optimizer steps", self.state.step_count)
                 break
             if stop.agreed():
+                self.checkpoints.save_on_stop(self.state.step_count, self._checkpoint_parts())
                 logger.warning("stopped on request after %d optimizer steps", self.state.step_count)
                 break
         self.checkpoints.close()  # waits for background uploads and writes the last checkpoint's marker
