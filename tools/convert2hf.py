@@ -1,4 +1,4 @@
-"""Convert an evods checkpoint, or an InternEvo native one (model_tp*_pp*.pt, any tp/pp), to a Hugging Face folder.
+"""Convert an evods checkpoint or an InternEvo native one (model_tp*_pp*.pt), of any tp/pp, to one Hugging Face folder.
 
     python tools/convert2hf.py --src ckpts/100 --tgt hf/internlm --tokenizer V7_sft.model
     python tools/convert2hf.py --src ckpts/100 --tgt hf/llama --format llama --dtype bfloat16

@@ -10,7 +10,8 @@ policy, auto-resume, and the model weights of HF folders and evods checkpoints.
 Formats besides evods' own: HF folders (ckpt_type "hf"), InternEvo native checkpoints (ckpt_type "internlm" for the
 v1 MLP naming, "internevo" for v2; native_format.py describes the files); export_native and hf_export.export_hf
 write them. A checkpoint saved at another data/pipeline size resumes through DeepSpeed's universal checkpoint
-(reshard.py).
+(reshard.py). Model weights are read whole whatever the tensor size they were saved with (weights.py merges the
+tensor ranks), so they load into a run of any tensor size and export to one HF or native checkpoint.
 """
 from .errors import CheckpointError
 from .layout import CheckpointRef, complete_checkpoints, latest_checkpoint

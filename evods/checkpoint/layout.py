@@ -2,7 +2,8 @@
 
     {save_ckpt_folder}/{step}/             normal checkpoints
     {save_ckpt_folder}/snapshot/{0|1}/     the two alternating snapshots
-        deepspeed/...        DeepSpeed's own files: model states (per pipeline layer when pipelined) and ZeRO-1
+        deepspeed/...        DeepSpeed's own files: model states (mp_rank_{t}_model_states.pt, or per pipeline layer
+                             layer_XX-model_{t}-model_states.pt when pipelined; t the tensor rank) and ZeRO-1
                              optimizer partitions, written by engine.save_checkpoint
         context.pt           training counters (step_count, batch_count, consumed tokens, skips)
         sampler.pt           the data sampler's state

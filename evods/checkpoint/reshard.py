@@ -4,7 +4,8 @@ Model weights and the ZeRO-1 optimizer state go through DeepSpeed's universal ch
 the saved DeepSpeed files (ds_to_universal, in-process) into a local cache folder, renames the per-parameter folders
 from the saved model's parameter names to this run's (a pipeline names parameters by stage layer, the plain model by
 HF name), and every rank loads that with `load_universal`. Tensor-parallel changes are refused (DeepSpeed cannot
-merge replicated parameters of tensor-parallel checkpoints). The sampler position is translated to the new data size.
+merge replicated parameters of tensor-parallel checkpoints); the model weights alone load at any tensor size
+(weights.deepspeed_weights merges the tensor ranks). The sampler position is translated to the new data size.
 """
 import argparse
 import hashlib
@@ -29,8 +30,9 @@ def check_reshardable(saved: dict, now: dict, source: str) -> bool:
     if saved["tp"] != now["tp"]:
         raise CheckpointError(
             f"{source} was saved with tensor size {saved['tp']} and this run has {now['tp']}: the optimizer state "
-            "does not reshard across tensor sizes. Load the model alone (load_ckpt_info content=('model',), "
-            "auto_resume=False) to continue with a fresh optimizer")
+            "does not reshard across tensor sizes. The model weights do: load them alone to continue with a fresh "
+            f"optimizer (ckpt.load_ckpt_info=dict(path='{source}', content=('model',), ckpt_type='evods') and "
+            "auto_resume=False)")
     return (saved["dp"], saved["pp"]) != (now["dp"], now["pp"])
 
 

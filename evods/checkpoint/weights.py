@@ -1,20 +1,25 @@
 """Model weights with Hugging Face names (`model.layers.{i}.self_attn.q_proj.weight`, ...), read from any source.
 
 evods' model is the HF InternLM model, and HF InternLM and HF Llama use the same parameter names, so an HF folder of
-either layout gives evods' names directly. DeepSpeed's files are consolidated here: with pipeline size 1 the module
-state in `mp_rank_00_model_states.pt` holds every weight (ZeRO-1 does not partition parameters); with a pipeline,
-each `layer_XX-model_00-model_states.pt` holds one PipelineModule layer, named back through `pipeline_parameter_name`.
+either layout gives evods' names directly. DeepSpeed's files are consolidated here, one set per tensor rank t (ZeRO-1
+does not partition parameters): with pipeline size 1 the module state in `mp_rank_{t:02d}_model_states.pt` holds
+every weight of tensor rank t; with a pipeline, each `layer_XX-model_{t:02d}-model_states.pt` holds rank t's part of
+one PipelineModule layer, named back through `pipeline_parameter_name`. The tensor ranks' shards are then concatenated
+along the dims of the tensor-parallel plan (`evods.parallel.split_dim`), the table that sliced them.
 """
 import glob
+import json
 import os
 import re
+from collections import defaultdict
 
 import torch
 from safetensors.torch import load_file
 
 from evods.model import pipeline_parameter_name
+from evods.parallel import split_dim
 
-from .layout import DEEPSPEED_TAG
+from .layout import DEEPSPEED_TAG, TOPOLOGY
 
 # Buffers some HF InternLM checkpoints carry (InternLM's convert2hf.py) that evods recomputes.
 IGNORED_HF_KEYS = re.compile(r".*rotary_emb\.inv_freq$")
@@ -26,32 +31,83 @@ class WeightsError(ValueError):
 
 
 def deepspeed_weights(checkpoint_dir: str) -> dict[str, torch.Tensor]:
-    """HF-named weights of an evods checkpoint folder (local), consolidated from DeepSpeed's model files."""
+    """Full HF-named weights of an evods checkpoint folder (local), consolidated from DeepSpeed's model files of
+    every tensor rank (`topology.json` says how many)."""
+    tensor_size = _saved_tensor_size(checkpoint_dir)
     tag_dir = os.path.join(checkpoint_dir, DEEPSPEED_TAG)
     layer_files = sorted(glob.glob(os.path.join(tag_dir, "layer_*-model_states.pt")))
     if layer_files:
-        return _pipeline_weights(layer_files)
-    module_file = os.path.join(tag_dir, "mp_rank_00_model_states.pt")
+        shards = _pipeline_shards(layer_files, tensor_size, checkpoint_dir)
+    else:
+        shards = [_module_shard(tag_dir, rank, checkpoint_dir) for rank in range(tensor_size)]
+    return merge_tensor_parallel_shards(shards, checkpoint_dir)
+
+
+def merge_tensor_parallel_shards(shards: list[dict[str, torch.Tensor]], source: str) -> dict[str, torch.Tensor]:
+    """Full HF-named weights from each tensor rank's HF-named state (in rank order), concatenated along the plan's
+    split dims; a replicated weight (norms, the o_proj bias) is tensor rank 0's."""
+    if len(shards) == 1:
+        return shards[0]
+    for rank, shard in enumerate(shards[1:], start=1):
+        if shard.keys() != shards[0].keys():
+            differ = sorted(shard.keys() ^ shards[0].keys())
+            raise WeightsError(f"{source}: tensor ranks 0 and {rank} hold different parameters ({_few(differ)}); "
+                               "the checkpoint is damaged")
+    embed_split_hidden = _embedding_splits_hidden(shards[0], source)
+    merged = {}
+    for name, first in shards[0].items():
+        dim = split_dim(name, embed_split_hidden)
+        merged[name] = first if dim is None else torch.cat([shard[name] for shard in shards], dim=dim)
+    return merged
+
+
+def _embedding_splits_hidden(shard: dict[str, torch.Tensor], source: str) -> bool:
+    """Whether the run split the embedding over hidden (InternEvo's embed_split_hidden), read off the shard shapes:
+    split over the vocabulary it is [vocab/tp, hidden], the shape of the (always vocabulary-split) lm_head shard;
+    split over hidden it is [vocab, hidden/tp]."""
+    embedding, head = shard.get("model.embed_tokens.weight"), shard.get("lm_head.weight")
+    if embedding is None or head is None:
+        raise WeightsError(f"{source}: the model files lack model.embed_tokens.weight or lm_head.weight")
+    return embedding.shape != head.shape
+
+
+def _saved_tensor_size(checkpoint_dir: str) -> int:
+    path = os.path.join(checkpoint_dir, TOPOLOGY)
+    if not os.path.isfile(path):
+        raise WeightsError(f"{checkpoint_dir} has no {TOPOLOGY}, which says the tensor size its model files were "
+                           "saved with; is it an evods checkpoint? An HF folder needs ckpt_type='hf'")
+    with open(path) as f:
+        return int(json.load(f).get("tp", 1))
+
+
+def _module_shard(tag_dir: str, tensor_rank: int, checkpoint_dir: str) -> dict[str, torch.Tensor]:
+    """Tensor rank `tensor_rank`'s weights of a plain (unpipelined) module; DeepSpeed names the file by the mpu's
+    model-parallel rank, which is the tensor rank when there is no pipeline."""
+    module_file = os.path.join(tag_dir, f"mp_rank_{tensor_rank:02d}_model_states.pt")
     if not os.path.isfile(module_file):
-        raise WeightsError(f"{checkpoint_dir} has no DeepSpeed model files ({module_file} or layer_*-model_states.pt); "
-                           "is it an evods checkpoint? An HF folder needs ckpt_type='hf'")
+        raise WeightsError(f"{checkpoint_dir} has no DeepSpeed model file {module_file} (nor layer_*-model_states.pt)"
+                           "; is it an evods checkpoint? An HF folder needs ckpt_type='hf'")
     return dict(torch.load(module_file, map_location="cpu", weights_only=False)["module"])
 
 
-def _pipeline_weights(layer_files: list[str]) -> dict[str, torch.Tensor]:
-    layers = {}
+def _pipeline_shards(layer_files: list[str], tensor_size: int, checkpoint_dir: str) -> list[dict[str, torch.Tensor]]:
+    """Each tensor rank's HF-named weights from the PipelineModule's per-layer files."""
+    layers_of_rank = defaultdict(dict)  # tensor rank -> {layer index: file}
     for path in layer_files:
         index, tensor_rank = map(int, _LAYER_FILE.search(path).groups())
-        if tensor_rank != 0:
-            raise WeightsError(f"{path} is a tensor-parallel shard; merging tensor-parallel DeepSpeed checkpoints is "
-                               "not supported yet: convert it with a run of the same tensor size")
-        layers[index] = path
-    num_layers = len(layers) - 2  # embedding and head around the decoder layers
-    weights = {}
-    for index, path in sorted(layers.items()):
-        for local_name, tensor in torch.load(path, map_location="cpu", weights_only=False).items():
-            weights[pipeline_parameter_name(index, local_name, num_layers)] = tensor
-    return weights
+        layers_of_rank[tensor_rank][index] = path
+    if sorted(layers_of_rank) != list(range(tensor_size)):
+        raise WeightsError(f"{checkpoint_dir} holds layer files of tensor ranks {sorted(layers_of_rank)}, but its "
+                           f"{TOPOLOGY} says tensor size {tensor_size}; the checkpoint is incomplete")
+    num_layers = len(layers_of_rank[0]) - 2  # embedding and head around the decoder layers
+    shards = []
+    for tensor_rank in range(tensor_size):
+        weights = {}
+        for index, path in sorted(layers_of_rank[tensor_rank].items()):
+            for local_name, tensor in torch.load(path, map_location="cpu", weights_only=False).items():
+                weights[pipeline_parameter_name(index, local_name, num_layers)] = tensor
+        shards.append(weights)
+    return shards
 
 
 def hf_weights(folder: str) -> dict[str, torch.Tensor]:
