@@ -37,18 +37,22 @@ def make_models() -> tuple[InternLMForCausalLM, LlamaForCausalLM]:
     return internlm, llama
 
 
-def step_seconds(model, input_ids, position_ids, steps: int) -> float:
-    """Median wall time of a training step, after one warmup step."""
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
-    times = []
+def interleaved_step_seconds(runs, input_ids, steps: int) -> dict[str, float]:
+    """Median wall time of a training step per run, after one warmup step each.
+
+    The runs take turns step by step, so load from other work on the machine hits them alike and the ratios hold.
+    """
+    optimizers = {name: torch.optim.AdamW(model.parameters(), lr=1e-5) for name, model, _ in runs}
+    times = {name: [] for name, _, _ in runs}
     for _ in range(steps + 1):
-        start = time.perf_counter()
-        loss = model(input_ids, position_ids=position_ids, labels=input_ids, use_cache=False).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times[1:])
+        for name, model, position_ids in runs:
+            start = time.perf_counter()
+            loss = model(input_ids, position_ids=position_ids, labels=input_ids, use_cache=False).loss
+            loss.backward()
+            optimizers[name].step()
+            optimizers[name].zero_grad(set_to_none=True)
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(seconds[1:]) for name, seconds in times.items()}
 
 
 def matmul_flops_per_s(dtype: torch.dtype, n: int = 2048, repeats: int = 5) -> float:
@@ -99,7 +103,7 @@ def main():
             if len(doc_lengths) > 1:
                 runs.append(("llama, packed position_ids (mask)", llama, packed_positions))
             flops = model_flops_per_step(internlm, doc_lengths)
-            timings = {name: step_seconds(model, input_ids, pos, args.steps) for name, model, pos in runs}
+            timings = interleaved_step_seconds(runs, input_ids, args.steps)
             for name, seconds in timings.items():
                 rows.append((dtype_name, layout, name, seconds, SEQ_LEN / seconds,
                              timings["llama, one causal row"] / seconds, flops / seconds / 1e9,

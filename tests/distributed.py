@@ -5,7 +5,9 @@ picklable result. A failing rank raises here with its traceback.
 """
 import multiprocessing as mp
 import os
+import queue as queue_module
 import socket
+import time
 import traceback
 
 
@@ -42,9 +44,20 @@ def run_distributed(fn, world=2, args=(), timeout=300):
     for p in procs:
         p.start()
     results = {}
+    deadline = time.monotonic() + timeout
     try:
-        for _ in range(world):
-            rank, status, payload = queue.get(timeout=timeout)
+        while len(results) < world:
+            try:
+                rank, status, payload = queue.get(timeout=1)
+            except queue_module.Empty:
+                # A rank that died without reporting (killed, or failed before its try) must not cost the timeout.
+                dead = [r for r, p in enumerate(procs) if p.exitcode not in (None, 0) and r not in results]
+                if dead:
+                    raise RuntimeError(f"rank {dead[0]} exited with code {procs[dead[0]].exitcode} without a result")
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"no result from ranks {sorted(set(range(world)) - set(results))} "
+                                       f"after {timeout} s")
+                continue
             if status == "err":
                 raise RuntimeError(f"rank {rank} failed:\n{payload}")
             results[rank] = payload
