@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 from evods.config import ConfigError, load_config
-from evods.training.distributed import LAUNCHERS
+from evods.training.distributed import LAUNCHERS, LaunchError
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -39,8 +39,8 @@ def main(argv=None) -> int:
         cfg = load_config(args.config)
         run(cfg, launcher=args.launcher, port=args.port, run_dir=Path(args.run_dir) if args.run_dir else None,
             seed=args.seed, ds_config_override=args.ds_config, peak_tflops=args.peak_tflops)
-    except (ConfigError, DataError, CheckpointError, StorageError) as error:
-        # A mistake in the config, data or storage: one line that says what to fix, not a traceback per rank.
+    except (ConfigError, DataError, CheckpointError, StorageError, LaunchError) as error:
+        # A mistake in the config, data, storage or launch: one line that says what to fix, not a traceback per rank.
         print(f"train_ds.py: {error}", file=sys.stderr)
         return 2
     return 0

@@ -28,6 +28,7 @@ data = dict(
     skip_batches="",
     rampup_batch_size="",
     min_length=0,
+    num_worker=0,  # packing is cheap; on 2 cores, loader processes would only compete with the two ranks
     # no train_folder: InternEvo's random dataset (see configs/demo_cpu_data.py for real data)
 )
 

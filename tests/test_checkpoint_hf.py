@@ -67,6 +67,8 @@ def test_a_pipelined_checkpoint_exports_to_internlm_and_llama_with_equal_logits(
     internlm = AutoModelForCausalLM.from_pretrained(tmp_path / "internlm")
     llama = LlamaForCausalLM.from_pretrained(tmp_path / "llama")
     assert type(internlm) is InternLMForCausalLM and llama.config.attention_bias
+    # exported as InternLM's HF models are: dynamic NTK RoPE beyond max_position_embeddings
+    assert internlm.config.rotary["type"] == "dynamic" and llama.config.rope_parameters["rope_type"] == "dynamic"
     assert {"configuration_internlm.py", "modeling_internlm.py", "generation_config.json", "tokenizer.model"} <= \
         {p.name for p in (tmp_path / "internlm").iterdir()}
     input_ids = torch.randint(0, 512, (2, 16), generator=torch.Generator().manual_seed(0))

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from evods.training.distributed import set_launcher_env
+from evods.training.distributed import LaunchError, set_launcher_env
 from evods.training.metrics import QUICKSTART_KEYS, format_metrics_line
 from tests.distributed import run_distributed
 from tests.train_configs import tiny_config
@@ -137,7 +137,7 @@ def test_slurm_launcher_reads_slurm_variables():
 
 
 def test_slurm_launcher_outside_slurm_says_how_to_start():
-    with pytest.raises(RuntimeError, match="srun"):
+    with pytest.raises(LaunchError, match="srun"):
         set_launcher_env("slurm", environ={})
 
 
@@ -161,11 +161,16 @@ def test_torchrun_launch_trains_two_ranks(tmp_path):
     assert result.stderr.count("tflops=") == 2
 
 
-def test_bad_config_is_one_clear_line(tmp_path):
-    config = write_config(tmp_path, "data.update(micro_nun=3)\n")
+@pytest.mark.parametrize("change, expected", [
+    ("data.update(micro_nun=3)", ["micro_nun", "micro_num"]),  # found by the config schema
+    ("model.update(hiden_size=64)", ["hiden_size", "run_config.py"]),  # found by the model builder
+    ("ckpt.update(enable_save_ckpt=True, save_ckpt_folder='ftp://host/ckpt')", ["accepted forms"]),  # by storage
+])
+def test_bad_config_is_one_clear_line(tmp_path, change, expected):
+    config = write_config(tmp_path, change + "\n")
     result = run_cli(PYTHON, "train_ds.py", "--config", str(config))
-    assert result.returncode == 2
-    assert "micro_nun" in result.stderr and "micro_num" in result.stderr
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert all(word in result.stderr for word in expected), result.stderr[-2000:]
     assert "Traceback" not in result.stderr
 
 

@@ -11,7 +11,8 @@ import argparse
 import sys
 
 from evods.checkpoint import CheckpointError
-from evods.checkpoint.hf_export import FORMATS, export_hf
+from evods.checkpoint.hf_export import FORMATS, ROTARY_TYPES, export_hf
+from evods.storage import StorageError
 from evods.checkpoint.native_format import MLP_NAMINGS
 
 
@@ -27,10 +28,14 @@ def main(argv=None) -> int:
     parser.add_argument("--mlp_naming", choices=tuple(MLP_NAMINGS), default="v1",
                         help="native checkpoints: v1 = InternLM (w2 up, w3 down), v2 = InternEvo since 2024-02 "
                         "(w3 up, w2 down)")
+    parser.add_argument("--rotary_type", choices=ROTARY_TYPES, default="dynamic",
+                        help="dynamic (default, as InternLM's HF models): dynamic NTK RoPE beyond "
+                        "max_position_embeddings; origin: plain RoPE")
     args = parser.parse_args(argv)
     try:
-        export_hf(args.src, args.tgt, args.tokenizer, args.format, args.dtype, args.max_shard, args.mlp_naming)
-    except CheckpointError as exc:
+        export_hf(args.src, args.tgt, args.tokenizer, args.format, args.dtype, args.max_shard, args.mlp_naming,
+                  args.rotary_type)
+    except (CheckpointError, StorageError) as exc:
         print(f"convert2hf: {exc}", file=sys.stderr)
         return 1
     print(f"wrote {args.format} model to {args.tgt}")

@@ -11,6 +11,7 @@ import sys
 from evods.checkpoint import CheckpointError
 from evods.checkpoint.native_export import export_native
 from evods.checkpoint.native_format import MLP_NAMINGS
+from evods.storage import StorageError
 
 
 def main(argv=None) -> int:
@@ -28,7 +29,7 @@ def main(argv=None) -> int:
     try:
         export_native(args.src, args.tgt, args.tp, args.pp, args.mlp_naming, args.embed_split_hidden,
                       args.src_mlp_naming)
-    except CheckpointError as exc:
+    except (CheckpointError, StorageError) as exc:
         print(f"convert2native: {exc}", file=sys.stderr)
         return 1
     print(f"wrote a native checkpoint (tp={args.tp}, pp={args.pp}) to {args.tgt}")

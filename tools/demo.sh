@@ -7,7 +7,7 @@ PY=.venv/bin/python
 PORT=$($PY -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
 # The deepspeed launcher leaves OMP_NUM_THREADS alone; one thread per rank avoids oversubscribing 2 cores.
 export OMP_NUM_THREADS=1
-.venv/bin/deepspeed --num_gpus 2 --master_port "$PORT" train_ds.py --config configs/demo_cpu.py "$@"
+.venv/bin/deepspeed --num_gpus 2 --master_port "$PORT" train_ds.py --config configs/demo_cpu.py
 
 STEP=$($PY -c 'import runpy; print(runpy.run_path("configs/demo_cpu.py")["TOTAL_STEPS"])')
 $PY tools/convert2hf.py --src "demo_out/ckpt/$STEP" --tgt demo_out/hf

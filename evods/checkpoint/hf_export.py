@@ -38,14 +38,22 @@ def llama_config(config: InternLMConfig) -> LlamaConfig:
     )
 
 
+ROTARY_TYPES = ("dynamic", "origin")
+
+
 def export_hf(src: str, tgt: str, tokenizer: str | None = None, fmt: str = "internlm", dtype: str | None = None,
-              max_shard_size: str = "10GB", mlp_naming: str = "v1") -> None:
+              max_shard_size: str = "10GB", mlp_naming: str = "v1", rotary_type: str = "dynamic") -> None:
     """Write the model of the checkpoint `src` (a storage path of one evods or InternEvo native checkpoint folder) to
     the folder `tgt`. `dtype`: "float16", "bfloat16" or "float32"; None keeps the training dtype. `mlp_naming`: see
-    native_format.MLP_NAMINGS (native checkpoints only)."""
+    native_format.MLP_NAMINGS (native checkpoints only). `rotary_type`: "dynamic" (InternLM's HF default: dynamic NTK
+    RoPE beyond max_position_embeddings) or "origin"; within the trained length both are the same."""
     if fmt not in FORMATS:
         raise CheckpointError(f"--format {fmt!r}: use one of {FORMATS}")
+    if rotary_type not in ROTARY_TYPES:
+        raise CheckpointError(f"--rotary_type {rotary_type!r}: use one of {ROTARY_TYPES}")
     config, weights = read_checkpoint_model(src, mlp_naming)
+    config.rotary = {**config.rotary, "type": rotary_type}
+    config.packed_attention = "auto"  # the training machine's kernel choice is not the inference machine's
     config.bos_token_id, config.eos_token_id, config.pad_token_id = BOS_ID, EOS_ID, PAD_ID
     target_dtype = getattr(torch, dtype) if dtype else config.dtype
     model = InternLMForCausalLM(config) if fmt == "internlm" else LlamaForCausalLM(llama_config(config))

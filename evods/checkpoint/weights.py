@@ -19,6 +19,7 @@ from safetensors.torch import load_file
 from evods.model import pipeline_parameter_name
 from evods.parallel import split_dim
 
+from .errors import CheckpointError
 from .layout import DEEPSPEED_TAG, TOPOLOGY
 
 # Buffers some HF InternLM checkpoints carry (InternLM's convert2hf.py) that evods recomputes.
@@ -26,7 +27,7 @@ IGNORED_HF_KEYS = re.compile(r".*rotary_emb\.inv_freq$")
 _LAYER_FILE = re.compile(r"layer_(\d+)-model_(\d+)-model_states\.pt$")
 
 
-class WeightsError(ValueError):
+class WeightsError(CheckpointError, ValueError):
     """Model weights that cannot be read or do not fit the model; the message says which file or key and what to do."""
 
 

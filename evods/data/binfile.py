@@ -137,7 +137,7 @@ class TokenizedDataset:
     """One `.bin` file as a dataset of token arrays (InternEvo's JsonlDataset, §3.2).
 
     Opening reads only the meta (plus the last line, for the consistency check); samples are read with pread at their meta
-    offset (O(1) per sample) from a lazily opened descriptor, so the object is cheap to pickle into DataLoader workers. `min_length` drops samples with fewer
+    offset (O(1) per sample), so the object is cheap to pickle into DataLoader workers. `min_length` drops samples with fewer
     tokens (by the meta count). Item i is an int64 array of the i-th kept sample's tokens (negative = masked).
     """
 
@@ -159,8 +159,6 @@ class TokenizedDataset:
         self.offsets = meta[:, 0].astype(np.int64)
         self.all_lengths = meta[:, 1].astype(np.int64)
         self.file_size = self.path.stat().st_size
-        self._fd = None
-        self._fd_pid = None
         self._ends = np.append(self.offsets[1:], self.file_size)
         self._check_consistency(meta_file)
         self._rows = np.flatnonzero(self.all_lengths >= min_length)
@@ -192,13 +190,14 @@ class TokenizedDataset:
 
     def _read_line(self, row) -> bytes:
         # pread, not mmap: pages of a mapped file count in the process's RSS (the whole file, after an epoch of
-        # shuffled reads, even with madvise), while pread leaves them to the page cache. One descriptor per
-        # process, opened on first use, since DataLoader workers fork.
-        if self._fd_pid != os.getpid():
-            self._fd = os.open(self.path, os.O_RDONLY)
-            self._fd_pid = os.getpid()
+        # shuffled reads, even with madvise), while pread leaves them to the page cache. The file is opened per read
+        # so that a training set of thousands of .bin files never runs out of file descriptors.
         start = int(self.offsets[row])
-        return os.pread(self._fd, int(self._ends[row]) - start, start)
+        fd = os.open(self.path, os.O_RDONLY)
+        try:
+            return os.pread(fd, int(self._ends[row]) - start, start)
+        finally:
+            os.close(fd)
 
     def _parse(self, row, line: bytes) -> np.ndarray:
         where = f"{self.path} row {row} (byte {self.offsets[row]})"
@@ -210,8 +209,3 @@ class TokenizedDataset:
         if tokens.ndim != 1 or len(tokens) != self.all_lengths[row]:
             raise DataError(f"{where}: the meta says {self.all_lengths[row]} tokens, the line has {tokens.size}")
         return tokens
-
-    def __getstate__(self):
-        state = dict(self.__dict__)
-        state["_fd"] = state["_fd_pid"] = None
-        return state

@@ -63,6 +63,8 @@ def config_from_model_dict(model: dict) -> InternLMConfig:
             "type": "dynamic" if model.get("use_dynamic_ntk_rope", False) else "origin",
         },
         dtype=getattr(torch, dtype.removeprefix("torch.")) if isinstance(dtype, str) else dtype,
+        # use_flash_attn=False keeps flash-attn out even where it is installed
+        packed_attention="auto" if model.get("use_flash_attn", True) else "loop",
     )
 
 

@@ -4,7 +4,7 @@ import os
 import re
 from dataclasses import dataclass
 
-from .base import Storage, clean_rel
+from .base import Storage, StorageError, clean_rel
 from .local import LocalStorage
 from .s3 import S3Storage
 
@@ -16,6 +16,10 @@ ACCEPTED_FORMS = (
 )
 # Only a word before the first ':' is a scheme, so that a local path such as /data/run:1 stays a local path.
 _SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*):(.*)$", re.DOTALL)
+
+
+class StoragePathError(StorageError, ValueError):
+    """A storage path in none of the accepted forms (a ValueError too, as for any malformed argument)."""
 
 
 @dataclass(frozen=True)
@@ -34,7 +38,8 @@ def _split_s3_url(url: str, original: str) -> tuple[str, str]:
     """'s3://first/rest/of/path' -> ('first', 'rest/of/path'). removeprefix, not InternEvo's lstrip("s3://"), which
     also ate the leading 's' and '3' characters of bucket names."""
     if not url.startswith("s3://"):
-        raise ValueError(f"storage path {original!r}: expected s3://… after boto3:; accepted forms: {ACCEPTED_FORMS}")
+        raise StoragePathError(
+            f"storage path {original!r}: expected s3://… after boto3:; accepted forms: {ACCEPTED_FORMS}")
     first, _, rest = url.removeprefix("s3://").partition("/")
     return first, clean_rel(rest)
 
@@ -53,29 +58,29 @@ def parse_storage_path(path: str, endpoint_url: str | None = None) -> LocalLocat
     scheme, rest = (match.group(1).lower(), match.group(2)) if match else ("", path)
     if scheme in ("", "local"):
         if not rest:
-            raise ValueError(f"storage path {path!r} names no folder; accepted forms: {ACCEPTED_FORMS}")
+            raise StoragePathError(f"storage path {path!r} names no folder; accepted forms: {ACCEPTED_FORMS}")
         return LocalLocation(os.path.abspath(os.path.expanduser(rest)))
     if scheme == "boto3":
         first, prefix = _split_s3_url(rest, path)
         bucket, _, endpoint = first.partition(".")
         if not bucket or not endpoint:
-            raise ValueError(
+            raise StoragePathError(
                 f"storage path {path!r}: boto3:s3:// paths need BUCKET.ENDPOINT before the first '/', e.g. "
                 "boto3:s3://model_weights.10.1.2.3/internlm; for an endpoint from the environment use "
                 "s3://BUCKET/prefix"
             )
         if endpoint_url:
-            raise ValueError(f"storage path {path!r} already names its endpoint; do not also pass endpoint_url")
+            raise StoragePathError(f"storage path {path!r} already names its endpoint; do not also pass endpoint_url")
         host, port = endpoint.rsplit(":", 1) if ":" in endpoint else (endpoint, "80")
         if not host or not port.isdigit():
-            raise ValueError(f"storage path {path!r}: endpoint {endpoint!r} is not HOST or HOST:PORT")
+            raise StoragePathError(f"storage path {path!r}: endpoint {endpoint!r} is not HOST or HOST:PORT")
         return S3Location(bucket, prefix, f"http://{host}:{port}")
     if scheme == "s3":
         bucket, prefix = _split_s3_url(path, path)
         if not bucket:
-            raise ValueError(f"storage path {path!r} names no bucket; accepted forms: {ACCEPTED_FORMS}")
+            raise StoragePathError(f"storage path {path!r} names no bucket; accepted forms: {ACCEPTED_FORMS}")
         return S3Location(bucket, prefix, endpoint_url or _endpoint_from_env())
-    raise ValueError(f"storage path {path!r}: unknown scheme {scheme!r}; accepted forms: {ACCEPTED_FORMS}")
+    raise StoragePathError(f"storage path {path!r}: unknown scheme {scheme!r}; accepted forms: {ACCEPTED_FORMS}")
 
 
 def open_storage(path: str, **s3_options) -> Storage:

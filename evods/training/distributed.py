@@ -13,6 +13,10 @@ from evods.config import cpu_fp16_forced
 LAUNCHERS = ("deepspeed", "torch", "slurm")
 
 
+class LaunchError(RuntimeError):
+    """The processes were not started the way --launcher says."""
+
+
 def _first_host(nodelist: str) -> str:
     """The first host of a slurm node list such as "node[01-04]", as InternEvo picks its master."""
     hosts = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True, check=True)
@@ -32,10 +36,10 @@ def set_launcher_env(launcher: str, port: int | None = None, environ=os.environ)
     a plain `python train_ds.py` gets a one-process group.
     """
     if launcher not in LAUNCHERS:
-        raise ValueError(f"--launcher must be one of {', '.join(LAUNCHERS)}, got {launcher!r}")
+        raise LaunchError(f"--launcher must be one of {', '.join(LAUNCHERS)}, got {launcher!r}")
     if launcher == "slurm":
         if "SLURM_PROCID" not in environ:
-            raise RuntimeError("--launcher slurm needs SLURM_PROCID: start it with `srun ... python train_ds.py`")
+            raise LaunchError("--launcher slurm needs SLURM_PROCID: start it with `srun ... python train_ds.py`")
         environ["RANK"] = environ["SLURM_PROCID"]
         environ["WORLD_SIZE"] = environ["SLURM_NPROCS"]
         environ["LOCAL_RANK"] = environ.get("SLURM_LOCALID", "0")
@@ -68,5 +72,9 @@ def init_distributed(launcher: str = "deepspeed", port: int | None = None, timeo
     if accelerator.device_name() == "cuda":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     if not torch.distributed.is_initialized():
-        deepspeed.init_distributed(dist_backend=accelerator.communication_backend_name(),
-                                   timeout=datetime.timedelta(seconds=timeout_s))
+        backend = accelerator.communication_backend_name()
+        if backend == "nccl":
+            # evods reduces small bookkeeping tensors (stop flags, metrics, counters) on the CPU; gloo carries those,
+            # nccl the tensors on the GPU.
+            backend = "cpu:gloo,cuda:nccl"
+        deepspeed.init_distributed(dist_backend=backend, timeout=datetime.timedelta(seconds=timeout_s))

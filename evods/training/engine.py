@@ -86,9 +86,10 @@ class TrainEngine:
 
     def _train_step_plain(self, batch: dict) -> float:
         total = torch.zeros((), dtype=torch.float64)
+        device = self.engine.device  # the pipeline engine moves its inputs itself; a plain engine does not
         for inputs, targets in _micro_batches(batch):
-            logits = self.engine(input_ids=inputs[0], position_ids=inputs[1]).logits
-            loss = self.loss_fn(logits, targets)
+            logits = self.engine(input_ids=inputs[0].to(device), position_ids=inputs[1].to(device)).logits
+            loss = self.loss_fn(logits, tuple(t.to(device) for t in targets))
             self.engine.backward(loss)
             self.engine.step()  # DeepSpeed applies the update only at the accumulation boundary
             total += loss.detach().double().cpu()
@@ -121,5 +122,7 @@ class TrainEngine:
             self.engine.reset_activation_shape()
             self._pipe_shapes_are_eval = True
             return float(self.engine.eval_batch(iter(rows), num_micro_batches=1))
-        logits = self.engine(input_ids=input_ids, position_ids=position_ids).logits
-        return self._mean_over_data_parallel(self.loss_fn(logits, (labels, type_ids)).detach().double())
+        device = self.engine.device
+        logits = self.engine(input_ids=input_ids.to(device), position_ids=position_ids.to(device)).logits
+        loss = self.loss_fn(logits, (labels.to(device), type_ids.to(device)))
+        return self._mean_over_data_parallel(loss.detach().double().cpu())

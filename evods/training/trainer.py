@@ -14,8 +14,8 @@ import torch
 import torch.distributed as dist
 
 from evods.checkpoint import CheckpointManager, TrainingParts
-from evods.config import (TrainConfig, adamw_kwargs, build_deepspeed_config, check_device, check_topology,
-                          write_deepspeed_config)
+from evods.config import (ConfigError, TrainConfig, adamw_kwargs, build_deepspeed_config, check_device,
+                          check_topology, write_deepspeed_config)
 from evods.data import batch_stats, build_train_loader, build_valid_loaders
 from evods.model import set_activation_checkpointing
 from evods.model.registry import MODEL_INITIALIZER
@@ -103,10 +103,16 @@ class Trainer:
         topology = check_topology(cfg, world)
         self.sizes = parallel_sizes(rank, world, pp=topology.pp, tp=topology.tp)
         check_device(cfg, device_type=_device_type())
+        if cfg.model.tf32:  # "torch.tf32": fp32 weights, TF32 matmuls and convolutions (InternEvo's launch.py)
+            torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
         seed_everything(seed)
         self.run_dir = run_dir or default_run_dir(cfg.JOB_NAME)
 
-        model = MODEL_INITIALIZER.get_module(cfg.model_type)(**cfg.model_dict)
+        try:
+            model = MODEL_INITIALIZER.get_module(cfg.model_type)(**cfg.model_dict)
+        except (TypeError, ValueError) as error:  # the builder rejects the config's `model` dict or model_type
+            where = cfg.source.path if cfg.source else "the config"
+            raise ConfigError(f"{where}: model_type {cfg.model_type!r} with this `model` dict: {error}") from None
         set_activation_checkpointing(model, cfg.model.checkpoint)
         self.checkpoints = CheckpointManager(cfg.ckpt, self.sizes, model.config,
                                              cfg.source.text if cfg.source else None)
@@ -122,7 +128,7 @@ class Trainer:
         self.peak = peak_flops(peak_tflops)
 
         self.loader, self.sampler, self.dataset_types = build_train_loader(asdict(cfg.data), self.sizes.dp_rank,
-                                                                            self.sizes.dp)
+                                                                            self.sizes.dp, cfg.data.num_worker)
         self.token_metrics = TokenMetrics(num_types=len(self.dataset_types))
         vocab_split = self.sizes.tp > 1 and cfg.model.parallel_output
         loss_fn = PackedLoss(cfg.loss.label_smoothing, self.token_metrics,
