@@ -15,7 +15,7 @@ from evods.config import CkptConfig
 from evods.parallel import ParallelSizes
 from evods.storage import AsyncUploader, AsyncUploadError, LocalStorage, Storage, open_storage
 
-from . import layout, native
+from . import collective, layout, native
 from .errors import CheckpointError
 from .policy import SavePolicy, StopFile
 from .reshard import check_reshardable, load_resharded, reshard_sampler_state
@@ -110,9 +110,9 @@ class CheckpointManager:
             if saved["dp"] != now["dp"]:
                 sampler = reshard_sampler_state(sampler, now["dp"], plan.describe())
             parts.sampler.load_state_dict(sampler)
-        rng_path = os.path.join(folder, layout.rng_file(_rank()))
+        rng_path = os.path.join(folder, layout.rng_file(collective.rank()))
         if os.path.isfile(rng_path):
-            set_rng_state(_read(folder, layout.rng_file(_rank())))
+            set_rng_state(_read(folder, layout.rng_file(collective.rank())))
 
     @staticmethod
     def _restore_native_run_state(folder: str, plan: LoadPlan, parts: TrainingParts) -> None:
@@ -151,21 +151,30 @@ class CheckpointManager:
     def save(self, folder: str, step: int, parts: TrainingParts) -> None:
         self._complete_pending()
         self._last_saved_step = step
-        rank = _rank()
-        if rank == 0 and self.storage.list(folder):
-            self.storage.delete_prefix(folder)  # an interrupted save at this step, or the snapshot slot's previous one
-        _barrier()
-        if isinstance(self.storage, LocalStorage):  # DeepSpeed writes in place; the marker guards the folder
+        rank = collective.rank()
+
+        def clear_folder():
+            if rank == 0 and self.storage.list(folder):
+                self.storage.delete_prefix(folder)  # an interrupted save at this step, or the snapshot slot's last one
+
+        collective.agree_on_failure(f"clearing {self.storage.uri(folder)}", clear_folder)
+        local = isinstance(self.storage, LocalStorage)
+        if local:  # DeepSpeed writes in place; the marker guards the folder
             target = os.path.join(self.storage.root, *folder.split("/"))
-            parts.engine.save_checkpoint(target, tag=layout.DEEPSPEED_TAG, save_latest=False)
-            fsync_tree(os.path.join(target, layout.DEEPSPEED_TAG))
         else:  # each rank stages its own DeepSpeed files locally and sends exactly those
-            staging = tempfile.mkdtemp(prefix=f"evods-ckpt-{step}-rank{rank}-", dir=self._staging_root())
-            parts.engine.save_checkpoint(staging, tag=layout.DEEPSPEED_TAG, save_latest=False)
-            self.publisher.move_folder(staging, folder)
-        if rank == 0:
-            self._write_run_state(folder, parts)
-        self.publisher.write(layout.join(folder, layout.rng_file(rank)), to_bytes(rng_state()))
+            target = tempfile.mkdtemp(prefix=f"evods-ckpt-{step}-rank{rank}-", dir=self._staging_root())
+        parts.engine.save_checkpoint(target, tag=layout.DEEPSPEED_TAG, save_latest=False)
+
+        def write_own_files():
+            if local:
+                fsync_tree(os.path.join(target, layout.DEEPSPEED_TAG))
+            else:
+                self.publisher.move_folder(target, folder)
+            if rank == 0:
+                self._write_run_state(folder, parts)
+            self.publisher.write(layout.join(folder, layout.rng_file(rank)), to_bytes(rng_state()))
+
+        collective.agree_on_failure(f"writing the checkpoint of step {step}", write_own_files)
         self._pending = (folder, step)
         if self.publisher.uploader is None:
             self._complete_pending()
@@ -211,12 +220,12 @@ class CheckpointManager:
                                       f"not be loaded): {failure}") from failure
             raise CheckpointError(f"checkpoint of step {step} at {where} is incomplete: another rank's uploads failed "
                                   "(see its error)")
-        if _rank() == 0:
+        if collective.rank() == 0:
             self.storage.write_bytes(layout.join(folder, layout.marker_name(step)),
                                      json.dumps({"step": step}).encode())
             logger.info("checkpoint of step %d is complete: %s", step, self.storage.uri(folder))
             self._prune()
-        _barrier()
+        collective.barrier()
 
     def _prune(self) -> None:
         """Keep only the newest `keep_last_ckpts` normal checkpoints (snapshots are not counted)."""
@@ -250,7 +259,7 @@ class _LocalCopy:
     def __enter__(self) -> str:
         storage = open_storage(self.plan.path)
         if not isinstance(storage, LocalStorage):
-            self._temp = tempfile.mkdtemp(prefix=f"evods-load-rank{_rank()}-")
+            self._temp = tempfile.mkdtemp(prefix=f"evods-load-rank{collective.rank()}-")
         return fetch_folder(storage, self.plan.folder, self._temp or "")
 
     def __exit__(self, *exc_info) -> None:
@@ -264,12 +273,3 @@ def _read(folder: str, name: str):
         raise CheckpointError(f"{path} is missing: the checkpoint is not an evods checkpoint or lacks this content")
     with open(path, "rb") as f:
         return from_bytes(f.read())
-
-
-def _rank() -> int:
-    return dist.get_rank() if dist.is_initialized() else 0
-
-
-def _barrier() -> None:
-    if dist.is_initialized():
-        dist.barrier()

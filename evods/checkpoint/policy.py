@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from .collective import rank
 from .layout import SNAPSHOT_FOLDER, join
 
 logger = logging.getLogger("evods.checkpoint")
@@ -27,7 +28,7 @@ class StopFile:
 
     def __init__(self, path: str | None):
         self.path = path
-        if path and _is_rank0():
+        if path and rank() == 0:
             os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
             with open(path, "w") as f:
                 f.write("0")
@@ -39,7 +40,7 @@ class StopFile:
         return int(value.item())
 
     def _read_on_rank0(self) -> int:
-        if not self.path or not _is_rank0():
+        if not self.path or rank() != 0:
             return 0
         try:
             with open(self.path) as f:
@@ -73,7 +74,3 @@ class SavePolicy:
 
 def _every(step_count: int, interval: float) -> bool:
     return not math.isinf(interval) and step_count % int(interval) == 0
-
-
-def _is_rank0() -> bool:
-    return not dist.is_initialized() or dist.get_rank() == 0

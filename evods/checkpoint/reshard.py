@@ -18,6 +18,7 @@ import torch.distributed as dist
 
 from evods.model import pipeline_parameter_name
 
+from .collective import agree_on_failure, barrier
 from .errors import CheckpointError
 from .layout import DEEPSPEED_TAG
 
@@ -41,13 +42,15 @@ def load_resharded(engine, checkpoint_folder: str, source: str, saved: dict, now
     `checkpoint_folder` and saved at topology `saved`, into the DeepSpeed `engine` of this run (topology `now`)."""
     cache = _cache_folder(source, now)
     current_names = _current_names(engine, saved["num_layers"])
-    if _is_node_leader():
-        logger.warning("checkpoint %s was saved with dp=%d, pp=%d and this run has dp=%d, pp=%d: converting it to "
-                       "DeepSpeed's universal checkpoint in %s and loading that", checkpoint_folder, saved["dp"],
-                       saved["pp"], now["dp"], now["pp"], cache)
-        _convert(os.path.join(checkpoint_folder, DEEPSPEED_TAG), os.path.join(cache, UNIVERSAL_TAG),
-                 _ParameterNames(saved["num_layers"], saved["pp"] > 1), current_names)
-    _barrier()
+    def convert_on_node_leader():
+        if _is_node_leader():
+            logger.warning("checkpoint %s was saved with dp=%d, pp=%d and this run has dp=%d, pp=%d: converting it "
+                           "to DeepSpeed's universal checkpoint in %s and loading that", checkpoint_folder,
+                           saved["dp"], saved["pp"], now["dp"], now["pp"], cache)
+            _convert(os.path.join(checkpoint_folder, DEEPSPEED_TAG), os.path.join(cache, UNIVERSAL_TAG),
+                     _ParameterNames(saved["num_layers"], saved["pp"] > 1), current_names)
+
+    agree_on_failure(f"converting {source} to a universal checkpoint", convert_on_node_leader)
     # DeepSpeed reads this flag only inside load_checkpoint; setting it for this one load leaves the run's config
     # (and its later saves) as they are.
     config = engine._config
@@ -57,7 +60,7 @@ def load_resharded(engine, checkpoint_folder: str, source: str, saved: dict, now
                                          load_lr_scheduler_states=False)
     finally:
         config.load_universal_checkpoint = previous
-    _barrier()
+    barrier()
     if _is_node_leader():
         shutil.rmtree(cache, ignore_errors=True)
     if path is None:
@@ -134,8 +137,3 @@ def _cache_folder(source: str, now: dict) -> str:
 
 def _is_node_leader() -> bool:
     return int(os.environ.get("LOCAL_RANK", "0")) == 0
-
-
-def _barrier() -> None:
-    if dist.is_initialized():
-        dist.barrier()

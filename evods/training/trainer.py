@@ -1,7 +1,6 @@
 """The training loop: one InternEvo config in, a trained model and a metrics log out."""
 import logging
 import math
-import os
 import random
 import signal
 import time
