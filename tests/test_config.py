@@ -139,11 +139,10 @@ def test_launch_normalisation(tmp_path, caplog):
     assert cfg.model.dtype == torch.float16 and "model.dtype is not set" in caplog.text
 
 
-def test_skip_batches_and_rampup_are_parsed(tmp_path):
-    cfg = load_text(tmp_path, TINY.replace("total_steps=10)", "total_steps=10, skip_batches='3-5,9', "
-                                                                "rampup_batch_size='1 1 4')"))
-    assert [n for n in range(12) if cfg.data.skip_batch(n)] == [3, 4, 5, 9]
-    assert cfg.data.rampup == (1, 1, 4)
+@pytest.mark.parametrize("value", ["a-b", "9-3", "-1"])
+def test_malformed_skip_batches_names_file_and_key(tmp_path, value):
+    with pytest.raises(ConfigError, match=r"cfg\.py:1: data\.skip_batches must be a string of inclusive"):
+        load_text(tmp_path, TINY.replace("total_steps=10)", f"total_steps=10, skip_batches={value!r})"))
 
 
 def test_checkpoint_saving_rules(tmp_path, caplog):

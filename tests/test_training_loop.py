@@ -129,6 +129,23 @@ def test_fp16_overflow_skips_the_step_and_scale_follows_hysteresis(tmp_path):
     assert result["lrs"][:3] == pytest.approx([1e-3 * (t + 2) / 4 for t in range(3)])
 
 
+def skip_batches_run(run_dir: str) -> dict:
+    from evods.training.distributed import init_distributed
+    from evods.training.trainer import Trainer
+
+    init_distributed("torch")
+    cfg = tiny_config(data=dict(seq_len=32, micro_bsz=1, micro_num=1, total_steps=3, skip_batches="1-2"),
+                      lr_scheduler=dict(total_steps=3))
+    state = Trainer(cfg, run_dir=Path(run_dir)).train()
+    return {"steps": [entry["step"] for entry in state.history], "batches": state.batch_count,
+            "skipped": state.skipped_by_config, "optimizer_steps": state.step_count}
+
+
+def test_skip_batches_consumes_but_does_not_train_those_batches(tmp_path):
+    result = run_distributed(skip_batches_run, world=1, args=(str(tmp_path),))[0]
+    assert result == {"steps": [0, 3, 4], "batches": 5, "skipped": 2, "optimizer_steps": 3}
+
+
 def test_slurm_launcher_reads_slurm_variables():
     environ = {"SLURM_PROCID": "5", "SLURM_NPROCS": "16", "SLURM_LOCALID": "1"}
     set_launcher_env("slurm", port=9999, environ=environ)

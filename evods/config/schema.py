@@ -80,11 +80,15 @@ def section(cls, *, optional: bool = False, required: bool = False, coerce: Opti
 
 
 def _parse_skip_batches(text: str) -> list[tuple[int, int]]:
-    """"100-200,350" -> [(100, 200), (350, 350)]: inclusive ranges of batch_count (§3.5)."""
+    """"100-200,350" -> [(100, 200), (350, 350)]: inclusive ranges of batch_count (§3.5). Validation only, so that a
+    malformed value is reported with its file and line; evods.data.BatchSkipper applies it."""
     spans = []
     for part in filter(None, (p.strip() for p in text.split(","))):
         low, _, high = part.partition("-")
-        spans.append((int(low), int(high or low)))
+        span = (int(low), int(high or low))
+        if not 0 <= span[0] <= span[1]:
+            raise ValueError(part)
+        spans.append(span)
     return spans
 
 
@@ -99,7 +103,7 @@ def _parses(parse: Callable[[str], Any]) -> Callable[[Any], bool]:
 
 
 def _parse_rampup(text: str) -> Optional[tuple[int, int, int]]:
-    """"start incr every" -> (start, incr, every); "" -> None (§3.5)."""
+    """"start incr every" -> (start, incr, every); "" -> None (§3.5). Validation only; evods.data applies it."""
     if not text.strip():
         return None
     start, incr, every = (int(part) for part in text.split())
@@ -139,14 +143,6 @@ class DataConfig:
     num_worker: int = key(NON_NEGATIVE_INT, 4)
     seed: int = key(INT, 1024)
 
-    def skip_batch(self, batch_count: int) -> bool:
-        """Whether `skip_batches` names this batch_count: it is consumed without forward, backward or step."""
-        return any(low <= batch_count <= high for low, high in _parse_skip_batches(self.skip_batches))
-
-    @property
-    def rampup(self) -> Optional[tuple[int, int, int]]:
-        """`rampup_batch_size` as (start, increment, every), or None for no ramp-up."""
-        return _parse_rampup(self.rampup_batch_size)
 
 
 CKPT_CONTENT = {"model", "sampler", "optimizer", "scheduler", "all"}

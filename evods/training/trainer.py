@@ -15,7 +15,7 @@ import torch.distributed as dist
 from evods.checkpoint import CheckpointManager, TrainingParts
 from evods.config import (ConfigError, TrainConfig, adamw_kwargs, build_deepspeed_config, check_device,
                           check_topology, write_deepspeed_config)
-from evods.data import batch_stats, build_train_loader, build_valid_loaders
+from evods.data import BatchSkipper, batch_stats, build_train_loader, build_valid_loaders
 from evods.model import set_activation_checkpointing
 from evods.model.registry import MODEL_INITIALIZER
 from evods.parallel import (ParallelSizes, VocabParallelLogits, apply_tensor_parallel, build_parallel_grid,
@@ -128,6 +128,7 @@ class Trainer:
 
         self.loader, self.sampler, self.dataset_types = build_train_loader(asdict(cfg.data), self.sizes.dp_rank,
                                                                             self.sizes.dp, cfg.data.num_worker)
+        self.skip_batch = BatchSkipper(cfg.data.skip_batches)
         self.token_metrics = TokenMetrics(num_types=len(self.dataset_types))
         vocab_split = self.sizes.tp > 1 and cfg.model.parallel_output
         loss_fn = PackedLoss(cfg.loss.label_smoothing, self.token_metrics,
@@ -165,7 +166,7 @@ class Trainer:
             start = time.time()
             batch = next(batches)
             self.state.batch_count += 1
-            if self.cfg.data.skip_batch(self.state.batch_count - 1):
+            if self.skip_batch(self.state.batch_count - 1):
                 self.state.skipped_by_config += 1
                 continue
             outcome = self.engine.train_step(batch)
@@ -190,9 +191,9 @@ class Trainer:
     def _log_summary(self) -> None:
         trained = [entry for entry in self.state.history if entry["applied"]]
         if trained:
-            logger.info("finished: %d optimizer steps, %d skipped (inf/nan), loss %.4f -> %.4f; metrics in %s",
-                        self.state.step_count, self.state.inf_nan_skip_batches, trained[0]["loss"],
-                        trained[-1]["loss"], self.run_dir)
+            logger.info("finished: %d optimizer steps, %d skipped (inf/nan), %d batches skipped by skip_batches, "
+                        "loss %.4f -> %.4f; metrics in %s", self.state.step_count, self.state.inf_nan_skip_batches,
+                        self.state.skipped_by_config, trained[0]["loss"], trained[-1]["loss"], self.run_dir)
 
     def _after_step(self, batch: dict, outcome: StepOutcome, elapsed: float) -> None:
         state, data = self.state, self.cfg.data
