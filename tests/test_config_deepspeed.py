@@ -77,6 +77,12 @@ def test_override_of_the_batch_geometry_is_an_error(tmp_path):
         build_deepspeed_config(tiny(tmp_path), dp_size=2, override_path=override)
 
 
+def test_override_of_the_zero_stage_is_an_error(tmp_path):
+    override = write_json(tmp_path, {"zero_optimization": {"stage": 0}})
+    with pytest.raises(ConfigError, match=r"zero_optimization\.stage=0 cannot be overridden: evods always runs ZeRO-1"):
+        build_deepspeed_config(tiny(tmp_path), dp_size=2, override_path=override)
+
+
 def test_override_is_checked_by_deepspeed(tmp_path):
     override = write_json(tmp_path, {"zero_optimization": {"reduce_bucket_sise": 5}})
     with pytest.raises(ConfigError, match=r"(?s)override\.json: DeepSpeed rejects the config: .*reduce_bucket_sise"):

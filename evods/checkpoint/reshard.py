@@ -74,7 +74,9 @@ def reshard_sampler_state(state: dict, dp: int, source: str) -> dict:
     if consumed % dp:
         raise CheckpointError(f"{source}: {consumed} samples of this pass were consumed, which {dp} data ranks "
                               "cannot split evenly; resume with a data size that divides it")
-    return {**state, "data_world_size": dp, "num_consumed_samples_in_epoch": consumed // dp}
+    # A new data size usually comes with a new micro_num (same global batch), so the per-rank batch is not checked.
+    kept = {key: value for key, value in state.items() if key != "batch_size"}
+    return {**kept, "data_world_size": dp, "num_consumed_samples_in_epoch": consumed // dp}
 
 
 class _ParameterNames:

@@ -115,6 +115,9 @@ def _check_override(user: dict, evods: dict[str, tuple[Any, str]], origin: str) 
             raise ConfigError(f"{origin}: {dotted}={value!r} conflicts with the training config ({reason} gives "
                               f"{ours!r}); remove it from the DeepSpeed JSON and set data.micro_num / "
                               f"data.micro_bsz in the training config instead")
+        if dotted in FIXED_BY_EVODS:
+            raise ConfigError(f"{origin}: {dotted}={value!r} cannot be overridden: {reason}. Remove it from the "
+                              "DeepSpeed JSON")
         logger.warning("%s: %s=%r overrides %r from the training config (%s).", origin, dotted, value, ours, reason)
 
 

@@ -101,7 +101,7 @@ class StaticBatchSampler:
         }
 
     def load_state_dict(self, state: dict):
-        for key in ("data_world_size", "raw_rampup_batch_size", "seed", "num_samples"):
+        for key in ("batch_size", "data_world_size", "raw_rampup_batch_size", "seed", "num_samples"):
             if key in state and state[key] != getattr(self, key):
                 raise DataError(f"cannot resume the data sampler: {key} was {state[key]!r} in the checkpoint and is "
                                 f"{getattr(self, key)!r} now; resuming exactly needs the same data and settings")

@@ -18,8 +18,14 @@ def atomic_write(path: str | os.PathLike, fill: Callable[[BinaryIO], None]) -> N
     A crash at any point leaves either the old file or the new one under `path`, never a partial file.
     """
     folder = os.path.dirname(os.path.abspath(path)) or "."
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix="." + os.path.basename(path) + ".", suffix=_TMP_SUFFIX)
+    for attempt in range(3):
+        os.makedirs(folder, exist_ok=True)
+        try:
+            fd, tmp = tempfile.mkstemp(dir=folder, prefix="." + os.path.basename(path) + ".", suffix=_TMP_SUFFIX)
+            break
+        except FileNotFoundError:  # another process removed the folder as it emptied (e.g. ranks pinging at once)
+            if attempt == 2:
+                raise
     try:
         with os.fdopen(fd, "wb") as f:
             fill(f)
