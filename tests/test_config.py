@@ -139,6 +139,13 @@ def test_launch_normalisation(tmp_path, caplog):
     assert cfg.model.dtype == torch.float16 and "model.dtype is not set" in caplog.text
 
 
+def test_accepted_but_unapplied_keys_say_so(tmp_path, caplog):
+    with caplog.at_level(logging.WARNING, logger="evods.config"):
+        load_text(tmp_path, TINY.replace("total_steps=10)", "total_steps=10, seed=7, use_packed_dataset=False)"))
+    assert "data.seed=7 is not applied by evods" in caplog.text
+    assert "data.use_packed_dataset=False is not applied by evods" in caplog.text
+
+
 @pytest.mark.parametrize("value", ["a-b", "9-3", "-1"])
 def test_malformed_skip_batches_names_file_and_key(tmp_path, value):
     with pytest.raises(ConfigError, match=r"cfg\.py:1: data\.skip_batches must be a string of inclusive"):

@@ -449,10 +449,34 @@ def _normalise(cfg: TrainConfig, source: ConfigSource) -> None:
         cfg.tensorboard_folder = os.environ.get("tensorboard_folder")
     if cfg.resume_tb_folder is None:
         cfg.resume_tb_folder = os.environ.get("resume_tb_folder")
+    _warn_unapplied(cfg)
     alert = cfg.monitor.alert
     if alert.enable_feishu_alert or alert.light_monitor_address or cfg.alert_address:
         logger.warning("monitor.alert: Feishu alerts and light-monitor heartbeats are not sent yet by evods; "
                        "watch the log (or its JSONL metrics) instead.")
+
+
+def _warn_unapplied(cfg: TrainConfig) -> None:
+    """Keys evods accepts, so that InternEvo configs load, but does not act on: say so when they ask for something."""
+    unapplied = [
+        (not cfg.data.use_packed_dataset, "data.use_packed_dataset=False", "evods always trains on packed rows"),
+        (cfg.data.fixed_random_dataset_seqlen, "data.fixed_random_dataset_seqlen=True",
+         "the random dataset keeps InternEvo's original sample lengths"),
+        (cfg.data.seed != 1024, f"data.seed={cfg.data.seed}", "the data order uses InternEvo's fixed seed 1024"),
+        (cfg.model.embed_grad_scale != 1, f"model.embed_grad_scale={cfg.model.embed_grad_scale}",
+         "embedding gradients are not rescaled"),
+        (cfg.model.apply_post_layer_norm, "model.apply_post_layer_norm=True", "InternLM is pre-norm (InternEvo "
+         "ignores it too)"),
+        (cfg.resume_tb_folder is not None, f"resume_tb_folder={cfg.resume_tb_folder!r}",
+         "TensorBoard scalars go to this run's folder"),
+    ]
+    for asked, setting, what_happens in unapplied:
+        if asked:
+            logger.warning("%s is not applied by evods: %s.", setting, what_happens)
+    zero = cfg.hybrid_zero_optimizer
+    if zero.overlap_sync_grad or zero.overlap_sync_param:
+        logger.info("hybrid_zero_optimizer.overlap_sync_*: DeepSpeed's ZeRO-1 schedules its own communication "
+                    "(set zero_optimization.overlap_comm in a --ds_config file to change it).")
 
 
 def _normalise_data(data: DataConfig) -> None:

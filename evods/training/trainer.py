@@ -102,6 +102,8 @@ class Trainer:
         topology = check_topology(cfg, world)
         self.sizes = parallel_sizes(rank, world, pp=topology.pp, tp=topology.tp)
         check_device(cfg, device_type=_device_type())
+        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = (cfg.cudnn_deterministic,
+                                                                              cfg.cudnn_benchmark)
         if cfg.model.tf32:  # "torch.tf32": fp32 weights, TF32 matmuls and convolutions (InternEvo's launch.py)
             torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
         seed_everything(seed)
