@@ -146,6 +146,26 @@ def test_skip_batches_consumes_but_does_not_train_those_batches(tmp_path):
     assert result == {"steps": [0, 3, 4], "batches": 5, "skipped": 2, "optimizer_steps": 3}
 
 
+def stop_file_run(run_dir: str) -> dict:
+    from evods.training.distributed import init_distributed
+    from evods.training.trainer import Trainer
+
+    init_distributed("torch")
+    stop_file = Path(run_dir) / "stop"
+    cfg = tiny_config(data=dict(seq_len=32, micro_bsz=1, micro_num=1, total_steps=50),
+                      lr_scheduler=dict(total_steps=50), ckpt=dict(enable_save_ckpt=False, stop_file_path=str(stop_file)))
+    trainer = Trainer(cfg, run_dir=Path(run_dir))
+    written_at_start = stop_file.read_text()
+    stop_file.write_text("3")  # what a user writes while the run goes on: stop after step_count 3
+    state = trainer.train()
+    return {"written_at_start": written_at_start, "optimizer_steps": state.step_count}
+
+
+def test_stop_file_stops_a_run_that_does_not_save(tmp_path):
+    result = run_distributed(stop_file_run, world=1, args=(str(tmp_path),))[0]
+    assert result == {"written_at_start": "0", "optimizer_steps": 3}
+
+
 def test_slurm_launcher_reads_slurm_variables():
     environ = {"SLURM_PROCID": "5", "SLURM_NPROCS": "16", "SLURM_LOCALID": "1"}
     set_launcher_env("slurm", port=9999, environ=environ)

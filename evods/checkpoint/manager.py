@@ -61,7 +61,8 @@ class CheckpointManager:
             uploader = AsyncUploader(self.storage, ckpt.async_upload_tmp_folder, **(upload_options or {})) \
                 if ckpt.async_upload else None
             self.publisher = Publisher(self.storage, uploader)
-            self.policy = SavePolicy(ckpt.checkpoint_every, ckpt.oss_snapshot_freq, StopFile(ckpt.stop_file_path))
+        # Without a save folder the intervals are inf, but the stop file still stops the run (+N).
+        self.policy = SavePolicy(ckpt.checkpoint_every, ckpt.oss_snapshot_freq, StopFile(ckpt.stop_file_path))
         self.plan = choose_load_plan(ckpt, self.storage)
 
     # ------------------------------------------------------------------------------------------------ loading
@@ -134,11 +135,13 @@ class CheckpointManager:
 
     def after_step(self, step_count: int, parts: TrainingParts) -> bool:
         """Save if the policy says so; True when the stop file asked to quit now."""
-        if not self.saving:
-            return False
         decision = self.policy.decide(step_count)
         if decision.folder is not None:
-            self.save(decision.folder, step_count, parts)
+            if self.saving:
+                self.save(decision.folder, step_count, parts)
+            else:
+                logger.warning("the stop file asks for a checkpoint at step %d, but saving is off "
+                               "(ckpt.enable_save_ckpt=False); nothing is saved", step_count)
         return decision.quit
 
     def save_on_stop(self, step_count: int, parts: TrainingParts) -> None:
