@@ -153,7 +153,8 @@ def stop_file_run(run_dir: str) -> dict:
     init_distributed("torch")
     stop_file = Path(run_dir) / "stop"
     cfg = tiny_config(data=dict(seq_len=32, micro_bsz=1, micro_num=1, total_steps=50),
-                      lr_scheduler=dict(total_steps=50), ckpt=dict(enable_save_ckpt=False, stop_file_path=str(stop_file)))
+                      lr_scheduler=dict(total_steps=50),
+                      ckpt=dict(enable_save_ckpt=False, stop_file_path=str(stop_file)))
     trainer = Trainer(cfg, run_dir=Path(run_dir))
     written_at_start = stop_file.read_text()
     stop_file.write_text("3")  # what a user writes while the run goes on: stop after step_count 3

@@ -136,9 +136,9 @@ class BinWriter:
 class TokenizedDataset:
     """One `.bin` file as a dataset of token arrays (InternEvo's JsonlDataset, §3.2).
 
-    Opening reads only the meta (plus the last line, for the consistency check); samples are read with pread at their meta
-    offset (O(1) per sample), so the object is cheap to pickle into DataLoader workers. `min_length` drops samples with fewer
-    tokens (by the meta count). Item i is an int64 array of the i-th kept sample's tokens (negative = masked).
+    Opening reads only the meta (plus the last line, for the consistency check); samples are read with pread at
+    their meta offset (O(1) per sample), so the object is cheap to pickle into DataLoader workers. `min_length` drops
+    samples with fewer tokens (by the meta count). Item i is an int64 array of the i-th kept sample's tokens (negative = masked).
     """
 
     def __init__(self, bin_path, type_id: int = 0, min_length: int = 0):

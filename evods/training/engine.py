@@ -38,7 +38,8 @@ def _micro_batches(batch: dict) -> list:
 class TrainEngine:
     def __init__(self, model: torch.nn.Module, make_optimizer: Callable[[Iterable], torch.optim.Optimizer],
                  ds_config: dict, sizes: ParallelSizes, loss_fn: PackedLoss, grid: ParallelGrid | None = None):
-        """`model` is already tensor-parallel when sizes.tp > 1, over `grid`'s tensor group (built here if not given)."""
+        """`model` is already tensor-parallel when sizes.tp > 1, over `grid`'s tensor group (built here if not
+        given)."""
         self.sizes = sizes
         grid = grid or build_parallel_grid(sizes)
         self.loss_fn = loss_fn
