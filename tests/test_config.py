@@ -65,7 +65,7 @@ def test_7b_sft_matches_the_quickstart():
 
 
 @pytest.mark.parametrize("name", ["demo_cpu.py", "demo_cpu_data.py"])
-def test_demo_configs_run_on_two_cpu_ranks(name):
+def test_demo_configs_validate_for_two_cpu_ranks(name):
     cfg = load_config(CONFIGS / name)
     assert check_topology(cfg, 2).dp == 2
     check_device(cfg, "cpu", flash_attn_available=False)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from evods.data.binfile import BinWriter
+from evods.data.binfile import BinWriter, meta_path
 from evods.data.errors import DataError
 from evods.data.tokenize import load_tokenizer
 
@@ -105,6 +105,10 @@ def tokenize_alpaca(dataset_path, output_path, tokenizer_path, split_ratio=0.1, 
                     writers[name].write([sample for sample, flag in zip(samples, flags) if flag == wanted])
         for writer in writers.values():
             writer.commit()
+        if overwrite and not counts["valid"] and splits["valid"].exists():
+            # an earlier run's validation split would otherwise still be read as this data's
+            for stale in (splits["valid"], meta_path(splits["valid"])):
+                stale.unlink(missing_ok=True)
     except BaseException:
         for writer in writers.values():
             writer.abort()

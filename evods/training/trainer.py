@@ -16,7 +16,6 @@ from evods.checkpoint import CheckpointManager, TrainingParts
 from evods.config import (ConfigError, TrainConfig, adamw_kwargs, build_deepspeed_config, check_device,
                           check_topology, write_deepspeed_config)
 from evods.data import BatchSkipper, batch_stats, build_train_loader, build_valid_loaders
-from evods.model import set_activation_checkpointing
 from evods.model.registry import MODEL_INITIALIZER
 from evods.parallel import (ParallelSizes, VocabParallelLogits, apply_tensor_parallel, build_parallel_grid,
                             parallel_sizes)
@@ -114,7 +113,6 @@ class Trainer:
         except (TypeError, ValueError) as error:  # the builder rejects the config's `model` dict or model_type
             where = cfg.source.path if cfg.source else "the config"
             raise ConfigError(f"{where}: model_type {cfg.model_type!r} with this `model` dict: {error}") from None
-        set_activation_checkpointing(model, cfg.model.checkpoint)
         self.checkpoints = CheckpointManager(cfg.ckpt, self.sizes, model.config,
                                              cfg.source.text if cfg.source else None)
         self.checkpoints.load_model_weights(model)
