@@ -434,7 +434,8 @@ class InternLMForCausalLM(InternLMPreTrainedModel, GenerationMixin):
         The stages hold this model's own submodules, so they share its parameters; `pipeline_parameter_name` maps
         their parameter names back to this model's.
         """
-        decoder_stages = [DecoderStage(layer, self.model.rotary_emb) for layer in self.model.layers]
+        layout = PackedRowsLayout(self.model.rotary_emb)
+        decoder_stages = [DecoderStage(layer, layout) for layer in self.model.layers]
         return [EmbeddingStage(self.model.embed_tokens), *decoder_stages, HeadStage(self.model.norm, self.lm_head)]
 
 
@@ -451,21 +452,42 @@ class EmbeddingStage(nn.Module):
         return self.embed_tokens(input_ids), position_ids
 
 
+class PackedRowsLayout:
+    """The document layout and RoPE tables of the position_ids a pipeline stage is working on.
+
+    Consecutive decoder stages receive the same position_ids tensor object, so they share one derivation (with its
+    host sync) per micro-batch instead of one per layer. The identity check (`is`, on an object this holds alive)
+    recomputes for any other tensor, e.g. the next micro-batch or a recomputation in backward.
+    """
+
+    def __init__(self, rotary_emb: InternLMRotaryEmbedding):
+        self.rotary_emb = rotary_emb
+        self._position_ids = None
+        self._layout = None
+
+    def __call__(self, position_ids: torch.Tensor) -> tuple[PackedDocuments, tuple[torch.Tensor, torch.Tensor]]:
+        if self._position_ids is not position_ids:
+            documents = PackedDocuments.from_position_ids(position_ids)
+            rope = self.rotary_emb(position_ids, packed_rope_length(position_ids, self.rotary_emb))
+            self._position_ids, self._layout = position_ids, (documents, rope)
+        return self._layout
+
+
 class DecoderStage(nn.Module):
     """(hidden_states, position_ids) -> (hidden_states, position_ids): one decoder layer on packed rows.
 
     Only fixed-shape integer position_ids travel between pipeline stages; each stage derives the documents itself.
     """
 
-    def __init__(self, layer: InternLMDecoderLayer, rotary_emb: InternLMRotaryEmbedding):
+    def __init__(self, layer: InternLMDecoderLayer, layout: PackedRowsLayout):
         super().__init__()
         self.layer = layer
-        self.rotary_emb = rotary_emb
+        self.rotary_emb = layout.rotary_emb  # registered, so that moving the stage to a device moves its tables
+        self.layout = layout  # shared by the decoder stages of one model (a plain object, not a submodule)
 
     def forward(self, inputs: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         hidden_states, position_ids = inputs
-        documents = PackedDocuments.from_position_ids(position_ids)
-        position_embeddings = self.rotary_emb(position_ids, packed_rope_length(position_ids, self.rotary_emb))
+        documents, position_embeddings = self.layout(position_ids)
         return self.layer(hidden_states, position_embeddings, documents=documents), position_ids
 
 
