@@ -31,20 +31,19 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> int:
     args = parse_args(argv)
     from evods.checkpoint import CheckpointError
+    from evods.cli import run_cli
     from evods.data import DataError
     from evods.storage import StorageError
     from evods.training.trainer import run
 
-    try:
+    def train():
         cfg = load_config(args.config)
         run(cfg, launcher=args.launcher, port=args.port, run_dir=Path(args.run_dir) if args.run_dir else None,
             seed=args.seed, ds_config_override=args.ds_config, peak_tflops=args.peak_tflops)
-    except (ConfigError, DataError, CheckpointError, StorageError, LaunchError) as error:
-        # A mistake in the config, data, storage or launch: one line that says what to fix, not a traceback per rank.
-        print(f"train_ds.py: {error}", file=sys.stderr)
-        return 2
-    return 0
 
+    # A mistake in the config, data, storage or launch: one line that says what to fix, not a traceback per rank.
+    return run_cli(train, (ConfigError, DataError, CheckpointError, StorageError, LaunchError), "train_ds.py",
+                   exit_code=2)
 
 if __name__ == "__main__":
     sys.exit(main())

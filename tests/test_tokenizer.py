@@ -182,7 +182,7 @@ def test_bad_input_is_one_clear_line_and_writes_nothing(tmp_path, tokenizer_path
     result = tokenize_cli(*args, *(extra or ["--tokenizer_path", tokenizer_path]))
     assert result.returncode == 1
     last = result.stderr.strip().splitlines()[-1]
-    assert last.startswith("error: ") and "Traceback" not in result.stderr
+    assert last.startswith("tokenizer.py: ") and "Traceback" not in result.stderr
     assert re.search(message, last), last
     assert outputs(out) == [] and leftovers(tmp_path) == []
 

@@ -190,12 +190,15 @@ def run_cli(*args, env=None, timeout=240):
                           env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
 
 
-def test_torchrun_launch_trains_two_ranks(tmp_path):
-    config = write_config(tmp_path, "data.update(total_steps=2)\nlr_scheduler.update(total_steps=2)\n")
+@pytest.mark.parametrize("pipeline", [1, 2])
+def test_torchrun_launch_trains_two_ranks_and_prints_the_metrics_line(tmp_path, pipeline):
+    config = write_config(tmp_path, "data.update(total_steps=2)\nlr_scheduler.update(total_steps=2)\n"
+                                    f"parallel.update(pipeline=dict(size={pipeline}))\n")
     result = run_cli(PYTHON, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "train_ds.py",
                      "--config", str(config), "--launcher", "torch", "--run_dir", str(tmp_path / "run"))
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "data parallel size: 2" in result.stderr
+    assert f"data parallel size: {2 // pipeline}, pipeline parallel size: {pipeline}" in result.stderr
+    # once per step, from the rank that sees the loss (the last stage under a pipeline, not rank 0)
     assert result.stderr.count("tflops=") == 2
 
 

@@ -22,6 +22,7 @@ VARIANTS = {  # name: (dtype, activation checkpointing)
 def train_variants(pipeline: int, data_parallel: int, run_root: str) -> dict:
     import torch.distributed as dist
 
+    from evods.model.modeling_internlm import InternLMDecoderLayer
     from evods.training.distributed import init_distributed
     from evods.training.trainer import Trainer
 
@@ -34,7 +35,11 @@ def train_variants(pipeline: int, data_parallel: int, run_root: str) -> dict:
             parallel=dict(pipeline=dict(size=pipeline), zero1=-1, tensor=1),
             lr_scheduler=dict(total_steps=STEPS, warmup_ratio=0.0),
         )
-        state = Trainer(cfg, run_dir=Path(run_root) / name).train()
+        trainer = Trainer(cfg, run_dir=Path(run_root) / name)
+        layers = [m for m in trainer.engine.engine.module.modules() if isinstance(m, InternLMDecoderLayer)]
+        recomputed = sum(layer.gradient_checkpointing for layer in layers)  # model.checkpoint reached this rank's
+        assert layers and recomputed == (len(layers) if recompute else 0), (name, recomputed, len(layers))
+        state = trainer.train()
         results[name] = [(entry["loss"], entry["grad_norm"]) for entry in state.history]
     return {"rank": dist.get_rank(), "results": results}
 

@@ -9,7 +9,8 @@ import argparse
 import sys
 
 from evods.data.alpaca import tokenize_alpaca
-from evods.data.errors import run_cli
+from evods.cli import run_cli
+from evods.data import DataError
 from evods.data.tokenize import find_tokenizer
 
 
@@ -32,4 +33,4 @@ def main():
 
 
 if __name__ == "__main__":
-    sys.exit(run_cli(main))
+    sys.exit(run_cli(main, (DataError, OSError), "alpaca_tokenizer.py"))

@@ -11,6 +11,7 @@ import argparse
 import sys
 
 from evods.checkpoint import CheckpointError
+from evods.cli import run_cli
 from evods.checkpoint.hf_export import FORMATS, ROTARY_TYPES, export_hf
 from evods.storage import StorageError
 from evods.checkpoint.native_format import MLP_NAMINGS
@@ -32,14 +33,13 @@ def main(argv=None) -> int:
                         help="dynamic (default, as InternLM's HF models): dynamic NTK RoPE beyond "
                         "max_position_embeddings; origin: plain RoPE")
     args = parser.parse_args(argv)
-    try:
+
+    def convert():
         export_hf(args.src, args.tgt, args.tokenizer, args.format, args.dtype, args.max_shard, args.mlp_naming,
                   args.rotary_type)
-    except (CheckpointError, StorageError) as exc:
-        print(f"convert2hf: {exc}", file=sys.stderr)
-        return 1
-    print(f"wrote {args.format} model to {args.tgt}")
-    return 0
+        print(f"wrote {args.format} model to {args.tgt}")
+
+    return run_cli(convert, (CheckpointError, StorageError, OSError), "convert2hf")
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ import argparse
 import sys
 
 from evods.checkpoint import CheckpointError
+from evods.cli import run_cli
 from evods.checkpoint.native_export import export_native
 from evods.checkpoint.native_format import MLP_NAMINGS
 from evods.storage import StorageError
@@ -26,14 +27,13 @@ def main(argv=None) -> int:
     parser.add_argument("--embed_split_hidden", action="store_true",
                         help="embedding split over hidden (model.embedding.weight) instead of vocab")
     args = parser.parse_args(argv)
-    try:
+
+    def convert():
         export_native(args.src, args.tgt, args.tp, args.pp, args.mlp_naming, args.embed_split_hidden,
                       args.src_mlp_naming)
-    except (CheckpointError, StorageError) as exc:
-        print(f"convert2native: {exc}", file=sys.stderr)
-        return 1
-    print(f"wrote a native checkpoint (tp={args.tp}, pp={args.pp}) to {args.tgt}")
-    return 0
+        print(f"wrote a native checkpoint (tp={args.tp}, pp={args.pp}) to {args.tgt}")
+
+    return run_cli(convert, (CheckpointError, StorageError, OSError), "convert2native")
 
 
 if __name__ == "__main__":

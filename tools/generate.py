@@ -10,6 +10,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import evods  # noqa: F401  (registers InternLM with the Auto classes)
+from evods.cli import run_cli
 
 
 def main(argv=None) -> int:
@@ -21,16 +22,17 @@ def main(argv=None) -> int:
     parser.add_argument("--max_new_tokens", type=int, default=32)
     parser.add_argument("--ignore_eos", action="store_true", help="keep generating past the end-of-text token")
     args = parser.parse_args(argv)
+    return run_cli(lambda: generate(args), (OSError,), "generate.py")
 
+
+def generate(args) -> None:
     model = AutoModelForCausalLM.from_pretrained(args.model).eval()
     tokenizer = None
     if args.prompt is not None:
         try:
             tokenizer = AutoTokenizer.from_pretrained(args.model)
         except (OSError, ValueError):
-            print(f"generate: {args.model} has no tokenizer; pass --token_ids, or convert with --tokenizer",
-                  file=sys.stderr)
-            return 1
+            raise OSError(f"{args.model} has no tokenizer; pass --token_ids, or convert with --tokenizer") from None
         input_ids = tokenizer(args.prompt, return_tensors="pt").input_ids
     else:
         input_ids = torch.tensor([[int(token) for token in args.token_ids.split(",")]])
@@ -39,8 +41,6 @@ def main(argv=None) -> int:
         output = model.generate(input_ids, max_new_tokens=args.max_new_tokens, do_sample=False, **stop)
     new_tokens = output[0, input_ids.shape[1]:].tolist()
     print(tokenizer.decode(new_tokens) if tokenizer else ",".join(map(str, new_tokens)))
-    return 0
-
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -7,7 +7,8 @@ The default encoding is the quickstart's (raw SentencePiece, no BOS/EOS); --add_
 import argparse
 import sys
 
-from evods.data.errors import run_cli
+from evods.cli import run_cli
+from evods.data import DataError
 from evods.data.tokenize import find_tokenizer, tokenize_file
 
 
@@ -43,4 +44,4 @@ def main():
 
 
 if __name__ == "__main__":
-    sys.exit(run_cli(main))
+    sys.exit(run_cli(main, (DataError, OSError), "tokenizer.py"))

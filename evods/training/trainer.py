@@ -145,6 +145,8 @@ class Trainer:
             write_deepspeed_config(ds_config, self.run_dir)
         self.sink = None
         if self.engine.is_log_rank:
+            # The metrics line comes from the rank that sees the loss: the last pipeline stage, not always rank 0.
+            logger.setLevel(logging.INFO)
             tb_dir = Path(cfg.tensorboard_folder) if cfg.tensorboard_folder else self.run_dir / "tensorboard"
             self.sink = MetricsSink(self.run_dir, tb_dir if cfg.enable_tb else None)
         logger.info("Distributed environment is initialized, data parallel size: %d, pipeline parallel size: %d, "

@@ -1,0 +1,19 @@
+"""How every evods command ends on a user's mistake: one line on stderr that says what to fix, and an exit code.
+
+The commands (train_ds.py, tools/*.py) name the errors that mean "the input was wrong"; anything else is a bug in
+evods and keeps its traceback.
+"""
+import sys
+from collections.abc import Callable
+
+
+def run_cli(main: Callable[[], int | None], user_errors: tuple[type[BaseException], ...], prog: str,
+            exit_code: int = 1) -> int:
+    try:
+        return main() or 0
+    except user_errors as error:
+        print(f"{prog}: {error}", file=sys.stderr)
+        return exit_code
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted; nothing half-written was kept", file=sys.stderr)
+        return 130
