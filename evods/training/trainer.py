@@ -290,8 +290,15 @@ def _device_type() -> str:
 def run(cfg: TrainConfig, launcher: str = "deepspeed", port: int | None = None, **trainer_kwargs) -> TrainState:
     init_distributed(launcher, port)
     setup_logging(dist.get_rank())
-    trainer = Trainer(cfg, **trainer_kwargs)
     try:
-        return trainer.train()
+        trainer = Trainer(cfg, **trainer_kwargs)
+        try:
+            state = trainer.train()
+        finally:
+            trainer.close()
+        dist.barrier()  # every rank is done with the pipeline's send/receive before any tears its groups down
+        return state
     finally:
-        trainer.close()
+        # Process groups left to interpreter shutdown can abort a rank ("terminate called without an active
+        # exception", seen with pipeline runs under torchrun) after training succeeded.
+        dist.destroy_process_group()
