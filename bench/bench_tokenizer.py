@@ -1,5 +1,5 @@
 """Tokenizer throughput (MB/s of input text): evods.data.tokenize at 1 and 2 workers vs InternEvo's approach
-(one process, sp.encode per line, json.dumps, write), on the ../shared text files; all outputs must be identical.
+(one process, sp.encode per line, json.dumps, write), on the sample text shipped in samples/; all outputs must be identical.
 
     python bench/bench_tokenizer.py [--repeat 3]
 """
@@ -17,8 +17,8 @@ import sentencepiece as spm
 
 from evods.data.tokenize import tokenize_file
 
-SHARED = Path(__file__).resolve().parents[2] / "shared"
-SOURCES = ["data/pretrain_en/wiki_demo.txt", "data/pretrain_cn/songci_6k.txt"]
+REPO = Path(__file__).resolve().parents[1]
+SOURCES = ["samples/pretrain_en/wiki_demo.txt", "samples/pretrain_cn/songci.txt"]
 
 
 def baseline(src, out, tokenizer_path):
@@ -41,16 +41,16 @@ def baseline(src, out, tokenizer_path):
 
 def main():
     parser = argparse.ArgumentParser()
-    parser.add_argument("--repeat", type=int, default=3, help="copies of the shared text in the input")
+    parser.add_argument("--repeat", type=int, default=90, help="copies of the sample text in the input")
     args = parser.parse_args()
-    tokenizer_path = SHARED / "tokenizers" / "V7_sft.model"
+    tokenizer_path = REPO / "tools" / "V7_sft.model"
     work = Path(tempfile.mkdtemp(prefix="bench_tok_"))
     try:
         src = work / "input.txt"
         with open(src, "wb") as handle:
             for _ in range(args.repeat):
                 for name in SOURCES:
-                    handle.write((SHARED / name).read_bytes())
+                    handle.write((REPO / name).read_bytes())
         size_mb = src.stat().st_size / 2**20
         print(f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores; input {size_mb:.1f} MB")
         runs = {"baseline (InternEvo loop)": lambda out: baseline(src, out, tokenizer_path)}

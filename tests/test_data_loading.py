@@ -1,4 +1,4 @@
-"""Loading, packing, sampling, resume and batches, on real tokenized data (../shared) and on the random dataset."""
+"""Loading, packing, sampling, resume and batches, on real tokenized data (samples/) and on the random dataset."""
 import itertools
 import subprocess
 import sys
@@ -12,23 +12,21 @@ from evods.data import (BatchSkipper, DataError, PackedDataset, RandomDataset, S
                         batch_stats, build_train_loader, build_valid_loaders, discover_train_files)
 from evods.data.alpaca import tokenize_alpaca
 from evods.data.tokenize import tokenize_file
-from tests.conftest import DATA, TOKENIZER, need_shared
+from tests.conftest import DATA, TOKENIZER
 
 SEQ_LEN, MICRO_BSZ, MICRO_NUM = 256, 2, 2
 
 
 @pytest.fixture(scope="module")
 def train_folder(tmp_path_factory):
-    """en: wiki (long documents) + Alpaca (masked prompts); cn: 1000 song ci."""
-    need_shared(TOKENIZER)
-    need_shared(DATA)
+    """en: wiki (long documents) + Alpaca (masked prompts); cn: 200 song ci."""
     root = tmp_path_factory.mktemp("train")
     tokenize_file(DATA / "pretrain_en" / "wiki_demo.txt", root / "en" / "wiki.bin", TOKENIZER, progress=False)
     sft = tmp_path_factory.mktemp("sft")
     tokenize_alpaca(DATA / "alpaca" / "alpaca_en_demo.json", sft, TOKENIZER, split_ratio=0.1)
     (sft / "train" / "en" / "dataset.bin").rename(root / "en" / "alpaca.bin")
     (sft / "train" / "en" / "dataset.bin.meta").rename(root / "en" / "alpaca.bin.meta")
-    tokenize_file(DATA / "pretrain_cn" / "json" / "ci.song.0.json", root / "cn" / "sub" / "ci.bin", TOKENIZER,
+    tokenize_file(DATA / "pretrain_cn" / "ci.song.0.json", root / "cn" / "sub" / "ci.bin", TOKENIZER,
                   whole_record=True, progress=False)
     return root
 
@@ -240,7 +238,7 @@ def test_meta_that_does_not_reach_the_file_end_is_refused(train_folder, tmp_path
     bin_path = _copy_pair(train_folder / "cn" / "sub" / "ci.bin", tmp_path / "ci.bin")
     with open(bin_path, "ab") as handle:
         handle.write(b'{"tokens": [1, 2]}\n')
-    with pytest.raises(DataError, match=r"ci\.bin row 999 .*does not end at the end of the file"):
+    with pytest.raises(DataError, match=r"ci\.bin row 199 .*does not end at the end of the file"):
         TokenizedDataset(bin_path)
 
 

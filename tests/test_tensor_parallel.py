@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.conftest import DATA, TOKENIZER, need_shared
+from tests.conftest import DATA, TOKENIZER
 from tests.distributed import run_distributed
 from tests.train_configs import tiny_config
 
@@ -47,8 +47,6 @@ def train_folder(tmp_path_factory) -> Path:
     """Sentences of the first wiki articles, one document per line, tokenized with V7_sft.model into en/."""
     from evods.data.tokenize import tokenize_file
 
-    need_shared(TOKENIZER)
-    need_shared(DATA)
     root = tmp_path_factory.mktemp("tp_data")
     with open(DATA / "pretrain_en" / "wiki_demo.txt", encoding="utf-8") as f:
         articles = [next(f) for _ in range(2)]

@@ -17,7 +17,7 @@ def parse_args(argv=None):
     parser.add_argument("--text_input_path", required=True, help="input .txt (one sample per line), .jsonl or .json")
     parser.add_argument("--bin_output_path", required=True, help="output .bin; the meta goes to <this>.meta")
     parser.add_argument("--tokenizer_path", default=None,
-                        help="SentencePiece model (default: tools/V7_sft.model, then ../shared/tokenizers/V7_sft.model)")
+                        help="SentencePiece model (default: tools/V7_sft.model, InternLM's V7 tokenizer shipped with evods)")
     parser.add_argument("--text_key", default="text", help="json/jsonl field to tokenize (default: text)")
     parser.add_argument("--whole_record", action="store_true",
                         help="json/jsonl: tokenize the whole serialized record, as InternEvo does")

@@ -22,7 +22,7 @@ FORMATS = ("txt", "jsonl", "json")
 CHUNK_BYTES = 1 << 20
 CHUNK_ITEMS = 4096
 _REPO = Path(__file__).resolve().parents[2]
-DEFAULT_TOKENIZER_PATHS = (_REPO / "tools" / "V7_sft.model", _REPO.parent / "shared" / "tokenizers" / "V7_sft.model")
+DEFAULT_TOKENIZER_PATHS = (_REPO / "tools" / "V7_sft.model",)
 TOKENIZER_SOURCE = ("InternLM's V7_sft.model, from the tools/ folder of https://github.com/InternLM/InternLM "
                     "(commit fa7337b, sha256 aab622d9...)")
 
