@@ -23,8 +23,8 @@ def random_weights(model_dict: dict) -> dict[str, torch.Tensor]:
 
 
 def write_native(folder: Path, weights: dict, tp: int, pp: int, mlp_naming: str, embed_split_hidden: bool) -> None:
-    from evods.checkpoint.native import write_native_checkpoint
-    from evods.checkpoint.native_format import NativeLayout
+    from evods.checkpoint.formats.internevo import write_native_checkpoint
+    from evods.checkpoint.formats.internevo_layout import NativeLayout
 
     layout = NativeLayout(tp=tp, pp=pp, num_layers=UNEVEN_MODEL["num_layers"], embed_split_hidden=embed_split_hidden,
                           mlp_naming=mlp_naming)
@@ -116,10 +116,10 @@ def test_native_checkpoints_train_on_and_round_trip_through_evods_hf_and_llama(t
     from transformers import LlamaForCausalLM
 
     from evods.checkpoint import hf_weights
-    from evods.checkpoint.checkpoint_model import read_checkpoint_model
-    from evods.checkpoint.native import write_native_checkpoint
-    from evods.checkpoint.native_export import export_native
-    from evods.checkpoint.native_format import NativeLayout
+    from evods.checkpoint.formats.checkpoint_model import read_checkpoint_model
+    from evods.checkpoint.formats.internevo import write_native_checkpoint
+    from evods.checkpoint.formats.internevo_export import export_native
+    from evods.checkpoint.formats.internevo_layout import NativeLayout
     from evods.model import InternLMConfig, InternLMForCausalLM
 
     # an InternEvo tp=2, pp=2 model starts an evods run

@@ -12,9 +12,9 @@ import sys
 
 from evods.checkpoint import CheckpointError
 from evods.cli import run_cli
-from evods.checkpoint.hf_export import FORMATS, ROTARY_TYPES, export_hf
+from evods.checkpoint.formats.hf import FORMATS, ROTARY_TYPES, export_hf
 from evods.storage import StorageError
-from evods.checkpoint.native_format import MLP_NAMINGS
+from evods.checkpoint.formats.internevo_layout import MLP_NAMINGS
 
 
 def main(argv=None) -> int:

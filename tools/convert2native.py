@@ -10,8 +10,8 @@ import sys
 
 from evods.checkpoint import CheckpointError
 from evods.cli import run_cli
-from evods.checkpoint.native_export import export_native
-from evods.checkpoint.native_format import MLP_NAMINGS
+from evods.checkpoint.formats.internevo_export import export_native
+from evods.checkpoint.formats.internevo_layout import MLP_NAMINGS
 from evods.storage import StorageError
 
 

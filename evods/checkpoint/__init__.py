@@ -1,5 +1,5 @@
-"""Checkpoints: the evods format (DeepSpeed state plus the run's state, with an atomic completion marker), the save
-policy, auto-resume, and the model weights of HF folders and evods checkpoints.
+"""Checkpoints. This package is the evods format and the manager a run talks to; `formats/` reads and writes the
+other formats (InternEvo native, Hugging Face InternLM and Llama) and converts between them.
 
     manager = CheckpointManager(cfg.ckpt, sizes, model.config, cfg.source.text)
     manager.load_model_weights(model)        # before the DeepSpeed engine is built
@@ -7,22 +7,33 @@ policy, auto-resume, and the model weights of HF folders and evods checkpoints.
     quit = manager.after_step(step_count, parts)
     manager.close()                          # waits for background uploads, writes the last marker
 
-Formats besides evods' own: HF folders (ckpt_type "hf"), InternEvo native checkpoints (ckpt_type "internlm" for the
-v1 MLP naming, "internevo" for v2; native_format.py describes the files); export_native and hf_export.export_hf
-write them. A checkpoint saved at another data/pipeline size resumes through DeepSpeed's universal checkpoint
-(reshard.py). Model weights are read whole whatever the tensor size they were saved with (weights.py merges the
-tensor ranks), so they load into a run of any tensor size and export to one HF or native checkpoint.
+The evods format and its manager:
+    layout.py      what an evods checkpoint folder holds; which checkpoints are complete (the step marker)
+    manager.py     what to load at start, when and what to save, the atomic completion of a save
+    policy.py      when to save: every N steps, snapshots, the stop file
+    sources.py     which checkpoint to load at start (auto_resume, load_ckpt_info) and how to read its weights
+    reshard.py     resuming at another data/pipeline size through DeepSpeed's universal checkpoint
+    transfer.py    moving files between the local disk (where DeepSpeed works) and the checkpoint storage
+    rng.py, collective.py, errors.py
+
+Other formats (formats/):
+    weights.py            HF-named model weights from HF folders and DeepSpeed files, any tensor size merged
+    checkpoint_model.py   the config and full weights of any checkpoint folder, whatever its format
+    internevo_layout.py   InternEvo's native model files described as data (names, tensor-parallel splits)
+    internevo.py          reading and writing InternEvo native checkpoint folders
+    internevo_export.py   any checkpoint as an InternEvo native checkpoint at any tensor/pipeline size
+    hf.py                 any checkpoint as a Hugging Face folder (InternLM with remote code, or stock Llama)
 """
 from .errors import CheckpointError
 from .layout import CheckpointRef, complete_checkpoints, latest_checkpoint
-from .checkpoint_model import read_checkpoint_model
+from .formats.checkpoint_model import read_checkpoint_model
 from .manager import CheckpointManager, TrainingParts
-from .native import read_native_model, write_native_checkpoint
-from .native_export import export_native
-from .native_format import MLP_NAMINGS, NativeLayout
+from .formats.internevo import read_native_model, write_native_checkpoint
+from .formats.internevo_export import export_native
+from .formats.internevo_layout import MLP_NAMINGS, NativeLayout
 from .policy import SaveDecision, SavePolicy, StopFile
 from .sources import LoadPlan, choose_load_plan
-from .weights import WeightsError, deepspeed_weights, hf_weights, load_weights
+from .formats.weights import WeightsError, deepspeed_weights, hf_weights, load_weights
 
 __all__ = [
     "CheckpointError", "CheckpointManager", "CheckpointRef", "LoadPlan", "MLP_NAMINGS", "NativeLayout", "SaveDecision",

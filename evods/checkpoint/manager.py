@@ -15,14 +15,15 @@ from evods.config import CkptConfig
 from evods.parallel import ParallelSizes
 from evods.storage import AsyncUploader, AsyncUploadError, LocalStorage, Storage, open_storage
 
-from . import collective, layout, native
+from . import collective, layout
+from .formats import internevo as native
 from .errors import CheckpointError
 from .policy import SavePolicy, StopFile
 from .reshard import check_reshardable, load_resharded, reshard_sampler_state
 from .rng import rng_state, set_rng_state
 from .sources import LoadPlan, choose_load_plan, read_model_weights
 from .transfer import Publisher, fetch_folder, from_bytes, fsync_tree, to_bytes
-from .weights import load_weights
+from .formats.weights import load_weights
 
 logger = logging.getLogger("evods.checkpoint")
 

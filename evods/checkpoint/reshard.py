@@ -5,7 +5,7 @@ the saved DeepSpeed files (ds_to_universal, in-process) into a local cache folde
 from the saved model's parameter names to this run's (a pipeline names parameters by stage layer, the plain model by
 HF name), and every rank loads that with `load_universal`. Tensor-parallel changes are refused (DeepSpeed cannot
 merge replicated parameters of tensor-parallel checkpoints); the model weights alone load at any tensor size
-(weights.deepspeed_weights merges the tensor ranks). The sampler position is translated to the new data size.
+(formats/weights.py, deepspeed_weights, merges the tensor ranks). The sampler position is translated to the new data size.
 """
 import argparse
 import hashlib

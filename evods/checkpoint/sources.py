@@ -10,14 +10,14 @@ from evods.storage import Storage, open_storage
 
 from . import layout
 from .errors import CheckpointError
-from .native import is_native_checkpoint, read_native_model
-from .weights import deepspeed_weights, hf_weights
+from .formats.internevo import is_native_checkpoint, read_native_model
+from .formats.weights import deepspeed_weights, hf_weights
 
 logger = logging.getLogger("evods.checkpoint")
 
 ALL_CONTENT = frozenset({"model", "sampler", "optimizer", "scheduler"})
 # InternEvo's native format by the MLP naming of the code that wrote it: "internlm" for InternLM (and InternEvo before
-# its 2024-02 rename), "internevo" for InternEvo after it (native_format.MLP_NAMINGS).
+# its 2024-02 rename), "internevo" for InternEvo after it (formats/internevo_layout.py, MLP_NAMINGS).
 NATIVE_MLP_NAMING = {"internlm": "v1", "internevo": "v2"}
 CKPT_TYPES = ("evods", "hf", *NATIVE_MLP_NAMING)
 

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .errors import CheckpointError
+from ..errors import CheckpointError
 
 PREFIX = "model."
 # Which native MLP weight is which projection. v1: InternLM and InternEvo before its 2024-02 rename (ae5a7ee);

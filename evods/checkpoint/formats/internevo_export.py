@@ -1,12 +1,12 @@
 """A checkpoint (evods, or native at other sizes) as an InternEvo native checkpoint at any tensor/pipeline size."""
 from evods.storage import open_storage
 
-from . import layout
+from .. import layout
 from .checkpoint_model import read_checkpoint_model
-from .errors import CheckpointError
-from .native import model_dict_from_config, native_run_state, write_native_checkpoint
-from .native_format import NativeLayout
-from .transfer import from_bytes
+from ..errors import CheckpointError
+from .internevo import model_dict_from_config, native_run_state, write_native_checkpoint
+from .internevo_layout import NativeLayout
+from ..transfer import from_bytes
 
 
 def export_native(src: str, tgt: str, tp: int = 1, pp: int = 1, mlp_naming: str = "v1",

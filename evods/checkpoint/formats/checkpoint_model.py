@@ -9,16 +9,16 @@ import torch
 from evods.model import InternLMConfig, config_from_model_dict
 from evods.storage import LocalStorage, open_storage
 
-from . import layout
-from .errors import CheckpointError
-from .native import is_native_checkpoint, read_native_model
-from .transfer import fetch_folder
+from .. import layout
+from ..errors import CheckpointError
+from .internevo import is_native_checkpoint, read_native_model
+from ..transfer import fetch_folder
 from .weights import deepspeed_weights
 
 
 def read_checkpoint_model(src: str, mlp_naming: str = "v1") -> tuple[InternLMConfig, dict[str, torch.Tensor]]:
     """`src`: a storage path of one evods checkpoint (with its marker) or InternEvo native checkpoint folder.
-    `mlp_naming` applies to native checkpoints (see native_format.MLP_NAMINGS)."""
+    `mlp_naming` applies to native checkpoints (see internevo_layout.MLP_NAMINGS)."""
     storage = open_storage(src)
     names = storage.list("")
     native = is_native_checkpoint(names)

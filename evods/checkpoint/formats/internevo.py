@@ -1,7 +1,7 @@
 """InternEvo native checkpoint folders (§6.1): their model as full HF weights, their run state as evods' state, and
-writing one from full weights at any tensor/pipeline size (the tensors are laid out by native_format.py).
+writing one from full weights at any tensor/pipeline size (the tensors are laid out by internevo_layout.py).
 
-    model_tp{t}_pp{p}.pt     the stage's weights (see native_format.py)
+    model_tp{t}_pp{p}.pt     the stage's weights (see internevo_layout.py)
     topo_tp{t}_pp{p}.json    {module: {"dim": 0}} for the vocab-parallel embedding (torch-saved, as InternEvo)
     model_config.pt          the training config's `model` dict, dtype as a torch dtype
     context.pt               {batch_count, step_count, num_consumed_tokens, inf_nan_skip_batches, ...}
@@ -19,8 +19,8 @@ import torch
 
 from evods.model import InternLMConfig, config_from_model_dict, intermediate_size
 
-from .errors import CheckpointError
-from .native_format import PREFIX, NativeLayout, merge_shards, shard_weights
+from ..errors import CheckpointError
+from .internevo_layout import PREFIX, NativeLayout, merge_shards, shard_weights
 
 MODEL_CONFIG = "model_config.pt"
 CONTEXT = "context.pt"

@@ -13,7 +13,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from evods.model import InternLMConfig, InternLMForCausalLM
 
 from .checkpoint_model import read_checkpoint_model
-from .errors import CheckpointError
+from ..errors import CheckpointError
 from .weights import load_weights
 
 FORMATS = ("internlm", "llama")
@@ -45,7 +45,7 @@ def export_hf(src: str, tgt: str, tokenizer: str | None = None, fmt: str = "inte
               max_shard_size: str = "10GB", mlp_naming: str = "v1", rotary_type: str = "dynamic") -> None:
     """Write the model of the checkpoint `src` (a storage path of one evods or InternEvo native checkpoint folder) to
     the folder `tgt`. `dtype`: "float16", "bfloat16" or "float32"; None keeps the training dtype. `mlp_naming`: see
-    native_format.MLP_NAMINGS (native checkpoints only). `rotary_type`: "dynamic" (InternLM's HF default: dynamic NTK
+    internevo_layout.MLP_NAMINGS (native checkpoints only). `rotary_type`: "dynamic" (InternLM's HF default: dynamic NTK
     RoPE beyond max_position_embeddings) or "origin"; within the trained length both are the same."""
     if fmt not in FORMATS:
         raise CheckpointError(f"--format {fmt!r}: use one of {FORMATS}")

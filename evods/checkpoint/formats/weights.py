@@ -19,8 +19,8 @@ from safetensors.torch import load_file
 from evods.model import pipeline_parameter_name
 from evods.parallel import split_dim
 
-from .errors import CheckpointError
-from .layout import DEEPSPEED_TAG, TOPOLOGY
+from ..errors import CheckpointError
+from ..layout import DEEPSPEED_TAG, TOPOLOGY
 
 # Buffers some HF InternLM checkpoints carry (InternLM's convert2hf.py) that evods recomputes.
 IGNORED_HF_KEYS = re.compile(r".*rotary_emb\.inv_freq$")
