@@ -7,7 +7,7 @@ with `trust_remote_code=True` where evods is not installed.
 from transformers import PreTrainedConfig
 
 ROTARY_TYPES = ("origin", "dynamic")
-PACKED_ATTENTION_BACKENDS = ("auto", "flash", "loop", "mask")
+PACKED_ATTENTION_BACKENDS = ("auto", "flash", "varlen", "flex", "loop", "mask")
 
 
 class InternLMConfig(PreTrainedConfig):
@@ -18,8 +18,10 @@ class InternLMConfig(PreTrainedConfig):
 
     `packed_attention` chooses the attention kernel for packed rows (inputs without `attention_mask` and without a
     filled cache, where documents start wherever `position_ids == 0`):
-    - "auto": "flash" when flash-attn is importable and the tensors are on CUDA, else "loop";
+    - "auto": on CUDA the first available of "flash", "varlen", "flex"; elsewhere "loop";
     - "flash": flash-attn's `flash_attn_varlen_func` (CUDA only);
+    - "varlen": torch's own varlen flash kernel, `torch.nn.attention.varlen` (CUDA, torch >= 2.10; no extra package);
+    - "flex": torch's flex attention with a document mask (compiled on CUDA; forward only on CPU);
     - "loop": one causal SDPA call per document (fastest on CPU);
     - "mask": one SDPA call with a block-diagonal causal mask (a slow, independent reference).
     Padded batches and generation with a cache use transformers' `attn_implementation` ("sdpa", "eager",

@@ -34,6 +34,14 @@ try:
     from flash_attn import flash_attn_varlen_func
 except ImportError:
     flash_attn_varlen_func = None
+try:  # torch's own flash-attention varlen kernel (CUDA only), in torch >= 2.10
+    from torch.nn.attention.varlen import varlen_attn as torch_varlen_attn
+except ImportError:
+    torch_varlen_attn = None
+try:
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+except ImportError:
+    create_block_mask = flex_attention = None
 
 
 class InternLMRMSNorm(nn.Module):
@@ -184,12 +192,74 @@ def packed_attention_flash(q, k, v, documents: PackedDocuments, scaling: float) 
     return out.unflatten(0, q.shape[:2]).to(q.dtype)
 
 
-PACKED_ATTENTION = {"loop": packed_attention_loop, "mask": packed_attention_mask, "flash": packed_attention_flash}
+def _torch_varlen_causal_kwargs() -> dict:
+    """torch 2.10/2.11 take `is_causal=True`; later releases replaced it with `window_size=(-1, 0)`."""
+    import inspect
+
+    parameters = inspect.signature(torch_varlen_attn).parameters
+    return {"is_causal": True} if "is_causal" in parameters else {"window_size": (-1, 0)}
+
+
+def packed_attention_varlen(q, k, v, documents: PackedDocuments, scaling: float) -> torch.Tensor:
+    """torch's own varlen flash attention (`torch.nn.attention.varlen`, CUDA only): flash-attn's kernel with no extra
+    package. [B, T, H, D] in and out; fp32 runs in bf16, as with flash-attn."""
+    if torch_varlen_attn is None or not q.is_cuda:
+        raise RuntimeError("packed_attention='varlen' needs torch >= 2.10 (torch.nn.attention.varlen) and CUDA "
+                           "tensors.")
+    dtype = q.dtype if q.dtype in (torch.float16, torch.bfloat16) else torch.bfloat16
+    q_flat, k_flat, v_flat = (x.flatten(0, 1).to(dtype) for x in (q, k, v))
+    cu, max_len = documents.cu_seqlens, documents.max_seqlen
+    kwargs = _torch_varlen_causal_kwargs()
+    if abs(scaling - q.shape[-1] ** -0.5) > 1e-12:  # the first releases have no `scale` and use 1/sqrt(head_dim)
+        kwargs["scale"] = scaling
+    out = torch_varlen_attn(q_flat, k_flat, v_flat, cu, cu, max_len, max_len, **kwargs)
+    return out.unflatten(0, q.shape[:2]).to(q.dtype)
+
+
+_compiled_flex_attention = None
+
+
+def packed_attention_flex(q, k, v, documents: PackedDocuments, scaling: float) -> torch.Tensor:
+    """flex attention with a block-diagonal causal document mask; [B, T, H, D] in and out. Compiled on CUDA (a fused
+    kernel that skips the masked blocks); eager elsewhere, where it supports the forward only."""
+    global _compiled_flex_attention
+    if flex_attention is None:
+        raise RuntimeError("packed_attention='flex' needs torch.nn.attention.flex_attention (torch >= 2.5).")
+    doc_ids = (documents.position_ids == 0).cumsum(-1)
+
+    def same_document_causal(b, h, q_idx, kv_idx):
+        return (doc_ids[b, q_idx] == doc_ids[b, kv_idx]) & (q_idx >= kv_idx)
+
+    batch, seq_len = doc_ids.shape
+    block_mask = create_block_mask(same_document_causal, batch, None, seq_len, seq_len, device=q.device)
+    attend = flex_attention
+    if q.is_cuda:
+        if _compiled_flex_attention is None:
+            _compiled_flex_attention = torch.compile(flex_attention, dynamic=False)
+        attend = _compiled_flex_attention
+    out = attend(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), block_mask=block_mask, scale=scaling)
+    return out.transpose(1, 2)
+
+
+PACKED_ATTENTION = {"loop": packed_attention_loop, "mask": packed_attention_mask, "flash": packed_attention_flash,
+                    "varlen": packed_attention_varlen, "flex": packed_attention_flex}
+
+
+def auto_packed_attention(device_type: str, flash: bool, varlen: bool, flex: bool) -> str:
+    """The backend "auto" means: on CUDA flash-attn if importable, then torch's varlen flash kernel, then compiled
+    flex attention; the per-document SDPA loop otherwise (the fastest on CPU, where flex has no backward)."""
+    if device_type != "cuda":
+        return "loop"
+    for name, available in (("flash", flash), ("varlen", varlen), ("flex", flex)):
+        if available:
+            return name
+    return "loop"
 
 
 def packed_attention_backend(name: str, device: torch.device) -> Callable:
     if name == "auto":
-        name = "flash" if flash_attn_varlen_func is not None and device.type == "cuda" else "loop"
+        name = auto_packed_attention(device.type, flash_attn_varlen_func is not None, torch_varlen_attn is not None,
+                                     flex_attention is not None)
     return PACKED_ATTENTION[name]
 
 
