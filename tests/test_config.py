@@ -213,6 +213,16 @@ def test_flash_attn_falls_back_with_one_warning(tmp_path, caplog):
     assert [r.message.count("flash-attn is not installed") for r in caplog.records] == [1]
 
 
+def test_without_flash_attn_cuda_keeps_the_fused_path_through_torch_varlen(tmp_path, caplog):
+    cfg = load_text(tmp_path, TINY)
+    with caplog.at_level(logging.INFO, logger="evods.config"):
+        check_device(cfg, "cuda", flash_attn_available=False, torch_varlen_available=True)
+    assert cfg.model.use_flash_attn is True and cfg.model_dict["use_flash_attn"] is True
+    assert "torch's own varlen flash kernel" in caplog.text and "WARNING" not in caplog.text
+    check_device(cfg, "cuda", flash_attn_available=False, torch_varlen_available=False)
+    assert cfg.model.use_flash_attn is False
+
+
 def test_enabled_alerts_warn_that_they_are_not_sent(tmp_path, caplog):
     with caplog.at_level(logging.WARNING, logger="evods.config"):
         load_text(tmp_path, TINY + "monitor = dict(alert=dict(enable_feishu_alert=True, feishu_alert_address='x'))\n")
