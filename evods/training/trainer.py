@@ -196,6 +196,9 @@ class Trainer:
             logger.info("finished: %d optimizer steps, %d skipped (inf/nan), %d batches skipped by skip_batches, "
                         "loss %.4f -> %.4f; metrics in %s", self.state.step_count, self.state.inf_nan_skip_batches,
                         self.state.skipped_by_config, trained[0]["loss"], trained[-1]["loss"], self.run_dir)
+        if torch.cuda.is_available():
+            logger.info("peak GPU memory: %.2f GiB allocated, %.2f GiB reserved",
+                        torch.cuda.max_memory_allocated() / 2**30, torch.cuda.max_memory_reserved() / 2**30)
 
     def _after_step(self, batch: dict, outcome: StepOutcome, elapsed: float) -> None:
         state, data = self.state, self.cfg.data
