@@ -24,6 +24,7 @@ from .distributed import init_distributed
 from .engine import StepOutcome, TrainEngine
 from .flops import megatron_tflops, model_flops_per_token, peak_flops, tgs
 from .loss import FullLogits, PackedLoss, TokenMetrics
+from .memory import check_memory
 from .metrics import MetricsSink, format_metrics_line, setup_logging
 from .schedules import Beta2Scheduler, LRScheduler
 
@@ -106,14 +107,12 @@ class Trainer:
                                                                               cfg.cudnn_benchmark)
         if cfg.model.tf32:  # "torch.tf32": fp32 weights, TF32 matmuls and convolutions (InternEvo's launch.py)
             torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+        with torch.device("meta"):  # shapes only: a model too large for the machine is refused before it is built
+            check_memory(cfg, build_model(cfg), self.sizes, _device_type())
         seed_everything(seed)
         self.run_dir = run_dir or default_run_dir(cfg.JOB_NAME)
 
-        try:
-            model = MODEL_INITIALIZER.get_module(cfg.model_type)(**cfg.model_dict)
-        except (TypeError, ValueError) as error:  # the builder rejects the config's `model` dict or model_type
-            where = cfg.source.path if cfg.source else "the config"
-            raise ConfigError(f"{where}: model_type {cfg.model_type!r} with this `model` dict: {error}") from None
+        model = build_model(cfg)
         self.checkpoints = CheckpointManager(cfg.ckpt, self.sizes, model.config,
                                              cfg.source.text if cfg.source else None)
         self.checkpoints.load_model_weights(model)
@@ -269,6 +268,15 @@ class Trainer:
                             " ".join(f"{k}={v}" for k, v in results[name].items()))
                 self.sink.write(self.state.step_count, results[name])
         return results
+
+
+def build_model(cfg: TrainConfig) -> torch.nn.Module:
+    """The whole model of `model_type` from the config's `model` dict, as InternEvo's MODEL_INITIALIZER."""
+    try:
+        return MODEL_INITIALIZER.get_module(cfg.model_type)(**cfg.model_dict)
+    except (TypeError, ValueError) as error:  # the builder rejects the config's `model` dict
+        where = cfg.source.path if cfg.source else "the config"
+        raise ConfigError(f"{where}: model_type {cfg.model_type!r} with this `model` dict: {error}") from None
 
 
 def _token_metric_values(totals: dict | None, dataset_types: list[str]) -> dict:

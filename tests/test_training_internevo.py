@@ -1,6 +1,9 @@
-"""rampup_batch_size trains as InternEvo: each batch is one optimizer update over its own rows (the loss of each
-micro-batch divided by that batch's row count), with no false inf/nan skips, on the plain and the pipeline engine."""
+"""Training as InternEvo users expect it, on two ranks: rampup_batch_size makes each batch one optimizer update over its
+own rows (the loss of each micro-batch divided by that batch's row count), with no false inf/nan skips, on the plain
+and the pipeline engine; a model too large for the machine is refused on every rank before it is built."""
 import math
+import os
+import re
 from pathlib import Path
 
 import pytest
@@ -25,8 +28,18 @@ def train(run_root: str) -> dict:
     from evods.training.distributed import init_distributed
     from evods.training.trainer import Trainer
 
+    from evods.config import ConfigError
+    from evods.training.memory import MEMORY_LIMIT_ENV
+
     init_distributed("torch")
     results = {}
+    if os.environ["RANK"] == "1":  # only one rank lacks memory: both must stop, neither may wait for the other
+        os.environ[MEMORY_LIMIT_ENV] = "0.0001"
+    try:
+        Trainer(tiny_config(), run_dir=Path(run_root) / "too_big")
+    except ConfigError as refused:
+        results["refused"] = str(refused)
+    os.environ.pop(MEMORY_LIMIT_ENV, None)
     for name, (tensor, pipeline, micro_num, rampup) in RUNS.items():
         cfg = tiny_config(
             data=dict(seq_len=32, micro_bsz=2, micro_num=micro_num, rampup_batch_size=rampup, total_steps=STEPS),
@@ -65,3 +78,12 @@ def test_rampup_updates_once_per_batch_over_its_rows(ranks, name):
     for rank in ranks:  # every rank reports the same loss and global grad norm
         assert [entry["micro_num"] for entry in rank["one_row"]["history"]] == [1] * STEPS
         assert_rampup_trains_right(rank[name], rank["one_row"])
+
+
+def test_too_little_memory_on_one_rank_stops_every_rank_up_front(ranks):
+    messages = {rank["refused"] for rank in ranks}
+    assert len(messages) == 1
+    message = messages.pop()
+    assert re.fullmatch(r".*demo_cpu\.py: the model does not fit: a rank needs about 0\.0 GiB \(building the whole "
+                        r"model in fp32: 0\.00 GiB; training: .*\) but has 0\.0 GiB \(EVODS_MEMORY_LIMIT_GB=0\.0001\); "
+                        r"use more ranks .*", message), message
