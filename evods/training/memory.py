@@ -42,8 +42,12 @@ class MemoryEstimate:
         return self.weights + self.gradients + self.optimizer + self.activations
 
     def describe_training(self, dp: int) -> str:
-        return (f"weights {self.weights / GIB:.2f}, gradients {self.gradients / GIB:.2f}, fp32 master + Adam "
-                f"{self.optimizer / GIB:.2f} (ZeRO-1 over {dp}), activations ~{self.activations / GIB:.2f} GiB")
+        return (f"weights {readable(self.weights)}, gradients {readable(self.gradients)}, fp32 master + Adam "
+                f"{readable(self.optimizer)} (ZeRO-1 over {dp}), activations ~{readable(self.activations)}")
+
+
+def readable(size: float) -> str:
+    return f"{size / GIB:.1f} GiB" if size >= GIB else f"{size / 2**20:.1f} MiB"
 
 
 def _parameter_counts(model: torch.nn.Module, num_layers: int) -> tuple[int, int, int, int]:
@@ -144,7 +148,7 @@ def check_memory(cfg: TrainConfig, model: torch.nn.Module, sizes: ParallelSizes,
     """
     estimate = estimate_memory(cfg, model, sizes.dp, sizes.pp, sizes.tp)
     device_free, host_free, measured = _free_memory(device_type, _ranks_on_this_host())
-    build = f"building the whole model in fp32: {estimate.build / GIB:.2f} GiB"
+    build = f"building the whole model in fp32: {readable(estimate.build)}"
     training = f"training: {estimate.describe_training(sizes.dp)}"
     needs = []  # (needed bytes, free bytes, what is needed)
     if device_type == "cpu" and device_free is not None:
@@ -162,11 +166,11 @@ def check_memory(cfg: TrainConfig, model: torch.nn.Module, sizes: ParallelSizes,
     ratio, needed, free, what, measured = max((v for v in verdicts if v is not None), default=(0, 0, 0, "", ""))
     if ratio > 1:
         where = cfg.source.path if cfg.source else "the config"
-        raise ConfigError(f"{where}: the model does not fit: a rank needs about {needed / GIB:.1f} GiB ({what}) but "
-                          f"has {free / GIB:.1f} GiB ({measured}); use more ranks or parallel.tensor / "
+        raise ConfigError(f"{where}: the model does not fit: a rank needs about {readable(needed)} ({what}) but "
+                          f"has {readable(free)} ({measured}); use more ranks or parallel.tensor / "
                           f"parallel.pipeline, model.checkpoint=True, a smaller data.micro_bsz, or a bigger machine "
                           f"(or set {MEMORY_LIMIT_ENV} if the measurement is wrong)")
     if ratio > TIGHT:
-        logger.warning("memory is tight: a rank needs about %.1f GiB (%s) of %.1f GiB (%s); the estimate is rough",
-                       needed / GIB, what, free / GIB, measured)
+        logger.warning("memory is tight: a rank needs about %s (%s) of %s (%s); the estimate is rough",
+                       readable(needed), what, readable(free), measured)
     return estimate
