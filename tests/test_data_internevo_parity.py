@@ -5,7 +5,8 @@ import itertools
 import numpy as np
 import pytest
 
-from evods.data import DataError, PackedDataset, StaticBatchSampler, TokenizedDataset
+from evods.data import DataError, PackedDataset, StaticBatchSampler, TokenizedDataset, discover_train_files
+from evods.data.binfile import BinWriter
 from evods.data.tokenize import tokenize_file
 from tests.conftest import DATA, TOKENIZER
 from tests.internevo_rules import TooMuchRampup, internevo_batches, internevo_pack_into_one
@@ -99,3 +100,16 @@ def test_pack_end_labels_on_real_text(tmp_path):
     assert continues, "some document must go on into the next pack"
     for i in continues:
         assert cut[i]["labels"][-1] == cut[i + 1]["input_ids"][0] and into_one[i]["labels"][-1] == -100
+
+
+def test_file_order_and_type_ids_differ_from_internevo_on_purpose(tmp_path):
+    """Sub-folders are read sorted whatever order the file system lists them in; only folders get type ids."""
+    for name in ("en/z_late", "en/a_early", "cn", "en"):  # created out of order
+        writer = BinWriter(tmp_path / name / "part.bin", "create")
+        writer.write([[5, 6, 7]])
+        writer.commit()
+    (tmp_path / "README.txt").write_text("notes")  # InternEvo would give it a type id
+    types, files = discover_train_files(tmp_path)
+    assert types == ["cn", "en"]
+    assert [(path.relative_to(tmp_path).as_posix(), type_id) for path, type_id in files] == [
+        ("cn/part.bin", 0), ("en/part.bin", 1), ("en/a_early/part.bin", 1), ("en/z_late/part.bin", 1)]
