@@ -101,28 +101,7 @@ model = dict(
     num_chunks=1,{extra}
 )
 """
-MODEL_V2 = """\
-use_fp32_norm = False
-model = dict(
-    checkpoint=False,
-    num_chunks=1,
-    num_attention_heads=NUM_ATTENTION_HEAD,
-    embed_split_hidden=True,
-    vocab_size=VOCAB_SIZE,
-    embed_grad_scale=1,
-    parallel_output=True,
-    hidden_size=HIDDEN_SIZE,
-    num_layers=NUM_LAYER,
-    no_bias=True,
-    mlp_ratio=MLP_RATIO,
-    apply_post_layer_norm=False,
-    dtype="torch.bfloat16",
-    norm_type="rmsnorm",
-    layer_norm_epsilon=1e-5,
-    num_kv_attention_heads=NUM_KV_ATTENTION_HEAD,
-    use_flash_attn=True,
-)
-"""
+MODEL_V2 = MODEL_V1.format(extra="\n    no_bias=True,\n    num_kv_attention_heads=NUM_KV_ATTENTION_HEAD,")
 PARALLEL = """\
 parallel = dict(
     zero1=dict({zero1}),

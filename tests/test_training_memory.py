@@ -49,10 +49,11 @@ def test_7b_on_a_4_gib_machine_is_refused_before_it_is_built(monkeypatch):
     assert re.fullmatch(re.escape(str(QUICKSTART)) + r": the model does not fit: a rank needs about 61\.9 GiB "
                         r"\(building the whole model in fp32: 27\.3 GiB; training: weights 13\.6 GiB, gradients "
                         r"17\.0 GiB, fp32 master \+ Adam 10\.2 GiB \(ZeRO-1 over 8\), activations ~20\.9 GiB\) but has "
-                        r"4\.0 GiB \(EVODS_MEMORY_LIMIT_GB=4\); use more ranks .* \(or set EVODS_MEMORY_LIMIT_GB if the "
-                        r"measurement is wrong\)", message), message
+                        r"4\.0 GiB \(EVODS_MEMORY_LIMIT_GB=4\); use more ranks .* \(or set EVODS_MEMORY_LIMIT_GB "
+                        r"if the measurement is wrong\)", message), message
     # on a GPU the fp32 build takes host memory and training device memory, each checked against its own
-    with pytest.raises(ConfigError, match=r"needs about 61\.9 GiB \(training: weights 13\.6 GiB, gradients 17\.0 GiB, "):
+    with pytest.raises(ConfigError, match=r"needs about 61\.9 GiB \(training: weights 13\.6 GiB, gradients "
+                                          r"17\.0 GiB, "):
         check_memory(cfg, meta_model(cfg), parallel_sizes(0, 8, pp=1, tp=1), "cuda")
 
 

@@ -22,8 +22,9 @@ def parse_args(argv=None):
     parser.add_argument("--split_ratio", type=float, default=0.1, help="share of samples for validation (default 0.1)")
     parser.add_argument("--overwrite", action="store_true", help="replace existing outputs")
     parser.add_argument("--internevo_special_ids", action="store_true",
-                        help="write <eoh>/<eoa> as InternEvo's tool does (103167/103166, unused pieces in V7_sft.model) "
-                             "instead of the tokenizer's real pieces, for .bin files byte-identical to InternEvo's")
+                        help="write <eoh>/<eoa> as InternEvo's tool does (103167/103166, unused pieces in "
+                             "V7_sft.model) instead of the tokenizer's real pieces, for .bin files byte-identical to "
+                             "InternEvo's")
     return parser.parse_args(argv)
 
 

@@ -1,9 +1,10 @@
 """Alpaca SFT data to train/valid bin/meta pairs: the logic behind tools/alpaca_tokenizer.py.
 
 Sample layout: [BOS] + -(encode(user) + [<eoh>, <0x0A>]) + -encode("<|Bot|>:") + encode(output) + [<eoa>, <0x0A>],
-cut to MAX_LENGTH - 1, then [EOS]. Negative ids are masked from the loss. Special ids are looked up by piece; InternEvo's
-tools/alpaca_tokenizer.py hard-codes <eoh>=103167 and <eoa>=103166 instead, which in V7_sft.model are unused pieces
-(the real ones are 103027 and 103028): `internevo_special_ids=True` writes those, for bins byte-identical to InternEvo's.
+cut to MAX_LENGTH - 1, then [EOS]. Negative ids are masked from the loss. Special ids are looked up by piece;
+InternEvo's tools/alpaca_tokenizer.py hard-codes <eoh>=103167 and <eoa>=103166 instead, which in V7_sft.model are
+unused pieces (the real ones are 103027 and 103028): `internevo_special_ids=True` writes those, for bins
+byte-identical to InternEvo's.
 Unlike upstream, the validation split is drawn without replacement, so it has exactly int(N * split_ratio) samples.
 """
 from pathlib import Path

@@ -25,7 +25,7 @@ SAMPLER_SEED = 1024
 
 
 def parse_rampup(spec: str, micro_num: int) -> tuple[int, int, int]:
-    """"start incr every" -> (start, incr, every); "" -> (micro_num, micro_num, 1), which is no ramp-up, as InternEvo."""
+    """"start incr every" -> (start, incr, every); "" -> (micro_num, micro_num, 1): no ramp-up, as InternEvo."""
     if not spec:
         return micro_num, micro_num, 1
     try:
