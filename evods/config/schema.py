@@ -463,8 +463,8 @@ INTERNEVO_MODEL_TYPES = ("INTERNLM", "INTERNLM2_PUBLIC", "LLAMA2", "INTERNLM_MoE
 def _check_model_type(model_type, source: ConfigSource) -> None:
     """Refuse a model evods cannot build now, not after the process groups exist (InternEvo finds out in train.py).
     Builders registered with evods.model.registry.MODEL_INITIALIZER before loading count."""
-    if model_type in MODEL_INITIALIZER:
-        return
+    if not isinstance(model_type, str) or model_type in MODEL_INITIALIZER:
+        return  # a value of the wrong type is reported by the schema, with the others
     not_ported = [name for name in INTERNEVO_MODEL_TYPES if name not in MODEL_INITIALIZER]
     raise source.error("model_type", f"model_type={model_type!r} is not a model evods builds: it builds "
                                      f"{', '.join(map(repr, MODEL_INITIALIZER.names()))} (InternEvo's "
