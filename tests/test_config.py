@@ -44,7 +44,7 @@ def test_7b_sft_matches_the_quickstart():
     assert model.use_flash_attn and model.num_chunks == 1 and model.embed_split_hidden
     assert cfg.model_dict["dtype"] == torch.float16 and cfg.model_dict["norm_type"] == "rmsnorm"
 
-    assert (cfg.parallel.zero1, cfg.parallel.pipeline.size, cfg.parallel.tensor.size) == (8, 1, 1)
+    assert (cfg.parallel.zero1.size, cfg.parallel.pipeline.size, cfg.parallel.tensor.size) == (8, 1, 1)
     assert cfg.parallel.pipeline.interleaved_overlap and not cfg.parallel.sequence_parallel
     assert check_topology(cfg, 8) == ParallelDims(dp=8, pp=1, tp=1)
 

@@ -21,13 +21,17 @@ def parse_args(argv=None):
     parser.add_argument("tokenizer_path", help="SentencePiece model (InternLM's V7_sft.model)")
     parser.add_argument("--split_ratio", type=float, default=0.1, help="share of samples for validation (default 0.1)")
     parser.add_argument("--overwrite", action="store_true", help="replace existing outputs")
+    parser.add_argument("--internevo_special_ids", action="store_true",
+                        help="write <eoh>/<eoa> as InternEvo's tool does (103167/103166, unused pieces in "
+                             "V7_sft.model) instead of the tokenizer's real pieces, for .bin files byte-identical to "
+                             "InternEvo's")
     return parser.parse_args(argv)
 
 
 def main():
     args = parse_args()
     counts = tokenize_alpaca(args.dataset_path, args.output_path, find_tokenizer(args.tokenizer_path),
-                             args.split_ratio, args.overwrite)
+                             args.split_ratio, args.overwrite, args.internevo_special_ids)
     print(f"wrote {counts['train']} train and {counts['valid']} valid samples under {args.output_path}",
           file=sys.stderr)
 

@@ -52,7 +52,7 @@ def check_topology(cfg: TrainConfig, world_size: int) -> ParallelDims:
         raise source.error("parallel.sequence_parallel", "parallel.sequence_parallel=True is not supported by evods "
                                                          "yet; set sequence_parallel=False")
     dp = world_size // (pp * tp)
-    zero1 = cfg.parallel.zero1
+    zero1 = cfg.parallel.zero1.size
     if zero1 == 1:
         logger.info("parallel.zero1=1 asks for no ZeRO, but evods still uses ZeRO-1 over the data-parallel group: "
                     "DeepSpeed's non-ZeRO optimizers compute wrong gradient norms under pipeline/tensor parallelism.")

@@ -24,6 +24,7 @@ from .distributed import init_distributed
 from .engine import StepOutcome, TrainEngine
 from .flops import megatron_tflops, model_flops_per_token, peak_flops, tgs
 from .loss import FullLogits, PackedLoss, TokenMetrics
+from .memory import check_memory
 from .metrics import MetricsSink, format_metrics_line, setup_logging
 from .schedules import Beta2Scheduler, LRScheduler
 
@@ -32,14 +33,15 @@ logger = logging.getLogger("evods")
 
 @dataclass
 class TrainState:
-    """Counters that move with the data, as InternEvo's TrainState (§9.4)."""
+    """Counters that move with the data, as InternEvo's TrainState."""
 
     batch_count: int = 0  # batches consumed, including skipped ones
     step_count: int = 0  # successful optimizer steps
     num_consumed_tokens: int = 0
     inf_nan_skip_batches: int = 0
     skipped_by_config: int = 0
-    history: list = field(default_factory=list)  # one dict per trained batch: step, loss, grad_norm, loss_scale
+    # one dict per trained batch: step, micro_num (its rows), loss, grad_norm, loss_scale, applied
+    history: list = field(default_factory=list)
 
     def state_dict(self) -> dict:
         """The counters a checkpoint keeps (context.pt); the history stays with the run that made it."""
@@ -77,7 +79,7 @@ def seed_everything(seed: int) -> None:
 
 
 def seed_runtime_rng(seed: int, sizes: ParallelSizes) -> None:
-    """InternEvo's runtime seeds: tensor/pipeline ranks offset the torch seed so dropout masks differ (§12).
+    """InternEvo's runtime seeds: tensor/pipeline ranks offset the torch seed so dropout masks differ.
 
     Called after the model is built: initial weights come from the plain seed on every rank, so a model starts the
     same whatever the parallel layout.
@@ -105,14 +107,12 @@ class Trainer:
                                                                               cfg.cudnn_benchmark)
         if cfg.model.tf32:  # "torch.tf32": fp32 weights, TF32 matmuls and convolutions (InternEvo's launch.py)
             torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+        with torch.device("meta"):  # shapes only: a model too large for the machine is refused before it is built
+            check_memory(cfg, build_model(cfg), self.sizes, _device_type())
         seed_everything(seed)
         self.run_dir = run_dir or default_run_dir(cfg.JOB_NAME)
 
-        try:
-            model = MODEL_INITIALIZER.get_module(cfg.model_type)(**cfg.model_dict)
-        except (TypeError, ValueError) as error:  # the builder rejects the config's `model` dict or model_type
-            where = cfg.source.path if cfg.source else "the config"
-            raise ConfigError(f"{where}: model_type {cfg.model_type!r} with this `model` dict: {error}") from None
+        model = build_model(cfg)
         self.checkpoints = CheckpointManager(cfg.ckpt, self.sizes, model.config,
                                              cfg.source.text if cfg.source else None)
         self.checkpoints.load_model_weights(model)
@@ -203,6 +203,7 @@ class Trainer:
     def _after_step(self, batch: dict, outcome: StepOutcome, elapsed: float) -> None:
         state, data = self.state, self.cfg.data
         tokens_this_rank = batch["labels"].numel()
+        rows = batch["labels"].shape[0]  # micro_num, or fewer during a ramp-up
         state.num_consumed_tokens += tokens_this_rank * self.sizes.dp
         if outcome.applied:
             self.lr_scheduler.step()
@@ -213,12 +214,13 @@ class Trainer:
             logger.warning("Warning: skip parameter update at step %d (inf/nan gradients).", state.batch_count - 1)
         totals = self.token_metrics.reduce_and_reset(self.engine.data_parallel_group) \
             if self.engine.computes_loss else None
-        state.history.append({"step": state.batch_count - 1, "loss": outcome.loss, "grad_norm": outcome.grad_norm,
-                              "loss_scale": outcome.loss_scale, "applied": outcome.applied})
+        state.history.append({"step": state.batch_count - 1, "micro_num": rows, "loss": outcome.loss,
+                              "grad_norm": outcome.grad_norm, "loss_scale": outcome.loss_scale,
+                              "applied": outcome.applied})
         if self.sink is None or not outcome.applied:
             return
         world = self.sizes.world
-        global_batch = data.micro_bsz * data.micro_num * self.sizes.dp
+        global_batch = data.micro_bsz * rows * self.sizes.dp
         achieved = self.flops_per_token * tokens_this_rank * self.sizes.dp / elapsed / world
         metrics = {
             "tflops": megatron_tflops(elapsed, self.cfg.model.checkpoint, data.seq_len, self.cfg.model.hidden_size,
@@ -230,7 +232,7 @@ class Trainer:
             "lr": self.engine.optimizer.param_groups[0]["lr"],
             "loss_scale": outcome.loss_scale,
             "grad_norm": outcome.grad_norm,
-            "micro_num": batch["labels"].shape[0],
+            "micro_num": rows,
             "num_consumed_tokens": state.num_consumed_tokens,
             "inf_nan_skip_batches": state.inf_nan_skip_batches,
             **batch_stats(batch["position_ids"]),
@@ -269,6 +271,15 @@ class Trainer:
                             " ".join(f"{k}={v}" for k, v in results[name].items()))
                 self.sink.write(self.state.step_count, results[name])
         return results
+
+
+def build_model(cfg: TrainConfig) -> torch.nn.Module:
+    """The whole model of `model_type` from the config's `model` dict, as InternEvo's MODEL_INITIALIZER."""
+    try:
+        return MODEL_INITIALIZER.get_module(cfg.model_type)(**cfg.model_dict)
+    except (TypeError, ValueError) as error:  # the builder rejects the config's `model` dict
+        where = cfg.source.path if cfg.source else "the config"
+        raise ConfigError(f"{where}: model_type {cfg.model_type!r} with this `model` dict: {error}") from None
 
 
 def _token_metric_values(totals: dict | None, dataset_types: list[str]) -> dict:
