@@ -29,6 +29,6 @@ def _evods_run_state(src: str) -> tuple[int, dict | None]:
     step = layout.marked_step(storage, "")
     if step is None or not storage.exists(layout.CONTEXT):
         return step or 0, None
-    context, sampler, schedulers = (from_bytes(storage.read_bytes(name))
+    context, sampler, schedulers = (from_bytes(storage.read_bytes(name), storage.uri(name))
                                     for name in (layout.CONTEXT, layout.SAMPLER, layout.SCHEDULERS))
     return step, native_run_state(context, sampler, schedulers)
