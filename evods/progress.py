@@ -28,10 +28,9 @@ class Progress:
     """`advance(n)` as the work goes on (from any thread); `finish()` at the end. `total` may be None (unknown)."""
 
     def __init__(self, what: str, total: float | None, unit: str, logger: logging.Logger,
-                 first_after_s: float = FIRST_LINE_AFTER_S, every_s: float = LINE_EVERY_S,
                  clock: Callable[[], float] = time.monotonic):
-        self.what, self.total, self.unit, self.logger = what, total, unit, logger
-        self.first_after_s, self.every_s, self.clock = first_after_s, every_s, clock
+        self.what, self.total, self.unit, self.logger, self.clock = what, total, unit, logger, clock
+        self.first_after_s, self.every_s = FIRST_LINE_AFTER_S, LINE_EVERY_S
         self.done = 0.0
         self.started = clock()
         self._next_line = self.started + first_after_s

@@ -81,5 +81,17 @@ def install(engine) -> VerifyingCheckpointEngine:
         raise CheckpointError(f"the DeepSpeed config selects the checkpoint engine {type(current).__name__}; evods "
                               "saves through DeepSpeed's default torch engine (it adds checksums and weights-only "
                               "loading): remove the checkpoint engine settings from --ds_config")
-    engine.checkpoint_engine = VerifyingCheckpointEngine(current.zipfile_serialization)
-    return engine.checkpoint_engine
+    checkpoint_engine = engine.checkpoint_engine = VerifyingCheckpointEngine(current.zipfile_serialization)
+    # The one file save_checkpoint writes itself: rank 0 copies zero_to_fp32.py beside the checkpoint. Its error (a
+    # full disk) would leave rank 0 out of DeepSpeed's closing barrier, so it is kept like the engine's own.
+    copy_recovery_script = engine._copy_recovery_script
+
+    def copy_recovery_script_keeping_errors(save_path):
+        if checkpoint_engine.error is None:
+            try:
+                copy_recovery_script(save_path)
+            except OSError as exc:
+                checkpoint_engine.error = explain_os_error(exc, "write", save_path)
+
+    engine._copy_recovery_script = copy_recovery_script_keeping_errors
+    return checkpoint_engine

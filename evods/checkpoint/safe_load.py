@@ -38,7 +38,7 @@ def deepspeed_objects() -> tuple:
     return LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address
 
 
-_GLOBAL = re.compile(r"GLOBAL ([\w.]+)|got <class '([\w.]+)'>")
+_GLOBAL = re.compile(r"GLOBAL ([\w.]+)")
 
 
 def load_file(path: str, allowed: tuple = (), map_location="cpu") -> Any:
@@ -59,15 +59,26 @@ def _load(f: BinaryIO, name: str, allowed: tuple, map_location) -> Any:
         with torch.serialization.safe_globals(list(allowed)):
             return torch.load(f, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as exc:
-        match = _GLOBAL.search(str(exc))
-        found = (match.group(1) or match.group(2)) if match else "a Python object"
+        found = _unsafe_globals(f, allowed) or _GLOBAL.findall(str(exc))[:1] or ["a Python object"]
         raise DamagedCheckpoint(
-            f"{name} holds {found}, which is not tensor data: evods reads checkpoints weights-only so that a file "
+            f"{name} holds {', '.join(found)}, which is not tensor data: evods reads checkpoints weights-only so that "
+            "a file "
             "cannot run code on this machine; a checkpoint evods, DeepSpeed or InternEvo wrote never holds it, so "
             "this file was altered or comes from elsewhere: do not load it") from None
     except (RuntimeError, EOFError, ValueError, KeyError, zipfile.BadZipFile, OSError) as exc:
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise DamagedCheckpoint(f"{name} cannot be read ({reason}): the file is damaged or truncated") from None
+
+
+def _unsafe_globals(f: BinaryIO, allowed: tuple) -> list[str]:
+    """The names of the functions and classes the file would call, besides the allowed ones (for the message)."""
+    allowed_names = {f"{item.__module__}.{item.__qualname__}" for item in allowed}
+    try:
+        f.seek(0)
+        names = torch.serialization.get_unsafe_globals_in_checkpoint(f)
+    except Exception:  # noqa: BLE001 - only for the message; the load itself was already refused
+        return []
+    return [name for name in names if name not in allowed_names][:4]
 
 
 @contextmanager
