@@ -33,7 +33,7 @@ class Progress:
         self.first_after_s, self.every_s = FIRST_LINE_AFTER_S, LINE_EVERY_S
         self.done = 0.0
         self.started = clock()
-        self._next_line = self.started + first_after_s
+        self._next_line = self.started + self.first_after_s
         self._spoke = False
         self._lock = threading.Lock()
 

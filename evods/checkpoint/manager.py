@@ -114,7 +114,7 @@ class CheckpointManager:
         deepspeed_io.install(parts.engine)
         while True:
             try:
-                collective.agree_on_failure(f"loading {plan.describe()}", lambda: self._restore(plan, parts))
+                self._restore(plan, parts)
                 break
             except Exception as exc:  # noqa: BLE001 - every rank gets here together (agree_on_failure)
                 plan = self._fallback_after(plan, exc)
@@ -122,12 +122,15 @@ class CheckpointManager:
         plan.announce()
 
     def _restore(self, plan: LoadPlan, parts: TrainingParts) -> None:
+        """Download (if remote), check every file against the marker, then load: each stage agreed by every rank, so
+        a damaged file is reported as such before any rank tries to load it."""
         with _LocalCopy(plan) as folder:
             if plan.is_native:
-                self._restore_native_run_state(folder, plan, parts)
+                load = lambda: self._restore_native_run_state(folder, plan, parts)  # noqa: E731
             else:
-                _verify(folder, plan)
-                self._restore_evods(folder, plan, parts)
+                collective.agree_on_failure(f"checking {plan.describe()}", lambda: _verify(folder, plan))
+                load = lambda: self._restore_evods(folder, plan, parts)  # noqa: E731
+            collective.agree_on_failure(f"loading {plan.describe()}", load)
 
     def _fallback_after(self, plan: LoadPlan, exc: Exception) -> LoadPlan:
         """The plan to try after `plan` failed to load with `exc` (on every rank alike), or raise: once per job."""
@@ -332,7 +335,8 @@ class _LocalCopy:
         storage = open_storage(self.plan.path)
         if not isinstance(storage, LocalStorage):
             self._temp = tempfile.mkdtemp(prefix=f"evods-load-rank{collective.rank()}-")
-        return fetch_folder(storage, self.plan.folder, self._temp or "")
+        return collective.agree_on_failure(f"downloading {self.plan.describe()}",
+                                           lambda: fetch_folder(storage, self.plan.folder, self._temp or ""))
 
     def __exit__(self, *exc_info) -> None:
         if self._temp:
