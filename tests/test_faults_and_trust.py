@@ -357,13 +357,16 @@ ckpt.update(enable_save_ckpt=True, save_ckpt_folder={folder!r}, checkpoint_every
 NAMESPACE_SCRIPT = """set -e
 mount -t tmpfs -o ro,size=64k tmpfs {tmp}/mnt_readonly
 mount -t tmpfs -o size=256k tmpfs {tmp}/mnt_full
+run_rank() {{
+  RANK=$2 LOCAL_RANK=$2 WORLD_SIZE=2 MASTER_ADDR=127.0.0.1 MASTER_PORT=$3 {python} train_ds.py --launcher torch \\
+    --config {tmp}/$1.py --run_dir {tmp}/run_$1 > {tmp}/$1.out.$2 2> {tmp}/$1.err.$2
+}}
 job() {{
-  for rank in 0 1; do
-    RANK=$rank LOCAL_RANK=$rank WORLD_SIZE=2 MASTER_ADDR=127.0.0.1 MASTER_PORT=$2 \\
-      {python} train_ds.py --launcher torch --config {tmp}/$1.py --run_dir {tmp}/run_$1 \\
-      > {tmp}/$1.out.$rank 2> {tmp}/$1.err.$rank &
+  run_rank $1 0 $2 & rank0=$!
+  run_rank $1 1 $2 & rank1=$!
+  for pid in $rank0 $rank1; do
+    if wait $pid; then echo 0 >> {tmp}/$1.rc; else echo $? >> {tmp}/$1.rc; fi
   done
-  for pid in $(jobs -p); do wait $pid && echo 0 >> {tmp}/$1.rc || echo $? >> {tmp}/$1.rc; done
 }}
 job readonly {port_readonly}
 job full {port_full}
