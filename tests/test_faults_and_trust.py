@@ -4,8 +4,6 @@ line per job; written files honour the umask; converters check their arguments b
 import json
 import logging
 import os
-import pickle
-import shutil
 import signal
 import subprocess
 import sys

@@ -10,9 +10,10 @@ layer files included) through `engine.checkpoint_engine`, a pluggable object; ev
 import os
 
 from deepspeed.runtime.checkpoint_engine import TorchCheckpointEngine
+from deepspeed.runtime.checkpoint_engine.checkpoint_engine import CheckpointEngine
 
 from evods.storage import StorageError
-from evods.storage.base import explain_os_error
+from evods.storage import explain_os_error
 
 from . import safe_load
 from .errors import CheckpointError
@@ -21,7 +22,8 @@ from .integrity import DigestingWriter, FileDigest
 
 class VerifyingCheckpointEngine(TorchCheckpointEngine):
     def __init__(self, zipfile_serialization: bool = True):
-        super().__init__(config_params=None)
+        CheckpointEngine.__init__(self)  # TorchCheckpointEngine's own would log a serialization it then does not use
+        self.name = "evods VerifyingCheckpointEngine"
         self.zipfile_serialization = zipfile_serialization
         self.written: dict[str, FileDigest] = {}  # absolute path -> digest, since the last take_written()
         self.error: StorageError | None = None

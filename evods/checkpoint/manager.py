@@ -13,9 +13,9 @@ import torch
 from evods.config import CkptConfig
 from evods.parallel import ParallelSizes
 from evods.storage import AsyncUploader, LocalStorage, Storage, open_storage
-from evods.storage.base import explain_os_error
+from evods.storage import explain_os_error
 
-from . import collective, deepspeed_io, layout
+from . import collective, layout
 from .errors import CheckpointError, DamagedCheckpoint, FailedOnAnotherRank
 from .formats import internevo as native
 from .formats.weights import load_weights
@@ -111,7 +111,7 @@ class CheckpointManager:
         plan = self.plan
         if plan is None or plan.content == {"model"}:
             return
-        deepspeed_io.install(parts.engine)
+        _checkpoint_engine(parts.engine)
         while True:
             try:
                 self._restore(plan, parts)
@@ -222,7 +222,7 @@ class CheckpointManager:
         self._complete_pending()
         self._last_saved_step = step
         rank = collective.rank()
-        checkpoint_engine = deepspeed_io.install(parts.engine)
+        checkpoint_engine = _checkpoint_engine(parts.engine)
 
         def clear_folder():
             if rank == 0 and self.storage.list(folder):
@@ -349,6 +349,14 @@ def _read(folder: str, name: str):
         raise CheckpointError(f"{path} is missing: the checkpoint is not an evods checkpoint or lacks this content")
     with open(path, "rb") as f:
         return from_bytes(f.read(), path)
+
+
+def _checkpoint_engine(engine):
+    """evods' checkpoint engine in the DeepSpeed `engine` (deepspeed_io.py); imported here, not at the top, so that
+    the converters, which import this package, do not pay for importing DeepSpeed."""
+    from . import deepspeed_io
+
+    return deepspeed_io.install(engine)
 
 
 def _raise_on_rank0(error: CheckpointError, cause: Exception) -> None:

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from evods.storage.base import explain_os_error
+from evods.storage import explain_os_error
 
 from .collective import rank
 from .layout import SNAPSHOT_FOLDER, join

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field, replace
 import torch
 
 from evods.config import CkptConfig
+from evods.model import config_from_model_dict
 from evods.storage import LocalStorage, Storage, open_storage
 
 from . import layout, safe_load
@@ -145,8 +146,6 @@ def saved_model_config(plan: LoadPlan) -> dict:
     if plan.is_native:
         model_dict = safe_load.load_bytes(storage.read_bytes(layout.join(plan.folder, NATIVE_MODEL_CONFIG)),
                                           f"{plan.describe()}/{NATIVE_MODEL_CONFIG}")
-        from evods.model import config_from_model_dict
-
         return config_from_model_dict(model_dict).to_dict()
     try:
         return json.loads(storage.read_bytes(layout.join(plan.folder, layout.MODEL_CONFIG)))

@@ -8,7 +8,7 @@ import torch
 
 from evods.progress import Progress
 from evods.storage import AsyncUploader, LocalStorage, Storage
-from evods.storage.base import explain_os_error
+from evods.storage import explain_os_error
 
 from . import safe_load
 from .integrity import FileDigest, digest_bytes
