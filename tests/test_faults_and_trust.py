@@ -199,6 +199,26 @@ def plant_payload(checkpoint: Path, rel: str, proof: str, manifest_type, digest_
     marker.write_bytes(manifest.to_bytes())
 
 
+def test_a_stop_that_is_not_saved_in_time_says_so_before_the_launcher_kills(caplog):
+    import time
+
+    from evods.training.stopping import GracefulStop, kill_window_s
+
+    assert kill_window_s({}) == 30  # DeepSpeed's launcher and Slurm's default KillWait
+    assert kill_window_s({"TORCHELASTIC_RUN_ID": "x", "TORCH_ELASTIC_SHUTDOWN_TIMEOUT": "90"}) == 90
+    handler = signal.getsignal(signal.SIGTERM)
+    stop = GracefulStop(kill_window=0.3)
+    try:
+        with caplog.at_level(logging.WARNING, logger="evods"):
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(0.5)  # no checkpoint comes: the warning is due at two thirds of the window
+    finally:
+        stop.close()
+    assert stop.requested and signal.getsignal(signal.SIGTERM) is handler
+    assert "received SIGTERM: finishing this step, then saving a checkpoint and stopping" in caplog.text
+    assert "its checkpoint is not complete yet: launchers kill the ranks about 0 s after" in caplog.text
+
+
 # ------------------------------------------------------------------------------------------ hostile files
 
 

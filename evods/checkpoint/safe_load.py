@@ -56,7 +56,7 @@ def load_bytes(data: bytes, name: str, allowed: tuple = ()) -> Any:
 
 def _load(f: BinaryIO, name: str, allowed: tuple, map_location) -> Any:
     try:
-        with torch.serialization.safe_globals(list(allowed)):
+        with _allowing(allowed):
             return torch.load(f, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as exc:
         found = _unsafe_globals(f, allowed) or _GLOBAL.findall(str(exc))[:1] or ["a Python object"]
@@ -68,6 +68,19 @@ def _load(f: BinaryIO, name: str, allowed: tuple, map_location) -> Any:
     except (RuntimeError, EOFError, ValueError, KeyError, zipfile.BadZipFile, OSError) as exc:
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise DamagedCheckpoint(f"{name} cannot be read ({reason}): the file is damaged or truncated") from None
+
+
+@contextmanager
+def _allowing(types: tuple):
+    """torch's safe_globals, nestable: torch.serialization.safe_globals removes its types on exit even when an outer
+    block had added them, which would break DeepSpeed's loads inside deepspeed_loads_weights_only."""
+    before = torch.serialization.get_safe_globals()
+    torch.serialization.add_safe_globals(list(types))
+    try:
+        yield
+    finally:
+        torch.serialization.clear_safe_globals()
+        torch.serialization.add_safe_globals(before)
 
 
 def _unsafe_globals(f: BinaryIO, allowed: tuple) -> list[str]:
@@ -89,7 +102,7 @@ def deepspeed_loads_weights_only():
     previous = os.environ.get("TORCH_FORCE_WEIGHTS_ONLY_LOAD")
     os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = "1"
     try:
-        with torch.serialization.safe_globals([*deepspeed_objects(), *NUMPY_ARRAYS]):
+        with _allowing((*deepspeed_objects(), *NUMPY_ARRAYS)):
             yield
     finally:
         if previous is None:
