@@ -2,7 +2,7 @@
 checkpoint's step marker is written and until every process of the job has exited.
 
     .venv/bin/python bench/stop_latency.py                 # the demo config, signal during a step
-    .venv/bin/python bench/stop_latency.py --validation    # the demo with validation after every step
+    .venv/bin/python bench/stop_latency.py --validation    # validation after every step; signal during it
 
 The job is `deepspeed --num_gpus 2 train_ds.py --config configs/demo_cpu.py` with a save folder of its own. The
 DeepSpeed launcher kills ranks 30 s after forwarding the signal, so the signal-to-marker time must stay well below.
@@ -15,6 +15,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from datetime import datetime
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -26,9 +27,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def group_alive(pgid: int) -> bool:
+def group_alive(job: subprocess.Popen) -> bool:
+    """Whether any process of the job's group still runs (the launcher and the ranks are not our children)."""
+    job.poll()  # reap the `deepspeed` command itself: a zombie would count as alive
     try:
-        os.killpg(pgid, 0)
+        os.killpg(job.pid, 0)
     except ProcessLookupError:
         return False
     return True
@@ -50,14 +53,12 @@ def measure(folder: Path, after_steps: int, validation: bool) -> dict:
         if job.poll() is not None:
             raise SystemExit(f"the job ended before step {after_steps}: see {folder / 'job.log'}")
         time.sleep(0.05)
-    if validation:  # wait until the next validation is under way
-        steps_logged = len(metrics.read_text().splitlines())
-        while len(metrics.read_text().splitlines()) == steps_logged:
-            time.sleep(0.05)
+    if validation:  # the validation after that step (250 batches of the demo's random set, minutes) is under way
+        time.sleep(3)
     signalled = time.monotonic()
     os.killpg(job.pid, signal.SIGINT)  # what Ctrl-C in the terminal does
     marker_at = None
-    while group_alive(job.pid):
+    while group_alive(job):
         if marker_at is None and list((folder / "ckpt").glob("*/*.step")):
             marker_at = time.monotonic()
         time.sleep(0.02)
@@ -67,8 +68,19 @@ def measure(folder: Path, after_steps: int, validation: bool) -> dict:
     log.close()
     steps = [path.parent.name for path in (folder / "ckpt").glob("*/*.step")]
     return {"signal_to_marker_s": None if marker_at is None else round(marker_at - signalled, 2),
+            "of_which_save_s": save_seconds(folder / "job.log"),
             "signal_to_exit_s": round(time.monotonic() - signalled, 2), "deepspeed_rc": job.returncode,
             "checkpoint_steps": steps}
+
+
+def save_seconds(log: Path) -> float | None:
+    """From the rank-0 log: 'saving a checkpoint of step N before stopping' to 'checkpoint of step N is complete'."""
+    stamps = {}
+    for line in log.read_text().splitlines():
+        for key, words in (("start", "before stopping"), ("end", "is complete:")):
+            if words in line and line[:4].isdigit():
+                stamps[key] = datetime.strptime(line[:23], "%Y-%m-%d %H:%M:%S,%f")
+    return round((stamps["end"] - stamps["start"]).total_seconds(), 2) if len(stamps) == 2 else None
 
 
 def main() -> None:
