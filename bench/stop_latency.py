@@ -48,6 +48,14 @@ def measure(folder: Path, after_steps: int, validation: bool) -> dict:
     log = open(folder / "job.log", "w")
     job = subprocess.Popen(command, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    try:
+        return stop_and_time(job, folder, after_steps, validation, log)
+    finally:
+        if group_alive(job):  # the benchmark itself was interrupted: leave no job behind
+            os.killpg(job.pid, signal.SIGKILL)
+
+
+def stop_and_time(job: subprocess.Popen, folder: Path, after_steps: int, validation: bool, log) -> dict:
     metrics = folder / "run" / "metrics.jsonl"
     while not metrics.exists() or len(metrics.read_text().splitlines()) < after_steps:
         if job.poll() is not None:
