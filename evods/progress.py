@@ -66,4 +66,5 @@ class Progress:
     def _position(self) -> str:
         if not self.total:
             return _amount(self.done, self.unit)
-        return f"{_amount(self.done, self.unit)} of {_amount(self.total, self.unit)} ({100 * self.done / self.total:.0f}%)"
+        share = 100 * self.done / self.total
+        return f"{_amount(self.done, self.unit)} of {_amount(self.total, self.unit)} ({share:.0f}%)"

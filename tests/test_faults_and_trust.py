@@ -167,10 +167,10 @@ def resume_with_damage(save: str, run_root: str) -> dict:
     dist.barrier()
     no_fallback = error_of(faults_config(TOTAL_STEPS, {**ckpt, "auto_resume_fallback": False}), f"{run_root}/nf")
     other_auto = error_of(faults_config(TOTAL_STEPS, ckpt, hidden_size=32), f"{run_root}/other")
-    other_info = error_of(faults_config(TOTAL_STEPS, dict(
-        enable_save_ckpt=False, save_ckpt_folder=None, auto_resume=False, load_ckpt_info=dict(path=f"local:{save}/3", content=("all",),
-                                                                     ckpt_type="evods")), hidden_size=32),
-        f"{run_root}/other_info")
+    load_info = dict(path=f"local:{save}/3", content=("all",), ckpt_type="evods")
+    other_info = error_of(faults_config(TOTAL_STEPS, dict(enable_save_ckpt=False, save_ckpt_folder=None,
+                                                          auto_resume=False, load_ckpt_info=load_info),
+                                        hidden_size=32), f"{run_root}/other_info")
     return {"resumed": resumed, "after_damage": after_damage, "warnings": warnings.lines, "modes": modes,
             "payload_ran": proof.exists(), "no_fallback": no_fallback, "other_model_auto_resume": other_auto,
             "other_model_load_ckpt_info": other_info}
