@@ -245,13 +245,16 @@ def write_evods_checkpoint(folder: Path, module_extra=None, context_extra=None) 
     (folder / layout.marker_name(5)).write_bytes(Manifest(5, files).to_bytes())
 
 
-def run_tool(*args) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=240,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+def run_tool(main, args: list[str], capsys) -> tuple[int, str]:
+    """A tool's main() in this process, as its command line runs it: (exit code, what it printed on stderr)."""
+    code = main(args)
+    return code, capsys.readouterr().err
 
 
-def test_checkpoint_files_with_a_pickle_payload_are_refused_without_running_it(tmp_path):
+def test_checkpoint_files_with_a_pickle_payload_are_refused_without_running_it(tmp_path, capsys):
     from evods.checkpoint import CheckpointError, read_native_model
+    from tools.convert2hf import main as convert2hf
+    from tools.convert2native import main as convert2native
 
     proof = tmp_path / "payload-ran"
     model_file = tmp_path / "model_payload"
@@ -259,15 +262,13 @@ def test_checkpoint_files_with_a_pickle_payload_are_refused_without_running_it(t
     context_file = tmp_path / "context_payload"
     write_evods_checkpoint(context_file, context_extra={"payload": Payload(str(proof))})
     # a model file, through the converter users run on downloads
-    converted = run_tool("tools/convert2hf.py", "--src", str(model_file), "--tgt", str(tmp_path / "hf"))
-    assert converted.returncode == 1 and not (tmp_path / "hf").exists()
-    assert "mp_rank_00_model_states.pt holds " in converted.stderr and "pathlib.PosixPath" in converted.stderr
-    assert "not tensor data" in converted.stderr
-    assert converted.stderr.count("\n") == 1, converted.stderr
+    code, err = run_tool(convert2hf, ["--src", str(model_file), "--tgt", str(tmp_path / "hf")], capsys)
+    assert code == 1 and not (tmp_path / "hf").exists()
+    assert "mp_rank_00_model_states.pt holds " in err and "pathlib.PosixPath" in err and "not tensor data" in err
+    assert err.count("\n") == 1, err
     # a context file, through the native exporter (which carries the run state over)
-    exported = run_tool("tools/convert2native.py", "--src", str(context_file), "--tgt", str(tmp_path / "native"))
-    assert exported.returncode == 1 and "context.pt holds " in exported.stderr, exported.stderr
-    assert "pathlib.PosixPath" in exported.stderr
+    code, err = run_tool(convert2native, ["--src", str(context_file), "--tgt", str(tmp_path / "native")], capsys)
+    assert code == 1 and "context.pt holds " in err and "pathlib.PosixPath" in err, err
     # an InternEvo native model file
     native = tmp_path / "native_payload"
     native.mkdir()
@@ -279,23 +280,30 @@ def test_checkpoint_files_with_a_pickle_payload_are_refused_without_running_it(t
     assert not proof.exists(), "unpickling ran the payload"
 
 
-def test_converters_check_every_argument_before_writing(tmp_path):
+def test_converters_check_every_argument_before_writing(tmp_path, capsys):
+    from tools.convert2hf import main as convert2hf
+    from tools.convert2native import main as convert2native
+
     checkpoint = tmp_path / "ckpt"
     write_evods_checkpoint(checkpoint)
+    hf = ["--src", str(checkpoint), "--tgt", str(tmp_path / "hf")]
     for option, value, words in (("--tokenizer", "V7_sft.model", "no such file"),
                                  ("--tokenizer", str(checkpoint / "config.json"), "not a SentencePiece model"),
                                  ("--max_shard", "ten gigs", "give a size")):
-        result = run_tool("tools/convert2hf.py", "--src", str(checkpoint), "--tgt", str(tmp_path / "hf"), option,
-                          value)
-        assert result.returncode == 1 and words in result.stderr, result.stderr
+        code, err = run_tool(convert2hf, [*hf, option, value], capsys)
+        assert code == 1 and words in err, err
         assert not (tmp_path / "hf").exists(), f"{option} {value}: something was written"
-    result = run_tool("tools/convert2hf.py", "--src", str(checkpoint), "--tgt", str(tmp_path / "hf"),
-                      "--tokenizer", "tools/V7_sft.model")  # the README's command
-    assert result.returncode == 0, result.stderr
-    assert {path.name: path.stat().st_mode & 0o777 for path in (tmp_path / "hf").iterdir()}["config.json"] == 0o644
+    previous = os.umask(0o022)
+    try:
+        code, err = run_tool(convert2hf, [*hf, "--tokenizer", str(ROOT / "tools" / "V7_sft.model")], capsys)
+    finally:
+        os.umask(previous)
+    assert code == 0, err  # the README's command
+    modes = {path.name: path.stat().st_mode & 0o777 for path in (tmp_path / "hf").iterdir()}
+    assert modes["config.json"] == modes["model.safetensors"] == modes["tokenizer.model"] == 0o644, modes
     (tmp_path / "a_file").write_text("")
-    result = run_tool("tools/convert2native.py", "--src", str(checkpoint), "--tgt", str(tmp_path / "a_file"))
-    assert result.returncode == 1 and "is a file" in result.stderr
+    code, err = run_tool(convert2native, ["--src", str(checkpoint), "--tgt", str(tmp_path / "a_file")], capsys)
+    assert code == 1 and "is a file" in err
 
 
 def test_a_damaged_checkpoint_does_not_convert(tmp_path):

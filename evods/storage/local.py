@@ -11,6 +11,14 @@ from .base import BytesCallback, Storage, clean_folder_to_delete, clean_rel, exp
 
 # Temp files live next to their target (same file system, so the rename is atomic) and are hidden from list().
 _TMP_SUFFIX = ".evods-partial"
+DEFAULT_FILE_MODE = 0o666  # what open() asks for; the umask takes its bits away (0644 under 022)
+
+
+def current_umask() -> int:
+    """The process umask (reading it means setting it; it is put back at once)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def atomic_write(path: str | os.PathLike, fill: Callable[[BinaryIO], None]) -> None:
@@ -25,7 +33,7 @@ def atomic_write(path: str | os.PathLike, fill: Callable[[BinaryIO], None]) -> N
     for attempt in range(3):
         os.makedirs(folder, exist_ok=True)
         try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # the umask applies, as for open()
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, DEFAULT_FILE_MODE)  # the umask applies
             break
         except FileNotFoundError:  # another process removed the folder as it emptied (e.g. ranks pinging at once)
             if attempt == 2:

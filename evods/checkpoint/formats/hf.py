@@ -11,6 +11,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from evods.model import InternLMConfig, InternLMForCausalLM
+from evods.storage.local import DEFAULT_FILE_MODE, current_umask
 
 from transformers.utils.hub import convert_file_size_to_int
 
@@ -69,6 +70,10 @@ def export_hf(src: str, tgt: str, tokenizer: str | None = None, fmt: str = "inte
     model = InternLMForCausalLM(config) if fmt == "internlm" else LlamaForCausalLM(llama_config(config))
     load_weights(model, weights, src)
     model.to(target_dtype).save_pretrained(tgt, max_shard_size=max_shard_size)
+    # safetensors writes its files 0600 whatever the umask; a teammate or a serving process must read them
+    for name in os.listdir(tgt):
+        if name.endswith(".safetensors"):
+            os.chmod(os.path.join(tgt, name), DEFAULT_FILE_MODE & ~current_umask())
     if tokenizer:
         write_tokenizer(tokenizer, add_dummy_prefix, tgt, config.max_position_embeddings)
 
