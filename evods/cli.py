@@ -1,19 +1,29 @@
 """How every evods command ends on a user's mistake: one line on stderr that says what to fix, and an exit code.
 
-The commands (train_ds.py, tools/*.py) name the errors that mean "the input was wrong"; anything else is a bug in
-evods and keeps its traceback.
+The commands (train_ds.py, tools/*.py) name the errors that mean "the input was wrong"; a file-system error
+(permission, full disk, read-only mount) is always one of them. Anything else is a bug in evods and keeps its
+traceback. In a multi-rank job an error that every rank learns of is printed by the rank that hit it first; the
+others exit with the same code in silence (errors marked `reported_by_another_rank`), so a job prints it once.
 """
 import sys
 from collections.abc import Callable
+
+from evods.storage.base import explain_os_error, is_file_system_error
 
 
 def run_cli(main: Callable[[], int | None], user_errors: tuple[type[BaseException], ...], prog: str,
             exit_code: int = 1) -> int:
     try:
         return main() or 0
-    except user_errors as error:
-        print(f"{prog}: {error}", file=sys.stderr)
-        return exit_code
     except KeyboardInterrupt:
         print(f"{prog}: interrupted; nothing half-written was kept", file=sys.stderr)
         return 130
+    except Exception as error:
+        if getattr(error, "reported_by_another_rank", False):
+            return exit_code
+        if isinstance(error, OSError) and is_file_system_error(error):
+            error = explain_os_error(error, "use", error.filename or "a file")
+        elif not isinstance(error, user_errors):
+            raise
+        print(f"{prog}: {error}", file=sys.stderr)
+        return exit_code

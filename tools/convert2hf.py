@@ -1,6 +1,6 @@
 """Convert an evods checkpoint or an InternEvo native one (model_tp*_pp*.pt), of any tp/pp, to one Hugging Face folder.
 
-    python tools/convert2hf.py --src ckpts/100 --tgt hf/internlm --tokenizer V7_sft.model
+    python tools/convert2hf.py --src ckpts/100 --tgt hf/internlm --tokenizer tools/V7_sft.model
     python tools/convert2hf.py --src ckpts/100 --tgt hf/llama --format llama --dtype bfloat16
     python tools/convert2hf.py --src internevo_ckpt/5000 --tgt hf/internlm --mlp_naming v2
 
@@ -22,7 +22,7 @@ def main(argv=None) -> int:
     parser.add_argument("--src", required=True, help="an evods or InternEvo native checkpoint folder (local path, "
                         "local:, boto3:s3://); the format is detected")
     parser.add_argument("--tgt", required=True, help="the HF folder to write")
-    parser.add_argument("--tokenizer", help="SentencePiece model to include (e.g. V7_sft.model)")
+    parser.add_argument("--tokenizer", help="SentencePiece model to include (e.g. tools/V7_sft.model)")
     parser.add_argument("--format", choices=FORMATS, default="internlm")
     parser.add_argument("--dtype", choices=("float16", "bfloat16", "float32"), help="default: the training dtype")
     parser.add_argument("--max_shard", default="10GB", help="largest safetensors shard")

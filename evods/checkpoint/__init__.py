@@ -14,6 +14,9 @@ The evods format and its manager:
     sources.py     which checkpoint to load at start (auto_resume, load_ckpt_info) and how to read its weights
     reshard.py     resuming at another data/pipeline size through DeepSpeed's universal checkpoint
     transfer.py    moving files between the local disk (where DeepSpeed works) and the checkpoint storage
+    integrity.py   what the step marker records (each file's size and checksum) and the checks built on it
+    safe_load.py   reading torch files weights-only, so that a checkpoint cannot run code
+    deepspeed_io.py  DeepSpeed's checkpoint engine with checksums, fsync, kept write errors, weights-only loads
     rng.py, collective.py, errors.py
 
 Other formats (formats/):

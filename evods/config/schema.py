@@ -175,6 +175,8 @@ class CkptConfig:
     save_ckpt_folder: Optional[str] = key(OPTIONAL_STR, None)
     load_ckpt_info: Optional[LoadCkptInfo] = section(LoadCkptInfo, optional=True)
     auto_resume: bool = key(BOOL, True)  # overrides load_ckpt_info when a checkpoint exists under save_ckpt_folder
+    # auto_resume finds the newest checkpoint damaged: load the previous complete one (True) or stop with an error
+    auto_resume_fallback: bool = key(BOOL, True)
     checkpoint_every: float = key(STEP_INTERVAL, math.inf)
     async_upload: bool = key(BOOL, False)  # only for boto3:/s3: folders
     async_upload_tmp_folder: Optional[str] = key(OPTIONAL_STR, "/dev/shm/internlm_tmp_ckpt/")

@@ -2,7 +2,6 @@
 import logging
 import math
 import random
-import signal
 import time
 from dataclasses import asdict, dataclass, field, fields
 from datetime import datetime
@@ -17,6 +16,7 @@ from evods.config import (ConfigError, TrainConfig, adamw_kwargs, build_deepspee
                           check_topology, write_deepspeed_config)
 from evods.data import BatchSkipper, batch_stats, build_train_loader, build_valid_loaders
 from evods.model.registry import MODEL_INITIALIZER
+from evods.progress import Progress
 from evods.parallel import (ParallelSizes, VocabParallelLogits, apply_tensor_parallel, build_parallel_grid,
                             parallel_sizes)
 
@@ -27,6 +27,7 @@ from .loss import FullLogits, PackedLoss, TokenMetrics
 from .memory import check_memory
 from .metrics import MetricsSink, format_metrics_line, setup_logging
 from .schedules import Beta2Scheduler, LRScheduler
+from .stopping import GracefulStop
 
 logger = logging.getLogger("evods")
 
@@ -50,26 +51,6 @@ class TrainState:
     def load_state_dict(self, state: dict) -> None:
         for name, value in state.items():
             setattr(self, name, value)
-
-
-class GracefulStop:
-    """SIGTERM (and SIGINT) finish the running step, then the loop exits cleanly."""
-
-    def __init__(self):
-        self.requested = False
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, self._request)
-
-    def _request(self, signum, _frame):
-        logger.warning("received %s: finishing this step, then stopping", signal.Signals(signum).name)
-        self.requested = True
-
-    def agreed(self) -> bool:
-        """A stop only one rank saw must stop every rank at the same step."""
-        flag = torch.tensor([int(self.requested)])
-        if dist.is_initialized():
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item())
 
 
 def seed_everything(seed: int) -> None:
@@ -161,8 +142,21 @@ class Trainer:
         return torch.optim.AdamW(params, **adamw_kwargs(self.cfg))
 
     def train(self) -> TrainState:
-        data = self.cfg.data
+        """Train to total_steps. A stop signal (SIGTERM, SIGINT) finishes the running step, cuts validation short
+        and saves the last finished step before anything else (see stopping.py for the launchers' time limits)."""
         stop = GracefulStop()
+        try:
+            self._train(stop)
+            self.checkpoints.close()  # waits for background uploads and writes the last checkpoint's marker
+            if stop.requested and self.checkpoints.saving:
+                stop.saved(f"checkpoint of step {self.state.step_count} complete")
+        finally:
+            stop.close()
+        self._log_summary()
+        return self.state
+
+    def _train(self, stop: GracefulStop) -> None:
+        data = self.cfg.data
         batches = iter(self.loader)
         while self.state.step_count < data.total_steps:
             start = time.time()
@@ -173,18 +167,17 @@ class Trainer:
                 continue
             outcome = self.engine.train_step(batch)
             self._after_step(batch, outcome, time.time() - start)
-            if data.valid_every > 0 and self.state.step_count % data.valid_every == 0 and outcome.applied:
-                self.validate()
-            if outcome.applied and self.checkpoints.after_step(self.state.step_count, self._checkpoint_parts()):
-                logger.warning("stopped by the stop file after %d optimizer steps", self.state.step_count)
-                break
-            if stop.agreed():
+            stopping = stop.agreed()
+            if (not stopping and data.valid_every > 0 and self.state.step_count % data.valid_every == 0
+                    and outcome.applied):
+                stopping = self.validate(stop) is None
+            if stopping:
                 self.checkpoints.save_on_stop(self.state.step_count, self._checkpoint_parts())
                 logger.warning("stopped on request after %d optimizer steps", self.state.step_count)
-                break
-        self.checkpoints.close()  # waits for background uploads and writes the last checkpoint's marker
-        self._log_summary()
-        return self.state
+                return
+            if outcome.applied and self.checkpoints.after_step(self.state.step_count, self._checkpoint_parts()):
+                logger.warning("stopped by the stop file after %d optimizer steps", self.state.step_count)
+                return
 
     def close(self) -> None:
         if self.sink is not None:
@@ -246,18 +239,26 @@ class Trainer:
         self.sink.write(metrics["step"], metrics)
 
     @torch.no_grad()
-    def validate(self) -> dict:
+    def validate(self, stop: GracefulStop | None = None) -> dict | None:
+        """Loss, accuracy and perplexity on every validation set; None when `stop` was requested meanwhile (the
+        rest of validation is skipped, so the stop's checkpoint is written in time)."""
         results = {}
         for name, loader in self.valid_loaders.items():
             losses = []
             valid_metrics = TokenMetrics(num_types=1)
             self.engine.loss_fn.metrics, saved = valid_metrics, self.engine.loss_fn.metrics
+            progress = Progress(f"validation on {name}", len(loader), "batches", logger)
             try:
                 for batch in loader:
+                    if stop is not None and stop.agreed():
+                        logger.warning("validation on %s cut short by the stop request", name)
+                        return None
                     losses.append(self.engine.eval_loss(batch["input_ids"], batch["position_ids"], batch["labels"],
                                                         batch["type_ids"]))
+                    progress.advance()
             finally:
                 self.engine.loss_fn.metrics = saved
+            progress.finish()
             totals = valid_metrics.reduce_and_reset(self.engine.data_parallel_group)
             self.engine.share_from_last_stage(totals["tokens"])
             self.engine.share_from_last_stage(totals["correct"])

@@ -10,7 +10,7 @@ from evods.model import InternLMConfig, config_from_model_dict
 from evods.storage import LocalStorage, open_storage
 
 from .. import layout
-from ..errors import CheckpointError
+from ..errors import CheckpointError, DamagedCheckpoint
 from .internevo import is_native_checkpoint, read_native_model
 from ..transfer import fetch_folder
 from .weights import deepspeed_weights
@@ -32,6 +32,10 @@ def read_checkpoint_model(src: str, mlp_naming: str = "v1") -> tuple[InternLMCon
         if native:
             model_dict, weights = read_native_model(folder, mlp_naming)
             return config_from_model_dict(model_dict), weights
+        manifest = layout.read_manifest(storage, layout.CheckpointRef(layout.marked_step(storage, ""), ""))
+        problems = manifest.problems_in(folder, sorted(manifest.files))
+        if problems:
+            raise DamagedCheckpoint(f"{src} is damaged: {problems[0]}")
         with open(os.path.join(folder, layout.MODEL_CONFIG)) as f:
             return InternLMConfig.from_dict(json.load(f)), deepspeed_weights(folder)
     finally:

@@ -11,7 +11,11 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from evods.model import InternLMConfig, InternLMForCausalLM
+from evods.storage.local import DEFAULT_FILE_MODE, current_umask
 
+from transformers.utils.hub import convert_file_size_to_int
+
+from . import check_output_folder
 from .checkpoint_model import read_checkpoint_model
 from ..errors import CheckpointError
 from .weights import load_weights
@@ -51,6 +55,13 @@ def export_hf(src: str, tgt: str, tokenizer: str | None = None, fmt: str = "inte
         raise CheckpointError(f"--format {fmt!r}: use one of {FORMATS}")
     if rotary_type not in ROTARY_TYPES:
         raise CheckpointError(f"--rotary_type {rotary_type!r}: use one of {ROTARY_TYPES}")
+    # every argument is checked before anything is read or written: a failed conversion leaves no half folder
+    check_output_folder(tgt, "--tgt")
+    add_dummy_prefix = _sentencepiece_adds_dummy_prefix(tokenizer) if tokenizer else None
+    try:
+        convert_file_size_to_int(max_shard_size)
+    except ValueError:
+        raise CheckpointError(f"--max_shard {max_shard_size!r}: give a size such as 10GB or 500MB") from None
     config, weights = read_checkpoint_model(src, mlp_naming)
     config.rotary = {**config.rotary, "type": rotary_type}
     config.packed_attention = "auto"  # the training machine's kernel choice is not the inference machine's
@@ -59,28 +70,38 @@ def export_hf(src: str, tgt: str, tokenizer: str | None = None, fmt: str = "inte
     model = InternLMForCausalLM(config) if fmt == "internlm" else LlamaForCausalLM(llama_config(config))
     load_weights(model, weights, src)
     model.to(target_dtype).save_pretrained(tgt, max_shard_size=max_shard_size)
+    # safetensors writes its files 0600 whatever the umask; a teammate or a serving process must read them
+    for name in os.listdir(tgt):
+        if name.endswith(".safetensors"):
+            os.chmod(os.path.join(tgt, name), DEFAULT_FILE_MODE & ~current_umask())
     if tokenizer:
-        write_tokenizer(tokenizer, tgt, config.max_position_embeddings)
+        write_tokenizer(tokenizer, add_dummy_prefix, tgt, config.max_position_embeddings)
 
 
-def write_tokenizer(sentencepiece_model: str, tgt: str, max_length: int) -> None:
+def write_tokenizer(sentencepiece_model: str, add_dummy_prefix: bool, tgt: str, max_length: int) -> None:
     """tokenizer.model plus the configs that make `AutoTokenizer` read it as a BOS-adding Llama-style tokenizer."""
-    if not os.path.isfile(sentencepiece_model):
-        raise CheckpointError(f"--tokenizer {sentencepiece_model}: no such file (give a SentencePiece .model file)")
     shutil.copyfile(sentencepiece_model, os.path.join(tgt, "tokenizer.model"))
     tokenizer_config = {"tokenizer_class": "LlamaTokenizer", "add_bos_token": True, "add_eos_token": False,
-                        "add_prefix_space": _adds_dummy_prefix(sentencepiece_model),
+                        "add_prefix_space": add_dummy_prefix,
                         "clean_up_tokenization_spaces": False, "model_max_length": max_length, **SPECIAL_TOKENS}
     for name, content in (("tokenizer_config.json", tokenizer_config), ("special_tokens_map.json", SPECIAL_TOKENS)):
         with open(os.path.join(tgt, name), "w") as f:
             json.dump(content, f, indent=2)
 
 
-def _adds_dummy_prefix(sentencepiece_model: str) -> bool:
-    """Whether SentencePiece prepends "▁" to the text (V7_sft.model does not); HF must do the same."""
+def _sentencepiece_adds_dummy_prefix(sentencepiece_model: str) -> bool:
+    """Whether SentencePiece prepends "▁" to the text (V7_sft.model does not), which HF must do the same; reading it
+    also checks that the file is a SentencePiece model."""
+    from google.protobuf.message import DecodeError
     from sentencepiece import sentencepiece_model_pb2
 
+    if not os.path.isfile(sentencepiece_model):
+        raise CheckpointError(f"--tokenizer {sentencepiece_model}: no such file (give a SentencePiece .model file, "
+                              "e.g. tools/V7_sft.model)")
     proto = sentencepiece_model_pb2.ModelProto()
-    with open(sentencepiece_model, "rb") as f:
-        proto.ParseFromString(f.read())
+    try:
+        with open(sentencepiece_model, "rb") as f:
+            proto.ParseFromString(f.read())
+    except DecodeError:
+        raise CheckpointError(f"--tokenizer {sentencepiece_model} is not a SentencePiece model file") from None
     return proto.normalizer_spec.add_dummy_prefix

@@ -20,6 +20,7 @@ import torch
 from evods.model import InternLMConfig, config_from_model_dict, intermediate_size
 
 from ..errors import CheckpointError
+from ..safe_load import NUMPY_ARRAYS, load_file
 from .internevo_layout import PREFIX, NativeLayout, merge_shards, shard_weights
 
 MODEL_CONFIG = "model_config.pt"
@@ -127,4 +128,4 @@ def _load(folder: str, name: str):
     path = os.path.join(folder, name)
     if not os.path.isfile(path):
         raise CheckpointError(f"{path} is missing from the InternEvo native checkpoint")
-    return torch.load(path, map_location="cpu", weights_only=False)
+    return load_file(path, NUMPY_ARRAYS)  # InternEvo's sampler.pt holds its numpy RNG state
