@@ -5,6 +5,9 @@ fixtures by the names in the module).
 """
 
 import itertools
+import re
+import threading
+import urllib.parse
 import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -12,7 +15,9 @@ from dataclasses import dataclass
 
 import boto3
 import pytest
+from moto.moto_server.werkzeug_app import DomainDispatcherApplication, MotoRequestHandler, create_backend_app
 from moto.server import ThreadedMotoServer
+from werkzeug.serving import make_server
 
 ACCESS_KEY_ID = "AKIAEVODSTESTKEY0001"
 SECRET_ACCESS_KEY = "evods-test-secret-8d41c7e2b9"
@@ -36,6 +41,73 @@ class S3Endpoint:
     def client(self):
         """A plain boto3 client of the server, to check what the code under test stored."""
         return s3_client(self.url)
+
+
+@dataclass(frozen=True)
+class S3Request:
+    """One request as the server saw it: who sent it (the rank in evods' User-Agent), what, and the bytes of the
+    response body."""
+
+    rank: int | None
+    method: str
+    bucket: str
+    key: str
+    status: int
+    body_bytes: int
+
+
+class _RequestLog:
+    """WSGI middleware in front of moto's app that records every request (S3Request), counted at the server."""
+
+    def __init__(self, app):
+        self.app = app
+        self.requests: list[S3Request] = []
+        self._lock = threading.Lock()
+
+    def __call__(self, environ, start_response):
+        status = []
+
+        def start_response_seen(code, headers, exc_info=None):
+            status.append(int(code.split()[0]))
+            return start_response(code, headers, exc_info)
+
+        body = self.app(environ, start_response_seen)
+        size = 0
+        try:
+            for chunk in body:
+                size += len(chunk)
+                yield chunk
+        finally:
+            if hasattr(body, "close"):
+                body.close()
+            bucket, _, key = urllib.parse.unquote(environ.get("PATH_INFO", "")).lstrip("/").partition("/")
+            rank = re.search(r"evods-rank/(\d+)", environ.get("HTTP_USER_AGENT", ""))
+            with self._lock:
+                self.requests.append(S3Request(int(rank.group(1)) if rank else None, environ["REQUEST_METHOD"],
+                                               bucket, key, status[0] if status else 0, size))
+
+
+class CountingMotoServer:
+    """A moto server on 127.0.0.1 that records every request it serves (`requests(bucket)`). It shares its data with
+    the other moto servers of the process."""
+
+    def __init__(self):
+        self._log = _RequestLog(DomainDispatcherApplication(create_backend_app))
+        self._server = make_server("127.0.0.1", 0, self._log, threaded=True, request_handler=MotoRequestHandler)
+        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+        self._thread.start()
+
+    def get_host_and_port(self) -> tuple[str, int]:
+        host, port = self._server.server_address[:2]
+        return str(host), port
+
+    def requests(self, bucket: str) -> list[S3Request]:
+        with self._log._lock:
+            return [request for request in self._log.requests if request.bucket == bucket]
+
+    def stop(self) -> None:
+        self._server.shutdown()
+        self._thread.join()
 
 
 def start_moto_server() -> ThreadedMotoServer:

@@ -1,4 +1,5 @@
 """The few collectives checkpointing needs, and a guard so that an error on one rank stops every rank."""
+import tempfile
 from typing import Callable, TypeVar
 
 import torch
@@ -29,6 +30,31 @@ def all_gather(value) -> list:
     gathered = [None] * dist.get_world_size()
     dist.all_gather_object(gathered, value)
     return gathered
+
+
+def broadcast(value):
+    """Rank 0's `value` (a small picklable object) on every rank."""
+    if not dist.is_initialized():
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def on_rank0(what: str, work: Callable[[], T]) -> T:
+    """`work` run on rank 0 alone and its result shared with every rank: reads of the storage whose answer every
+    rank needs (which checkpoint to load, its file list) cost one request each, not one per rank."""
+    return broadcast(agree_on_failure(what, lambda: work() if rank() == 0 else None))
+
+
+def node_scratch_folder(nodes, kind: str) -> str:
+    """A scratch folder (evods.storage.scratch) that the node's leader makes and every rank of its node `nodes`
+    (an evods.parallel.nodes.NodeLayout) shares."""
+    from evods.storage import make_scratch_folder
+
+    made = agree_on_failure(f"creating a {kind} folder in {tempfile.gettempdir()}",
+                            lambda: make_scratch_folder(kind) if nodes.is_leader else None)
+    return all_gather(made)[nodes.leader]
 
 
 def agree_on_failure(what: str, work: Callable[[], T]) -> T:

@@ -5,7 +5,8 @@ layer files included) through `engine.checkpoint_engine`, a pluggable object; ev
 - save: each file is digested while it is written (for the step marker, integrity.py) and fsynced; a write error (a
   full disk, a read-only mount) is kept, not raised, so that this rank still goes through DeepSpeed's barriers with
   the others, and `raise_error` reports it once the save has returned;
-- load: weights only (safe_load.py), where DeepSpeed's TorchCheckpointEngine.load calls torch.load(weights_only=False).
+- load: weights only (safe_load.py), where DeepSpeed's TorchCheckpointEngine.load calls torch.load(weights_only=False);
+  an empty file (the placeholder of a file this node did not download) is refused with a clear error.
 """
 import os
 
@@ -58,6 +59,11 @@ class VerifyingCheckpointEngine(TorchCheckpointEngine):
             self.error = exc
 
     def load(self, path: str, map_location=None):
+        if os.path.getsize(path) == 0:  # a placeholder of a remote checkpoint's local copy (transfer.py)
+            raise CheckpointError(f"{path} is empty: it was not downloaded to this node, because evods fetches "
+                                  "only the checkpoint files this node's ranks read and DeepSpeed asked for another "
+                                  "(a gap in evods/checkpoint/selection.py: please report it), or the file is empty "
+                                  "in the checkpoint itself")
         return safe_load.load_file(path, safe_load.deepspeed_objects(), map_location=map_location)
 
     def take_written(self, folder: str) -> dict[str, FileDigest]:

@@ -12,8 +12,9 @@ import torch
 
 from evods.config import CkptConfig
 from evods.parallel import ParallelSizes
-from evods.storage import AsyncUploader, LocalStorage, Storage, open_storage
-from evods.storage import explain_os_error
+from evods.parallel.nodes import NodeLayout, discover_nodes
+from evods.storage import (AsyncUploader, LocalStorage, Storage, clean_scratch_leftovers, explain_os_error,
+                           make_scratch_folder, open_storage)
 
 from . import collective, layout
 from .errors import CheckpointError, DamagedCheckpoint, FailedOnAnotherRank
@@ -23,8 +24,10 @@ from .integrity import FileDigest, Manifest
 from .policy import SavePolicy, StopFile
 from .reshard import check_reshardable, load_resharded, reshard_sampler_state
 from .rng import rng_state, set_rng_state
+from .selection import (Reader, assign_downloads, deepspeed_files, model_files, own_deepspeed_files,
+                        run_state_files)
 from .sources import LoadPlan, check_same_model, choose_load_plan, read_model_weights
-from .transfer import Publisher, fetch_folder, from_bytes, to_bytes
+from .transfer import Publisher, download_files, from_bytes, make_placeholders, to_bytes
 
 logger = logging.getLogger("evods.checkpoint")
 
@@ -49,12 +52,23 @@ class _PendingSave:
     files: dict[str, FileDigest] = field(default_factory=dict)  # this rank's files, relative to `folder`
 
 
+@dataclass(frozen=True)
+class _Catalogue:
+    """What rank 0 read about the checkpoint to load, for every rank: its files (with their sizes when the step
+    marker lists them), the marker, and the layout it was saved at (evods checkpoints)."""
+
+    files: dict[str, int | None]
+    manifest: Manifest | None
+    topology: dict | None
+
+
 class CheckpointManager:
     def __init__(self, ckpt: CkptConfig, sizes: ParallelSizes, model_config, config_text: str | None,
-                 upload_options: dict | None = None):
+                 upload_options: dict | None = None, nodes: NodeLayout | None = None):
         """`model_config`: the model's HF config (saved as config.json). `upload_options`: AsyncUploader keyword
-        arguments (attempts, retry_backoff_s, workers)."""
+        arguments (attempts, retry_backoff_s, workers). `nodes`: which ranks share a node (discovered if not given)."""
         self.sizes = sizes
+        self.nodes = nodes or discover_nodes()
         self.model_config = model_config
         self.config_text = config_text
         self.keep_last = ckpt.keep_last_ckpts
@@ -76,14 +90,15 @@ class CheckpointManager:
                 lambda: AsyncUploader(self.storage, ckpt.async_upload_tmp_folder, **(upload_options or {}))
                 if ckpt.async_upload else None)
             self.publisher = Publisher(self.storage, uploader)
+        _clean_leftovers(self.nodes, self._staging_root() if self.saving else None)
         # Without a save folder the intervals are inf, but the stop file still stops the run (+N).
         stop_file = collective.agree_on_failure("creating the stop file", lambda: StopFile(ckpt.stop_file_path))
         self.policy = SavePolicy(ckpt.checkpoint_every, ckpt.oss_snapshot_freq, stop_file)
-        self.plan = collective.agree_on_failure("choosing the checkpoint to load",
-                                                lambda: choose_load_plan(ckpt, self.storage))
+        # Rank 0 lists the storage and reads the model config; the other ranks learn the answer.
+        self.plan = collective.on_rank0("choosing the checkpoint to load", lambda: choose_load_plan(ckpt, self.storage))
         if self.plan is not None:  # before the engine is built, so that a wrong model fails in seconds
-            collective.agree_on_failure("comparing the checkpoint's model",
-                                        lambda: check_same_model(self.plan, self.model_config))
+            collective.on_rank0("comparing the checkpoint's model",
+                                lambda: check_same_model(self.plan, self.model_config))
 
     # ------------------------------------------------------------------------------------------------ loading
 
@@ -92,15 +107,18 @@ class CheckpointManager:
         (with the optimizer) loads the weights through DeepSpeed in `restore` instead."""
         if self.plan is None or not self.plan.loads_weights_only:
             return
+        plan = self.plan
+        catalogue = _read_catalogue_on_rank0(plan)
+        # every rank reads every model file (the tensor ranks are merged); the node downloads each once
+        reads = [*model_files(catalogue.files), layout.TOPOLOGY] if _is_evods(plan) else sorted(catalogue.files)
+        with _LocalCopy(plan, catalogue, reads, self.nodes) as folder:
+            def load():
+                if _is_evods(plan):
+                    _verify_local(folder, plan, catalogue)
+                load_weights(model, read_model_weights(plan, folder), plan.describe())
 
-        def load():
-            with _LocalCopy(self.plan) as folder:
-                if not self.plan.is_native and self.plan.ckpt_type == "evods":
-                    _verify(folder, self.plan)
-                load_weights(model, read_model_weights(self.plan, folder), self.plan.describe())
-
-        collective.agree_on_failure(f"loading the model of {self.plan.describe()}", load)
-        self.plan.announce()
+            collective.agree_on_failure(f"loading the model of {plan.describe()}", load)
+        plan.announce()
 
     def restore(self, parts: TrainingParts) -> None:
         """After the engine exists: optimizer, schedulers, sampler, counters and RNG, as the plan's content says.
@@ -122,15 +140,33 @@ class CheckpointManager:
         plan.announce()
 
     def _restore(self, plan: LoadPlan, parts: TrainingParts) -> None:
-        """Download (if remote), check every file against the marker, then load: each stage agreed by every rank, so
-        a damaged file is reported as such before any rank tries to load it."""
-        with _LocalCopy(plan) as folder:
+        """Download what this node reads (if remote), check the files against the marker, then load: each stage
+        agreed by every rank, so a damaged file is reported as such before any rank tries to load it."""
+        catalogue = _read_catalogue_on_rank0(plan)
+        reads = collective.agree_on_failure(f"choosing the files of {plan.describe()} to read",
+                                            lambda: self._restore_reads(plan, catalogue, parts.engine))
+        with _LocalCopy(plan, catalogue, reads, self.nodes) as folder:
             if plan.is_native:
                 load = lambda: self._restore_native_run_state(folder, plan, parts)  # noqa: E731
             else:
-                collective.agree_on_failure(f"checking {plan.describe()}", lambda: _verify(folder, plan))
-                load = lambda: self._restore_evods(folder, plan, parts)  # noqa: E731
+                collective.agree_on_failure(f"checking {plan.describe()}",
+                                            lambda: _verify_local(folder, plan, catalogue))
+                load = lambda: self._restore_evods(folder, plan, catalogue.topology, parts)  # noqa: E731
             collective.agree_on_failure(f"loading {plan.describe()}", load)
+
+    def _restore_reads(self, plan: LoadPlan, catalogue: _Catalogue, engine) -> list[str]:
+        """The files of the planned checkpoint that this rank reads in `_restore` (selection.py)."""
+        files = catalogue.files
+        reads = run_state_files(files, collective.rank(), plan.content)
+        if plan.is_native or "optimizer" not in plan.content:
+            return reads
+        if check_reshardable(catalogue.topology, self._topology(), plan.describe()):
+            # converted once per node, by its leader (reshard.py), from the whole DeepSpeed folder
+            return reads + (deepspeed_files(files) if self.nodes.is_leader else [])
+        return reads + own_deepspeed_files(files, Reader(collective.rank(), self.sizes, _stage_layers(engine)))
+
+    def _topology(self) -> dict:
+        return {"dp": self.sizes.dp, "pp": self.sizes.pp, "tp": self.sizes.tp}
 
     def _fallback_after(self, plan: LoadPlan, exc: Exception) -> LoadPlan:
         """The plan to try after `plan` failed to load with `exc` (on every rank alike), or raise: once per job."""
@@ -150,18 +186,15 @@ class CheckpointManager:
         if collective.rank() == 0:
             logger.warning("checkpoint %s is damaged (%s): loading the previous complete checkpoint %s instead",
                            plan.describe(), reason, previous.describe())
-        collective.agree_on_failure("comparing the checkpoint's model",
-                                    lambda: check_same_model(previous, self.model_config))
+        collective.on_rank0("comparing the checkpoint's model", lambda: check_same_model(previous, self.model_config))
         return replace(previous, reason=f"{previous.reason}; {plan.describe()} is damaged ({reason})",
                        fallbacks=plan.fallbacks[1:])
 
-    def _restore_evods(self, folder: str, plan: LoadPlan, parts: TrainingParts) -> None:
-        with open(os.path.join(folder, layout.TOPOLOGY)) as f:
-            saved = json.load(f)
-        now = {"dp": self.sizes.dp, "pp": self.sizes.pp, "tp": self.sizes.tp}
+    def _restore_evods(self, folder: str, plan: LoadPlan, saved: dict, parts: TrainingParts) -> None:
+        now = self._topology()
         if "optimizer" in plan.content:
             if check_reshardable(saved, now, plan.describe()):
-                load_resharded(parts.engine, folder, plan.describe(), saved, now)
+                load_resharded(parts.engine, folder, plan.describe(), saved, now, self.nodes)
             else:
                 path, _ = parts.engine.load_checkpoint(folder, tag=layout.DEEPSPEED_TAG, load_optimizer_states=True,
                                                        load_lr_scheduler_states=False)
@@ -325,22 +358,97 @@ class CheckpointManager:
 
 
 class _LocalCopy:
-    """The plan's checkpoint as a local folder for the duration of a `with` block (downloaded when remote)."""
+    """The plan's checkpoint as a local folder for the duration of a `with` block (every rank enters it together).
 
-    def __init__(self, plan: LoadPlan):
+    On local storage that is the checkpoint folder itself. From remote storage it is a folder on the node's local
+    disk (its temp folder, TMPDIR) shared by the ranks of the node: each file that some rank of the node reads
+    (`reads`: this rank's, selection.py) is downloaded once, by one of those ranks, and checked against the step
+    marker on arrival. No rank downloads a file it does not read, and none the whole checkpoint unless it reads it.
+    """
+
+    def __init__(self, plan: LoadPlan, catalogue: _Catalogue, reads: list[str], nodes: NodeLayout):
         self.plan = plan
-        self._temp = None
+        self.catalogue = catalogue
+        self.reads = reads
+        self.nodes = nodes
+        self._folder: str | None = None
 
     def __enter__(self) -> str:
         storage = open_storage(self.plan.path)
-        if not isinstance(storage, LocalStorage):
-            self._temp = tempfile.mkdtemp(prefix=f"evods-load-rank{collective.rank()}-")
-        return collective.agree_on_failure(f"downloading {self.plan.describe()}",
-                                           lambda: fetch_folder(storage, self.plan.folder, self._temp or ""))
+        if isinstance(storage, LocalStorage):
+            return os.path.join(storage.root, *self.plan.folder.split("/"))
+        self._folder = folder = collective.node_scratch_folder(self.nodes, "load")
+        every_rank_reads = collective.all_gather(self.reads)
+        node_reads = {rank: every_rank_reads[rank] for rank in self.nodes.local_ranks}
+        mine = assign_downloads(node_reads, self.catalogue.files)[collective.rank()]
+        read_on_node = {rel for rels in node_reads.values() for rel in rels}
 
-    def __exit__(self, *exc_info) -> None:
-        if self._temp:
-            shutil.rmtree(self._temp, ignore_errors=True)
+        def download():
+            download_files(storage, self.plan.folder, folder, mine, self.catalogue.files, self.catalogue.manifest)
+            if self.nodes.is_leader:
+                make_placeholders(folder, [rel for rel in deepspeed_files(self.catalogue.files)
+                                           if rel not in read_on_node])
+
+        collective.agree_on_failure(f"downloading {self.plan.describe()}", download)
+        return folder
+
+    def __exit__(self, exc_type, *exc_info) -> None:
+        if self._folder is None:
+            return
+        if exc_type is None:  # the node's ranks are done reading (on an error every rank leaves together anyway)
+            collective.barrier()
+        if self.nodes.is_leader:
+            shutil.rmtree(self._folder, ignore_errors=True)
+
+
+def _is_evods(plan: LoadPlan) -> bool:
+    return plan.ckpt_type == "evods" and not plan.is_native
+
+
+def _read_catalogue_on_rank0(plan: LoadPlan) -> _Catalogue:
+    return collective.on_rank0(f"reading the file list of {plan.describe()}", lambda: _read_catalogue(plan))
+
+
+def _read_catalogue(plan: LoadPlan) -> _Catalogue:
+    """The files of the planned checkpoint: from its step marker when it lists them (no listing requests), else
+    from a listing of the folder; and the layout it was saved at."""
+    storage = open_storage(plan.path)
+    manifest = topology = None
+    if _is_evods(plan):
+        step = layout.marked_step(storage, plan.folder)
+        try:
+            manifest = layout.read_manifest(storage, layout.CheckpointRef(step, plan.folder))
+        except ValueError as exc:
+            raise DamagedCheckpoint(str(exc)) from None
+        topology = json.loads(storage.read_bytes(layout.join(plan.folder, layout.TOPOLOGY)))
+    if manifest is not None and manifest.verifiable:
+        files = {rel: digest.size for rel, digest in manifest.files.items()}
+    else:
+        if manifest is not None:
+            logger.info("%s has a marker without file checksums (an older evods wrote it): loading it unchecked",
+                        plan.describe())
+        files = dict.fromkeys(layout.walk_files(storage, plan.folder))
+    return _Catalogue(files, manifest, topology)
+
+
+def _stage_layers(engine) -> range | None:
+    """The PipelineModule layer indices of this rank's stage (DeepSpeed's partition), None without a pipeline."""
+    from deepspeed.pipe import PipelineModule
+
+    module = engine.module
+    return range(module._local_start, module._local_stop) if isinstance(module, PipelineModule) else None
+
+
+def _clean_leftovers(nodes: NodeLayout, staging_root: str | None) -> None:
+    """Delete the scratch folders (checkpoint staging, downloads, reshard caches) that crashed runs left on this
+    node's disk: the node's leader does it before anything of this run is written there."""
+    if not nodes.is_leader:
+        return
+    for root in dict.fromkeys((tempfile.gettempdir(), staging_root or tempfile.gettempdir())):
+        removed = clean_scratch_leftovers(root)
+        if removed:
+            logger.warning("removed %d folders that crashed runs left in %s (e.g. %s)", len(removed), root,
+                           os.path.basename(removed[0]))
 
 
 def _read(folder: str, name: str):
@@ -368,24 +476,18 @@ def _raise_on_rank0(error: CheckpointError, cause: Exception) -> None:
 
 def _staging_folder(step: int, rank: int, root: str | None) -> str:
     try:
-        return tempfile.mkdtemp(prefix=f"evods-ckpt-{step}-rank{rank}-", dir=root)
+        return make_scratch_folder(f"ckpt-{step}-rank{rank}", root)
     except OSError as exc:
         raise explain_os_error(exc, "create a staging folder in", root or tempfile.gettempdir()) from exc
 
 
-def _verify(folder: str, plan: LoadPlan) -> None:
-    """Check this rank's share of the files of the evods checkpoint copied at `folder` against its marker (each rank
-    hashes every world-size-th file, so the whole checkpoint is read once); DamagedCheckpoint names the first
-    problem. Checkpoints of older evods versions, whose marker lists no files, load unchecked."""
-    storage = open_storage(plan.path)
-    step = layout.marked_step(storage, plan.folder)
-    try:
-        manifest = layout.read_manifest(storage, layout.CheckpointRef(step, plan.folder))
-    except ValueError as exc:
-        raise DamagedCheckpoint(str(exc)) from None
-    if not manifest.verifiable:
-        logger.info("%s has a marker without file checksums (an older evods wrote it): loading it unchecked",
-                    plan.describe())
+def _verify_local(folder: str, plan: LoadPlan, catalogue: _Catalogue) -> None:
+    """On local storage, check this rank's share of the checkpoint's files against its marker (each rank hashes
+    every world-size-th file, so the whole checkpoint is read once); DamagedCheckpoint names the first problem.
+    Downloaded files were checked on arrival; checkpoints of older evods versions, whose marker lists no files, load
+    unchecked."""
+    manifest = catalogue.manifest
+    if not isinstance(open_storage(plan.path), LocalStorage) or manifest is None or not manifest.verifiable:
         return
     share = sorted(manifest.files)[collective.rank()::collective.world_size()]
     problems = manifest.problems_in(folder, share)

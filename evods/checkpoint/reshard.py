@@ -1,24 +1,24 @@
 """Loading an evods checkpoint saved at another data- or pipeline-parallel size, with no separate conversion step.
 
-Model weights and the ZeRO-1 optimizer state go through DeepSpeed's universal checkpoint: node-local rank 0 converts
-the saved DeepSpeed files (ds_to_universal, in-process) into a local cache folder, renames the per-parameter folders
+Model weights and the ZeRO-1 optimizer state go through DeepSpeed's universal checkpoint: each node's leader (its
+lowest rank, evods.parallel.nodes) converts the saved DeepSpeed files (ds_to_universal, in-process) into a folder on
+the node's local disk, once per node, renames the per-parameter folders
 from the saved model's parameter names to this run's (a pipeline names parameters by stage layer, the plain model by
 HF name), and every rank loads that with `load_universal`. Tensor-parallel changes are refused (DeepSpeed cannot
 merge replicated parameters of tensor-parallel checkpoints); the model weights alone load at any tensor size
 (formats/weights.py, deepspeed_weights, merges the tensor ranks). The sampler position is translated to the new data size.
 """
 import argparse
-import hashlib
 import logging
 import os
 import shutil
-import tempfile
 
 import torch.distributed as dist
 
 from evods.model import pipeline_parameter_name
+from evods.parallel.nodes import NodeLayout
 
-from .collective import agree_on_failure, barrier
+from .collective import agree_on_failure, barrier, node_scratch_folder
 from .errors import CheckpointError
 from .layout import DEEPSPEED_TAG
 from .safe_load import deepspeed_loads_weights_only
@@ -38,15 +38,17 @@ def check_reshardable(saved: dict, now: dict, source: str) -> bool:
     return (saved["dp"], saved["pp"]) != (now["dp"], now["pp"])
 
 
-def load_resharded(engine, checkpoint_folder: str, source: str, saved: dict, now: dict) -> None:
+def load_resharded(engine, checkpoint_folder: str, source: str, saved: dict, now: dict, nodes: NodeLayout) -> None:
     """Load model weights and optimizer state of the evods checkpoint `source`, copied locally at
-    `checkpoint_folder` and saved at topology `saved`, into the DeepSpeed `engine` of this run (topology `now`)."""
-    cache = _cache_folder(source, now)
+    `checkpoint_folder` (on `nodes`' leaders: its DeepSpeed files are there) and saved at topology `saved`, into the
+    DeepSpeed `engine` of this run (topology `now`)."""
+    cache = node_scratch_folder(nodes, "universal")
     current_names = _current_names(engine, saved["num_layers"])
+
     def convert_on_node_leader():
-        if _is_node_leader():
+        if nodes.is_leader:
             logger.warning("checkpoint %s was saved with dp=%d, pp=%d and this run has dp=%d, pp=%d: converting it "
-                           "to DeepSpeed's universal checkpoint in %s and loading that", checkpoint_folder,
+                           "to DeepSpeed's universal checkpoint in %s and loading that", source,
                            saved["dp"], saved["pp"], now["dp"], now["pp"], cache)
             _convert(os.path.join(checkpoint_folder, DEEPSPEED_TAG), os.path.join(cache, UNIVERSAL_TAG),
                      _ParameterNames(saved["num_layers"], saved["pp"] > 1), current_names)
@@ -65,7 +67,7 @@ def load_resharded(engine, checkpoint_folder: str, source: str, saved: dict, now
     finally:
         config.load_universal_checkpoint = previous
     barrier()
-    if _is_node_leader():
+    if nodes.is_leader:
         shutil.rmtree(cache, ignore_errors=True)
     if path is None:
         raise CheckpointError(f"DeepSpeed could not load the universal checkpoint made from {checkpoint_folder}")
@@ -134,12 +136,3 @@ def _convert(deepspeed_folder: str, output: str, saved_names: _ParameterNames, c
         os.rename(os.path.join(staged, name), os.path.join(zero, current[hf_name]))
     shutil.rmtree(staged)
 
-
-def _cache_folder(source: str, now: dict) -> str:
-    """A node-local folder every rank of the node derives alike, one per checkpoint and target layout."""
-    key = hashlib.sha1(f"{source}|{sorted(now.items())}".encode()).hexdigest()[:16]
-    return os.path.join(tempfile.gettempdir(), f"evods-universal-{key}")
-
-
-def _is_node_leader() -> bool:
-    return int(os.environ.get("LOCAL_RANK", "0")) == 0

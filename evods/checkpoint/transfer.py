@@ -11,7 +11,8 @@ from evods.storage import AsyncUploader, LocalStorage, Storage
 from evods.storage import explain_os_error
 
 from . import safe_load
-from .integrity import FileDigest, digest_bytes
+from .errors import DamagedCheckpoint
+from .integrity import FileDigest, Manifest, digest_bytes
 from .layout import join, walk_files
 
 logger = logging.getLogger("evods.checkpoint")
@@ -86,3 +87,29 @@ def fetch_folder(storage: Storage, rel_folder: str, local_folder: str) -> str:
         storage.download_file(join(rel_folder, rel), os.path.join(local_folder, rel), on_bytes=progress.advance)
     progress.finish()
     return local_folder
+
+
+def download_files(storage: Storage, rel_folder: str, local_folder: str, rels: list[str], sizes: dict[str, int | None],
+                   manifest: Manifest | None) -> None:
+    """Download the files `rels` of `rel_folder` into `local_folder`, each checked against the step marker's
+    `manifest` as soon as it is there (DamagedCheckpoint names the first that does not match)."""
+    progress = Progress(f"downloading {len(rels)} files of {storage.uri(rel_folder)}",
+                        sum(sizes.get(rel) or 0 for rel in rels) or None, "bytes", logger)
+    for rel in rels:
+        path = os.path.join(local_folder, *rel.split("/"))
+        storage.download_file(join(rel_folder, rel), path, on_bytes=progress.advance)
+        problem = manifest.problem_with(rel, path) if manifest is not None and manifest.verifiable else None
+        if problem:
+            raise DamagedCheckpoint(problem)
+    progress.finish()
+
+
+def make_placeholders(local_folder: str, rels: list[str]) -> None:
+    """Empty files for the DeepSpeed files this node does not download. DeepSpeed finds a checkpoint's model files
+    with glob and picks the rank's own by its position in that list (engine._get_all_ckpt_names, PipelineModule.
+    ckpt_layer_path_list), so every name must exist; it reads only its own, and evods' checkpoint engine refuses
+    to load an empty file (deepspeed_io.py)."""
+    for rel in rels:
+        path = os.path.join(local_folder, *rel.split("/"))
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        open(path, "wb").close()

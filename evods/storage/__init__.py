@@ -6,6 +6,7 @@ from .base import Storage, StorageError, explain_os_error
 from .local import LocalStorage
 from .paths import ACCEPTED_FORMS, LocalLocation, S3Location, open_storage, parse_storage_path
 from .s3 import S3Storage
+from .scratch import clean_scratch_leftovers, make_scratch_folder
 
 __all__ = [
     "ACCEPTED_FORMS",
@@ -18,8 +19,10 @@ __all__ = [
     "S3Storage",
     "Storage",
     "StorageError",
+    "clean_scratch_leftovers",
     "default_tmp_folder",
     "explain_os_error",
+    "make_scratch_folder",
     "open_storage",
     "parse_storage_path",
 ]

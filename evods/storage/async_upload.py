@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from evods.progress import Progress
 
 from .base import Storage, StorageError, explain_os_error
+from .scratch import process_alive
 
 logger = logging.getLogger(__name__)
 
@@ -35,16 +36,6 @@ def _writer_pid(name: str) -> int | None:
         return None
     parts = name.removesuffix(TMP_SUFFIX).rsplit(".", 2)
     return int(parts[1]) if len(parts) == 3 and parts[1].isdigit() else None
-
-
-def _process_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # alive, but another user's
-        return True
-    return True
 
 
 @dataclass(frozen=True)
@@ -124,7 +115,7 @@ class AsyncUploader:
         kept = []
         for name in os.listdir(self.tmp_folder):
             pid = _writer_pid(name)
-            if pid is not None and not _process_alive(pid):
+            if pid is not None and not process_alive(pid):
                 os.remove(os.path.join(self.tmp_folder, name))
             elif name.endswith(KEPT_SUFFIX):
                 kept.append(name)

@@ -35,6 +35,13 @@ def _env_credentials() -> dict[str, str]:
     return {"aws_access_key_id": key_id, "aws_secret_access_key": secret} if key_id else {}
 
 
+def _user_agent_extra() -> str:
+    """`evods-rank/N` in every request's User-Agent (N: RANK as the launcher set it), so that the storage's access
+    logs tell which rank of a job sent what."""
+    rank = os.environ.get("RANK", "")
+    return f"evods-rank/{rank}" if rank.isdigit() else "evods"
+
+
 class S3Storage(Storage):
     """Files under `s3://{bucket}/{prefix}/`.
 
@@ -75,6 +82,7 @@ class S3Storage(Storage):
             read_timeout=read_timeout,
             # Several transfers at once (AsyncUploader workers), each with max_concurrency part threads.
             max_pool_connections=_POOL_CONNECTIONS,
+            user_agent_extra=_user_agent_extra(),
         )
         if endpoint_url:
             # S3-compatible servers want path-style URLs (no bucket.host DNS names) and often reject the CRC checksums

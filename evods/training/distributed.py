@@ -1,8 +1,8 @@
 """Process-group start-up for the three launchers users have: deepspeed, torchrun and slurm."""
 import datetime
 import os
+import re
 import socket
-import subprocess
 
 import deepspeed
 import torch
@@ -17,10 +17,11 @@ class LaunchError(RuntimeError):
     """The processes were not started the way --launcher says."""
 
 
-def _first_host(nodelist: str) -> str:
-    """The first host of a slurm node list such as "node[01-04]", as InternEvo picks its master."""
-    hosts = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True, check=True)
-    return hosts.stdout.split()[0]
+def first_host(nodelist: str) -> str:
+    """The first host of a slurm node list ("node[01-04,07],gpu5" -> "node01"), as InternEvo picks its master.
+    Read here rather than with `scontrol show hostnames`: containers started under slurm often lack scontrol."""
+    entry = re.match(r"(?:[^,\[]|\[[^\]]*\])+", nodelist.strip()).group(0)  # up to the first comma outside brackets
+    return re.sub(r"\[([^\]]*)\]", lambda bracket: re.split(r"[,-]", bracket.group(1))[0], entry)
 
 
 def _free_port() -> int:
@@ -44,7 +45,7 @@ def set_launcher_env(launcher: str, port: int | None = None, environ=os.environ)
         environ["WORLD_SIZE"] = environ["SLURM_NPROCS"]
         environ["LOCAL_RANK"] = environ.get("SLURM_LOCALID", "0")
         nodelist = environ.get("SLURM_JOB_NODELIST") or environ.get("SLURM_NODELIST")
-        environ.setdefault("MASTER_ADDR", _first_host(nodelist) if nodelist else "127.0.0.1")
+        environ.setdefault("MASTER_ADDR", first_host(nodelist) if nodelist else "127.0.0.1")
         environ.setdefault("MASTER_PORT", str(port or 8888))
         return
     if "RANK" not in environ:  # plain python: a one-process run

@@ -19,6 +19,7 @@ from evods.model.registry import MODEL_INITIALIZER
 from evods.progress import Progress
 from evods.parallel import (ParallelSizes, VocabParallelLogits, apply_tensor_parallel, build_parallel_grid,
                             parallel_sizes)
+from evods.parallel.nodes import describe_layout, discover_nodes, tensor_groups_across_nodes
 
 from .distributed import init_distributed
 from .engine import StepOutcome, TrainEngine
@@ -93,9 +94,11 @@ class Trainer:
         seed_everything(seed)
         self.run_dir = run_dir or default_run_dir(cfg.JOB_NAME)
 
+        self.nodes = discover_nodes()
+        _log_layout(self.nodes, self.sizes)
         model = build_model(cfg)
         self.checkpoints = CheckpointManager(cfg.ckpt, self.sizes, model.config,
-                                             cfg.source.text if cfg.source else None)
+                                             cfg.source.text if cfg.source else None, nodes=self.nodes)
         self.checkpoints.load_model_weights(model)
         num_parameters = model.num_parameters()  # of the whole model, before tensor parallelism slices it
         self.grid = build_parallel_grid(self.sizes)
@@ -121,13 +124,13 @@ class Trainer:
         self.valid_loaders = build_valid_loaders(asdict(cfg.data), self.sizes.dp_rank, self.sizes.dp)
         self.state = TrainState()
         self.checkpoints.restore(self._checkpoint_parts())
-        if rank == 0:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            write_deepspeed_config(ds_config, self.run_dir)
         self.sink = None
         if self.engine.is_log_rank:
             # The metrics line comes from the rank that sees the loss: the last pipeline stage, not always rank 0.
+            # The whole run folder is its, so that it lies on one node's disk even without a shared file system.
             logger.setLevel(logging.INFO)
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            write_deepspeed_config(ds_config, self.run_dir)
             tb_dir = Path(cfg.tensorboard_folder) if cfg.tensorboard_folder else self.run_dir / "tensorboard"
             self.sink = MetricsSink(self.run_dir, tb_dir if cfg.enable_tb else None)
         logger.info("Distributed environment is initialized, data parallel size: %d, pipeline parallel size: %d, "
@@ -272,6 +275,18 @@ class Trainer:
                             " ".join(f"{k}={v}" for k, v in results[name].items()))
                 self.sink.write(self.state.step_count, results[name])
         return results
+
+
+def _log_layout(nodes, sizes: ParallelSizes) -> None:
+    """Where the ranks landed (rank 0, once), and a warning when a tensor group spans nodes: its all-reduces, two
+    per layer and step, would then cross the network."""
+    if dist.get_rank() != 0:
+        return
+    logger.info("rank layout: %s", describe_layout(nodes, sizes.pp, sizes.tp))
+    spanning = tensor_groups_across_nodes(nodes, sizes.tp)
+    if spanning:
+        logger.warning("%d tensor-parallel groups span nodes (e.g. ranks %s): launch a multiple of parallel.tensor=%d "
+                       "ranks per node so that each group stays inside one", len(spanning), spanning[0], sizes.tp)
 
 
 def build_model(cfg: TrainConfig) -> torch.nn.Module:
