@@ -57,14 +57,15 @@ class Job:
         return "\n".join(f"===== node {node.index}\n{text}" for node, text in zip(self.nodes, self.outputs))
 
 
-def _commands(launcher: str, nodes: list[Node], ranks_per_node: int, args: list[str]) -> list[tuple[Node, list, dict]]:
+def _commands(launcher: str, nodes: list[Node], ranks_per_node: int, args: list[str],
+              script: str) -> list[tuple[Node, list, dict]]:
     """(node, argv, extra environment) of each process to start: one launcher per node, or one process per rank
     for slurm (srun's part)."""
     port, count = free_port(), len(nodes)
     if launcher == "torch":
         return [(node, [sys.executable, "-m", "torch.distributed.run", "--nnodes", str(count), "--node_rank",
                         str(node.index), "--nproc_per_node", str(ranks_per_node), "--master_addr", "127.0.0.1",
-                        "--master_port", str(port), TRAIN, *args, "--launcher", "torch"], {}) for node in nodes]
+                        "--master_port", str(port), script, *args, "--launcher", "torch"], {}) for node in nodes]
     if launcher == "deepspeed":
         commands = []
         for node in nodes:
@@ -72,14 +73,14 @@ def _commands(launcher: str, nodes: list[Node], ranks_per_node: int, args: list[
             hostfile.write_text("".join(f"node{index} slots={ranks_per_node}\n" for index in range(count)))
             commands.append((node, [str(Path(sys.executable).parent / "deepspeed"), "--hostfile", str(hostfile),
                                     "--no_ssh", "--node_rank", str(node.index), "--num_nodes", str(count),
-                                    "--master_addr", "127.0.0.1", "--master_port", str(port), TRAIN, *args], {}))
+                                    "--master_addr", "127.0.0.1", "--master_port", str(port), script, *args], {}))
         return commands
     if launcher == "slurm":
         world = count * ranks_per_node
         common = {"SLURM_JOB_ID": "4242", "SLURM_STEP_ID": "0", "SLURM_NNODES": str(count),
                   "SLURM_JOB_NODELIST": f"127.0.0.[1-{count}]", "SLURM_NPROCS": str(world),
                   "SLURM_NTASKS": str(world), "SLURM_TASKS_PER_NODE": f"{ranks_per_node}(x{count})"}
-        return [(node, [sys.executable, TRAIN, *args, "--launcher", "slurm", "--port", str(port)],
+        return [(node, [sys.executable, script, *args, "--launcher", "slurm", "--port", str(port)],
                  {**common, "SLURM_NODEID": str(node.index), "SLURM_PROCID": str(node.index * ranks_per_node + local),
                   "SLURM_LOCALID": str(local), "SLURMD_NODENAME": f"node{node.index}"})
                 for node in nodes for local in range(ranks_per_node)]
@@ -87,13 +88,13 @@ def _commands(launcher: str, nodes: list[Node], ranks_per_node: int, args: list[
 
 
 def launch(launcher: str, nodes: list[Node], ranks_per_node: int, args: list[str], env: dict | None = None,
-           timeout: float = 400) -> Job:
-    """Run one job across `nodes` (train_ds.py with `args`) and wait for it; AssertionError with every node's output
-    when a process fails or the job outlasts `timeout`."""
+           timeout: float = 400, script: str = TRAIN) -> Job:
+    """Run one job across `nodes` (`script`, train_ds.py, with `args`) and wait for it; AssertionError with every
+    node's output when a process fails or the job outlasts `timeout`."""
     for node in nodes:
         node.log.write_text("")
     processes = []
-    for node, argv, extra in _commands(launcher, nodes, ranks_per_node, args):
+    for node, argv, extra in _commands(launcher, nodes, ranks_per_node, args, script):
         log = open(node.log, "a")
         processes.append((node, log, subprocess.Popen(
             argv, cwd=node.workdir, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,

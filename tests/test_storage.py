@@ -279,3 +279,20 @@ def test_repr_shows_where_but_no_secret(s3_endpoint):
     storage = open_storage(s3_endpoint.path("run"))
     assert repr(storage) == f"S3Storage(bucket='{s3_endpoint.bucket}', prefix='run', endpoint_url='{s3_endpoint.url}')"
     assert_no_secret(repr(storage) + str(storage))
+
+
+def test_requests_name_the_rank_that_sent_them(s3_endpoint, monkeypatch):
+    from evods import storage
+    from tests.s3_server import CountingMotoServer
+
+    server = CountingMotoServer()  # shares the buckets of the session's server
+    host, port = server.get_host_and_port()
+    try:
+        monkeypatch.setenv("RANK", "3")
+        storage.S3Storage(s3_endpoint.bucket, "run", endpoint_url=f"http://{host}:{port}").write_bytes("a.pt", b"12345")
+        monkeypatch.delenv("RANK")
+        storage.S3Storage(s3_endpoint.bucket, "run", endpoint_url=f"http://{host}:{port}").read_bytes("a.pt")
+        seen = [(request.rank, request.method, request.key) for request in server.requests(s3_endpoint.bucket)]
+    finally:
+        server.stop()
+    assert seen == [(3, "PUT", "run/a.pt"), (None, "GET", "run/a.pt")]  # access logs attribute traffic to ranks

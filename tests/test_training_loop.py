@@ -174,6 +174,14 @@ def test_slurm_launcher_reads_slurm_variables():
     assert (environ["MASTER_ADDR"], environ["MASTER_PORT"]) == ("127.0.0.1", "9999")
 
 
+@pytest.mark.parametrize("nodelist, first", [("node[01-04,07],gpu5", "node01"), ("gpu5,gpu6", "gpu5"),
+                                              ("rack[1-2]-node[3-4]", "rack1-node3"), ("single", "single")])
+def test_slurm_master_is_the_first_host_of_the_node_list_without_scontrol(nodelist, first):
+    environ = {"SLURM_PROCID": "0", "SLURM_NPROCS": "16", "SLURM_JOB_NODELIST": nodelist}
+    set_launcher_env("slurm", environ=environ)
+    assert (environ["MASTER_ADDR"], environ["MASTER_PORT"]) == (first, "8888")  # InternEvo's default port
+
+
 def test_slurm_launcher_outside_slurm_says_how_to_start():
     with pytest.raises(LaunchError, match="srun"):
         set_launcher_env("slurm", environ={})

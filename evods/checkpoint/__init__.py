@@ -13,6 +13,8 @@ The evods format and its manager:
     policy.py      when to save: every N steps, snapshots, the stop file
     sources.py     which checkpoint to load at start (auto_resume, load_ckpt_info) and how to read its weights
     reshard.py     resuming at another data/pipeline size through DeepSpeed's universal checkpoint
+    selection.py   which files of a checkpoint each rank reads, and which rank of a node downloads each
+    local_copy.py  a checkpoint to load as a local folder: downloaded once per node, each rank its share
     transfer.py    moving files between the local disk (where DeepSpeed works) and the checkpoint storage
     integrity.py   what the step marker records (each file's size and checksum) and the checks built on it
     safe_load.py   reading torch files weights-only, so that a checkpoint cannot run code

@@ -3,7 +3,6 @@ completion of every save (see layout.py for the folder contents)."""
 import json
 import logging
 import os
-import shutil
 import tempfile
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -21,13 +20,13 @@ from .errors import CheckpointError, DamagedCheckpoint, FailedOnAnotherRank
 from .formats import internevo as native
 from .formats.weights import load_weights
 from .integrity import FileDigest, Manifest
+from .local_copy import Catalogue, LocalCopy, is_evods, read_catalogue_on_rank0, verify_local
 from .policy import SavePolicy, StopFile
 from .reshard import check_reshardable, load_resharded, reshard_sampler_state
 from .rng import rng_state, set_rng_state
-from .selection import (Reader, assign_downloads, deepspeed_files, model_files, own_deepspeed_files,
-                        run_state_files)
+from .selection import Reader, deepspeed_files, model_files, own_deepspeed_files, run_state_files
 from .sources import LoadPlan, check_same_model, choose_load_plan, read_model_weights
-from .transfer import Publisher, download_files, from_bytes, make_placeholders, to_bytes
+from .transfer import Publisher, from_bytes, to_bytes
 
 logger = logging.getLogger("evods.checkpoint")
 
@@ -50,16 +49,6 @@ class _PendingSave:
     folder: str
     step: int
     files: dict[str, FileDigest] = field(default_factory=dict)  # this rank's files, relative to `folder`
-
-
-@dataclass(frozen=True)
-class _Catalogue:
-    """What rank 0 read about the checkpoint to load, for every rank: its files (with their sizes when the step
-    marker lists them), the marker, and the layout it was saved at (evods checkpoints)."""
-
-    files: dict[str, int | None]
-    manifest: Manifest | None
-    topology: dict | None
 
 
 class CheckpointManager:
@@ -108,13 +97,13 @@ class CheckpointManager:
         if self.plan is None or not self.plan.loads_weights_only:
             return
         plan = self.plan
-        catalogue = _read_catalogue_on_rank0(plan)
+        catalogue = read_catalogue_on_rank0(plan)
         # every rank reads every model file (the tensor ranks are merged); the node downloads each once
-        reads = [*model_files(catalogue.files), layout.TOPOLOGY] if _is_evods(plan) else sorted(catalogue.files)
-        with _LocalCopy(plan, catalogue, reads, self.nodes) as folder:
+        reads = [*model_files(catalogue.files), layout.TOPOLOGY] if is_evods(plan) else sorted(catalogue.files)
+        with LocalCopy(plan, catalogue, reads, self.nodes) as folder:
             def load():
-                if _is_evods(plan):
-                    _verify_local(folder, plan, catalogue)
+                if is_evods(plan):
+                    verify_local(folder, plan, catalogue)
                 load_weights(model, read_model_weights(plan, folder), plan.describe())
 
             collective.agree_on_failure(f"loading the model of {plan.describe()}", load)
@@ -142,19 +131,19 @@ class CheckpointManager:
     def _restore(self, plan: LoadPlan, parts: TrainingParts) -> None:
         """Download what this node reads (if remote), check the files against the marker, then load: each stage
         agreed by every rank, so a damaged file is reported as such before any rank tries to load it."""
-        catalogue = _read_catalogue_on_rank0(plan)
+        catalogue = read_catalogue_on_rank0(plan)
         reads = collective.agree_on_failure(f"choosing the files of {plan.describe()} to read",
                                             lambda: self._restore_reads(plan, catalogue, parts.engine))
-        with _LocalCopy(plan, catalogue, reads, self.nodes) as folder:
+        with LocalCopy(plan, catalogue, reads, self.nodes) as folder:
             if plan.is_native:
                 load = lambda: self._restore_native_run_state(folder, plan, parts)  # noqa: E731
             else:
                 collective.agree_on_failure(f"checking {plan.describe()}",
-                                            lambda: _verify_local(folder, plan, catalogue))
+                                            lambda: verify_local(folder, plan, catalogue))
                 load = lambda: self._restore_evods(folder, plan, catalogue.topology, parts)  # noqa: E731
             collective.agree_on_failure(f"loading {plan.describe()}", load)
 
-    def _restore_reads(self, plan: LoadPlan, catalogue: _Catalogue, engine) -> list[str]:
+    def _restore_reads(self, plan: LoadPlan, catalogue: Catalogue, engine) -> list[str]:
         """The files of the planned checkpoint that this rank reads in `_restore` (selection.py)."""
         files = catalogue.files
         reads = run_state_files(files, collective.rank(), plan.content)
@@ -357,80 +346,6 @@ class CheckpointManager:
             self.publisher.uploader.close()
 
 
-class _LocalCopy:
-    """The plan's checkpoint as a local folder for the duration of a `with` block (every rank enters it together).
-
-    On local storage that is the checkpoint folder itself. From remote storage it is a folder on the node's local
-    disk (its temp folder, TMPDIR) shared by the ranks of the node: each file that some rank of the node reads
-    (`reads`: this rank's, selection.py) is downloaded once, by one of those ranks, and checked against the step
-    marker on arrival. No rank downloads a file it does not read, and none the whole checkpoint unless it reads it.
-    """
-
-    def __init__(self, plan: LoadPlan, catalogue: _Catalogue, reads: list[str], nodes: NodeLayout):
-        self.plan = plan
-        self.catalogue = catalogue
-        self.reads = reads
-        self.nodes = nodes
-        self._folder: str | None = None
-
-    def __enter__(self) -> str:
-        storage = open_storage(self.plan.path)
-        if isinstance(storage, LocalStorage):
-            return os.path.join(storage.root, *self.plan.folder.split("/"))
-        self._folder = folder = collective.node_scratch_folder(self.nodes, "load")
-        every_rank_reads = collective.all_gather(self.reads)
-        node_reads = {rank: every_rank_reads[rank] for rank in self.nodes.local_ranks}
-        mine = assign_downloads(node_reads, self.catalogue.files)[collective.rank()]
-        read_on_node = {rel for rels in node_reads.values() for rel in rels}
-
-        def download():
-            download_files(storage, self.plan.folder, folder, mine, self.catalogue.files, self.catalogue.manifest)
-            if self.nodes.is_leader:
-                make_placeholders(folder, [rel for rel in deepspeed_files(self.catalogue.files)
-                                           if rel not in read_on_node])
-
-        collective.agree_on_failure(f"downloading {self.plan.describe()}", download)
-        return folder
-
-    def __exit__(self, exc_type, *exc_info) -> None:
-        if self._folder is None:
-            return
-        if exc_type is None:  # the node's ranks are done reading (on an error every rank leaves together anyway)
-            collective.barrier()
-        if self.nodes.is_leader:
-            shutil.rmtree(self._folder, ignore_errors=True)
-
-
-def _is_evods(plan: LoadPlan) -> bool:
-    return plan.ckpt_type == "evods" and not plan.is_native
-
-
-def _read_catalogue_on_rank0(plan: LoadPlan) -> _Catalogue:
-    return collective.on_rank0(f"reading the file list of {plan.describe()}", lambda: _read_catalogue(plan))
-
-
-def _read_catalogue(plan: LoadPlan) -> _Catalogue:
-    """The files of the planned checkpoint: from its step marker when it lists them (no listing requests), else
-    from a listing of the folder; and the layout it was saved at."""
-    storage = open_storage(plan.path)
-    manifest = topology = None
-    if _is_evods(plan):
-        step = layout.marked_step(storage, plan.folder)
-        try:
-            manifest = layout.read_manifest(storage, layout.CheckpointRef(step, plan.folder))
-        except ValueError as exc:
-            raise DamagedCheckpoint(str(exc)) from None
-        topology = json.loads(storage.read_bytes(layout.join(plan.folder, layout.TOPOLOGY)))
-    if manifest is not None and manifest.verifiable:
-        files = {rel: digest.size for rel, digest in manifest.files.items()}
-    else:
-        if manifest is not None:
-            logger.info("%s has a marker without file checksums (an older evods wrote it): loading it unchecked",
-                        plan.describe())
-        files = dict.fromkeys(layout.walk_files(storage, plan.folder))
-    return _Catalogue(files, manifest, topology)
-
-
 def _stage_layers(engine) -> range | None:
     """The PipelineModule layer indices of this rank's stage (DeepSpeed's partition), None without a pipeline."""
     from deepspeed.pipe import PipelineModule
@@ -479,17 +394,3 @@ def _staging_folder(step: int, rank: int, root: str | None) -> str:
         return make_scratch_folder(f"ckpt-{step}-rank{rank}", root)
     except OSError as exc:
         raise explain_os_error(exc, "create a staging folder in", root or tempfile.gettempdir()) from exc
-
-
-def _verify_local(folder: str, plan: LoadPlan, catalogue: _Catalogue) -> None:
-    """On local storage, check this rank's share of the checkpoint's files against its marker (each rank hashes
-    every world-size-th file, so the whole checkpoint is read once); DamagedCheckpoint names the first problem.
-    Downloaded files were checked on arrival; checkpoints of older evods versions, whose marker lists no files, load
-    unchecked."""
-    manifest = catalogue.manifest
-    if not isinstance(open_storage(plan.path), LocalStorage) or manifest is None or not manifest.verifiable:
-        return
-    share = sorted(manifest.files)[collective.rank()::collective.world_size()]
-    problems = manifest.problems_in(folder, share)
-    if problems:
-        raise DamagedCheckpoint(problems[0])
