@@ -18,7 +18,7 @@ from evods.config import (ConfigError, TrainConfig, adamw_kwargs, build_deepspee
 from evods.data import BatchSkipper, batch_stats, build_train_loader, build_valid_loaders
 from evods.model.registry import MODEL_INITIALIZER
 from evods.parallel import (ParallelSizes, VocabParallelLogits, apply_tensor_parallel, build_parallel_grid,
-                            parallel_sizes)
+                            parallel_seeds, parallel_sizes)
 
 from .distributed import init_distributed
 from .engine import StepOutcome, TrainEngine
@@ -26,6 +26,7 @@ from .flops import megatron_tflops, model_flops_per_token, peak_flops, tgs
 from .loss import FullLogits, PackedLoss, TokenMetrics
 from .metrics import MetricsSink, format_metrics_line, setup_logging
 from .schedules import Beta2Scheduler, LRScheduler
+from .startup import launch_time, log_parallel_setup, log_run_start
 
 logger = logging.getLogger("evods")
 
@@ -77,20 +78,17 @@ def seed_everything(seed: int) -> None:
 
 
 def seed_runtime_rng(seed: int, sizes: ParallelSizes) -> None:
-    """InternEvo's runtime seeds: tensor/pipeline ranks offset the torch seed so dropout masks differ (§12).
+    """InternEvo's runtime seeds: tensor/pipeline ranks offset the torch seed so dropout masks differ.
 
     Called after the model is built: initial weights come from the plain seed on every rank, so a model starts the
     same whatever the parallel layout.
     """
-    torch.manual_seed(seed + sizes.tp_rank + sizes.pp_rank * 1024)
+    torch.manual_seed(parallel_seeds(seed, sizes)["TENSOR"])
 
 
-def default_run_dir(job_name: str) -> Path:
-    """runs/{JOB_NAME}/{launch time}; rank 0 picks the time so every rank writes to the same folder."""
-    stamp = [datetime.now().strftime("%Y%m%d-%H%M%S")]
-    if dist.is_initialized():
-        dist.broadcast_object_list(stamp, src=0)
-    return Path("runs") / job_name / stamp[0]
+def default_run_dir(job_name: str, launched: datetime) -> Path:
+    """runs/{JOB_NAME}/{launch time}; the time is rank 0's (launch_time), so every rank writes to the same folder."""
+    return Path("runs") / job_name / launched.strftime("%Y%m%d-%H%M%S")
 
 
 class Trainer:
@@ -106,7 +104,9 @@ class Trainer:
         if cfg.model.tf32:  # "torch.tf32": fp32 weights, TF32 matmuls and convolutions (InternEvo's launch.py)
             torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
         seed_everything(seed)
-        self.run_dir = run_dir or default_run_dir(cfg.JOB_NAME)
+        log_parallel_setup(self.sizes, seed, rank)
+        launched = launch_time()
+        self.run_dir = run_dir or default_run_dir(cfg.JOB_NAME, launched)
 
         try:
             model = MODEL_INITIALIZER.get_module(cfg.model_type)(**cfg.model_dict)
@@ -115,6 +115,7 @@ class Trainer:
             raise ConfigError(f"{where}: model_type {cfg.model_type!r} with this `model` dict: {error}") from None
         self.checkpoints = CheckpointManager(cfg.ckpt, self.sizes, model.config,
                                              cfg.source.text if cfg.source else None)
+        log_run_start(self.sizes, launched, self.checkpoints.plan)
         self.checkpoints.load_model_weights(model)
         num_parameters = model.num_parameters()  # of the whole model, before tensor parallelism slices it
         self.grid = build_parallel_grid(self.sizes)
@@ -149,8 +150,6 @@ class Trainer:
             logger.setLevel(logging.INFO)
             tb_dir = Path(cfg.tensorboard_folder) if cfg.tensorboard_folder else self.run_dir / "tensorboard"
             self.sink = MetricsSink(self.run_dir, tb_dir if cfg.enable_tb else None)
-        logger.info("Distributed environment is initialized, data parallel size: %d, pipeline parallel size: %d, "
-                    "tensor parallel size: %d", self.sizes.dp, self.sizes.pp, self.sizes.tp)
         logger.info("run folder: %s; model parameters: %.2fM", self.run_dir, num_parameters / 1e6)
 
     def _checkpoint_parts(self) -> TrainingParts:
