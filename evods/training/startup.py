@@ -38,11 +38,11 @@ def log_parallel_setup(sizes: ParallelSizes, seed: int, rank: int) -> None:
 
 
 def log_run_start(sizes: ParallelSizes, launched: datetime, load_plan: LoadPlan | None) -> None:
-    """`load_plan`: the checkpoint the run starts from, if any (a full resume, or only its weights)."""
+    """`load_plan`: the checkpoint the run starts from, if any (its weights only, or also the run's state)."""
     when, host = launched.strftime("%b%d_%H-%M-%S"), socket.gethostname()
     if load_plan is None:
         logger.info("===========New Run %s on host:%s,tp:%d,pp=%d,dp=%d===========", when, host, sizes.tp_rank,
                     sizes.pp_rank, sizes.dp_rank)
     else:
-        start = "SFT training" if load_plan.loads_weights_only else "Resume training"
+        start = "SFT training" if load_plan.content == {"model"} else "Resume training"
         logger.info("===========%s from `%s` %s on host:%s===========", start, load_plan.describe(), when, host)
