@@ -10,6 +10,8 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 TOKENIZER = REPO / "tools" / "V7_sft.model"
 DATA = REPO / "samples"
+# What a working checkout holds besides the project (made by make, runs and the README's commands).
+NOT_THE_PROJECT = {".git", ".venv", "build", "runs", "demo_out", "data", "llm_ckpts", "hf", "native", ".pytest_cache"}
 
 @pytest.fixture
 def tokenizer_path() -> Path:

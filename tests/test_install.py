@@ -8,11 +8,8 @@ import sysconfig
 import venv
 from pathlib import Path
 
-from tests.conftest import DATA
+from tests.conftest import DATA, NOT_THE_PROJECT, REPO
 
-REPO = Path(__file__).resolve().parents[1]
-# What a checkout holds besides the project: none of it may be needed by the install.
-NOT_THE_PROJECT = {".git", ".venv", "build", "runs", "demo_out", "data", "llm_ckpts", "hf", ".pytest_cache"}
 COMMANDS = ("evods-train", "evods-tokenizer", "evods-alpaca-tokenizer", "evods-convert2hf", "evods-convert2native",
             "evods-generate")
 
