@@ -18,7 +18,7 @@ from evods.data import BatchSkipper, batch_stats, build_train_loader, build_vali
 from evods.model.registry import MODEL_INITIALIZER
 from evods.progress import Progress
 from evods.parallel import (ParallelSizes, VocabParallelLogits, apply_tensor_parallel, build_parallel_grid,
-                            parallel_sizes)
+                            parallel_seeds, parallel_sizes)
 
 from .distributed import init_distributed
 from .engine import StepOutcome, TrainEngine
@@ -27,6 +27,7 @@ from .loss import FullLogits, PackedLoss, TokenMetrics
 from .memory import check_memory
 from .metrics import MetricsSink, format_metrics_line, setup_logging
 from .schedules import Beta2Scheduler, LRScheduler
+from .startup import launch_time, log_parallel_setup, log_run_start
 from .stopping import GracefulStop
 
 logger = logging.getLogger("evods")
@@ -65,15 +66,12 @@ def seed_runtime_rng(seed: int, sizes: ParallelSizes) -> None:
     Called after the model is built: initial weights come from the plain seed on every rank, so a model starts the
     same whatever the parallel layout.
     """
-    torch.manual_seed(seed + sizes.tp_rank + sizes.pp_rank * 1024)
+    torch.manual_seed(parallel_seeds(seed, sizes)["TENSOR"])
 
 
-def default_run_dir(job_name: str) -> Path:
-    """runs/{JOB_NAME}/{launch time}; rank 0 picks the time so every rank writes to the same folder."""
-    stamp = [datetime.now().strftime("%Y%m%d-%H%M%S")]
-    if dist.is_initialized():
-        dist.broadcast_object_list(stamp, src=0)
-    return Path("runs") / job_name / stamp[0]
+def default_run_dir(job_name: str, launched: datetime) -> Path:
+    """runs/{JOB_NAME}/{launch time}; the time is rank 0's (launch_time), so every rank writes to the same folder."""
+    return Path("runs") / job_name / launched.strftime("%Y%m%d-%H%M%S")
 
 
 class Trainer:
@@ -91,11 +89,14 @@ class Trainer:
         with torch.device("meta"):  # shapes only: a model too large for the machine is refused before it is built
             check_memory(cfg, build_model(cfg), self.sizes, _device_type())
         seed_everything(seed)
-        self.run_dir = run_dir or default_run_dir(cfg.JOB_NAME)
+        log_parallel_setup(self.sizes, seed, rank)
+        launched = launch_time()
+        self.run_dir = run_dir or default_run_dir(cfg.JOB_NAME, launched)
 
         model = build_model(cfg)
         self.checkpoints = CheckpointManager(cfg.ckpt, self.sizes, model.config,
                                              cfg.source.text if cfg.source else None)
+        log_run_start(self.sizes, launched, self.checkpoints.plan)
         self.checkpoints.load_model_weights(model)
         num_parameters = model.num_parameters()  # of the whole model, before tensor parallelism slices it
         self.grid = build_parallel_grid(self.sizes)
@@ -130,8 +131,6 @@ class Trainer:
             logger.setLevel(logging.INFO)
             tb_dir = Path(cfg.tensorboard_folder) if cfg.tensorboard_folder else self.run_dir / "tensorboard"
             self.sink = MetricsSink(self.run_dir, tb_dir if cfg.enable_tb else None)
-        logger.info("Distributed environment is initialized, data parallel size: %d, pipeline parallel size: %d, "
-                    "tensor parallel size: %d", self.sizes.dp, self.sizes.pp, self.sizes.tp)
         logger.info("run folder: %s; model parameters: %.2fM", self.run_dir, num_parameters / 1e6)
 
     def _checkpoint_parts(self) -> TrainingParts:
