@@ -89,11 +89,15 @@ class WebhookSender:
             logger.info("monitor: %s takes messages again", self.what)
         return True
 
+    def _warn_once(self) -> bool:
+        with self._lock:
+            first, self._warned = not self._warned, True
+        return first
+
     def _failed(self, reason: str) -> None:
         self.failed += 1
         self._failing = True
-        if not self._warned:
-            self._warned = True
+        if self._warn_once():
             logger.warning("monitor: %s did not take a message (%s); training goes on, and later failures of this "
                            "endpoint are not logged", self.what, self._scrub(reason))
 
@@ -126,11 +130,10 @@ class WebhookSender:
             return
         message = (f"monitor: {lost} messages to {self.what} were not delivered ({self.failed} failed, "
                    f"{self.dropped} dropped from the full queue, {left} still waiting at the end)")
-        if self._warned:
-            logger.info(message)
-        else:  # the only warning about this endpoint
-            self._warned = True
+        if self._warn_once():  # the only warning about this endpoint
             logger.warning(message)
+        else:
+            logger.info(message)
 
 
 def _refusal(answer: bytes) -> Optional[str]:
