@@ -9,14 +9,12 @@ from pathlib import Path
 
 import pytest
 
-from tests.webhook_server import webhook_server
+from tests.webhook_server import JOB_ENV, webhook_server
 
 ROOT = Path(__file__).resolve().parents[1]
 SECRET_PATH = "/open-apis/bot/v2/hook/3f1c-secret-token"
 HEARTBEAT_PATH = "/light-monitor/metrics"
 JOB = "alert_test"
-# the scheduler variables that would change the alert title (internlm/monitor/utils.py: get_job_key)
-JOB_ENV = ("SLURM_JOB_ID", "KUBERNETES_POD_NAME", "MLP_TASK_INSTANCE_ID", "MLP_TASK_ID", "JOB_NAME")
 
 
 def config_file(folder: Path, alert: str, data: str = "total_steps=20", monitor: str = "") -> Path:

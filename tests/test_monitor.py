@@ -12,7 +12,7 @@ from evods.monitor.watchdog import StuckWatchdog
 from evods.storage import AsyncUploader, LocalStorage
 from tests.distributed import free_port, run_distributed
 from tests.train_configs import tiny_config
-from tests.webhook_server import webhook_server
+from tests.webhook_server import JOB_ENV, webhook_server
 
 
 class FakeClock:
@@ -94,7 +94,9 @@ def test_a_failed_background_upload_is_alerted_while_the_run_goes_on(tmp_path):
     assert "the data is kept at" in text
 
 
-def test_slack_format_sends_text_bodies(tmp_path):
+def test_slack_format_sends_text_bodies(tmp_path, monkeypatch):
+    for name in JOB_ENV:
+        monkeypatch.delenv(name, raising=False)
     with webhook_server() as server:
         monitor = one_rank_monitor(server.url("/slack"), webhook_format="slack")
         monitor.run_started(dp=1, pp=1, tp=1, parameters=1e6, run_dir=tmp_path)
@@ -108,7 +110,7 @@ def test_slack_format_sends_text_bodies(tmp_path):
     assert started.startswith("*none_unit*\nTraining in ") and "is starting." in started
     assert spike.startswith("*none_unit*\nChecking step by step: Loss spike may be happened in step 1, loss value "
                             "from 2.0 to 3.5")
-    assert "completed." in finished and "stopped after 2 of 10 steps" in finished and "loss 2.0000 -> 3.5000" in finished
+    assert "stopped on request after 2 of 10 steps" in finished and "loss 2.0000 -> 3.5000" in finished
 
 
 def train_with_endpoints(variants: list[tuple[str, str | None]], run_dir: str) -> dict:

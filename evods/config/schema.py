@@ -468,6 +468,9 @@ def _normalise_alert(cfg: TrainConfig) -> None:
     alert = cfg.monitor.alert
     if alert.feishu_alert_address is None:
         alert.feishu_alert_address = cfg.alert_address
+    if alert.alert_file_path:
+        logger.info("monitor.alert.alert_file_path is not needed by evods: the first failing rank's exception is "
+                    "alerted once, through the process group's store")
     if alert.enable_feishu_alert and alert.feishu_alert_address is None:
         logger.warning("monitor.alert.enable_feishu_alert=True but feishu_alert_address is None: no alerts will be "
                        "sent; set feishu_alert_address to the bot's webhook URL")

@@ -16,7 +16,7 @@ from evods.parallel import parallel_sizes
 from .payloads import alert_body, heartbeat, job_title
 from .progress import Progress, format_duration
 from .relay import StoreRelay, bounded
-from .sender import REQUEST_TIMEOUT_S, WebhookSender
+from .sender import CLOSE_TIMEOUT_S, REQUEST_TIMEOUT_S, WebhookSender
 from .watchdog import StuckWatchdog
 
 logger = logging.getLogger("evods.monitor")
@@ -75,6 +75,8 @@ class RunMonitor:
         self._first_loss: Optional[float] = None  # of this launch, for the summary
         self._previous_loss: Optional[float] = None
         self._closed = False
+        if self._alerts is not None and self._relay is not None:  # from now on: a rank may fail while building
+            self._tickers.append(_Ticker(RELAY_POLL_S, self._forward_relayed, "evods-monitor-relay"))
 
     @classmethod
     def for_run(cls, cfg: TrainConfig, rank: int, world: int) -> "RunMonitor":
@@ -99,8 +101,6 @@ class RunMonitor:
             return
         self._watchdog_ticker = _Ticker(min(1.0, self._watchdog.timeout_s / 4), self._check_stuck, "evods-watchdog")
         self._tickers.append(self._watchdog_ticker)
-        if self._relay is not None:
-            self._tickers.append(_Ticker(RELAY_POLL_S, self._forward_relayed, "evods-monitor-relay"))
         self._alert(f"Training in {self.host} is starting.\n"
                     f"{dp * pp * tp} ranks (data {dp} × pipeline {pp} × tensor {tp}), model of "
                     f"{parameters / 1e6:.1f}M parameters, {self.total_steps} steps; run folder {run_dir}")
@@ -155,12 +155,17 @@ class RunMonitor:
                     f"{type(error).__name__}: {error}\n" + "\n".join(trace), fatal=True)
 
     def run_finished(self) -> None:
+        """The loop ended without an error: all steps done, or stopped on request (a signal, the stop file)."""
+        if self._alerts is None:
+            return
         losses = "" if self._first_loss is None else f", loss {self._first_loss:.4f} -> {self._previous_loss:.4f}"
-        steps = (f"{self.last_step_count} steps" if self.last_step_count >= self.total_steps else
-                 f"stopped after {self.last_step_count} of {self.total_steps} steps")
-        if self._alerts is not None:
-            self._alert(f"Training in {self.host} completed.\n"
-                        f"{steps} in {format_duration(time.monotonic() - self._started)}{losses}.")
+        if self.last_step_count >= self.total_steps:
+            head = f"Training in {self.host} completed."
+        else:
+            head = f"Training in {self.host} stopped on request after {self.last_step_count} of {self.total_steps} " \
+                   "steps."
+        self._alert(f"{head}\n{self.last_step_count} steps in {format_duration(time.monotonic() - self._started)}"
+                    f"{losses}.")
 
     def close(self) -> None:
         """Stop the threads and deliver what is queued (a few seconds at most)."""
@@ -169,9 +174,10 @@ class RunMonitor:
         self._closed = True
         for ticker in self._tickers:
             ticker.stop()
+        deadline = time.monotonic() + CLOSE_TIMEOUT_S  # for all endpoints together
         for sender in (self._alerts, self._heartbeats):
             if sender is not None:
-                sender.close()
+                sender.close(max(deadline - time.monotonic(), 0.0))
 
     # ------------------------------------------------------------------------------------ sending
 
