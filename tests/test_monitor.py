@@ -45,13 +45,13 @@ def test_watchdog_alerts_once_per_hang_and_once_when_steps_resume():
     events = []
     for step in range(5):  # steps every 10 s: never stuck
         clock.now += 10
-        watchdog.beat(step)
-        events.append(watchdog.check())
+        events += [watchdog.beat(step), watchdog.check()]
     for _ in range(20):  # a 200 s hang, checked every 10 s
         clock.now += 10
         events.append(watchdog.check())
-    watchdog.beat(5)
-    events.append(watchdog.check())
+    events += [watchdog.beat(5), watchdog.check()]
+    clock.now += 10
+    events += [watchdog.beat(6), watchdog.check()]
     fired = [event for event in events if event is not None]
     assert [(event.stuck, event.idle_s, event.last_step) for event in fired] == [(True, 60, 4), (False, 200, 5)]
 

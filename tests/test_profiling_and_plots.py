@@ -63,13 +63,16 @@ def pixels_of(region: np.ndarray, color: tuple) -> int:
     return int((np.abs(region[..., :3].astype(int) - color).sum(axis=-1) < 30).sum())
 
 
-def test_plot_metrics_draws_the_curves_of_one_or_several_runs(profiled_run, tmp_path):
+def plot_metrics_main():
+    """tools/plot_metrics.py's main(argv), run in this process (a new one would import torch again)."""
+    return runpy.run_path(str(ROOT / "tools" / "plot_metrics.py"))["main"]
+
+
+def test_plot_metrics_draws_the_curves_of_one_or_several_runs(profiled_run, tmp_path, capsys):
     run_dir, _ = profiled_run
-    result = subprocess.run([sys.executable, "tools/plot_metrics.py", str(run_dir)], cwd=ROOT, capture_output=True,
-                            text=True, timeout=120)
-    assert result.returncode == 0, result.stderr[-3000:]
+    assert plot_metrics_main()([str(run_dir)]) == 0
     picture = run_dir / "metrics.png"
-    assert str(picture) in result.stdout
+    assert str(picture) in capsys.readouterr().out
     image = np.asarray(Image.open(picture).convert("RGB"))
     assert image.shape == (800, 1500, 3)
     assert pixels_of(loss_panel(image), FIRST_RUN_COLOR) > 200, "the loss panel has no curve"
@@ -86,7 +89,6 @@ def test_plot_metrics_draws_the_curves_of_one_or_several_runs(profiled_run, tmp_
 
 
 def test_plot_metrics_says_what_is_missing(tmp_path, capsys):
-    main = runpy.run_path(str(ROOT / "tools" / "plot_metrics.py"))["main"]
-    assert main([str(tmp_path)]) == 2
+    assert plot_metrics_main()([str(tmp_path)]) == 2
     error = capsys.readouterr().err
     assert error.startswith("plot_metrics: ") and "no metrics.jsonl" in error

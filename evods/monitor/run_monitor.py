@@ -110,7 +110,10 @@ class RunMonitor:
         self.last_step, self.last_step_count = step, step_count
         if not self.sends:
             return
-        self._watchdog.beat(step)
+        resumed = self._watchdog.beat(step)
+        if resumed is not None:
+            self._alert(f"Training goes on again: step {step} finished after {format_duration(resumed.idle_s)} "
+                        "without a step.")
         if not applied:
             self._alert(f"Warning: skip parameter update at step {step}.\n"
                         f"The gradients were inf or nan (loss {loss}, loss scale {loss_scale}); "
@@ -220,13 +223,8 @@ class RunMonitor:
 
     def _check_stuck(self) -> None:
         event = self._watchdog.check()
-        if event is None:
-            return
-        since = f"step {event.last_step}" if event.last_step is not None else "the start"
-        if event.stuck:
+        if event is not None:
+            since = f"step {event.last_step}" if event.last_step is not None else "the start"
             self._alert(f"Training may be in stuck status, please check it.\n"
                         f"No step finished for {format_duration(event.idle_s)} since {since} "
                         f"(stuck_timeout {self._watchdog.timeout_s:g} s).")
-        else:
-            self._alert(f"Training goes on again: step {event.last_step} finished after "
-                        f"{format_duration(event.idle_s)} without a step.")

@@ -2,7 +2,8 @@
 
 InternEvo's MonitorTracker compares a timestamp every 300 s, so it repeats its alert every 5 minutes of a hang and
 may take up to twice the interval to notice one. Here the owner calls `check()` often (every second or so): the
-alert comes within a second of the timeout, once, and the first step after the hang ends the episode.
+alert comes within a second of the timeout, once, and the first step after the hang ends the episode (`beat()`
+returns that event at once).
 """
 import threading
 import time
@@ -24,24 +25,22 @@ class StuckWatchdog:
         self._last_beat = clock()
         self._last_step: Optional[int] = None
         self._stuck_since: Optional[float] = None
-        self._resumed: Optional[StuckEvent] = None
         self._lock = threading.Lock()  # beat() runs in the training loop, check() in the monitor's thread
 
-    def beat(self, step: int) -> None:
-        """A step finished."""
+    def beat(self, step: int) -> Optional[StuckEvent]:
+        """A step finished; the end of a stuck episode, if this step ends one."""
         with self._lock:
             now = self.clock()
+            resumed = None
             if self._stuck_since is not None:
-                self._resumed = StuckEvent(False, now - self._last_beat, step)
+                resumed = StuckEvent(False, now - self._last_beat, step)
                 self._stuck_since = None
             self._last_beat, self._last_step = now, step
+            return resumed
 
     def check(self) -> Optional[StuckEvent]:
-        """The episode that began or ended since the last check, if any."""
+        """The stuck episode that began since the last check, if any."""
         with self._lock:
-            if self._resumed is not None:
-                event, self._resumed = self._resumed, None
-                return event
             idle = self.clock() - self._last_beat
             if idle >= self.timeout_s and self._stuck_since is None:
                 self._stuck_since = self._last_beat
