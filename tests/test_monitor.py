@@ -8,6 +8,7 @@ from pathlib import Path
 from evods.config import AlertConfig
 from evods.monitor import RunMonitor, feishu_post, heartbeat, job_title, slack_text
 from evods.monitor.progress import Progress
+from evods.monitor.sender import WebhookSender
 from evods.monitor.watchdog import StuckWatchdog
 from evods.storage import AsyncUploader, LocalStorage
 from tests.distributed import free_port, run_distributed
@@ -111,6 +112,20 @@ def test_slack_format_sends_text_bodies(tmp_path, monkeypatch):
     assert spike.startswith("*none_unit*\nChecking step by step: Loss spike may be happened in step 1, loss value "
                             "from 2.0 to 3.5")
     assert "stopped on request after 2 of 10 steps" in finished and "loss 2.0000 -> 3.5000" in finished
+
+
+def test_a_refusal_by_feishu_is_a_failure_and_warns_once(caplog):
+    refusal = {"code": 19024, "msg": "Key Words Not Found"}  # a bot that only takes messages with a keyword
+    with webhook_server(answer=refusal) as server, caplog.at_level(logging.INFO, logger="evods.monitor"):
+        sender = WebhookSender(server.url("/hook/refusing-secret"), "the feishu alert webhook", "evods (test)")
+        for text in ("one", "two", "three"):
+            sender.post(feishu_post("title", text))
+        sender.close()
+    assert len(server.posts()) == 3 and (sender.delivered, sender.failed) == (0, 3)
+    warnings = [record.getMessage() for record in caplog.records if record.levelno == logging.WARNING]
+    assert len(warnings) == 1 and "the endpoint answered code 19024: Key Words Not Found" in warnings[0]
+    assert "refusing-secret" not in caplog.text
+    assert "3 messages to the feishu alert webhook were not delivered (3 failed" in caplog.text
 
 
 def train_with_endpoints(variants: list[tuple[str, str | None]], run_dir: str) -> dict:

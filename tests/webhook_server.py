@@ -1,6 +1,6 @@
 """A real HTTP server on 127.0.0.1 (a free port) that records the POSTs it receives, for alert and heartbeat tests.
 
-    with webhook_server() as server:        # or webhook_server(delay_s=10): each request answers after 10 s
+    with webhook_server() as server:        # delay_s=10: each request answers after 10 s
         url = server.url("/hook/secret")
         ...
         server.posts("/hook/secret")         # [Post(path, headers, body)] in arrival order
@@ -27,8 +27,9 @@ class Post:
 class _Recorder(ThreadingHTTPServer):
     daemon_threads = True
 
-    def __init__(self, delay_s: float):
+    def __init__(self, delay_s: float, answer: dict):
         self.delay_s = delay_s
+        self.answer = json.dumps(answer).encode()
         self.received: list[Post] = []
         self.lock = threading.Lock()
         super().__init__(("127.0.0.1", 0), _Handler)
@@ -47,7 +48,7 @@ class _Handler(BaseHTTPRequestHandler):
         with self.server.lock:
             self.server.received.append(Post(self.path, dict(self.headers), json.loads(body.decode("utf-8"))))
         time.sleep(self.server.delay_s)
-        answer = b'{"code": 0, "msg": "success"}'
+        answer = self.server.answer
         try:
             self.send_response(200)
             self.send_header("Content-Type", "application/json")
@@ -62,8 +63,9 @@ class _Handler(BaseHTTPRequestHandler):
 
 
 @contextmanager
-def webhook_server(delay_s: float = 0.0):
-    server = _Recorder(delay_s)
+def webhook_server(delay_s: float = 0.0, answer: dict | None = None):
+    """`answer`: the JSON body of every reply (default: Feishu's success)."""
+    server = _Recorder(delay_s, answer or {"code": 0, "msg": "success"})
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:
