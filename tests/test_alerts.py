@@ -39,11 +39,12 @@ def alert_text(post) -> str:
 
 
 def test_a_two_rank_run_alerts_spike_skip_hang_and_exception_from_one_rank(tmp_path):
-    faults = ('{"spike_at": 3, "inf_at": 4, "hang_at": 6, "hang_rank": 1, "hang_s": 6, '
+    # rank 1 hangs 7 s in step 6 (the other rank waits for it in a collective); stuck_timeout is 4 s
+    faults = ('{"spike_at": 3, "inf_at": 4, "hang_at": 6, "hang_rank": 1, "hang_s": 7, '
               '"raise_at": 8, "raise_rank": 1}')
     with webhook_server() as server:
         config = config_file(tmp_path, f"enable_feishu_alert=True, feishu_alert_address={server.url(SECRET_PATH)!r}, "
-                                       f"light_monitor_address={server.url(HEARTBEAT_PATH)!r}, stuck_timeout=3",
+                                       f"light_monitor_address={server.url(HEARTBEAT_PATH)!r}, stuck_timeout=4",
                              monitor=", log_every=5")
         started = time.monotonic()
         result = subprocess.run(

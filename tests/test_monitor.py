@@ -167,7 +167,7 @@ def test_a_down_or_slow_endpoint_neither_slows_nor_fails_the_run(tmp_path):
     baseline = results["quiet"]["step_s"]
     for name in ("down", "slow"):
         # one request to the slow server takes 5 s (its timeout): a step that waited for one would show it
-        assert results[name]["step_s"] < 2 * baseline + 0.1, results
+        assert results[name]["step_s"] < 2 * baseline + 0.25, results
         warnings = results[name]["warnings"]
         # one warning per endpoint (the alert webhook, the heartbeat endpoint), naming it but never its URL
         assert len(warnings) == 2, warnings
