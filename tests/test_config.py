@@ -235,7 +235,16 @@ def test_without_flash_attn_cuda_keeps_the_fused_path_through_torch_varlen(tmp_p
     assert cfg.model.use_flash_attn is False
 
 
-def test_enabled_alerts_warn_that_they_are_not_sent(tmp_path, caplog):
+def test_alert_settings_are_checked_without_repeating_the_webhook(tmp_path, caplog):
     with caplog.at_level(logging.WARNING, logger="evods.config"):
-        load_text(tmp_path, TINY + "monitor = dict(alert=dict(enable_feishu_alert=True, feishu_alert_address='x'))\n")
-    assert "Feishu alerts and light-monitor heartbeats are not sent yet" in caplog.text
+        cfg = load_text(tmp_path, TINY + "monitor = dict(alert=dict(enable_feishu_alert=True))\n")
+    assert "enable_feishu_alert=True but feishu_alert_address is None" in caplog.text
+    assert (cfg.monitor.alert.webhook_format, cfg.monitor.alert.loss_spike_limit, cfg.monitor.alert.stuck_timeout,
+            cfg.monitor.log_every) == ("feishu", 1.5, 1800, 50)
+    with pytest.raises(ConfigError, match=r"cfg.py:\d+: monitor.alert.feishu_alert_address must be None or an "
+                                          r"http:// or https:// URL$"):
+        load_text(tmp_path, TINY + "monitor = dict(alert=dict(feishu_alert_address='open.feishu.cn/hook/s3cr3t'))\n")
+    with pytest.raises(ConfigError, match="webhook_format must be one of 'feishu', 'slack'"):
+        load_text(tmp_path, TINY + "monitor = dict(alert=dict(webhook_format='teams'))\n")
+    legacy = load_text(tmp_path, TINY + "alert_address = 'https://open.feishu.cn/hook/legacy'\n")
+    assert legacy.monitor.alert.feishu_alert_address == "https://open.feishu.cn/hook/legacy"

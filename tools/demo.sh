@@ -15,6 +15,8 @@ $PY tools/convert2hf.py --src "demo_out/ckpt/$STEP" --tgt demo_out/hf
 # on (token 2 is a number here, not end-of-text).
 echo "prompt 4,50,0,1,2,3,0,1 -> the model continues with:"
 $PY tools/generate.py --model demo_out/hf --token_ids 4,50,0,1,2,3,0,1 --max_new_tokens 12 --ignore_eos
+# the demo's loss curves (and lr, grad norm, tgs) as a picture; it prints where the PNG went
+$PY tools/plot_metrics.py "$(ls -td runs/demo_cpu/*/ | head -1)"
 
 cat <<NEXT
 

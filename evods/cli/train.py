@@ -27,6 +27,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--ds_config", default=None, help="a DeepSpeed JSON merged over the one derived from --config")
     parser.add_argument("--peak_tflops", type=float, default=None,
                         help="per-device peak for MFU when the device is not in evods' table")
+    parser.add_argument("--profiling", action="store_true",
+                        help="trace a few steps after warm-up with the torch profiler into <run folder>/traces")
     parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # added by deepspeed
     return parser.parse_args(argv)
 
@@ -42,7 +44,7 @@ def main(argv=None) -> int:
     def train():
         cfg = load_config(args.config)
         run(cfg, launcher=args.launcher, port=args.port, run_dir=Path(args.run_dir) if args.run_dir else None,
-            seed=args.seed, ds_config_override=args.ds_config, peak_tflops=args.peak_tflops)
+            seed=args.seed, ds_config_override=args.ds_config, peak_tflops=args.peak_tflops, profiling=args.profiling)
 
     # A mistake in the config, data, storage or launch: one line that says what to fix, not a traceback per rank.
     return run_cli(train, (ConfigError, DataError, CheckpointError, StorageError, LaunchError), exit_code=2)

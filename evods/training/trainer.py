@@ -16,6 +16,7 @@ from evods.config import (ConfigError, TrainConfig, adamw_kwargs, build_deepspee
                           check_topology, write_deepspeed_config)
 from evods.data import BatchSkipper, batch_stats, build_train_loader, build_valid_loaders
 from evods.model.registry import MODEL_INITIALIZER
+from evods.monitor import RunMonitor, StepProfiler
 from evods.progress import Progress
 from evods.parallel import (ParallelSizes, VocabParallelLogits, apply_tensor_parallel, build_parallel_grid,
                             parallel_seeds, parallel_sizes)
@@ -76,11 +77,14 @@ def default_run_dir(job_name: str, launched: datetime) -> Path:
 
 class Trainer:
     def __init__(self, cfg: TrainConfig, run_dir: Path | None = None, seed: int = 1024,
-                 ds_config_override: str | None = None, peak_tflops: float | None = None):
+                 ds_config_override: str | None = None, peak_tflops: float | None = None,
+                 monitor: RunMonitor | None = None, profiling: bool = False):
         self.cfg = cfg
         rank, world = dist.get_rank(), dist.get_world_size()
         topology = check_topology(cfg, world)
         self.sizes = parallel_sizes(rank, world, pp=topology.pp, tp=topology.tp)
+        self._owns_monitor = monitor is None
+        self.monitor = monitor or RunMonitor.for_run(cfg, rank, world)
         check_device(cfg, device_type=_device_type())
         torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = (cfg.cudnn_deterministic,
                                                                               cfg.cudnn_benchmark)
@@ -95,10 +99,11 @@ class Trainer:
 
         model = build_model(cfg)
         self.checkpoints = CheckpointManager(cfg.ckpt, self.sizes, model.config,
-                                             cfg.source.text if cfg.source else None)
+                                             cfg.source.text if cfg.source else None,
+                                             on_failure=self.monitor.checkpoint_failed)
         log_run_start(self.sizes, launched, self.checkpoints.plan)
         self.checkpoints.load_model_weights(model)
-        num_parameters = model.num_parameters()  # of the whole model, before tensor parallelism slices it
+        self.num_parameters = model.num_parameters()  # of the whole model, before tensor parallelism slices it
         self.grid = build_parallel_grid(self.sizes)
         tensor_group = self.grid.get_tensor_model_parallel_group()
         apply_tensor_parallel(model, tensor_group, self.sizes.tp_rank, self.sizes.tp, cfg.model.embed_split_hidden,
@@ -125,13 +130,17 @@ class Trainer:
         if rank == 0:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             write_deepspeed_config(ds_config, self.run_dir)
+        self.profiler = None
+        if profiling and self.sizes.dp_rank == 0 and self.sizes.tp_rank == 0:  # one trace per stage, as InternEvo
+            worker = f"rank{rank}_dp{self.sizes.dp_rank}_pp{self.sizes.pp_rank}_tp{self.sizes.tp_rank}"
+            self.profiler = StepProfiler(self.engine.engine.module, self.run_dir / "traces", worker)
         self.sink = None
         if self.engine.is_log_rank:
             # The metrics line comes from the rank that sees the loss: the last pipeline stage, not always rank 0.
             logger.setLevel(logging.INFO)
             tb_dir = Path(cfg.tensorboard_folder) if cfg.tensorboard_folder else self.run_dir / "tensorboard"
             self.sink = MetricsSink(self.run_dir, tb_dir if cfg.enable_tb else None)
-        logger.info("run folder: %s; model parameters: %.2fM", self.run_dir, num_parameters / 1e6)
+        logger.info("run folder: %s; model parameters: %.2fM", self.run_dir, self.num_parameters / 1e6)
 
     def _checkpoint_parts(self) -> TrainingParts:
         return TrainingParts(engine=self.engine.engine, context=self.state, sampler=self.sampler,
@@ -152,11 +161,14 @@ class Trainer:
         finally:
             stop.close()
         self._log_summary()
+        self.monitor.run_finished()
         return self.state
 
     def _train(self, stop: GracefulStop) -> None:
         data = self.cfg.data
         batches = iter(self.loader)
+        self.monitor.run_started(dp=self.sizes.dp, pp=self.sizes.pp, tp=self.sizes.tp,
+                                 parameters=self.num_parameters, run_dir=self.run_dir)
         while self.state.step_count < data.total_steps:
             start = time.time()
             batch = next(batches)
@@ -166,6 +178,8 @@ class Trainer:
                 continue
             outcome = self.engine.train_step(batch)
             self._after_step(batch, outcome, time.time() - start)
+            if self.profiler is not None:
+                self.profiler.step()
             stopping = stop.agreed()
             if (not stopping and data.valid_every > 0 and self.state.step_count % data.valid_every == 0
                     and outcome.applied):
@@ -181,6 +195,10 @@ class Trainer:
     def close(self) -> None:
         if self.sink is not None:
             self.sink.close()
+        if self.profiler is not None:
+            self.profiler.close()
+        if self._owns_monitor:
+            self.monitor.close()
 
     def _log_summary(self) -> None:
         trained = [entry for entry in self.state.history if entry["applied"]]
@@ -209,6 +227,8 @@ class Trainer:
         state.history.append({"step": state.batch_count - 1, "micro_num": rows, "loss": outcome.loss,
                               "grad_norm": outcome.grad_norm, "loss_scale": outcome.loss_scale,
                               "applied": outcome.applied})
+        self.monitor.step_done(state.batch_count - 1, state.step_count, outcome.loss, outcome.applied,
+                               outcome.loss_scale)
         if self.sink is None or not outcome.applied:
             return
         world = self.sizes.world
@@ -235,6 +255,7 @@ class Trainer:
             metrics["mfu"] = round(achieved / self.peak, 4)
         metrics.update(_token_metric_values(totals, self.dataset_types))
         logger.info(format_metrics_line(metrics))
+        self.monitor.metrics_logged(metrics)
         self.sink.write(metrics["step"], metrics)
 
     @torch.no_grad()
@@ -305,13 +326,20 @@ def run(cfg: TrainConfig, launcher: str = "deepspeed", port: int | None = None, 
     init_distributed(launcher, port)
     setup_logging(dist.get_rank())
     try:
-        trainer = Trainer(cfg, **trainer_kwargs)
+        monitor = RunMonitor.for_run(cfg, dist.get_rank(), dist.get_world_size())
         try:
-            state = trainer.train()
+            trainer = Trainer(cfg, monitor=monitor, **trainer_kwargs)
+            try:
+                state = trainer.train()
+            finally:
+                trainer.close()
+            dist.barrier()  # every rank is done with the pipeline's send/receive before any tears its groups down
+            return state
+        except Exception as error:
+            monitor.run_failed(error)  # the alert; the error still ends the run
+            raise
         finally:
-            trainer.close()
-        dist.barrier()  # every rank is done with the pipeline's send/receive before any tears its groups down
-        return state
+            monitor.close()
     finally:
         # Process groups left to interpreter shutdown can abort a rank ("terminate called without an active
         # exception", seen with pipeline runs under torchrun) after training succeeded.
