@@ -88,7 +88,8 @@ def test_plot_metrics_draws_the_curves_of_one_or_several_runs(profiled_run, tmp_
     assert pixels_of(loss_panel(image), FIRST_RUN_COLOR) > 200 and pixels_of(loss_panel(image), SECOND_RUN_COLOR) > 200
 
 
-def test_plot_metrics_says_what_is_missing(tmp_path, capsys):
+def test_plot_metrics_says_what_is_missing(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr("sys.argv", ["tools/plot_metrics.py"])  # errors are named after the command that ran
     assert plot_metrics_main()([str(tmp_path)]) == 2
     error = capsys.readouterr().err
-    assert error.startswith("plot_metrics: ") and "no metrics.jsonl" in error
+    assert error.startswith("plot_metrics.py: ") and "no metrics.jsonl" in error
