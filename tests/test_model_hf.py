@@ -85,6 +85,7 @@ def test_saved_folder_loads_with_remote_code_without_evods(tmp_path):
     model.save_pretrained(tmp_path / "model")
     assert json.loads((tmp_path / "model" / "config.json").read_text())["auto_map"] == {
         "AutoConfig": "configuration_internlm.InternLMConfig",
+        "AutoModel": "modeling_internlm.InternLMForCausalLM",  # as InternLM's published folders
         "AutoModelForCausalLM": "modeling_internlm.InternLMForCausalLM",
     }
     ids = torch.randint(0, 97, (2, 9))
