@@ -19,6 +19,16 @@ BASE = ["torch==2.13.0", "transformers==4.36.2", "tokenizers==0.15.2", "sentence
 # transformers version -> the packages that replace the venv's for it (the rest of the venv fits both)
 OVERLAYS = {"4.44.2": ["transformers==4.44.2", "tokenizers==0.19.1"]}
 STAMP = VENV / "installed.json"  # written last: a venv without it is half made and is made again
+# The start of a script that must run as where evods is not installed.
+WITHOUT_EVODS = """
+import sys
+sys.modules["evods"] = None  # the editable install would otherwise find it
+try:
+    import evods
+    raise SystemExit("evods is importable")
+except ImportError:
+    pass
+"""
 
 
 def python() -> Path:

@@ -262,3 +262,21 @@ def test_llama_layout_mismatches_are_one_line_errors_that_name_the_cause(tmp_pat
                                               r".wo.weight, ...\): they are InternEvo's llama layout; load it with "
                                               r"ckpt_type='llama'"):
         load_through_ckpt_info(tmp_path / "native", "internevo", LLAMA_MODEL)
+
+
+def test_convert2hf_takes_internevo_converter_options(tmp_path):
+    import json
+
+    write_native(tmp_path / "native", random_weights(UNEVEN_MODEL), 1, 1, "v1", False)
+    # the training config's max_position_embeddings unless --max_pos; the dtype under both names
+    assert convert2hf(["--src_folder", str(tmp_path / "native"), "--tgt_folder", str(tmp_path / "a")]) == 0
+    config = json.loads((tmp_path / "a" / "config.json").read_text())
+    assert config["max_position_embeddings"] == 2048 and config["dtype"] == config["torch_dtype"] == "float32"
+    assert config["rotary"] == {"base": 10000, "type": "dynamic", "scaling_factor": 1.0}
+    assert convert2hf(["--src", str(tmp_path / "native"), "--tgt", str(tmp_path / "b"), "--max_pos", "4096",
+                       "--dtype", "bfloat16", "--scaling_factor", "2"]) == 0
+    config = json.loads((tmp_path / "b" / "config.json").read_text())
+    assert config["max_position_embeddings"] == 4096 and config["dtype"] == config["torch_dtype"] == "bfloat16"
+    assert config["rotary"] == {"base": 10000, "type": "dynamic", "scaling_factor": 2.0}
+    assert convert2hf(["--src", str(tmp_path / "native"), "--tgt", str(tmp_path / "c"), "--rotary_type", "origin"]) == 0
+    assert json.loads((tmp_path / "c" / "config.json").read_text())["rotary"] == {"base": 10000, "type": "origin"}

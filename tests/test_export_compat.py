@@ -35,14 +35,8 @@ MODEL = dict(hidden_size=32, num_layers=2, num_attention_heads=4, vocab_size=103
              max_position_embeddings=16, dtype=torch.float32)
 GREEDY = dict(max_new_tokens=20, min_new_tokens=20, do_sample=False)
 
-LOAD_EXPORT = """
-import json, sys
-sys.modules["evods"] = None  # the editable install would otherwise find it
-try:
-    import evods
-    raise SystemExit("evods is importable")
-except ImportError:
-    pass
+LOAD_EXPORT = compat_env.WITHOUT_EVODS + """
+import json
 import torch, transformers
 from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
 

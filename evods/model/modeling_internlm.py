@@ -8,7 +8,7 @@ One forward takes two kinds of input:
 A row whose position_ids are 0..T-1 is one document, so plain training batches take the packed path.
 
 This file is also the remote code of exported folders: `save_pretrained` copies it, `configuration_internlm.py` and
-`transformers_py` next to the weights, so the folder loads with `trust_remote_code=True` where evods is not
+`transformers_compat.py` next to the weights, so the folder loads with `trust_remote_code=True` where evods is not
 installed, on transformers 4.36 to 5.x. It therefore imports only torch, those two files and the parts of transformers
 that every such version has; what differs between versions comes from `transformers_compat` (one model for training
 and for export, instead of a second copy that would drift).
