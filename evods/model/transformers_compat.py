@@ -88,8 +88,8 @@ def sdpa_attention_forward(module, query, key, value, attention_mask, scaling, d
     return out.transpose(1, 2), None
 
 
-def legacy_prepare_inputs_for_generation(model, input_ids, past_key_values=None, attention_mask=None, inputs_embeds=None,
-                                  use_cache=None, **kwargs) -> dict:
+def legacy_prepare_inputs_for_generation(model, input_ids, past_key_values=None, attention_mask=None,
+                                         inputs_embeds=None, use_cache=None, **kwargs) -> dict:
     """transformers < 4.45: the tokens not in the cache yet, at positions counted along the attention mask (a padded
     position gets 0; it is masked)."""
     past_len = past_key_values.get_seq_length() if past_key_values is not None else 0

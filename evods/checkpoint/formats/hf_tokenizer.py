@@ -82,7 +82,8 @@ def portable_tokenizer_json(tokenizer: dict) -> dict:
                                   "that converts from a SentencePiece BPE model")
         replacement = pre_tokenizer["replacement"]
         replace_spaces = {"type": "Replace", "pattern": {"String": " "}, "content": replacement}
-        prepend = [] if pre_tokenizer.get("prepend_scheme") == "never" else [{"type": "Prepend", "prepend": replacement}]
+        prepends = pre_tokenizer.get("prepend_scheme") != "never"
+        prepend = [{"type": "Prepend", "prepend": replacement}] if prepends else []
         tokenizer["normalizer"] = {"type": "Sequence", "normalizers": [*prepend, replace_spaces]}
         tokenizer["pre_tokenizer"] = None
     return tokenizer

@@ -107,16 +107,12 @@ class NativeParam:
     split: object
 
 
-def check_mlp_naming(mlp_naming: str) -> None:
+def mlp_params(prefix: str, mlp_naming: str) -> list[NativeParam]:
     if mlp_naming not in MLP_NAMINGS:
         raise CheckpointError(f"MLP naming {mlp_naming!r} is unknown; use one of {tuple(MLP_NAMINGS)}")
-
-
-def mlp_params(prefix: str, mlp_naming: str) -> list[NativeParam]:
-    check_mlp_naming(mlp_naming)
     split = {"gate_proj": ROWS, "up_proj": ROWS, "down_proj": COLUMNS}  # down is row-parallel, gate and up columns
-    return [NativeParam(f"{prefix}.{native}.weight", (f"model.layers.{{i}}.mlp.{projection}.weight",), split[projection])
-            for native, projection in MLP_NAMINGS[mlp_naming].items()]
+    return [NativeParam(f"{prefix}.{native}.weight", (f"model.layers.{{i}}.mlp.{proj}.weight",), split[proj])
+            for native, proj in MLP_NAMINGS[mlp_naming].items()]
 
 
 def internlm_block_params(layout: "NativeLayout") -> list[NativeParam]:
