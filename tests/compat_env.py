@@ -54,10 +54,12 @@ def ensure() -> None:
         STAMP.write_text(json.dumps(wanted))
 
 
-def run(version: str, script: str, *args: str, cwd: Path) -> subprocess.CompletedProcess:
-    """Run `script` (Python source) under transformers `version` in the venv, without evods."""
+def run(version: str | None, script: str, *args: str, cwd: Path) -> subprocess.CompletedProcess:
+    """Run `script` (Python source) under transformers `version` in the venv, or under this interpreter's
+    transformers when `version` is None; WITHOUT_EVODS at its start keeps evods out of it."""
     env = {key: value for key, value in os.environ.items() if key not in ("PYTHONPATH", "VIRTUAL_ENV")}
-    if version != "4.36.2":
+    if version in OVERLAYS:
         env["PYTHONPATH"] = str(VENV / f"transformers-{version}")
     env.update(HF_HUB_OFFLINE="1", HF_HOME=str(cwd / "hf-home"), OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
-    return subprocess.run([str(python()), "-c", script, *args], cwd=cwd, env=env, capture_output=True, text=True)
+    interpreter = sys.executable if version is None else str(python())
+    return subprocess.run([interpreter, "-c", script, *args], cwd=cwd, env=env, capture_output=True, text=True)
