@@ -105,10 +105,10 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x2, x1), dim=-1)
 
 
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x: [B, T, heads, head_dim]; cos, sin: [B, T, head_dim]."""
-    cos = cos.unsqueeze(2).to(x.dtype)
-    sin = sin.unsqueeze(2).to(x.dtype)
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, heads_dim: int = 2) -> torch.Tensor:
+    """x: [B, T, heads, head_dim] (or [B, heads, T, head_dim] with heads_dim=1); cos, sin: [B, T, head_dim]."""
+    cos = cos.unsqueeze(heads_dim).to(x.dtype)
+    sin = sin.unsqueeze(heads_dim).to(x.dtype)
     return x * cos + rotate_half(x) * sin
 
 
@@ -124,22 +124,21 @@ class CachedKeysRotation:
     """
 
     stored: tuple[torch.Tensor, torch.Tensor]  # cos/sin of the configured base at the new tokens' positions
-    past_to_current: tuple[torch.Tensor, torch.Tensor]  # cos/sin of the (current - configured) angle, cached keys
+    to_current: tuple[torch.Tensor, torch.Tensor]  # cos/sin of the (current - configured) angle at every key's
 
     @classmethod
     def for_step(cls, rotary: "InternLMRotaryEmbedding", position_ids: torch.Tensor,
                  past_len: int) -> "CachedKeysRotation":
-        """`position_ids`: the new tokens'. A row's cached keys hold the consecutive positions that lead to its first
-        new token (the padding of a left-padded row lies before position 0; it is masked)."""
-        distance = torch.arange(past_len, 0, -1, device=position_ids.device)
-        past_positions = position_ids[:, :1] - distance
-        current_base = rotary.base_for_length(past_len + position_ids.shape[1])
-        cos_stored, sin_stored = rotary.tables(past_positions, rotary.base)
-        cos_current, sin_current = rotary.tables(past_positions, current_base)
+        """`position_ids`: the new tokens'. A row's keys hold the consecutive positions that end at its last token
+        (the padding of a left-padded row lies before position 0; it is masked)."""
+        total_len = past_len + position_ids.shape[1]
+        key_positions = position_ids[:, -1:] - torch.arange(total_len - 1, -1, -1, device=position_ids.device)
+        cos_stored, sin_stored = rotary.tables(key_positions, rotary.base)
+        cos_current, sin_current = rotary.tables(key_positions, rotary.base_for_length(total_len))
         # rotation by the (current - configured) angle, from the two tables: exact to rounding
-        past_to_current = (cos_current * cos_stored + sin_current * sin_stored,
-                           sin_current * cos_stored - cos_current * sin_stored)
-        return cls(rotary.tables(position_ids, rotary.base), past_to_current)
+        to_current = (cos_current * cos_stored + sin_current * sin_stored,
+                      sin_current * cos_stored - cos_current * sin_stored)
+        return cls(rotary.tables(position_ids, rotary.base), to_current)
 
 
 @dataclass
@@ -285,14 +284,16 @@ class InternLMAttention(nn.Module):
     def all_keys_and_values(self, k, v, position_embeddings, cache: Cache, rotation: CachedKeysRotation | None):
         """Append this step's un-rotated keys `k` and values `v` ([B, T, H, D]) to the cache; return every key, turned
         to the current RoPE base, and every value ([B, past + T, H, D])."""
-        current = apply_rotary(k, *position_embeddings)
-        stored = current if rotation is None else apply_rotary(k, *rotation.stored)
-        keys, values = cache.update(stored.transpose(1, 2), v.transpose(1, 2), self.layer_idx)
-        keys, values = keys.transpose(1, 2), values.transpose(1, 2)
-        if rotation is not None:
-            past_keys = apply_rotary(keys[:, : -k.shape[1]], *rotation.past_to_current)
-            keys = torch.cat([past_keys, current], dim=1)
-        return keys, values
+        if rotation is None:
+            keys, values = cache.update(apply_rotary(k, *position_embeddings).transpose(1, 2), v.transpose(1, 2),
+                                        self.layer_idx)
+            return keys.transpose(1, 2), values.transpose(1, 2)
+        keys, values = cache.update(apply_rotary(k, *rotation.stored).transpose(1, 2), v.transpose(1, 2),
+                                    self.layer_idx)
+        if keys.shape[2] == k.shape[1]:  # nothing cached before: rotate the new keys with the current base directly
+            return apply_rotary(k, *position_embeddings), values.transpose(1, 2)
+        # in the cache's own layout [B, H, T, D], where this pass over every key runs on contiguous memory
+        return apply_rotary(keys, *rotation.to_current, heads_dim=1).transpose(1, 2), values.transpose(1, 2)
 
 
 class InternLMMLP(nn.Module):
