@@ -124,7 +124,7 @@ class CachedKeysRotation:
     """
 
     stored: tuple[torch.Tensor, torch.Tensor]  # cos/sin of the configured base at the new tokens' positions
-    to_current: tuple[torch.Tensor, torch.Tensor]  # cos/sin of the (current - configured) angle at every key's
+    to_current: tuple[torch.Tensor, torch.Tensor]  # cos/sin of the (current - configured) angle, every key
 
     @classmethod
     def for_step(cls, rotary: "InternLMRotaryEmbedding", position_ids: torch.Tensor,
@@ -284,16 +284,13 @@ class InternLMAttention(nn.Module):
     def all_keys_and_values(self, k, v, position_embeddings, cache: Cache, rotation: CachedKeysRotation | None):
         """Append this step's un-rotated keys `k` and values `v` ([B, T, H, D]) to the cache; return every key, turned
         to the current RoPE base, and every value ([B, past + T, H, D])."""
-        if rotation is None:
-            keys, values = cache.update(apply_rotary(k, *position_embeddings).transpose(1, 2), v.transpose(1, 2),
-                                        self.layer_idx)
-            return keys.transpose(1, 2), values.transpose(1, 2)
-        keys, values = cache.update(apply_rotary(k, *rotation.stored).transpose(1, 2), v.transpose(1, 2),
-                                    self.layer_idx)
-        if keys.shape[2] == k.shape[1]:  # nothing cached before: rotate the new keys with the current base directly
-            return apply_rotary(k, *position_embeddings), values.transpose(1, 2)
-        # in the cache's own layout [B, H, T, D], where this pass over every key runs on contiguous memory
-        return apply_rotary(keys, *rotation.to_current, heads_dim=1).transpose(1, 2), values.transpose(1, 2)
+        stored = position_embeddings if rotation is None else rotation.stored
+        keys, values = cache.update(apply_rotary(k, *stored).transpose(1, 2), v.transpose(1, 2), self.layer_idx)
+        if rotation is not None and keys.shape[2] == k.shape[1]:  # nothing was cached: rotate the new keys directly
+            keys = apply_rotary(k, *position_embeddings).transpose(1, 2)
+        elif rotation is not None:  # in the cache's own layout [B, H, T, D]: one pass over contiguous memory
+            keys = apply_rotary(keys, *rotation.to_current, heads_dim=1)
+        return keys.transpose(1, 2), values.transpose(1, 2)
 
 
 class InternLMMLP(nn.Module):
