@@ -1,4 +1,5 @@
-"""Convert an evods checkpoint or an InternEvo native one (model_tp*_pp*.pt), of any tp/pp, to one Hugging Face folder.
+"""Convert an evods checkpoint or an InternEvo native one (model_tp*_pp*.pt, InternLM's or its LLaMA-family names), of
+any tp/pp, to one Hugging Face folder.
 
 The command lives in evods/cli/convert2hf.py (`evods-convert2hf` once installed); see `--help`.
 """

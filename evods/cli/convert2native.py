@@ -23,7 +23,8 @@ def main(argv=None) -> int:
     parser.add_argument("--pp", type=int, default=1, help="pipeline size of the written files")
     parser.add_argument("--mlp_naming", choices=tuple(MLP_NAMINGS), default="v1",
                         help="v1 = InternLM (w2 up, w3 down), v2 = InternEvo since 2024-02 (w3 up, w2 down)")
-    parser.add_argument("--src_mlp_naming", choices=tuple(MLP_NAMINGS), default="v1", help="for a native --src")
+    parser.add_argument("--src_mlp_naming", choices=tuple(MLP_NAMINGS),
+                        help="for a native --src; default: v1 for InternLM's names, read off the shapes for LLaMA's")
     parser.add_argument("--embed_split_hidden", action="store_true",
                         help="embedding split over hidden (model.embedding.weight) instead of vocab")
     args = parser.parse_args(argv)
