@@ -3,13 +3,14 @@ Llama, with the tokenizer.
 
 HF InternLM and HF Llama share evods' parameter names, so only the config differs between the two layouts.
 """
+import os
+
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
+from transformers.utils.hub import convert_file_size_to_int
 
 from evods.model import InternLMConfig, InternLMForCausalLM
 from evods.storage.local import DEFAULT_FILE_MODE, current_umask
-
-from transformers.utils.hub import convert_file_size_to_int
 
 from . import check_output_folder
 from .checkpoint_model import read_checkpoint_model
