@@ -1,6 +1,6 @@
 """The few collectives checkpointing needs, and a guard so that an error on one rank stops every rank."""
 import tempfile
-from typing import Callable, TypeVar
+from typing import Callable, Optional, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -57,8 +57,10 @@ def node_scratch_folder(nodes, kind: str) -> str:
     return all_gather(made)[nodes.leader]
 
 
-def agree_on_failure(what: str, work: Callable[[], T]) -> T:
-    """Run `work` on this rank; if it fails on any rank, every rank raises.
+def agree_on_failure(what: str, work: Callable[[], T],
+                     on_failure: Optional[Callable[[BaseException], None]] = None) -> T:
+    """Run `work` on this rank; if it fails on any rank, every rank raises. `on_failure` hears of this rank's own
+    error (not of the ones it raises because another rank failed).
 
     The first rank that failed raises its own error; every other rank raises FailedOnAnotherRank, which carries that
     error's message and which commands do not print, so a job reports a failure once. Without this, ranks whose part
@@ -70,6 +72,8 @@ def agree_on_failure(what: str, work: Callable[[], T]) -> T:
         result = work()
     except Exception as exc:  # re-raised below, after every rank knows
         error = exc
+        if on_failure is not None:
+            on_failure(error)
     first_failed = torch.tensor([world_size() if error is None else rank()])
     if dist.is_initialized():
         dist.all_reduce(first_failed, op=dist.ReduceOp.MIN)

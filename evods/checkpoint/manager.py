@@ -5,7 +5,7 @@ import logging
 import os
 import tempfile
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Any, Callable, Optional
 
 import torch
 
@@ -53,10 +53,14 @@ class _PendingSave:
 
 class CheckpointManager:
     def __init__(self, ckpt: CkptConfig, sizes: ParallelSizes, model_config, config_text: str | None,
-                 upload_options: dict | None = None, nodes: NodeLayout | None = None):
+                 upload_options: dict | None = None,
+                 on_failure: Optional[Callable[[BaseException | str], None]] = None, nodes: NodeLayout | None = None):
         """`model_config`: the model's HF config (saved as config.json). `upload_options`: AsyncUploader keyword
-        arguments (attempts, retry_backoff_s, workers). `nodes`: which ranks share a node (discovered if not given)."""
+        arguments (attempts, retry_backoff_s, workers). `on_failure` hears of this rank's failed saves (the error,
+        which is raised as well) and failed background uploads (a description, as soon as one fails for good; the
+        next save raises), e.g. to send an alert. `nodes`: which ranks share a node (discovered if not given)."""
         self.sizes = sizes
+        self.on_failure = on_failure
         self.nodes = nodes or discover_nodes()
         self.model_config = model_config
         self.config_text = config_text
@@ -76,7 +80,8 @@ class CheckpointManager:
             collective.agree_on_failure(f"checking {ckpt.save_ckpt_folder}", self.storage.ping)
             uploader = collective.agree_on_failure(
                 "preparing the async upload folder",
-                lambda: AsyncUploader(self.storage, ckpt.async_upload_tmp_folder, **(upload_options or {}))
+                lambda: AsyncUploader(self.storage, ckpt.async_upload_tmp_folder, **(upload_options or {}),
+                                      on_failure=self._upload_failed)
                 if ckpt.async_upload else None)
             self.publisher = Publisher(self.storage, uploader)
         _clean_leftovers(self.nodes, self._staging_root() if self.saving else None)
@@ -250,7 +255,7 @@ class CheckpointManager:
             if rank == 0 and self.storage.list(folder):
                 self.storage.delete_prefix(folder)  # an interrupted save at this step, or the snapshot slot's last one
 
-        collective.agree_on_failure(f"clearing {self.storage.uri(folder)}", clear_folder)
+        collective.agree_on_failure(f"clearing {self.storage.uri(folder)}", clear_folder, self.on_failure)
         local = isinstance(self.storage, LocalStorage)
         if local:  # DeepSpeed writes in place; the marker guards the folder
             target = os.path.join(self.storage.root, *folder.split("/"))
@@ -271,12 +276,16 @@ class CheckpointManager:
             rng = layout.rng_file(rank)
             pending.files[rng] = self.publisher.write(layout.join(folder, rng), to_bytes(rng_state()))
 
-        collective.agree_on_failure(f"writing the checkpoint of step {step}", write_own_files)
+        collective.agree_on_failure(f"writing the checkpoint of step {step}", write_own_files, self.on_failure)
         self._pending = pending
         if self.publisher.uploader is None:
             self._complete_pending()
         else:
             logger.info("checkpoint of step %d: uploading to %s in the background", step, self.storage.uri(folder))
+
+    def _upload_failed(self, failed) -> None:
+        if self.on_failure is not None:
+            self.on_failure(f"background upload of {failed}")
 
     def _staging_root(self) -> str | None:
         return self.publisher.uploader.tmp_folder if self.publisher.uploader else None

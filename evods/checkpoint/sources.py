@@ -21,10 +21,11 @@ from .formats.weights import deepspeed_weights, hf_weights
 logger = logging.getLogger("evods.checkpoint")
 
 ALL_CONTENT = frozenset({"model", "sampler", "optimizer", "scheduler"})
-# InternEvo's native format by the MLP naming of the code that wrote it: "internlm" for InternLM (and InternEvo before
-# its 2024-02 rename), "internevo" for InternEvo after it (formats/internevo_layout.py, MLP_NAMINGS).
-NATIVE_MLP_NAMING = {"internlm": "v1", "internevo": "v2"}
-CKPT_TYPES = ("evods", "hf", *NATIVE_MLP_NAMING)
+# InternEvo's native formats as (family of names, MLP naming) (formats/internevo_layout.py): "internlm" for InternLM
+# (and InternEvo before its 2024-02 MLP rename), "internevo" for InternEvo after it, "llama" for InternEvo's
+# LLaMA-family names (revert_internlm.py, InternEvo's LLaMA models), whose MLP naming the weight shapes show.
+NATIVE_LAYOUTS = {"internlm": ("internlm", "v1"), "internevo": ("internlm", "v2"), "llama": ("llama", None)}
+CKPT_TYPES = ("evods", "hf", *NATIVE_LAYOUTS)
 # The config fields that give the parameters their shapes: a checkpoint loads only into a model that agrees on all.
 MODEL_SHAPE_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
 
@@ -47,7 +48,7 @@ class LoadPlan:
 
     @property
     def is_native(self) -> bool:
-        return self.ckpt_type in NATIVE_MLP_NAMING
+        return self.ckpt_type in NATIVE_LAYOUTS
 
     def describe(self) -> str:
         return layout.join(self.path, self.folder) if self.folder else self.path
@@ -106,6 +107,9 @@ def _checked(plan: LoadPlan) -> LoadPlan:
     if plan.ckpt_type == "hf" and plan.content != {"model"}:
         raise CheckpointError(f"an HF folder ({plan.path}) holds model weights only: set content=('model',) "
                               f"instead of {tuple(sorted(plan.content))}")
+    if plan.ckpt_type == "llama" and plan.content != {"model"}:
+        raise CheckpointError(f"ckpt_type='llama' loads model weights only, as InternEvo's llama loader: set "
+                              f"content=('model',) instead of {tuple(sorted(plan.content))} for {plan.path}")
     if "optimizer" in plan.content and "model" not in plan.content:
         raise CheckpointError(f"content {tuple(sorted(plan.content))} for {plan.path}: the optimizer state only loads "
                               "together with its model; add 'model'")
@@ -136,7 +140,8 @@ def _check_native(plan: LoadPlan, is_native: bool, is_evods: bool) -> None:
 def read_model_weights(plan: LoadPlan, local_folder: str) -> dict[str, torch.Tensor]:
     """HF-named model weights of the planned checkpoint, copied locally at `local_folder`."""
     if plan.is_native:
-        return read_native_model(local_folder, NATIVE_MLP_NAMING[plan.ckpt_type])[1]
+        family, mlp_naming = NATIVE_LAYOUTS[plan.ckpt_type]
+        return read_native_model(local_folder, family, mlp_naming)[1]
     return deepspeed_weights(local_folder) if plan.ckpt_type == "evods" else hf_weights(local_folder)
 
 

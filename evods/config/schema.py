@@ -28,6 +28,7 @@ logger = logging.getLogger("evods.config")
 class Rule:
     words: str  # completes "data.micro_num must be ..."
     test: Callable[[Any], bool]
+    secret: bool = False  # the value may hold a credential (a webhook token): errors do not repeat it
 
 
 def _is_int(value) -> bool:
@@ -296,12 +297,20 @@ class Beta2SchedulerConfig:
     cur_iter: int = key(INT, -1)
 
 
+HTTP_URL = Rule("None or an http:// or https:// URL",
+                lambda v: v is None or (isinstance(v, str) and v.startswith(("http://", "https://"))), secret=True)
+
+
 @dataclass(kw_only=True)
 class AlertConfig:
     enable_feishu_alert: bool = key(BOOL, False)
-    feishu_alert_address: Optional[str] = key(OPTIONAL_STR, None)
-    light_monitor_address: Optional[str] = key(OPTIONAL_STR, None)
+    feishu_alert_address: Optional[str] = key(HTTP_URL, None)  # the webhook the alerts go to
+    light_monitor_address: Optional[str] = key(HTTP_URL, None)  # per-step metrics heartbeats go here
     alert_file_path: Optional[str] = key(OPTIONAL_STR, None)
+    # evods additions
+    webhook_format: str = key(_one_of("feishu", "slack"), "feishu")  # slack: {"text": ...} bodies
+    loss_spike_limit: float = key(POSITIVE_NUMBER, 1.5)  # alert when loss > limit × the previous step's loss
+    stuck_timeout: float = key(POSITIVE_NUMBER, 1800)  # seconds without a finished step before a "stuck" alert
 
 
 @dataclass(kw_only=True)
@@ -313,6 +322,7 @@ class TensorboardMonitorConfig:
 class MonitorConfig:
     alert: AlertConfig = section(AlertConfig)
     tensorboard: TensorboardMonitorConfig = section(TensorboardMonitorConfig)
+    log_every: int = key(POSITIVE_INT, 50)  # optimizer steps between progress (ETA) lines; evods addition
 
 
 DTYPES = {  # config string -> (torch dtype, use TF32 matmuls)
@@ -361,7 +371,7 @@ class TrainConfig:
     enable_tb: bool = key(BOOL, True)
     tensorboard_folder: Optional[str] = key(OPTIONAL_STR, None)  # None -> env tensorboard_folder
     resume_tb_folder: Optional[str] = key(OPTIONAL_STR, None)  # None -> env resume_tb_folder
-    alert_address: Optional[str] = key(OPTIONAL_STR, None)  # legacy
+    alert_address: Optional[str] = key(HTTP_URL, None)  # legacy name of monitor.alert.feishu_alert_address
     cudnn_deterministic: bool = key(BOOL, False)
     cudnn_benchmark: bool = key(BOOL, False)
     use_fp32_norm: bool = key(BOOL, False)  # fp32 norm weights in a 16-bit model: refused, DeepSpeed casts them all
@@ -436,7 +446,8 @@ def _build(cls, raw: dict, where: str, source: ConfigSource):
                 raise source.error(full, f"{full} must be a dict(...), got {value!r}")
             values[name] = _build(nested, value, full, source)
         elif not spec.metadata["rule"].test(value):
-            raise source.error(full, f"{full} must be {spec.metadata['rule'].words}, got {value!r}")
+            rule = spec.metadata["rule"]
+            raise source.error(full, f"{full} must be {rule.words}" + ("" if rule.secret else f", got {value!r}"))
         else:
             values[name] = value
     return cls(**values)
@@ -498,10 +509,19 @@ def _normalise(cfg: TrainConfig, source: ConfigSource) -> None:
     if cfg.resume_tb_folder is None:
         cfg.resume_tb_folder = os.environ.get("resume_tb_folder")
     _warn_unapplied(cfg)
+    _normalise_alert(cfg)
+
+
+def _normalise_alert(cfg: TrainConfig) -> None:
     alert = cfg.monitor.alert
-    if alert.enable_feishu_alert or alert.light_monitor_address or cfg.alert_address:
-        logger.warning("monitor.alert: Feishu alerts and light-monitor heartbeats are not sent yet by evods; "
-                       "watch the log (or its JSONL metrics) instead.")
+    if alert.feishu_alert_address is None:
+        alert.feishu_alert_address = cfg.alert_address
+    if alert.alert_file_path:
+        logger.info("monitor.alert.alert_file_path is not needed by evods: the first failing rank's exception is "
+                    "alerted once, through the process group's store")
+    if alert.enable_feishu_alert and alert.feishu_alert_address is None:
+        logger.warning("monitor.alert.enable_feishu_alert=True but feishu_alert_address is None: no alerts will be "
+                       "sent; set feishu_alert_address to the bot's webhook URL")
 
 
 def _warn_unapplied(cfg: TrainConfig) -> None:

@@ -10,6 +10,7 @@ import uuid
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor
 from concurrent.futures import wait as wait_for_futures
 from dataclasses import dataclass
+from typing import Callable, Optional
 
 from evods.progress import Progress
 
@@ -45,16 +46,17 @@ class FailedUpload:
     attempts: int
     reason: str
 
+    def __str__(self) -> str:
+        return (f"{self.uri}: failed after {self.attempts} attempts ({self.reason}); the data is kept at "
+                f"{self.local_path}")
+
 
 class AsyncUploadError(StorageError):
     """Some background uploads failed after their retries; their data is still on local disk (see `failures`)."""
 
     def __init__(self, failures: list[FailedUpload], submitted: int):
         self.failures = failures
-        lines = [
-            f"  {f.uri}: failed after {f.attempts} attempts ({f.reason}); the data is kept at {f.local_path}"
-            for f in failures
-        ]
+        lines = [f"  {failure}" for failure in failures]
         super().__init__(
             f"{len(failures)} of {submitted} background checkpoint uploads failed:\n" + "\n".join(lines) + "\n"
             "Copy the kept files to their destination by hand (this checkpoint is incomplete without them), or "
@@ -72,6 +74,9 @@ class AsyncUploader:
 
     At start it deletes temp files left in `tmp_folder` by processes that no longer run (never files of live ones:
     ranks on one host share the folder), and checks that at least `min_free_gib` GiB are free there.
+
+    `on_failure(failed)` runs in the upload thread as soon as an upload has failed for good, long before wait()
+    reports it: a training run can raise an alert while it goes on.
     """
 
     def __init__(
@@ -83,6 +88,7 @@ class AsyncUploader:
         attempts: int = 3,
         retry_backoff_s: float = 2.0,
         min_free_gib: float = 0.1,
+        on_failure: Optional[Callable[[FailedUpload], None]] = None,
     ):
         if workers < 1 or attempts < 1:
             raise ValueError(f"AsyncUploader needs workers >= 1 and attempts >= 1, got {workers} and {attempts}")
@@ -90,6 +96,7 @@ class AsyncUploader:
         self.tmp_folder = os.path.abspath(tmp_folder or default_tmp_folder())
         self.attempts = attempts
         self.retry_backoff_s = retry_backoff_s
+        self.on_failure = on_failure
         try:
             os.makedirs(self.tmp_folder, exist_ok=True)
         except OSError as exc:
@@ -166,7 +173,13 @@ class AsyncUploader:
                 return None
         kept = local_path.removesuffix(TMP_SUFFIX) + KEPT_SUFFIX if local_path.endswith(TMP_SUFFIX) else local_path
         os.replace(local_path, kept)
-        return FailedUpload(kept, self.storage.uri(rel), self.attempts, reason)
+        failed = FailedUpload(kept, self.storage.uri(rel), self.attempts, reason)
+        if self.on_failure is not None:
+            try:
+                self.on_failure(failed)
+            except Exception:  # noqa: BLE001 - the failure itself is still reported by wait()
+                logger.exception("the upload failure callback failed")
+        return failed
 
     def _count_uploaded(self, amount: int) -> None:
         with self._lock:

@@ -61,9 +61,7 @@ class TrainEngine:
 
     @property
     def is_log_rank(self) -> bool:
-        """InternEvo logs from data rank 0, tensor rank 0, last pipeline stage: the rank that sees the loss."""
-        last_stage = self.engine.is_last_stage() if self.pipelined else True
-        return last_stage and self.sizes.dp_rank == 0 and self.sizes.tp_rank == 0
+        return self.sizes.is_log_rank
 
     @property
     def computes_loss(self) -> bool:

@@ -16,10 +16,11 @@ from evods.config import (ConfigError, TrainConfig, adamw_kwargs, build_deepspee
                           check_topology, write_deepspeed_config)
 from evods.data import BatchSkipper, batch_stats, build_train_loader, build_valid_loaders
 from evods.model.registry import MODEL_INITIALIZER
+from evods.monitor import RunMonitor, StepProfiler
 from evods.progress import Progress
 from evods.parallel import (ParallelSizes, VocabParallelLogits, apply_tensor_parallel, build_parallel_grid,
-                            parallel_sizes)
-from evods.parallel.nodes import describe_layout, discover_nodes, tensor_groups_across_nodes
+                            parallel_seeds, parallel_sizes)
+from evods.parallel.nodes import discover_nodes
 
 from .distributed import init_distributed
 from .engine import StepOutcome, TrainEngine
@@ -28,6 +29,7 @@ from .loss import FullLogits, PackedLoss, TokenMetrics
 from .memory import check_memory
 from .metrics import MetricsSink, format_metrics_line, setup_logging
 from .schedules import Beta2Scheduler, LRScheduler
+from .startup import launch_time, log_layout, log_parallel_setup, log_run_start
 from .stopping import GracefulStop
 
 logger = logging.getLogger("evods")
@@ -66,24 +68,24 @@ def seed_runtime_rng(seed: int, sizes: ParallelSizes) -> None:
     Called after the model is built: initial weights come from the plain seed on every rank, so a model starts the
     same whatever the parallel layout.
     """
-    torch.manual_seed(seed + sizes.tp_rank + sizes.pp_rank * 1024)
+    torch.manual_seed(parallel_seeds(seed, sizes)["TENSOR"])
 
 
-def default_run_dir(job_name: str) -> Path:
-    """runs/{JOB_NAME}/{launch time}; rank 0 picks the time so every rank writes to the same folder."""
-    stamp = [datetime.now().strftime("%Y%m%d-%H%M%S")]
-    if dist.is_initialized():
-        dist.broadcast_object_list(stamp, src=0)
-    return Path("runs") / job_name / stamp[0]
+def default_run_dir(job_name: str, launched: datetime) -> Path:
+    """runs/{JOB_NAME}/{launch time}; the time is rank 0's (launch_time), so every rank writes to the same folder."""
+    return Path("runs") / job_name / launched.strftime("%Y%m%d-%H%M%S")
 
 
 class Trainer:
     def __init__(self, cfg: TrainConfig, run_dir: Path | None = None, seed: int = 1024,
-                 ds_config_override: str | None = None, peak_tflops: float | None = None):
+                 ds_config_override: str | None = None, peak_tflops: float | None = None,
+                 monitor: RunMonitor | None = None, profiling: bool = False):
         self.cfg = cfg
         rank, world = dist.get_rank(), dist.get_world_size()
         topology = check_topology(cfg, world)
         self.sizes = parallel_sizes(rank, world, pp=topology.pp, tp=topology.tp)
+        self._owns_monitor = monitor is None
+        self.monitor = monitor or RunMonitor.for_run(cfg, rank, world)
         check_device(cfg, device_type=_device_type())
         torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = (cfg.cudnn_deterministic,
                                                                               cfg.cudnn_benchmark)
@@ -92,15 +94,19 @@ class Trainer:
         with torch.device("meta"):  # shapes only: a model too large for the machine is refused before it is built
             check_memory(cfg, build_model(cfg), self.sizes, _device_type())
         seed_everything(seed)
-        self.run_dir = run_dir or default_run_dir(cfg.JOB_NAME)
+        log_parallel_setup(self.sizes, seed, rank)
+        launched = launch_time()
+        self.run_dir = run_dir or default_run_dir(cfg.JOB_NAME, launched)
 
         self.nodes = discover_nodes()
-        _log_layout(self.nodes, self.sizes)
+        log_layout(self.nodes, self.sizes)
         model = build_model(cfg)
         self.checkpoints = CheckpointManager(cfg.ckpt, self.sizes, model.config,
-                                             cfg.source.text if cfg.source else None, nodes=self.nodes)
+                                             cfg.source.text if cfg.source else None,
+                                             on_failure=self.monitor.checkpoint_failed, nodes=self.nodes)
+        log_run_start(self.sizes, launched, self.checkpoints.plan)
         self.checkpoints.load_model_weights(model)
-        num_parameters = model.num_parameters()  # of the whole model, before tensor parallelism slices it
+        self.num_parameters = model.num_parameters()  # of the whole model, before tensor parallelism slices it
         self.grid = build_parallel_grid(self.sizes)
         tensor_group = self.grid.get_tensor_model_parallel_group()
         apply_tensor_parallel(model, tensor_group, self.sizes.tp_rank, self.sizes.tp, cfg.model.embed_split_hidden,
@@ -124,6 +130,10 @@ class Trainer:
         self.valid_loaders = build_valid_loaders(asdict(cfg.data), self.sizes.dp_rank, self.sizes.dp)
         self.state = TrainState()
         self.checkpoints.restore(self._checkpoint_parts())
+        self.profiler = None
+        if profiling and self.sizes.dp_rank == 0 and self.sizes.tp_rank == 0:  # one trace per stage, as InternEvo
+            worker = f"rank{rank}_dp{self.sizes.dp_rank}_pp{self.sizes.pp_rank}_tp{self.sizes.tp_rank}"
+            self.profiler = StepProfiler(self.engine.engine.module, self.run_dir / "traces", worker)
         self.sink = None
         if self.engine.is_log_rank:
             # The metrics line comes from the rank that sees the loss: the last pipeline stage, not always rank 0.
@@ -133,9 +143,7 @@ class Trainer:
             write_deepspeed_config(ds_config, self.run_dir)
             tb_dir = Path(cfg.tensorboard_folder) if cfg.tensorboard_folder else self.run_dir / "tensorboard"
             self.sink = MetricsSink(self.run_dir, tb_dir if cfg.enable_tb else None)
-        logger.info("Distributed environment is initialized, data parallel size: %d, pipeline parallel size: %d, "
-                    "tensor parallel size: %d", self.sizes.dp, self.sizes.pp, self.sizes.tp)
-        logger.info("run folder: %s; model parameters: %.2fM", self.run_dir, num_parameters / 1e6)
+        logger.info("run folder: %s; model parameters: %.2fM", self.run_dir, self.num_parameters / 1e6)
 
     def _checkpoint_parts(self) -> TrainingParts:
         return TrainingParts(engine=self.engine.engine, context=self.state, sampler=self.sampler,
@@ -156,11 +164,14 @@ class Trainer:
         finally:
             stop.close()
         self._log_summary()
+        self.monitor.run_finished()
         return self.state
 
     def _train(self, stop: GracefulStop) -> None:
         data = self.cfg.data
         batches = iter(self.loader)
+        self.monitor.run_started(dp=self.sizes.dp, pp=self.sizes.pp, tp=self.sizes.tp,
+                                 parameters=self.num_parameters, run_dir=self.run_dir)
         while self.state.step_count < data.total_steps:
             start = time.time()
             batch = next(batches)
@@ -170,6 +181,8 @@ class Trainer:
                 continue
             outcome = self.engine.train_step(batch)
             self._after_step(batch, outcome, time.time() - start)
+            if self.profiler is not None:
+                self.profiler.step()
             stopping = stop.agreed()
             if (not stopping and data.valid_every > 0 and self.state.step_count % data.valid_every == 0
                     and outcome.applied):
@@ -185,6 +198,10 @@ class Trainer:
     def close(self) -> None:
         if self.sink is not None:
             self.sink.close()
+        if self.profiler is not None:
+            self.profiler.close()
+        if self._owns_monitor:
+            self.monitor.close()
 
     def _log_summary(self) -> None:
         trained = [entry for entry in self.state.history if entry["applied"]]
@@ -213,6 +230,8 @@ class Trainer:
         state.history.append({"step": state.batch_count - 1, "micro_num": rows, "loss": outcome.loss,
                               "grad_norm": outcome.grad_norm, "loss_scale": outcome.loss_scale,
                               "applied": outcome.applied})
+        self.monitor.step_done(state.batch_count - 1, state.step_count, outcome.loss, outcome.applied,
+                               outcome.loss_scale)
         if self.sink is None or not outcome.applied:
             return
         world = self.sizes.world
@@ -239,6 +258,7 @@ class Trainer:
             metrics["mfu"] = round(achieved / self.peak, 4)
         metrics.update(_token_metric_values(totals, self.dataset_types))
         logger.info(format_metrics_line(metrics))
+        self.monitor.metrics_logged(metrics)
         self.sink.write(metrics["step"], metrics)
 
     @torch.no_grad()
@@ -277,18 +297,6 @@ class Trainer:
         return results
 
 
-def _log_layout(nodes, sizes: ParallelSizes) -> None:
-    """Where the ranks landed (rank 0, once), and a warning when a tensor group spans nodes: its all-reduces, two
-    per layer and step, would then cross the network."""
-    if dist.get_rank() != 0:
-        return
-    logger.info("rank layout: %s", describe_layout(nodes, sizes.pp, sizes.tp))
-    spanning = tensor_groups_across_nodes(nodes, sizes.tp)
-    if spanning:
-        logger.warning("%d tensor-parallel groups span nodes (e.g. ranks %s): launch a multiple of parallel.tensor=%d "
-                       "ranks per node so that each group stays inside one", len(spanning), spanning[0], sizes.tp)
-
-
 def build_model(cfg: TrainConfig) -> torch.nn.Module:
     """The whole model of `model_type` from the config's `model` dict, as InternEvo's MODEL_INITIALIZER."""
     try:
@@ -321,13 +329,20 @@ def run(cfg: TrainConfig, launcher: str = "deepspeed", port: int | None = None, 
     init_distributed(launcher, port)
     setup_logging(dist.get_rank())
     try:
-        trainer = Trainer(cfg, **trainer_kwargs)
+        monitor = RunMonitor.for_run(cfg, dist.get_rank(), dist.get_world_size())
         try:
-            state = trainer.train()
+            trainer = Trainer(cfg, monitor=monitor, **trainer_kwargs)
+            try:
+                state = trainer.train()
+            finally:
+                trainer.close()
+            dist.barrier()  # every rank is done with the pipeline's send/receive before any tears its groups down
+            return state
+        except Exception as error:
+            monitor.run_failed(error)  # the alert; the error still ends the run
+            raise
         finally:
-            trainer.close()
-        dist.barrier()  # every rank is done with the pipeline's send/receive before any tears its groups down
-        return state
+            monitor.close()
     finally:
         # Process groups left to interpreter shutdown can abort a rank ("terminate called without an active
         # exception", seen with pipeline runs under torchrun) after training succeeded.

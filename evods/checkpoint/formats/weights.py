@@ -133,6 +133,8 @@ def load_weights(model: torch.nn.Module, weights: dict[str, torch.Tensor], sourc
     unexpected = sorted(set(weights) - set(expected))
     wrong_shape = [f"{name}: {tuple(weights[name].shape)} in the checkpoint, {tuple(expected[name].shape)} in the model"
                    for name in sorted(set(expected) & set(weights)) if weights[name].shape != expected[name].shape]
+    if (bias_cause := _bias_mismatch(missing, unexpected)) and not wrong_shape:
+        raise WeightsError(f"the weights in {source} do not fit the model of this config: {bias_cause}")
     if missing or unexpected or wrong_shape:
         problems = [f"missing: {_few(missing)}" if missing else "", f"unexpected: {_few(unexpected)}" if unexpected
                     else "", f"shape mismatch: {_few(wrong_shape)}" if wrong_shape else ""]
@@ -141,6 +143,19 @@ def load_weights(model: torch.nn.Module, weights: dict[str, torch.Tensor], sourc
                            "checkpoint's config.json")
     with torch.no_grad():
         model.load_state_dict({name: weights[name].to(expected[name].dtype) for name in expected})
+
+
+ATTENTION_BIAS = re.compile(r".*self_attn\.[qkvo]_proj\.bias$")
+
+
+def _bias_mismatch(missing: list[str], unexpected: list[str]) -> str | None:
+    """What to do when only the q/k/v/o biases differ (InternEvo's LLaMA-family checkpoints are bias-free)."""
+    if missing and not unexpected and all(map(ATTENTION_BIAS.match, missing)):
+        return ("the checkpoint has no q/k/v/o bias, but the model has (bias=True): set no_bias=True in the model "
+                "config, InternEvo's key for a bias-free model")
+    if unexpected and not missing and all(map(ATTENTION_BIAS.match, unexpected)):
+        return "the checkpoint has q/k/v/o biases, but the model is bias-free (no_bias=True): remove no_bias"
+    return None
 
 
 def _few(items: list[str], shown: int = 4) -> str:
