@@ -1,10 +1,10 @@
 """S3 traffic of a resume: bytes and GET requests per rank and node, measured at the S3 server on a simulated
 two-node cluster, checked against the formula in BENCHMARKS.md, and the formula applied to a 7B model on 64 nodes.
 
-    flock /tmp/evods-heavy.lock .venv/bin/python bench/resume_traffic.py [--before_tree /tmp/evods-base]
+    flock /tmp/evods-heavy.lock .venv/bin/python bench/resume_traffic.py [--ranks_per_node 2] [--before_tree DIR]
 
-A 2 nodes × 4 ranks job (tp=2, pp=2, dp=2: each node holds one model replica, as 8 GPUs with tp=2, pp=4 do) saves
-one bf16 checkpoint to the moto server, then a job on two fresh nodes resumes it. Every request is counted by the
+A 2 nodes × 4 ranks job (tp=2, pp=2, dp=2: each node holds one model replica, as 8 GPUs with tp=2, pp=4 do; or
+2 × 2 ranks, dp=1: a pipeline stage per node, half the processes) saves one bf16 checkpoint to the moto server, then a job on two fresh nodes resumes it. Every request is counted by the
 server, per rank (evods' User-Agent names the rank). `--before_tree` runs the resume with another evods checkout
 (e.g. `git archive <commit> | tar -x -C /tmp/evods-base`) to measure the traffic before this change: its requests do
 not name ranks, so only the job's total is measured.
@@ -78,7 +78,7 @@ def run_job(root: Path, name: str, steps: int, every: int, folder: str, env: dic
                                                               vocab=ARGS.vocab, steps=steps, every=every,
                                                               folder=folder))
     before = len(server.requests(bucket))
-    launch("torch", nodes, 4, ["--config", "config.py", "--run_dir", "run"], env, timeout=1200,
+    launch("torch", nodes, ARGS.ranks_per_node, ["--config", "config.py", "--run_dir", "run"], env, timeout=1200,
            script=script or TRAIN)
     return server.requests(bucket)[before:]
 
@@ -107,25 +107,27 @@ def main() -> None:
                                  script=str(Path(ARGS.before_tree) / "train_ds.py")), "run/1/")
     server.stop()
 
+    world = 2 * ARGS.ranks_per_node
     shards, parameters = shard_parameters(ARGS.hidden, ARGS.layers, ARGS.vocab, pp=2, tp=2)
-    predicted = formula(shards, dp=2, weight_bytes=2)
+    predicted = formula(shards, dp=world // 4, weight_bytes=2)
     print(f"model: hidden {ARGS.hidden}, {ARGS.layers} layers, vocab {ARGS.vocab}, bf16: {parameters / 1e6:.2f} M "
           f"parameters, {sum(shards.values()) / 1e6:.2f} M held over the 4 (stage, tensor) shards; "
           f"checkpoint {checkpoint_bytes / 2**20:.1f} MiB in {len(marker['files'])} files\n")
-    print("| rank | node | (stage, tensor, data) | GETs | downloaded MiB | formula: own shard MiB |")
+    print("| rank | node | (stage, tensor, data) | GETs | downloaded MiB | formula MiB |")
     print("|---|---|---|---|---|---|")
-    by_node = defaultdict(int)
-    for rank in range(8):
+    measured_node, predicted_node = defaultdict(int), defaultdict(float)
+    for rank in range(world):
         mine = [r for r in resumed if r.rank == rank]
         got = sum(r.body_bytes for r in mine)
-        by_node[rank // 4] += got
-        stage, tensor, data = (rank // 2) % 2, rank % 2, rank // 4
-        print(f"| {rank} | {rank // 4} | ({stage}, {tensor}, {data}) | {len(mine)} | {got / 2**20:.2f} | "
+        stage, tensor, data, node = (rank // 2) % 2, rank % 2, rank // 4, rank // ARGS.ranks_per_node
+        measured_node[node] += got
+        predicted_node[node] += predicted["per_rank"][(stage, tensor)]
+        print(f"| {rank} | {node} | ({stage}, {tensor}, {data}) | {len(mine)} | {got / 2**20:.2f} | "
               f"{predicted['per_rank'][(stage, tensor)] / 2**20:.2f} |")
     total = sum(r.body_bytes for r in resumed)
-    print(f"\nper node: measured {[round(b / 2**20, 2) for b in by_node.values()]} MiB, formula "
-          f"{predicted['node'] / 2**20:.2f} MiB; job total: measured {total / 2**20:.2f} MiB in {len(resumed)} GETs, "
-          f"formula {predicted['total'] / 2**20:.2f} MiB")
+    print(f"\nper node: measured {[round(b / 2**20, 2) for b in measured_node.values()]} MiB, formula "
+          f"{[round(b / 2**20, 2) for b in predicted_node.values()]} MiB; job total: measured {total / 2**20:.2f} MiB "
+          f"in {len(resumed)} GETs, formula {sum(predicted_node.values()) / 2**20:.2f} MiB")
     if before is not None:
         print(f"before this change: measured {sum(r.body_bytes for r in before) / 2**20:.2f} MiB in {len(before)} "
               f"GETs, formula {predicted['before_total'] / 2**20:.2f} MiB (every rank the whole checkpoint)")
@@ -151,6 +153,8 @@ if __name__ == "__main__":
     parser.add_argument("--hidden", type=int, default=256)
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--vocab", type=int, default=8192)
+    parser.add_argument("--ranks_per_node", type=int, choices=(2, 4), default=4,
+                        help="4: dp=2, each node one replica (as 8 GPUs with tp=2, pp=4); 2: dp=1, a stage per node")
     parser.add_argument("--before_tree", default=None, help="an evods checkout to resume with, for the traffic "
                                                             "before this change")
     ARGS = parser.parse_args()
