@@ -21,20 +21,30 @@ ROWS_PER_STEP = 4  # packed rows per optimizer step, summed over data-parallel r
 # Small hidden size, so the vocabulary-parallel head over 103168 tokens stays cheap.
 MODEL = dict(hidden_size=32, num_layers=2, num_attention_heads=4, vocab_size=103168, mlp_ratio=2)
 SENTENCES = 400  # short documents, so several pack into each 64-token row
+ROWS_TOKENS = 64  # micro_bsz × seq_len
 
 
 class Variant:
-    def __init__(self, recompute: bool, embed_split_hidden: bool = True, parallel_output: bool = True):
+    def __init__(self, recompute: bool, embed_split_hidden: bool = True, parallel_output: bool = True,
+                 sequence_parallel: bool = False):
         self.model = dict(checkpoint=recompute, embed_split_hidden=embed_split_hidden, parallel_output=parallel_output)
-        self.name = f"recompute={recompute},embed_split_hidden={embed_split_hidden},parallel_output={parallel_output}"
+        self.sequence_parallel = sequence_parallel
+        self.name = (f"recompute={recompute},embed_split_hidden={embed_split_hidden},parallel_output={parallel_output},"
+                     f"sequence_parallel={sequence_parallel}")
+
+
+def sequence_parallel_variants(embed_split_hidden: bool, parallel_output: bool) -> list:
+    return [Variant(recompute, embed_split_hidden, parallel_output, sequence_parallel=True)
+            for recompute in (False, True)]
 
 
 # (tp, pp, dp) -> variants; the embedding and output layouts only matter under tensor parallelism, so every one of
-# their four combinations runs at tp=2, both with and without a pipeline.
+# their four combinations runs at tp=2, both with and without a pipeline. Sequence parallelism (issue: sequence
+# parallelism) runs with activation checkpointing off and on in each tensor-parallel topology.
 TOPOLOGIES = {
-    (2, 1, 1): [Variant(False, True, True), Variant(True, False, False)],
-    (2, 2, 1): [Variant(True, True, False), Variant(False, False, True)],
-    (2, 1, 2): [Variant(True, False, True), Variant(False, True, False)],
+    (2, 1, 1): [Variant(False, True, True), Variant(True, False, False), *sequence_parallel_variants(False, True)],
+    (2, 2, 1): [Variant(True, True, False), Variant(False, False, True), *sequence_parallel_variants(True, False)],
+    (2, 1, 2): [Variant(True, False, True), Variant(False, True, False), *sequence_parallel_variants(True, True)],
     (1, 2, 1): [Variant(True)],
     (1, 1, 2): [Variant(False)],
     (1, 2, 2): [Variant(True)],
@@ -71,7 +81,7 @@ def train_variants(topology: tuple, variants: list, train_folder: str, run_root:
             data=dict(seq_len=32, micro_bsz=2, micro_num=ROWS_PER_STEP // dp, total_steps=STEPS,
                       train_folder=train_folder),
             model=dict(MODEL, dtype="torch.float32", **variant.model),
-            parallel=dict(pipeline=dict(size=pp), zero1=-1, tensor=tp),
+            parallel=dict(pipeline=dict(size=pp), zero1=-1, tensor=tp, sequence_parallel=variant.sequence_parallel),
             lr_scheduler=dict(total_steps=STEPS, warmup_ratio=0.0),
         )
         run_dir = Path(run_root) / variant.name
@@ -80,7 +90,9 @@ def train_variants(topology: tuple, variants: list, train_folder: str, run_root:
         trainer.close()
         metrics_file = run_dir / "metrics.jsonl"  # written by the log rank only
         metrics = [json.loads(line) for line in metrics_file.read_text().splitlines()] if trainer.sink else None
-        results[variant.name] = {"steps": [(e["loss"], e["grad_norm"]) for e in state.history], "metrics": metrics}
+        received = getattr(trainer.engine.engine, "pipe_recv_buf", None)  # what a later pipeline stage receives
+        results[variant.name] = {"steps": [(e["loss"], e["grad_norm"]) for e in state.history], "metrics": metrics,
+                                 "received": received and [list(t.shape) for t in received]}
         grid = trainer.grid
         groups = {name: dist.get_process_group_ranks(group) for name, group in (
             ("tensor", grid.get_tensor_model_parallel_group()), ("pipe", grid.get_pipe_parallel_group()),
@@ -137,6 +149,11 @@ def test_parallel_training_matches_one_process(topology, reference, train_folder
         assert rank["groups"] == expected_groups(rank["rank"], topology)
         for variant in TOPOLOGIES[topology]:
             assert_same_training(reference, rank["results"][variant.name], f"rank {rank['rank']} {variant.name}")
+            received = rank["results"][variant.name]["received"]
+            if variant.sequence_parallel and received is not None:
+                # A later pipeline stage receives this tensor rank's slice of the tokens and the full position_ids.
+                assert received == [[1, ROWS_TOKENS // topology[0], MODEL["hidden_size"]], [1, ROWS_TOKENS]], \
+                    (variant.name, received)
 
 
 # ------------------------------------------------------------------------------------- weights and the loss op

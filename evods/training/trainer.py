@@ -120,7 +120,7 @@ class Trainer:
         self.grid = build_parallel_grid(self.sizes)
         tensor_group = self.grid.get_tensor_model_parallel_group()
         apply_tensor_parallel(model, tensor_group, self.sizes.tp_rank, self.sizes.tp, cfg.model.embed_split_hidden,
-                              cfg.model.parallel_output)
+                              cfg.model.parallel_output, sequence_parallel=topology.sequence_parallel)
         seed_runtime_rng(seed, self.sizes)
         self.flops_per_token = model_flops_per_token(cfg.data.seq_len, cfg.model.hidden_size, cfg.model.num_layers,
                                                      cfg.model.vocab_size, cfg.model.mlp_ratio)
@@ -150,7 +150,8 @@ class Trainer:
             tb_dir = Path(cfg.tensorboard_folder) if cfg.tensorboard_folder else self.run_dir / "tensorboard"
             self.sink = MetricsSink(self.run_dir, tb_dir if cfg.enable_tb else None)
         logger.info("Distributed environment is initialized, data parallel size: %d, pipeline parallel size: %d, "
-                    "tensor parallel size: %d", self.sizes.dp, self.sizes.pp, self.sizes.tp)
+                    "tensor parallel size: %d, sequence parallel: %s", self.sizes.dp, self.sizes.pp, self.sizes.tp,
+                    topology.sequence_parallel)
         logger.info("run folder: %s; model parameters: %.2fM", self.run_dir, num_parameters / 1e6)
 
     def _checkpoint_parts(self) -> TrainingParts:
