@@ -201,6 +201,7 @@ def split_gather_and_loss(embed_split_hidden: bool) -> dict:
         expected.sum().backward()
         losses[smoothing] = (parallel.detach(), expected.detach())
     return as_numpy({
+        **sequence_parallel_forward_backward(full_model, input_ids, position_ids, labels, embed_split_hidden),
         "rank": rank, "full": full, "gathered": gathered, "q_shard": q_shard.detach(),
         "q_marked": (q_shard.tensor_model_parallel, q_shard.partition_dim),
         "norm_marked": hasattr(model.model.norm.weight, "tensor_model_parallel"),
@@ -208,6 +209,36 @@ def split_gather_and_loss(embed_split_hidden: bool) -> dict:
         "grads": (shard_logits.grad, full_leaf.grad.chunk(2, dim=-1)[rank]),
         "argmax": (vocab_parallel_argmax(shard_logits.detach(), group), full_logits.argmax(-1)),
     })
+
+
+def sequence_parallel_forward_backward(full_model, input_ids, position_ids, labels, embed_split_hidden: bool) -> dict:
+    """The tp=2 model with sequence parallelism against the one-process model: logits, and every parameter's
+    gradient (this rank's shard of the full gradient; the replicated norms and o_proj bias whole)."""
+    import torch.distributed as dist
+    import torch.nn.functional as F
+
+    from evods.parallel import apply_tensor_parallel, shard_tensor, vocab_parallel_cross_entropy
+
+    group, rank = dist.group.WORLD, dist.get_rank()
+    full_model.zero_grad()
+    full_logits = full_model(input_ids=input_ids, position_ids=position_ids).logits
+    F.cross_entropy(full_logits.flatten(0, 1), labels.flatten(), reduction="sum").backward()
+    model = apply_tensor_parallel(tiny_hf_model(), group, rank, 2, embed_split_hidden, parallel_output=True,
+                                  sequence_parallel=True)
+    logits = model(input_ids=input_ids, position_ids=position_ids).logits
+    vocab_parallel_cross_entropy(logits, labels, group).sum().backward()
+    full_grads = dict(full_model.named_parameters())
+    grads = {name: (param.grad, shard_tensor(name, full_grads[name].grad, rank, 2, embed_split_hidden))
+             for name, param in model.named_parameters()}
+    try:
+        model(input_ids=input_ids[:, :11], position_ids=position_ids[:, :11])
+        odd_row_error = None
+    except ValueError as error:  # raised before any collective, on every rank alike
+        odd_row_error = str(error)
+    return {"sp_logits": (logits.detach(), full_logits.detach().chunk(2, dim=-1)[rank]), "sp_grads": grads,
+            "sp_marked": sorted(name for name, param in model.named_parameters()
+                                if getattr(param, "sequence_parallel", False)),
+            "sp_odd_row_error": odd_row_error}
 
 
 def as_numpy(value):
@@ -242,6 +273,24 @@ def test_split_then_gather_gives_the_hf_weights_back(split_runs, embed_split_hid
         # The tensor-parallel forward gives this rank's vocabulary slice of the one-process logits.
         expected = np.split(out["full_logits"], 2, axis=-1)[out["rank"]]
         np.testing.assert_allclose(out["local_logits"], expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("embed_split_hidden", [True, False])
+def test_sequence_parallel_model_matches_one_process(split_runs, embed_split_hidden):
+    """Logits exactly as tensor parallelism alone computes them (the same arithmetic), and every gradient the one
+    process's: the replicated norm weights and o_proj bias get their slices' gradients summed over the tensor group."""
+    for out in split_runs[embed_split_hidden]:
+        np.testing.assert_allclose(*out["sp_logits"], rtol=1e-5, atol=1e-6)
+        np.testing.assert_array_equal(out["sp_logits"][0], out["local_logits"])
+        for name, (grad, expected) in out["sp_grads"].items():
+            np.testing.assert_allclose(grad, expected, rtol=1e-4, atol=1e-6, err_msg=name)
+        layers = [f"model.layers.{i}." for i in range(2)]
+        assert out["sp_marked"] == sorted([f"{layer}{name}" for layer in layers for name in (
+            "input_layernorm.weight", "post_attention_layernorm.weight", "self_attn.o_proj.bias")]
+            + ["model.norm.weight"])
+        assert out["sp_odd_row_error"] == ("sequence parallelism splits the 11 tokens of each row over 2 tensor "
+                                           "ranks, which does not divide them; use rows whose length is a multiple "
+                                           "of 2")
 
 
 def test_vocab_parallel_cross_entropy_matches_torch(split_runs):
