@@ -13,6 +13,9 @@ tensor-parallel layers:
 - reduce_scatter_to_sequence_parallel_region: reduce-scatter over the tokens forward, all-gather backward (a
   row-parallel layer's partial sums, each rank keeping its tokens).
 """
+from functools import partial
+from typing import Callable
+
 import torch
 import torch.distributed as dist
 
@@ -33,8 +36,9 @@ def _all_gather(tensor: torch.Tensor, group, dim: int) -> torch.Tensor:
 
 
 def _own_slice(tensor: torch.Tensor, group, dim: int) -> torch.Tensor:
+    """This rank's chunk along `dim`, a view."""
     size, rank = dist.get_world_size(group), dist.get_rank(group)
-    return tensor.chunk(size, dim=dim)[rank].contiguous()
+    return tensor.chunk(size, dim=dim)[rank]
 
 
 def _reduce_scatter(tensor: torch.Tensor, group, dim: int) -> torch.Tensor:
@@ -45,95 +49,53 @@ def _reduce_scatter(tensor: torch.Tensor, group, dim: int) -> torch.Tensor:
     return out
 
 
-class _CopyToRegion(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, tensor, group):
+def _summed(tensor: torch.Tensor, group) -> torch.Tensor:
+    return _all_reduce(tensor.clone(), group)
+
+
+def _unchanged(tensor: torch.Tensor, group) -> torch.Tensor:
+    return tensor
+
+
+def _own_last_dim_slice(tensor: torch.Tensor, group) -> torch.Tensor:
+    return _own_slice(tensor, group, dim=-1).contiguous()
+
+
+def _own_tokens(tensor: torch.Tensor, group) -> torch.Tensor:
+    # A copy even where the view is contiguous (a one-row batch): the view would keep the whole row alive.
+    return _own_slice(tensor, group, SEQUENCE_DIM).clone(memory_format=torch.contiguous_format)
+
+
+def _region(name: str, forward: Callable, backward: Callable) -> Callable:
+    """`forward(tensor, group)` as an autograd function whose backward is `backward(grad, group)`; call it as
+    f(tensor, group)."""
+
+    def forward_(ctx, tensor, group):
         ctx.group = group
-        return tensor
+        return forward(tensor, group)
 
-    @staticmethod
-    def backward(ctx, grad):
-        return _all_reduce(grad.clone(), ctx.group), None
+    def backward_(ctx, grad):
+        return backward(grad, ctx.group), None
 
-
-class _ReduceFromRegion(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, tensor, group):
-        return _all_reduce(tensor.clone(), group)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return grad, None
+    function = type(name, (torch.autograd.Function,),
+                    {"forward": staticmethod(forward_), "backward": staticmethod(backward_)})
+    return function.apply
 
 
-class _GatherFromRegion(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, tensor, group):
-        ctx.group = group
-        return _all_gather(tensor, group, dim=-1)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return _own_slice(grad, ctx.group, dim=-1), None
-
-
-class _ScatterToSequenceRegion(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, tensor, group):
-        ctx.group = group
-        return _own_slice(tensor, group, SEQUENCE_DIM)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return _all_gather(grad, ctx.group, SEQUENCE_DIM), None
-
-
-class _GatherFromSequenceRegion(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, tensor, group):
-        ctx.group = group
-        return _all_gather(tensor, group, SEQUENCE_DIM)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return _reduce_scatter(grad, ctx.group, SEQUENCE_DIM), None
-
-
-class _ReduceScatterToSequenceRegion(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, tensor, group):
-        ctx.group = group
-        return _reduce_scatter(tensor, group, SEQUENCE_DIM)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return _all_gather(grad, ctx.group, SEQUENCE_DIM), None
-
-
-def copy_to_tensor_parallel_region(tensor: torch.Tensor, group) -> torch.Tensor:
-    return _CopyToRegion.apply(tensor, group)
-
-
-def reduce_from_tensor_parallel_region(tensor: torch.Tensor, group) -> torch.Tensor:
-    return _ReduceFromRegion.apply(tensor, group)
-
-
-def gather_from_tensor_parallel_region(tensor: torch.Tensor, group) -> torch.Tensor:
-    return _GatherFromRegion.apply(tensor, group)
-
-
-def scatter_to_sequence_parallel_region(tensor: torch.Tensor, group) -> torch.Tensor:
-    return _ScatterToSequenceRegion.apply(tensor, group)
-
-
-def gather_from_sequence_parallel_region(tensor: torch.Tensor, group) -> torch.Tensor:
-    return _GatherFromSequenceRegion.apply(tensor, group)
-
-
-def reduce_scatter_to_sequence_parallel_region(tensor: torch.Tensor, group) -> torch.Tensor:
-    return _ReduceScatterToSequenceRegion.apply(tensor, group)
+copy_to_tensor_parallel_region = _region("CopyToTensorParallelRegion", _unchanged, _summed)
+reduce_from_tensor_parallel_region = _region("ReduceFromTensorParallelRegion", _summed, _unchanged)
+gather_from_tensor_parallel_region = _region("GatherFromTensorParallelRegion", partial(_all_gather, dim=-1),
+                                             _own_last_dim_slice)
+scatter_to_sequence_parallel_region = _region("ScatterToSequenceParallelRegion", _own_tokens,
+                                              partial(_all_gather, dim=SEQUENCE_DIM))
+gather_from_sequence_parallel_region = _region("GatherFromSequenceParallelRegion",
+                                               partial(_all_gather, dim=SEQUENCE_DIM),
+                                               partial(_reduce_scatter, dim=SEQUENCE_DIM))
+reduce_scatter_to_sequence_parallel_region = _region("ReduceScatterToSequenceParallelRegion",
+                                                     partial(_reduce_scatter, dim=SEQUENCE_DIM),
+                                                     partial(_all_gather, dim=SEQUENCE_DIM))
 
 
 def all_reduce_gradient(grad: torch.Tensor, group) -> torch.Tensor:
     """The sum over the group of a replicated parameter's gradient (a tensor hook: returns a new tensor)."""
-    return _all_reduce(grad.clone(), group)
+    return _summed(grad, group)
