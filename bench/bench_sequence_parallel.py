@@ -3,8 +3,8 @@
 One training step (forward, backward, DeepSpeed ZeRO-1 AdamW step) of a model with hidden 512, 8 layers, 8 heads on
 one packed row of 4,096 tokens (8 documents of 512), fp32, on 2 ranks. Prints markdown tables:
 - memory, each variant in its own pair of processes: the allocator's peak above the step's start, measured from
-  torch's own allocation records (the profiler's memory events), the bytes autograd holds for backward at the end
-  of the forward by module kind, and the peak RSS of each rank;
+  torch's own allocation records (the profiler's memory events), and the bytes autograd holds for backward at the
+  end of the forward by module kind (a process's peak RSS would mostly show start-up and the allocator's caching);
 - step time, both variants built in the same two processes, their steps interleaved (median).
 
     OMP_NUM_THREADS=1 python bench/bench_sequence_parallel.py [--vocab 103168] [--recompute] [--steps 5]
@@ -110,8 +110,6 @@ def saved_for_backward(engine, batch) -> dict:
 
 
 def measure_memory(sequence_parallel: bool, vocab: int, recompute: bool) -> dict:
-    import resource
-
     from torch.profiler import ProfilerActivity, profile
 
     from evods.training.distributed import init_distributed
@@ -123,8 +121,7 @@ def measure_memory(sequence_parallel: bool, vocab: int, recompute: bool) -> dict
     saved = saved_for_backward(engine, batch) if not recompute else None
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         engine.train_step(batch)
-    return {"peak": allocator_peak(prof), "saved": saved,
-            "max_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+    return {"peak": allocator_peak(prof), "saved": saved}
 
 
 def measure_time(vocab: int, recompute: bool, steps: int) -> dict:
@@ -155,13 +152,12 @@ def main():
     print(f"model {MODEL}, vocab {args.vocab}, one row of {TOKENS} tokens ({DOCUMENTS} documents), fp32, TP=2, "
           f"activation checkpointing {'on' if args.recompute else 'off'}\n")
     base = memory["TP=2"]
-    print("| run | allocator peak of the step, MiB (rank 0 / 1) | ratio | peak RSS, MiB (rank 0 / 1) |")
-    print("|---|---|---|---|")
+    print("| run | allocator peak of the step, MiB (rank 0 / 1) | ratio |")
+    print("|---|---|---|")
     for name, ranks in memory.items():
         ratio = max(r["peak"] for r in ranks) / max(r["peak"] for r in base)
         peaks = " / ".join(f"{r['peak'] / MiB:.0f}" for r in ranks)
-        rss = " / ".join(f"{r['max_rss'] / MiB:.0f}" for r in ranks)
-        print(f"| {name} | {peaks} | {ratio:.2f} | {rss} |")
+        print(f"| {name} | {peaks} | {ratio:.2f} |")
     if not args.recompute:
         print("\nSaved for backward at the end of the forward, rank 0, MiB:\n")
         kinds = list(base[0]["saved"])
