@@ -2,9 +2,10 @@
 
 One training step (forward, backward, DeepSpeed ZeRO-1 AdamW step) of a model with hidden 512, 8 layers, 8 heads on
 one packed row of 4,096 tokens (8 documents of 512), fp32, on 2 ranks. Prints markdown tables:
-- memory, each variant in its own pair of processes: the allocator's peak above the step's start, measured from
-  torch's own allocation records (the profiler's memory events), and the bytes autograd holds for backward at the
-  end of the forward by module kind (a process's peak RSS would mostly show start-up and the allocator's caching);
+- memory, each variant in its own pair of processes, from torch's own allocation records (the profiler's memory
+  events; a process's peak RSS would mostly show start-up and the allocator's caching): the peak above the step's
+  start of the forward + backward (activations and gradients) and of the whole step (the optimizer's update
+  included), and the bytes autograd holds for backward at the end of the forward, by module kind;
 - step time, both variants built in the same two processes, their steps interleaved (median).
 
     OMP_NUM_THREADS=1 python bench/bench_sequence_parallel.py [--vocab 103168] [--recompute] [--steps 5]
@@ -62,8 +63,8 @@ def build_engine(sequence_parallel: bool, vocab: int, recompute: bool):
                        PackedLoss(logits=VocabParallelLogits(group)), grid)
 
 
-def allocator_peak(prof) -> int:
-    """The highest sum of torch CPU allocations minus frees within the profiled window."""
+def allocator_peak(prof) -> tuple[int, int]:
+    """The highest sum of torch CPU allocations minus frees within the profiled window, and the sum at its end."""
     import torch
 
     events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
@@ -72,7 +73,7 @@ def allocator_peak(prof) -> int:
     for _, nbytes in events:
         current += nbytes
         peak = max(peak, current)
-    return peak
+    return peak, current
 
 
 def saved_for_backward(engine, batch) -> dict:
@@ -110,6 +111,9 @@ def saved_for_backward(engine, batch) -> dict:
 
 
 def measure_memory(sequence_parallel: bool, vocab: int, recompute: bool) -> dict:
+    """The step of TrainEngine.train_step (one micro-batch), profiled in two windows: forward + backward, then the
+    optimizer's step; the whole step's peak is the larger of the first window's and the second's above where the
+    first ended."""
     from torch.profiler import ProfilerActivity, profile
 
     from evods.training.distributed import init_distributed
@@ -119,9 +123,18 @@ def measure_memory(sequence_parallel: bool, vocab: int, recompute: bool) -> dict
     batch = make_batch(vocab)
     engine.train_step(batch)  # warm-up: optimizer state and DeepSpeed buffers exist before the measured step
     saved = saved_for_backward(engine, batch) if not recompute else None
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        engine.train_step(batch)
-    return {"peak": allocator_peak(prof), "saved": saved}
+    model = engine.engine
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as forward_backward:
+        logits = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"]).logits
+        loss = engine.loss_fn(logits, (batch["labels"], batch["type_ids"]))
+        del logits
+        model.backward(loss)
+        del loss
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as update:
+        model.step()
+    activations, held = allocator_peak(forward_backward)
+    return {"forward_backward": activations, "step": max(activations, held + allocator_peak(update)[0]),
+            "saved": saved}
 
 
 def measure_time(vocab: int, recompute: bool, steps: int) -> dict:
@@ -152,12 +165,15 @@ def main():
     print(f"model {MODEL}, vocab {args.vocab}, one row of {TOKENS} tokens ({DOCUMENTS} documents), fp32, TP=2, "
           f"activation checkpointing {'on' if args.recompute else 'off'}\n")
     base = memory["TP=2"]
-    print("| run | allocator peak of the step, MiB (rank 0 / 1) | ratio |")
-    print("|---|---|---|")
+    print("| run | forward + backward peak, MiB (rank 0 / 1) | ratio | whole-step peak, MiB (rank 0 / 1) | ratio |")
+    print("|---|---|---|---|---|")
     for name, ranks in memory.items():
-        ratio = max(r["peak"] for r in ranks) / max(r["peak"] for r in base)
-        peaks = " / ".join(f"{r['peak'] / MiB:.0f}" for r in ranks)
-        print(f"| {name} | {peaks} | {ratio:.2f} |")
+        cells = []
+        for window in ("forward_backward", "step"):
+            peaks = " / ".join(f"{r[window] / MiB:.0f}" for r in ranks)
+            ratio = max(r[window] for r in ranks) / max(r[window] for r in base)
+            cells += [peaks, f"{ratio:.2f}"]
+        print(f"| {name} | {' | '.join(cells)} |")
     if not args.recompute:
         print("\nSaved for backward at the end of the forward, rank 0, MiB:\n")
         kinds = list(base[0]["saved"])
