@@ -184,7 +184,8 @@ def main():
             cells = " | ".join(f"{saved[k] / MiB:.0f}" for k in kinds)
             print(f"| {name} | {cells} | {sum(saved.values()) / MiB:.0f} |")
     if not args.skip_time:
-        times = run_distributed(measure_time, world=2, args=(args.vocab, args.recompute, args.steps))
+        times = run_distributed(measure_time, world=2, args=(args.vocab, args.recompute, args.steps),
+                                timeout=300 + 120 * args.steps)  # a step takes tens of seconds on 2 CPU cores
         slowest = {name: max(rank[name] for rank in times) for name in VARIANTS}
         print(f"\n| run | s/step (median of {args.steps}, interleaved) | ratio |")
         print("|---|---|---|")
