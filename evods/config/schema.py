@@ -117,6 +117,19 @@ RAMPUP = Rule('a string "start increment every" like "1 1 100" (or "")', _parses
 
 
 @dataclass(kw_only=True)
+class TrainDatasetConfig:
+    """data.train_dataset: text from a Hugging Face dataset, tokenized on the fly (evods.data.hf_source)."""
+    path: str = key(STR)  # a save_to_disk folder, data files (parquet, jsonl, json, txt, csv; file or folder), a Hub name
+    streaming: bool = key(BOOL, False)  # False: tokenized once, packed and shuffled as a .bin; True: read in order
+    text_key: str = key(STR, "text")
+    tokenizer_path: Optional[str] = key(OPTIONAL_STR, None)  # SentencePiece model; None: tools/V7_sft.model
+    split: str = key(STR, "train")
+    name: Optional[str] = key(OPTIONAL_STR, None)  # the Hub dataset's configuration
+    add_bos: bool = key(BOOL, False)
+    add_eos: bool = key(BOOL, False)
+
+
+@dataclass(kw_only=True)
 class DataConfig:
     seq_len: int = key(POSITIVE_INT)
     micro_num: int = key(POSITIVE_INT, 1)  # micro-batches per optimizer step (gradient accumulation)
@@ -132,12 +145,14 @@ class DataConfig:
     rampup_batch_size: str = key(RAMPUP, "")
     min_length: int = key(NON_NEGATIVE_INT, 0)
     train_folder: Optional[str] = key(OPTIONAL_STR, None)  # None: random data (§3.6)
+    train_dataset: Optional[TrainDatasetConfig] = section(TrainDatasetConfig, optional=True)  # instead of train_folder
     valid_folder: Optional[str] = key(OPTIONAL_STR, None)
     empty_cache_and_diag_interval: int = key(POSITIVE_INT, 50)
     diag_outlier_ratio: float = key(NUMBER, 1.1)  # clamped to >= 1
     min_length_dict: Optional[dict] = key(_optional(DICT), None)
     # InternEvo [IE] additions
-    type: str = key(_one_of("tokenized", note=" (the only data type InternEvo and evods read)"), "tokenized")
+    type: str = key(_one_of("tokenized", note=" (for InternEvo's type='streaming', set data.train_dataset=dict("
+                                              "path=..., streaming=True) instead)"), "tokenized")
     use_packed_dataset: bool = key(BOOL, True)
     fixed_random_dataset_seqlen: bool = key(BOOL, False)
     num_worker: int = key(NON_NEGATIVE_INT, 4)
@@ -441,7 +456,7 @@ def load_config(path: str | Path) -> TrainConfig:
 
 
 def _normalise(cfg: TrainConfig, source: ConfigSource) -> None:
-    _normalise_data(cfg.data)
+    _normalise_data(cfg.data, source)
     _normalise_model(cfg.model)
     _normalise_ckpt(cfg.ckpt, source)
     _normalise_optimizer(cfg, source)
@@ -479,7 +494,10 @@ def _warn_unapplied(cfg: TrainConfig) -> None:
                     "(set zero_optimization.overlap_comm in a --ds_config file to change it).")
 
 
-def _normalise_data(data: DataConfig) -> None:
+def _normalise_data(data: DataConfig, source: ConfigSource) -> None:
+    if data.train_folder and data.train_dataset:
+        raise source.error("data.train_dataset", "data.train_folder and data.train_dataset are both set: train on "
+                                                 "bin/meta files or on a Hugging Face dataset, keep one")
     packed_length = data.seq_len * data.micro_bsz
     if data.packed_length not in (None, packed_length):
         logger.warning("data.packed_length=%s is ignored: it is always seq_len * micro_bsz = %d",

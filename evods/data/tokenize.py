@@ -47,6 +47,15 @@ def load_tokenizer(path) -> spm.SentencePieceProcessor:
         raise DataError(f"{path} is not a SentencePiece model: {err}") from None
 
 
+def check_tokenizer_fits(tokenizer_path, vocab_size: int, model_name: str = "the model") -> None:
+    """A tokenizer with more ids than the model's embedding rows would index past it on its first rare token."""
+    tokenizer_vocab = load_tokenizer(find_tokenizer(tokenizer_path)).vocab_size()
+    if tokenizer_vocab > vocab_size:
+        raise DataError(f"the tokenizer {find_tokenizer(tokenizer_path)} has {tokenizer_vocab} ids but {model_name} "
+                        f"has vocab_size={vocab_size}; use the model's tokenizer or a model with vocab_size >= "
+                        f"{tokenizer_vocab}")
+
+
 @dataclass(frozen=True)
 class EncodeOptions:
     fmt: str
