@@ -11,6 +11,7 @@ the micro-batch means. The settings come from an InternEvo config; `--model` sta
 Without `--deepspeed` the Trainer runs plain DDP (on CPU with gloo).
 """
 import argparse
+import logging
 import sys
 from dataclasses import asdict
 
@@ -20,6 +21,8 @@ from evods.cli import run_cli
 from evods.config import ConfigError, load_config
 from evods.data import DataError, build_train_dataset, collate_hf
 from evods.data.tokenize import check_tokenizer_fits
+
+logger = logging.getLogger("hf_trainer_train")
 
 
 def parse_args(argv=None):
@@ -61,6 +64,9 @@ def train(args) -> None:
         use_cpu=on_cpu and not args.deepspeed, ddp_backend="gloo" if on_cpu else None,
         logging_steps=1, save_strategy="no", report_to=[], dataloader_num_workers=0,
     )
+    logging.basicConfig(level=logging.INFO if training_args.process_index == 0 else logging.WARNING)
+    logger.info("%d processes, %d packs of %d tokens per step", training_args.world_size,
+                training_args.world_size * cfg.data.micro_num, cfg.data.seq_len * cfg.data.micro_bsz)
     seed_everything(args.seed)
     if args.model:
         model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)

@@ -10,15 +10,18 @@ packed exactly as a bin/meta file is (evods.data.packing); nothing is written as
 Texts are encoded as tools/tokenizer.py encodes a jsonl record: the field as it is, empty strings skipped.
 """
 import hashlib
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
+from evods.data.binfile import BinWriter
 from evods.data.errors import DataError
 from evods.data.packing import build_pack
-from evods.data.tokenize import find_tokenizer, load_tokenizer
+from evods.data.tokenize import TokenizeStats, find_tokenizer, load_tokenizer
 
 DATA_FILE_BUILDERS = {".parquet": "parquet", ".jsonl": "json", ".json": "json", ".txt": "text", ".csv": "csv",
                       ".arrow": "arrow"}
@@ -68,17 +71,18 @@ class TextEncoder:
     """Batches of records -> token id lists, as tools/tokenizer.py encodes a jsonl field."""
 
     def __init__(self, tokenizer_path=None, text_key: str = "text", add_bos: bool = False, add_eos: bool = False,
-                 where: str = "the dataset"):
+                 where: str = "the dataset", threads: int = 1):
         self.tokenizer_path = find_tokenizer(tokenizer_path)
         self.sp = load_tokenizer(self.tokenizer_path)
         self.text_key = text_key
         self.add_bos, self.add_eos = add_bos, add_eos
         self.where = where
+        self.threads = threads
 
     def check_columns(self, columns) -> None:
         if columns is not None and self.text_key not in columns:
             raise DataError(f"{self.where} has no column {self.text_key!r} (its columns: {', '.join(columns)}); "
-                            "choose the text column with text_key")
+                            "choose the text column with text_key (--text_key)")
 
     def encode(self, batch: dict) -> list[list[int] | None]:
         """One entry per record: its token ids, or None for an empty text (skipped, as blank lines are)."""
@@ -87,9 +91,10 @@ class TextEncoder:
         bad = next((t for t in texts if t is not None and not isinstance(t, str)), None)
         if bad is not None:
             raise DataError(f"{self.where}: column {self.text_key!r} holds {type(bad).__name__} values, not text; "
-                            "choose the text column with text_key")
+                            "choose the text column with text_key (--text_key)")
         keep = [i for i, text in enumerate(texts) if text]
-        ids = self.sp.encode([texts[i] for i in keep], add_bos=self.add_bos, add_eos=self.add_eos, num_threads=1)
+        ids = self.sp.encode([texts[i] for i in keep], add_bos=self.add_bos, add_eos=self.add_eos,
+                             num_threads=self.threads)
         encoded = [None] * len(texts)
         for i, tokens in zip(keep, ids):
             encoded[i] = tokens
@@ -99,6 +104,33 @@ class TextEncoder:
         """What the tokens depend on besides the dataset: for datasets' cache of Dataset.map."""
         digest = hashlib.sha256(self.tokenizer_path.read_bytes()).hexdigest()
         return f"{digest}|{self.text_key}|{self.add_bos}|{self.add_eos}"
+
+
+def tokenize_hf_dataset(input_path, bin_path, tokenizer_path=None, *, text_key="text", add_bos=False, add_eos=False,
+                        workers=1, mode="create", progress=True) -> TokenizeStats:
+    """tools/tokenizer.py for a local Hugging Face dataset (save_to_disk folder, or parquet/jsonl/... files): the same
+    bin/meta a jsonl file with the same records gives."""
+    dataset = open_hf_dataset(input_path)
+    encoder = TextEncoder(tokenizer_path, text_key, add_bos, add_eos, where=str(input_path), threads=workers)
+    encoder.check_columns(dataset.column_names)
+    stats = TokenizeStats(input_bytes=int(dataset.data.nbytes))
+    start = time.perf_counter()
+    with BinWriter(bin_path, mode) as writer, tqdm(total=len(dataset), unit="rows", desc=Path(input_path).name,
+                                                   disable=not progress) as bar:
+        for batch in dataset.iter(batch_size=ENCODE_BATCH):
+            encoded = encoder.encode(batch)
+            kept = [ids for ids in encoded if ids is not None]
+            writer.write(kept)
+            stats.samples += len(kept)
+            stats.tokens += sum(map(len, kept))
+            stats.blank += len(encoded) - len(kept)
+            bar.update(len(encoded))
+        if not stats.samples:
+            raise DataError(f"{input_path} has no text in column {text_key!r} ({stats.blank} empty rows); nothing "
+                            "was written")
+        writer.commit()
+    stats.seconds = time.perf_counter() - start
+    return stats
 
 
 class TokenizedTexts:
