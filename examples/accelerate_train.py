@@ -10,6 +10,7 @@ model is built), same packs in the same order on each rank (PackedLoader), same 
 (DeepSpeed's), and the same loss (the token mean of each micro-batch; DeepSpeed averages the micro_num micro-batches
 of a step). `--model` starts from a Hugging Face folder instead of the config's model, `--data` trains on another
 train_folder or Hugging Face dataset. Precision is the accelerate config's `mixed_precision` (the model is fp32).
+With `parallel.tensor` > 1 in the config, the model is split by evods' tensor parallelism (ZeRO-1 only).
 """
 import argparse
 import json
@@ -70,27 +71,36 @@ def build_dataset(cfg, args):
 
 
 def train(args) -> None:
-    from evods.training.hf_accelerate import deepspeed_accelerator
+    from evods.config import check_topology
+    from evods.parallel import (apply_tensor_parallel, build_parallel_grid, gather_tensor_parallel_state_dict,
+                                parallel_sizes)
+    from evods.training.hf_accelerate import deepspeed_accelerator, deepspeed_with_mpu
     from evods.training.schedules import Beta2Scheduler, LRScheduler
 
     cfg = load_config(args.config)
-    if cfg.parallel.pipeline.size > 1 or cfg.parallel.tensor.size > 1:
-        raise ConfigError(f"{args.config}: parallel.pipeline/tensor > 1 need evods' own engine; run train_ds.py")
+    if cfg.parallel.pipeline.size > 1:
+        raise ConfigError(f"{args.config}: parallel.pipeline > 1 needs DeepSpeed's pipeline engine; run train_ds.py")
     if cfg.loss.label_smoothing:
         raise ConfigError(f"{args.config}: loss.label_smoothing: transformers' causal-LM loss has none; set it to 0")
-    micro_num, total_steps = cfg.data.micro_num, args.steps or cfg.data.total_steps
-    accelerator = deepspeed_accelerator(micro_num, cfg.hybrid_zero_optimizer.clip_grad_norm,
-                                        tensor_parallel=cfg.parallel.tensor.size)
+    micro_num, total_steps, tp = cfg.data.micro_num, args.steps or cfg.data.total_steps, cfg.parallel.tensor.size
+    accelerator = deepspeed_accelerator(micro_num, cfg.hybrid_zero_optimizer.clip_grad_norm, tensor_parallel=tp)
     logging.basicConfig(level=logging.INFO if accelerator.is_main_process else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(message)s")
-    logger.info("%d processes (rank %d), DeepSpeed ZeRO stage %s", accelerator.num_processes,
-                accelerator.process_index, accelerator.deepspeed_plugin.zero_stage)
+    logger.info("%d processes (rank %d), DeepSpeed ZeRO stage %s, tensor parallel %d", accelerator.num_processes,
+                accelerator.process_index, accelerator.deepspeed_plugin.zero_stage, tp)
+    check_topology(cfg, accelerator.num_processes)
+    # evods' process groups (InternEvo's rank layout); with parallel.tensor = 1 every process is a data rank
+    sizes = parallel_sizes(accelerator.process_index, accelerator.num_processes, pp=1, tp=tp)
+    grid = build_parallel_grid(sizes)
 
     model = build_model(cfg, args.model, args.seed)
     check_tokenizer_fits(args.tokenizer, model.config.vocab_size)
-    loader = PackedLoader(build_dataset(cfg, args), micro_num, accelerator.process_index, accelerator.num_processes)
+    apply_tensor_parallel(model, grid.get_tensor_model_parallel_group(), sizes.tp_rank, tp,
+                          cfg.model.embed_split_hidden, parallel_output=False)  # full logits for transformers' loss
+    loader = PackedLoader(build_dataset(cfg, args), micro_num, rank=sizes.dp_rank, world=sizes.dp)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], **adamw_kwargs(cfg))
-    model, optimizer = accelerator.prepare(model, optimizer)  # model: the DeepSpeed engine
+    with deepspeed_with_mpu(grid):
+        model, optimizer = accelerator.prepare(model, optimizer)  # model: the DeepSpeed engine
     lr_schedule = LRScheduler(optimizer, cfg.adam.lr, cfg.lr_scheduler)  # InternEvo's warmup + cosine
     beta2_schedule = Beta2Scheduler(optimizer, cfg.beta2_scheduler)
     metrics_file = open(args.metrics_file, "a") if args.metrics_file and accelerator.is_main_process else None
@@ -109,22 +119,27 @@ def train(args) -> None:
             lr_schedule.step()
             beta2_schedule.step()
         loss = accelerator.reduce(torch.stack(losses).mean(), "mean")
-        all_tokens = accelerator.reduce(torch.tensor(tokens, device=accelerator.device), "sum")
+        all_tokens = accelerator.reduce(torch.tensor(tokens, device=accelerator.device), "sum") / tp
+        seconds = time.perf_counter() - start
         record = {"step": step, "loss": loss.item(), "grad_norm": float(model.get_global_grad_norm()),
-                  "lr": optimizer.param_groups[0]["lr"], "tokens_per_s": all_tokens.item() / (time.perf_counter() - start)}
+                  "lr": optimizer.param_groups[0]["lr"], "tokens_per_s": all_tokens.item() / seconds}
         logger.info(" ".join(f"{name}={value:.6g}" for name, value in record.items()))
         if metrics_file:
             metrics_file.write(json.dumps(record) + "\n")
             metrics_file.flush()
 
     if args.output_dir:
-        state_dict = accelerator.get_state_dict(model)  # a collective under ZeRO-3: every rank calls it
+        unwrapped = accelerator.unwrap_model(model)
+        # whole weights; both are collectives, which every rank joins
+        state_dict = gather_tensor_parallel_state_dict(unwrapped, grid.get_tensor_model_parallel_group(),
+                                                       cfg.model.embed_split_hidden) if tp > 1 \
+            else accelerator.get_state_dict(model)  # ZeRO-3 gathers its partitions
         if accelerator.is_main_process:
             from evods.checkpoint.formats.hf import write_tokenizer
 
-            unwrapped = accelerator.unwrap_model(model)
             unwrapped.save_pretrained(args.output_dir, state_dict=state_dict)
-            write_tokenizer(str(find_tokenizer(args.tokenizer)), args.output_dir, unwrapped.config.max_position_embeddings)
+            write_tokenizer(str(find_tokenizer(args.tokenizer)), args.output_dir,
+                            unwrapped.config.max_position_embeddings)
             logger.info("saved the model to %s (AutoModelForCausalLM.from_pretrained loads it)", args.output_dir)
     accelerator.wait_for_everyone()
     accelerator.end_training()

@@ -179,7 +179,7 @@ def test_script_author_errors_are_one_clear_line(c4_dataset, tmp_path, monkeypat
     check_tokenizer_fits(None, V7_VOCAB)
     with pytest.raises(ConfigError, match=r"ZeRO stage 3.*parallel.tensor=2.*set zero_stage: 1"):
         check_zero_stage(3, tensor_parallel=2)
-    check_zero_stage(1, tensor_parallel=2)
+    check_zero_stage(1, tensor_parallel=2)  # ZeRO-1 under tensor parallelism: tests/test_hf_examples.py
     check_zero_stage(3, tensor_parallel=1)
     ds_config = {"train_micro_batch_size_per_gpu": "auto", "gradient_clipping": "auto"}
     derive_batch_keys(ds_config, micro_num=4, clip_grad_norm=1.0, data_parallel=2)
@@ -189,6 +189,14 @@ def test_script_author_errors_are_one_clear_line(c4_dataset, tmp_path, monkeypat
         derive_batch_keys({"gradient_accumulation_steps": 8}, micro_num=4, clip_grad_norm=1.0, data_parallel=2)
     monkeypatch.delenv("ACCELERATE_USE_DEEPSPEED", raising=False)
     with pytest.raises(LaunchError, match="accelerate launch --config_file examples/accelerate_zero1.yaml"):
+        deepspeed_accelerator(micro_num=2, clip_grad_norm=1.0)
+    # what `accelerate launch` exports for a ZeRO-2 config, with a tensor-parallel model
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    monkeypatch.setenv("ACCELERATE_DEEPSPEED_ZERO_STAGE", "2")
+    with pytest.raises(ConfigError, match=r"^the accelerate config asks for ZeRO stage 2, but the model is split"):
+        deepspeed_accelerator(micro_num=2, clip_grad_norm=1.0, tensor_parallel=2)
+    monkeypatch.setenv("ACCELERATE_GRADIENT_ACCUMULATION_STEPS", "8")
+    with pytest.raises(ConfigError, match=r"gradient_accumulation_steps=8 in the accelerate config conflicts"):
         deepspeed_accelerator(micro_num=2, clip_grad_norm=1.0)
 
 

@@ -119,7 +119,7 @@ RAMPUP = Rule('a string "start increment every" like "1 1 100" (or "")', _parses
 @dataclass(kw_only=True)
 class TrainDatasetConfig:
     """data.train_dataset: text from a Hugging Face dataset, tokenized on the fly (evods.data.hf_source)."""
-    path: str = key(STR)  # a save_to_disk folder, data files (parquet, jsonl, json, txt, csv; file or folder), a Hub name
+    path: str = key(STR)  # a save_to_disk folder, data files (parquet, jsonl, json, txt, csv: file or folder), Hub name
     streaming: bool = key(BOOL, False)  # False: tokenized once, packed and shuffled as a .bin; True: read in order
     text_key: str = key(STR, "text")
     tokenizer_path: Optional[str] = key(OPTIONAL_STR, None)  # SentencePiece model; None: tools/V7_sft.model

@@ -13,7 +13,9 @@ What goes wrong without it (accelerate 1.15, DeepSpeed 0.19, no CUDA):
   error rather than a silent override.
 """
 import datetime
+import functools
 import os
+from contextlib import contextmanager
 
 from evods.config import ConfigError
 
@@ -65,8 +67,9 @@ def deepspeed_accelerator(micro_num: int, clip_grad_norm: float, tensor_parallel
     from accelerate.utils import DeepSpeedPlugin, InitProcessGroupKwargs
 
     if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() != "true":
-        raise LaunchError(f"this script trains with accelerate's DeepSpeed plugin: start it with `{ACCELERATE_CONFIG_HINT}"
-                          " SCRIPT ...` (or `accelerate launch --use_deepspeed --zero_stage 1 ...`), not with --cpu")
+        raise LaunchError("this script trains with accelerate's DeepSpeed plugin: start it with "
+                          f"`{ACCELERATE_CONFIG_HINT} SCRIPT ...` (or `accelerate launch --use_deepspeed --zero_stage 1"
+                          " ...`), not with --cpu")
     steps_from_launch = os.environ.get("ACCELERATE_GRADIENT_ACCUMULATION_STEPS")
     if steps_from_launch not in (None, "auto", str(micro_num)):
         raise ConfigError(f"gradient_accumulation_steps={steps_from_launch} in the accelerate config conflicts with "
@@ -79,6 +82,24 @@ def deepspeed_accelerator(micro_num: int, clip_grad_norm: float, tensor_parallel
     plugin.gradient_accumulation_steps, plugin.gradient_clipping = micro_num, float(clip_grad_norm)
     handlers = [InitProcessGroupKwargs(backend="gloo", timeout=DIST_TIMEOUT)] if _on_cpu() else []
     return Accelerator(deepspeed_plugin=plugin, gradient_accumulation_steps=micro_num, kwargs_handlers=handlers)
+
+
+@contextmanager
+def deepspeed_with_mpu(mpu):
+    """Within it, `accelerator.prepare` hands DeepSpeed evods' process groups (`mpu`, a ParallelGrid).
+
+    accelerate passes an mpu to deepspeed.initialize only for its own sequence parallelism. Without one, ZeRO-1 would
+    average gradients over every process, tensor-parallel shards included, and count replicated weights once per
+    tensor rank in the gradient norm; with it, DeepSpeed reduces over the data-parallel group, as in train_ds.py.
+    """
+    import deepspeed
+
+    initialize = deepspeed.initialize
+    deepspeed.initialize = functools.partial(initialize, mpu=mpu)  # accelerate looks it up when it prepares
+    try:
+        yield
+    finally:
+        deepspeed.initialize = initialize
 
 
 def trainer_accelerator_config() -> dict:
