@@ -152,13 +152,19 @@ def test_streaming_packs_equal_the_bin_meta_route_and_resume_exactly(c4_bin, c4_
     assert StreamCursor(**reference.state_dict()["stream"]).epoch == 1
 
 
-def test_train_dataset_config_key_and_its_errors(tmp_path):
+def test_train_dataset_config_key_and_its_errors(c4_bin):
+    sizes = dict(seq_len=SEQ_LEN, micro_bsz=MICRO_BSZ, micro_num=MICRO_NUM)
     spec = dict(path=str(C4), streaming=True)
-    cfg = tiny_config(data=dict(seq_len=SEQ_LEN, micro_bsz=MICRO_BSZ, micro_num=MICRO_NUM, train_dataset=spec))
+    cfg = tiny_config(data=dict(**sizes, train_dataset=spec))
     assert cfg.data.train_dataset.text_key == "text" and cfg.data.train_dataset.tokenizer_path is None
     loader, sampler, types = build_train_loader(asdict(cfg.data), 0, 1)
     assert types == ["c4_demo"] and sampler is loader
     assert next(iter(loader))["input_ids"].shape == (MICRO_NUM, SEQ_LEN * MICRO_BSZ)
+    # not streaming: train_ds.py's batches are those of the same text as a .bin file
+    cfg = tiny_config(data=dict(**sizes, train_dataset=dict(path=str(C4))))
+    from_hf, _, _ = build_train_loader(asdict(cfg.data), 1, 2)
+    from_bin, _, _ = build_train_loader(dict(**sizes, train_folder=str(c4_bin)), 1, 2)
+    assert same_batches(list(itertools.islice(iter(from_hf), 3)), list(itertools.islice(iter(from_bin), 3)))
     with pytest.raises(ConfigError, match="train_folder and data.train_dataset are both set"):
         tiny_config(data=dict(train_folder="data/train", train_dataset=spec))
     with pytest.raises(ConfigError, match="data.train_dataset.path is required"):

@@ -148,6 +148,7 @@ class TokenizedTexts:
             kept = [ids for ids in encoder.encode(batch) if ids is not None]
             return {"input_ids": kept, "length": [len(ids) for ids in kept]}
 
+        # datasets cannot hash the SentencePiece processor inside `tokenize`; name the result from what it depends on
         key = hashlib.sha256(f"{dataset._fingerprint}|{encoder.fingerprint()}".encode()).hexdigest()[:16]
         self.tokens = dataset.map(tokenize, batched=True, batch_size=ENCODE_BATCH, remove_columns=dataset.column_names,
                                   new_fingerprint=f"evods-{key}", desc="tokenizing")

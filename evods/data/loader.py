@@ -77,8 +77,6 @@ def build_hf_train_dataset(data_cfg: dict):
     """data.train_dataset: (packs, [type name]); the one type is named after the dataset."""
     spec = data_cfg["train_dataset"]
     where = f"data.train_dataset {spec['path']}"
-    if data_cfg.get("train_folder"):
-        raise DataError(f"{where}: set either data.train_folder (bin/meta files) or data.train_dataset, not both")
     dataset = open_hf_dataset(spec["path"], spec["split"], spec["streaming"], spec["name"])
     encoder = TextEncoder(spec["tokenizer_path"], spec["text_key"], spec["add_bos"], spec["add_eos"], where)
     packs = pack_hf_dataset(dataset, encoder, data_cfg["seq_len"], data_cfg["micro_bsz"],
