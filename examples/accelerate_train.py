@@ -39,7 +39,8 @@ def parse_args(argv=None):
                                        "Face dataset (save_to_disk folder, parquet/jsonl files, Hub name)")
     parser.add_argument("--streaming", action="store_true", help="read the --data Hugging Face dataset as a stream")
     parser.add_argument("--text_key", default="text", help="the text column of a --data Hugging Face dataset")
-    parser.add_argument("--tokenizer", default=None, help="SentencePiece model (default tools/V7_sft.model)")
+    parser.add_argument("--tokenizer", default=None, help="SentencePiece model (default: the config's "
+                                                         "data.train_dataset.tokenizer_path, else tools/V7_sft.model)")
     parser.add_argument("--steps", type=int, default=None, help="stop after this many steps (default total_steps)")
     parser.add_argument("--seed", type=int, default=1024, help="seed before the model is built (train_ds.py's)")
     parser.add_argument("--output_dir", default=None, help="where to save the trained model as a HF folder")
@@ -94,7 +95,8 @@ def train(args) -> None:
     grid = build_parallel_grid(sizes)
 
     model = build_model(cfg, args.model, args.seed)
-    check_tokenizer_fits(args.tokenizer, model.config.vocab_size)
+    tokenizer = args.tokenizer or (cfg.data.train_dataset.tokenizer_path if cfg.data.train_dataset else None)
+    check_tokenizer_fits(tokenizer, model.config.vocab_size)
     apply_tensor_parallel(model, grid.get_tensor_model_parallel_group(), sizes.tp_rank, tp,
                           cfg.model.embed_split_hidden, parallel_output=False)  # full logits for transformers' loss
     loader = PackedLoader(build_dataset(cfg, args), micro_num, rank=sizes.dp_rank, world=sizes.dp)
@@ -127,6 +129,8 @@ def train(args) -> None:
         if metrics_file:
             metrics_file.write(json.dumps(record) + "\n")
             metrics_file.flush()
+    if metrics_file:
+        metrics_file.close()
 
     if args.output_dir:
         unwrapped = accelerator.unwrap_model(model)
@@ -138,7 +142,7 @@ def train(args) -> None:
             from evods.checkpoint.formats.hf import write_tokenizer
 
             unwrapped.save_pretrained(args.output_dir, state_dict=state_dict)
-            write_tokenizer(str(find_tokenizer(args.tokenizer)), args.output_dir,
+            write_tokenizer(str(find_tokenizer(tokenizer)), args.output_dir,
                             unwrapped.config.max_position_embeddings)
             logger.info("saved the model to %s (AutoModelForCausalLM.from_pretrained loads it)", args.output_dir)
     accelerator.wait_for_everyone()

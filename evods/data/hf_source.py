@@ -1,8 +1,8 @@
 """Hugging Face `datasets` as a source of training text, tokenized on the fly with the SentencePiece tokenizer and
 packed exactly as a bin/meta file is (evods.data.packing); nothing is written as bin/meta.
 
-- `open_hf_dataset`: a `save_to_disk` folder, data files (parquet, jsonl/json, txt, csv, arrow; a file or a folder of
-  them) or a Hub name, as a `datasets.Dataset`, or an `IterableDataset` when streaming.
+- `open_hf_dataset`: a `save_to_disk` folder, data files (a parquet, jsonl/json, txt, csv or arrow file, or a folder
+  of them) or a Hub name, as a `datasets.Dataset`, or an `IterableDataset` when streaming.
 - `TokenizedTexts`: a map-style dataset tokenized once (Dataset.map, cached by datasets) as a packing source with
   `lengths`: the packs, their shuffle (seed 1024) and the sampler are those of the same text in a .bin file.
 - `StreamingPacks`: a stream read in order, packed as it comes; a `StreamCursor` (pass, rows read, token offset)
@@ -29,18 +29,6 @@ SAVED_DATASET_FILES = ("state.json", "dataset_dict.json")  # what save_to_disk w
 ENCODE_BATCH = 256
 
 
-def _data_files(path: Path) -> tuple[str, list[str]] | None:
-    """(builder, files) when `path` is a data file or a folder of data files of one kind, else None."""
-    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.suffix in DATA_FILE_BUILDERS) \
-        if path.is_dir() else []
-    builders = {DATA_FILE_BUILDERS.get(p.suffix) for p in files}
-    if not files or None in builders:
-        return None
-    if len(builders) > 1:
-        raise DataError(f"{path} mixes data files of several formats ({sorted(builders)}); keep one kind per folder")
-    return builders.pop(), [str(p) for p in files]
-
-
 def open_hf_dataset(path, split: str = "train", streaming: bool = False, name: str | None = None):
     """A local or Hub dataset as `datasets.Dataset` (or `IterableDataset` when streaming). DataError if unreadable."""
     import datasets  # slow to import; only the Hugging Face routes need it
@@ -54,13 +42,16 @@ def open_hf_dataset(path, split: str = "train", streaming: bool = False, name: s
                     raise DataError(f"{path} has the splits {sorted(loaded)}, not {split!r}; choose one with split=")
                 loaded = loaded[split]
             return loaded.to_iterable_dataset() if streaming else loaded
-        files = _data_files(local)
-        if files is not None:
-            builder, data_files = files
-            return datasets.load_dataset(builder, data_files=data_files, split="train", streaming=streaming)
-        if local.exists():
-            raise DataError(f"{path} is neither a save_to_disk folder nor data files ({', '.join(DATA_FILE_BUILDERS)})")
-        return datasets.load_dataset(str(path), name, split=split, streaming=streaming)
+        if local.is_dir():  # data files: datasets picks the builder from their extension
+            return datasets.load_dataset(str(local), name, split=split, streaming=streaming)
+        if local.is_file():
+            builder = DATA_FILE_BUILDERS.get(local.suffix.lower())
+            if builder is None:
+                raise DataError(f"{path}: not a data file datasets reads ({', '.join(DATA_FILE_BUILDERS)})")
+            return datasets.load_dataset(builder, data_files=str(local), split="train", streaming=streaming)
+        if local.is_absolute() or str(path).startswith((".", "~")):
+            raise DataError(f"{path}: no such file or folder")
+        return datasets.load_dataset(str(path), name, split=split, streaming=streaming)  # a Hub name
     except DataError:
         raise
     except Exception as err:  # datasets raises many unrelated types for unreadable or unreachable input
