@@ -20,7 +20,7 @@ import torch
 from evods.cli import run_cli
 from evods.config import ConfigError, load_config
 from evods.data import DataError, build_train_dataset, collate_hf
-from evods.data.tokenize import check_tokenizer_fits
+from evods.data.tokenize import check_tokenizer_fits, find_tokenizer
 
 logger = logging.getLogger("hf_trainer_train")
 
@@ -72,11 +72,16 @@ def train(args) -> None:
         model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
     else:
         model = MODEL_INITIALIZER.get_module(cfg.model_type)(**cfg.model_dict).float()
-    check_tokenizer_fits(None, model.config.vocab_size)
+    tokenizer = cfg.data.train_dataset.tokenizer_path if cfg.data.train_dataset else None  # None: V7_sft.model
+    check_tokenizer_fits(tokenizer, model.config.vocab_size)
     train_dataset, _ = build_train_dataset(asdict(cfg.data))
     trainer = Trainer(model=model, args=training_args, train_dataset=train_dataset, data_collator=collate_hf)
     trainer.train()
     trainer.save_model(args.output_dir)
+    if trainer.is_world_process_zero():
+        from evods.checkpoint.formats.hf import write_tokenizer
+
+        write_tokenizer(str(find_tokenizer(tokenizer)), args.output_dir, model.config.max_position_embeddings)
 
 
 def main(argv=None) -> int:

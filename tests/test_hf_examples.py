@@ -118,5 +118,5 @@ def test_hf_trainer_example_with_deepspeed_on_two_processes(train_folder, tmp_pa
     losses = [float(value) for value in re.findall(r"'loss': '([0-9.]+)'", log)]
     assert len(losses) == STEPS and all(math.isfinite(loss) and 10 < loss < 12 for loss in losses)
     weights = loaded_weights(out)
-    assert all(math.isfinite(value) for value in weights.values())
+    assert all(math.isfinite(value) for value in weights.values()) and (out / "tokenizer.model").is_file()
     assert torch.load(out / "training_args.bin", weights_only=False).world_size == 2
