@@ -3,9 +3,10 @@
 What goes wrong without it (accelerate 1.15, DeepSpeed 0.19, no CUDA):
 - `accelerate launch --cpu --use_deepspeed` is refused ("only one of --cpu ... --use_deepspeed"). Without --cpu,
   accelerate finds no device backend: DeepSpeed starts gloo by itself, but accelerate reports num_processes 1 and
-  process_index 0 on every rank, so a mean over processes (`accelerator.reduce`) is a sum, and DeepSpeed's
-  train_batch_size comes out one world too small. Naming the backend, gloo, makes accelerate count the processes
-  (`InitProcessGroupKwargs(backend="gloo")`; for the Trainer, a PartialState made before TrainingArguments).
+  process_index 0 on every rank, so a mean over processes (`accelerator.reduce`) is a sum, and DeepSpeed rejects
+  the train_batch_size accelerate derives from that count. Naming the backend, gloo, makes accelerate count the
+  processes (`InitProcessGroupKwargs(backend="gloo")`; for the Trainer, a PartialState made before
+  TrainingArguments).
 - DeepSpeed JIT-compiles its shm all-reduce op (30 s) at start-up though training never uses it: switched off.
 - The batch keys: accelerate fills "auto" train_micro_batch_size_per_gpu only from a DataLoader passed to
   `prepare`, and turns an "auto" gradient_clipping into 1.0. evods' loader already deals the data to the ranks and is
