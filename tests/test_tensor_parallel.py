@@ -239,7 +239,8 @@ def test_vocab_parallel_cross_entropy_matches_torch(split_runs):
 # ---------------------------------------------------------------------------------------------- one process
 
 def test_split_table_is_internevo_layout():
-    """internevo-compat §6.2, in HF names: what the checkpoint formats rely on."""
+    """InternEvo's tensor-parallel split dimensions, as its checkpoints store them, in HF names: what the checkpoint
+    formats rely on."""
     from evods.parallel import split_dim
 
     layer = "model.layers.3."

@@ -1,4 +1,5 @@
-"""The training loss on packed rows, and the token-level metrics InternEvo logs beside it (§9.5)."""
+"""The training loss on packed rows, and the token-level metrics InternEvo logs beside it
+(AccPerplex and LossWithTypeId in internlm/model/metrics.py)."""
 import torch
 import torch.nn.functional as F
 
@@ -55,7 +56,7 @@ class FullLogits:
 
 
 class PackedLoss:
-    """Token-mean cross entropy of one micro-batch, ignoring -100 (§9.1).
+    """Token-mean cross entropy of one micro-batch, ignoring -100, as InternEvo's FlashGPTLMLoss.
 
     DeepSpeed divides each micro-batch loss by gradient_accumulation_steps (= micro_num) before backward, which is
     InternEvo's per-micro-batch `/ micro_num`. Called as `loss(logits, (labels, type_ids))`, the signature a
