@@ -77,7 +77,7 @@ def trainer_worker(variant: str, config_path: str, batch: int, out: str) -> None
     from transformers import (AutoTokenizer, DataCollatorForSeq2Seq, DataCollatorWithFlattening, Trainer,
                               TrainerCallback, TrainingArguments)
 
-    from evods.checkpoint.formats.hf import write_tokenizer
+    from evods.checkpoint.formats.hf_tokenizer import write_tokenizer
     from evods.config import load_config
     from evods.data import TokenizedDataset
     from evods.model.registry import MODEL_INITIALIZER

@@ -139,7 +139,7 @@ def train(args) -> None:
                                                        cfg.model.embed_split_hidden) if tp > 1 \
             else accelerator.get_state_dict(model)  # ZeRO-3 gathers its partitions
         if accelerator.is_main_process:
-            from evods.checkpoint.formats.hf import write_tokenizer
+            from evods.checkpoint.formats.hf_tokenizer import write_tokenizer
 
             unwrapped.save_pretrained(args.output_dir, state_dict=state_dict)
             write_tokenizer(str(find_tokenizer(tokenizer)), args.output_dir,

@@ -79,7 +79,7 @@ def train(args) -> None:
     trainer.train()
     trainer.save_model(args.output_dir)
     if trainer.is_world_process_zero():
-        from evods.checkpoint.formats.hf import write_tokenizer
+        from evods.checkpoint.formats.hf_tokenizer import write_tokenizer
 
         write_tokenizer(str(find_tokenizer(tokenizer)), args.output_dir, model.config.max_position_embeddings)
 
