@@ -2,7 +2,6 @@
 PackedLoader in train_ds.py's order, Hugging Face datasets (map-style and streaming) packed as bin/meta files are,
 tools/tokenizer.py on HF datasets, and the one-line errors a script author meets."""
 import itertools
-import subprocess
 import sys
 from dataclasses import asdict
 
@@ -11,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+from evods.cli.tokenizer import main as tokenizer_command
 from evods.config import ConfigError
 from evods.data import (DataError, PackedDataset, PackedLoader, TokenizedDataset, build_train_loader, collate_hf,
                         collate_packs, hf_batch, open_hf_dataset, packed_dataset)
@@ -19,7 +19,7 @@ from evods.data.loader import StreamingTrainLoader
 from evods.data.tokenize import check_tokenizer_fits, tokenize_file
 from evods.training.distributed import LaunchError
 from evods.training.hf_accelerate import check_zero_stage, deepspeed_accelerator, derive_batch_keys
-from tests.conftest import DATA, REPO, TOKENIZER
+from tests.conftest import DATA, TOKENIZER
 from tests.train_configs import tiny_config
 
 C4 = DATA / "pretrain_en" / "c4_demo.jsonl"
@@ -209,20 +209,21 @@ def test_script_author_errors_are_one_clear_line(c4_dataset, tmp_path, monkeypat
         deepspeed_accelerator(micro_num=2, clip_grad_norm=1.0)
 
 
-def test_tokenizer_tool_reads_local_hf_datasets_as_it_reads_jsonl(c4_bin, c4_dataset, tmp_path):
+def test_tokenizer_tool_reads_local_hf_datasets_as_it_reads_jsonl(c4_bin, c4_dataset, tmp_path, monkeypatch,
+                                                                   capsys):
     c4_dataset.to_parquet(tmp_path / "c4.parquet")
     c4_dataset.save_to_disk(tmp_path / "saved")
     c4_dataset.rename_column("text", "content").to_json(tmp_path / "files" / "part-0.jsonl")
     expected = (c4_bin / "en" / "c4.bin").read_bytes()
-    for source, text_key in ((tmp_path / "c4.parquet", "text"), (tmp_path / "saved", "text"),
-                             (tmp_path / "files", "content")):
+    for source, text_key, workers in ((tmp_path / "c4.parquet", "text", 2), (tmp_path / "saved", "text", 1),
+                                      (tmp_path / "files", "content", 1)):
         out = tmp_path / "out" / f"{source.name}.bin"
-        stats = tokenize_file(source, out, TOKENIZER, text_key=text_key, workers=2, progress=False)
+        stats = tokenize_file(source, out, TOKENIZER, text_key=text_key, workers=workers, progress=False)
         assert out.read_bytes() == expected and stats.samples == 50
-    result = subprocess.run([sys.executable, str(REPO / "tools" / "tokenizer.py"), "--quiet", "--text_input_path",
-                             str(tmp_path / "files"), "--bin_output_path", str(tmp_path / "x.bin")],
-                            capture_output=True, text=True, timeout=120)
-    assert result.returncode == 1 and not (tmp_path / "x.bin").exists()
-    assert result.stderr.strip().splitlines()[-1] == (
+    monkeypatch.setattr(sys, "argv", ["tokenizer.py"])  # the command's name in its messages, as from a clone
+    status = tokenizer_command(["--quiet", "--text_input_path", str(tmp_path / "files"), "--bin_output_path",
+                                str(tmp_path / "x.bin")])
+    assert status == 1 and not (tmp_path / "x.bin").exists()
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
         f"tokenizer.py: {tmp_path / 'files'} has no column 'text' (its columns: content); choose the text column "
         "with text_key (--text_key)")
