@@ -121,6 +121,19 @@ RAMPUP = Rule('a string "start increment every" like "1 1 100" (or "")', _parses
 
 
 @dataclass(kw_only=True)
+class TrainDatasetConfig:
+    """data.train_dataset: text from a Hugging Face dataset, tokenized on the fly (evods.data.hf_source)."""
+    path: str = key(STR)  # a save_to_disk folder, data files (parquet, jsonl, json, txt, csv: file or folder), Hub name
+    streaming: bool = key(BOOL, False)  # False: tokenized once, packed and shuffled as a .bin; True: read in order
+    text_key: str = key(STR, "text")
+    tokenizer_path: Optional[str] = key(OPTIONAL_STR, None)  # SentencePiece model; None: tools/V7_sft.model
+    split: str = key(STR, "train")
+    name: Optional[str] = key(OPTIONAL_STR, None)  # the Hub dataset's configuration
+    add_bos: bool = key(BOOL, False)
+    add_eos: bool = key(BOOL, False)
+
+
+@dataclass(kw_only=True)
 class DataConfig:
     seq_len: int = key(POSITIVE_INT)
     micro_num: int = key(POSITIVE_INT, 1)  # micro-batches per optimizer step (gradient accumulation)
@@ -138,12 +151,14 @@ class DataConfig:
     rampup_batch_size: str = key(RAMPUP, "")
     min_length: int = key(NON_NEGATIVE_INT, 0)
     train_folder: Optional[str] = key(OPTIONAL_STR, None)  # None: random data
+    train_dataset: Optional[TrainDatasetConfig] = section(TrainDatasetConfig, optional=True)  # instead of train_folder
     valid_folder: Optional[str] = key(OPTIONAL_STR, None)
     empty_cache_and_diag_interval: int = key(POSITIVE_INT, 50)
     diag_outlier_ratio: float = key(NUMBER, 1.1)  # clamped to >= 1
     min_length_dict: Optional[dict] = key(_optional(DICT), None)
     # InternEvo [IE] additions
-    type: str = key(_one_of("tokenized", note=" (the only data type InternEvo and evods read)"), "tokenized")
+    type: str = key(_one_of("tokenized", note=" (for InternEvo's type='streaming', set data.train_dataset=dict("
+                                              "path=..., streaming=True) instead)"), "tokenized")
     use_packed_dataset: bool = key(BOOL, True)
     fixed_random_dataset_seqlen: bool = key(BOOL, False)
     num_worker: int = key(NON_NEGATIVE_INT, 4)
@@ -551,6 +566,9 @@ def _warn_unapplied(cfg: TrainConfig) -> None:
 
 
 def _normalise_data(data: DataConfig, source: ConfigSource) -> None:
+    if data.train_folder and data.train_dataset:
+        raise source.error("data.train_dataset", "data.train_folder and data.train_dataset are both set: train on "
+                                                 "bin/meta files or on a Hugging Face dataset, keep one")
     if data.gradient_accumulation not in (None, data.micro_num):
         raise source.error("data.gradient_accumulation",
                            f"data.gradient_accumulation={data.gradient_accumulation} must equal data.micro_num="

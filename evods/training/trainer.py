@@ -15,6 +15,7 @@ from evods.checkpoint import CheckpointManager, TrainingParts
 from evods.config import (ConfigError, TrainConfig, adamw_kwargs, build_deepspeed_config, check_device,
                           check_topology, write_deepspeed_config)
 from evods.data import BatchSkipper, batch_stats, build_train_loader, build_valid_loaders
+from evods.data.tokenize import check_tokenizer_fits
 from evods.model.registry import MODEL_INITIALIZER
 from evods.monitor import RunMonitor, StepProfiler
 from evods.progress import Progress
@@ -113,6 +114,9 @@ class Trainer:
                                                      cfg.model.vocab_size, cfg.model.mlp_ratio)
         self.peak = peak_flops(peak_tflops)
 
+        if cfg.data.train_dataset:
+            check_tokenizer_fits(cfg.data.train_dataset.tokenizer_path, cfg.model.vocab_size,
+                                 f"the model of {cfg.source.path if cfg.source else 'the config'}")
         self.loader, self.sampler, self.dataset_types = build_train_loader(asdict(cfg.data), self.sizes.dp_rank,
                                                                             self.sizes.dp, cfg.data.num_worker)
         self.skip_batch = BatchSkipper(cfg.data.skip_batches)
