@@ -26,10 +26,12 @@ def add_generation_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max_new_tokens", type=int, default=1024)
 
 
-def add_model_options(parser: argparse.ArgumentParser) -> None:
+def add_model_options(parser: argparse.ArgumentParser, rotary_type: bool = True) -> None:
+    """The options that load a folder (tools/chat.py, web_demo.py, eval_long_context.py; the last runs both RoPEs)."""
     parser.add_argument("--model", required=True, help="an InternLM HF folder (tools/convert2hf.py writes one)")
-    parser.add_argument("--rotary_type", choices=ROTARY_TYPES, default=None,
-                        help="dynamic NTK RoPE or plain RoPE past max_position_embeddings (default: the folder's)")
+    if rotary_type:
+        parser.add_argument("--rotary_type", choices=ROTARY_TYPES, default=None,
+                            help="dynamic NTK RoPE or plain RoPE past max_position_embeddings (default: the folder's)")
     parser.add_argument("--dtype", choices=["auto", *DTYPES], default="auto",
                         help="auto: the folder's dtype on CUDA, float32 on the CPU")
     parser.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:1, ...")
