@@ -48,13 +48,18 @@ def generation_kwargs(temperature: float, top_p: float, top_k: int, repetition_p
     return {**sampling, "repetition_penalty": repetition_penalty}
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def chat_parser(description: str, max_context_help: str) -> argparse.ArgumentParser:
+    """The options tools/chat.py and tools/web_demo.py share: the folder, sampling, and the context's size."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_options(parser)
     add_generation_options(parser)
-    parser.add_argument("--max_context", type=int, default=None,
-                        help="tokens of prompt and reply with dynamic NTK (default 4 x max_position_embeddings); "
-                             "with origin RoPE the context is max_position_embeddings")
+    parser.add_argument("--max_context", type=int, default=None, help=max_context_help)
+    return parser
+
+
+def main(argv=None) -> int:
+    parser = chat_parser(__doc__, "tokens of prompt and reply with dynamic NTK (default 4 x max_position_embeddings); "
+                                  "with origin RoPE the context is max_position_embeddings")
     args = parser.parse_args(argv)
     return run_cli(lambda: chat(args), (InferenceError, OSError))
 
@@ -63,7 +68,7 @@ def context_limit(config, max_context: int | None) -> tuple[int, str]:
     """(tokens the conversation may fill, what to do when a prompt alone is longer)."""
     positions = config.max_position_embeddings
     if config.rotary["type"] == "origin":
-        return positions, f"max_position_embeddings with origin RoPE; shorten it, or use --rotary_type dynamic"
+        return positions, "max_position_embeddings with origin RoPE; shorten it, or use --rotary_type dynamic"
     limit = max_context or 4 * positions
     return limit, f"--max_context with dynamic NTK; shorten it, or raise --max_context (now {limit})"
 

@@ -7,13 +7,12 @@ a long document to ask about, and the context's token count.
 
 It serves 127.0.0.1 only, unless --host says otherwise; nothing on the page is fetched from the internet.
 """
-import argparse
 import os
 import sys
 import time
 
 from evods.cli import run_cli
-from evods.cli.chat import add_generation_options, add_model_options, generation_kwargs
+from evods.cli.chat import chat_parser, generation_kwargs
 from evods.inference import ContextError, InferenceError, fit_turn, load_for_inference
 
 # Before gradio is imported: no usage statistics or version check over the network (the page must work offline).
@@ -21,12 +20,8 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_model_options(parser)
-    add_generation_options(parser)
-    parser.add_argument("--max_context", type=int, default=None,
-                        help="tokens of prompt and reply, with either RoPE (default 4 x max_position_embeddings, "
-                             "so that origin RoPE can be compared past its positions)")
+    parser = chat_parser(__doc__, "tokens of prompt and reply, with either RoPE (default 4 x max_position_embeddings, "
+                                  "so that origin RoPE can be compared past its positions)")
     parser.add_argument("--host", default="127.0.0.1", help="address to serve on (default 127.0.0.1: this machine)")
     parser.add_argument("--port", type=int, default=7860, help="port (default 7860; 0: any free port)")
     args = parser.parse_args(argv)
