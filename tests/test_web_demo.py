@@ -114,6 +114,14 @@ def send(driver, question: str, document: str = "") -> tuple[str, str, list]:
     return reply, driver.find_element(By.CSS_SELECTOR, "#status").text, lengths
 
 
+def clear(driver) -> None:
+    """Press Clear and wait until the page shows an empty chat (the next send counts replies from there)."""
+    driver.find_element(By.CSS_SELECTOR, "#clear").click()
+    WebDriverWait(driver, REPLY_TIMEOUT).until(
+        lambda d: not d.find_elements(By.CSS_SELECTOR, "#chatbot .message")
+        and not d.find_element(By.CSS_SELECTOR, "#status").text)
+
+
 def test_chat_streams_and_the_ntk_switch_changes_the_next_reply(demo_url, browser, tmp_path):
     browser.get(demo_url)
     WebDriverWait(browser, 60).until(lambda d: d.find_elements(By.CSS_SELECTOR, "#question textarea"))
@@ -127,14 +135,14 @@ def test_chat_streams_and_the_ntk_switch_changes_the_next_reply(demo_url, browse
 
     # a document past the model's 64 positions, asked about with each RoPE from the same (cleared) start
     document = (DATA / "pretrain_en" / "wiki_demo.txt").read_text(encoding="utf-8")[:600]
-    browser.find_element(By.CSS_SELECTOR, "#clear").click()
+    clear(browser)
     dynamic_reply, dynamic_status, _ = send(browser, "What is this text about?", document)
     assert dynamic_status.startswith("done with dynamic NTK RoPE")
     assert "[document, " in browser.find_elements(By.CSS_SELECTOR, "#chatbot .message.user")[-1].text
     context = browser.find_element(By.CSS_SELECTOR, "#context").text
     assert int(context.split("Context: ")[1].split(" tokens")[0]) > 64
 
-    browser.find_element(By.CSS_SELECTOR, "#clear").click()
+    clear(browser)
     switch.click()
     assert not switch.is_selected()
     origin_reply, origin_status, _ = send(browser, "What is this text about?", document)
