@@ -72,7 +72,8 @@ def run_job(root: Path, name: str, steps: int, every: int, folder: str, env: dic
     from tests.cluster import TRAIN, launch, make_nodes
 
     nodes = make_nodes(root / name, 2)
-    demo = str(ROOT / "configs" / "demo_cpu.py")
+    # the demo config of the tree that trains: another checkout's evods may not know this one's keys
+    demo = str(Path(script or TRAIN).parent / "configs" / "demo_cpu.py")
     for node in nodes:
         (node.workdir / "config.py").write_text(CONFIG.format(demo=demo, hidden=ARGS.hidden, layers=ARGS.layers,
                                                               vocab=ARGS.vocab, steps=steps, every=every,
