@@ -23,6 +23,7 @@ from evods.parallel import (ParallelSizes, VocabParallelLogits, apply_tensor_par
 from .distributed import init_distributed
 from .engine import StepOutcome, TrainEngine
 from .flops import megatron_tflops, model_flops_per_token, peak_flops, tgs
+from .linear_cross_entropy import choose_loss_kernel
 from .loss import FullLogits, PackedLoss, TokenMetrics
 from .metrics import MetricsSink, format_metrics_line, setup_logging
 from .schedules import Beta2Scheduler, LRScheduler
@@ -130,9 +131,7 @@ class Trainer:
                                                                             self.sizes.dp, cfg.data.num_worker)
         self.skip_batch = BatchSkipper(cfg.data.skip_batches)
         self.token_metrics = TokenMetrics(num_types=len(self.dataset_types))
-        vocab_split = self.sizes.tp > 1 and cfg.model.parallel_output
-        loss_fn = PackedLoss(cfg.loss.label_smoothing, self.token_metrics,
-                             VocabParallelLogits(tensor_group) if vocab_split else FullLogits())
+        loss_fn = self._build_loss(model, tensor_group)
         ds_config = build_deepspeed_config(cfg, self.sizes.dp, ds_config_override)
         self.engine = TrainEngine(model, self._make_optimizer, ds_config, self.sizes, loss_fn, self.grid)
         self.lr_scheduler = LRScheduler(self.engine.optimizer, cfg.adam.lr, cfg.lr_scheduler)
@@ -152,6 +151,24 @@ class Trainer:
         logger.info("Distributed environment is initialized, data parallel size: %d, pipeline parallel size: %d, "
                     "tensor parallel size: %d", self.sizes.dp, self.sizes.pp, self.sizes.tp)
         logger.info("run folder: %s; model parameters: %.2fM", self.run_dir, num_parameters / 1e6)
+
+    def _build_loss(self, model, tensor_group) -> PackedLoss:
+        """The loss applies lm_head itself. Under tensor parallelism its weight is a vocabulary shard whatever
+        parallel_output says (which only decides whether the model's own logits are gathered)."""
+        loss_cfg = self.cfg.loss
+        vocab_split = self.sizes.tp > 1
+        try:
+            kernel = choose_loss_kernel(loss_cfg.kernel, _device_type(), vocab_split)
+        except ValueError as error:
+            source = self.cfg.source
+            raise (source.error("loss.kernel", str(error)) if source else ConfigError(str(error))) from None
+        loss_fn = PackedLoss(model.lm_head, loss_cfg.label_smoothing, self.token_metrics,
+                             VocabParallelLogits(tensor_group) if vocab_split else FullLogits(), kernel,
+                             loss_cfg.chunk_tokens)
+        logger.info("loss: kernel %s%s over a %s-token vocabulary%s", kernel,
+                    f", {loss_fn.chunk_tokens} tokens per chunk" if kernel == "chunked" else "",
+                    self.cfg.model.vocab_size, f" split over {self.sizes.tp} tensor ranks" if vocab_split else "")
+        return loss_fn
 
     def _checkpoint_parts(self) -> TrainingParts:
         return TrainingParts(engine=self.engine.engine, context=self.state, sampler=self.sampler,
