@@ -131,7 +131,10 @@ class Trainer:
                                                                             self.sizes.dp, cfg.data.num_worker)
         self.skip_batch = BatchSkipper(cfg.data.skip_batches)
         self.token_metrics = TokenMetrics(num_types=len(self.dataset_types))
-        loss_fn = self._build_loss(model, tensor_group)
+        # Under tensor parallelism lm_head's weight is a vocabulary shard whatever parallel_output says (which only
+        # decides whether the model's own logits are gathered); the loss applies that shard.
+        vocab = VocabParallelLogits(tensor_group) if self.sizes.tp > 1 else FullLogits()
+        loss_fn = build_loss(cfg, model.lm_head, vocab, _device_type(), self.token_metrics)
         ds_config = build_deepspeed_config(cfg, self.sizes.dp, ds_config_override)
         self.engine = TrainEngine(model, self._make_optimizer, ds_config, self.sizes, loss_fn, self.grid)
         self.lr_scheduler = LRScheduler(self.engine.optimizer, cfg.adam.lr, cfg.lr_scheduler)
@@ -151,24 +154,6 @@ class Trainer:
         logger.info("Distributed environment is initialized, data parallel size: %d, pipeline parallel size: %d, "
                     "tensor parallel size: %d", self.sizes.dp, self.sizes.pp, self.sizes.tp)
         logger.info("run folder: %s; model parameters: %.2fM", self.run_dir, num_parameters / 1e6)
-
-    def _build_loss(self, model, tensor_group) -> PackedLoss:
-        """The loss applies lm_head itself. Under tensor parallelism its weight is a vocabulary shard whatever
-        parallel_output says (which only decides whether the model's own logits are gathered)."""
-        loss_cfg = self.cfg.loss
-        vocab_split = self.sizes.tp > 1
-        try:
-            kernel = choose_loss_kernel(loss_cfg.kernel, _device_type(), vocab_split)
-        except ValueError as error:
-            source = self.cfg.source
-            raise (source.error("loss.kernel", str(error)) if source else ConfigError(str(error))) from None
-        loss_fn = PackedLoss(model.lm_head, loss_cfg.label_smoothing, self.token_metrics,
-                             VocabParallelLogits(tensor_group) if vocab_split else FullLogits(), kernel,
-                             loss_cfg.chunk_tokens)
-        logger.info("loss: kernel %s%s over a %s-token vocabulary%s", kernel,
-                    f", {loss_fn.chunk_tokens} tokens per chunk" if kernel == "chunked" else "",
-                    self.cfg.model.vocab_size, f" split over {self.sizes.tp} tensor ranks" if vocab_split else "")
-        return loss_fn
 
     def _checkpoint_parts(self) -> TrainingParts:
         return TrainingParts(engine=self.engine.engine, context=self.state, sampler=self.sampler,
@@ -283,6 +268,22 @@ class Trainer:
                             " ".join(f"{k}={v}" for k, v in results[name].items()))
                 self.sink.write(self.state.step_count, results[name])
         return results
+
+
+def build_loss(cfg: TrainConfig, head: torch.nn.Module, vocab, device_type: str,
+               metrics: TokenMetrics | None) -> PackedLoss:
+    """The training loss from the config's `loss` section; it applies `head` (the model's lm_head) itself."""
+    vocab_split = isinstance(vocab, VocabParallelLogits)
+    try:
+        kernel = choose_loss_kernel(cfg.loss.kernel, device_type, vocab_split)
+    except ValueError as error:
+        raise (cfg.source.error("loss.kernel", str(error)) if cfg.source else ConfigError(str(error))) from None
+    loss_fn = PackedLoss(head, cfg.loss.label_smoothing, metrics, vocab, kernel, cfg.loss.chunk_tokens)
+    local_vocab, hidden_size = head.weight.shape
+    logger.info("loss: %s kernel%s, head %d x %d%s", kernel,
+                f", {loss_fn.chunk_tokens} tokens per chunk" if kernel == "chunked" else "", local_vocab, hidden_size,
+                " (this rank's vocabulary shard)" if vocab_split else "")
+    return loss_fn
 
 
 def _token_metric_values(totals: dict | None, dataset_types: list[str]) -> dict:
