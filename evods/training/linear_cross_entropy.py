@@ -63,20 +63,30 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         want_hidden, want_weight = grads_for
         grad_hidden = hidden.new_empty(hidden.shape, dtype=torch.float32) if want_hidden else None
         grad_weight = weight.new_zeros(weight.shape, dtype=torch.float32) if want_weight else None
+        # Two chunk-sized buffers, reused by every chunk (a fresh [chunk, V] tensor per chunk costs page faults on CPU).
+        buffer_rows = min(chunk_tokens, tokens)
+        logits_buffer = weight.new_empty((buffer_rows, local_vocab), dtype=torch.float32)
+        probs_buffer = torch.empty_like(logits_buffer)
         for start in range(0, tokens, chunk_tokens):
             rows = slice(start, start + chunk_tokens)
             hidden_chunk = hidden[rows]
-            logits = (hidden_chunk @ weight.t()).float()  # in the head's dtype, then fp32, as the unchunked head
+            logits = logits_buffer[:hidden_chunk.shape[0]]
+            if weight.dtype == torch.float32:
+                torch.mm(hidden_chunk, weight.t(), out=logits)
+            else:  # in the head's dtype, then fp32, as the unchunked head
+                logits.copy_(hidden_chunk @ weight.t())
             local_labels = labels[rows] - vocab_start
             in_shard = (local_labels >= 0) & (local_labels < local_vocab)
             local_labels = local_labels.clamp(0, local_vocab - 1).unsqueeze(1)
             label_logit = logits.gather(1, local_labels).squeeze(1).masked_fill(~in_shard, 0.0)
             shard_max, shard_argmax = logits.max(1)
             logit_sum = logits.sum(1) if label_smoothing else torch.zeros_like(shard_max)
-            probs = logits.sub_(shard_max.unsqueeze(1)).exp_()  # in place: the logits themselves are not needed again
-            stats = torch.stack([shard_max, probs.sum(1), label_logit, logit_sum, (shard_argmax + vocab_start).float()],
-                                dim=1)
-            log_sum_exp, label_logit, logit_sum, argmax = combine_shard_stats(vocab.gather_shard_stats(stats))
+            probs = torch.softmax(logits, 1, out=probs_buffer[:hidden_chunk.shape[0]])
+            # softmax = exp(x - max) / Σ exp(x - max) is 1 / Σ at the max: the sum without another pass over the chunk
+            sum_exp = probs.gather(1, shard_argmax.unsqueeze(1)).squeeze(1).reciprocal()
+            stats = torch.stack([shard_max, sum_exp, label_logit, logit_sum, (shard_argmax + vocab_start).float()], 1)
+            shard_stats = vocab.gather_shard_stats(stats)
+            log_sum_exp, label_logit, logit_sum, argmax = combine_shard_stats(shard_stats)
             losses = log_sum_exp - label_logit
             if label_smoothing:
                 losses = (1 - label_smoothing) * losses + label_smoothing * (log_sum_exp - logit_sum / vocab_size)
@@ -86,12 +96,15 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
                 continue
             # d(Σ losses)/d logits for this shard's columns: softmax over the whole vocabulary, minus the smoothed
             # one-hot label.
-            probs.mul_((shard_max - log_sum_exp).exp().unsqueeze(1))
+            if len(shard_stats) > 1:  # the shard's softmax, rescaled to the whole vocabulary's
+                probs.mul_((shard_max + sum_exp.log() - log_sum_exp).exp().unsqueeze(1))
             probs.scatter_add_(1, local_labels, in_shard.unsqueeze(1).float().mul_(label_smoothing - 1))
             if label_smoothing:
                 probs.sub_(label_smoothing / vocab_size)
             grad_logits = probs.to(weight.dtype)
-            if want_hidden:
+            if want_hidden and grad_hidden.dtype == grad_logits.dtype:
+                torch.mm(grad_logits, weight, out=grad_hidden[rows])
+            elif want_hidden:
                 grad_hidden[rows] = grad_logits @ weight
             if want_weight and grad_weight.dtype == grad_logits.dtype:
                 grad_weight.addmm_(grad_logits.t(), hidden_chunk)
