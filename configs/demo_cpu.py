@@ -101,4 +101,5 @@ enable_tb = False
 
 monitor = dict(
     alert=dict(enable_feishu_alert=False, feishu_alert_address=None, light_monitor_address=None),
+    log_every=10,  # evods: a progress line (steps done, time left) every 10 steps
 )

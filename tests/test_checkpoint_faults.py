@@ -93,12 +93,12 @@ def fail_background_uploads(tmp_folder: str) -> dict:
     storage, outage, gone = trainer.checkpoints.storage, threading.Lock(), []
     upload_file = storage.upload_file
 
-    def storage_goes_away_during_upload(local_path, rel):
+    def storage_goes_away_during_upload(local_path, rel, on_bytes=None):
         with outage:  # the first background upload finds the server stopping under it
             if not gone:
                 server.stop()
                 gone.append(True)
-        upload_file(local_path, rel)
+        upload_file(local_path, rel, on_bytes)
 
     storage.upload_file = storage_goes_away_during_upload
     try:

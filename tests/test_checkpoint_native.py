@@ -154,3 +154,129 @@ def test_native_checkpoints_train_on_and_round_trip_through_evods_hf_and_llama(t
         dict(path=str(tmp_path / "native2"), content=content, ckpt_type="internevo")], str(tmp_path / "b")))[0]
     assert from_native["losses"] == from_evods["losses"] and len(from_native["losses"]) == 2
     assert from_native["counters"] == from_evods["counters"]
+
+
+# ------------------------------------------------------------------------------------ InternEvo's llama-layout files
+
+LLAMA_MODEL = dict(hidden_size=64, num_layers=3, num_attention_heads=4, vocab_size=512, mlp_ratio=2,
+                   layer_norm_epsilon=1e-5, no_bias=True, dtype=torch.float32)
+
+
+def write_llama_layout(folder: Path, weights: dict, tp: int, pp: int, adapt_hf: bool, embed_split_hidden: bool,
+                       prefix: str) -> None:
+    """Files as InternEvo writes its LLaMA-family names, written here from the published facts and independently of
+    evods: revert_internlm.py (pp=1, no prefix, global block numbers, --version 2 MLP naming) and InternEvo's own saves
+    (a file per stage, blocks numbered from 0 on each; the `model.` prefix of its NaiveAMP wrapper before 2024-03)."""
+    heads, hidden = LLAMA_MODEL["num_attention_heads"], LLAMA_MODEL["hidden_size"]
+    head_dim = hidden // heads
+
+    def meta_rotary_order(w):  # revert_internlm.py without --adapt_hf: each head's halves interleaved
+        return w if adapt_hf else w.view(heads, 2, head_dim // 2, hidden).transpose(1, 2).reshape(hidden, hidden)
+
+    def per_rank(tensor, dim):
+        return [chunk.clone() for chunk in tensor.chunk(tp, dim)]
+
+    layers = [range(0, 1), range(1, 3)] if pp == 2 else [range(0, 3)]
+    for stage, stage_layers in enumerate(layers):
+        states = [{} for _ in range(tp)]
+        for local, layer in enumerate(stage_layers):
+            index = local if pp > 1 else layer
+            hf = f"model.layers.{layer}"
+            tensors = {
+                "attention.wq.weight": per_rank(meta_rotary_order(weights[f"{hf}.self_attn.q_proj.weight"]), 0),
+                "attention.wk.weight": per_rank(meta_rotary_order(weights[f"{hf}.self_attn.k_proj.weight"]), 0),
+                "attention.wv.weight": per_rank(weights[f"{hf}.self_attn.v_proj.weight"], 0),
+                "attention.wo.weight": per_rank(weights[f"{hf}.self_attn.o_proj.weight"], 1),
+                "feed_forward.w1.weight": per_rank(weights[f"{hf}.mlp.gate_proj.weight"], 0),
+                "feed_forward.w3.weight": per_rank(weights[f"{hf}.mlp.up_proj.weight"], 0),
+                "feed_forward.w2.weight": per_rank(weights[f"{hf}.mlp.down_proj.weight"], 1),
+                "attention_norm.weight": [weights[f"{hf}.input_layernorm.weight"]] * tp,
+                "ffn_norm.weight": [weights[f"{hf}.post_attention_layernorm.weight"]] * tp,
+            }
+            for name, shards in tensors.items():
+                for rank in range(tp):
+                    states[rank][f"{prefix}layers.{index}.{name}"] = shards[rank]
+        for rank in range(tp):
+            if stage == 0:
+                embedding = per_rank(weights["model.embed_tokens.weight"], 1 if embed_split_hidden else 0)
+                states[rank][f"{prefix}tok_embeddings.weight"] = embedding[rank]
+            if stage == pp - 1:
+                states[rank][f"{prefix}norm.weight"] = weights["model.norm.weight"]
+                states[rank][f"{prefix}output.weight"] = per_rank(weights["lm_head.weight"], 0)[rank]
+            torch.save(states[rank], folder / f"model_tp{rank}_pp{stage}.pt")
+    intermediate = weights["model.layers.0.mlp.gate_proj.weight"].shape[0]
+    torch.save(dict(num_attention_heads=heads, embed_split_hidden=embed_split_hidden, vocab_size=512,
+                    hidden_size=hidden, num_layers=3, norm_type="rmsnorm", layer_norm_epsilon=1e-5, no_bias=True,
+                    mlp_ratio=round((intermediate - 255) / hidden + 0.01, 2), num_kv_attention_heads=heads,
+                    dtype=torch.float32, norm_head=False, adapt_hf=adapt_hf, use_flash_attn=True, rope_base=10000),
+               folder / "model_config.pt")
+
+
+def load_through_ckpt_info(folder: Path, ckpt_type: str, model_dict: dict):
+    """What training does with ckpt.load_ckpt_info before building the engine."""
+    from evods.checkpoint import CheckpointManager
+    from evods.model import MODEL_INITIALIZER
+
+    ckpt = tiny_config(ckpt=dict(enable_save_ckpt=False, auto_resume=False, load_ckpt_info=dict(
+        path=str(folder), content=("model",), ckpt_type=ckpt_type))).ckpt
+    model = MODEL_INITIALIZER.get_module("INTERNLM")(**model_dict)
+    CheckpointManager(ckpt, None, model.config, None).load_model_weights(model)
+    return model.eval()
+
+
+@pytest.mark.parametrize("tp, pp, adapt_hf, embed_split_hidden, prefix", [
+    (1, 1, False, False, ""),  # revert_internlm.py
+    (2, 1, False, True, ""),  # revert_internlm.py --tp_size 2 --embed_split
+    (2, 2, True, False, "model."),  # an InternEvo LLaMA run with adapt_hf, saved per stage through NaiveAMP
+])
+def test_a_llama_layout_checkpoint_loads_with_ckpt_type_llama_to_the_same_logits(tmp_path, tp, pp, adapt_hf,
+                                                                                 embed_split_hidden, prefix):
+    from evods.checkpoint import hf_weights
+    from evods.model import InternLMForCausalLM
+
+    weights = random_weights(LLAMA_MODEL)
+    assert not any(name.endswith("_proj.bias") for name in weights)  # no_bias=True: a bias-free InternLM
+    (tmp_path / "native").mkdir()
+    write_llama_layout(tmp_path / "native", weights, tp, pp, adapt_hf, embed_split_hidden, prefix)
+    ids = torch.randint(0, 512, (2, 24), generator=torch.Generator().manual_seed(0))
+    model = load_through_ckpt_info(tmp_path / "native", "llama", LLAMA_MODEL)
+    assert all(torch.equal(model.state_dict()[name], weights[name]) for name in weights)
+
+    assert convert2hf(["--src", str(tmp_path / "native"), "--tgt", str(tmp_path / "hf")]) == 0
+    exported = InternLMForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    assert exported.config.bias is False and hf_weights(str(tmp_path / "hf")).keys() == weights.keys()
+    with torch.no_grad():
+        assert torch.equal(exported(ids).logits, model(ids).logits)
+
+
+def test_llama_layout_mismatches_are_one_line_errors_that_name_the_cause(tmp_path):
+    from evods.checkpoint import CheckpointError
+
+    (tmp_path / "native").mkdir()
+    write_llama_layout(tmp_path / "native", random_weights(LLAMA_MODEL), 2, 1, False, False, "")
+    with_bias = {key: value for key, value in LLAMA_MODEL.items() if key != "no_bias"}
+    with pytest.raises(CheckpointError, match=r"no q/k/v/o bias, but the model has \(bias=True\): set no_bias=True"):
+        load_through_ckpt_info(tmp_path / "native", "llama", with_bias)
+    with pytest.raises(CheckpointError, match=r"model_tp0_pp0.pt: its parameter names do not fit InternEvo's internlm "
+                                              r"layout \(unexpected: layers.0.attention.wk.weight, layers.0.attention"
+                                              r".wo.weight, ...\): they are InternEvo's llama layout; load it with "
+                                              r"ckpt_type='llama'"):
+        load_through_ckpt_info(tmp_path / "native", "internevo", LLAMA_MODEL)
+
+
+def test_convert2hf_takes_internevo_converter_options(tmp_path):
+    import json
+
+    write_native(tmp_path / "native", random_weights(UNEVEN_MODEL), 1, 1, "v1", False)
+    # the training config's max_position_embeddings unless --max_pos; the dtype under both names
+    assert convert2hf(["--src_folder", str(tmp_path / "native"), "--tgt_folder", str(tmp_path / "a")]) == 0
+    config = json.loads((tmp_path / "a" / "config.json").read_text())
+    assert config["max_position_embeddings"] == 2048 and config["dtype"] == config["torch_dtype"] == "float32"
+    assert config["rotary"] == {"base": 10000, "type": "dynamic", "scaling_factor": 1.0}
+    assert convert2hf(["--src", str(tmp_path / "native"), "--tgt", str(tmp_path / "b"), "--max_pos", "4096",
+                       "--dtype", "bfloat16", "--scaling_factor", "2"]) == 0
+    config = json.loads((tmp_path / "b" / "config.json").read_text())
+    assert config["max_position_embeddings"] == 4096 and config["dtype"] == config["torch_dtype"] == "bfloat16"
+    assert config["rotary"] == {"base": 10000, "type": "dynamic", "scaling_factor": 2.0}
+    assert convert2hf(["--src", str(tmp_path / "native"), "--tgt", str(tmp_path / "c"), "--rotary_type", "origin"]) == 0
+    assert json.loads((tmp_path / "c" / "config.json").read_text())["rotary"] == {"base": 10000, "type": "origin"}

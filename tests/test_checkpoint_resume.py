@@ -93,8 +93,14 @@ def test_one_process_resumes_exactly_from_s3_with_background_uploads(s3_endpoint
     assert "run/4/4.step" in keys and not any(key.startswith("run/2/") for key in keys)
     assert {"run/4/context.pt", "run/4/sampler.pt", "run/4/schedulers.pt", "run/4/config.json",
             "run/4/config_file.py", "run/4/rng/rank0.pt", "run/4/deepspeed/mp_rank_00_model_states.pt"} <= keys
-    marker = s3_endpoint.client().get_object(Bucket=s3_endpoint.bucket, Key="run/4/4.step")["Body"].read()
-    assert json.loads(marker) == {"step": 4}
+    marker = json.loads(s3_endpoint.client().get_object(Bucket=s3_endpoint.bucket, Key="run/4/4.step")["Body"].read())
+    assert marker["step"] == 4
+    # the marker lists every file of the checkpoint with the size that reached the storage (and its checksum)
+    sizes = {entry["Key"]: entry["Size"] for entry in listing["Contents"]}
+    assert {f"run/4/{rel}" for rel in marker["files"]} == {key for key in keys if key.startswith("run/4/")
+                                                           and not key.endswith((".step", ".py"))} | {
+        "run/4/config_file.py"}
+    assert all(sizes[f"run/4/{rel}"] == entry["size"] and entry["checksum"] for rel, entry in marker["files"].items())
     assert not [name for name in os.listdir(tmp_path / "upload_tmp") if not name.startswith(".")], \
         "uploaded files leave the temp folder"
 

@@ -44,7 +44,7 @@ def test_7b_sft_matches_the_quickstart():
     assert model.use_flash_attn and model.num_chunks == 1 and model.embed_split_hidden
     assert cfg.model_dict["dtype"] == torch.float16 and cfg.model_dict["norm_type"] == "rmsnorm"
 
-    assert (cfg.parallel.zero1, cfg.parallel.pipeline.size, cfg.parallel.tensor.size) == (8, 1, 1)
+    assert (cfg.parallel.zero1.size, cfg.parallel.pipeline.size, cfg.parallel.tensor.size) == (8, 1, 1)
     assert cfg.parallel.pipeline.interleaved_overlap and not cfg.parallel.sequence_parallel
     assert check_topology(cfg, 8) == ParallelDims(dp=8, pp=1, tp=1)
 
@@ -64,7 +64,7 @@ def test_7b_sft_matches_the_quickstart():
     assert cfg.enable_tb and not cfg.cudnn_deterministic
 
 
-@pytest.mark.parametrize("name", ["demo_cpu.py", "demo_cpu_data.py"])
+@pytest.mark.parametrize("name", ["demo_cpu.py", "demo_cpu_data.py", "demo_cpu_resume.py"])
 def test_demo_configs_validate_for_two_cpu_ranks(name):
     cfg = load_config(CONFIGS / name)
     assert check_topology(cfg, 2).dp == 2
@@ -72,7 +72,19 @@ def test_demo_configs_validate_for_two_cpu_ranks(name):
     # the demo saves its last step (tools/demo.sh converts it to HF) and always starts afresh
     assert cfg.ckpt.checkpoint_every == cfg.data.total_steps and cfg.ckpt.auto_resume is False
     assert cfg.data.valid_every == 0
-    assert cfg.data.train_folder == (None if name == "demo_cpu.py" else "data/train")
+    assert cfg.data.train_folder == ("data/train" if name == "demo_cpu_data.py" else None)
+    # the run on real data keeps its checkpoints apart from the demo's, which the resume config continues
+    assert cfg.ckpt.save_ckpt_folder == ("local:demo_out/ckpt_data" if name == "demo_cpu_data.py" else
+                                         "local:demo_out/ckpt")
+
+
+def test_resume_config_continues_the_demo_from_its_last_step():
+    demo, resume = load_config(CONFIGS / "demo_cpu.py"), load_config(CONFIGS / "demo_cpu_resume.py")
+    info = resume.ckpt.load_ckpt_info
+    assert (info.path, info.content, info.ckpt_type) == (f"local:demo_out/ckpt/{demo.data.total_steps}", ("all",),
+                                                         "evods")
+    assert resume.data.total_steps == resume.lr_scheduler.total_steps == 2 * demo.data.total_steps
+    assert resume.model == demo.model and resume.data.micro_num == demo.data.micro_num
 
 
 def test_unknown_nested_key_names_it_and_suggests(tmp_path):
@@ -213,7 +225,26 @@ def test_flash_attn_falls_back_with_one_warning(tmp_path, caplog):
     assert [r.message.count("flash-attn is not installed") for r in caplog.records] == [1]
 
 
-def test_enabled_alerts_warn_that_they_are_not_sent(tmp_path, caplog):
+def test_without_flash_attn_cuda_keeps_the_fused_path_through_torch_varlen(tmp_path, caplog):
+    cfg = load_text(tmp_path, TINY)
+    with caplog.at_level(logging.INFO, logger="evods.config"):
+        check_device(cfg, "cuda", flash_attn_available=False, torch_varlen_available=True)
+    assert cfg.model.use_flash_attn is True and cfg.model_dict["use_flash_attn"] is True
+    assert "torch's own varlen flash kernel" in caplog.text and "WARNING" not in caplog.text
+    check_device(cfg, "cuda", flash_attn_available=False, torch_varlen_available=False)
+    assert cfg.model.use_flash_attn is False
+
+
+def test_alert_settings_are_checked_without_repeating_the_webhook(tmp_path, caplog):
     with caplog.at_level(logging.WARNING, logger="evods.config"):
-        load_text(tmp_path, TINY + "monitor = dict(alert=dict(enable_feishu_alert=True, feishu_alert_address='x'))\n")
-    assert "Feishu alerts and light-monitor heartbeats are not sent yet" in caplog.text
+        cfg = load_text(tmp_path, TINY + "monitor = dict(alert=dict(enable_feishu_alert=True))\n")
+    assert "enable_feishu_alert=True but feishu_alert_address is None" in caplog.text
+    assert (cfg.monitor.alert.webhook_format, cfg.monitor.alert.loss_spike_limit, cfg.monitor.alert.stuck_timeout,
+            cfg.monitor.log_every) == ("feishu", 1.5, 1800, 50)
+    with pytest.raises(ConfigError, match=r"cfg.py:\d+: monitor.alert.feishu_alert_address must be None or an "
+                                          r"http:// or https:// URL$"):
+        load_text(tmp_path, TINY + "monitor = dict(alert=dict(feishu_alert_address='open.feishu.cn/hook/s3cr3t'))\n")
+    with pytest.raises(ConfigError, match="webhook_format must be one of 'feishu', 'slack'"):
+        load_text(tmp_path, TINY + "monitor = dict(alert=dict(webhook_format='teams'))\n")
+    legacy = load_text(tmp_path, TINY + "alert_address = 'https://open.feishu.cn/hook/legacy'\n")
+    assert legacy.monitor.alert.feishu_alert_address == "https://open.feishu.cn/hook/legacy"

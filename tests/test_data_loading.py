@@ -55,9 +55,12 @@ def _check_packs(source: TokenizedDataset, packed: PackedDataset, seq_len, pack_
     n = len(ids)
     # every token of the shuffled stream, in order, exactly once
     assert np.array_equal(ids, np.abs(stream[:n]))
-    # labels: the next token of the same document when it is a positive id, else -100 (no boundary crossing)
+    # labels: the next token of the same document when it is a positive id, else -100 (no boundary crossing); with
+    # pack_sample_into_one=True also -100 at each pack's last column, as InternEvo's PackedDatasetWithoutCuSeqlen
     nxt = stream[1:n + 1]
     same_doc = doc_id[1:n + 1] == doc_id[:n]
+    if pack_into_one:
+        same_doc[P - 1::P] = False
     assert np.array_equal(labels, np.where(same_doc & (nxt > 0), nxt, -100))
     assert np.all(labels[stream[1:n + 1] < 0] == -100)  # masked prompt tokens are never targets
     if pack_into_one:

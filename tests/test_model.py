@@ -14,7 +14,8 @@ from evods.model import (
     pipeline_parameter_name,
     set_activation_checkpointing,
 )
-from evods.model.modeling_internlm import flash_attn_varlen_func
+from evods.model.modeling_internlm import (PackedDocuments, auto_packed_attention, flash_attn_varlen_func,
+                                           packed_attention_backend)
 
 torch.set_num_threads(1)
 
@@ -91,7 +92,9 @@ def test_padded_batch_logits_equal_llama():
     assert_close_rel(ours[real], theirs[real])
 
 
-BACKENDS = ["loop", "mask"] + (["flash"] if flash_attn_varlen_func is not None and torch.cuda.is_available() else [])
+# flex runs forward-only on CPU (this test is under no_grad); flash and varlen need CUDA.
+BACKENDS = ["loop", "mask", "flex"] + (["flash"] if flash_attn_varlen_func is not None and torch.cuda.is_available()
+                                       else [])
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -110,6 +113,26 @@ def test_packed_rows_equal_documents_run_alone(backend):
                 alone = model(ids[row : row + 1, start:end]).logits[0]
                 rel = 2e-2 if backend == "flash" else 1e-5  # flash computes fp32 models in bf16
                 assert_close_rel(packed[row, start:end], alone, rel)
+
+
+@pytest.mark.parametrize("device, flash, varlen, flex, expected", [
+    ("cuda", True, True, True, "flash"),
+    ("cuda", False, True, True, "varlen"),  # no flash-attn wheel: torch's own varlen kernel
+    ("cuda", False, False, True, "flex"),  # a torch without varlen
+    ("cuda", False, False, False, "loop"),
+    ("cpu", True, True, True, "loop"),  # on CPU the per-document loop is the fastest, and flex has no backward
+])
+def test_auto_packed_attention_prefers_fused_kernels_on_cuda(device, flash, varlen, flex, expected):
+    assert auto_packed_attention(device, flash, varlen, flex) == expected
+
+
+def test_auto_packed_attention_on_this_machine_and_cuda_only_kernels_refuse_cpu():
+    assert packed_attention_backend("auto", torch.device("cpu")).__name__ == "packed_attention_loop"
+    q = torch.randn(1, 4, 2, 8)
+    documents = PackedDocuments.from_position_ids(torch.arange(4)[None])
+    for name in ("flash", "varlen"):
+        with pytest.raises(RuntimeError, match=f"packed_attention='{name}' needs"):
+            packed_attention_backend(name, q.device)(q, q, q, documents, 8**-0.5)
 
 
 def test_packed_backends_agree_in_forward_and_backward():
@@ -274,4 +297,4 @@ def test_unknown_rotary_type_is_an_error():
     with pytest.raises(ValueError, match=r"rotary\['type'\] is 'yarn'"):
         InternLMConfig(rotary={"base": 10000, "type": "yarn"})
     with pytest.raises(ValueError, match="packed_attention"):
-        InternLMConfig(packed_attention="flex")
+        InternLMConfig(packed_attention="xformers")

@@ -18,6 +18,7 @@ from evods.model import (
     InternLMModel,
     config_from_model_dict,
 )
+from tests.compat_env import WITHOUT_EVODS
 from tests.test_model import make_model
 
 torch.set_num_threads(1)
@@ -62,14 +63,7 @@ def test_save_pretrained_round_trip_is_exact(tmp_path):
     assert type(AutoModel.from_config(model.config)) is InternLMModel
 
 
-REMOTE_LOAD = """
-import sys
-sys.modules["evods"] = None  # the editable install would otherwise find it
-try:
-    import evods
-    raise SystemExit("evods is importable")
-except ImportError:
-    pass
+REMOTE_LOAD = WITHOUT_EVODS + """
 import torch
 from transformers import AutoModelForCausalLM
 model = AutoModelForCausalLM.from_pretrained(sys.argv[1], trust_remote_code=True).eval()
@@ -85,6 +79,7 @@ def test_saved_folder_loads_with_remote_code_without_evods(tmp_path):
     model.save_pretrained(tmp_path / "model")
     assert json.loads((tmp_path / "model" / "config.json").read_text())["auto_map"] == {
         "AutoConfig": "configuration_internlm.InternLMConfig",
+        "AutoModel": "modeling_internlm.InternLMForCausalLM",  # as InternLM's published folders
         "AutoModelForCausalLM": "modeling_internlm.InternLMForCausalLM",
     }
     ids = torch.randint(0, 97, (2, 9))

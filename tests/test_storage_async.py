@@ -25,9 +25,9 @@ class GatedStorage:
         self.storage = storage
         self.gate = threading.Event()
 
-    def upload_file(self, local_path, rel):
+    def upload_file(self, local_path, rel, on_bytes=None):
         assert self.gate.wait(timeout=10), "the test never opened the gate"
-        self.storage.upload_file(local_path, rel)
+        self.storage.upload_file(local_path, rel, on_bytes)
 
     def uri(self, rel=""):
         return self.storage.uri(rel)

@@ -1,4 +1,5 @@
 """tools/tokenizer.py and tools/alpaca_tokenizer.py: formats, byte-exact output, parallel encoding, bad input."""
+import importlib.util
 import json
 import re
 import subprocess
@@ -247,3 +248,22 @@ def test_alpaca_reads_a_saved_hf_dataset_and_refuses_existing_output(tmp_path, d
     with pytest.raises(DataError, match="already exists"):
         tokenize_alpaca(tmp_path / "hf", tmp_path / "out", tokenizer_path, 0.25)
     assert tokenize_alpaca(tmp_path / "hf", tmp_path / "out", tokenizer_path, 0.25, overwrite=True)["valid"] == 5
+
+
+def test_alpaca_internevo_special_ids_give_internevos_bytes(tmp_path, data_dir, tokenizer_path, sp, monkeypatch):
+    """InternEvo's tools/alpaca_tokenizer.py writes <eoh>=103167, <eoa>=103166 (unused pieces in V7_sft.model)."""
+    records = json.loads((data_dir / "alpaca" / "alpaca_en_demo.json").read_text())[:30]
+    (tmp_path / "few.json").write_text(json.dumps(records))
+    spec = importlib.util.spec_from_file_location("alpaca_tool", REPO / "tools" / "alpaca_tokenizer.py")
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)  # the CLI in this process: the subprocess start costs more than the work
+    monkeypatch.setattr(sys, "argv", ["alpaca_tokenizer.py", str(tmp_path / "few.json"), str(tmp_path / "out"),
+                                      str(tokenizer_path), "--split_ratio", "0", "--internevo_special_ids"])
+    tool.main()
+    expected = ""
+    for record in records:  # InternEvo's tokenize(): ids as it writes them, one json.dumps line per sample
+        user = f"<|User|>:{record['instruction']}" + (f"\n{record['input']}" if record["input"] else "")
+        tokens = [1] + [-t for t in sp.encode(user) + [103167, 13]] + [-t for t in sp.encode("<|Bot|>:")]
+        tokens = (tokens + sp.encode(record["output"]) + [103166, 13])[:2047] + [2]
+        expected += json.dumps({"tokens": tokens}) + "\n"
+    assert (tmp_path / "out" / "train" / "en" / "dataset.bin").read_text() == expected

@@ -1,36 +1,10 @@
 """Tokenize an Alpaca dataset into train/valid bin/meta pairs with the InternLM chat template.
 
-    python tools/alpaca_tokenizer.py /path/to/alpaca_dataset /path/to/output_dataset /path/to/tokenizer --split_ratio 0.1
-
-Writes {output}/train/en/dataset.bin(.meta) and {output}/valid/en/dataset.bin(.meta). The dataset is an Alpaca JSON
-(or JSONL) file, or a folder saved with datasets' save_to_disk.
+The command lives in evods/cli/alpaca_tokenizer.py (`evods-alpaca-tokenizer` once installed); see `--help`.
 """
-import argparse
 import sys
 
-from evods.data.alpaca import tokenize_alpaca
-from evods.cli import run_cli
-from evods.data import DataError
-from evods.data.tokenize import find_tokenizer
-
-
-def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("dataset_path", help="Alpaca JSON list of {instruction, input, output}, or a saved HF dataset")
-    parser.add_argument("output_path", help="output folder")
-    parser.add_argument("tokenizer_path", help="SentencePiece model (InternLM's V7_sft.model)")
-    parser.add_argument("--split_ratio", type=float, default=0.1, help="share of samples for validation (default 0.1)")
-    parser.add_argument("--overwrite", action="store_true", help="replace existing outputs")
-    return parser.parse_args(argv)
-
-
-def main():
-    args = parse_args()
-    counts = tokenize_alpaca(args.dataset_path, args.output_path, find_tokenizer(args.tokenizer_path),
-                             args.split_ratio, args.overwrite)
-    print(f"wrote {counts['train']} train and {counts['valid']} valid samples under {args.output_path}",
-          file=sys.stderr)
-
+from evods.cli.alpaca_tokenizer import main
 
 if __name__ == "__main__":
-    sys.exit(run_cli(main, (DataError, OSError), "alpaca_tokenizer.py"))
+    sys.exit(main())

@@ -1,46 +1,11 @@
-"""Convert an evods checkpoint or an InternEvo native one (model_tp*_pp*.pt), of any tp/pp, to one Hugging Face folder.
+"""Convert an evods checkpoint or an InternEvo native one (model_tp*_pp*.pt, InternLM's or its LLaMA-family names), of
+any tp/pp, to one Hugging Face folder.
 
-    python tools/convert2hf.py --src ckpts/100 --tgt hf/internlm --tokenizer V7_sft.model
-    python tools/convert2hf.py --src ckpts/100 --tgt hf/llama --format llama --dtype bfloat16
-    python tools/convert2hf.py --src internevo_ckpt/5000 --tgt hf/internlm --mlp_naming v2
-
---format internlm (default): loads with `AutoModelForCausalLM.from_pretrained(tgt)` where evods is imported, or
-with trust_remote_code=True elsewhere. --format llama: loads as stock `LlamaForCausalLM`.
+The command lives in evods/cli/convert2hf.py (`evods-convert2hf` once installed); see `--help`.
 """
-import argparse
 import sys
 
-from evods.checkpoint import CheckpointError
-from evods.cli import run_cli
-from evods.checkpoint.formats.hf import FORMATS, ROTARY_TYPES, export_hf
-from evods.storage import StorageError
-from evods.checkpoint.formats.internevo_layout import MLP_NAMINGS
-
-
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--src", required=True, help="an evods or InternEvo native checkpoint folder (local path, "
-                        "local:, boto3:s3://); the format is detected")
-    parser.add_argument("--tgt", required=True, help="the HF folder to write")
-    parser.add_argument("--tokenizer", help="SentencePiece model to include (e.g. V7_sft.model)")
-    parser.add_argument("--format", choices=FORMATS, default="internlm")
-    parser.add_argument("--dtype", choices=("float16", "bfloat16", "float32"), help="default: the training dtype")
-    parser.add_argument("--max_shard", default="10GB", help="largest safetensors shard")
-    parser.add_argument("--mlp_naming", choices=tuple(MLP_NAMINGS), default="v1",
-                        help="native checkpoints: v1 = InternLM (w2 up, w3 down), v2 = InternEvo since 2024-02 "
-                        "(w3 up, w2 down)")
-    parser.add_argument("--rotary_type", choices=ROTARY_TYPES, default="dynamic",
-                        help="dynamic (default, as InternLM's HF models): dynamic NTK RoPE beyond "
-                        "max_position_embeddings; origin: plain RoPE")
-    args = parser.parse_args(argv)
-
-    def convert():
-        export_hf(args.src, args.tgt, args.tokenizer, args.format, args.dtype, args.max_shard, args.mlp_naming,
-                  args.rotary_type)
-        print(f"wrote {args.format} model to {args.tgt}")
-
-    return run_cli(convert, (CheckpointError, StorageError, OSError), "convert2hf")
-
+from evods.cli.convert2hf import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -15,3 +15,21 @@ $PY tools/convert2hf.py --src "demo_out/ckpt/$STEP" --tgt demo_out/hf
 # on (token 2 is a number here, not end-of-text).
 echo "prompt 4,50,0,1,2,3,0,1 -> the model continues with:"
 $PY tools/generate.py --model demo_out/hf --token_ids 4,50,0,1,2,3,0,1 --max_new_tokens 12 --ignore_eos
+# the demo's loss curves (and lr, grad norm, tgs) as a picture; it prints where the PNG went
+$PY tools/plot_metrics.py "$(ls -td runs/demo_cpu/*/ | head -1)"
+
+cat <<NEXT
+
+Done: a model trained on two DeepSpeed ranks, saved (demo_out/ckpt/$STEP) and exported to Hugging Face (demo_out/hf).
+What to run next, from this folder:
+
+1. Generate from the exported model (it learnt InternEvo's counting data: the prompt is token ids, not text):
+   .venv/bin/python tools/generate.py --model demo_out/hf --token_ids 4,50,0,1,2,3,0,1 --max_new_tokens 12 --ignore_eos
+
+2. Train on real text (tokenize the sample, then the same model on it):
+   .venv/bin/python tools/tokenizer.py --text_input_path samples/pretrain_en/wiki_demo.txt --bin_output_path data/train/en/wiki.bin
+   OMP_NUM_THREADS=1 .venv/bin/deepspeed --num_gpus 2 train_ds.py --config configs/demo_cpu_data.py
+
+3. Resume the demo from its checkpoint and train $STEP steps more:
+   OMP_NUM_THREADS=1 .venv/bin/deepspeed --num_gpus 2 train_ds.py --config configs/demo_cpu_resume.py
+NEXT

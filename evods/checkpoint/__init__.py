@@ -14,15 +14,20 @@ The evods format and its manager:
     sources.py     which checkpoint to load at start (auto_resume, load_ckpt_info) and how to read its weights
     reshard.py     resuming at another data/pipeline size through DeepSpeed's universal checkpoint
     transfer.py    moving files between the local disk (where DeepSpeed works) and the checkpoint storage
+    integrity.py   what the step marker records (each file's size and checksum) and the checks built on it
+    safe_load.py   reading torch files weights-only, so that a checkpoint cannot run code
+    deepspeed_io.py  DeepSpeed's checkpoint engine with checksums, fsync, kept write errors, weights-only loads
     rng.py, collective.py, errors.py
 
 Other formats (formats/):
     weights.py            HF-named model weights from HF folders and DeepSpeed files, any tensor size merged
     checkpoint_model.py   the config and full weights of any checkpoint folder, whatever its format
-    internevo_layout.py   InternEvo's native model files described as data (names, tensor-parallel splits)
+    internevo_layout.py   InternEvo's native model files described as data (names of InternLM's and of its LLaMA
+                          family, tensor-parallel splits)
     internevo.py          reading and writing InternEvo native checkpoint folders
     internevo_export.py   any checkpoint as an InternEvo native checkpoint at any tensor/pipeline size
     hf.py                 any checkpoint as a Hugging Face folder (InternLM with remote code, or stock Llama)
+    hf_tokenizer.py       the tokenizer files of that folder (slow, fast, chat template)
 """
 from .errors import CheckpointError
 from .layout import CheckpointRef, complete_checkpoints, latest_checkpoint

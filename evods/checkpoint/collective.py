@@ -1,10 +1,10 @@
 """The few collectives checkpointing needs, and a guard so that an error on one rank stops every rank."""
-from typing import Callable, TypeVar
+from typing import Callable, Optional, TypeVar
 
 import torch
 import torch.distributed as dist
 
-from .errors import CheckpointError
+from .errors import FailedOnAnotherRank
 
 T = TypeVar("T")
 
@@ -13,27 +13,48 @@ def rank() -> int:
     return dist.get_rank() if dist.is_initialized() else 0
 
 
+def world_size() -> int:
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
 def barrier() -> None:
     if dist.is_initialized():
         dist.barrier()
 
 
-def agree_on_failure(what: str, work: Callable[[], T]) -> T:
-    """Run `work` on this rank; if it fails on any rank, every rank raises.
+def all_gather(value) -> list:
+    """Every rank's `value` (a small picklable object), in rank order."""
+    if not dist.is_initialized():
+        return [value]
+    gathered = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, value)
+    return gathered
 
-    Without this, ranks whose part succeeded would wait in the next collective until the process-group timeout
-    (30 minutes) while the failing rank has already exited. Doubles as a barrier.
+
+def agree_on_failure(what: str, work: Callable[[], T],
+                     on_failure: Optional[Callable[[BaseException], None]] = None) -> T:
+    """Run `work` on this rank; if it fails on any rank, every rank raises. `on_failure` hears of this rank's own
+    error (not of the ones it raises because another rank failed).
+
+    The first rank that failed raises its own error; every other rank raises FailedOnAnotherRank, which carries that
+    error's message and which commands do not print, so a job reports a failure once. Without this, ranks whose part
+    succeeded would wait in the next collective until the process-group timeout (30 minutes) while the failing rank
+    has already exited. Doubles as a barrier.
     """
     error, result = None, None
     try:
         result = work()
     except Exception as exc:  # re-raised below, after every rank knows
         error = exc
-    failed = torch.tensor([0 if error is None else 1])
+        if on_failure is not None:
+            on_failure(error)
+    first_failed = torch.tensor([world_size() if error is None else rank()])
     if dist.is_initialized():
-        dist.all_reduce(failed)
-    if error is not None:
+        dist.all_reduce(first_failed, op=dist.ReduceOp.MIN)
+    first = int(first_failed.item())
+    if first == world_size():
+        return result
+    reasons = all_gather(None if error is None else str(error).splitlines()[0] if str(error) else type(error).__name__)
+    if first == rank():
         raise error
-    if failed.item():
-        raise CheckpointError(f"{what} failed on another rank (its error is in that rank's log); stopping here too")
-    return result
+    raise FailedOnAnotherRank(what, f"rank {first}: {reasons[first]}") from error

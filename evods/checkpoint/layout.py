@@ -12,13 +12,20 @@
         topology.json        {"dp", "pp", "tp", "num_layers"} of the run that saved it
         config.json          the model's Hugging Face config
         config_file.py       the training config file's text
-        {step}.step          the completion marker, written last (InternEvo's name)
+        {step}.step          the completion marker, written last (InternEvo's name): JSON with the size and
+                             checksum of every other file (integrity.py, Manifest)
 
-A folder without its marker is incomplete (a save was interrupted) and is never loaded.
+A folder without its marker is incomplete (a save was interrupted) and is never loaded. The run-state files are
+torch files of plain data (and numpy RNG states), read weights-only (safe_load.py).
 """
+import logging
 from dataclasses import dataclass
 
 from evods.storage import Storage
+
+from .integrity import Manifest
+
+logger = logging.getLogger("evods.checkpoint")
 
 DEEPSPEED_TAG = "deepspeed"
 CONTEXT = "context.pt"
@@ -59,19 +66,33 @@ def marked_step(storage: Storage, folder: str) -> int | None:
     return max(steps) if steps else None
 
 
-def complete_checkpoints(storage: Storage) -> list[CheckpointRef]:
-    """Every complete checkpoint under the root (normal ones and snapshots), oldest first."""
-    found = []
+def complete_checkpoints(storage: Storage, report_incomplete: bool = False) -> list[CheckpointRef]:
+    """Every complete checkpoint under the root (normal ones and snapshots), oldest first. `report_incomplete` logs
+    a line for each folder skipped for want of its marker."""
+    found, incomplete = [], []
     for name in storage.list(""):
-        if name.isdigit() and marked_step(storage, name) == int(name):
-            found.append(CheckpointRef(int(name), name))
+        if name.isdigit():
+            if marked_step(storage, name) == int(name):
+                found.append(CheckpointRef(int(name), name))
+            else:
+                incomplete.append(name)
     for slot in SNAPSHOT_SLOTS:
         folder = join(SNAPSHOT_FOLDER, slot)
         step = marked_step(storage, folder)
         if step is not None:
             found.append(CheckpointRef(step, folder))
+        elif storage.list(folder):
+            incomplete.append(folder)
+    if report_incomplete:
+        for folder in incomplete:
+            logger.warning("skipping %s: it has no step marker, so its save did not finish", storage.uri(folder))
     # At equal steps the normal checkpoint counts as newer than a snapshot, so it is the one loaded.
     return sorted(found, key=lambda ref: (ref.step, not ref.folder.startswith(SNAPSHOT_FOLDER)))
+
+
+def read_manifest(storage: Storage, ref: CheckpointRef) -> Manifest:
+    rel = join(ref.folder, marker_name(ref.step))
+    return Manifest.from_bytes(storage.read_bytes(rel), storage.uri(rel))
 
 
 def latest_checkpoint(storage: Storage) -> CheckpointRef | None:

@@ -5,25 +5,26 @@ import logging
 import os
 import shutil
 import tempfile
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, field, replace
+from typing import Any, Callable, Optional
 
 import torch
-import torch.distributed as dist
 
 from evods.config import CkptConfig
 from evods.parallel import ParallelSizes
-from evods.storage import AsyncUploader, AsyncUploadError, LocalStorage, Storage, open_storage
+from evods.storage import AsyncUploader, LocalStorage, Storage, open_storage
+from evods.storage import explain_os_error
 
 from . import collective, layout
+from .errors import CheckpointError, DamagedCheckpoint, FailedOnAnotherRank
 from .formats import internevo as native
-from .errors import CheckpointError
+from .formats.weights import load_weights
+from .integrity import FileDigest, Manifest
 from .policy import SavePolicy, StopFile
 from .reshard import check_reshardable, load_resharded, reshard_sampler_state
 from .rng import rng_state, set_rng_state
-from .sources import LoadPlan, choose_load_plan, read_model_weights
-from .transfer import Publisher, fetch_folder, from_bytes, fsync_tree, to_bytes
-from .formats.weights import load_weights
+from .sources import LoadPlan, check_same_model, choose_load_plan, read_model_weights
+from .transfer import Publisher, fetch_folder, from_bytes, to_bytes
 
 logger = logging.getLogger("evods.checkpoint")
 
@@ -39,17 +40,31 @@ class TrainingParts:
     beta2_scheduler: Any
 
 
+@dataclass
+class _PendingSave:
+    """A save whose files are written (or uploading in the background) and whose marker is still due."""
+
+    folder: str
+    step: int
+    files: dict[str, FileDigest] = field(default_factory=dict)  # this rank's files, relative to `folder`
+
+
 class CheckpointManager:
     def __init__(self, ckpt: CkptConfig, sizes: ParallelSizes, model_config, config_text: str | None,
-                 upload_options: dict | None = None):
+                 upload_options: dict | None = None,
+                 on_failure: Optional[Callable[[BaseException | str], None]] = None):
         """`model_config`: the model's HF config (saved as config.json). `upload_options`: AsyncUploader keyword
-        arguments (attempts, retry_backoff_s, workers)."""
+        arguments (attempts, retry_backoff_s, workers). `on_failure` hears of this rank's failed saves (the error,
+        which is raised as well) and failed background uploads (a description, as soon as one fails for good; the
+        next save raises), e.g. to send an alert."""
         self.sizes = sizes
+        self.on_failure = on_failure
         self.model_config = model_config
         self.config_text = config_text
         self.keep_last = ckpt.keep_last_ckpts
+        self.fallback = ckpt.auto_resume_fallback
         self.storage: Storage | None = None
-        self._pending: tuple[str, int] | None = None  # an async save whose uploads and marker are still due
+        self._pending: _PendingSave | None = None
         self._last_saved_step: int | None = None
         self.loaded: LoadPlan | None = None
         if ckpt.save_ckpt_folder:
@@ -58,13 +73,22 @@ class CheckpointManager:
             if ckpt.snapshot_ckpt_folder not in (None, expected_snapshots):
                 raise CheckpointError(f"ckpt.snapshot_ckpt_folder={ckpt.snapshot_ckpt_folder!r}: evods keeps snapshots"
                                       f" in {expected_snapshots} so that auto_resume finds them; remove the key")
-            self.storage.ping()
-            uploader = AsyncUploader(self.storage, ckpt.async_upload_tmp_folder, **(upload_options or {})) \
-                if ckpt.async_upload else None
+            # every rank checks its own access; a failure is reported once, by the first rank that hit it
+            collective.agree_on_failure(f"checking {ckpt.save_ckpt_folder}", self.storage.ping)
+            uploader = collective.agree_on_failure(
+                "preparing the async upload folder",
+                lambda: AsyncUploader(self.storage, ckpt.async_upload_tmp_folder, **(upload_options or {}),
+                                      on_failure=self._upload_failed)
+                if ckpt.async_upload else None)
             self.publisher = Publisher(self.storage, uploader)
         # Without a save folder the intervals are inf, but the stop file still stops the run (+N).
-        self.policy = SavePolicy(ckpt.checkpoint_every, ckpt.oss_snapshot_freq, StopFile(ckpt.stop_file_path))
-        self.plan = choose_load_plan(ckpt, self.storage)
+        stop_file = collective.agree_on_failure("creating the stop file", lambda: StopFile(ckpt.stop_file_path))
+        self.policy = SavePolicy(ckpt.checkpoint_every, ckpt.oss_snapshot_freq, stop_file)
+        self.plan = collective.agree_on_failure("choosing the checkpoint to load",
+                                                lambda: choose_load_plan(ckpt, self.storage))
+        if self.plan is not None:  # before the engine is built, so that a wrong model fails in seconds
+            collective.agree_on_failure("comparing the checkpoint's model",
+                                        lambda: check_same_model(self.plan, self.model_config))
 
     # ------------------------------------------------------------------------------------------------ loading
 
@@ -73,22 +97,68 @@ class CheckpointManager:
         (with the optimizer) loads the weights through DeepSpeed in `restore` instead."""
         if self.plan is None or not self.plan.loads_weights_only:
             return
-        with _LocalCopy(self.plan) as folder:
-            load_weights(model, read_model_weights(self.plan, folder), self.plan.describe())
+
+        def load():
+            with _LocalCopy(self.plan) as folder:
+                if not self.plan.is_native and self.plan.ckpt_type == "evods":
+                    _verify(folder, self.plan)
+                load_weights(model, read_model_weights(self.plan, folder), self.plan.describe())
+
+        collective.agree_on_failure(f"loading the model of {self.plan.describe()}", load)
         self.plan.announce()
 
     def restore(self, parts: TrainingParts) -> None:
-        """After the engine exists: optimizer, schedulers, sampler, counters and RNG, as the plan's content says."""
+        """After the engine exists: optimizer, schedulers, sampler, counters and RNG, as the plan's content says.
+
+        An auto-resumed checkpoint that is damaged (files that do not match its marker, or that fail to load) is
+        reported in one line and the previous complete checkpoint is loaded instead (ckpt.auto_resume_fallback).
+        """
         plan = self.plan
         if plan is None or plan.content == {"model"}:
             return
-        with _LocalCopy(plan) as folder:
-            if plan.is_native:
-                self._restore_native_run_state(folder, plan, parts)
-            else:
-                self._restore_evods(folder, plan, parts)
+        _checkpoint_engine(parts.engine)
+        while True:
+            try:
+                self._restore(plan, parts)
+                break
+            except Exception as exc:  # noqa: BLE001 - every rank gets here together (agree_on_failure)
+                plan = self._fallback_after(plan, exc)
         self.loaded = plan
         plan.announce()
+
+    def _restore(self, plan: LoadPlan, parts: TrainingParts) -> None:
+        """Download (if remote), check every file against the marker, then load: each stage agreed by every rank, so
+        a damaged file is reported as such before any rank tries to load it."""
+        with _LocalCopy(plan) as folder:
+            if plan.is_native:
+                load = lambda: self._restore_native_run_state(folder, plan, parts)  # noqa: E731
+            else:
+                collective.agree_on_failure(f"checking {plan.describe()}", lambda: _verify(folder, plan))
+                load = lambda: self._restore_evods(folder, plan, parts)  # noqa: E731
+            collective.agree_on_failure(f"loading {plan.describe()}", load)
+
+    def _fallback_after(self, plan: LoadPlan, exc: Exception) -> LoadPlan:
+        """The plan to try after `plan` failed to load with `exc` (on every rank alike), or raise: once per job."""
+        if not plan.reason.startswith("auto_resume"):
+            raise exc
+        reason = getattr(exc, "reason", None) or (str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+        if not plan.fallbacks:
+            _raise_on_rank0(CheckpointError(
+                f"checkpoint {plan.describe()} is damaged ({reason}) and there is no earlier complete checkpoint to "
+                "load instead; move the damaged folder away to start afresh"), exc)
+        previous = plan.fallbacks[0]
+        if not self.fallback:
+            _raise_on_rank0(CheckpointError(
+                f"checkpoint {plan.describe()} is damaged ({reason}); ckpt.auto_resume_fallback=False, so evods stops "
+                f"here: set it True to load the previous complete checkpoint {previous.describe()}, or move the "
+                "damaged folder away"), exc)
+        if collective.rank() == 0:
+            logger.warning("checkpoint %s is damaged (%s): loading the previous complete checkpoint %s instead",
+                           plan.describe(), reason, previous.describe())
+        collective.agree_on_failure("comparing the checkpoint's model",
+                                    lambda: check_same_model(previous, self.model_config))
+        return replace(previous, reason=f"{previous.reason}; {plan.describe()} is damaged ({reason})",
+                       fallbacks=plan.fallbacks[1:])
 
     def _restore_evods(self, folder: str, plan: LoadPlan, parts: TrainingParts) -> None:
         with open(os.path.join(folder, layout.TOPOLOGY)) as f:
@@ -101,7 +171,8 @@ class CheckpointManager:
                 path, _ = parts.engine.load_checkpoint(folder, tag=layout.DEEPSPEED_TAG, load_optimizer_states=True,
                                                        load_lr_scheduler_states=False)
                 if path is None:
-                    raise CheckpointError(f"DeepSpeed found no checkpoint in {plan.describe()}/{layout.DEEPSPEED_TAG}")
+                    raise DamagedCheckpoint(f"DeepSpeed found no checkpoint in {plan.describe()}/"
+                                            f"{layout.DEEPSPEED_TAG}")
         parts.context.load_state_dict(_read(folder, layout.CONTEXT))
         if "scheduler" in plan.content:
             schedulers = _read(folder, layout.SCHEDULERS)
@@ -156,39 +227,48 @@ class CheckpointManager:
         self._complete_pending()
         self._last_saved_step = step
         rank = collective.rank()
+        checkpoint_engine = _checkpoint_engine(parts.engine)
 
         def clear_folder():
             if rank == 0 and self.storage.list(folder):
                 self.storage.delete_prefix(folder)  # an interrupted save at this step, or the snapshot slot's last one
 
-        collective.agree_on_failure(f"clearing {self.storage.uri(folder)}", clear_folder)
+        collective.agree_on_failure(f"clearing {self.storage.uri(folder)}", clear_folder, self.on_failure)
         local = isinstance(self.storage, LocalStorage)
         if local:  # DeepSpeed writes in place; the marker guards the folder
             target = os.path.join(self.storage.root, *folder.split("/"))
         else:  # each rank stages its own DeepSpeed files locally and sends exactly those
-            target = tempfile.mkdtemp(prefix=f"evods-ckpt-{step}-rank{rank}-", dir=self._staging_root())
+            target = collective.agree_on_failure("creating the local staging folder", lambda: _staging_folder(
+                step, rank, self._staging_root()))
+        # A write error is kept by the checkpoint engine until DeepSpeed's barriers are behind every rank.
         parts.engine.save_checkpoint(target, tag=layout.DEEPSPEED_TAG, save_latest=False)
+        pending = _PendingSave(folder, step)
 
         def write_own_files():
-            if local:
-                fsync_tree(os.path.join(target, layout.DEEPSPEED_TAG))
-            else:
-                self.publisher.move_folder(target, folder)
+            checkpoint_engine.raise_error()
+            pending.files.update(checkpoint_engine.take_written(target))
+            if not local:
+                self.publisher.move_folder(target, folder, f"the checkpoint of step {step}")
             if rank == 0:
-                self._write_run_state(folder, parts)
-            self.publisher.write(layout.join(folder, layout.rng_file(rank)), to_bytes(rng_state()))
+                pending.files.update(self._write_run_state(folder, parts))
+            rng = layout.rng_file(rank)
+            pending.files[rng] = self.publisher.write(layout.join(folder, rng), to_bytes(rng_state()))
 
-        collective.agree_on_failure(f"writing the checkpoint of step {step}", write_own_files)
-        self._pending = (folder, step)
+        collective.agree_on_failure(f"writing the checkpoint of step {step}", write_own_files, self.on_failure)
+        self._pending = pending
         if self.publisher.uploader is None:
             self._complete_pending()
         else:
             logger.info("checkpoint of step %d: uploading to %s in the background", step, self.storage.uri(folder))
 
+    def _upload_failed(self, failed) -> None:
+        if self.on_failure is not None:
+            self.on_failure(f"background upload of {failed}")
+
     def _staging_root(self) -> str | None:
         return self.publisher.uploader.tmp_folder if self.publisher.uploader else None
 
-    def _write_run_state(self, folder: str, parts: TrainingParts) -> None:
+    def _write_run_state(self, folder: str, parts: TrainingParts) -> dict[str, FileDigest]:
         files = {
             layout.CONTEXT: to_bytes(parts.context.state_dict()),
             layout.SAMPLER: to_bytes(parts.sampler.state_dict()),
@@ -200,36 +280,36 @@ class CheckpointManager:
         }
         if self.config_text is not None:
             files[layout.CONFIG_TEXT] = self.config_text.encode()
-        for name, data in files.items():
-            self.publisher.write(layout.join(folder, name), data)
+        return {name: self.publisher.write(layout.join(folder, name), data) for name, data in files.items()}
 
     def _complete_pending(self) -> None:
         """Wait for the pending save's files on every rank, then write its marker (rank 0), then prune."""
         if self._pending is None:
             return
-        folder, step = self._pending
-        self._pending = None
-        failure = None
-        try:
-            self.publisher.wait()
-        except AsyncUploadError as exc:
-            failure = exc
-        failed = torch.tensor([int(failure is not None)])
-        if dist.is_initialized():
-            dist.all_reduce(failed, op=dist.ReduceOp.MAX)  # also the barrier: every rank's files are stored
-        if failed.item():
-            where = self.storage.uri(folder)
-            if failure is not None:
-                raise CheckpointError(f"checkpoint of step {step} at {where} is incomplete (no marker written, it will "
-                                      f"not be loaded): {failure}") from failure
-            raise CheckpointError(f"checkpoint of step {step} at {where} is incomplete: another rank's uploads failed "
-                                  "(see its error)")
-        if collective.rank() == 0:
-            self.storage.write_bytes(layout.join(folder, layout.marker_name(step)),
-                                     json.dumps({"step": step}).encode())
-            logger.info("checkpoint of step %d is complete: %s", step, self.storage.uri(folder))
-            self._prune()
-        collective.barrier()
+        pending, self._pending = self._pending, None
+        where = self.storage.uri(pending.folder)
+
+        def wait_for_uploads():
+            try:
+                self.publisher.wait(f"the checkpoint of step {pending.step}")
+            except CheckpointError:
+                raise
+            except Exception as exc:  # AsyncUploadError and the storage's own errors
+                raise CheckpointError(f"checkpoint of step {pending.step} at {where} is incomplete (no marker "
+                                      f"written, it will not be loaded): {exc}") from exc
+
+        collective.agree_on_failure(f"uploading the checkpoint of step {pending.step}", wait_for_uploads)
+        files = {rel: digest for rank_files in collective.all_gather(pending.files)
+                 for rel, digest in rank_files.items()}
+
+        def write_marker():
+            if collective.rank() == 0:
+                self.storage.write_bytes(layout.join(pending.folder, layout.marker_name(pending.step)),
+                                         Manifest(pending.step, files).to_bytes())
+                logger.info("checkpoint of step %d is complete: %s", pending.step, where)
+                self._prune()
+
+        collective.agree_on_failure(f"completing the checkpoint of step {pending.step}", write_marker)
 
     def _prune(self) -> None:
         """Keep only the newest `keep_last_ckpts` normal checkpoints (snapshots are not counted)."""
@@ -264,7 +344,8 @@ class _LocalCopy:
         storage = open_storage(self.plan.path)
         if not isinstance(storage, LocalStorage):
             self._temp = tempfile.mkdtemp(prefix=f"evods-load-rank{collective.rank()}-")
-        return fetch_folder(storage, self.plan.folder, self._temp or "")
+        return collective.agree_on_failure(f"downloading {self.plan.describe()}",
+                                           lambda: fetch_folder(storage, self.plan.folder, self._temp or ""))
 
     def __exit__(self, *exc_info) -> None:
         if self._temp:
@@ -276,4 +357,46 @@ def _read(folder: str, name: str):
     if not os.path.isfile(path):
         raise CheckpointError(f"{path} is missing: the checkpoint is not an evods checkpoint or lacks this content")
     with open(path, "rb") as f:
-        return from_bytes(f.read())
+        return from_bytes(f.read(), path)
+
+
+def _checkpoint_engine(engine):
+    """evods' checkpoint engine in the DeepSpeed `engine` (deepspeed_io.py); imported here, not at the top, so that
+    the converters, which import this package, do not pay for importing DeepSpeed."""
+    from . import deepspeed_io
+
+    return deepspeed_io.install(engine)
+
+
+def _raise_on_rank0(error: CheckpointError, cause: Exception) -> None:
+    """Raise an error every rank reached alike so that the job prints it once (rank 0's)."""
+    if collective.rank() == 0:
+        raise error from cause
+    raise FailedOnAnotherRank("loading the checkpoint", str(error)) from cause
+
+
+def _staging_folder(step: int, rank: int, root: str | None) -> str:
+    try:
+        return tempfile.mkdtemp(prefix=f"evods-ckpt-{step}-rank{rank}-", dir=root)
+    except OSError as exc:
+        raise explain_os_error(exc, "create a staging folder in", root or tempfile.gettempdir()) from exc
+
+
+def _verify(folder: str, plan: LoadPlan) -> None:
+    """Check this rank's share of the files of the evods checkpoint copied at `folder` against its marker (each rank
+    hashes every world-size-th file, so the whole checkpoint is read once); DamagedCheckpoint names the first
+    problem. Checkpoints of older evods versions, whose marker lists no files, load unchecked."""
+    storage = open_storage(plan.path)
+    step = layout.marked_step(storage, plan.folder)
+    try:
+        manifest = layout.read_manifest(storage, layout.CheckpointRef(step, plan.folder))
+    except ValueError as exc:
+        raise DamagedCheckpoint(str(exc)) from None
+    if not manifest.verifiable:
+        logger.info("%s has a marker without file checksums (an older evods wrote it): loading it unchecked",
+                    plan.describe())
+        return
+    share = sorted(manifest.files)[collective.rank()::collective.world_size()]
+    problems = manifest.problems_in(folder, share)
+    if problems:
+        raise DamagedCheckpoint(problems[0])

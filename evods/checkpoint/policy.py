@@ -8,6 +8,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from evods.storage import explain_os_error
+
 from .collective import rank
 from .layout import SNAPSHOT_FOLDER, join
 
@@ -29,9 +31,12 @@ class StopFile:
     def __init__(self, path: str | None):
         self.path = path
         if path and rank() == 0:
-            os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-            with open(path, "w") as f:
-                f.write("0")
+            try:
+                os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+                with open(path, "w") as f:
+                    f.write("0")
+            except OSError as exc:
+                raise explain_os_error(exc, "write the stop file (ckpt.stop_file_path)", path) from exc
 
     def read(self) -> int:
         value = torch.tensor([self._read_on_rank0()], dtype=torch.long)

@@ -21,6 +21,7 @@ from evods.model import pipeline_parameter_name
 from .collective import agree_on_failure, barrier
 from .errors import CheckpointError
 from .layout import DEEPSPEED_TAG
+from .safe_load import deepspeed_loads_weights_only
 
 logger = logging.getLogger("evods.checkpoint")
 UNIVERSAL_TAG = "universal"
@@ -50,14 +51,17 @@ def load_resharded(engine, checkpoint_folder: str, source: str, saved: dict, now
             _convert(os.path.join(checkpoint_folder, DEEPSPEED_TAG), os.path.join(cache, UNIVERSAL_TAG),
                      _ParameterNames(saved["num_layers"], saved["pp"] > 1), current_names)
 
-    agree_on_failure(f"converting {source} to a universal checkpoint", convert_on_node_leader)
+    # ds_to_universal and DeepSpeed's universal loading call torch.load(weights_only=False) themselves
+    with deepspeed_loads_weights_only():
+        agree_on_failure(f"converting {source} to a universal checkpoint", convert_on_node_leader)
     # DeepSpeed reads this flag only inside load_checkpoint; setting it for this one load leaves the run's config
     # (and its later saves) as they are.
     config = engine._config
     config.load_universal_checkpoint, previous = True, config.load_universal_checkpoint
     try:
-        path, _ = engine.load_checkpoint(cache, tag=UNIVERSAL_TAG, load_optimizer_states=True,
-                                         load_lr_scheduler_states=False)
+        with deepspeed_loads_weights_only():
+            path, _ = engine.load_checkpoint(cache, tag=UNIVERSAL_TAG, load_optimizer_states=True,
+                                             load_lr_scheduler_states=False)
     finally:
         config.load_universal_checkpoint = previous
     barrier()

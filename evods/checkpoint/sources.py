@@ -1,25 +1,33 @@
 """Which checkpoint to load at start, and how to read its model weights: auto_resume, load_ckpt_info and the legacy
 keys, resolved as InternEvo's CheckpointManager does (§6.3)."""
+import json
 import logging
-from dataclasses import dataclass
+import os
+from dataclasses import dataclass, field, replace
 
 import torch
 
 from evods.config import CkptConfig
-from evods.storage import Storage, open_storage
+from evods.model import config_from_model_dict
+from evods.storage import LocalStorage, Storage, open_storage
 
-from . import layout
+from . import layout, safe_load
+from .collective import rank
 from .errors import CheckpointError
+from .formats.internevo import MODEL_CONFIG as NATIVE_MODEL_CONFIG
 from .formats.internevo import is_native_checkpoint, read_native_model
 from .formats.weights import deepspeed_weights, hf_weights
 
 logger = logging.getLogger("evods.checkpoint")
 
 ALL_CONTENT = frozenset({"model", "sampler", "optimizer", "scheduler"})
-# InternEvo's native format by the MLP naming of the code that wrote it: "internlm" for InternLM (and InternEvo before
-# its 2024-02 rename), "internevo" for InternEvo after it (formats/internevo_layout.py, MLP_NAMINGS).
-NATIVE_MLP_NAMING = {"internlm": "v1", "internevo": "v2"}
-CKPT_TYPES = ("evods", "hf", *NATIVE_MLP_NAMING)
+# InternEvo's native formats as (family of names, MLP naming) (formats/internevo_layout.py): "internlm" for InternLM
+# (and InternEvo before its 2024-02 MLP rename), "internevo" for InternEvo after it, "llama" for InternEvo's
+# LLaMA-family names (revert_internlm.py, InternEvo's LLaMA models), whose MLP naming the weight shapes show.
+NATIVE_LAYOUTS = {"internlm": ("internlm", "v1"), "internevo": ("internlm", "v2"), "llama": ("llama", None)}
+CKPT_TYPES = ("evods", "hf", *NATIVE_LAYOUTS)
+# The config fields that give the parameters their shapes: a checkpoint loads only into a model that agrees on all.
+MODEL_SHAPE_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
 
 
 @dataclass(frozen=True)
@@ -29,6 +37,8 @@ class LoadPlan:
     content: frozenset
     ckpt_type: str
     reason: str
+    # auto_resume: the older complete checkpoints, newest first, to load instead if this one is damaged
+    fallbacks: tuple["LoadPlan", ...] = field(default=(), compare=False)
 
     @property
     def loads_weights_only(self) -> bool:
@@ -38,7 +48,7 @@ class LoadPlan:
 
     @property
     def is_native(self) -> bool:
-        return self.ckpt_type in NATIVE_MLP_NAMING
+        return self.ckpt_type in NATIVE_LAYOUTS
 
     def describe(self) -> str:
         return layout.join(self.path, self.folder) if self.folder else self.path
@@ -54,13 +64,16 @@ class LoadPlan:
 def choose_load_plan(ckpt: CkptConfig, save_storage: Storage | None) -> LoadPlan | None:
     """The checkpoint to start from, or None for a new run."""
     if ckpt.auto_resume and save_storage is not None:
-        latest = layout.latest_checkpoint(save_storage)
-        if latest is not None:
+        complete = layout.complete_checkpoints(save_storage, report_incomplete=rank() == 0)
+        if complete:
             ignored = f"; load_ckpt_info ({ckpt.load_ckpt_info.path}) is ignored, set auto_resume=False to use it" \
                 if ckpt.load_ckpt_info else ""
-            return LoadPlan(ckpt.save_ckpt_folder, latest.folder, ALL_CONTENT, "evods",
-                            f"auto_resume=True and the newest complete checkpoint under {ckpt.save_ckpt_folder} is "
-                            f"step {latest.step}{ignored}")
+            newest_first = list(reversed(complete))
+            plans = [LoadPlan(ckpt.save_ckpt_folder, ref.folder, ALL_CONTENT, "evods",
+                              f"auto_resume=True and the newest {'' if ref is newest_first[0] else 'intact '}complete "
+                              f"checkpoint under {ckpt.save_ckpt_folder} is step {ref.step}{ignored}")
+                     for ref in newest_first]
+            return replace(plans[0], fallbacks=tuple(plans[1:]))
     if ckpt.load_ckpt_info is not None:
         info = ckpt.load_ckpt_info
         return _checked(LoadPlan(info.path, "", _expand(info.content), info.ckpt_type, "ckpt.load_ckpt_info"))
@@ -84,12 +97,19 @@ def _legacy_plan(ckpt: CkptConfig) -> LoadPlan | None:
 
 def _checked(plan: LoadPlan) -> LoadPlan:
     storage = open_storage(plan.path)
+    missing = not os.path.exists(storage.root) if isinstance(storage, LocalStorage) else not storage.list("")
+    if missing:
+        raise CheckpointError(f"{plan.reason} path {plan.path} does not exist: give the folder of one checkpoint "
+                              "(e.g. save_ckpt_folder/100)")
     is_evods = storage.exists(layout.TOPOLOGY)
     if plan.ckpt_type not in CKPT_TYPES:
         raise CheckpointError(f"ckpt.load_ckpt_info ckpt_type={plan.ckpt_type!r} is unknown; use one of {CKPT_TYPES}")
     if plan.ckpt_type == "hf" and plan.content != {"model"}:
         raise CheckpointError(f"an HF folder ({plan.path}) holds model weights only: set content=('model',) "
                               f"instead of {tuple(sorted(plan.content))}")
+    if plan.ckpt_type == "llama" and plan.content != {"model"}:
+        raise CheckpointError(f"ckpt_type='llama' loads model weights only, as InternEvo's llama loader: set "
+                              f"content=('model',) instead of {tuple(sorted(plan.content))} for {plan.path}")
     if "optimizer" in plan.content and "model" not in plan.content:
         raise CheckpointError(f"content {tuple(sorted(plan.content))} for {plan.path}: the optimizer state only loads "
                               "together with its model; add 'model'")
@@ -120,5 +140,32 @@ def _check_native(plan: LoadPlan, is_native: bool, is_evods: bool) -> None:
 def read_model_weights(plan: LoadPlan, local_folder: str) -> dict[str, torch.Tensor]:
     """HF-named model weights of the planned checkpoint, copied locally at `local_folder`."""
     if plan.is_native:
-        return read_native_model(local_folder, NATIVE_MLP_NAMING[plan.ckpt_type])[1]
+        family, mlp_naming = NATIVE_LAYOUTS[plan.ckpt_type]
+        return read_native_model(local_folder, family, mlp_naming)[1]
     return deepspeed_weights(local_folder) if plan.ckpt_type == "evods" else hf_weights(local_folder)
+
+
+def saved_model_config(plan: LoadPlan) -> dict:
+    """The planned checkpoint's model config (HF config.json fields), read without loading its weights."""
+    storage = open_storage(plan.path)
+    if plan.is_native:
+        model_dict = safe_load.load_bytes(storage.read_bytes(layout.join(plan.folder, NATIVE_MODEL_CONFIG)),
+                                          f"{plan.describe()}/{NATIVE_MODEL_CONFIG}")
+        return config_from_model_dict(model_dict).to_dict()
+    try:
+        return json.loads(storage.read_bytes(layout.join(plan.folder, layout.MODEL_CONFIG)))
+    except FileNotFoundError:
+        raise CheckpointError(f"{plan.describe()} has no {layout.MODEL_CONFIG}, so its model cannot be checked "
+                              "against this run's; give the folder of a complete checkpoint") from None
+
+
+def check_same_model(plan: LoadPlan, model_config) -> None:
+    """Refuse, in one line, a checkpoint of another model than the run's `model_config` (an HF config)."""
+    saved = saved_model_config(plan)
+    differences = [f"{name} {saved.get(name)} there, {getattr(model_config, name)} here"
+                   for name in MODEL_SHAPE_FIELDS if saved.get(name) != getattr(model_config, name)]
+    if differences:
+        key = "save_ckpt_folder" if plan.reason.startswith("auto_resume") else plan.reason
+        raise CheckpointError(f"{plan.describe()} holds another model than this run's config: "
+                              f"{'; '.join(differences)}. Point {key} at a checkpoint of this model, or set the "
+                              "config's model sizes to the checkpoint's")

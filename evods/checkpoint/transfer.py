@@ -1,13 +1,20 @@
 """Moving checkpoint files between the local disk, where DeepSpeed reads and writes, and the checkpoint storage."""
 import io
+import logging
 import os
 import shutil
 
 import torch
 
+from evods.progress import Progress
 from evods.storage import AsyncUploader, LocalStorage, Storage
+from evods.storage import explain_os_error
 
+from . import safe_load
+from .integrity import FileDigest, digest_bytes
 from .layout import join, walk_files
+
+logger = logging.getLogger("evods.checkpoint")
 
 
 def to_bytes(obj) -> bytes:
@@ -16,25 +23,16 @@ def to_bytes(obj) -> bytes:
     return buffer.getvalue()
 
 
-def from_bytes(data: bytes):
-    # Checkpoints hold numpy RNG states and plain Python containers besides tensors.
-    return torch.load(io.BytesIO(data), map_location="cpu", weights_only=False)
+def from_bytes(data: bytes, name: str):
+    """A run-state file written by to_bytes: plain containers, tensors and the numpy arrays of RNG states, read
+    weights-only (safe_load.py)."""
+    return safe_load.load_bytes(data, name, safe_load.NUMPY_ARRAYS)
 
 
 def local_files(folder: str) -> list[str]:
     """Paths relative to `folder` of every file below it."""
     return sorted(os.path.relpath(os.path.join(root, name), folder)
                   for root, _, names in os.walk(folder) for name in names)
-
-
-def fsync_tree(folder: str) -> None:
-    """Make every file below `folder` durable (DeepSpeed's torch.save does not fsync)."""
-    for rel in local_files(folder):
-        fd = os.open(os.path.join(folder, rel), os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
 
 
 class Publisher:
@@ -44,36 +42,47 @@ class Publisher:
         self.storage = storage
         self.uploader = uploader
 
-    def write(self, rel: str, data: bytes) -> None:
+    def write(self, rel: str, data: bytes) -> FileDigest:
+        """Store `data` as `rel`; its digest is for the step marker."""
         if self.uploader is None:
             self.storage.write_bytes(rel, data)
-            return
-        temp = self.uploader.temp_path(os.path.basename(rel))
-        with open(temp, "wb") as f:
-            f.write(data)
-        self.uploader.submit(temp, rel)
+        else:
+            temp = self.uploader.temp_path(os.path.basename(rel))
+            try:
+                with open(temp, "wb") as f:
+                    f.write(data)
+            except OSError as exc:
+                raise explain_os_error(exc, "write", temp) from exc
+            self.uploader.submit(temp, rel)
+        return digest_bytes(data)
 
-    def move_folder(self, local_folder: str, rel_folder: str) -> None:
+    def move_folder(self, local_folder: str, rel_folder: str, what: str) -> None:
         """Send every file below `local_folder` to `rel_folder`; the local folder is gone (or handed over) after."""
-        for rel in local_files(local_folder):
+        files = local_files(local_folder)
+        progress = Progress(f"uploading {what}", sum(os.path.getsize(os.path.join(local_folder, rel))
+                                                     for rel in files), "bytes", logger)
+        for rel in files:
             source = os.path.join(local_folder, rel)
             if self.uploader is None:
-                self.storage.upload_file(source, join(rel_folder, rel))
+                self.storage.upload_file(source, join(rel_folder, rel), on_bytes=progress.advance)
             else:
                 temp = self.uploader.temp_path(os.path.basename(rel))
                 os.replace(source, temp)  # the staging folder lives in the uploader's temp folder: a rename
                 self.uploader.submit(temp, join(rel_folder, rel))
+        progress.finish()
         shutil.rmtree(local_folder, ignore_errors=True)
 
-    def wait(self) -> None:
+    def wait(self, what: str) -> None:
         if self.uploader is not None:
-            self.uploader.wait()
+            self.uploader.wait(what)
 
 
 def fetch_folder(storage: Storage, rel_folder: str, local_folder: str) -> str:
     """A local folder with the content of `rel_folder`: the folder itself for local storage, else a download."""
     if isinstance(storage, LocalStorage):
         return os.path.join(storage.root, *rel_folder.split("/"))
+    progress = Progress(f"downloading {storage.uri(rel_folder)}", None, "bytes", logger)
     for rel in walk_files(storage, rel_folder):
-        storage.download_file(join(rel_folder, rel), os.path.join(local_folder, rel))
+        storage.download_file(join(rel_folder, rel), os.path.join(local_folder, rel), on_bytes=progress.advance)
+    progress.finish()
     return local_folder

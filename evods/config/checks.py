@@ -52,7 +52,7 @@ def check_topology(cfg: TrainConfig, world_size: int) -> ParallelDims:
         raise source.error("parallel.sequence_parallel", "parallel.sequence_parallel=True is not supported by evods "
                                                          "yet; set sequence_parallel=False")
     dp = world_size // (pp * tp)
-    zero1 = cfg.parallel.zero1
+    zero1 = cfg.parallel.zero1.size
     if zero1 == 1:
         logger.info("parallel.zero1=1 asks for no ZeRO, but evods still uses ZeRO-1 over the data-parallel group: "
                     "DeepSpeed's non-ZeRO optimizers compute wrong gradient norms under pipeline/tensor parallelism.")
@@ -66,16 +66,28 @@ def cpu_fp16_forced() -> bool:
     return os.environ.get(CPU_FP16_ENV) == "1"
 
 
-def check_device(cfg: TrainConfig, device_type: str, flash_attn_available: Optional[bool] = None) -> None:
-    """Fit the config to the device: flash-attn falls back (one warning) when it is missing; a dtype the device cannot
-    train in is an error. `device_type` is DeepSpeed's accelerator name ("cuda", "cpu", ...)."""
+def torch_has_varlen_attention() -> bool:
+    """torch >= 2.10 ships flash attention's varlen kernel itself (torch.nn.attention.varlen, CUDA only)."""
+    return importlib.util.find_spec("torch.nn.attention.varlen") is not None
+
+
+def check_device(cfg: TrainConfig, device_type: str, flash_attn_available: Optional[bool] = None,
+                 torch_varlen_available: Optional[bool] = None) -> None:
+    """Fit the config to the device: without flash-attn, `use_flash_attn` means torch's own varlen flash kernel on
+    CUDA, and falls back to the PyTorch SDPA path elsewhere (one warning); a dtype the device cannot train in is an
+    error. `device_type` is DeepSpeed's accelerator name ("cuda", "cpu", ...)."""
     model = cfg.model
     if flash_attn_available is None:
         flash_attn_available = importlib.util.find_spec("flash_attn") is not None
+    if torch_varlen_available is None:
+        torch_varlen_available = torch_has_varlen_attention()
     if model.use_flash_attn and not flash_attn_available:
-        logger.warning("model.use_flash_attn=True but flash-attn is not installed (or not usable on %s): "
-                       "using the PyTorch attention path instead.", device_type)
-        model.use_flash_attn = False
+        if device_type == "cuda" and torch_varlen_available:
+            logger.info("flash-attn is not installed: packed attention uses torch's own varlen flash kernel.")
+        else:
+            logger.warning("model.use_flash_attn=True but flash-attn is not installed (or not usable on %s): "
+                           "using the PyTorch attention path instead.", device_type)
+            model.use_flash_attn = False
     if device_type == "cpu" and model.dtype == torch.float16 and not cpu_fp16_forced():
         raise cfg.source.error("model.dtype", f'model.dtype torch.float16 cannot train on the CPU; use '
                                               f'"torch.bfloat16", "torch.float32" or "torch.tf32" (runs as fp32) '

@@ -1,5 +1,6 @@
-"""The DeepSpeed JSON of a run: evods' fixed settings (ds_configs/default.json), the values derived from the training
-config, then an optional user JSON (`--ds_config FILE`) deep-merged on top."""
+"""The DeepSpeed JSON of a run: evods' fixed settings (deepspeed_defaults.json, beside this module, so it ships in the
+package), the values derived from the training config, then an optional user JSON (`--ds_config FILE`) deep-merged on
+top. ds_configs/README.md explains every key."""
 import copy
 import json
 import logging
@@ -14,10 +15,10 @@ from .schema import TrainConfig
 
 logger = logging.getLogger("evods.config")
 
-DEFAULTS_PATH = Path(__file__).resolve().parents[2] / "ds_configs" / "default.json"
+DEFAULTS_PATH = Path(__file__).with_name("deepspeed_defaults.json")
 EFFECTIVE_NAME = "ds_config.json"
 
-# Settings of default.json that evods' loop depends on, with the reason an override would break it.
+# Settings of the defaults that evods' loop depends on, with the reason an override would break it.
 FIXED_BY_EVODS = {
     "train_micro_batch_size_per_gpu": "one micro-batch is one packed row of data.micro_bsz × data.seq_len tokens",
     "zero_optimization.stage": "evods always runs ZeRO-1: DeepSpeed's other optimizers get the gradient norm wrong "

@@ -1,4 +1,5 @@
-"""The one schema of a training config: typed sections with InternEvo's defaults (§4.2), built from the loaded dict.
+"""The one schema of a training config: typed sections with InternEvo's defaults (its configs/7B_sft.py and
+launch.py), built from the loaded dict.
 
 Each key is a dataclass field whose metadata holds its `Rule` (what the value must be, in words for the error) or
 its `section` (a nested dataclass). `_build` walks a section generically: unknown keys fail with the closest known
@@ -15,6 +16,8 @@ from typing import Any, Callable, Optional
 
 import torch
 
+from evods.model.registry import MODEL_INITIALIZER
+
 from .errors import ConfigError
 from .loader import ConfigSource, load_config_file
 
@@ -25,6 +28,7 @@ logger = logging.getLogger("evods.config")
 class Rule:
     words: str  # completes "data.micro_num must be ..."
     test: Callable[[Any], bool]
+    secret: bool = False  # the value may hold a credential (a webhook token): errors do not repeat it
 
 
 def _is_int(value) -> bool:
@@ -80,7 +84,7 @@ def section(cls, *, optional: bool = False, required: bool = False, coerce: Opti
 
 
 def _parse_skip_batches(text: str) -> list[tuple[int, int]]:
-    """"100-200,350" -> [(100, 200), (350, 350)]: inclusive ranges of batch_count (§3.5). Validation only, so that a
+    """"100-200,350" -> [(100, 200), (350, 350)]: inclusive ranges of batch_count. Validation only, so that a
     malformed value is reported with its file and line; evods.data.BatchSkipper applies it."""
     spans = []
     for part in filter(None, (p.strip() for p in text.split(","))):
@@ -103,7 +107,7 @@ def _parses(parse: Callable[[str], Any]) -> Callable[[Any], bool]:
 
 
 def _parse_rampup(text: str) -> Optional[tuple[int, int, int]]:
-    """"start incr every" -> (start, incr, every); "" -> None (§3.5). Validation only; evods.data applies it."""
+    """"start incr every" -> (start, incr, every); "" -> None. Validation only; evods.data applies it."""
     if not text.strip():
         return None
     start, incr, every = (int(part) for part in text.split())
@@ -121,6 +125,8 @@ class DataConfig:
     seq_len: int = key(POSITIVE_INT)
     micro_num: int = key(POSITIVE_INT, 1)  # micro-batches per optimizer step (gradient accumulation)
     micro_bsz: int = key(POSITIVE_INT)  # seq_len rows packed into one micro-batch
+    # launch.py's derived copy of micro_num; a config that sets it must agree (InternEvo asserts it without pipelines)
+    gradient_accumulation: Optional[int] = key(_optional(POSITIVE_INT), None)
     # Always seq_len * micro_bsz; a user value is ignored with a warning, as InternEvo does.
     packed_length: Optional[int] = key(_optional(POSITIVE_INT), None)
     valid_micro_num: Optional[int] = key(_optional(POSITIVE_INT), None)  # None -> micro_num
@@ -131,7 +137,7 @@ class DataConfig:
     skip_batches: str = key(SKIP_BATCHES, "")
     rampup_batch_size: str = key(RAMPUP, "")
     min_length: int = key(NON_NEGATIVE_INT, 0)
-    train_folder: Optional[str] = key(OPTIONAL_STR, None)  # None: random data (§3.6)
+    train_folder: Optional[str] = key(OPTIONAL_STR, None)  # None: random data
     valid_folder: Optional[str] = key(OPTIONAL_STR, None)
     empty_cache_and_diag_interval: int = key(POSITIVE_INT, 50)
     diag_outlier_ratio: float = key(NUMBER, 1.1)  # clamped to >= 1
@@ -157,7 +163,7 @@ def _as_tuple(value):
 
 @dataclass(kw_only=True)
 class LoadCkptInfo:
-    path: str = key(STR)
+    path: Optional[str] = key(OPTIONAL_STR)  # None: start from scratch, as InternEvo (its demo.py does this)
     content: tuple = key(Rule('a non-empty tuple of "model", "sampler", "optimizer", "scheduler" or "all"',
                               lambda v: isinstance(v, tuple) and bool(v) and set(v) <= CKPT_CONTENT),
                          ("model",), coerce=_as_tuple)
@@ -170,6 +176,8 @@ class CkptConfig:
     save_ckpt_folder: Optional[str] = key(OPTIONAL_STR, None)
     load_ckpt_info: Optional[LoadCkptInfo] = section(LoadCkptInfo, optional=True)
     auto_resume: bool = key(BOOL, True)  # overrides load_ckpt_info when a checkpoint exists under save_ckpt_folder
+    # auto_resume finds the newest checkpoint damaged: load the previous complete one (True) or stop with an error
+    auto_resume_fallback: bool = key(BOOL, True)
     checkpoint_every: float = key(STEP_INTERVAL, math.inf)
     async_upload: bool = key(BOOL, False)  # only for boto3:/s3: folders
     async_upload_tmp_folder: Optional[str] = key(OPTIONAL_STR, "/dev/shm/internlm_tmp_ckpt/")
@@ -177,37 +185,54 @@ class CkptConfig:
     stop_file_path: Optional[str] = key(OPTIONAL_STR, None)
     snapshot_ckpt_folder: Optional[str] = key(OPTIONAL_STR, None)  # None -> {save_ckpt_folder}/snapshot
     keep_last_ckpts: int = key(NON_NEGATIVE_INT, 0)  # keep only the newest k normal checkpoints (0: keep all)
-    # legacy keys (§6.3), used when load_ckpt_info is absent
+    # legacy keys, used when load_ckpt_info is absent
     load_ckpt_folder: Optional[str] = key(OPTIONAL_STR, None)
     load_model_only_folder: Optional[str] = key(OPTIONAL_STR, None)
     load_optimizer: bool = key(BOOL, True)
     load_given_ckpt: bool = key(BOOL, False)
 
 
+def _sized(value):
+    """InternEvo accepts `pipeline=2` for `pipeline=dict(size=2)`, and the same for `zero1`, `tensor` and `weight`."""
+    return dict(size=value) if _is_int(value) else value
+
+
+@dataclass(kw_only=True)
+class Zero1Config:
+    # <=0: shard over the whole data-parallel group; 1: no sharding; >1: a subset (evods always uses the whole group)
+    size: int = key(INT, -1)
+    fsdp: bool = key(BOOL, False)  # torch FSDP instead of ZeRO-1: refused
+
+
 @dataclass(kw_only=True)
 class PipelineConfig:
     size: int = key(POSITIVE_INT, 1)
-    interleaved_overlap: bool = key(BOOL, False)
+    interleaved_overlap: bool = key(BOOL, False)  # only for the interleaved schedule (num_chunks > 1), refused
+
+
+TENSOR_MODES = ("mtp", "msp", "fsp", "isp")
 
 
 @dataclass(kw_only=True)
 class TensorConfig:
     size: int = key(POSITIVE_INT, 1)
-    mode: str = key(_one_of("mtp", note=" (the sequence-parallel modes msp, fsp and isp are not supported yet)"),
-                    "mtp")
+    # mtp: Megatron tensor parallelism, what evods runs; the others are refused by _check_tensor_mode
+    mode: str = key(_one_of(*TENSOR_MODES), "mtp", coerce=lambda v: "mtp" if v is None else v)
 
 
-def _sized(value):
-    """InternEvo accepts `pipeline=2` for `pipeline=dict(size=2)`, and the same for `tensor`."""
-    return dict(size=value) if _is_int(value) else value
+@dataclass(kw_only=True)
+class WeightConfig:
+    size: int = key(POSITIVE_INT, 1)  # InternEvo's weight parallelism (with isp): refused above 1
+    overlap: bool = key(BOOL, False)  # the next two tune weight parallelism only
+    memory_pool: bool = key(BOOL, False)
 
 
 @dataclass(kw_only=True)
 class ParallelConfig:
-    # <=0: shard over the whole data-parallel group; 1: no sharding; >1: a subset (evods always uses the whole group)
-    zero1: int = key(INT, -1)
+    zero1: Zero1Config = section(Zero1Config, coerce=_sized)
     pipeline: PipelineConfig = section(PipelineConfig, coerce=_sized)
     tensor: TensorConfig = section(TensorConfig, coerce=_sized)
+    weight: WeightConfig = section(WeightConfig, coerce=_sized)
     sequence_parallel: bool = key(BOOL, False)
 
 
@@ -277,12 +302,20 @@ class Beta2SchedulerConfig:
     cur_iter: int = key(INT, -1)
 
 
+HTTP_URL = Rule("None or an http:// or https:// URL",
+                lambda v: v is None or (isinstance(v, str) and v.startswith(("http://", "https://"))), secret=True)
+
+
 @dataclass(kw_only=True)
 class AlertConfig:
     enable_feishu_alert: bool = key(BOOL, False)
-    feishu_alert_address: Optional[str] = key(OPTIONAL_STR, None)
-    light_monitor_address: Optional[str] = key(OPTIONAL_STR, None)
+    feishu_alert_address: Optional[str] = key(HTTP_URL, None)  # the webhook the alerts go to
+    light_monitor_address: Optional[str] = key(HTTP_URL, None)  # per-step metrics heartbeats go here
     alert_file_path: Optional[str] = key(OPTIONAL_STR, None)
+    # evods additions
+    webhook_format: str = key(_one_of("feishu", "slack"), "feishu")  # slack: {"text": ...} bodies
+    loss_spike_limit: float = key(POSITIVE_NUMBER, 1.5)  # alert when loss > limit × the previous step's loss
+    stuck_timeout: float = key(POSITIVE_NUMBER, 1800)  # seconds without a finished step before a "stuck" alert
 
 
 @dataclass(kw_only=True)
@@ -294,6 +327,7 @@ class TensorboardMonitorConfig:
 class MonitorConfig:
     alert: AlertConfig = section(AlertConfig)
     tensorboard: TensorboardMonitorConfig = section(TensorboardMonitorConfig)
+    log_every: int = key(POSITIVE_INT, 50)  # optimizer steps between progress (ETA) lines; evods addition
 
 
 DTYPES = {  # config string -> (torch dtype, use TF32 matmuls)
@@ -309,7 +343,7 @@ DTYPE = Rule(f"one of {', '.join(map(repr, DTYPES))}",
 
 @dataclass(kw_only=True)
 class ModelConfig:
-    """The `model` keys evods itself reads. Every key, these and any other, goes to the model builder (§4.3), which
+    """The `model` keys evods itself reads. Every key, these and any other, goes to the model builder, which
     rejects the ones it does not know: see `TrainConfig.model_dict`."""
 
     num_attention_heads: int = key(POSITIVE_INT)
@@ -338,13 +372,16 @@ class ModelConfig:
 @dataclass(kw_only=True)
 class TrainConfig:
     JOB_NAME: str = key(STR, "AnonymousJob")
-    model_type: str = key(STR, "INTERNLM")  # resolved by evods.model.registry, not here
+    model_type: str = key(STR, "INTERNLM")  # a builder registered in evods.model.registry; checked by _check_model_type
     enable_tb: bool = key(BOOL, True)
     tensorboard_folder: Optional[str] = key(OPTIONAL_STR, None)  # None -> env tensorboard_folder
     resume_tb_folder: Optional[str] = key(OPTIONAL_STR, None)  # None -> env resume_tb_folder
-    alert_address: Optional[str] = key(OPTIONAL_STR, None)  # legacy
+    alert_address: Optional[str] = key(HTTP_URL, None)  # legacy name of monitor.alert.feishu_alert_address
     cudnn_deterministic: bool = key(BOOL, False)
     cudnn_benchmark: bool = key(BOOL, False)
+    use_fp32_norm: bool = key(BOOL, False)  # fp32 norm weights in a 16-bit model: refused, DeepSpeed casts them all
+    metric_dtype: Optional[str] = key(OPTIONAL_STR, None)  # "fp32": evods' metrics are always fp32 or wider
+    moe: Optional[dict] = key(_optional(DICT), None)  # expert settings of MoE models, which evods does not build
 
     data: DataConfig = section(DataConfig, required=True)
     model: ModelConfig = section(ModelConfig, required=True)
@@ -414,7 +451,8 @@ def _build(cls, raw: dict, where: str, source: ConfigSource):
                 raise source.error(full, f"{full} must be a dict(...), got {value!r}")
             values[name] = _build(nested, value, full, source)
         elif not spec.metadata["rule"].test(value):
-            raise source.error(full, f"{full} must be {spec.metadata['rule'].words}, got {value!r}")
+            rule = spec.metadata["rule"]
+            raise source.error(full, f"{full} must be {rule.words}" + ("" if rule.secret else f", got {value!r}"))
         else:
             values[name] = value
     return cls(**values)
@@ -422,6 +460,7 @@ def _build(cls, raw: dict, where: str, source: ConfigSource):
 
 def parse_config(raw: dict, source: ConfigSource) -> TrainConfig:
     """Validate the loaded names against the schema, fill in the defaults and normalise as InternEvo's launch.py."""
+    _check_model_type(raw.get("model_type", "INTERNLM"), source)
     known = _keys_of(TrainConfig)
     constants = {name: value for name, value in raw.items() if name.isupper() and name not in known}
     keys = {name: value for name, value in raw.items() if name not in constants}
@@ -436,6 +475,21 @@ def parse_config(raw: dict, source: ConfigSource) -> TrainConfig:
     return cfg
 
 
+INTERNEVO_MODEL_TYPES = ("INTERNLM", "INTERNLM2_PUBLIC", "LLAMA2", "INTERNLM_MoE")
+
+
+def _check_model_type(model_type, source: ConfigSource) -> None:
+    """Refuse a model evods cannot build now, not after the process groups exist (InternEvo finds out in train.py).
+    Builders registered with evods.model.registry.MODEL_INITIALIZER before loading count."""
+    if not isinstance(model_type, str) or model_type in MODEL_INITIALIZER:
+        return  # a value of the wrong type is reported by the schema, with the others
+    not_ported = [name for name in INTERNEVO_MODEL_TYPES if name not in MODEL_INITIALIZER]
+    raise source.error("model_type", f"model_type={model_type!r} is not a model evods builds: it builds "
+                                     f"{', '.join(map(repr, MODEL_INITIALIZER.names()))} (InternEvo's "
+                                     f"{', '.join(map(repr, not_ported))} are not ported); use model_type=\"INTERNLM\" "
+                                     f"with an InternLM model dict")
+
+
 def load_config(path: str | Path) -> TrainConfig:
     """Load, validate and normalise an InternEvo-style Python config file. Raises ConfigError."""
     raw, source = load_config_file(path)
@@ -446,8 +500,13 @@ def load_config(path: str | Path) -> TrainConfig:
 
 
 def _normalise(cfg: TrainConfig, source: ConfigSource) -> None:
-    _normalise_data(cfg.data)
+    _normalise_data(cfg.data, source)
     _normalise_model(cfg.model)
+    _check_parallel(cfg.parallel, source)
+    if cfg.use_fp32_norm and cfg.model.dtype != torch.float32:
+        raise source.error("use_fp32_norm", "use_fp32_norm=True (fp32 norm weights in a 16-bit model) is not "
+                                            "supported by evods: DeepSpeed casts every parameter to model.dtype "
+                                            "(norms still compute in fp32); set use_fp32_norm=False")
     _normalise_ckpt(cfg.ckpt, source)
     _normalise_optimizer(cfg, source)
     if cfg.tensorboard_folder is None:
@@ -455,10 +514,19 @@ def _normalise(cfg: TrainConfig, source: ConfigSource) -> None:
     if cfg.resume_tb_folder is None:
         cfg.resume_tb_folder = os.environ.get("resume_tb_folder")
     _warn_unapplied(cfg)
+    _normalise_alert(cfg)
+
+
+def _normalise_alert(cfg: TrainConfig) -> None:
     alert = cfg.monitor.alert
-    if alert.enable_feishu_alert or alert.light_monitor_address or cfg.alert_address:
-        logger.warning("monitor.alert: Feishu alerts and light-monitor heartbeats are not sent yet by evods; "
-                       "watch the log (or its JSONL metrics) instead.")
+    if alert.feishu_alert_address is None:
+        alert.feishu_alert_address = cfg.alert_address
+    if alert.alert_file_path:
+        logger.info("monitor.alert.alert_file_path is not needed by evods: the first failing rank's exception is "
+                    "alerted once, through the process group's store")
+    if alert.enable_feishu_alert and alert.feishu_alert_address is None:
+        logger.warning("monitor.alert.enable_feishu_alert=True but feishu_alert_address is None: no alerts will be "
+                       "sent; set feishu_alert_address to the bot's webhook URL")
 
 
 def _warn_unapplied(cfg: TrainConfig) -> None:
@@ -474,6 +542,9 @@ def _warn_unapplied(cfg: TrainConfig) -> None:
          "ignores it too)"),
         (cfg.resume_tb_folder is not None, f"resume_tb_folder={cfg.resume_tb_folder!r}",
          "TensorBoard scalars go to this run's folder"),
+        (cfg.metric_dtype not in (None, "fp32"), f"metric_dtype={cfg.metric_dtype!r}",
+         "metrics are always computed in fp32"),
+        (cfg.moe is not None, "moe=dict(...)", f"model_type {cfg.model_type!r} has no experts"),
     ]
     for asked, setting, what_happens in unapplied:
         if asked:
@@ -484,7 +555,12 @@ def _warn_unapplied(cfg: TrainConfig) -> None:
                     "(set zero_optimization.overlap_comm in a --ds_config file to change it).")
 
 
-def _normalise_data(data: DataConfig) -> None:
+def _normalise_data(data: DataConfig, source: ConfigSource) -> None:
+    if data.gradient_accumulation not in (None, data.micro_num):
+        raise source.error("data.gradient_accumulation",
+                           f"data.gradient_accumulation={data.gradient_accumulation} must equal data.micro_num="
+                           f"{data.micro_num}: a step accumulates exactly its micro_num micro-batches; remove it")
+    data.gradient_accumulation = data.micro_num
     packed_length = data.seq_len * data.micro_bsz
     if data.packed_length not in (None, packed_length):
         logger.warning("data.packed_length=%s is ignored: it is always seq_len * micro_bsz = %d",
@@ -504,7 +580,38 @@ def _normalise_model(model: ModelConfig) -> None:
         model.dtype, model.tf32 = DTYPES[model.dtype]
 
 
+def _check_parallel(parallel: ParallelConfig, source: ConfigSource) -> None:
+    """InternEvo's parallel modes that evods does not run, each refused with what to write instead."""
+    if parallel.zero1.fsdp:
+        raise source.error("parallel.zero1.fsdp", "parallel.zero1.fsdp=True asks for torch FSDP, which evods does "
+                                                  "not run: it shards the optimizer with DeepSpeed ZeRO-1; set "
+                                                  "fsdp=False")
+    _check_tensor_mode(parallel.tensor.mode, source)
+    if parallel.weight.size > 1:
+        raise source.error("parallel.weight.size", f"parallel.weight.size={parallel.weight.size} asks for InternEvo's "
+                                                   "weight parallelism (an isp companion), which evods does not run; "
+                                                   "set weight=dict(size=1)")
+
+
+def _check_tensor_mode(mode: str, source: ConfigSource) -> None:
+    """The one place that maps parallel.tensor.mode. InternEvo's launch.py turns msp/fsp/isp into
+    sequence_parallel=True; evods runs mtp, and sequence parallelism is asked for with sequence_parallel=True."""
+    refusals = {
+        "msp": 'parallel.tensor.mode="msp": evods configures Megatron tensor parallelism with sequence parallelism '
+               'as mode="mtp" plus parallel.sequence_parallel=True; write that instead',
+        "fsp": 'parallel.tensor.mode="fsp" (flash-attn tensor parallelism with sequence parallelism) is not run by '
+               'evods; use mode="mtp" (Megatron tensor parallelism)',
+        "isp": 'parallel.tensor.mode="isp" (InternEvo\'s intern sequence parallelism with weight parallelism) is not '
+               'run by evods; use mode="mtp" (Megatron tensor parallelism)',
+    }
+    if mode in refusals:
+        raise source.error("parallel.tensor.mode", refusals[mode])
+
+
 def _normalise_ckpt(ckpt: CkptConfig, source: ConfigSource) -> None:
+    if ckpt.load_ckpt_info is not None and ckpt.load_ckpt_info.path is None:
+        # InternEvo's CheckpointManager trains from scratch then, without looking at the legacy keys
+        ckpt.load_ckpt_info = ckpt.load_ckpt_folder = ckpt.load_model_only_folder = None
     if not ckpt.enable_save_ckpt:
         ckpt.checkpoint_every = ckpt.oss_snapshot_freq = math.inf
         ckpt.save_ckpt_folder = ckpt.snapshot_ckpt_folder = None

@@ -1,7 +1,10 @@
-"""Alpaca SFT data to train/valid bin/meta pairs: the logic behind tools/alpaca_tokenizer.py (§2).
+"""Alpaca SFT data to train/valid bin/meta pairs: the logic behind tools/alpaca_tokenizer.py.
 
 Sample layout: [BOS] + -(encode(user) + [<eoh>, <0x0A>]) + -encode("<|Bot|>:") + encode(output) + [<eoa>, <0x0A>],
-cut to MAX_LENGTH - 1, then [EOS]. Negative ids are masked from the loss. Special ids are looked up by piece.
+cut to MAX_LENGTH - 1, then [EOS]. Negative ids are masked from the loss. Special ids are looked up by piece;
+InternEvo's tools/alpaca_tokenizer.py hard-codes <eoh>=103167 and <eoa>=103166 instead, which in V7_sft.model are
+unused pieces (the real ones are 103027 and 103028): `internevo_special_ids=True` writes those, for bins
+byte-identical to InternEvo's.
 Unlike upstream, the validation split is drawn without replacement, so it has exactly int(N * split_ratio) samples.
 """
 from pathlib import Path
@@ -15,6 +18,7 @@ from evods.data.tokenize import load_tokenizer
 MAX_LENGTH = 2048
 SPLIT_SEED = 0
 BOT_PREFIX = "<|Bot|>:"
+INTERNEVO_SPECIAL_IDS = {"<eoh>": 103167, "<eoa>": 103166}  # as tools/alpaca_tokenizer.py in InternEvo
 _ENCODE_BATCH = 1024
 
 
@@ -42,12 +46,13 @@ def _piece_id(sp, piece):
 
 
 class AlpacaTemplate:
-    """The InternLM chat template of alpaca_tokenizer.py, with special ids taken from the tokenizer."""
+    """The InternLM chat template of alpaca_tokenizer.py, with special ids taken from the tokenizer (or InternEvo's
+    hard-coded ones)."""
 
-    def __init__(self, sp):
+    def __init__(self, sp, internevo_special_ids: bool = False):
         self.sp = sp
-        self.eoh = _piece_id(sp, "<eoh>")
-        self.eoa = _piece_id(sp, "<eoa>")
+        special = INTERNEVO_SPECIAL_IDS if internevo_special_ids else {p: _piece_id(sp, p) for p in ("<eoh>", "<eoa>")}
+        self.eoh, self.eoa = special["<eoh>"], special["<eoa>"]
         self.newline = _piece_id(sp, "<0x0A>")
         self.bot_ids = [-i for i in sp.encode(BOT_PREFIX)]
 
@@ -73,7 +78,8 @@ def validation_indices(num_samples: int, split_ratio: float) -> np.ndarray:
     return np.random.RandomState(SPLIT_SEED).permutation(num_samples)[:int(num_samples * split_ratio)]
 
 
-def tokenize_alpaca(dataset_path, output_path, tokenizer_path, split_ratio=0.1, overwrite=False) -> dict:
+def tokenize_alpaca(dataset_path, output_path, tokenizer_path, split_ratio=0.1, overwrite=False,
+                    internevo_special_ids=False) -> dict:
     """Write {output}/train/en/dataset.bin(.meta) and {output}/valid/en/dataset.bin(.meta); return sample counts.
 
     A split with no samples is not written.
@@ -84,7 +90,7 @@ def tokenize_alpaca(dataset_path, output_path, tokenizer_path, split_ratio=0.1, 
     missing = {"instruction", "input", "output"} - set(records.column_names)
     if missing:
         raise DataError(f"{dataset_path}: records lack the Alpaca field(s) {sorted(missing)}")
-    template = AlpacaTemplate(load_tokenizer(tokenizer_path))
+    template = AlpacaTemplate(load_tokenizer(tokenizer_path), internevo_special_ids)
     is_valid = np.zeros(len(records), dtype=bool)
     is_valid[validation_indices(len(records), split_ratio)] = True
     mode = "overwrite" if overwrite else "create"

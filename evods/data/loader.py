@@ -6,6 +6,7 @@ works. Each .bin is packed on its own (own shuffle, own dropped tail), then all 
 Without train_folder the packs come from RandomDataset(1_000_000, seq_len) and dataset_types is ["en", "cn", "code"].
 """
 import os
+import signal
 from functools import partial
 from pathlib import Path
 
@@ -73,6 +74,14 @@ def build_train_dataset(data_cfg: dict) -> tuple[ConcatDataset, list[str]]:
     return packed, dataset_types
 
 
+def ignore_stop_signals(_worker_id: int) -> None:
+    """Loader workers leave SIGINT/SIGTERM to the training process: launchers signal the whole process tree (and
+    Ctrl-C the whole process group), and a worker killed by it would fail the loader while the rank saves its stop
+    checkpoint. Workers still exit with their rank (torch's loader watches its parent)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
 class TrainLoader:
     """Endless iterable of training batches (see evods.data.collate); each batch handed out advances the sampler,
     so `sampler.state_dict()` always describes the batches the training loop has consumed."""
@@ -80,7 +89,7 @@ class TrainLoader:
     def __init__(self, dataset, sampler: StaticBatchSampler, num_workers: int = 0):
         self.sampler = sampler
         self._loader = DataLoader(dataset, batch_sampler=sampler, collate_fn=collate_packs, num_workers=num_workers,
-                                  persistent_workers=False)
+                                  persistent_workers=False, worker_init_fn=ignore_stop_signals)
 
     def __iter__(self):
         for batch in self._loader:
@@ -131,5 +140,6 @@ def build_valid_loaders(data_cfg: dict, dp_rank: int, dp_size: int, num_workers:
             continue
         rank_indices = np.arange(dp_rank, len(dataset) // dp_size * dp_size, dp_size).tolist()
         loaders[name] = DataLoader(dataset, batch_size=batch_size, sampler=rank_indices, drop_last=True,
-                                   num_workers=num_workers, collate_fn=partial(collate_documents, seq_len=seq_len))
+                                   num_workers=num_workers, collate_fn=partial(collate_documents, seq_len=seq_len),
+                                   worker_init_fn=ignore_stop_signals)
     return loaders

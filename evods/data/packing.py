@@ -1,10 +1,12 @@
-"""Packing samples into fixed rows of micro_bsz * seq_len tokens (§3.3), vectorised per pack.
+"""Packing samples into fixed rows of micro_bsz * seq_len tokens, vectorised per pack (InternEvo's
+PackedDatasetWithCut and PackedDatasetWithoutCuSeqlen in internlm/data/tokenized/packed_dataset.py).
 
 The shuffled samples form one token stream (seed 1024); pack i is the window [i*P, (i+1)*P) and the tail is dropped.
 Each pack is a dict of int64 arrays of length P:
 - input_ids: abs(token);
 - labels: the next token of the same document if it is > 0, else -100 (document ends, masked prompt tokens, <unk>).
-  At a pack's end a cut document keeps its next token as label, as InternEvo does;
+  At a pack's end a document that goes on keeps its next token as label with pack_sample_into_one=False
+  (PackedDatasetWithCut), and gets -100 with True (PackedDatasetWithoutCuSeqlen labels each fragment on its own);
 - position_ids: pack_sample_into_one=False: restart at 0 at every document fragment and every seq_len tokens inside
   a fragment longer than seq_len; True: 0..seq_len-1 repeated micro_bsz times (attention crosses documents);
 - type_ids: the source's type id.
@@ -55,6 +57,7 @@ class PackedDataset(Dataset):
         doc_ends = self.cum[first + 1:last + 2] - 1 - start  # pack positions of each document's last token
         labels[doc_ends[doc_ends < P]] = IGNORE_INDEX
         if self.pack_sample_into_one:
+            labels[-1] = IGNORE_INDEX
             positions = self._fixed_positions.copy()
         else:
             frag_starts = np.maximum(self.cum[first:last + 1] - start, 0)

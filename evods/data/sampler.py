@@ -1,15 +1,18 @@
-"""Which packs each data-parallel rank reads at each step (§3.5), and which steps to skip.
+"""Which packs each data-parallel rank reads at each step, and which steps to skip.
 
-StaticBatchSampler follows InternEvo's: a pass shuffles all pack indices with RandomState(1024) (the RNG continues
-from pass to pass), keeps a multiple of micro_num * dp_size, and rank r reads indices[r::dp_size] in steps of the
-current batch size (micro_num, or less during ramp-up). Tensor- and pipeline-parallel ranks of one dp rank pass the
-same (dp_rank, dp_size) and therefore read the same data.
+StaticBatchSampler yields InternEvo's index stream (internlm/data/tokenized/batch_sampler.py): a pass shuffles all
+pack indices with RandomState(1024) (the RNG continues from pass to pass) and keeps a multiple of micro_num * dp_size
+(during the ramp-up: the ramp-up's packs plus a multiple of micro_num * dp_size, as its get_indices); rank r reads
+indices[r::dp_size] in batches of the current batch size (micro_num, or less during ramp-up). A pass's last batch may
+be shorter; it is yielded as it is. Tensor- and pipeline-parallel ranks of one dp rank pass the same (dp_rank, dp_size)
+and therefore read the same data.
 
 Resume contract: the sampler object tracks *consumed* steps (`advance()` is called once per batch handed to the
 training loop); iterating it walks a copy, so DataLoader prefetching does not move it. `state_dict()` after k consumed
 steps restored into a fresh sampler yields step k+1 first.
-Differences from InternEvo: iteration never ends (a new pass starts when the current one cannot fill a batch; the
-loop stops at total_steps), and during ramp-up a pass drops a last batch it cannot fill instead of yielding it short.
+Differences from InternEvo: iteration never ends (a new pass starts when the current one is used up; the loop stops at
+total_steps), and a resumed run continues the ramp-up where it was (InternEvo's checkpointed copy restarts batch_count
+at 0 after a pass boundary, restarting the ramp-up on resume).
 """
 import bisect
 import copy
@@ -21,16 +24,16 @@ from evods.data.errors import DataError
 SAMPLER_SEED = 1024
 
 
-def parse_rampup(spec: str, micro_num: int):
-    """"start incr every" -> (start, incr, every); "" -> no ramp-up (None)."""
+def parse_rampup(spec: str, micro_num: int) -> tuple[int, int, int]:
+    """"start incr every" -> (start, incr, every); "" -> (micro_num, micro_num, 1): no ramp-up, as InternEvo."""
     if not spec:
-        return None
+        return micro_num, micro_num, 1
     try:
         start, incr, every = (int(x) for x in spec.split())
     except ValueError:
         raise DataError(f"rampup_batch_size must be 'start incr every' (three integers), not {spec!r}") from None
-    if not (0 < start <= micro_num and incr >= 0 and every > 0):
-        raise DataError(f"rampup_batch_size {spec!r}: need 0 < start <= micro_num ({micro_num}), incr >= 0, every > 0")
+    if not (0 < start <= micro_num and incr > 0 and every > 0):
+        raise DataError(f"rampup_batch_size {spec!r}: need 0 < start <= micro_num ({micro_num}), incr > 0, every > 0")
     return start, incr, every
 
 
@@ -42,41 +45,64 @@ class StaticBatchSampler:
         self.num_samples = num_samples
         self.batch_size = micro_num
         self.raw_rampup_batch_size = rampup_batch_size
-        self._rampup = parse_rampup(rampup_batch_size, micro_num)
+        self.start_bsz, self.bsz_incre, self.incre_every = parse_rampup(rampup_batch_size, micro_num)
         self.data_rank = dp_rank
         self.data_world_size = dp_size
         self.seed = seed
-        if num_samples < micro_num * dp_size:
-            raise DataError(f"the training data has {num_samples} packs, fewer than micro_num * dp_size "
-                            f"({micro_num} * {dp_size}); add data or lower micro_num / micro_bsz / seq_len")
         self._rng = np.random.RandomState(seed)
         self.epoch = -1
         self.batch_count = 0
         self._new_pass()
 
-    def _new_pass(self):
+    @property
+    def _rampup_batches(self) -> int:
+        """Batches until the batch size reaches micro_num."""
+        return (self.batch_size - self.start_bsz) // self.bsz_incre * self.incre_every
+
+    def _rampup_samples(self) -> int:
+        """Packs all ranks read during the ramp-up, as InternEvo counts them."""
+        steps = (self.batch_size - self.start_bsz) // self.bsz_incre
+        per_rank = sum(self.start_bsz + i * self.bsz_incre for i in range(steps)) * self.incre_every
+        return per_rank * self.data_world_size
+
+    def _kept(self, batch_count: int) -> int:
+        """How many of a pass's shuffled packs it uses: the ramp-up's packs while the ramp-up lasts, then as many
+        full micro_num * dp_size groups as fit."""
+        rampup = self._rampup_samples() if batch_count < self._rampup_batches else 0
+        if rampup > self.num_samples:
+            raise DataError(f"Too much rampup samples: rampup_batch_size {self.raw_rampup_batch_size!r} reads "
+                            f"{rampup} packs over {self.data_world_size} data-parallel ranks before reaching "
+                            f"micro_num, but the training data has {self.num_samples}; shorten the ramp-up or add data")
+        group = self.batch_size * self.data_world_size
+        kept = (self.num_samples - rampup) // group * group + rampup
+        if kept < self.batch_size:
+            raise DataError(f"the training data has {self.num_samples} packs, too few for one batch of micro_num "
+                            f"({self.batch_size}) on each of {self.data_world_size} data-parallel ranks; add data or "
+                            "lower micro_num / micro_bsz / seq_len")
+        return kept
+
+    def _new_pass(self, batch_count: int | None = None):
+        """Shuffle the next pass. `batch_count`: the count the pass started at (given when a resume replays it)."""
+        self._pass_batch_count = self.batch_count if batch_count is None else batch_count
+        kept = self._kept(self._pass_batch_count)
         self.rng_state = self._rng.get_state()
         order = np.arange(self.num_samples)
         self._rng.shuffle(order)
-        kept = self.num_samples // (self.batch_size * self.data_world_size) * self.batch_size * self.data_world_size
         self._rank_indices = order[:kept][self.data_rank::self.data_world_size]
         self.num_consumed_samples_in_epoch = 0
         self.epoch += 1
 
     def current_batch_size(self) -> int:
-        if self._rampup is None:
-            return self.batch_size
-        start, incr, every = self._rampup
-        return min(start + (self.batch_count // every) * incr, self.batch_size)
+        return min(self.start_bsz + (self.batch_count // self.incre_every) * self.bsz_incre, self.batch_size)
 
     def _next_batch(self) -> list[int]:
-        size = self.current_batch_size()
-        if self.num_consumed_samples_in_epoch + size > len(self._rank_indices):
+        if self.num_consumed_samples_in_epoch >= len(self._rank_indices):
             self._new_pass()
         begin = self.num_consumed_samples_in_epoch
-        self.num_consumed_samples_in_epoch += size
+        batch = self._rank_indices[begin:begin + self.current_batch_size()]
+        self.num_consumed_samples_in_epoch += len(batch)
         self.batch_count += 1
-        return self._rank_indices[begin:begin + size].tolist()
+        return batch.tolist()
 
     def advance(self):
         """Mark one step as consumed by the training loop."""
@@ -97,6 +123,7 @@ class StaticBatchSampler:
             "data_world_size": self.data_world_size,
             "num_consumed_samples_in_epoch": self.num_consumed_samples_in_epoch,
             "batch_count": self.batch_count,
+            "pass_batch_count": self._pass_batch_count,
             "num_samples": self.num_samples,
         }
 
@@ -106,7 +133,8 @@ class StaticBatchSampler:
                 raise DataError(f"cannot resume the data sampler: {key} was {state[key]!r} in the checkpoint and is "
                                 f"{getattr(self, key)!r} now; resuming exactly needs the same data and settings")
         self._rng.set_state(state["rng_state"])
-        self._new_pass()  # replays the shuffle of the pass in progress
+        # replays the shuffle of the pass in progress, kept as when it started
+        self._new_pass(state.get("pass_batch_count", state["batch_count"]))
         self.epoch = state["epoch"]
         self.batch_count = state["batch_count"]
         self.num_consumed_samples_in_epoch = state["num_consumed_samples_in_epoch"]

@@ -21,8 +21,8 @@ from evods.data.errors import DataError
 FORMATS = ("txt", "jsonl", "json")
 CHUNK_BYTES = 1 << 20
 CHUNK_ITEMS = 4096
-_REPO = Path(__file__).resolve().parents[2]
-DEFAULT_TOKENIZER_PATHS = (_REPO / "tools" / "V7_sft.model",)
+# tools/V7_sft.model, reached through a link beside this module so that it ships inside the package (pip install .)
+DEFAULT_TOKENIZER_PATHS = (Path(__file__).with_name("V7_sft.model"),)
 TOKENIZER_SOURCE = ("InternLM's V7_sft.model, from the tools/ folder of https://github.com/InternLM/InternLM "
                     "(commit fa7337b, sha256 aab622d9...)")
 

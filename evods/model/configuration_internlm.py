@@ -1,54 +1,82 @@
 """InternLM (v1) configuration, with the field names of InternLM's published Hugging Face config.json.
 
-This file imports only transformers: `save_pretrained` copies it next to the weights so that the folder also loads
-with `trust_remote_code=True` where evods is not installed.
+This file imports only transformers and runs under transformers 4.36 to 5.x: `save_pretrained` copies it next to the
+weights, so that the folder loads with `trust_remote_code=True` where evods is not installed (see modeling_internlm.py).
+That is why it is written in the classic `__init__` style, which every version accepts, rather than as transformers
+5's dataclass fields.
 """
 
-from transformers import PreTrainedConfig
+try:
+    from transformers import PreTrainedConfig
+except ImportError:  # transformers 4 spells it PretrainedConfig
+    from transformers import PretrainedConfig as PreTrainedConfig
 
 ROTARY_TYPES = ("origin", "dynamic")
-PACKED_ATTENTION_BACKENDS = ("auto", "flash", "loop", "mask")
+PACKED_ATTENTION_BACKENDS = ("auto", "flash", "varlen", "flex", "loop", "mask")
 
 
 class InternLMConfig(PreTrainedConfig):
     r"""Configuration of an InternLM v1 model (LLaMA layout with bias on q/k/v/o, rotate-half RoPE, SwiGLU).
+
+    `bias` puts biases on q/k/v/o (InternLM v1); False is the bias-free layout of InternEvo's `no_bias=True`.
 
     `rotary` is `{"base": float, "type": "origin" | "dynamic", "scaling_factor": float}`: "dynamic" rescales the
     RoPE base (dynamic NTK) once the sequence is longer than `max_position_embeddings`; "origin" never does.
 
     `packed_attention` chooses the attention kernel for packed rows (inputs without `attention_mask` and without a
     filled cache, where documents start wherever `position_ids == 0`):
-    - "auto": "flash" when flash-attn is importable and the tensors are on CUDA, else "loop";
+    - "auto": on CUDA the first available of "flash", "varlen", "flex"; elsewhere "loop";
     - "flash": flash-attn's `flash_attn_varlen_func` (CUDA only);
+    - "varlen": torch's own varlen flash kernel, `torch.nn.attention.varlen` (CUDA, torch >= 2.10; no extra package);
+    - "flex": torch's flex attention with a document mask (compiled on CUDA; forward only on CPU);
     - "loop": one causal SDPA call per document (fastest on CPU);
     - "mask": one SDPA call with a block-diagonal causal mask (a slow, independent reference).
     Padded batches and generation with a cache use transformers' `attn_implementation` ("sdpa", "eager",
-    "flash_attention_2", ...) with transformers' masks instead.
+    "flash_attention_2", ... on transformers 5; "sdpa" or "eager" on transformers 4) instead.
     """
 
     model_type = "internlm"
 
-    vocab_size: int = 103168
-    hidden_size: int = 4096
-    intermediate_size: int = 11008
-    num_hidden_layers: int = 32
-    num_attention_heads: int = 32
-    hidden_act: str = "silu"
-    max_position_embeddings: int = 2048
-    initializer_range: float = 0.02
-    rms_norm_eps: float = 1e-6
-    use_cache: bool = True
-    pad_token_id: int | None = 0
-    bos_token_id: int | None = 1
-    eos_token_id: int | list[int] | None = 2
-    tie_word_embeddings: bool = False
-    bias: bool = True
-    rotary: dict | None = None
-    packed_attention: str = "auto"
+    def __init__(
+        self,
+        vocab_size=103168,
+        hidden_size=4096,
+        intermediate_size=11008,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        hidden_act="silu",
+        max_position_embeddings=2048,
+        initializer_range=0.02,
+        rms_norm_eps=1e-6,
+        use_cache=True,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+        tie_word_embeddings=False,
+        bias=True,
+        rotary=None,
+        packed_attention="auto",
+        **kwargs,
+    ):
+        self.vocab_size = vocab_size
+        self.hidden_size = hidden_size
+        self.intermediate_size = intermediate_size
+        self.num_hidden_layers = num_hidden_layers
+        self.num_attention_heads = num_attention_heads
+        self.hidden_act = hidden_act
+        self.max_position_embeddings = max_position_embeddings
+        self.initializer_range = initializer_range
+        self.rms_norm_eps = rms_norm_eps
+        self.use_cache = use_cache
+        self.bias = bias
+        # InternEvo's HF default; scaling_factor defaults to 1
+        self.rotary = rotary if rotary is not None else {"base": 10000, "type": "dynamic"}
+        self.packed_attention = packed_attention
+        self._check()
+        super().__init__(pad_token_id=pad_token_id, bos_token_id=bos_token_id, eos_token_id=eos_token_id,
+                         tie_word_embeddings=tie_word_embeddings, **kwargs)
 
-    def __post_init__(self, **kwargs):
-        if self.rotary is None:
-            self.rotary = {"base": 10000, "type": "dynamic"}  # InternEvo's HF default; scaling_factor defaults to 1
+    def _check(self) -> None:
         if self.rotary.get("type") not in ROTARY_TYPES:
             raise ValueError(
                 f"InternLMConfig.rotary['type'] is {self.rotary.get('type')!r}; expected one of {ROTARY_TYPES}."
@@ -63,11 +91,20 @@ class InternLMConfig(PreTrainedConfig):
                 f"InternLMConfig.hidden_size ({self.hidden_size}) must be a multiple of "
                 f"num_attention_heads ({self.num_attention_heads})."
             )
-        super().__post_init__(**kwargs)
 
     @property
     def head_dim(self) -> int:
         return self.hidden_size // self.num_attention_heads
+
+    def to_diff_dict(self) -> dict:
+        """What save_pretrained writes, with the dtype under both names: transformers 5 reads `dtype`, 4.x
+        `torch_dtype`. (Not in `to_dict`: transformers 5 reads every key of it back as an attribute, and warns on
+        `torch_dtype`.)"""
+        output = super().to_diff_dict()
+        dtype = output.get("dtype", output.get("torch_dtype"))
+        if dtype is not None:
+            output["dtype"] = output["torch_dtype"] = dtype
+        return output
 
 
 __all__ = ["InternLMConfig"]

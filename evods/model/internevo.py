@@ -8,8 +8,9 @@ from .configuration_internlm import InternLMConfig
 from .modeling_internlm import InternLMForCausalLM, set_activation_checkpointing
 from .registry import MODEL_INITIALIZER
 
-# Keys that shape InternEvo's training run (parallelism, recompute, kernels), not the model's math. They are
-# accepted; `checkpoint` is applied by the builder below, num_chunks by the pipeline builder.
+# Keys that shape InternEvo's training run (parallelism, recompute, kernels) or the layout of its checkpoint files
+# (adapt_hf: q/k rows of its LLaMA models in HF's order), not the model's math. They are accepted; `checkpoint` is
+# applied by the builder below, num_chunks by the pipeline builder.
 TRAINING_ONLY_KEYS = {
     "checkpoint",
     "embed_split_hidden",
@@ -18,6 +19,7 @@ TRAINING_ONLY_KEYS = {
     "apply_post_layer_norm",
     "use_flash_attn",
     "num_chunks",
+    "adapt_hf",
 }
 MLP_MULTIPLE_OF = 256
 
@@ -41,6 +43,9 @@ def config_from_model_dict(model: dict) -> InternLMConfig:
         "use_dynamic_ntk_rope",
         "max_position_embeddings",
         "rope_base",
+        "no_bias",
+        "num_kv_attention_heads",
+        "norm_head",
     }
     unknown = sorted(set(model) - known)
     if unknown:
@@ -49,14 +54,22 @@ def config_from_model_dict(model: dict) -> InternLMConfig:
     if norm_type != "rmsnorm":
         raise ValueError(f"model config: norm_type={norm_type!r} is not supported; InternLM uses 'rmsnorm'.")
     hidden_size = model.get("hidden_size", 2048)
+    num_attention_heads = model.get("num_attention_heads", 32)
+    num_kv_heads = model.get("num_kv_attention_heads") or num_attention_heads
+    if num_kv_heads != num_attention_heads:
+        raise ValueError(f"model config: num_kv_attention_heads={num_kv_heads} with num_attention_heads="
+                         f"{num_attention_heads} is grouped-query attention, which InternLM v1 does not have")
+    if model.get("norm_head", False):
+        raise ValueError("model config: norm_head=True (a normalized output head) is not supported")
     dtype = model.get("dtype", torch.float32)
     return InternLMConfig(
         vocab_size=model.get("vocab_size", 50304),
         hidden_size=hidden_size,
         intermediate_size=intermediate_size(hidden_size, model.get("mlp_ratio", 4.0)),
         num_hidden_layers=model.get("num_layers", 48),
-        num_attention_heads=model.get("num_attention_heads", 32),
+        num_attention_heads=num_attention_heads,
         rms_norm_eps=model.get("layer_norm_epsilon", 1e-5),
+        bias=not model.get("no_bias", False),  # InternEvo's key for q/k/v/o without bias (its LLaMA configs)
         max_position_embeddings=model.get("max_position_embeddings", 2048),
         rotary={
             "base": model.get("rope_base", 10000),

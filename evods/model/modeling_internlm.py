@@ -7,8 +7,11 @@ One forward takes two kinds of input:
   and its `attn_implementation`.
 A row whose position_ids are 0..T-1 is one document, so plain training batches take the packed path.
 
-This file imports only torch, transformers and `configuration_internlm`: `save_pretrained` copies both files next to
-the weights, so the folder loads with `trust_remote_code=True` where evods is not installed.
+This file is also the remote code of exported folders: `save_pretrained` copies it, `configuration_internlm.py` and
+`transformers_compat.py` next to the weights, so the folder loads with `trust_remote_code=True` where evods is not
+installed, on transformers 4.36 to 5.x. It therefore imports only torch, those two files and the parts of transformers
+that every such version has; what differs between versions comes from `transformers_compat` (one model for training
+and for export, instead of a second copy that would drift).
 """
 
 from collections.abc import Callable
@@ -20,20 +23,35 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 from transformers import GenerationMixin, PreTrainedModel
-from transformers import initialization as init
 from transformers.activations import ACT2FN
-from transformers.cache_utils import Cache, DynamicCache
-from transformers.masking_utils import create_causal_mask
-from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.cache_utils import Cache
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
-from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
+from .transformers_compat import (
+    CACHE_NAME,
+    GENERATION_PREPARES_INPUTS,
+    TRANSFORMERS_BUILDS_MASKS,
+    attention_function,
+    build_causal_mask,
+    causal_lm_loss,
+    init_copy_,
+    legacy_prepare_inputs_for_generation,
+    new_cache,
+)
 from .configuration_internlm import InternLMConfig
 
 try:
     from flash_attn import flash_attn_varlen_func
 except ImportError:
     flash_attn_varlen_func = None
+try:  # torch's own flash-attention varlen kernel (CUDA only), in torch >= 2.10
+    from torch.nn.attention.varlen import varlen_attn as torch_varlen_attn
+except ImportError:
+    torch_varlen_attn = None
+try:
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+except ImportError:
+    create_block_mask = flex_attention = None
 
 
 class InternLMRMSNorm(nn.Module):
@@ -62,22 +80,28 @@ class InternLMRotaryEmbedding(nn.Module):
         self.scaling_factor = float(config.rotary.get("scaling_factor", 1.0))
         self.max_position_embeddings = config.max_position_embeddings
         # Not saved (InternEvo checkpoints have no inv_freq); `_init_weights` refills it after from_pretrained.
-        self.inv_freq = nn.Buffer(self.inv_freq_for_base(self.base), persistent=False)
+        self.register_buffer("inv_freq", self.inv_freq_for_base(self.base), persistent=False)
 
     def inv_freq_for_base(self, base: float, device: torch.device | None = None) -> torch.Tensor:
         exponents = torch.arange(0, self.head_dim, 2, dtype=torch.float32, device=device) / self.head_dim
         return 1.0 / (base**exponents)
 
+    def rescales(self, seq_len: int) -> bool:
+        """Whether a total length `seq_len` gets another base than the configured one."""
+        return self.dynamic and seq_len > self.max_position_embeddings
+
     def base_for_length(self, seq_len: int) -> float:
         """The RoPE base for a total length `seq_len` (past + current tokens, or max(position_ids) + 1)."""
-        if not self.dynamic or seq_len <= self.max_position_embeddings:
+        if not self.rescales(seq_len):
             return self.base
         alpha, d = self.scaling_factor, self.head_dim
         return self.base * (alpha * seq_len / self.max_position_embeddings - (alpha - 1)) ** (d / (d - 2))
 
     def forward(self, position_ids: torch.Tensor, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos and sin, fp32, shaped [B, T, head_dim]."""
-        base = self.base_for_length(seq_len)
+        """cos and sin for a total length `seq_len`, fp32, shaped [B, T, head_dim]."""
+        return self.tables(position_ids, self.base_for_length(seq_len))
+
+    def tables(self, position_ids: torch.Tensor, base: float) -> tuple[torch.Tensor, torch.Tensor]:
         inv_freq = self.inv_freq if base == self.base else self.inv_freq_for_base(base, position_ids.device)
         freqs = position_ids[..., None].float() * inv_freq
         emb = torch.cat((freqs, freqs), dim=-1)
@@ -89,11 +113,40 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x2, x1), dim=-1)
 
 
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x: [B, T, heads, head_dim]; cos, sin: [B, T, head_dim]."""
-    cos = cos.unsqueeze(2).to(x.dtype)
-    sin = sin.unsqueeze(2).to(x.dtype)
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, heads_dim: int = 2) -> torch.Tensor:
+    """x: [B, T, heads, head_dim] (or [B, heads, T, head_dim] with heads_dim=1); cos, sin: [B, T, head_dim]."""
+    cos = cos.unsqueeze(heads_dim).to(x.dtype)
+    sin = sin.unsqueeze(heads_dim).to(x.dtype)
     return x * cos + rotate_half(x) * sin
+
+
+@dataclass
+class CachedKeysRotation:
+    """How keys go into and come out of the KV cache once dynamic NTK has changed the RoPE base.
+
+    The cache always holds keys rotated with the configured base, the base of every step as long as the total length
+    stays within max_position_embeddings (and of origin RoPE always), so that those steps rotate only their new keys.
+    Past that length the base changes with every step, and all keys, cached ones included, must be rotated with the
+    current length's base, as InternLM's published HF code and InternEvo's native inference do (they cache un-rotated
+    keys and rotate all of them at every step).
+    """
+
+    stored: tuple[torch.Tensor, torch.Tensor]  # cos/sin of the configured base at the new tokens' positions
+    to_current: tuple[torch.Tensor, torch.Tensor]  # cos/sin of the (current - configured) angle, every key
+
+    @classmethod
+    def for_step(cls, rotary: "InternLMRotaryEmbedding", position_ids: torch.Tensor,
+                 past_len: int) -> "CachedKeysRotation":
+        """`position_ids`: the new tokens'. A row's keys hold the consecutive positions that end at its last token
+        (the padding of a left-padded row lies before position 0; it is masked)."""
+        total_len = past_len + position_ids.shape[1]
+        key_positions = position_ids[:, -1:] - torch.arange(total_len - 1, -1, -1, device=position_ids.device)
+        cos_stored, sin_stored = rotary.tables(key_positions, rotary.base)
+        cos_current, sin_current = rotary.tables(key_positions, rotary.base_for_length(total_len))
+        # rotation by the (current - configured) angle, from the two tables: exact to rounding
+        to_current = (cos_current * cos_stored + sin_current * sin_stored,
+                      sin_current * cos_stored - cos_current * sin_stored)
+        return cls(rotary.tables(position_ids, rotary.base), to_current)
 
 
 @dataclass
@@ -184,23 +237,75 @@ def packed_attention_flash(q, k, v, documents: PackedDocuments, scaling: float) 
     return out.unflatten(0, q.shape[:2]).to(q.dtype)
 
 
-PACKED_ATTENTION = {"loop": packed_attention_loop, "mask": packed_attention_mask, "flash": packed_attention_flash}
+def _torch_varlen_causal_kwargs() -> dict:
+    """torch 2.10/2.11 take `is_causal=True`; later releases replaced it with `window_size=(-1, 0)`."""
+    import inspect
+
+    parameters = inspect.signature(torch_varlen_attn).parameters
+    return {"is_causal": True} if "is_causal" in parameters else {"window_size": (-1, 0)}
+
+
+def packed_attention_varlen(q, k, v, documents: PackedDocuments, scaling: float) -> torch.Tensor:
+    """torch's own varlen flash attention (`torch.nn.attention.varlen`, CUDA only): flash-attn's kernel with no extra
+    package. [B, T, H, D] in and out; fp32 runs in bf16, as with flash-attn."""
+    if torch_varlen_attn is None or not q.is_cuda:
+        raise RuntimeError("packed_attention='varlen' needs torch >= 2.10 (torch.nn.attention.varlen) and CUDA "
+                           "tensors.")
+    dtype = q.dtype if q.dtype in (torch.float16, torch.bfloat16) else torch.bfloat16
+    q_flat, k_flat, v_flat = (x.flatten(0, 1).to(dtype) for x in (q, k, v))
+    cu, max_len = documents.cu_seqlens, documents.max_seqlen
+    kwargs = _torch_varlen_causal_kwargs()
+    if abs(scaling - q.shape[-1] ** -0.5) > 1e-12:  # the first releases have no `scale` and use 1/sqrt(head_dim)
+        kwargs["scale"] = scaling
+    out = torch_varlen_attn(q_flat, k_flat, v_flat, cu, cu, max_len, max_len, **kwargs)
+    return out.unflatten(0, q.shape[:2]).to(q.dtype)
+
+
+_compiled_flex_attention = None
+
+
+def packed_attention_flex(q, k, v, documents: PackedDocuments, scaling: float) -> torch.Tensor:
+    """flex attention with a block-diagonal causal document mask; [B, T, H, D] in and out. Compiled on CUDA (a fused
+    kernel that skips the masked blocks); eager elsewhere, where it supports the forward only."""
+    global _compiled_flex_attention
+    if flex_attention is None:
+        raise RuntimeError("packed_attention='flex' needs torch.nn.attention.flex_attention (torch >= 2.5).")
+    doc_ids = (documents.position_ids == 0).cumsum(-1)
+
+    def same_document_causal(b, h, q_idx, kv_idx):
+        return (doc_ids[b, q_idx] == doc_ids[b, kv_idx]) & (q_idx >= kv_idx)
+
+    batch, seq_len = doc_ids.shape
+    block_mask = create_block_mask(same_document_causal, batch, None, seq_len, seq_len, device=q.device)
+    attend = flex_attention
+    if q.is_cuda:
+        if _compiled_flex_attention is None:
+            _compiled_flex_attention = torch.compile(flex_attention, dynamic=False)
+        attend = _compiled_flex_attention
+    out = attend(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), block_mask=block_mask, scale=scaling)
+    return out.transpose(1, 2)
+
+
+PACKED_ATTENTION = {"loop": packed_attention_loop, "mask": packed_attention_mask, "flash": packed_attention_flash,
+                    "varlen": packed_attention_varlen, "flex": packed_attention_flex}
+
+
+def auto_packed_attention(device_type: str, flash: bool, varlen: bool, flex: bool) -> str:
+    """The backend "auto" means: on CUDA flash-attn if importable, then torch's varlen flash kernel, then compiled
+    flex attention; the per-document SDPA loop otherwise (the fastest on CPU, where flex has no backward)."""
+    if device_type != "cuda":
+        return "loop"
+    for name, available in (("flash", flash), ("varlen", varlen), ("flex", flex)):
+        if available:
+            return name
+    return "loop"
 
 
 def packed_attention_backend(name: str, device: torch.device) -> Callable:
     if name == "auto":
-        name = "flash" if flash_attn_varlen_func is not None and device.type == "cuda" else "loop"
+        name = auto_packed_attention(device.type, flash_attn_varlen_func is not None, torch_varlen_attn is not None,
+                                     flex_attention is not None)
     return PACKED_ATTENTION[name]
-
-
-def eager_attention_forward(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
-    """Plain softmax attention for `attn_implementation="eager"`; [B, H, T, D] in, [B, T, H, D] out."""
-    attn_weights = torch.matmul(query, key.transpose(2, 3)) * scaling
-    if attention_mask is not None:
-        attn_weights = attn_weights + attention_mask
-    attn_weights = F.softmax(attn_weights, dim=-1, dtype=torch.float32).to(query.dtype)
-    attn_output = torch.matmul(attn_weights, value)
-    return attn_output.transpose(1, 2).contiguous(), attn_weights
 
 
 class InternLMAttention(nn.Module):
@@ -226,25 +331,36 @@ class InternLMAttention(nn.Module):
         attention_mask: torch.Tensor | None = None,
         documents: PackedDocuments | None = None,
         cache: Cache | None = None,
+        cached_keys_rotation: CachedKeysRotation | None = None,
     ) -> torch.Tensor:
         heads_shape = (*hidden_states.shape[:-1], -1, self.head_dim)  # [B, T, H, D]
-        cos, sin = position_embeddings
-        q = apply_rotary(self.q_proj(hidden_states).view(heads_shape), cos, sin)
-        k = apply_rotary(self.k_proj(hidden_states).view(heads_shape), cos, sin)
+        q = apply_rotary(self.q_proj(hidden_states).view(heads_shape), *position_embeddings)
+        k = self.k_proj(hidden_states).view(heads_shape)
         v = self.v_proj(hidden_states).view(heads_shape)
-
-        keys, values = k.transpose(1, 2), v.transpose(1, 2)  # [B, H, T, D]
-        if cache is not None:
-            # Keys are cached rotated (like InternEvo's native inference).
-            keys, values = cache.update(keys, values, self.layer_idx)
+        if cache is None:
+            k = apply_rotary(k, *position_embeddings)
+        else:
+            k, v = self.all_keys_and_values(k, v, position_embeddings, cache, cached_keys_rotation)
         if documents is not None:
-            # Packed rows come with an empty cache: the current keys are all the keys.
+            # Packed rows come with an empty cache: the keys are the current tokens' own.
             attn_fn = packed_attention_backend(self.config.packed_attention, q.device)
             out = attn_fn(q, k, v, documents, self.scaling)
         else:
-            attn_fn = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, eager_attention_forward)
-            out, _ = attn_fn(self, q.transpose(1, 2), keys, values, attention_mask, scaling=self.scaling, dropout=0.0)
+            attn_fn = attention_function(self.config._attn_implementation)
+            out, _ = attn_fn(self, q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attention_mask,
+                             scaling=self.scaling, dropout=0.0)
         return self.o_proj(out.reshape(*hidden_states.shape[:-1], -1))
+
+    def all_keys_and_values(self, k, v, position_embeddings, cache: Cache, rotation: CachedKeysRotation | None):
+        """Append this step's un-rotated keys `k` and values `v` ([B, T, H, D]) to the cache; return every key, turned
+        to the current RoPE base, and every value ([B, past + T, H, D])."""
+        stored = position_embeddings if rotation is None else rotation.stored
+        keys, values = cache.update(apply_rotary(k, *stored).transpose(1, 2), v.transpose(1, 2), self.layer_idx)
+        if rotation is not None and keys.shape[2] == k.shape[1]:  # nothing was cached: rotate the new keys directly
+            keys = apply_rotary(k, *position_embeddings).transpose(1, 2)
+        elif rotation is not None:  # in the cache's own layout [B, H, T, D]: one pass over contiguous memory
+            keys = apply_rotary(keys, *rotation.to_current, heads_dim=1)
+        return keys.transpose(1, 2), values.transpose(1, 2)
 
 
 class InternLMMLP(nn.Module):
@@ -259,8 +375,11 @@ class InternLMMLP(nn.Module):
         return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
 
 
-class InternLMDecoderLayer(GradientCheckpointingLayer):
-    """Pre-norm block. `gradient_checkpointing` (see `set_activation_checkpointing`) recomputes it in backward."""
+class InternLMDecoderLayer(nn.Module):
+    """Pre-norm block. `gradient_checkpointing` (see `set_activation_checkpointing`, or transformers'
+    `gradient_checkpointing_enable`, which sets it with `_gradient_checkpointing_func`) recomputes it in backward."""
+
+    gradient_checkpointing = False
 
     def __init__(self, config: InternLMConfig, layer_idx: int):
         super().__init__()
@@ -276,10 +395,16 @@ class InternLMDecoderLayer(GradientCheckpointingLayer):
         attention_mask: torch.Tensor | None = None,
         documents: PackedDocuments | None = None,
         cache: Cache | None = None,
+        cached_keys_rotation: CachedKeysRotation | None = None,
     ) -> torch.Tensor:
-        attn_out = self.self_attn(
-            self.input_layernorm(hidden_states), position_embeddings, attention_mask, documents, cache
-        )
+        args = (hidden_states, position_embeddings, attention_mask, documents, cache, cached_keys_rotation)
+        if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+            return self._gradient_checkpointing_func(self.block, *args)
+        return self.block(*args)
+
+    def block(self, hidden_states, position_embeddings, attention_mask, documents, cache, cached_keys_rotation):
+        attn_out = self.self_attn(self.input_layernorm(hidden_states), position_embeddings, attention_mask,
+                                  documents, cache, cached_keys_rotation)
         hidden_states = hidden_states + attn_out.to(hidden_states.dtype)
         mlp_out = self.mlp(self.post_attention_layernorm(hidden_states))
         return hidden_states + mlp_out.to(hidden_states.dtype)
@@ -309,8 +434,9 @@ class InternLMPreTrainedModel(PreTrainedModel):
     supports_gradient_checkpointing = True
     _no_split_modules = ["InternLMDecoderLayer"]
     _supports_sdpa = True
-    _supports_flash_attn = True
-    _supports_attention_backend = True
+    # Other attention implementations need the masks that only transformers 5 builds (see transformers_compat).
+    _supports_flash_attn = TRANSFORMERS_BUILDS_MASKS
+    _supports_attention_backend = TRANSFORMERS_BUILDS_MASKS
 
     @classmethod
     def from_pretrained(cls, *args, **kwargs):
@@ -333,7 +459,7 @@ class InternLMPreTrainedModel(PreTrainedModel):
         super()._init_weights(module)
         if isinstance(module, InternLMRotaryEmbedding):
             # Buffers come back uninitialized from the meta device after from_pretrained.
-            init.copy_(module.inv_freq, module.inv_freq_for_base(module.base))
+            init_copy_(module.inv_freq, module.inv_freq_for_base(module.base))
 
 
 class InternLMModel(InternLMPreTrainedModel):
@@ -346,6 +472,12 @@ class InternLMModel(InternLMPreTrainedModel):
         self.rotary_emb = InternLMRotaryEmbedding(config)
         self.post_init()
 
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.embed_tokens
+
+    def set_input_embeddings(self, value: nn.Embedding):
+        self.embed_tokens = value
+
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -354,17 +486,20 @@ class InternLMModel(InternLMPreTrainedModel):
         cache: Cache | None = None,
         inputs_embeds: torch.Tensor | None = None,
         use_cache: bool | None = None,
+        past_key_values: Cache | None = None,
         **kwargs,
     ) -> BaseModelOutputWithPast:
+        """`cache` (transformers 5) and `past_key_values` (4.x) are the same argument."""
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("Give exactly one of input_ids and inputs_embeds.")
         if inputs_embeds is None:
             inputs_embeds = self.embed_tokens(input_ids)
         batch, seq_len = inputs_embeds.shape[:2]
+        cache = cache if cache is not None else past_key_values
         if use_cache is None:
             use_cache = self.config.use_cache and not self.training  # a training step never needs a cache
         if use_cache and cache is None:
-            cache = DynamicCache(config=self.config)
+            cache = new_cache(self.config)
         past_len = cache.get_seq_length() if cache is not None else 0
         if position_ids is None:
             position_ids = torch.arange(past_len, past_len + seq_len, device=inputs_embeds.device)[None]
@@ -375,22 +510,18 @@ class InternLMModel(InternLMPreTrainedModel):
             documents = PackedDocuments.from_position_ids(position_ids)
             rope_length = packed_rope_length(position_ids, self.rotary_emb)
         else:
-            causal_mask = create_causal_mask(
-                config=self.config,
-                inputs_embeds=inputs_embeds,
-                attention_mask=attention_mask,
-                cache=cache,
-                position_ids=position_ids,
-            )
+            causal_mask = build_causal_mask(self.config, inputs_embeds, attention_mask, cache, past_len, position_ids)
             rope_length = past_len + seq_len
         position_embeddings = self.rotary_emb(position_ids, rope_length)
+        cached_keys_rotation = None
+        if cache is not None and self.rotary_emb.rescales(rope_length):
+            cached_keys_rotation = CachedKeysRotation.for_step(self.rotary_emb, position_ids, past_len)
 
         hidden_states = inputs_embeds
         for layer in self.layers:
-            hidden_states = layer(
-                hidden_states, position_embeddings, attention_mask=causal_mask, documents=documents, cache=cache
-            )
-        return BaseModelOutputWithPast(last_hidden_state=self.norm(hidden_states), cache=cache)
+            hidden_states = layer(hidden_states, position_embeddings, attention_mask=causal_mask, documents=documents,
+                                  cache=cache, cached_keys_rotation=cached_keys_rotation)
+        return BaseModelOutputWithPast(last_hidden_state=self.norm(hidden_states), **{CACHE_NAME: cache})
 
 
 @dataclass
@@ -407,6 +538,18 @@ class InternLMForCausalLM(InternLMPreTrainedModel, GenerationMixin):
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.post_init()
 
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.model.embed_tokens
+
+    def set_input_embeddings(self, value: nn.Embedding):
+        self.model.embed_tokens = value
+
+    def get_output_embeddings(self) -> nn.Linear:
+        return self.lm_head
+
+    def set_output_embeddings(self, value: nn.Linear):
+        self.lm_head = value
+
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -417,10 +560,12 @@ class InternLMForCausalLM(InternLMPreTrainedModel, GenerationMixin):
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
         logits_to_keep: int = 0,
+        past_key_values: Cache | None = None,
         skip_lm_head: bool = False,
         **kwargs,
     ) -> InternLMCausalLMOutput:
-        """Logits are fp32 (as InternEvo's last stage). `labels` are unshifted, as in transformers.
+        """Logits are fp32 (as InternEvo's last stage). `labels` are unshifted, as in transformers. `cache`
+        (transformers 5) and `past_key_values` (4.x) are the same argument.
 
         `skip_lm_head=True` returns the final (normed) hidden states in `last_hidden_state` and no logits: a training
         loss that applies the head itself, a chunk of tokens at a time, never holds the [tokens, vocab] logits.
@@ -429,18 +574,29 @@ class InternLMForCausalLM(InternLMPreTrainedModel, GenerationMixin):
             input_ids=input_ids,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            cache=cache,
+            cache=cache if cache is not None else past_key_values,
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
         )
         hidden_states = outputs.last_hidden_state[:, -logits_to_keep:]
+        cache = getattr(outputs, CACHE_NAME)
         if skip_lm_head:
-            return InternLMCausalLMOutput(last_hidden_state=hidden_states, cache=outputs.cache)
+            return InternLMCausalLMOutput(last_hidden_state=hidden_states, **{CACHE_NAME: cache})
         logits = self.lm_head(hidden_states).float()
         loss = None
         if labels is not None:
-            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
-        return InternLMCausalLMOutput(loss=loss, logits=logits, cache=outputs.cache)
+            loss = causal_lm_loss(self, logits, labels, self.config.vocab_size, **kwargs)
+        return InternLMCausalLMOutput(loss=loss, logits=logits, **{CACHE_NAME: cache})
+
+    if not GENERATION_PREPARES_INPUTS:  # transformers < 4.45 leaves this to the model
+        prepare_inputs_for_generation = legacy_prepare_inputs_for_generation
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """As transformers', with `auto_map` also mapping AutoModel to this class, as InternLM's published folders do
+        (code written for them loads the chat model with AutoModel)."""
+        remote_class = f"{type(self).__module__.rsplit('.', 1)[-1]}.{type(self).__name__}"
+        self.config.auto_map = {**(getattr(self.config, "auto_map", None) or {}), "AutoModel": remote_class}
+        return super().save_pretrained(save_directory, *args, **kwargs)
 
     def pipeline_layers(self, skip_lm_head: bool = False) -> list[nn.Module]:
         """[EmbeddingStage, DecoderStage x num_layers, HeadStage] for deepspeed.pipe.PipelineModule.

@@ -28,11 +28,14 @@ class Registry:
 
     def get_module(self, name: str) -> Callable:
         if name not in self._modules:
-            raise ValueError(f"no {name!r} in {self.name}; registered: {sorted(self._modules)}")
+            raise ValueError(f"no {name!r} in {self.name}; registered: {self.names()}")
         return self._modules[name]
 
     def __contains__(self, name: str) -> bool:
         return name in self._modules
+
+    def names(self) -> list[str]:
+        return sorted(self._modules)
 
 
 MODEL_INITIALIZER = Registry("MODEL_INITIALIZER")

@@ -3,7 +3,7 @@ from .cross_entropy import VocabParallelLogits, vocab_parallel_argmax, vocab_par
 from .mpu import ParallelGrid, build_parallel_grid
 from .plan import (TENSOR_PARALLEL_PLAN, apply_tensor_parallel, gather_tensor_parallel_state_dict, shard_tensor,
                    split_dim)
-from .rng import tensor_parallel_generator
+from .rng import parallel_seeds, tensor_parallel_generator
 from .topology import ParallelSizes, build_process_topology, parallel_sizes
 
 __all__ = [
@@ -15,6 +15,7 @@ __all__ = [
     "build_parallel_grid",
     "build_process_topology",
     "gather_tensor_parallel_state_dict",
+    "parallel_seeds",
     "parallel_sizes",
     "shard_tensor",
     "split_dim",

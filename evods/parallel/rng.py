@@ -7,6 +7,8 @@ module that adds dropout inside a tensor-parallel layer takes its generator from
 """
 import torch
 
+from .topology import ParallelSizes
+
 # Megatron's offset, so the tensor-region stream never coincides with the default stream seeded from `seed`.
 TENSOR_REGION_SEED_OFFSET = 2718
 
@@ -16,3 +18,10 @@ def tensor_parallel_generator(seed: int, tp_rank: int, device: str | torch.devic
     generator = torch.Generator(device=device)
     generator.manual_seed(seed + TENSOR_REGION_SEED_OFFSET + tp_rank)
     return generator
+
+
+def parallel_seeds(seed: int, sizes: ParallelSizes) -> dict[str, int]:
+    """InternEvo's seed per parallel mode (ParallelContext.set_seed): DATA is `seed` on every rank, TENSOR differs
+    per tensor rank and pipeline stage. Training draws from torch's generator seeded with TENSOR once the model is
+    built, so dropout masks differ where they must; the initial weights come from `seed` alone."""
+    return {"DATA": seed, "TENSOR": seed + sizes.tp_rank + sizes.pp_rank * 1024}

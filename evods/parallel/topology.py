@@ -22,6 +22,11 @@ class ParallelSizes:
     def world(self) -> int:
         return self.dp * self.pp * self.tp
 
+    @property
+    def is_log_rank(self) -> bool:
+        """InternEvo logs from data rank 0, tensor rank 0, last pipeline stage: the rank that sees the loss."""
+        return self.dp_rank == 0 and self.tp_rank == 0 and self.pp_rank == self.pp - 1
+
 
 def parallel_sizes(rank: int, world_size: int, pp: int, tp: int) -> ParallelSizes:
     """Place `rank` in the InternEvo layout; the caller has validated that pp * tp divides world_size."""

@@ -2,7 +2,7 @@
 the checkpoint code serialises, this package moves bytes and files."""
 
 from .async_upload import AsyncUploader, AsyncUploadError, FailedUpload, default_tmp_folder
-from .base import Storage, StorageError
+from .base import Storage, StorageError, explain_os_error
 from .local import LocalStorage
 from .paths import ACCEPTED_FORMS, LocalLocation, S3Location, open_storage, parse_storage_path
 from .s3 import S3Storage
@@ -19,6 +19,7 @@ __all__ = [
     "Storage",
     "StorageError",
     "default_tmp_folder",
+    "explain_os_error",
     "open_storage",
     "parse_storage_path",
 ]

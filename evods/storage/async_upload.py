@@ -7,10 +7,14 @@ import tempfile
 import threading
 import time
 import uuid
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor
+from concurrent.futures import wait as wait_for_futures
 from dataclasses import dataclass
+from typing import Callable, Optional
 
-from .base import Storage, StorageError
+from evods.progress import Progress
+
+from .base import Storage, StorageError, explain_os_error
 
 logger = logging.getLogger(__name__)
 
@@ -51,16 +55,17 @@ class FailedUpload:
     attempts: int
     reason: str
 
+    def __str__(self) -> str:
+        return (f"{self.uri}: failed after {self.attempts} attempts ({self.reason}); the data is kept at "
+                f"{self.local_path}")
+
 
 class AsyncUploadError(StorageError):
     """Some background uploads failed after their retries; their data is still on local disk (see `failures`)."""
 
     def __init__(self, failures: list[FailedUpload], submitted: int):
         self.failures = failures
-        lines = [
-            f"  {f.uri}: failed after {f.attempts} attempts ({f.reason}); the data is kept at {f.local_path}"
-            for f in failures
-        ]
+        lines = [f"  {failure}" for failure in failures]
         super().__init__(
             f"{len(failures)} of {submitted} background checkpoint uploads failed:\n" + "\n".join(lines) + "\n"
             "Copy the kept files to their destination by hand (this checkpoint is incomplete without them), or "
@@ -78,6 +83,9 @@ class AsyncUploader:
 
     At start it deletes temp files left in `tmp_folder` by processes that no longer run (never files of live ones:
     ranks on one host share the folder), and checks that at least `min_free_gib` GiB are free there.
+
+    `on_failure(failed)` runs in the upload thread as soon as an upload has failed for good, long before wait()
+    reports it: a training run can raise an alert while it goes on.
     """
 
     def __init__(
@@ -89,6 +97,7 @@ class AsyncUploader:
         attempts: int = 3,
         retry_backoff_s: float = 2.0,
         min_free_gib: float = 0.1,
+        on_failure: Optional[Callable[[FailedUpload], None]] = None,
     ):
         if workers < 1 or attempts < 1:
             raise ValueError(f"AsyncUploader needs workers >= 1 and attempts >= 1, got {workers} and {attempts}")
@@ -96,7 +105,11 @@ class AsyncUploader:
         self.tmp_folder = os.path.abspath(tmp_folder or default_tmp_folder())
         self.attempts = attempts
         self.retry_backoff_s = retry_backoff_s
-        os.makedirs(self.tmp_folder, exist_ok=True)
+        self.on_failure = on_failure
+        try:
+            os.makedirs(self.tmp_folder, exist_ok=True)
+        except OSError as exc:
+            raise explain_os_error(exc, "create the async upload temp folder", self.tmp_folder) from exc
         self._clean_leftovers()
         free_gib = shutil.disk_usage(self.tmp_folder).free / _GiB
         if free_gib < min_free_gib:
@@ -108,6 +121,8 @@ class AsyncUploader:
         self._lock = threading.Lock()
         self._futures: list[Future] = []
         self._closed = False
+        self._submitted_bytes = 0  # of the uploads since the last wait(), for its progress line
+        self._uploaded_bytes = 0
 
     def __repr__(self) -> str:
         return f"AsyncUploader({self.storage!r}, tmp_folder={self.tmp_folder!r}, pending={self.pending})"
@@ -135,8 +150,10 @@ class AsyncUploader:
         local_path = os.fspath(local_path)
         if not os.path.isfile(local_path):
             raise FileNotFoundError(f"cannot upload {local_path} to {self.storage.uri(rel)}: no such file")
+        size = os.path.getsize(local_path)
         with self._lock:
             if not self._closed:
+                self._submitted_bytes += size
                 self._futures.append(self._executor.submit(self._upload, local_path, rel))
                 return
         raise RuntimeError(f"{self!r} is closed; cannot upload {local_path}")
@@ -150,7 +167,7 @@ class AsyncUploader:
     def _upload(self, local_path: str, rel: str) -> FailedUpload | None:
         for attempt in range(1, self.attempts + 1):
             try:
-                self.storage.upload_file(local_path, rel)
+                self.storage.upload_file(local_path, rel, on_bytes=self._count_uploaded)
             except Exception as exc:  # noqa: BLE001 - any failure is retried, then reported by wait()
                 reason = f"{type(exc).__name__}: {exc}"
                 if attempt < self.attempts:
@@ -165,12 +182,32 @@ class AsyncUploader:
                 return None
         kept = local_path.removesuffix(TMP_SUFFIX) + KEPT_SUFFIX if local_path.endswith(TMP_SUFFIX) else local_path
         os.replace(local_path, kept)
-        return FailedUpload(kept, self.storage.uri(rel), self.attempts, reason)
+        failed = FailedUpload(kept, self.storage.uri(rel), self.attempts, reason)
+        if self.on_failure is not None:
+            try:
+                self.on_failure(failed)
+            except Exception:  # noqa: BLE001 - the failure itself is still reported by wait()
+                logger.exception("the upload failure callback failed")
+        return failed
 
-    def wait(self) -> None:
-        """Block until every upload submitted before this call has finished; raise AsyncUploadError if any failed."""
+    def _count_uploaded(self, amount: int) -> None:
+        with self._lock:
+            self._uploaded_bytes += amount
+
+    def wait(self, what: str = "background uploads") -> None:
+        """Block until every upload submitted before this call has finished; raise AsyncUploadError if any failed.
+        A wait of more than a few seconds logs progress lines naming `what`."""
         with self._lock:
             futures, self._futures = self._futures, []
+            total = self._submitted_bytes
+        progress = Progress(f"uploading {what}", total, "bytes", logger)
+        remaining = set(futures)
+        while remaining:
+            _, remaining = wait_for_futures(remaining, timeout=1.0, return_when=FIRST_COMPLETED)
+            progress.advance_to(min(self._uploaded_bytes, total))
+        progress.finish()
+        with self._lock:
+            self._submitted_bytes = self._uploaded_bytes = 0
         failures = [failure for failure in (future.result() for future in futures) if failure is not None]
         if failures:
             raise AsyncUploadError(failures, len(futures))

@@ -1,13 +1,38 @@
 """The one interface every checkpoint backend implements, and the launch-time ping built on it."""
 
+import errno
 import os
 import socket
 import time
 from abc import ABC, abstractmethod
+from collections.abc import Callable
+
+# Called with the number of bytes just transferred, from any thread (boto3 reports from its transfer threads).
+BytesCallback = Callable[[int], None]
+
+_OS_ERROR_HINTS = {
+    errno.EACCES: "this user lacks the permission: fix the folder's permissions or choose another folder",
+    errno.EPERM: "this user lacks the permission: fix the folder's permissions or choose another folder",
+    errno.ENOSPC: "the disk is full: free space there or choose a folder on a larger disk",
+    errno.EDQUOT: "the disk quota is used up: free space there or choose a folder on another disk",
+    errno.EROFS: "the file system is mounted read-only: choose a folder on a writable disk",
+}
 
 
 class StorageError(RuntimeError):
     """A storage operation failed; the message names the location and what to check. It never holds credentials."""
+
+
+def is_file_system_error(exc: OSError) -> bool:
+    """A permission, full-disk or read-only error: the user's to fix, not a bug."""
+    return exc.errno in _OS_ERROR_HINTS
+
+
+def explain_os_error(exc: OSError, action: str, path: str) -> StorageError:
+    """The one-line error for an OSError of the file system (permission, full disk, read-only mount, ...): what
+    failed, where, and what to do."""
+    hint = _OS_ERROR_HINTS.get(exc.errno, "check that the path exists and is reachable from this machine")
+    return StorageError(f"cannot {action} {exc.filename or path}: {exc.strerror or exc}; {hint}")
 
 
 def clean_rel(rel: str) -> str:
@@ -42,15 +67,15 @@ class Storage(ABC):
         """Store `data` as the file `rel`, replacing any previous one."""
 
     @abstractmethod
-    def upload_file(self, local_path: str | os.PathLike, rel: str) -> None:
-        """Copy the local file to `rel` (multipart on S3 for large files)."""
+    def upload_file(self, local_path: str | os.PathLike, rel: str, on_bytes: BytesCallback | None = None) -> None:
+        """Copy the local file to `rel` (multipart on S3 for large files); `on_bytes` hears of the progress."""
 
     @abstractmethod
     def read_bytes(self, rel: str) -> bytes:
         """The content of `rel`; FileNotFoundError when there is no such file."""
 
     @abstractmethod
-    def download_file(self, rel: str, local_path: str | os.PathLike) -> None:
+    def download_file(self, rel: str, local_path: str | os.PathLike, on_bytes: BytesCallback | None = None) -> None:
         """Copy `rel` to the local file (replaced atomically); FileNotFoundError when there is no such file."""
 
     @abstractmethod

@@ -2,26 +2,38 @@
 
 import os
 import shutil
-import tempfile
-from collections.abc import Callable
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import BinaryIO
 
-from .base import Storage, clean_folder_to_delete, clean_rel
+from .base import BytesCallback, Storage, clean_folder_to_delete, clean_rel, explain_os_error
 
 # Temp files live next to their target (same file system, so the rename is atomic) and are hidden from list().
 _TMP_SUFFIX = ".evods-partial"
+DEFAULT_FILE_MODE = 0o666  # what open() asks for; the umask takes its bits away (0644 under 022)
+
+
+def current_umask() -> int:
+    """The process umask (reading it means setting it; it is put back at once)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def atomic_write(path: str | os.PathLike, fill: Callable[[BinaryIO], None]) -> None:
     """Create `path` through a temp file in the same folder: fill, fsync, rename, fsync the folder.
 
-    A crash at any point leaves either the old file or the new one under `path`, never a partial file.
+    A crash at any point leaves either the old file or the new one under `path`, never a partial file. The file gets
+    the mode any new file gets (0644 under the usual umask 022), not mkstemp's 0600, so teammates and serving
+    processes can read checkpoints.
     """
     folder = os.path.dirname(os.path.abspath(path)) or "."
+    tmp = os.path.join(folder, f".{os.path.basename(path)}.{uuid.uuid4().hex[:12]}{_TMP_SUFFIX}")
     for attempt in range(3):
         os.makedirs(folder, exist_ok=True)
         try:
-            fd, tmp = tempfile.mkstemp(dir=folder, prefix="." + os.path.basename(path) + ".", suffix=_TMP_SUFFIX)
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, DEFAULT_FILE_MODE)  # the umask applies
             break
         except FileNotFoundError:  # another process removed the folder as it emptied (e.g. ranks pinging at once)
             if attempt == 2:
@@ -46,9 +58,26 @@ def atomic_write(path: str | os.PathLike, fill: Callable[[BinaryIO], None]) -> N
         os.close(dir_fd)
 
 
-def copy_file_atomic(src: str | os.PathLike, dst: str | os.PathLike) -> None:
+def copy_file_atomic(src: str | os.PathLike, dst: str | os.PathLike, on_bytes: BytesCallback | None = None) -> None:
+    def copy(target: BinaryIO) -> None:
+        while chunk := source.read(1 << 20):
+            target.write(chunk)
+            if on_bytes is not None:
+                on_bytes(len(chunk))
+
     with open(src, "rb") as source:
-        atomic_write(dst, lambda target: shutil.copyfileobj(source, target, 1 << 20))
+        atomic_write(dst, copy)
+
+
+@contextmanager
+def _explained(action: str, path: str) -> Iterator[None]:
+    """OSErrors of the file system (other than a missing file, which callers handle) as one-line StorageErrors."""
+    try:
+        yield
+    except FileNotFoundError:
+        raise
+    except OSError as exc:
+        raise explain_os_error(exc, action, path) from exc
 
 
 class LocalStorage(Storage):
@@ -63,17 +92,23 @@ class LocalStorage(Storage):
         return os.path.join(self.root, *cleaned.split("/")) if cleaned else self.root
 
     def write_bytes(self, rel: str, data: bytes) -> None:
-        atomic_write(self._path(rel), lambda f: f.write(data))
+        path = self._path(rel)
+        with _explained("write", path):
+            atomic_write(path, lambda f: f.write(data))
 
-    def upload_file(self, local_path: str | os.PathLike, rel: str) -> None:
-        copy_file_atomic(local_path, self._path(rel))
+    def upload_file(self, local_path: str | os.PathLike, rel: str, on_bytes: BytesCallback | None = None) -> None:
+        path = self._path(rel)
+        with _explained("write", path):
+            copy_file_atomic(local_path, path, on_bytes)
 
     def read_bytes(self, rel: str) -> bytes:
-        with open(self._path(rel), "rb") as f:
+        path = self._path(rel)
+        with _explained("read", path), open(path, "rb") as f:
             return f.read()
 
-    def download_file(self, rel: str, local_path: str | os.PathLike) -> None:
-        copy_file_atomic(self._path(rel), local_path)
+    def download_file(self, rel: str, local_path: str | os.PathLike, on_bytes: BytesCallback | None = None) -> None:
+        with _explained("copy to", os.fspath(local_path)):
+            copy_file_atomic(self._path(rel), local_path, on_bytes)
 
     def exists(self, rel: str) -> bool:
         return os.path.isfile(self._path(rel))
@@ -82,7 +117,8 @@ class LocalStorage(Storage):
         folder = self._path(rel_dir)
         if not os.path.isdir(folder):
             return []
-        return sorted(name for name in os.listdir(folder) if not name.endswith(_TMP_SUFFIX))
+        with _explained("list", folder):
+            return sorted(name for name in os.listdir(folder) if not name.endswith(_TMP_SUFFIX))
 
     def _remove_empty_parents(self, path: str) -> None:
         """Folders exist only through their files, as on S3: drop the ones a deletion left empty, up to the root."""
@@ -97,7 +133,8 @@ class LocalStorage(Storage):
     def delete(self, rel: str) -> None:
         path = self._path(rel)
         try:
-            os.remove(path)
+            with _explained("delete", path):
+                os.remove(path)
         except FileNotFoundError:
             return
         self._remove_empty_parents(path)
@@ -105,7 +142,8 @@ class LocalStorage(Storage):
     def delete_prefix(self, rel_dir: str) -> None:
         path = self._path(clean_folder_to_delete(rel_dir))
         try:
-            shutil.rmtree(path)
+            with _explained("delete", path):
+                shutil.rmtree(path)
         except FileNotFoundError:
             return
         self._remove_empty_parents(path)

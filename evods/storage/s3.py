@@ -13,7 +13,7 @@ from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError, HTTPClientError
 from botocore.exceptions import ConnectionError as BotoConnectionError
 
-from .base import Storage, StorageError, clean_folder_to_delete, clean_rel
+from .base import BytesCallback, Storage, StorageError, clean_folder_to_delete, clean_rel, explain_os_error
 
 logger = logging.getLogger(__name__)
 
@@ -155,9 +155,10 @@ class S3Storage(Storage):
         with self._errors_explained("write", rel):
             self._client.upload_fileobj(io.BytesIO(data), self.bucket, self._key(rel), Config=self._transfer)
 
-    def upload_file(self, local_path: str | os.PathLike, rel: str) -> None:
+    def upload_file(self, local_path: str | os.PathLike, rel: str, on_bytes: BytesCallback | None = None) -> None:
         with self._errors_explained("upload", rel):
-            self._client.upload_file(os.fspath(local_path), self.bucket, self._key(rel), Config=self._transfer)
+            self._client.upload_file(os.fspath(local_path), self.bucket, self._key(rel), Config=self._transfer,
+                                     Callback=on_bytes)
 
     def read_bytes(self, rel: str) -> bytes:
         buffer = io.BytesIO()
@@ -165,11 +166,18 @@ class S3Storage(Storage):
             self._client.download_fileobj(self.bucket, self._key(rel), buffer, Config=self._transfer)
         return buffer.getvalue()
 
-    def download_file(self, rel: str, local_path: str | os.PathLike) -> None:
+    def download_file(self, rel: str, local_path: str | os.PathLike, on_bytes: BytesCallback | None = None) -> None:
         # boto3 writes to a temp name next to local_path and renames it, so local_path is never left half-written.
-        os.makedirs(os.path.dirname(os.path.abspath(local_path)), exist_ok=True)
-        with self._errors_explained("download", rel):
-            self._client.download_file(self.bucket, self._key(rel), os.fspath(local_path), Config=self._transfer)
+        local_path = os.fspath(local_path)
+        try:
+            os.makedirs(os.path.dirname(os.path.abspath(local_path)), exist_ok=True)
+            with self._errors_explained("download", rel):
+                self._client.download_file(self.bucket, self._key(rel), local_path, Config=self._transfer,
+                                           Callback=on_bytes)
+        except FileNotFoundError:
+            raise
+        except OSError as exc:  # the local side: a full or read-only disk, a folder without permission
+            raise explain_os_error(exc, "download to", local_path) from exc
 
     def exists(self, rel: str) -> bool:
         try:

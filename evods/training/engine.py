@@ -1,9 +1,10 @@
 """The DeepSpeed engine behind one training step.
 
 pipeline size 1: the Hugging Face model itself under ZeRO-1. pipeline size > 1: the model's stage layers in a
-`deepspeed.pipe.PipelineModule` (1F1B), balanced by decoder layers. Either way a step consumes micro_num packed rows
-and reports the same numbers, so the loop does not care which one runs. The model (or last stage) stops at the final
-hidden states; the loss applies the output head (`PackedLoss`), so the [tokens, vocab] logits need not exist.
+`deepspeed.pipe.PipelineModule` (1F1B), balanced by decoder layers. Either way a step consumes the packed rows of its
+batch (micro_num, or fewer during a ramp-up) and reports the same numbers, so the loop does not care which one runs.
+The model (or last stage) stops at the final hidden states; the loss applies the output head (`PackedLoss`), so the
+[tokens, vocab] logits need not exist.
 """
 from dataclasses import dataclass
 from typing import Callable, Iterable
@@ -62,9 +63,7 @@ class TrainEngine:
 
     @property
     def is_log_rank(self) -> bool:
-        """InternEvo logs from data rank 0, tensor rank 0, last pipeline stage: the rank that sees the loss."""
-        last_stage = self.engine.is_last_stage() if self.pipelined else True
-        return last_stage and self.sizes.dp_rank == 0 and self.sizes.tp_rank == 0
+        return self.sizes.is_log_rank
 
     @property
     def computes_loss(self) -> bool:
@@ -76,6 +75,7 @@ class TrainEngine:
 
     def train_step(self, batch: dict) -> StepOutcome:
         self.engine.train()
+        self._accumulate_over(batch["input_ids"].shape[0])
         if self.pipelined:
             if self._pipe_shapes_are_eval:
                 self.engine.reset_activation_shape()
@@ -86,10 +86,24 @@ class TrainEngine:
         return StepOutcome(loss=loss, grad_norm=self._grad_norm(), loss_scale=self.loss_scale(),
                            applied=self.engine.was_step_applied())
 
+    def _accumulate_over(self, rows: int) -> None:
+        """Make this step one optimizer update over `rows` micro-batches. DeepSpeed fixes gradient_accumulation_steps
+        at initialize, but a ramp-up step (or a pass's short last batch) has fewer rows, as InternEvo's schedulers
+        take the count from each batch. Setting the batch size per step makes DeepSpeed divide each micro-batch loss
+        by this step's count, and makes the pipeline engine run that many micro-batches (its set_train_batch_size
+        sets micro_batches)."""
+        if rows != self.engine.gradient_accumulation_steps():
+            self.engine.set_train_batch_size(rows * self.engine.train_micro_batch_size_per_gpu() *
+                                             self.engine.dp_world_size)
+
     def _train_step_plain(self, batch: dict) -> float:
         total = torch.zeros((), dtype=torch.float64)
         device = self.engine.device  # the pipeline engine moves its inputs itself; a plain engine does not
-        for inputs, targets in _micro_batches(batch):
+        micro_batches = _micro_batches(batch)
+        for index, (inputs, targets) in enumerate(micro_batches):
+            # DeepSpeed counts micro-steps over the whole run, so its own boundary is right only while every step has
+            # the same number of rows: the boundary is this batch's last row (the pipeline engine sets its own).
+            self.engine.set_gradient_accumulation_boundary(index == len(micro_batches) - 1)
             hidden = self.engine(input_ids=inputs[0].to(device), position_ids=inputs[1].to(device),
                                  skip_lm_head=True).last_hidden_state
             loss = self.loss_fn(hidden, tuple(t.to(device) for t in targets))

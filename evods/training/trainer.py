@@ -2,7 +2,6 @@
 import logging
 import math
 import random
-import signal
 import time
 from dataclasses import asdict, dataclass, field, fields
 from datetime import datetime
@@ -17,30 +16,36 @@ from evods.config import (ConfigError, TrainConfig, adamw_kwargs, build_deepspee
                           check_topology, write_deepspeed_config)
 from evods.data import BatchSkipper, batch_stats, build_train_loader, build_valid_loaders
 from evods.model.registry import MODEL_INITIALIZER
+from evods.monitor import RunMonitor, StepProfiler
+from evods.progress import Progress
 from evods.parallel import (ParallelSizes, VocabParallelLogits, apply_tensor_parallel, build_parallel_grid,
-                            parallel_sizes)
+                            parallel_seeds, parallel_sizes)
 
 from .distributed import init_distributed
 from .engine import StepOutcome, TrainEngine
 from .flops import megatron_tflops, model_flops_per_token, peak_flops, tgs
 from .linear_cross_entropy import choose_loss_kernel
 from .loss import FullLogits, PackedLoss, TokenMetrics
+from .memory import check_memory
 from .metrics import MetricsSink, format_metrics_line, setup_logging
 from .schedules import Beta2Scheduler, LRScheduler
+from .startup import launch_time, log_parallel_setup, log_run_start
+from .stopping import GracefulStop
 
 logger = logging.getLogger("evods")
 
 
 @dataclass
 class TrainState:
-    """Counters that move with the data, as InternEvo's TrainState (§9.4)."""
+    """Counters that move with the data, as InternEvo's TrainState."""
 
     batch_count: int = 0  # batches consumed, including skipped ones
     step_count: int = 0  # successful optimizer steps
     num_consumed_tokens: int = 0
     inf_nan_skip_batches: int = 0
     skipped_by_config: int = 0
-    history: list = field(default_factory=list)  # one dict per trained batch: step, loss, grad_norm, loss_scale
+    # one dict per trained batch: step, micro_num (its rows), loss, grad_norm, loss_scale, applied
+    history: list = field(default_factory=list)
 
     def state_dict(self) -> dict:
         """The counters a checkpoint keeps (context.pt); the history stays with the run that made it."""
@@ -51,26 +56,6 @@ class TrainState:
             setattr(self, name, value)
 
 
-class GracefulStop:
-    """SIGTERM (and SIGINT) finish the running step, then the loop exits cleanly."""
-
-    def __init__(self):
-        self.requested = False
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, self._request)
-
-    def _request(self, signum, _frame):
-        logger.warning("received %s: finishing this step, then stopping", signal.Signals(signum).name)
-        self.requested = True
-
-    def agreed(self) -> bool:
-        """A stop only one rank saw must stop every rank at the same step."""
-        flag = torch.tensor([int(self.requested)])
-        if dist.is_initialized():
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item())
-
-
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
@@ -78,46 +63,48 @@ def seed_everything(seed: int) -> None:
 
 
 def seed_runtime_rng(seed: int, sizes: ParallelSizes) -> None:
-    """InternEvo's runtime seeds: tensor/pipeline ranks offset the torch seed so dropout masks differ (§12).
+    """InternEvo's runtime seeds: tensor/pipeline ranks offset the torch seed so dropout masks differ.
 
     Called after the model is built: initial weights come from the plain seed on every rank, so a model starts the
     same whatever the parallel layout.
     """
-    torch.manual_seed(seed + sizes.tp_rank + sizes.pp_rank * 1024)
+    torch.manual_seed(parallel_seeds(seed, sizes)["TENSOR"])
 
 
-def default_run_dir(job_name: str) -> Path:
-    """runs/{JOB_NAME}/{launch time}; rank 0 picks the time so every rank writes to the same folder."""
-    stamp = [datetime.now().strftime("%Y%m%d-%H%M%S")]
-    if dist.is_initialized():
-        dist.broadcast_object_list(stamp, src=0)
-    return Path("runs") / job_name / stamp[0]
+def default_run_dir(job_name: str, launched: datetime) -> Path:
+    """runs/{JOB_NAME}/{launch time}; the time is rank 0's (launch_time), so every rank writes to the same folder."""
+    return Path("runs") / job_name / launched.strftime("%Y%m%d-%H%M%S")
 
 
 class Trainer:
     def __init__(self, cfg: TrainConfig, run_dir: Path | None = None, seed: int = 1024,
-                 ds_config_override: str | None = None, peak_tflops: float | None = None):
+                 ds_config_override: str | None = None, peak_tflops: float | None = None,
+                 monitor: RunMonitor | None = None, profiling: bool = False):
         self.cfg = cfg
         rank, world = dist.get_rank(), dist.get_world_size()
         topology = check_topology(cfg, world)
         self.sizes = parallel_sizes(rank, world, pp=topology.pp, tp=topology.tp)
+        self._owns_monitor = monitor is None
+        self.monitor = monitor or RunMonitor.for_run(cfg, rank, world)
         check_device(cfg, device_type=_device_type())
         torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = (cfg.cudnn_deterministic,
                                                                               cfg.cudnn_benchmark)
         if cfg.model.tf32:  # "torch.tf32": fp32 weights, TF32 matmuls and convolutions (InternEvo's launch.py)
             torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+        with torch.device("meta"):  # shapes only: a model too large for the machine is refused before it is built
+            check_memory(cfg, build_model(cfg), self.sizes, _device_type())
         seed_everything(seed)
-        self.run_dir = run_dir or default_run_dir(cfg.JOB_NAME)
+        log_parallel_setup(self.sizes, seed, rank)
+        launched = launch_time()
+        self.run_dir = run_dir or default_run_dir(cfg.JOB_NAME, launched)
 
-        try:
-            model = MODEL_INITIALIZER.get_module(cfg.model_type)(**cfg.model_dict)
-        except (TypeError, ValueError) as error:  # the builder rejects the config's `model` dict or model_type
-            where = cfg.source.path if cfg.source else "the config"
-            raise ConfigError(f"{where}: model_type {cfg.model_type!r} with this `model` dict: {error}") from None
+        model = build_model(cfg)
         self.checkpoints = CheckpointManager(cfg.ckpt, self.sizes, model.config,
-                                             cfg.source.text if cfg.source else None)
+                                             cfg.source.text if cfg.source else None,
+                                             on_failure=self.monitor.checkpoint_failed)
+        log_run_start(self.sizes, launched, self.checkpoints.plan)
         self.checkpoints.load_model_weights(model)
-        num_parameters = model.num_parameters()  # of the whole model, before tensor parallelism slices it
+        self.num_parameters = model.num_parameters()  # of the whole model, before tensor parallelism slices it
         self.grid = build_parallel_grid(self.sizes)
         tensor_group = self.grid.get_tensor_model_parallel_group()
         apply_tensor_parallel(model, tensor_group, self.sizes.tp_rank, self.sizes.tp, cfg.model.embed_split_hidden,
@@ -145,15 +132,17 @@ class Trainer:
         if rank == 0:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             write_deepspeed_config(ds_config, self.run_dir)
+        self.profiler = None
+        if profiling and self.sizes.dp_rank == 0 and self.sizes.tp_rank == 0:  # one trace per stage, as InternEvo
+            worker = f"rank{rank}_dp{self.sizes.dp_rank}_pp{self.sizes.pp_rank}_tp{self.sizes.tp_rank}"
+            self.profiler = StepProfiler(self.engine.engine.module, self.run_dir / "traces", worker)
         self.sink = None
         if self.engine.is_log_rank:
             # The metrics line comes from the rank that sees the loss: the last pipeline stage, not always rank 0.
             logger.setLevel(logging.INFO)
             tb_dir = Path(cfg.tensorboard_folder) if cfg.tensorboard_folder else self.run_dir / "tensorboard"
             self.sink = MetricsSink(self.run_dir, tb_dir if cfg.enable_tb else None)
-        logger.info("Distributed environment is initialized, data parallel size: %d, pipeline parallel size: %d, "
-                    "tensor parallel size: %d", self.sizes.dp, self.sizes.pp, self.sizes.tp)
-        logger.info("run folder: %s; model parameters: %.2fM", self.run_dir, num_parameters / 1e6)
+        logger.info("run folder: %s; model parameters: %.2fM", self.run_dir, self.num_parameters / 1e6)
 
     def _checkpoint_parts(self) -> TrainingParts:
         return TrainingParts(engine=self.engine.engine, context=self.state, sampler=self.sampler,
@@ -163,9 +152,25 @@ class Trainer:
         return torch.optim.AdamW(params, **adamw_kwargs(self.cfg))
 
     def train(self) -> TrainState:
-        data = self.cfg.data
+        """Train to total_steps. A stop signal (SIGTERM, SIGINT) finishes the running step, cuts validation short
+        and saves the last finished step before anything else (see stopping.py for the launchers' time limits)."""
         stop = GracefulStop()
+        try:
+            self._train(stop)
+            self.checkpoints.close()  # waits for background uploads and writes the last checkpoint's marker
+            if stop.requested and self.checkpoints.saving:
+                stop.saved(f"checkpoint of step {self.state.step_count} complete")
+        finally:
+            stop.close()
+        self._log_summary()
+        self.monitor.run_finished()
+        return self.state
+
+    def _train(self, stop: GracefulStop) -> None:
+        data = self.cfg.data
         batches = iter(self.loader)
+        self.monitor.run_started(dp=self.sizes.dp, pp=self.sizes.pp, tp=self.sizes.tp,
+                                 parameters=self.num_parameters, run_dir=self.run_dir)
         while self.state.step_count < data.total_steps:
             start = time.time()
             batch = next(batches)
@@ -175,22 +180,27 @@ class Trainer:
                 continue
             outcome = self.engine.train_step(batch)
             self._after_step(batch, outcome, time.time() - start)
-            if data.valid_every > 0 and self.state.step_count % data.valid_every == 0 and outcome.applied:
-                self.validate()
-            if outcome.applied and self.checkpoints.after_step(self.state.step_count, self._checkpoint_parts()):
-                logger.warning("stopped by the stop file after %d optimizer steps", self.state.step_count)
-                break
-            if stop.agreed():
+            if self.profiler is not None:
+                self.profiler.step()
+            stopping = stop.agreed()
+            if (not stopping and data.valid_every > 0 and self.state.step_count % data.valid_every == 0
+                    and outcome.applied):
+                stopping = self.validate(stop) is None
+            if stopping:
                 self.checkpoints.save_on_stop(self.state.step_count, self._checkpoint_parts())
                 logger.warning("stopped on request after %d optimizer steps", self.state.step_count)
-                break
-        self.checkpoints.close()  # waits for background uploads and writes the last checkpoint's marker
-        self._log_summary()
-        return self.state
+                return
+            if outcome.applied and self.checkpoints.after_step(self.state.step_count, self._checkpoint_parts()):
+                logger.warning("stopped by the stop file after %d optimizer steps", self.state.step_count)
+                return
 
     def close(self) -> None:
         if self.sink is not None:
             self.sink.close()
+        if self.profiler is not None:
+            self.profiler.close()
+        if self._owns_monitor:
+            self.monitor.close()
 
     def _log_summary(self) -> None:
         trained = [entry for entry in self.state.history if entry["applied"]]
@@ -198,10 +208,14 @@ class Trainer:
             logger.info("finished: %d optimizer steps, %d skipped (inf/nan), %d batches skipped by skip_batches, "
                         "loss %.4f -> %.4f; metrics in %s", self.state.step_count, self.state.inf_nan_skip_batches,
                         self.state.skipped_by_config, trained[0]["loss"], trained[-1]["loss"], self.run_dir)
+        if torch.cuda.is_available():
+            logger.info("peak GPU memory: %.2f GiB allocated, %.2f GiB reserved",
+                        torch.cuda.max_memory_allocated() / 2**30, torch.cuda.max_memory_reserved() / 2**30)
 
     def _after_step(self, batch: dict, outcome: StepOutcome, elapsed: float) -> None:
         state, data = self.state, self.cfg.data
         tokens_this_rank = batch["labels"].numel()
+        rows = batch["labels"].shape[0]  # micro_num, or fewer during a ramp-up
         state.num_consumed_tokens += tokens_this_rank * self.sizes.dp
         if outcome.applied:
             self.lr_scheduler.step()
@@ -212,12 +226,15 @@ class Trainer:
             logger.warning("Warning: skip parameter update at step %d (inf/nan gradients).", state.batch_count - 1)
         totals = self.token_metrics.reduce_and_reset(self.engine.data_parallel_group) \
             if self.engine.computes_loss else None
-        state.history.append({"step": state.batch_count - 1, "loss": outcome.loss, "grad_norm": outcome.grad_norm,
-                              "loss_scale": outcome.loss_scale, "applied": outcome.applied})
+        state.history.append({"step": state.batch_count - 1, "micro_num": rows, "loss": outcome.loss,
+                              "grad_norm": outcome.grad_norm, "loss_scale": outcome.loss_scale,
+                              "applied": outcome.applied})
+        self.monitor.step_done(state.batch_count - 1, state.step_count, outcome.loss, outcome.applied,
+                               outcome.loss_scale)
         if self.sink is None or not outcome.applied:
             return
         world = self.sizes.world
-        global_batch = data.micro_bsz * data.micro_num * self.sizes.dp
+        global_batch = data.micro_bsz * rows * self.sizes.dp
         achieved = self.flops_per_token * tokens_this_rank * self.sizes.dp / elapsed / world
         metrics = {
             "tflops": megatron_tflops(elapsed, self.cfg.model.checkpoint, data.seq_len, self.cfg.model.hidden_size,
@@ -229,7 +246,7 @@ class Trainer:
             "lr": self.engine.optimizer.param_groups[0]["lr"],
             "loss_scale": outcome.loss_scale,
             "grad_norm": outcome.grad_norm,
-            "micro_num": batch["labels"].shape[0],
+            "micro_num": rows,
             "num_consumed_tokens": state.num_consumed_tokens,
             "inf_nan_skip_batches": state.inf_nan_skip_batches,
             **batch_stats(batch["position_ids"]),
@@ -240,21 +257,30 @@ class Trainer:
             metrics["mfu"] = round(achieved / self.peak, 4)
         metrics.update(_token_metric_values(totals, self.dataset_types))
         logger.info(format_metrics_line(metrics))
+        self.monitor.metrics_logged(metrics)
         self.sink.write(metrics["step"], metrics)
 
     @torch.no_grad()
-    def validate(self) -> dict:
+    def validate(self, stop: GracefulStop | None = None) -> dict | None:
+        """Loss, accuracy and perplexity on every validation set; None when `stop` was requested meanwhile (the
+        rest of validation is skipped, so the stop's checkpoint is written in time)."""
         results = {}
         for name, loader in self.valid_loaders.items():
             losses = []
             valid_metrics = TokenMetrics(num_types=1)
             self.engine.loss_fn.metrics, saved = valid_metrics, self.engine.loss_fn.metrics
+            progress = Progress(f"validation on {name}", len(loader), "batches", logger)
             try:
                 for batch in loader:
+                    if stop is not None and stop.agreed():
+                        logger.warning("validation on %s cut short by the stop request", name)
+                        return None
                     losses.append(self.engine.eval_loss(batch["input_ids"], batch["position_ids"], batch["labels"],
                                                         batch["type_ids"]))
+                    progress.advance()
             finally:
                 self.engine.loss_fn.metrics = saved
+            progress.finish()
             totals = valid_metrics.reduce_and_reset(self.engine.data_parallel_group)
             self.engine.share_from_last_stage(totals["tokens"])
             self.engine.share_from_last_stage(totals["correct"])
@@ -286,6 +312,15 @@ def build_loss(cfg: TrainConfig, head: torch.nn.Module, vocab, device_type: str,
     return loss_fn
 
 
+def build_model(cfg: TrainConfig) -> torch.nn.Module:
+    """The whole model of `model_type` from the config's `model` dict, as InternEvo's MODEL_INITIALIZER."""
+    try:
+        return MODEL_INITIALIZER.get_module(cfg.model_type)(**cfg.model_dict)
+    except (TypeError, ValueError) as error:  # the builder rejects the config's `model` dict
+        where = cfg.source.path if cfg.source else "the config"
+        raise ConfigError(f"{where}: model_type {cfg.model_type!r} with this `model` dict: {error}") from None
+
+
 def _token_metric_values(totals: dict | None, dataset_types: list[str]) -> dict:
     if totals is None:
         return {}
@@ -309,13 +344,20 @@ def run(cfg: TrainConfig, launcher: str = "deepspeed", port: int | None = None, 
     init_distributed(launcher, port)
     setup_logging(dist.get_rank())
     try:
-        trainer = Trainer(cfg, **trainer_kwargs)
+        monitor = RunMonitor.for_run(cfg, dist.get_rank(), dist.get_world_size())
         try:
-            state = trainer.train()
+            trainer = Trainer(cfg, monitor=monitor, **trainer_kwargs)
+            try:
+                state = trainer.train()
+            finally:
+                trainer.close()
+            dist.barrier()  # every rank is done with the pipeline's send/receive before any tears its groups down
+            return state
+        except Exception as error:
+            monitor.run_failed(error)  # the alert; the error still ends the run
+            raise
         finally:
-            trainer.close()
-        dist.barrier()  # every rank is done with the pipeline's send/receive before any tears its groups down
-        return state
+            monitor.close()
     finally:
         # Process groups left to interpreter shutdown can abort a rank ("terminate called without an active
         # exception", seen with pipeline runs under torchrun) after training succeeded.

@@ -10,15 +10,15 @@ from evods.model import InternLMConfig, config_from_model_dict
 from evods.storage import LocalStorage, open_storage
 
 from .. import layout
-from ..errors import CheckpointError
+from ..errors import CheckpointError, DamagedCheckpoint
 from .internevo import is_native_checkpoint, read_native_model
 from ..transfer import fetch_folder
 from .weights import deepspeed_weights
 
 
-def read_checkpoint_model(src: str, mlp_naming: str = "v1") -> tuple[InternLMConfig, dict[str, torch.Tensor]]:
-    """`src`: a storage path of one evods checkpoint (with its marker) or InternEvo native checkpoint folder.
-    `mlp_naming` applies to native checkpoints (see internevo_layout.MLP_NAMINGS)."""
+def read_checkpoint_model(src: str, mlp_naming: str | None = None) -> tuple[InternLMConfig, dict[str, torch.Tensor]]:
+    """`src`: a storage path of one evods checkpoint (with its marker) or InternEvo native checkpoint folder (either
+    family of names). `mlp_naming` applies to native checkpoints (see internevo.read_native_model)."""
     storage = open_storage(src)
     names = storage.list("")
     native = is_native_checkpoint(names)
@@ -30,8 +30,12 @@ def read_checkpoint_model(src: str, mlp_naming: str = "v1") -> tuple[InternLMCon
     try:
         folder = fetch_folder(storage, "", temp or "")
         if native:
-            model_dict, weights = read_native_model(folder, mlp_naming)
+            model_dict, weights = read_native_model(folder, mlp_naming=mlp_naming)
             return config_from_model_dict(model_dict), weights
+        manifest = layout.read_manifest(storage, layout.CheckpointRef(layout.marked_step(storage, ""), ""))
+        problems = manifest.problems_in(folder, sorted(manifest.files))
+        if problems:
+            raise DamagedCheckpoint(f"{src} is damaged: {problems[0]}")
         with open(os.path.join(folder, layout.MODEL_CONFIG)) as f:
             return InternLMConfig.from_dict(json.load(f)), deepspeed_weights(folder)
     finally:

@@ -3,27 +3,29 @@ Llama, with the tokenizer.
 
 HF InternLM and HF Llama share evods' parameter names, so only the config differs between the two layouts.
 """
-import json
 import os
-import shutil
 
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
+from transformers.utils.hub import convert_file_size_to_int
 
 from evods.model import InternLMConfig, InternLMForCausalLM
+from evods.storage.local import DEFAULT_FILE_MODE, current_umask
 
+from . import check_output_folder
 from .checkpoint_model import read_checkpoint_model
 from ..errors import CheckpointError
+from .hf_tokenizer import sentencepiece_adds_dummy_prefix, write_tokenizer
 from .weights import load_weights
 
 FORMATS = ("internlm", "llama")
-# InternLM's SentencePiece ids (§7.4); pad is EOS.
-SPECIAL_TOKENS = {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>", "pad_token": "</s>"}
+# InternLM's SentencePiece ids; pad is EOS.
 BOS_ID, EOS_ID, PAD_ID = 1, 2, 2
 
 
 def llama_config(config: InternLMConfig) -> LlamaConfig:
-    """The Llama config computing what the InternLM one does: q/k/v/o bias, no MLP bias, rotate-half RoPE."""
+    """The Llama config computing what the InternLM one does: q/k/v/o bias (unless bias-free), no MLP bias,
+    rotate-half RoPE."""
     rotary = config.rotary
     rope = {"rope_type": "default", "rope_theta": float(rotary["base"])}
     if rotary["type"] == "dynamic":
@@ -33,7 +35,7 @@ def llama_config(config: InternLMConfig) -> LlamaConfig:
         num_hidden_layers=config.num_hidden_layers, num_attention_heads=config.num_attention_heads,
         num_key_value_heads=config.num_attention_heads, hidden_act=config.hidden_act,
         max_position_embeddings=config.max_position_embeddings, rms_norm_eps=config.rms_norm_eps,
-        attention_bias=True, mlp_bias=False, tie_word_embeddings=False, rope_parameters=rope,
+        attention_bias=config.bias, mlp_bias=False, tie_word_embeddings=False, rope_parameters=rope,
         bos_token_id=BOS_ID, eos_token_id=EOS_ID, pad_token_id=PAD_ID,
     )
 
@@ -42,45 +44,43 @@ ROTARY_TYPES = ("dynamic", "origin")
 
 
 def export_hf(src: str, tgt: str, tokenizer: str | None = None, fmt: str = "internlm", dtype: str | None = None,
-              max_shard_size: str = "10GB", mlp_naming: str = "v1", rotary_type: str = "dynamic") -> None:
+              max_shard_size: str = "10GB", mlp_naming: str | None = None, rotary_type: str = "dynamic",
+              max_pos: int | None = None, scaling_factor: float = 1.0) -> None:
     """Write the model of the checkpoint `src` (a storage path of one evods or InternEvo native checkpoint folder) to
     the folder `tgt`. `dtype`: "float16", "bfloat16" or "float32"; None keeps the training dtype. `mlp_naming`: see
-    internevo_layout.MLP_NAMINGS (native checkpoints only). `rotary_type`: "dynamic" (InternLM's HF default: dynamic NTK
-    RoPE beyond max_position_embeddings) or "origin"; within the trained length both are the same."""
+    internevo_layout.MLP_NAMINGS (native checkpoints only; None reads it off the weight shapes). `rotary_type`:
+    "dynamic" (InternLM's HF default: dynamic NTK RoPE beyond max_position_embeddings, with `scaling_factor`) or
+    "origin"; within max_position_embeddings both are the same. `max_pos`: max_position_embeddings, by default the
+    training config's (the length the model was trained for, where dynamic NTK starts to rescale)."""
     if fmt not in FORMATS:
         raise CheckpointError(f"--format {fmt!r}: use one of {FORMATS}")
     if rotary_type not in ROTARY_TYPES:
         raise CheckpointError(f"--rotary_type {rotary_type!r}: use one of {ROTARY_TYPES}")
+    # every argument is checked before anything is read or written: a failed conversion leaves no half folder
+    check_output_folder(tgt, "--tgt")
+    if tokenizer:
+        sentencepiece_adds_dummy_prefix(tokenizer)
+    try:
+        convert_file_size_to_int(max_shard_size)
+    except ValueError:
+        raise CheckpointError(f"--max_shard {max_shard_size!r}: give a size such as 10GB or 500MB") from None
+    if max_pos is not None and max_pos < 1:
+        raise CheckpointError(f"--max_pos {max_pos}: give a positive number of positions")
+    if scaling_factor <= 0:
+        raise CheckpointError(f"--scaling_factor {scaling_factor}: give a positive factor")
     config, weights = read_checkpoint_model(src, mlp_naming)
-    config.rotary = {**config.rotary, "type": rotary_type}
+    rotary = {"base": config.rotary["base"], "type": rotary_type}
+    config.rotary = {**rotary, "scaling_factor": scaling_factor} if rotary_type == "dynamic" else rotary
+    config.max_position_embeddings = max_pos or config.max_position_embeddings
     config.packed_attention = "auto"  # the training machine's kernel choice is not the inference machine's
     config.bos_token_id, config.eos_token_id, config.pad_token_id = BOS_ID, EOS_ID, PAD_ID
     target_dtype = getattr(torch, dtype) if dtype else config.dtype
     model = InternLMForCausalLM(config) if fmt == "internlm" else LlamaForCausalLM(llama_config(config))
     load_weights(model, weights, src)
     model.to(target_dtype).save_pretrained(tgt, max_shard_size=max_shard_size)
+    # safetensors writes its files 0600 whatever the umask; a teammate or a serving process must read them
+    for name in os.listdir(tgt):
+        if name.endswith(".safetensors"):
+            os.chmod(os.path.join(tgt, name), DEFAULT_FILE_MODE & ~current_umask())
     if tokenizer:
         write_tokenizer(tokenizer, tgt, config.max_position_embeddings)
-
-
-def write_tokenizer(sentencepiece_model: str, tgt: str, max_length: int) -> None:
-    """tokenizer.model plus the configs that make `AutoTokenizer` read it as a BOS-adding Llama-style tokenizer."""
-    if not os.path.isfile(sentencepiece_model):
-        raise CheckpointError(f"--tokenizer {sentencepiece_model}: no such file (give a SentencePiece .model file)")
-    shutil.copyfile(sentencepiece_model, os.path.join(tgt, "tokenizer.model"))
-    tokenizer_config = {"tokenizer_class": "LlamaTokenizer", "add_bos_token": True, "add_eos_token": False,
-                        "add_prefix_space": _adds_dummy_prefix(sentencepiece_model),
-                        "clean_up_tokenization_spaces": False, "model_max_length": max_length, **SPECIAL_TOKENS}
-    for name, content in (("tokenizer_config.json", tokenizer_config), ("special_tokens_map.json", SPECIAL_TOKENS)):
-        with open(os.path.join(tgt, name), "w") as f:
-            json.dump(content, f, indent=2)
-
-
-def _adds_dummy_prefix(sentencepiece_model: str) -> bool:
-    """Whether SentencePiece prepends "▁" to the text (V7_sft.model does not); HF must do the same."""
-    from sentencepiece import sentencepiece_model_pb2
-
-    proto = sentencepiece_model_pb2.ModelProto()
-    with open(sentencepiece_model, "rb") as f:
-        proto.ParseFromString(f.read())
-    return proto.normalizer_spec.add_dummy_prefix

@@ -20,14 +20,15 @@ import torch
 from evods.model import InternLMConfig, config_from_model_dict, intermediate_size
 
 from ..errors import CheckpointError
-from .internevo_layout import PREFIX, NativeLayout, merge_shards, shard_weights
+from ..safe_load import NUMPY_ARRAYS, load_file
+from .internevo_layout import (NativeLayout, detect_family, local_names, merge_shards, mlp_naming_of_shapes,
+                               shard_weights)
 
 MODEL_CONFIG = "model_config.pt"
 CONTEXT = "context.pt"
 SAMPLER = "sampler.pt"
 SCHEDULER = "schedulder.pt"  # InternEvo's spelling in every version
 MODEL_FILE = re.compile(r"^model_tp(\d+)_pp(\d+)\.pt$")
-SPLIT_HIDDEN_EMBEDDING = PREFIX + "embedding.weight"
 
 
 def model_file(tp_rank: int, pp_rank: int) -> str:
@@ -39,8 +40,14 @@ def is_native_checkpoint(names: list[str]) -> bool:
     return any(MODEL_FILE.match(name) for name in names)
 
 
-def read_native_model(folder: str, mlp_naming: str = "v1") -> tuple[dict, dict[str, torch.Tensor]]:
-    """(the `model` dict of model_config.pt, full HF-named weights) of the native checkpoint in the local `folder`."""
+def read_native_model(folder: str, family: str | None = None,
+                      mlp_naming: str | None = None) -> tuple[dict, dict[str, torch.Tensor]]:
+    """(the `model` dict of model_config.pt, full HF-named weights) of the native checkpoint in the local `folder`.
+
+    `family`: "internlm" or "llama" (see internevo_layout.py); None reads it off the parameter names. `mlp_naming`
+    (see internevo_layout.MLP_NAMINGS): None means v1 for InternLM's names (InternLM's own), and for LLaMA's names the
+    naming their shapes show (InternEvo's LLaMA models used both).
+    """
     grid = sorted(tuple(map(int, match.groups())) for name in os.listdir(folder) if (match := MODEL_FILE.match(name)))
     if not grid:
         raise CheckpointError(f"{folder} holds no model_tp*_pp*.pt files: it is not an InternEvo native checkpoint")
@@ -53,9 +60,30 @@ def read_native_model(folder: str, mlp_naming: str = "v1") -> tuple[dict, dict[s
         raise CheckpointError(f"{folder}: num_chunks={model_dict['num_chunks']} (interleaved pipeline) is not "
                               "supported")
     files = {(t, p): _load(folder, model_file(t, p)) for t, p in grid}
-    layout = NativeLayout(tp=tp, pp=pp, num_layers=model_dict["num_layers"],
-                          embed_split_hidden=SPLIT_HIDDEN_EMBEDDING in files[(0, 0)], mlp_naming=mlp_naming)
+    family = family or detect_family(files[(0, 0)])
+    first_stage = local_names(files[(0, 0)], family)
+    if mlp_naming is None:
+        mlp_naming = "v1" if family == "internlm" else mlp_naming_of_shapes(first_stage, family)
+    layout = NativeLayout(tp=tp, pp=pp, num_layers=model_dict["num_layers"], mlp_naming=mlp_naming, family=family,
+                          embed_split_hidden=_embedding_splits_hidden(first_stage, family, tp, model_dict),
+                          bias=not model_dict.get("no_bias", False),
+                          interleaved_head_dim=_interleaved_head_dim(family, model_dict))
     return model_dict, merge_shards(files, layout, folder)
+
+
+def _embedding_splits_hidden(first_stage: dict, family: str, tp: int, model_dict: dict) -> bool:
+    """InternLM's names tell; LLaMA's `tok_embeddings.weight` is either ([vocab, hidden/tp] when split over hidden)."""
+    if family == "internlm":
+        return "embedding.weight" in first_stage
+    embedding = first_stage.get("tok_embeddings.weight")
+    return tp > 1 and embedding is not None and embedding.shape[1] != model_dict.get("hidden_size")
+
+
+def _interleaved_head_dim(family: str, model_dict: dict) -> int | None:
+    """InternEvo's LLaMA keeps q/k in Meta's interleaved rotary order unless its model key adapt_hf is True."""
+    if family == "internlm" or model_dict.get("adapt_hf", False):
+        return None
+    return model_dict["hidden_size"] // model_dict["num_attention_heads"]
 
 
 def write_native_checkpoint(folder: str, weights: dict[str, torch.Tensor], model_dict: dict, layout: NativeLayout,
@@ -89,6 +117,8 @@ def model_dict_from_config(config: InternLMConfig) -> dict:
         "max_position_embeddings": config.max_position_embeddings, "rope_base": config.rotary["base"],
         "use_dynamic_ntk_rope": config.rotary["type"] == "dynamic", "dtype": config.dtype, "norm_type": "rmsnorm",
     }
+    if not config.bias:
+        model_dict["no_bias"] = True
     if intermediate_size(config.hidden_size, model_dict["mlp_ratio"]) != config.intermediate_size:
         raise CheckpointError(f"intermediate_size {config.intermediate_size} is not one InternEvo's mlp_ratio can "
                               f"give for hidden_size {config.hidden_size} (a multiple of 256)")
@@ -127,4 +157,4 @@ def _load(folder: str, name: str):
     path = os.path.join(folder, name)
     if not os.path.isfile(path):
         raise CheckpointError(f"{path} is missing from the InternEvo native checkpoint")
-    return torch.load(path, map_location="cpu", weights_only=False)
+    return load_file(path, NUMPY_ARRAYS)  # InternEvo's sampler.pt holds its numpy RNG state

@@ -2,6 +2,7 @@
 from evods.storage import open_storage
 
 from .. import layout
+from . import check_output_folder
 from .checkpoint_model import read_checkpoint_model
 from ..errors import CheckpointError
 from .internevo import model_dict_from_config, native_run_state, write_native_checkpoint
@@ -10,14 +11,15 @@ from ..transfer import from_bytes
 
 
 def export_native(src: str, tgt: str, tp: int = 1, pp: int = 1, mlp_naming: str = "v1",
-                  embed_split_hidden: bool = False, src_mlp_naming: str = "v1") -> None:
+                  embed_split_hidden: bool = False, src_mlp_naming: str | None = None) -> None:
     """Write the model of checkpoint `src` to the local folder `tgt` as model_tp{t}_pp{p}.pt files, with
     model_config.pt and the marker; an evods source also gives context.pt, sampler.pt and schedulder.pt."""
     if tp < 1 or pp < 1:
         raise CheckpointError(f"tp={tp}, pp={pp}: both must be at least 1")
+    check_output_folder(tgt, "--tgt")
     config, weights = read_checkpoint_model(src, src_mlp_naming)
     native_layout = NativeLayout(tp=tp, pp=pp, num_layers=config.num_hidden_layers,
-                                 embed_split_hidden=embed_split_hidden, mlp_naming=mlp_naming)
+                                 embed_split_hidden=embed_split_hidden, mlp_naming=mlp_naming, bias=config.bias)
     step, run_state = _evods_run_state(src)
     write_native_checkpoint(tgt, weights, model_dict_from_config(config), native_layout, step, run_state)
 
@@ -29,6 +31,6 @@ def _evods_run_state(src: str) -> tuple[int, dict | None]:
     step = layout.marked_step(storage, "")
     if step is None or not storage.exists(layout.CONTEXT):
         return step or 0, None
-    context, sampler, schedulers = (from_bytes(storage.read_bytes(name))
+    context, sampler, schedulers = (from_bytes(storage.read_bytes(name), storage.uri(name))
                                     for name in (layout.CONTEXT, layout.SAMPLER, layout.SCHEDULERS))
     return step, native_run_state(context, sampler, schedulers)

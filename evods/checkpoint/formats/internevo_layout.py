@@ -1,10 +1,16 @@
-"""InternEvo's native model files (§5, §6.2) described once, as data: which HF weights each native parameter holds and
-how tensor parallelism splits it. The converters and the loaders both go through `shard_weights` / `merge_shards`.
+"""InternEvo's native model files described once, as data: which HF weights each native parameter holds and how
+tensor parallelism splits it. The converters and the loaders both go through `shard_weights` / `merge_shards`.
 
-One file per (tensor rank t, pipeline stage p), `model_tp{t}_pp{p}.pt`, holds the stage's parameters with the prefix
-`model.` and the decoder blocks renumbered from 0 on every stage. Stages own layer ranges by InternEvo's
-`partition_uniform`: an even share each, the later stages one more when the layers do not divide evenly.
+One file per (tensor rank t, pipeline stage p), `model_tp{t}_pp{p}.pt`, holds the stage's parameters with the decoder
+blocks renumbered from 0 on every stage. Stages own layer ranges by InternEvo's `partition_uniform`: an even share
+each, the later stages one more when the layers do not divide evenly. Two families of names:
+- "internlm": InternLM's model (`embedding`, `blocks.{i}.mixer.Wqkv`, `head`), q/k/v fused per tensor rank;
+- "llama": InternEvo's LLaMA-family models (`tok_embeddings`, `layers.{i}.attention.wq`, `feed_forward.w1`,
+  `output`), as `revert_internlm.py` writes them and `load_ckpt_info(..., ckpt_type="llama")` loads them.
+InternEvo saved through its NaiveAMP wrapper, which prefixes every name with `model.`, until its checkpoint manager
+unwrapped the model (2024-03); files of both kinds are read, and evods writes the InternLM family with the prefix.
 """
+import re
 from dataclasses import dataclass
 
 import torch
@@ -12,6 +18,11 @@ import torch
 from ..errors import CheckpointError
 
 PREFIX = "model."
+FAMILIES = ("internlm", "llama")
+# how load_ckpt_info names each family
+FAMILY_CKPT_TYPES = {"internlm": "ckpt_type='internlm' (or 'internevo' after its 2024-02 MLP rename)",
+                     "llama": "ckpt_type='llama'"}
+BLOCK_INDEX = {"internlm": re.compile(r"^blocks\.(\d+)\."), "llama": re.compile(r"^layers\.(\d+)\.")}
 # Which native MLP weight is which projection. v1: InternLM and InternEvo before its 2024-02 rename (ae5a7ee);
 # v2: InternEvo after it (the LLaMA convention).
 MLP_NAMINGS = {
@@ -68,6 +79,24 @@ class FirstRankOnly:
         return [shards[0]]
 
 
+@dataclass(frozen=True)
+class InterleavedRotary:
+    """q or k of InternEvo's LLaMA without `adapt_hf`: each head's rotary pairs lie interleaved, (x0, x_{d/2}, x1,
+    x_{d/2+1}, ...) as in Meta's LLaMA, where HF's rotate-half keeps the two halves apart. The rows are reordered
+    within each head, so splitting by whole heads (`split`) is unaffected."""
+
+    split: Chunked
+    head_dim: int
+
+    def shard(self, full: list[torch.Tensor], tp: int, rank: int) -> torch.Tensor:
+        halves_apart = full[0].unflatten(0, (-1, 2, self.head_dim // 2))
+        return self.split.shard([halves_apart.transpose(1, 2).flatten(0, 2)], tp, rank)
+
+    def merge(self, shards: list[torch.Tensor]) -> list[torch.Tensor]:
+        interleaved = self.split.merge(shards)[0].unflatten(0, (-1, self.head_dim // 2, 2))
+        return [interleaved.transpose(1, 2).flatten(0, 2)]
+
+
 ROWS, COLUMNS = Chunked(0), Chunked(1)
 
 
@@ -78,32 +107,65 @@ class NativeParam:
     split: object
 
 
-def block_params(mlp_naming: str) -> list[NativeParam]:
+def mlp_params(prefix: str, mlp_naming: str) -> list[NativeParam]:
     if mlp_naming not in MLP_NAMINGS:
         raise CheckpointError(f"MLP naming {mlp_naming!r} is unknown; use one of {tuple(MLP_NAMINGS)}")
+    split = {"gate_proj": ROWS, "up_proj": ROWS, "down_proj": COLUMNS}  # down is row-parallel, gate and up columns
+    return [NativeParam(f"{prefix}.{native}.weight", (f"model.layers.{{i}}.mlp.{proj}.weight",), split[proj])
+            for native, proj in MLP_NAMINGS[mlp_naming].items()]
+
+
+def internlm_block_params(layout: "NativeLayout") -> list[NativeParam]:
     attn, layer = "model.layers.{i}.self_attn", "model.layers.{i}"
     params = [
         NativeParam("blocks.{i}.norm1.weight", (f"{layer}.input_layernorm.weight",), Replicated()),
         NativeParam("blocks.{i}.norm2.weight", (f"{layer}.post_attention_layernorm.weight",), Replicated()),
         NativeParam("blocks.{i}.mixer.Wqkv.weight", tuple(f"{attn}.{x}_proj.weight" for x in "qkv"), HeadwiseQKV()),
-        NativeParam("blocks.{i}.mixer.Wqkv.bias", tuple(f"{attn}.{x}_proj.bias" for x in "qkv"), HeadwiseQKV()),
         NativeParam("blocks.{i}.mixer.out_proj.weight", (f"{attn}.o_proj.weight",), COLUMNS),
-        NativeParam("blocks.{i}.mixer.out_proj.bias", (f"{attn}.o_proj.bias",), FirstRankOnly()),
     ]
-    for native, projection in MLP_NAMINGS[mlp_naming].items():
-        split = COLUMNS if projection == "down_proj" else ROWS  # down is row-parallel, gate and up column-parallel
-        params.append(NativeParam(f"blocks.{{i}}.mlp.{native}.weight", (f"{layer}.mlp.{projection}.weight",), split))
-    return params
+    if layout.bias:
+        params += [
+            NativeParam("blocks.{i}.mixer.Wqkv.bias", tuple(f"{attn}.{x}_proj.bias" for x in "qkv"), HeadwiseQKV()),
+            NativeParam("blocks.{i}.mixer.out_proj.bias", (f"{attn}.o_proj.bias",), FirstRankOnly()),
+        ]
+    return params + mlp_params("blocks.{i}.mlp", layout.mlp_naming)
 
 
-def embedding_param(embed_split_hidden: bool) -> NativeParam:
-    if embed_split_hidden:  # Embedding1D: [vocab, hidden/tp]
-        return NativeParam("embedding.weight", ("model.embed_tokens.weight",), COLUMNS)
-    return NativeParam("embedding.word_embeddings.weight", ("model.embed_tokens.weight",), ROWS)  # [vocab/tp, hidden]
+def llama_block_params(layout: "NativeLayout") -> list[NativeParam]:
+    attn, layer = "model.layers.{i}.self_attn", "model.layers.{i}"
+    rotary = ROWS if layout.interleaved_head_dim is None else InterleavedRotary(ROWS, layout.interleaved_head_dim)
+    splits = {"q": rotary, "k": rotary, "v": ROWS}
+    params = [
+        NativeParam("layers.{i}.attention_norm.weight", (f"{layer}.input_layernorm.weight",), Replicated()),
+        NativeParam("layers.{i}.ffn_norm.weight", (f"{layer}.post_attention_layernorm.weight",), Replicated()),
+        *(NativeParam(f"layers.{{i}}.attention.w{x}.weight", (f"{attn}.{x}_proj.weight",), splits[x]) for x in "qkv"),
+        NativeParam("layers.{i}.attention.wo.weight", (f"{attn}.o_proj.weight",), COLUMNS),
+    ]
+    if layout.bias:
+        params += [
+            *(NativeParam(f"layers.{{i}}.attention.w{x}.bias", (f"{attn}.{x}_proj.bias",), splits[x]) for x in "qkv"),
+            NativeParam("layers.{i}.attention.wo.bias", (f"{attn}.o_proj.bias",), FirstRankOnly()),
+        ]
+    return params + mlp_params("layers.{i}.feed_forward", layout.mlp_naming)
 
 
-HEAD_PARAMS = (NativeParam("norm.weight", ("model.norm.weight",), Replicated()),
-               NativeParam("head.weight", ("lm_head.weight",), ROWS))
+def embedding_param(layout: "NativeLayout") -> NativeParam:
+    """The embedding split over hidden ([vocab, hidden/tp]) or over the vocabulary ([vocab/tp, hidden])."""
+    split = COLUMNS if layout.embed_split_hidden else ROWS
+    if layout.family == "llama":  # one name both ways (revert_internlm.py); see `local_names` for the other
+        name = "tok_embeddings.weight"
+    else:
+        name = "embedding.weight" if layout.embed_split_hidden else "embedding.word_embeddings.weight"
+    return NativeParam(name, ("model.embed_tokens.weight",), split)
+
+
+HEAD_PARAMS = {
+    "internlm": (NativeParam("norm.weight", ("model.norm.weight",), Replicated()),
+                 NativeParam("head.weight", ("lm_head.weight",), ROWS)),
+    "llama": (NativeParam("norm.weight", ("model.norm.weight",), Replicated()),
+              NativeParam("output.weight", ("lm_head.weight",), ROWS)),
+}
+BLOCK_PARAMS = {"internlm": internlm_block_params, "llama": llama_block_params}
 
 
 def partition_uniform(num_layers: int, pp: int) -> list[range]:
@@ -126,17 +188,30 @@ class NativeLayout:
     num_layers: int
     embed_split_hidden: bool = False
     mlp_naming: str = "v1"
+    family: str = "internlm"
+    bias: bool = True  # q/k/v/o biases; InternEvo's model key no_bias=True leaves them out
+    interleaved_head_dim: int | None = None  # llama family without adapt_hf: q/k rows interleaved per head
+
+    def __post_init__(self):
+        if self.family not in FAMILIES:
+            raise CheckpointError(f"native layout {self.family!r} is unknown; use one of {FAMILIES}")
+
+    @property
+    def saved_prefix(self) -> str:
+        """What evods puts before the names it writes: InternLM's files as InternEvo's NaiveAMP wrapper saved them,
+        LLaMA's as revert_internlm.py writes them."""
+        return PREFIX if self.family == "internlm" else ""
 
     def stage_params(self, stage: int, layers: range) -> list[tuple[str, tuple[str, ...], object]]:
-        """(native name with prefix, HF names, split) of every parameter of `stage`, which holds `layers`."""
+        """(native name, HF names, split) of every parameter of `stage`, which holds `layers`."""
         def resolve(param: NativeParam, local: int = 0, layer: int = 0):
-            return PREFIX + param.native.format(i=local), tuple(n.format(i=layer) for n in param.hf), param.split
+            return param.native.format(i=local), tuple(n.format(i=layer) for n in param.hf), param.split
 
-        params = [resolve(embedding_param(self.embed_split_hidden))] if stage == 0 else []
+        params = [resolve(embedding_param(self))] if stage == 0 else []
         params += [resolve(param, local, layer) for local, layer in enumerate(layers)
-                   for param in block_params(self.mlp_naming)]
+                   for param in BLOCK_PARAMS[self.family](self)]
         if stage == self.pp - 1:
-            params += [resolve(param) for param in HEAD_PARAMS]
+            params += [resolve(param) for param in HEAD_PARAMS[self.family]]
         return params
 
 
@@ -150,29 +225,49 @@ def shard_weights(weights: dict[str, torch.Tensor], layout: NativeLayout) -> dic
             for native, hf_names, split in params:
                 tensor = split.shard([weights[name] for name in hf_names], layout.tp, rank)
                 if tensor is not None:
-                    state[native] = tensor.clone()  # its own storage: torch.save would write the whole full tensor
+                    # its own storage: torch.save would write the whole full tensor
+                    state[layout.saved_prefix + native] = tensor.clone()
             files[(rank, stage)] = state
     return files
+
+
+def local_names(state: dict, family: str) -> dict:
+    """A stage file's state under the names of InternEvo's (unwrapped) model: no `model.` prefix, blocks numbered from
+    0, and the llama family's vocabulary-split embedding under the one name `tok_embeddings.weight`."""
+    if state and all(name.startswith(PREFIX) for name in state):
+        state = {name[len(PREFIX):]: tensor for name, tensor in state.items()}
+    block = BLOCK_INDEX[family]
+    indices = sorted({int(match.group(1)) for name in state if (match := block.match(name))})
+    local = {old: new for new, old in enumerate(indices)}
+    renamed = {}
+    for name, tensor in state.items():
+        if match := block.match(name):
+            name = f"{match.group(0).split('.')[0]}.{local[int(match.group(1))]}.{name[match.end():]}"
+        renamed[name.replace("tok_embeddings.word_embeddings.", "tok_embeddings.")] = tensor
+    return renamed
+
+
+def detect_family(state: dict) -> str:
+    """The family of names of a stage file's state."""
+    names = local_names(state, "llama")
+    llama = any(name.startswith(("layers.", "tok_embeddings.", "output.")) for name in names)
+    return "llama" if llama else "internlm"
 
 
 def merge_shards(files: dict[tuple[int, int], dict], layout: NativeLayout, source: str) -> dict[str, torch.Tensor]:
     """Full HF-named weights from every model_tp{t}_pp{p}.pt state dict; stage sizes are read from the files."""
     weights, first_layer = {}, 0
     for stage in range(layout.pp):
-        stage_files = [files[(rank, stage)] for rank in range(layout.tp)]
-        layers = range(first_layer, first_layer + _block_count(stage_files[0]))
+        stage_files = [local_names(files[(rank, stage)], layout.family) for rank in range(layout.tp)]
+        layers = range(first_layer, first_layer + _block_count(stage_files[0], layout.family))
         first_layer = layers.stop
         params = layout.stage_params(stage, layers)
-        expected = {native for native, _, _ in params}
-        unexpected = sorted(set(stage_files[0]) - expected)
-        if unexpected:
-            raise CheckpointError(f"{source}: model_tp0_pp{stage}.pt has parameters that InternLM's layout does not "
-                                  f"have: {unexpected[:4]} (interleaved pipelines, num_chunks > 1, and MoE are not "
-                                  "supported)")
+        for rank, state in enumerate(stage_files):
+            # only tensor rank 0 holds a row-parallel bias
+            expected = {native for native, _, split in params if rank == 0 or not isinstance(split, FirstRankOnly)}
+            _check_names(set(state), expected, layout, f"{source}: model_tp{rank}_pp{stage}.pt")
         for native, hf_names, split in params:
             shards = [state[native] for state in stage_files if native in state]
-            if not shards:
-                raise CheckpointError(f"{source}: {native} is missing from model_tp*_pp{stage}.pt")
             for name, tensor in zip(hf_names, split.merge(shards)):
                 weights[name] = tensor
     _check_mlp_naming(weights, layout, source)
@@ -182,9 +277,31 @@ def merge_shards(files: dict[tuple[int, int], dict], layout: NativeLayout, sourc
     return weights
 
 
-def _block_count(state: dict) -> int:
-    blocks = {name.split(".")[2] for name in state if name.startswith(PREFIX + "blocks.")}
-    return len(blocks)
+def _block_count(state: dict, family: str) -> int:
+    return len({match.group(1) for name in state if (match := BLOCK_INDEX[family].match(name))})
+
+
+def _check_names(found: set[str], expected: set[str], layout: NativeLayout, where: str) -> None:
+    """A one-line error naming what does not fit: the other family, biases, MoE experts, or two unexpected names."""
+    unexpected, missing = sorted(found - expected), sorted(expected - found)
+    if not unexpected and not missing:
+        return
+    other = next(family for family in FAMILIES if family != layout.family)
+    bias_names = {name for name in unexpected + missing if name.endswith(".bias")}
+    if detect_family(dict.fromkeys(found)) == other:
+        cause = f"they are InternEvo's {other} layout; load it with {FAMILY_CKPT_TYPES[other]}"
+    elif any(".experts." in name for name in unexpected):
+        cause = "MoE experts are not supported"
+    elif bias_names and bias_names == set(unexpected + missing):
+        has = "has" if unexpected else "has no"
+        cause = (f"the checkpoint {has} q/k/v/o biases, but its model_config.pt says "
+                 f"no_bias={not layout.bias}")
+    else:
+        cause = f"{len(unexpected)} unexpected, {len(missing)} missing"
+    examples = ", ".join((unexpected or missing)[:2])
+    kind = "unexpected" if unexpected else "missing"
+    raise CheckpointError(f"{where}: its parameter names do not fit InternEvo's {layout.family} layout ({kind}: "
+                          f"{examples}, ...): {cause}")
 
 
 def _check_mlp_naming(weights: dict[str, torch.Tensor], layout: NativeLayout, source: str) -> None:
@@ -196,3 +313,13 @@ def _check_mlp_naming(weights: dict[str, torch.Tensor], layout: NativeLayout, so
         raise CheckpointError(f"{source}: the MLP weights do not fit naming {layout.mlp_naming} "
                               f"({MLP_NAMINGS[layout.mlp_naming]}); it looks like naming {other} "
                               f"({MLP_NAMINGS[other]})")
+
+
+def mlp_naming_of_shapes(state: dict, family: str) -> str:
+    """The MLP naming a stage file's shapes show: the down projection is [hidden, intermediate/tp]; "v2" (the LLaMA
+    convention) when the shapes cannot tell (square MLP, or a stage without blocks)."""
+    prefix = {"internlm": "blocks.0.mlp", "llama": "layers.0.feed_forward"}[family]
+    w1, w2 = state.get(f"{prefix}.w1.weight"), state.get(f"{prefix}.w2.weight")
+    if w1 is None or w2 is None or w1.shape[0] == w1.shape[1]:
+        return "v2"
+    return "v1" if w2.shape == w1.shape else "v2"

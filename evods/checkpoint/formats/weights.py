@@ -21,6 +21,7 @@ from evods.parallel import split_dim
 
 from ..errors import CheckpointError
 from ..layout import DEEPSPEED_TAG, TOPOLOGY
+from .. import safe_load
 
 # Buffers some HF InternLM checkpoints carry (InternLM's convert2hf.py) that evods recomputes.
 IGNORED_HF_KEYS = re.compile(r".*rotary_emb\.inv_freq$")
@@ -88,7 +89,7 @@ def _module_shard(tag_dir: str, tensor_rank: int, checkpoint_dir: str) -> dict[s
     if not os.path.isfile(module_file):
         raise WeightsError(f"{checkpoint_dir} has no DeepSpeed model file {module_file} (nor layer_*-model_states.pt)"
                            "; is it an evods checkpoint? An HF folder needs ckpt_type='hf'")
-    return dict(torch.load(module_file, map_location="cpu", weights_only=False)["module"])
+    return dict(safe_load.load_file(module_file, safe_load.deepspeed_objects())["module"])
 
 
 def _pipeline_shards(layer_files: list[str], tensor_size: int, checkpoint_dir: str) -> list[dict[str, torch.Tensor]]:
@@ -105,7 +106,7 @@ def _pipeline_shards(layer_files: list[str], tensor_size: int, checkpoint_dir: s
     for tensor_rank in range(tensor_size):
         weights = {}
         for index, path in sorted(layers_of_rank[tensor_rank].items()):
-            for local_name, tensor in torch.load(path, map_location="cpu", weights_only=False).items():
+            for local_name, tensor in safe_load.load_file(path).items():
                 weights[pipeline_parameter_name(index, local_name, num_layers)] = tensor
         shards.append(weights)
     return shards
@@ -121,8 +122,7 @@ def hf_weights(folder: str) -> dict[str, torch.Tensor]:
         if not bins:
             raise WeightsError(f"{folder} holds no *.safetensors or pytorch_model*.bin files; give the folder that "
                                "save_pretrained wrote (it holds config.json and the weights)")
-        weights = {name: tensor for path in bins
-                   for name, tensor in torch.load(path, map_location="cpu", weights_only=True).items()}
+        weights = {name: tensor for path in bins for name, tensor in safe_load.load_file(path).items()}
     return {name: tensor for name, tensor in weights.items() if not IGNORED_HF_KEYS.match(name)}
 
 
@@ -133,6 +133,8 @@ def load_weights(model: torch.nn.Module, weights: dict[str, torch.Tensor], sourc
     unexpected = sorted(set(weights) - set(expected))
     wrong_shape = [f"{name}: {tuple(weights[name].shape)} in the checkpoint, {tuple(expected[name].shape)} in the model"
                    for name in sorted(set(expected) & set(weights)) if weights[name].shape != expected[name].shape]
+    if (bias_cause := _bias_mismatch(missing, unexpected)) and not wrong_shape:
+        raise WeightsError(f"the weights in {source} do not fit the model of this config: {bias_cause}")
     if missing or unexpected or wrong_shape:
         problems = [f"missing: {_few(missing)}" if missing else "", f"unexpected: {_few(unexpected)}" if unexpected
                     else "", f"shape mismatch: {_few(wrong_shape)}" if wrong_shape else ""]
@@ -141,6 +143,19 @@ def load_weights(model: torch.nn.Module, weights: dict[str, torch.Tensor], sourc
                            "checkpoint's config.json")
     with torch.no_grad():
         model.load_state_dict({name: weights[name].to(expected[name].dtype) for name in expected})
+
+
+ATTENTION_BIAS = re.compile(r".*self_attn\.[qkvo]_proj\.bias$")
+
+
+def _bias_mismatch(missing: list[str], unexpected: list[str]) -> str | None:
+    """What to do when only the q/k/v/o biases differ (InternEvo's LLaMA-family checkpoints are bias-free)."""
+    if missing and not unexpected and all(map(ATTENTION_BIAS.match, missing)):
+        return ("the checkpoint has no q/k/v/o bias, but the model has (bias=True): set no_bias=True in the model "
+                "config, InternEvo's key for a bias-free model")
+    if unexpected and not missing and all(map(ATTENTION_BIAS.match, unexpected)):
+        return "the checkpoint has q/k/v/o biases, but the model is bias-free (no_bias=True): remove no_bias"
+    return None
 
 
 def _few(items: list[str], shown: int = 4) -> str:

@@ -1,0 +1,140 @@
+"""What a checkpoint's step marker records about its files, and the checks built on it.
+
+The marker `{step}.step` is JSON:
+
+    {"step": 40, "checksum": "xxh3_64",
+     "files": {"deepspeed/mp_rank_00_model_states.pt": {"size": 1234, "checksum": "9f2c..."}, "context.pt": ...}}
+
+Paths are relative to the checkpoint folder. Checksums are computed while the files are written (DigestingWriter),
+so saving reads nothing back. A reader checks a local copy with `Manifest.problem_with(rel, path)` (one file, e.g.
+right after downloading it) or `problems_in(folder, rels)`. Markers of older evods versions ({"step": N} only) carry
+no files: such checkpoints load unchecked.
+"""
+import hashlib
+import io
+import json
+import os
+from dataclasses import dataclass, field
+from typing import BinaryIO
+
+try:  # xxh3 hashes at memory speed; sha256 (streamed) is the fallback, several times slower
+    import xxhash
+
+    CHECKSUM = "xxh3_64"
+except ImportError:  # pragma: no cover - xxhash is a dependency; a marker names its algorithm either way
+    xxhash = None
+    CHECKSUM = "sha256"
+
+_CHUNK = 8 << 20
+
+
+def new_hasher(algorithm: str = CHECKSUM):
+    if algorithm == "xxh3_64":
+        if xxhash is None:
+            raise ValueError("this checkpoint's checksums are xxh3_64: install xxhash (pip install xxhash)")
+        return xxhash.xxh3_64()
+    return hashlib.new(algorithm)
+
+
+@dataclass(frozen=True)
+class FileDigest:
+    size: int
+    checksum: str
+
+    def to_json(self) -> dict:
+        return {"size": self.size, "checksum": self.checksum}
+
+
+def digest_bytes(data: bytes, algorithm: str = CHECKSUM) -> FileDigest:
+    hasher = new_hasher(algorithm)
+    hasher.update(data)
+    return FileDigest(len(data), hasher.hexdigest())
+
+
+def digest_file(path: str, algorithm: str = CHECKSUM) -> FileDigest:
+    hasher, size = new_hasher(algorithm), 0
+    with open(path, "rb") as f:
+        while chunk := f.read(_CHUNK):
+            hasher.update(chunk)
+            size += len(chunk)
+    return FileDigest(size, hasher.hexdigest())
+
+
+class DigestingWriter(io.RawIOBase):
+    """A write-only file that passes bytes on to `target` and digests them on the way.
+
+    torch.save turns an OSError raised by write() into a RuntimeError ("unexpected pos ..."), so the original error
+    is kept in `error` for the caller to report (a full disk, not a torch internal).
+    """
+
+    def __init__(self, target: BinaryIO):
+        super().__init__()
+        self.target = target
+        self.hasher = new_hasher()
+        self.size = 0
+        self.error: OSError | None = None
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data) -> int:
+        try:
+            written = self.target.write(data)
+        except OSError as exc:
+            self.error = exc
+            raise
+        self.hasher.update(data)
+        self.size += len(data)
+        return written
+
+    def flush(self) -> None:
+        self.target.flush()
+
+    def digest(self) -> FileDigest:
+        return FileDigest(self.size, self.hasher.hexdigest())
+
+
+@dataclass
+class Manifest:
+    """The content of a step marker."""
+
+    step: int
+    files: dict[str, FileDigest] = field(default_factory=dict)
+    algorithm: str = CHECKSUM
+
+    def to_bytes(self) -> bytes:
+        return json.dumps({"step": self.step, "checksum": self.algorithm,
+                           "files": {rel: digest.to_json() for rel, digest in sorted(self.files.items())}},
+                          indent=1).encode()
+
+    @classmethod
+    def from_bytes(cls, data: bytes, where: str) -> "Manifest":
+        try:
+            content = json.loads(data)
+            files = {rel: FileDigest(int(entry["size"]), str(entry["checksum"]))
+                     for rel, entry in content.get("files", {}).items()}
+            return cls(int(content["step"]), files, content.get("checksum", CHECKSUM))
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise ValueError(f"the step marker {where} is not valid ({exc})") from None
+
+    @property
+    def verifiable(self) -> bool:
+        return bool(self.files)
+
+    def problem_with(self, rel: str, path: str) -> str | None:
+        """Why the local file at `path` is not the checkpoint's `rel`, or None when it is."""
+        expected = self.files[rel]
+        try:
+            size = os.path.getsize(path)
+        except FileNotFoundError:
+            return f"{rel} is missing"
+        if size != expected.size:
+            return f"{rel} has {size} bytes, the marker says {expected.size} (truncated or overwritten)"
+        if digest_file(path, self.algorithm).checksum != expected.checksum:
+            return f"{rel} does not match its {self.algorithm} checksum (its content changed after the save)"
+        return None
+
+    def problems_in(self, folder: str, rels: list[str]) -> list[str]:
+        """The problems of the files `rels` (a subset of `files`) in the local copy `folder`."""
+        found = (self.problem_with(rel, os.path.join(folder, *rel.split("/"))) for rel in rels)
+        return [problem for problem in found if problem]

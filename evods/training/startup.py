@@ -1,0 +1,48 @@
+"""The start-up lines of InternEvo's log, in its words, so that a run's log starts as the quickstart's does.
+
+InternEvo prints "Distributed environment is initialized" once, from the log rank (launch.py, `launch`), "initialized
+seed on rank" on every rank (ParallelContext.set_seed), and "===========New Run" on every rank (train.py, `main`),
+or "Resume training from" / "SFT training from" when a checkpoint is loaded.
+"""
+import logging
+import socket
+from datetime import datetime
+
+import torch.distributed as dist
+
+from evods.checkpoint.sources import LoadPlan
+from evods.parallel import ParallelSizes, parallel_seeds
+
+# Every rank prints these lines, whatever level setup_logging gives the root logger on that rank.
+logger = logging.getLogger("evods.startup")
+logger.setLevel(logging.INFO)
+
+
+def launch_time() -> datetime:
+    """Rank 0's clock on every rank: it names the run folder and stamps the New Run line."""
+    stamp = [datetime.now()]
+    if dist.is_initialized():
+        dist.broadcast_object_list(stamp, src=0)
+    return stamp[0]
+
+
+def log_parallel_setup(sizes: ParallelSizes, seed: int, rank: int) -> None:
+    if sizes.is_log_rank:
+        logger.info("Distributed environment is initialized, data parallel size: %d, pipeline parallel size: %d, "
+                    "tensor parallel size: %d", sizes.dp, sizes.pp, sizes.tp)
+    seeds = ", ".join(f"ParallelMode.{mode}: {value}" for mode, value in parallel_seeds(seed, sizes).items())
+    # InternEvo's fixed wording, down to the missing space after the last seed; like current InternEvo, evods moves
+    # torch's generator to the TENSOR seed once the model is built (trainer.seed_runtime_rng).
+    logger.info("initialized seed on rank %d, numpy: %d, python random: %d, %s,the default parallel seed is "
+                "ParallelMode.DATA.", rank, seed, seed, seeds)
+
+
+def log_run_start(sizes: ParallelSizes, launched: datetime, load_plan: LoadPlan | None) -> None:
+    """`load_plan`: the checkpoint the run starts from, if any (its weights only, or also the run's state)."""
+    when, host = launched.strftime("%b%d_%H-%M-%S"), socket.gethostname()
+    if load_plan is None:
+        logger.info("===========New Run %s on host:%s,tp:%d,pp=%d,dp=%d===========", when, host, sizes.tp_rank,
+                    sizes.pp_rank, sizes.dp_rank)
+    else:
+        start = "SFT training" if load_plan.content == {"model"} else "Resume training"
+        logger.info("===========%s from `%s` %s on host:%s===========", start, load_plan.describe(), when, host)
