@@ -1,4 +1,5 @@
-"""Run a test body on N local ranks with gloo (deepspeed-cpu-notes Q8).
+"""Run a test body on N local ranks with gloo, one fresh process per rank (DeepSpeed's CPU accelerator and
+pytest's own process do not mix).
 
 Test bodies are module-level functions; each rank gets RANK/WORLD_SIZE/MASTER_* in its environment and returns a
 picklable result. A failing rank raises here with its traceback.

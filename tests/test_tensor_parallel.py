@@ -297,7 +297,8 @@ def test_chunked_vocab_parallel_loss_matches_one_process(split_runs):
 # ---------------------------------------------------------------------------------------------- one process
 
 def test_split_table_is_internevo_layout():
-    """internevo-compat §6.2, in HF names: what the checkpoint formats rely on."""
+    """InternEvo's tensor-parallel split dimensions, as its checkpoints store them, in HF names: what the checkpoint
+    formats rely on."""
     from evods.parallel import split_dim
 
     layer = "model.layers.3."

@@ -189,7 +189,8 @@ class CheckpointManager:
 
     @staticmethod
     def _restore_native_run_state(folder: str, plan: LoadPlan, parts: TrainingParts) -> None:
-        """InternEvo's context.pt, then its scheduler (from the step count) and sampler, as requested (§6.3)."""
+        """InternEvo's context.pt, then its scheduler (from the step count) and sampler, as requested, like
+        CheckpointManager's load_ckpt_info."""
         context = native.evods_context(folder)
         parts.context.load_state_dict(context)
         if "scheduler" in plan.content:

@@ -1,4 +1,4 @@
-"""When to save (InternEvo's try_save_checkpoint, §6.4): every `checkpoint_every` steps, snapshots every
+"""When to save (InternEvo's try_save_checkpoint): every `checkpoint_every` steps, snapshots every
 `oss_snapshot_freq` steps, and on request through the stop file."""
 import logging
 import math

@@ -1,5 +1,5 @@
 """Which checkpoint to load at start, and how to read its model weights: auto_resume, load_ckpt_info and the legacy
-keys, resolved as InternEvo's CheckpointManager does (§6.3)."""
+keys, resolved as InternEvo's CheckpointManager does."""
 import json
 import logging
 import os

@@ -2,7 +2,7 @@
 
 `.bin`: one `{"tokens": [...]}` JSON line per sample (json.dumps default separators).
 `.bin.meta`: an `.npy` file (np.save format under the exact name `X.bin.meta`) holding an int (N, 2) array of
-(byte offset of line i, token count of line i). See internevo-compat.md §1.4, §1.5, §3.2.
+(byte offset of line i, token count of line i). As InternEvo's tools/tokenizer.py writes them.
 """
 import json
 import os
@@ -134,7 +134,7 @@ class BinWriter:
 
 
 class TokenizedDataset:
-    """One `.bin` file as a dataset of token arrays (InternEvo's JsonlDataset, §3.2).
+    """One `.bin` file as a dataset of token arrays (InternEvo's JsonlDataset).
 
     Opening reads only the meta (plus the last line, for the consistency check); samples are read with pread at
     their meta offset (O(1) per sample), so the object is cheap to pickle into DataLoader workers. `min_length` drops

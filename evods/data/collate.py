@@ -1,4 +1,5 @@
-"""Batches as fixed-shape LongTensors, and the log-line statistics derived from them (§3.4, §3.7, §9.4).
+"""Batches as fixed-shape LongTensors, and the log-line statistics derived from them
+(InternEvo's packed_collate_fn and the fields of its log line).
 
 Every batch is {"input_ids", "position_ids", "labels", "type_ids"}, each LongTensor [rows, length]: train rows are
 packs ([micro_num, micro_bsz * seq_len]), validation rows are single documents ([batch, seq_len]). Document

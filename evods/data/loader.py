@@ -1,6 +1,6 @@
 """The entry points the training loop calls: build_train_loader and build_valid_loaders, from the config's `data`.
 
-Train folder layout (§3.1): train_folder/<type>/**/*.bin, each with its .bin.meta. Type ids follow InternEvo's
+Train folder layout: train_folder/<type>/**/*.bin, each with its .bin.meta. Type ids follow InternEvo's
 current rule: the sorted names of train_folder's top-level folders, enumerated (e.g. cn=0, code=1, en=2); any name
 works. Each .bin is packed on its own (own shuffle, own dropped tail), then all packs are concatenated.
 Without train_folder the packs come from RandomDataset(1_000_000, seq_len) and dataset_types is ["en", "cn", "code"].

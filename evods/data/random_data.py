@@ -1,4 +1,5 @@
-"""InternEvo's dummy data (§3.6), used when no train_folder is set so that training runs with no data at all."""
+"""InternEvo's dummy data (its RandomDataset), used when no train_folder is set so that training runs with no data
+at all."""
 import numpy as np
 
 RANDOM_DATA_SEED = 1999

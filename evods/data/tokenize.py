@@ -1,4 +1,4 @@
-"""Pretraining text (txt / jsonl / json) to a bin/meta pair: the logic behind tools/tokenizer.py (§1).
+"""Pretraining text (txt / jsonl / json) to a bin/meta pair: the logic behind tools/tokenizer.py.
 
 Streaming: the input is read in chunks of about 1 MiB, encoded (optionally in worker processes, results kept in input
 order, at most a few chunks in flight) and appended to a BinWriter, so memory does not grow with the input and the

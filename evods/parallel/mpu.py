@@ -1,7 +1,7 @@
 """The process groups DeepSpeed asks an `mpu` for, over InternEvo's rank layout.
 
 DeepSpeed's own PipelineParallelGrid already builds every group from a ProcessTopology; this adds the tensor-parallel
-names its helpers (and Megatron-style code) look for. Traps (deepspeed-cpu-notes Q2): the grid's "model parallel"
+names its helpers (and Megatron-style code) look for. Traps: the grid's "model parallel"
 group is pipe × tensor, the tensor group is the grid's slice group. With pipeline size 1 the two are the same, which
 is what ZeRO-1 needs from `mpu` for a plain module; a PipelineModule builds its own grid from the same topology.
 """

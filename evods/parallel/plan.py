@@ -3,7 +3,8 @@
 `TENSOR_PARALLEL_PLAN` maps HF module names to a shard style; a style says which dim of each of its parameters is
 split (None: replicated). The same table slices full weights (`apply_tensor_parallel`, `shard_tensor`) and gathers
 them back (`gather_tensor_parallel_state_dict`), so the two cannot disagree. Shards are contiguous chunks along the
-split dim, rank t holding chunk t, as InternEvo stores them (internevo-compat §6.2):
+split dim, rank t holding chunk t, as InternEvo stores them
+(its save_model_checkpoint writes one file per tp rank):
 - q/k/v rows are head-major, so chunk t of each is heads [t*H/tp, (t+1)*H/tp). InternEvo's fused `Wqkv` shard t is
   the concatenation [q shard t; k shard t; v shard t] along dim 0, its bias likewise.
 - o_proj and down_proj split their input features; their bias (o_proj) is replicated and added after the all-reduce

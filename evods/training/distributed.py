@@ -53,7 +53,7 @@ def set_launcher_env(launcher: str, port: int | None = None, environ=os.environ)
 
 
 def prepare_deepspeed_for_device(allow_cpu_fp16: bool = False) -> None:
-    """Work around what DeepSpeed gets wrong on CPU machines (deepspeed-cpu-notes Q1, Q7).
+    """Work around what DeepSpeed gets wrong on CPU machines.
 
     - The shm all-reduce op is JIT-compiled (30 s) at init although training never uses it: switch it off.
     - The CPU accelerator reports fp16 as unsupported; fp16 still computes correctly, only slowly, so tests

@@ -1,4 +1,5 @@
-"""Throughput numbers of the metrics line: InternEvo's tflops and tgs (§9.2), plus model FLOPs and MFU."""
+"""Throughput numbers of the metrics line: InternEvo's tflops and tgs (as
+record_current_batch_training_metrics computes them), plus model FLOPs and MFU."""
 import os
 from typing import Optional
 

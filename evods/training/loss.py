@@ -1,4 +1,5 @@
-"""The training loss on packed rows, and the token-level metrics InternEvo logs beside it (§9.5)."""
+"""The training loss on packed rows, and the token-level metrics InternEvo logs beside it
+(AccPerplex and LossWithTypeId in internlm/model/metrics.py)."""
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -74,8 +75,8 @@ class FullLogits:
 
 
 class PackedLoss:
-    """Token-mean cross entropy of one micro-batch, ignoring -100, from the final hidden states: the loss
-    applies the output head itself, so that it need not hold the [tokens, vocab] logits.
+    """Token-mean cross entropy of one micro-batch, ignoring -100, as InternEvo's FlashGPTLMLoss, from the final
+    hidden states: the loss applies the output head itself, so that it need not hold the [tokens, vocab] logits.
 
     `kernel` (see `linear_cross_entropy.choose_loss_kernel`):
     - "chunked": the head and cross entropy `chunk_tokens` tokens at a time, forward and backward

@@ -4,7 +4,8 @@ import logging
 import math
 from pathlib import Path
 
-# InternEvo's logging format (§9.3), so tools that parse its logs parse ours.
+# InternEvo's logging format (record_current_batch_training_metrics in internlm/train/training_internlm.py), so
+# tools that parse its logs parse ours.
 LOG_FORMAT = "%(asctime)s\t%(levelname)s %(filename)s:%(lineno)s in %(funcName)s -- %(message)s"
 
 # The quickstart log line's keys, in its order; extra metrics follow them.

@@ -1,4 +1,5 @@
-"""InternEvo's learning-rate and beta2 schedules (§9.6, §9.7), stepped after each successful optimizer step.
+"""InternEvo's learning-rate and beta2 schedules (FineTuneCosineAnnealingWarmupLR and Beta2Scheduler in
+internlm/solver/), stepped after each successful optimizer step.
 
 The values are pure functions of the number of successful steps; the classes keep that count, write the value into
 a torch optimizer's param_groups and save/restore the count. As torch schedulers (and InternEvo's) do, the LR

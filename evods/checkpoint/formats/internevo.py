@@ -1,4 +1,4 @@
-"""InternEvo native checkpoint folders (§6.1): their model as full HF weights, their run state as evods' state, and
+"""InternEvo native checkpoint folders: their model as full HF weights, their run state as evods' state, and
 writing one from full weights at any tensor/pipeline size (the tensors are laid out by internevo_layout.py).
 
     model_tp{t}_pp{p}.pt     the stage's weights (see internevo_layout.py)
@@ -145,7 +145,7 @@ def evods_context(folder: str) -> dict:
 
 
 def evods_schedulers(step_count: int) -> dict:
-    """The lr and beta2 schedules resume at the step count, as InternEvo's scheduler reload does (§6.3)."""
+    """The lr and beta2 schedules resume at the step count, as InternEvo's scheduler reload does."""
     return {"lr": {"last_epoch": step_count}, "beta2": {"cur_iter": step_count}}
 
 
