@@ -8,12 +8,12 @@ micro-batch. A step is forward + loss + backward + AdamW. Every measurement runs
 
 - memory: peak of the step's live tensors (torch's MemTracker, torch.distributed._tools) and the process's peak RSS
   (VmHWM). A run over the cap reports a lower bound: what was live when an allocation failed, plus that allocation.
-- fit: the largest micro-batch (a multiple of 512 tokens) whose step fits in the cap, before (unchunked) and after.
+- fit: the largest micro-batch (a multiple of `--step_tokens`, 512) whose step fits in the cap, before (unchunked) and after.
 - time: median seconds per step; the two evods kernels share one model and take turns step by step, so load from
   other work on the machine hits them alike.
 
-    OMP_NUM_THREADS=2 python bench/bench_loss.py memory [--tokens 1024 2048 8192] [--cap_gib 8]
-    OMP_NUM_THREADS=2 python bench/bench_loss.py fit [--cap_gib 6]
+    OMP_NUM_THREADS=2 python bench/bench_loss.py memory [--tokens 1024 2048 8192] [--cap_gib 8] [--recompute both]
+    OMP_NUM_THREADS=2 python bench/bench_loss.py fit [--cap_gib 6] [--step_tokens 512]
     OMP_NUM_THREADS=2 python bench/bench_loss.py time [--tokens 2048] [--steps 3]
 """
 import argparse
@@ -144,7 +144,8 @@ def child_time(tokens: int, steps: int) -> dict:
 
     model = evods_model(tokens, recompute=False)
     input_ids, position_ids, labels = make_row(tokens)
-    losses = {kernel: PackedLoss(model.lm_head, metrics=TokenMetrics(1), kernel=kernel) for kernel in ("chunked", "full")}
+    losses = {kernel: PackedLoss(model.lm_head, metrics=TokenMetrics(1), kernel=kernel)
+              for kernel in ("chunked", "full")}
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
     times = {kernel: [] for kernel in losses}
     for _ in range(steps + 1):
@@ -185,12 +186,12 @@ def gib(value: float) -> str:
     return f"{value / GIB:.2f}"
 
 
-def memory_table(tokens_list: list[int], cap_gib: float) -> None:
+def memory_table(tokens_list: list[int], cap_gib: float, recompute_choices: tuple[bool, ...]) -> None:
     print(f"Peak memory of one step (GiB), each run a fresh process capped at {cap_gib:g} GiB\n")
     print("| tokens | recompute | variant | peak tensors (MemTracker) | peak RSS | chunked vs this |")
     print("|---|---|---|---|---|---|")
     for tokens in tokens_list:
-        for recompute in (False, True):
+        for recompute in recompute_choices:
             results = {name: run_child(cap_gib, dict(kind="memory", variant=name, tokens=tokens,
                                                      recompute=recompute)) for name in VARIANTS}
             chunked = results["evods chunked"]
@@ -220,12 +221,13 @@ def largest_fit(kernel_variant: str, cap_gib: float, step_tokens: int = 512, lim
     return low
 
 
-def fit_table(cap_gib: float) -> None:
-    print(f"Largest micro-batch whose step fits in a process capped at {cap_gib:g} GiB (multiples of 512 tokens)\n")
+def fit_table(cap_gib: float, step_tokens: int) -> None:
+    print(f"Largest micro-batch whose step fits in a process capped at {cap_gib:g} GiB (multiples of {step_tokens} "
+          f"tokens)\n")
     print("| variant | tokens |")
     print("|---|---|")
     for name in ("evods unchunked", "evods chunked"):
-        print(f"| {name} | {largest_fit(name, cap_gib)} |", flush=True)
+        print(f"| {name} | {largest_fit(name, cap_gib, step_tokens)} |", flush=True)
 
 
 def time_table(tokens_list: list[int], steps: int, cap_gib: float) -> None:
@@ -248,11 +250,15 @@ def main():
     parser.add_argument("--tokens", type=int, nargs="+", help="micro-batch sizes (memory: 1024 2048 8192; time: 2048)")
     parser.add_argument("--cap_gib", type=float, help="data-memory cap per process (fit: 6; others: 8)")
     parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--recompute", choices=("no", "yes", "both"), default="both",
+                        help="memory: with activation recompute, without, or both")
+    parser.add_argument("--step_tokens", type=int, default=512, help="fit: the micro-batch sizes tried are multiples")
     args = parser.parse_args()
     if args.measure == "memory":
-        memory_table(args.tokens or [1024, 2048, 8192], args.cap_gib or 8)
+        recompute = {"no": (False,), "yes": (True,), "both": (False, True)}[args.recompute]
+        memory_table(args.tokens or [1024, 2048, 8192], args.cap_gib or 8, recompute)
     elif args.measure == "fit":
-        fit_table(args.cap_gib or 6)
+        fit_table(args.cap_gib or 6, args.step_tokens)
     else:
         time_table(args.tokens or [2048], args.steps, args.cap_gib or 8)
 
