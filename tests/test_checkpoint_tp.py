@@ -9,6 +9,10 @@ story, each with several checks:
 - each tp=2 layout again (a fresh process): auto-resume finishes exactly like the reference; a model-only load of
   the tp=1 checkpoint gives its weights.
 The exports run in the test process, checked against the tp=2 runs' own weights gathered to tp=1.
+
+Sequence parallelism (issue: sequence parallelism) rides along in the same launches: each tp=2 layout also trains
+with it, saving at step K; the fresh process resumes that checkpoint without it, and the plain tp=2 checkpoint with
+it.
 """
 from pathlib import Path
 
@@ -26,11 +30,12 @@ TOTAL_STEPS, SAVE_AT = 4, 2
 ROWS_PER_STEP = 4
 
 
-def tp_config(tp: int, pp: int, total_steps: int, ckpt: dict, embed_split_hidden: bool = False):
+def tp_config(tp: int, pp: int, total_steps: int, ckpt: dict, embed_split_hidden: bool = False,
+              sequence_parallel: bool = False):
     return tiny_config(
         data=dict(seq_len=32, micro_bsz=2, micro_num=ROWS_PER_STEP, total_steps=total_steps),
         model=dict(dtype="torch.float32", embed_split_hidden=embed_split_hidden, parallel_output=True),
-        parallel=dict(pipeline=dict(size=pp), zero1=-1, tensor=tp),
+        parallel=dict(pipeline=dict(size=pp), zero1=-1, tensor=tp, sequence_parallel=sequence_parallel),
         lr_scheduler=dict(total_steps=TOTAL_STEPS, warmup_ratio=0.25),  # the schedule of the whole run
         ckpt=dict(checkpoint_every=SAVE_AT, **ckpt),
     )
@@ -69,11 +74,13 @@ def full_weights(trainer) -> dict[str, np.ndarray]:
     return {name: array for weights in stages for name, array in weights.items()}
 
 
-def train(tp: int, pp: int, total_steps: int, ckpt: dict, run_dir: str, embed_split_hidden: bool = False) -> dict:
+def train(tp: int, pp: int, total_steps: int, ckpt: dict, run_dir: str, embed_split_hidden: bool = False,
+          sequence_parallel: bool = False) -> dict:
     """Build a Trainer, note its starting weights, train, and report what the checks need."""
     from evods.training.trainer import Trainer
 
-    trainer = Trainer(tp_config(tp, pp, total_steps, ckpt, embed_split_hidden), run_dir=Path(run_dir))
+    cfg = tp_config(tp, pp, total_steps, ckpt, embed_split_hidden, sequence_parallel)
+    trainer = Trainer(cfg, run_dir=Path(run_dir))
     start = full_weights(trainer)
     state = trainer.train()
     trainer.close()
@@ -94,6 +101,10 @@ def model_only(path: str) -> dict:
     return dict(load_ckpt_info=dict(path=path, content=("model",), ckpt_type="evods"))
 
 
+def full_resume(path: str) -> dict:
+    return dict(no_save(), load_ckpt_info=dict(path=path, content=("all",), ckpt_type="evods"))
+
+
 # name -> (pipeline size, embed_split_hidden) of the tp=2 runs: between them, every file layout and embedding split
 TP2_LAYOUTS = {"tp2_pp1": (1, False), "tp2_pp2": (2, True)}
 
@@ -105,7 +116,10 @@ def save_at_tp2(root: str, layout: str) -> dict:
     pp, embed_split_hidden = TP2_LAYOUTS[layout]
     return {"reference": train(2, pp, TOTAL_STEPS, no_save(), f"{root}/{layout}_reference", embed_split_hidden),
             "interrupted": train(2, pp, SAVE_AT, saving_into(f"{root}/{layout}"), f"{root}/{layout}_interrupted",
-                                 embed_split_hidden)}
+                                 embed_split_hidden),
+            # uninterrupted, saving at SAVE_AT on the way
+            "sequence_parallel": train(2, pp, TOTAL_STEPS, saving_into(f"{root}/{layout}_sp"),
+                                       f"{root}/{layout}_sp_run", embed_split_hidden, sequence_parallel=True)}
 
 
 def load_into_tp1(root: str) -> dict:
@@ -132,7 +146,11 @@ def resume_at_tp2(root: str, layout: str) -> dict:
     return {"resumed": train(2, pp, TOTAL_STEPS, saving_into(f"{root}/{layout}"), f"{root}/{layout}_resumed",
                              embed_split_hidden),
             "from_tp1": train(2, pp, 1, dict(no_save(), **model_only(f"{root}/tp1/{SAVE_AT}")),
-                              f"{root}/{layout}_from_tp1", embed_split_hidden)}
+                              f"{root}/{layout}_from_tp1", embed_split_hidden),
+            "sp_to_tp": train(2, pp, TOTAL_STEPS, full_resume(f"{root}/{layout}_sp/{SAVE_AT}"),
+                              f"{root}/{layout}_sp_to_tp", embed_split_hidden, sequence_parallel=False),
+            "tp_to_sp": train(2, pp, TOTAL_STEPS, full_resume(f"{root}/{layout}/{SAVE_AT}"),
+                              f"{root}/{layout}_tp_to_sp", embed_split_hidden, sequence_parallel=True)}
 
 
 def world(layout: str) -> int:
@@ -226,3 +244,42 @@ def test_a_tp2_checkpoint_exports_to_native(runs, tmp_path):
     assert convert2native(["--src", str(checkpoint), "--tgt", str(tmp_path / "native"), "--tp", "2"]) == 0
     _, weights = read_native_model(str(tmp_path / "native"))
     assert_same_weights(as_numpy(weights), saved_weights(runs, "tp2_pp1"), "native export of tp2_pp1")
+
+
+def checkpoint_files(folder: Path) -> set:
+    return {str(path.relative_to(folder)) for path in folder.rglob("*") if path.is_file()}
+
+
+@pytest.mark.parametrize("layout", TP2_LAYOUTS)
+def test_checkpoints_interchange_with_sequence_parallelism(runs, layout):
+    """Saved with sequence parallelism and resumed without it, and the reverse: the same files, the weights loaded
+    exactly, and training goes on as without the switch. The forward of both is the same arithmetic, so the first
+    resumed loss is bitwise that of the run that did not switch; the backward sums the token slices' gradients in
+    another order, so later steps agree to the parity tolerance."""
+    from evods.checkpoint import deepspeed_weights
+
+    plain, sliced = runs["root"] / layout / str(SAVE_AT), runs["root"] / f"{layout}_sp" / str(SAVE_AT)
+    assert checkpoint_files(sliced) == checkpoint_files(plain)
+    sliced_weights = as_numpy(deepspeed_weights(str(sliced)))
+    assert {k: v.shape for k, v in sliced_weights.items()} == {k: v.shape for k, v in saved_weights(runs, layout).items()}
+    for first, second in zip(runs["saved"][layout], runs["resumed"][layout]):
+        switched = {"sp_to_tp": (first["sequence_parallel"], second["sp_to_tp"]),
+                    "tp_to_sp": (first["reference"], second["tp_to_sp"])}
+        assert_same_weights(second["sp_to_tp"]["start"], sliced_weights, f"{layout}: the sequence-parallel save")
+        assert_same_weights(second["tp_to_sp"]["start"], saved_weights(runs, layout), f"{layout}: the plain save")
+        for name, (unswitched, resumed) in switched.items():
+            assert resumed["loaded"], name  # (the checkpoint folder itself, so no sub-folder name)
+            assert resumed["counters"] == unswitched["counters"], name
+            expected = unswitched["losses"][SAVE_AT:]
+            assert resumed["losses"][0] == expected[0], (layout, name, resumed["losses"], expected)
+            assert resumed["losses"] == pytest.approx(expected, rel=1e-5, abs=0), (layout, name)
+
+
+def test_a_sequence_parallel_checkpoint_exports_to_native(runs, tmp_path):
+    from evods.checkpoint import read_native_model
+
+    checkpoint = runs["root"] / "tp2_pp1_sp" / str(SAVE_AT)
+    assert convert2native(["--src", str(checkpoint), "--tgt", str(tmp_path / "native"), "--tp", "2"]) == 0
+    _, weights = read_native_model(str(tmp_path / "native"))
+    loaded = runs["resumed"]["tp2_pp1"][0]["sp_to_tp"]["start"]  # what DeepSpeed loaded from it, gathered
+    assert_same_weights(as_numpy(weights), loaded, "native export of the sequence-parallel tp2_pp1 checkpoint")

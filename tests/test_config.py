@@ -182,12 +182,30 @@ def test_checkpoint_saving_rules(tmp_path, caplog):
     ("parallel = dict(tensor=2)\n", 3, r"3 processes cannot be split into pipeline 1 × tensor 2 groups"),
     ("parallel = dict(pipeline=2)\ndata = dict(seq_len=16, micro_num=1, micro_bsz=1, total_steps=10)\n", 2,
      r"data\.micro_num=1 is less than parallel\.pipeline size 2"),
-    ("parallel = dict(sequence_parallel=True)\n", 2, r"sequence_parallel=True is not supported"),
+    ("parallel = dict(tensor=4, sequence_parallel=True)\ndata = dict(seq_len=6, micro_num=2, micro_bsz=1, "
+     "total_steps=10)\n", 4, r"cfg\.py:\d+: parallel\.sequence_parallel=True splits each micro-batch's "
+                            r"data\.micro_bsz × data\.seq_len = 1 × 6 = 6 tokens over parallel\.tensor size 4"),
+    ("parallel = dict(tensor=4, sequence_parallel=True)\ndata = dict(seq_len=6, micro_num=2, micro_bsz=2, "
+     "total_steps=10, valid_every=5)\n", 4, r"each validation row's data\.seq_len=6 tokens over parallel\.tensor "
+                                            r"size 4, which does not divide them"),
 ])
 def test_topology_errors(tmp_path, extra, world, message):
     cfg = load_text(tmp_path, TINY + extra)
     with pytest.raises(ConfigError, match=message):
         check_topology(cfg, world)
+
+
+def test_sequence_parallel_applies_with_tensor_parallelism_only(tmp_path, caplog):
+    cfg = load_text(tmp_path, TINY + "parallel = dict(tensor=2, pipeline=2, sequence_parallel=True)\n")
+    assert check_topology(cfg, 8) == ParallelDims(dp=2, pp=2, tp=2, sequence_parallel=True)
+    with caplog.at_level(logging.WARNING, logger="evods.config"):
+        cfg = load_text(tmp_path, TINY + "parallel = dict(tensor=1, sequence_parallel=True)\n")
+        assert check_topology(cfg, 2) == ParallelDims(dp=2, pp=1, tp=1, sequence_parallel=False)
+    assert "parallel.sequence_parallel=True has no effect with parallel.tensor size 1" in caplog.text
+    # validation rows need a divisible seq_len only when validation runs
+    cfg = load_text(tmp_path, TINY.replace("micro_bsz=1", "micro_bsz=2").replace("seq_len=16", "seq_len=6")
+                    + "parallel = dict(tensor=4, sequence_parallel=True)\n")
+    assert check_topology(cfg, 4).sequence_parallel
 
 
 def test_interleaved_pipeline_is_refused(tmp_path):

@@ -83,6 +83,23 @@ def test_override_of_the_zero_stage_is_an_error(tmp_path):
         build_deepspeed_config(tiny(tmp_path), dp_size=2, override_path=override)
 
 
+def test_sequence_parallel_pipelines_send_whole_tensors(tmp_path):
+    """Each tensor rank holds its own token slice, so DeepSpeed must not split activations over the tensor ranks
+    between pipeline stages (it would reassemble one rank's tensor from pieces of every rank's slice)."""
+    path = tmp_path / "cfg.py"
+    path.write_text(TINY.format(dtype="torch.float32", scale="2**10")
+                    + "parallel = dict(tensor=2, pipeline=2, sequence_parallel=True)\n")
+    ds = build_deepspeed_config(load_config(path), dp_size=1)
+    assert ds["pipeline"] == {"pipe_partitioned": False, "grad_partitioned": False}
+    override = write_json(tmp_path, {"pipeline": {"pipe_partitioned": True}})
+    with pytest.raises(ConfigError, match=r"pipeline\.pipe_partitioned=True cannot be overridden: each tensor rank "
+                                          r"sends its own slice of the tokens"):
+        build_deepspeed_config(load_config(path), dp_size=1, override_path=override)
+    assert "pipeline" not in build_deepspeed_config(tiny(tmp_path), dp_size=1)
+    ds = build_deepspeed_config(tiny(tmp_path), dp_size=1, override_path=override)  # free without the slices
+    assert ds["pipeline"] == {"pipe_partitioned": True}
+
+
 def test_override_is_checked_by_deepspeed(tmp_path):
     override = write_json(tmp_path, {"zero_optimization": {"reduce_bucket_sise": 5}})
     with pytest.raises(ConfigError, match=r"(?s)override\.json: DeepSpeed rejects the config: .*reduce_bucket_sise"):

@@ -118,9 +118,6 @@ def test_read_base_forms_and_mistakes(internevo):
     ("parallel = dict(zero1=dict(size=-1, fsdp=True))\n",
      r"cfg\.py:5: parallel\.zero1\.fsdp=True asks for torch FSDP, which evods does not run: it shards the optimizer "
      r"with DeepSpeed ZeRO-1; set fsdp=False"),
-    ('parallel = dict(tensor=dict(size=2, mode="msp"))\n',
-     r'cfg\.py:5: parallel\.tensor\.mode="msp": evods configures Megatron tensor parallelism with sequence '
-     r'parallelism as mode="mtp" plus parallel\.sequence_parallel=True; write that instead'),
     ('parallel = dict(tensor=dict(size=2, mode="fsp"))\n',
      r'cfg\.py:5: parallel\.tensor\.mode="fsp" .* use mode="mtp"'),
     ('parallel = dict(tensor=dict(size=2, mode="tp"))\n',
@@ -152,3 +149,15 @@ def test_internevo_key_forms_that_load(tmp_path, caplog):
         load_config(path)
     assert "moe=dict(...) is not applied by evods: model_type 'INTERNLM' has no experts" in caplog.text
     assert "metric_dtype='bf16' is not applied by evods: metrics are always computed in fp32" in caplog.text
+
+
+@pytest.mark.parametrize("parallel, applied", [
+    ('dict(tensor=dict(size=2, mode="msp"))', True),  # InternEvo's Megatron tensor + sequence parallelism
+    ('dict(tensor=dict(size=2, mode="mtp"), sequence_parallel=True)', True),  # the quickstart's key is honoured
+    ('dict(tensor=dict(size=2, mode="mtp"))', False),
+    ('dict(tensor=dict(size=1, mode="msp"))', False),  # nothing to split the tokens over: a warning, as InternEvo
+])
+def test_tensor_mode_msp_is_sequence_parallelism(tmp_path, parallel, applied):
+    (tmp_path / "cfg.py").write_text(TINY + f"parallel = {parallel}\n")
+    cfg = load_config(tmp_path / "cfg.py")
+    assert check_topology(cfg, 2).sequence_parallel is applied

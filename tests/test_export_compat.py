@@ -7,6 +7,7 @@ import json
 import pytest
 import sentencepiece
 import torch
+from transformers import AutoTokenizer
 
 from tests import compat_env
 from tests.conftest import TOKENIZER
@@ -34,6 +35,7 @@ PROMPTS = ["The capital of France is", "你好"]  # the second row is left-padde
 MODEL = dict(hidden_size=32, num_layers=2, num_attention_heads=4, vocab_size=103168, mlp_ratio=2,
              max_position_embeddings=16, dtype=torch.float32)
 GREEDY = dict(max_new_tokens=20, min_new_tokens=20, do_sample=False)
+CHAT_TURN = dict(query="2+2?", history=[["你好", "Hello!"]], chat_greedy=dict(max_new_tokens=8, do_sample=False))
 
 LOAD_EXPORT = compat_env.WITHOUT_EVODS + """
 import json
@@ -59,6 +61,12 @@ with torch.no_grad():
     logits = model(**batch).logits
     generated = model.generate(**batch, **spec["greedy"], pad_token_id=tokenizer.pad_token_id)
     alone = model.generate(**tokenizer(spec["prompts"][:1], return_tensors="pt"), **spec["greedy"])
+    # InternLM's chat API from the remote code: its prompt ids, the reply, streamed and not
+    turn = (spec["query"], spec["history"])
+    reply, history = model.chat(tokenizer, *turn, **spec["chat_greedy"])
+    streamed = list(model.stream_chat(tokenizer, *turn, **spec["chat_greedy"]))
+    result["model_chat"] = {"prompt_ids": model.build_inputs(tokenizer, *turn)["input_ids"][0].tolist(),
+                            "reply": reply, "history": history, "streamed": streamed[-1][0]}
 torch.save({"batch": dict(batch), "logits": logits, "generated": generated, "alone": alone}, out + ".pt")
 json.dump(result, open(out + ".json", "w"))
 """
@@ -89,7 +97,11 @@ def evods_reference(folder, batch: dict) -> dict:
     from evods.model import InternLMForCausalLM
 
     model = InternLMForCausalLM.from_pretrained(folder).eval()
-    return {"logits": model(**batch).logits,
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    turn = (CHAT_TURN["query"], [tuple(pair) for pair in CHAT_TURN["history"]])
+    return {"chat_prompt_ids": model.build_inputs(tokenizer, *turn)["input_ids"][0].tolist(),
+            "chat_reply": model.chat(tokenizer, *turn, **CHAT_TURN["chat_greedy"])[0],
+            "logits": model(**batch).logits,
             "generated": model.generate(**batch, **GREEDY, pad_token_id=2),
             "alone": model.generate(batch["input_ids"][:1, batch["attention_mask"][0].bool()], **GREEDY)}
 
@@ -98,7 +110,7 @@ def evods_reference(folder, batch: dict) -> dict:
 def test_the_export_loads_and_generates_as_evods_without_evods(exported, version, tmp_path):
     import transformers
 
-    spec = json.dumps({"texts": TEXTS, "chat": CHAT, "prompts": PROMPTS, "greedy": GREEDY})
+    spec = json.dumps({"texts": TEXTS, "chat": CHAT, "prompts": PROMPTS, "greedy": GREEDY, **CHAT_TURN})
     run = compat_env.run(version, LOAD_EXPORT, str(exported), spec, str(tmp_path / "out"), cwd=tmp_path)
     assert run.returncode == 0, run.stderr[-3000:]
     result = json.loads((tmp_path / "out.json").read_text())
@@ -117,6 +129,11 @@ def test_the_export_loads_and_generates_as_evods_without_evods(exported, version
 
     theirs = torch.load(tmp_path / "out.pt")
     ours = evods_reference(exported, theirs["batch"])
+    chat = result["model_chat"]
+    assert chat["prompt_ids"] == [1] + sp.encode("<|User|>:你好<eoh>\n<|Bot|>:Hello!<eoa>\n<|User|>:2+2?<eoh>\n<|Bot|>:")
+    assert chat["prompt_ids"] == ours["chat_prompt_ids"]
+    assert chat["reply"] == chat["streamed"] == ours["chat_reply"] and chat["reply"]
+    assert chat["history"] == [*CHAT_TURN["history"], [CHAT_TURN["query"], chat["reply"]]]
     real = theirs["batch"]["attention_mask"].bool()  # logits of padding positions mean nothing
     assert (theirs["logits"] - ours["logits"])[real].abs().max() <= 1e-5
     assert theirs["generated"].shape[1] == real.shape[1] + 20 > MODEL["max_position_embeddings"]

@@ -11,7 +11,7 @@ from pathlib import Path
 from tests.conftest import DATA, NOT_THE_PROJECT, REPO
 
 COMMANDS = ("evods-train", "evods-tokenizer", "evods-alpaca-tokenizer", "evods-convert2hf", "evods-convert2native",
-            "evods-generate")
+            "evods-generate", "evods-chat", "evods-web-demo", "evods-eval-long-context")
 
 
 def copy_checkout(target: Path) -> Path:

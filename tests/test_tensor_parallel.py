@@ -21,6 +21,7 @@ ROWS_PER_STEP = 4  # packed rows per optimizer step, summed over data-parallel r
 # Small hidden size, so the vocabulary-parallel head over 103168 tokens stays cheap.
 MODEL = dict(hidden_size=32, num_layers=2, num_attention_heads=4, vocab_size=103168, mlp_ratio=2)
 SENTENCES = 400  # short documents, so several pack into each 64-token row
+ROWS_TOKENS = 64  # micro_bsz × seq_len
 
 
 # The loss: the head in chunks of 24 tokens (several per 64-token micro-batch, and not dividing the tokens kept), or
@@ -31,20 +32,29 @@ FULL = dict(kernel="full")
 
 class Variant:
     def __init__(self, recompute: bool, embed_split_hidden: bool = True, parallel_output: bool = True,
-                 loss: dict = CHUNKED):
+                 loss: dict = CHUNKED, sequence_parallel: bool = False):
         self.model = dict(checkpoint=recompute, embed_split_hidden=embed_split_hidden, parallel_output=parallel_output)
         self.loss = loss
+        self.sequence_parallel = sequence_parallel
         self.name = (f"recompute={recompute},embed_split_hidden={embed_split_hidden},parallel_output={parallel_output},"
-                     f"loss={loss['kernel']}")
+                     f"sequence_parallel={sequence_parallel},loss={loss['kernel']}")
+
+
+def sequence_parallel_variants(embed_split_hidden: bool, parallel_output: bool) -> list:
+    return [Variant(recompute, embed_split_hidden, parallel_output, sequence_parallel=True)
+            for recompute in (False, True)]
 
 
 # (tp, pp, dp) -> variants; the embedding and output layouts only matter under tensor parallelism, so every one of
-# their four combinations runs at tp=2, both with and without a pipeline. The chunked loss runs vocabulary-parallel
-# under tp=2 and on the last pipeline stage; the whole-logits loss too, once each.
+# their four combinations runs at tp=2, both with and without a pipeline. Sequence parallelism (issue: sequence
+# parallelism) runs with activation checkpointing off and on in each tensor-parallel topology. The chunked loss runs
+# vocabulary-parallel under tp=2 and on the last pipeline stage; the whole-logits loss too, once each.
 TOPOLOGIES = {
-    (2, 1, 1): [Variant(False, True, True), Variant(True, False, False, loss=FULL)],
-    (2, 2, 1): [Variant(True, True, False, loss=FULL), Variant(False, False, True)],
-    (2, 1, 2): [Variant(True, False, True), Variant(False, True, False)],
+    (2, 1, 1): [Variant(False, True, True), Variant(True, False, False, loss=FULL),
+                *sequence_parallel_variants(False, True)],
+    (2, 2, 1): [Variant(True, True, False, loss=FULL), Variant(False, False, True),
+                *sequence_parallel_variants(True, False)],
+    (2, 1, 2): [Variant(True, False, True), Variant(False, True, False), *sequence_parallel_variants(True, True)],
     (1, 2, 1): [Variant(True)],
     (1, 1, 2): [Variant(False)],
     (1, 2, 2): [Variant(True)],
@@ -81,7 +91,7 @@ def train_variants(topology: tuple, variants: list, train_folder: str, run_root:
             data=dict(seq_len=32, micro_bsz=2, micro_num=ROWS_PER_STEP // dp, total_steps=STEPS,
                       train_folder=train_folder),
             model=dict(MODEL, dtype="torch.float32", **variant.model),
-            parallel=dict(pipeline=dict(size=pp), zero1=-1, tensor=tp),
+            parallel=dict(pipeline=dict(size=pp), zero1=-1, tensor=tp, sequence_parallel=variant.sequence_parallel),
             lr_scheduler=dict(total_steps=STEPS, warmup_ratio=0.0),
             loss=variant.loss,
         )
@@ -91,7 +101,9 @@ def train_variants(topology: tuple, variants: list, train_folder: str, run_root:
         trainer.close()
         metrics_file = run_dir / "metrics.jsonl"  # written by the log rank only
         metrics = [json.loads(line) for line in metrics_file.read_text().splitlines()] if trainer.sink else None
-        results[variant.name] = {"steps": [(e["loss"], e["grad_norm"]) for e in state.history], "metrics": metrics}
+        received = getattr(trainer.engine.engine, "pipe_recv_buf", None)  # what a later pipeline stage receives
+        results[variant.name] = {"steps": [(e["loss"], e["grad_norm"]) for e in state.history], "metrics": metrics,
+                                 "received": received and [list(t.shape) for t in received]}
         grid = trainer.grid
         groups = {name: dist.get_process_group_ranks(group) for name, group in (
             ("tensor", grid.get_tensor_model_parallel_group()), ("pipe", grid.get_pipe_parallel_group()),
@@ -148,6 +160,11 @@ def test_parallel_training_matches_one_process(topology, reference, train_folder
         assert rank["groups"] == expected_groups(rank["rank"], topology)
         for variant in TOPOLOGIES[topology]:
             assert_same_training(reference, rank["results"][variant.name], f"rank {rank['rank']} {variant.name}")
+            received = rank["results"][variant.name]["received"]
+            if variant.sequence_parallel and received is not None:
+                # A later pipeline stage receives this tensor rank's slice of the tokens and the full position_ids.
+                assert received == [[1, ROWS_TOKENS // topology[0], MODEL["hidden_size"]], [1, ROWS_TOKENS]], \
+                    (variant.name, received)
 
 
 # ------------------------------------------------------------------------------------- weights and the loss op
@@ -196,6 +213,7 @@ def split_gather_and_loss(embed_split_hidden: bool) -> dict:
         losses[smoothing] = (parallel.detach(), expected.detach())
     return as_numpy({
         "chunked_losses": chunked_vocab_parallel_losses(group, rank),
+        **sequence_parallel_forward_backward(full_model, input_ids, position_ids, labels, embed_split_hidden),
         "rank": rank, "full": full, "gathered": gathered, "q_shard": q_shard.detach(),
         "q_marked": (q_shard.tensor_model_parallel, q_shard.partition_dim),
         "norm_marked": hasattr(model.model.norm.weight, "tensor_model_parallel"),
@@ -238,6 +256,36 @@ def chunked_vocab_parallel_losses(group, rank: int) -> dict:
     return results
 
 
+def sequence_parallel_forward_backward(full_model, input_ids, position_ids, labels, embed_split_hidden: bool) -> dict:
+    """The tp=2 model with sequence parallelism against the one-process model: logits, and every parameter's
+    gradient (this rank's shard of the full gradient; the replicated norms and o_proj bias whole)."""
+    import torch.distributed as dist
+    import torch.nn.functional as F
+
+    from evods.parallel import apply_tensor_parallel, shard_tensor, vocab_parallel_cross_entropy
+
+    group, rank = dist.group.WORLD, dist.get_rank()
+    full_model.zero_grad()
+    full_logits = full_model(input_ids=input_ids, position_ids=position_ids).logits
+    F.cross_entropy(full_logits.flatten(0, 1), labels.flatten(), reduction="sum").backward()
+    model = apply_tensor_parallel(tiny_hf_model(), group, rank, 2, embed_split_hidden, parallel_output=True,
+                                  sequence_parallel=True)
+    logits = model(input_ids=input_ids, position_ids=position_ids).logits
+    vocab_parallel_cross_entropy(logits, labels, group).sum().backward()
+    full_grads = dict(full_model.named_parameters())
+    grads = {name: (param.grad, shard_tensor(name, full_grads[name].grad, rank, 2, embed_split_hidden))
+             for name, param in model.named_parameters()}
+    try:
+        model(input_ids=input_ids[:, :11], position_ids=position_ids[:, :11])
+        odd_row_error = None
+    except ValueError as error:  # raised before any collective, on every rank alike
+        odd_row_error = str(error)
+    return {"sp_logits": (logits.detach(), full_logits.detach().chunk(2, dim=-1)[rank]), "sp_grads": grads,
+            "sp_marked": sorted(name for name, param in model.named_parameters()
+                                if getattr(param, "sequence_parallel", False)),
+            "sp_odd_row_error": odd_row_error}
+
+
 def as_numpy(value):
     """Tensors as numpy arrays: a torch tensor crosses the result queue as a shared-memory handle that dies with
     the worker process."""
@@ -270,6 +318,24 @@ def test_split_then_gather_gives_the_hf_weights_back(split_runs, embed_split_hid
         # The tensor-parallel forward gives this rank's vocabulary slice of the one-process logits.
         expected = np.split(out["full_logits"], 2, axis=-1)[out["rank"]]
         np.testing.assert_allclose(out["local_logits"], expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("embed_split_hidden", [True, False])
+def test_sequence_parallel_model_matches_one_process(split_runs, embed_split_hidden):
+    """Logits exactly as tensor parallelism alone computes them (the same arithmetic), and every gradient the one
+    process's: the replicated norm weights and o_proj bias get their slices' gradients summed over the tensor group."""
+    for out in split_runs[embed_split_hidden]:
+        np.testing.assert_allclose(*out["sp_logits"], rtol=1e-5, atol=1e-6)
+        np.testing.assert_array_equal(out["sp_logits"][0], out["local_logits"])
+        for name, (grad, expected) in out["sp_grads"].items():
+            np.testing.assert_allclose(grad, expected, rtol=1e-4, atol=1e-6, err_msg=name)
+        layers = [f"model.layers.{i}." for i in range(2)]
+        assert out["sp_marked"] == sorted([f"{layer}{name}" for layer in layers for name in (
+            "input_layernorm.weight", "post_attention_layernorm.weight", "self_attn.o_proj.bias")]
+            + ["model.norm.weight"])
+        assert out["sp_odd_row_error"] == ("sequence parallelism splits the 11 tokens of each row over 2 tensor "
+                                           "ranks, which does not divide them; use rows whose length is a multiple "
+                                           "of 2")
 
 
 def test_vocab_parallel_cross_entropy_matches_torch(split_runs):

@@ -10,7 +10,8 @@ export OMP_NUM_THREADS=1
 .venv/bin/deepspeed --num_gpus 2 --master_port "$PORT" train_ds.py --config configs/demo_cpu.py
 
 STEP=$($PY -c 'import runpy; print(runpy.run_path("configs/demo_cpu.py")["TOTAL_STEPS"])')
-$PY tools/convert2hf.py --src "demo_out/ckpt/$STEP" --tgt demo_out/hf
+# with the tokenizer, so that tools/chat.py and tools/web_demo.py can serve the folder
+$PY tools/convert2hf.py --src "demo_out/ckpt/$STEP" --tgt demo_out/hf --tokenizer tools/V7_sft.model
 # InternEvo's random data is counting: [n, r, 0, 1, .., n-1, 0, 1, ..], so even 40 steps teach the model to count
 # on (token 2 is a number here, not end-of-text).
 echo "prompt 4,50,0,1,2,3,0,1 -> the model continues with:"
@@ -23,8 +24,11 @@ cat <<NEXT
 Done: a model trained on two DeepSpeed ranks, saved (demo_out/ckpt/$STEP) and exported to Hugging Face (demo_out/hf).
 What to run next, from this folder:
 
-1. Generate from the exported model (it learnt InternEvo's counting data: the prompt is token ids, not text):
-   .venv/bin/python tools/generate.py --model demo_out/hf --token_ids 4,50,0,1,2,3,0,1 --max_new_tokens 12 --ignore_eos
+1. Chat with the exported model in the terminal (replies stream as they are generated; /reset, /exit; Ctrl-C
+   stops a reply). It learnt InternEvo's counting data, not language: expect gibberish back until it trains on text (2).
+   .venv/bin/python tools/chat.py --model demo_out/hf --temperature 0 --max_new_tokens 24
+   The same in the browser, with a dynamic NTK switch (README, "Chat, the web demo and long context"):
+   .venv/bin/python tools/web_demo.py --model demo_out/hf     # then open http://127.0.0.1:7860
 
 2. Train on real text (tokenize the sample, then the same model on it):
    .venv/bin/python tools/tokenizer.py --text_input_path samples/pretrain_en/wiki_demo.txt --bin_output_path data/train/en/wiki.bin

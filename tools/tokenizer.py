@@ -1,4 +1,4 @@
-"""Tokenize pretraining text (txt, jsonl, json) into an InternEvo bin/meta pair.
+"""Tokenize pretraining text (txt, jsonl, json, or a local Hugging Face dataset) into an InternEvo bin/meta pair.
 
 The command lives in evods/cli/tokenizer.py (`evods-tokenizer` once installed); see `--help`.
 """

@@ -73,7 +73,10 @@ def load_resharded(engine, checkpoint_folder: str, source: str, saved: dict, now
 
 def reshard_sampler_state(state: dict, dp: int, source: str) -> dict:
     """The sampler state at the same global position for `dp` data ranks: a step reads a contiguous block of the
-    shuffled order across the ranks, so the samples consumed so far are `per-rank count x data size`."""
+    shuffled order across the ranks, so the samples consumed so far are `per-rank count x data size`. A stream's
+    position (evods.data.loader.StreamingTrainLoader) is the same for any data size."""
+    if "stream" in state:
+        return {**state, "data_world_size": dp}
     consumed = state["num_consumed_samples_in_epoch"] * state["data_world_size"]
     if consumed % dp:
         raise CheckpointError(f"{source}: {consumed} samples of this pass were consumed, which {dp} data ranks "

@@ -1,6 +1,7 @@
-"""Tokenize pretraining text (txt, jsonl, json) into an InternEvo bin/meta pair.
+"""Tokenize pretraining text (txt, jsonl, json, or a local Hugging Face dataset) into an InternEvo bin/meta pair.
 
     python tools/tokenizer.py --text_input_path raw_data.txt --bin_output_path cn/output.bin
+    python tools/tokenizer.py --text_input_path my_hf_dataset/ --text_key content --bin_output_path en/output.bin
 
 The default encoding is the quickstart's (raw SentencePiece, no BOS/EOS); --add_bos/--add_eos give later InternEvo's.
 """
@@ -14,11 +15,14 @@ from evods.data.tokenize import find_tokenizer, tokenize_file
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--text_input_path", required=True, help="input .txt (one sample per line), .jsonl or .json")
+    parser.add_argument("--text_input_path", required=True,
+                        help="input .txt (one sample per line), .jsonl or .json; or a local Hugging Face dataset: a "
+                             "save_to_disk folder, a .parquet file, or a folder of parquet/jsonl files")
     parser.add_argument("--bin_output_path", required=True, help="output .bin; the meta goes to <this>.meta")
     parser.add_argument("--tokenizer_path", default=None,
                         help="SentencePiece model (default: tools/V7_sft.model, InternLM's V7 tokenizer shipped with evods)")
-    parser.add_argument("--text_key", default="text", help="json/jsonl field to tokenize (default: text)")
+    parser.add_argument("--text_key", default="text",
+                        help="json/jsonl field or dataset column to tokenize (default: text)")
     parser.add_argument("--whole_record", action="store_true",
                         help="json/jsonl: tokenize the whole serialized record, as InternEvo does")
     parser.add_argument("--add_bos", action="store_true", help="prepend BOS to every sample")

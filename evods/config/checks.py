@@ -24,6 +24,7 @@ class ParallelDims(NamedTuple):
     dp: int
     pp: int
     tp: int
+    sequence_parallel: bool = False  # applied: asked for, with tensor size > 1
 
 
 def check_topology(cfg: TrainConfig, world_size: int) -> ParallelDims:
@@ -48,9 +49,7 @@ def check_topology(cfg: TrainConfig, world_size: int) -> ParallelDims:
     if model.num_chunks > 1:
         raise source.error("model.num_chunks", f"model.num_chunks={model.num_chunks} asks for InternEvo's interleaved "
                                                f"pipeline, but DeepSpeed pipelines run 1F1B only; set num_chunks=1")
-    if cfg.parallel.sequence_parallel:
-        raise source.error("parallel.sequence_parallel", "parallel.sequence_parallel=True is not supported by evods "
-                                                         "yet; set sequence_parallel=False")
+    sequence_parallel = _check_sequence_parallel(cfg, tp)
     dp = world_size // (pp * tp)
     zero1 = cfg.parallel.zero1.size
     if zero1 == 1:
@@ -59,7 +58,32 @@ def check_topology(cfg: TrainConfig, world_size: int) -> ParallelDims:
     elif zero1 > 1 and zero1 != dp:
         logger.warning("parallel.zero1=%d: DeepSpeed ZeRO-1 shards the optimizer state over the whole data-parallel "
                        "group (%d ranks), not over groups of %d.", zero1, dp, zero1)
-    return ParallelDims(dp=dp, pp=pp, tp=tp)
+    return ParallelDims(dp=dp, pp=pp, tp=tp, sequence_parallel=sequence_parallel)
+
+
+def _check_sequence_parallel(cfg: TrainConfig, tp: int) -> bool:
+    """Whether sequence parallelism applies: it splits each row's tokens over the tensor ranks, so it needs tensor
+    size > 1 (InternEvo ignores it there too) and rows whose length that size divides."""
+    if not cfg.parallel.sequence_parallel:
+        return False
+    if tp == 1:
+        logger.warning("parallel.sequence_parallel=True has no effect with parallel.tensor size 1: it splits the "
+                       "tokens over the tensor-parallel ranks")
+        return False
+    data = cfg.data
+    tokens = data.micro_bsz * data.seq_len
+    if tokens % tp:
+        raise cfg.source.error("parallel.sequence_parallel",
+                               f"parallel.sequence_parallel=True splits each micro-batch's data.micro_bsz × "
+                               f"data.seq_len = {data.micro_bsz} × {data.seq_len} = {tokens} tokens over "
+                               f"parallel.tensor size {tp}, which does not divide them; make micro_bsz × seq_len a "
+                               f"multiple of {tp}")
+    if data.valid_every > 0 and data.seq_len % tp:
+        raise cfg.source.error("parallel.sequence_parallel",
+                               f"parallel.sequence_parallel=True splits each validation row's data.seq_len="
+                               f"{data.seq_len} tokens over parallel.tensor size {tp}, which does not divide them; "
+                               f"make seq_len a multiple of {tp} (or set data.valid_every=0)")
+    return True
 
 
 def cpu_fp16_forced() -> bool:

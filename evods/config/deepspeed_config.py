@@ -18,11 +18,16 @@ logger = logging.getLogger("evods.config")
 DEFAULTS_PATH = Path(__file__).with_name("deepspeed_defaults.json")
 EFFECTIVE_NAME = "ds_config.json"
 
+SEQUENCE_SLICES_BETWEEN_STAGES = ("each tensor rank sends its own slice of the tokens to the next pipeline stage "
+                                  "(parallel.sequence_parallel), which DeepSpeed's partitioned transfer would mix up: "
+                                  "it assumes every tensor rank holds the same activations")
 # Settings of the defaults that evods' loop depends on, with the reason an override would break it.
 FIXED_BY_EVODS = {
     "train_micro_batch_size_per_gpu": "one micro-batch is one packed row of data.micro_bsz × data.seq_len tokens",
     "zero_optimization.stage": "evods always runs ZeRO-1: DeepSpeed's other optimizers get the gradient norm wrong "
                                "under pipeline/tensor parallelism",
+    "pipeline.pipe_partitioned": SEQUENCE_SLICES_BETWEEN_STAGES,
+    "pipeline.grad_partitioned": SEQUENCE_SLICES_BETWEEN_STAGES,
 }
 # Keys that fix how many rows a step consumes; the loop feeds data.micro_num rows per step, so they must agree.
 BATCH_GEOMETRY = {"train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "train_batch_size"}
@@ -77,6 +82,10 @@ def _derived(cfg: TrainConfig, dp_size: int) -> dict[str, tuple[Any, str]]:
         "zero_optimization.reduce_bucket_size": (zero.reduce_bucket_size, "hybrid_zero_optimizer.reduce_bucket_size"),
         "gradient_clipping": (float(zero.clip_grad_norm), "hybrid_zero_optimizer.clip_grad_norm"),
     }
+    parallel = cfg.parallel
+    if parallel.sequence_parallel and parallel.tensor.size > 1 and parallel.pipeline.size > 1:
+        derived.update({"pipeline.pipe_partitioned": (False, SEQUENCE_SLICES_BETWEEN_STAGES),
+                        "pipeline.grad_partitioned": (False, SEQUENCE_SLICES_BETWEEN_STAGES)})
     if cfg.model.dtype == torch.float16:
         power = math.log2(scaler.fp16.initial_scale)
         if not power.is_integer():

@@ -121,6 +121,19 @@ RAMPUP = Rule('a string "start increment every" like "1 1 100" (or "")', _parses
 
 
 @dataclass(kw_only=True)
+class TrainDatasetConfig:
+    """data.train_dataset: text from a Hugging Face dataset, tokenized on the fly (evods.data.hf_source)."""
+    path: str = key(STR)  # a save_to_disk folder, data files (parquet, jsonl, json, txt, csv: file or folder), Hub name
+    streaming: bool = key(BOOL, False)  # False: tokenized once, packed and shuffled as a .bin; True: read in order
+    text_key: str = key(STR, "text")
+    tokenizer_path: Optional[str] = key(OPTIONAL_STR, None)  # SentencePiece model; None: tools/V7_sft.model
+    split: str = key(STR, "train")
+    name: Optional[str] = key(OPTIONAL_STR, None)  # the Hub dataset's configuration
+    add_bos: bool = key(BOOL, False)
+    add_eos: bool = key(BOOL, False)
+
+
+@dataclass(kw_only=True)
 class DataConfig:
     seq_len: int = key(POSITIVE_INT)
     micro_num: int = key(POSITIVE_INT, 1)  # micro-batches per optimizer step (gradient accumulation)
@@ -138,12 +151,14 @@ class DataConfig:
     rampup_batch_size: str = key(RAMPUP, "")
     min_length: int = key(NON_NEGATIVE_INT, 0)
     train_folder: Optional[str] = key(OPTIONAL_STR, None)  # None: random data
+    train_dataset: Optional[TrainDatasetConfig] = section(TrainDatasetConfig, optional=True)  # instead of train_folder
     valid_folder: Optional[str] = key(OPTIONAL_STR, None)
     empty_cache_and_diag_interval: int = key(POSITIVE_INT, 50)
     diag_outlier_ratio: float = key(NUMBER, 1.1)  # clamped to >= 1
     min_length_dict: Optional[dict] = key(_optional(DICT), None)
     # InternEvo [IE] additions
-    type: str = key(_one_of("tokenized", note=" (the only data type InternEvo and evods read)"), "tokenized")
+    type: str = key(_one_of("tokenized", note=" (for InternEvo's type='streaming', set data.train_dataset=dict("
+                                              "path=..., streaming=True) instead)"), "tokenized")
     use_packed_dataset: bool = key(BOOL, True)
     fixed_random_dataset_seqlen: bool = key(BOOL, False)
     num_worker: int = key(NON_NEGATIVE_INT, 4)
@@ -216,7 +231,7 @@ TENSOR_MODES = ("mtp", "msp", "fsp", "isp")
 @dataclass(kw_only=True)
 class TensorConfig:
     size: int = key(POSITIVE_INT, 1)
-    # mtp: Megatron tensor parallelism, what evods runs; the others are refused by _check_tensor_mode
+    # mtp: Megatron tensor parallelism; msp: with sequence parallelism; fsp, isp: refused (_normalise_tensor_mode)
     mode: str = key(_one_of(*TENSOR_MODES), "mtp", coerce=lambda v: "mtp" if v is None else v)
 
 
@@ -556,6 +571,9 @@ def _warn_unapplied(cfg: TrainConfig) -> None:
 
 
 def _normalise_data(data: DataConfig, source: ConfigSource) -> None:
+    if data.train_folder and data.train_dataset:
+        raise source.error("data.train_dataset", "data.train_folder and data.train_dataset are both set: train on "
+                                                 "bin/meta files or on a Hugging Face dataset, keep one")
     if data.gradient_accumulation not in (None, data.micro_num):
         raise source.error("data.gradient_accumulation",
                            f"data.gradient_accumulation={data.gradient_accumulation} must equal data.micro_num="
@@ -581,31 +599,33 @@ def _normalise_model(model: ModelConfig) -> None:
 
 
 def _check_parallel(parallel: ParallelConfig, source: ConfigSource) -> None:
-    """InternEvo's parallel modes that evods does not run, each refused with what to write instead."""
+    """InternEvo's parallel modes: those evods does not run are refused with what to write instead."""
     if parallel.zero1.fsdp:
         raise source.error("parallel.zero1.fsdp", "parallel.zero1.fsdp=True asks for torch FSDP, which evods does "
                                                   "not run: it shards the optimizer with DeepSpeed ZeRO-1; set "
                                                   "fsdp=False")
-    _check_tensor_mode(parallel.tensor.mode, source)
+    _normalise_tensor_mode(parallel, source)
     if parallel.weight.size > 1:
         raise source.error("parallel.weight.size", f"parallel.weight.size={parallel.weight.size} asks for InternEvo's "
                                                    "weight parallelism (an isp companion), which evods does not run; "
                                                    "set weight=dict(size=1)")
 
 
-def _check_tensor_mode(mode: str, source: ConfigSource) -> None:
-    """The one place that maps parallel.tensor.mode. InternEvo's launch.py turns msp/fsp/isp into
-    sequence_parallel=True; evods runs mtp, and sequence parallelism is asked for with sequence_parallel=True."""
+def _normalise_tensor_mode(parallel: ParallelConfig, source: ConfigSource) -> None:
+    """The one place that maps parallel.tensor.mode. "msp" is Megatron tensor parallelism with Megatron sequence
+    parallelism, what evods runs for mode="mtp" plus sequence_parallel=True (InternEvo's launch.py,
+    `args_sanity_check`, also sets sequence_parallel=True for it). Unlike InternEvo, whose ParallelContext turns
+    sequence_parallel off under mode="mtp", evods honours sequence_parallel=True there: it is the quickstart's key."""
+    if parallel.tensor.mode == "msp":
+        parallel.sequence_parallel = True
     refusals = {
-        "msp": 'parallel.tensor.mode="msp": evods configures Megatron tensor parallelism with sequence parallelism '
-               'as mode="mtp" plus parallel.sequence_parallel=True; write that instead',
         "fsp": 'parallel.tensor.mode="fsp" (flash-attn tensor parallelism with sequence parallelism) is not run by '
                'evods; use mode="mtp" (Megatron tensor parallelism)',
         "isp": 'parallel.tensor.mode="isp" (InternEvo\'s intern sequence parallelism with weight parallelism) is not '
                'run by evods; use mode="mtp" (Megatron tensor parallelism)',
     }
-    if mode in refusals:
-        raise source.error("parallel.tensor.mode", refusals[mode])
+    if parallel.tensor.mode in refusals:
+        raise source.error("parallel.tensor.mode", refusals[parallel.tensor.mode])
 
 
 def _normalise_ckpt(ckpt: CkptConfig, source: ConfigSource) -> None:

@@ -13,6 +13,7 @@ import numpy as np
 
 from evods.data.binfile import BinWriter, meta_path
 from evods.data.errors import DataError
+from evods.data.hf_source import open_hf_dataset
 from evods.data.tokenize import load_tokenizer
 
 MAX_LENGTH = 2048
@@ -24,18 +25,9 @@ _ENCODE_BATCH = 1024
 
 def load_alpaca_records(path):
     """The Alpaca records via `datasets`: a JSON/JSONL file, or a folder saved with `save_to_disk`."""
-    import datasets  # slow to import; only this tool needs it
-
-    path = Path(path)
-    try:
-        if path.is_dir():
-            loaded = datasets.load_from_disk(str(path))
-            return loaded["train"] if isinstance(loaded, datasets.DatasetDict) else loaded
-        if path.is_file():
-            return datasets.load_dataset("json", data_files=str(path), split="train")
-    except Exception as err:  # datasets raises many unrelated types for unreadable input
-        raise DataError(f"{path}: cannot read it as an Alpaca dataset: {err}") from None
-    raise DataError(f"Alpaca dataset {path} not found")
+    if not Path(path).exists():
+        raise DataError(f"Alpaca dataset {path} not found")
+    return open_hf_dataset(path)
 
 
 def _piece_id(sp, piece):

@@ -4,6 +4,7 @@
 Every batch is {"input_ids", "position_ids", "labels", "type_ids"}, each LongTensor [rows, length]: train rows are
 packs ([micro_num, micro_bsz * seq_len]), validation rows are single documents ([batch, seq_len]). Document
 boundaries are where position_ids == 0 (no cu_seqlens, so a DeepSpeed pipeline can ship the tensors between stages).
+Here `labels` are already shifted (labels[t] is the target of position t); `hf_batch` gives transformers' layout.
 """
 import numpy as np
 import torch
@@ -13,8 +14,33 @@ from evods.data.packing import IGNORE_INDEX, next_token_labels
 FIELDS = ("input_ids", "position_ids", "labels", "type_ids")
 
 
-def collate_packs(packs: list[dict]) -> dict:
-    return {name: torch.from_numpy(np.stack([pack[name] for pack in packs])) for name in FIELDS}
+def collate_packs(packs: list[dict], fields=FIELDS) -> dict:
+    return {name: torch.from_numpy(np.stack([pack[name] for pack in packs])) for name in fields}
+
+
+def hf_batch(batch: dict) -> dict:
+    """A training batch as transformers' causal LMs take it, for the evods model and e.g. LlamaForCausalLM alike:
+
+    - labels: unshifted (labels[t] is token t when a loss is taken on it; the model shifts them), -100 at each row's
+      first token, each document's first token and every masked token;
+    - shift_labels: the same targets already shifted (shift_labels[t] is what position t predicts). transformers'
+      causal-LM loss uses them when present, and counts them in Trainer's num_items_in_batch. They hold one target
+      `labels` cannot: a document cut by the row's end keeps its next token (the first of the next pack) as the last
+      position's target, as train_ds.py trains it;
+    - position_ids restart at 0 for every document, which both models read as the document boundaries.
+    No type_ids (transformers' models take no such input).
+    """
+    shift_labels = batch["labels"]
+    labels = torch.full_like(shift_labels, IGNORE_INDEX)
+    labels[:, 1:] = shift_labels[:, :-1]
+    return {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"], "labels": labels,
+            "shift_labels": shift_labels}
+
+
+def collate_hf(packs: list[dict]) -> dict:
+    """Packs (items of a packed dataset) -> one transformers batch (see hf_batch): a `collate_fn` / `data_collator`.
+    Reads only input_ids, position_ids and labels (transformers' Trainer drops item keys its model does not take)."""
+    return hf_batch(collate_packs(packs, fields=("input_ids", "position_ids", "labels")))
 
 
 def collate_documents(documents: list[np.ndarray], seq_len: int) -> dict:

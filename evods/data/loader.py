@@ -4,9 +4,12 @@ Train folder layout: train_folder/<type>/**/*.bin, each with its .bin.meta. Type
 current rule: the sorted names of train_folder's top-level folders, enumerated (e.g. cn=0, code=1, en=2); any name
 works. Each .bin is packed on its own (own shuffle, own dropped tail), then all packs are concatenated.
 Without train_folder the packs come from RandomDataset(1_000_000, seq_len) and dataset_types is ["en", "cn", "code"].
+With train_dataset (instead of train_folder) the text of a Hugging Face dataset is tokenized on the fly (see
+evods.data.hf_source): a map-style dataset is packed and sampled exactly as a .bin file, a streaming one in order.
 """
 import os
 import signal
+from dataclasses import asdict
 from functools import partial
 from pathlib import Path
 
@@ -16,6 +19,7 @@ from torch.utils.data import ConcatDataset, DataLoader
 from evods.data.binfile import TokenizedDataset
 from evods.data.collate import collate_documents, collate_packs
 from evods.data.errors import DataError
+from evods.data.hf_source import StreamCursor, StreamingPacks, TextEncoder, TokenizedTexts, open_hf_dataset
 from evods.data.packing import PackedDataset
 from evods.data.random_data import RandomDataset
 from evods.data.sampler import StaticBatchSampler
@@ -59,9 +63,33 @@ def min_length_for(path, min_length: int, min_length_dict: dict | None) -> int:
     return min_length_dict[matches[0]] if matches else min_length
 
 
+def pack_hf_dataset(dataset, encoder: TextEncoder, seq_len: int, micro_bsz: int, pack_sample_into_one: bool = False,
+                    min_length: int = 0):
+    """The packs of a `datasets.Dataset` (random access, as a .bin file) or `IterableDataset` (StreamingPacks)."""
+    import datasets
+
+    if isinstance(dataset, datasets.IterableDataset):
+        return StreamingPacks(dataset, encoder, seq_len, micro_bsz, pack_sample_into_one, min_length=min_length)
+    return PackedDataset(TokenizedTexts(dataset, encoder, min_length=min_length), seq_len, micro_bsz,
+                         pack_sample_into_one)
+
+
+def build_hf_train_dataset(data_cfg: dict):
+    """data.train_dataset: (packs, [type name]); the one type is named after the dataset."""
+    spec = data_cfg["train_dataset"]
+    where = f"data.train_dataset {spec['path']}"
+    dataset = open_hf_dataset(spec["path"], spec["split"], spec["streaming"], spec["name"])
+    encoder = TextEncoder(spec["tokenizer_path"], spec["text_key"], spec["add_bos"], spec["add_eos"], where)
+    packs = pack_hf_dataset(dataset, encoder, data_cfg["seq_len"], data_cfg["micro_bsz"],
+                            data_cfg.get("pack_sample_into_one", False), data_cfg.get("min_length", 0))
+    return packs, [Path(spec["path"]).stem]
+
+
 def build_train_dataset(data_cfg: dict) -> tuple[ConcatDataset, list[str]]:
     """All packs of the training data, and dataset_types (type names in id order)."""
     seq_len, micro_bsz = data_cfg["seq_len"], data_cfg["micro_bsz"]
+    if data_cfg.get("train_dataset"):
+        return build_hf_train_dataset(data_cfg)
     if data_cfg.get("train_folder"):
         dataset_types, files = discover_train_files(data_cfg["train_folder"])
         min_length = data_cfg.get("min_length", 0)
@@ -96,11 +124,67 @@ class TrainLoader:
             self.sampler.advance()
             yield batch
 
+    def state_dict(self) -> dict:
+        return self.sampler.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.sampler.load_state_dict(state)
+
+
+class StreamingTrainLoader:
+    """Endless training batches from StreamingPacks, with TrainLoader's interface (it is its own "sampler").
+
+    A step takes the next micro_num * dp_size packs of the stream; data rank r keeps packs r, r + dp_size, ... of
+    them, as StaticBatchSampler deals its indices. Every rank reads and tokenizes the whole stream, so after each
+    step all ranks stand at the same place of it: the state is one StreamCursor, valid for any data-parallel size.
+    """
+
+    def __init__(self, packs: StreamingPacks, micro_num: int, dp_rank: int = 0, dp_size: int = 1):
+        if not 0 <= dp_rank < dp_size:
+            raise DataError(f"dp_rank {dp_rank} is not in [0, dp_size={dp_size})")
+        self.packs = packs
+        self.micro_num = micro_num
+        self.data_rank, self.data_world_size = dp_rank, dp_size
+        self.cursor = StreamCursor()
+        self.batch_count = 0
+
+    def __iter__(self):
+        stream = self.packs.packs(self.cursor)
+        while True:
+            mine = []
+            for index in range(self.micro_num * self.data_world_size):
+                pack, cursor = next(stream)
+                if index % self.data_world_size == self.data_rank:
+                    mine.append(pack)
+            self.cursor = cursor
+            self.batch_count += 1
+            yield collate_packs(mine)
+
+    def state_dict(self) -> dict:
+        return {"stream": asdict(self.cursor), "batch_count": self.batch_count,
+                "data_world_size": self.data_world_size, "pack_len": self.packs.pack_len}
+
+    def load_state_dict(self, state: dict) -> None:
+        if "stream" not in state:
+            raise DataError("cannot resume a streaming dataset from the position of a bin/meta sampler; the "
+                            "checkpoint was saved with other training data")
+        if state["pack_len"] != self.packs.pack_len:
+            raise DataError(f"cannot resume the stream: packs had {state['pack_len']} tokens in the checkpoint and "
+                            f"have {self.packs.pack_len} now (micro_bsz * seq_len); resuming exactly needs the same")
+        self.cursor = StreamCursor(**state["stream"])
+        self.batch_count = state["batch_count"]
+
 
 def build_train_loader(data_cfg: dict, dp_rank: int, dp_size: int, num_workers: int = 0):
-    """-> (TrainLoader, StaticBatchSampler, dataset_types). Uses data_cfg keys seq_len, micro_num, micro_bsz,
-    pack_sample_into_one, train_folder, min_length, min_length_dict, rampup_batch_size."""
+    """-> (loader, sampler, dataset_types): the loader yields step batches; the sampler holds the resumable data
+    position (state_dict / load_state_dict; a StreamingTrainLoader is both). Uses data_cfg keys seq_len, micro_num,
+    micro_bsz, pack_sample_into_one, train_folder, train_dataset, min_length, min_length_dict, rampup_batch_size."""
     dataset, dataset_types = build_train_dataset(data_cfg)
+    if isinstance(dataset, StreamingPacks):
+        if data_cfg.get("rampup_batch_size"):
+            raise DataError("data.rampup_batch_size does not apply to a streaming data.train_dataset; remove it")
+        loader = StreamingTrainLoader(dataset, data_cfg["micro_num"], dp_rank, dp_size)
+        return loader, loader, dataset_types
     sampler = StaticBatchSampler(len(dataset), data_cfg["micro_num"], data_cfg.get("rampup_batch_size", ""),
                                  dp_rank, dp_size)
     return TrainLoader(dataset, sampler, num_workers), sampler, dataset_types

@@ -10,6 +10,8 @@ Each pack is a dict of int64 arrays of length P:
 - position_ids: pack_sample_into_one=False: restart at 0 at every document fragment and every seq_len tokens inside
   a fragment longer than seq_len; True: 0..seq_len-1 repeated micro_bsz times (attention crosses documents);
 - type_ids: the source's type id.
+`build_pack` makes one pack from a window of the stream; PackedDataset (random access over a source with known
+lengths) and evods.data.hf_source.StreamingPacks (a stream read in order) both call it.
 """
 import numpy as np
 from torch.utils.data import Dataset
@@ -21,6 +23,34 @@ IGNORE_INDEX = -100
 def next_token_labels(next_tokens: np.ndarray) -> np.ndarray:
     """Loss targets from next tokens: non-positive ids (masked, padding, <unk>) are not predicted."""
     return np.where(next_tokens > 0, next_tokens, IGNORE_INDEX)
+
+
+def build_pack(window: np.ndarray, bounds: np.ndarray, seq_len: int, pack_len: int, pack_sample_into_one: bool,
+               type_id: int) -> dict:
+    """One pack from `window`, the stream from the pack's first token on (pack_len tokens, plus the next one when the
+    stream has it), and `bounds`, the window positions where the samples overlapping the pack start, followed by
+    where the last of them ends (the first start is <= 0, the end is >= pack_len)."""
+    P = pack_len
+    tokens = window[:P]
+    next_tokens = np.zeros(P, dtype=np.int64)
+    tail = window[1:P + 1]
+    next_tokens[:len(tail)] = tail
+    labels = next_token_labels(next_tokens)
+    doc_ends = bounds[1:] - 1  # pack positions of each document's last token
+    labels[doc_ends[doc_ends < P]] = IGNORE_INDEX
+    if pack_sample_into_one:
+        labels[-1] = IGNORE_INDEX
+        positions = np.tile(np.arange(seq_len, dtype=np.int64), P // seq_len)
+    else:
+        frag_starts = np.maximum(bounds[:-1], 0)
+        frag_lengths = np.diff(np.append(frag_starts, P))
+        positions = (np.arange(P) - np.repeat(frag_starts, frag_lengths)) % seq_len
+    return {
+        "input_ids": np.abs(tokens),
+        "position_ids": positions,
+        "labels": labels,
+        "type_ids": np.full(P, type_id, dtype=np.int64),
+    }
 
 
 class PackedDataset(Dataset):
@@ -35,7 +65,6 @@ class PackedDataset(Dataset):
         np.random.RandomState(PACK_SEED).shuffle(self.order)
         # cum[k] = stream position where the k-th shuffled sample starts
         self.cum = np.concatenate([[0], np.cumsum(source.lengths[self.order], dtype=np.int64)])
-        self._fixed_positions = np.tile(np.arange(seq_len, dtype=np.int64), micro_bsz)
 
     def __len__(self):
         return int(self.cum[-1] // self.pack_len)
@@ -49,23 +78,5 @@ class PackedDataset(Dataset):
         last = int(np.searchsorted(self.cum, start + P, side="left")) - 1  # sample holding token `start + P - 1`
         stream = np.concatenate([self.source[int(i)] for i in self.order[first:last + 1]])
         offset = start - self.cum[first]
-        tokens = stream[offset:offset + P]
-        next_tokens = np.zeros(P, dtype=np.int64)
-        tail = stream[offset + 1:offset + P + 1]
-        next_tokens[:len(tail)] = tail
-        labels = next_token_labels(next_tokens)
-        doc_ends = self.cum[first + 1:last + 2] - 1 - start  # pack positions of each document's last token
-        labels[doc_ends[doc_ends < P]] = IGNORE_INDEX
-        if self.pack_sample_into_one:
-            labels[-1] = IGNORE_INDEX
-            positions = self._fixed_positions.copy()
-        else:
-            frag_starts = np.maximum(self.cum[first:last + 1] - start, 0)
-            frag_lengths = np.diff(np.append(frag_starts, P))
-            positions = (np.arange(P) - np.repeat(frag_starts, frag_lengths)) % self.seq_len
-        return {
-            "input_ids": np.abs(tokens),
-            "position_ids": positions,
-            "labels": labels,
-            "type_ids": np.full(P, self.source.type_id, dtype=np.int64),
-        }
+        return build_pack(stream[offset:offset + P + 1], self.cum[first:last + 2] - start, self.seq_len, P,
+                          self.pack_sample_into_one, self.source.type_id)

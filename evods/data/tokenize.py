@@ -47,6 +47,15 @@ def load_tokenizer(path) -> spm.SentencePieceProcessor:
         raise DataError(f"{path} is not a SentencePiece model: {err}") from None
 
 
+def check_tokenizer_fits(tokenizer_path, vocab_size: int, model_name: str = "the model") -> None:
+    """A tokenizer with more ids than the model's embedding rows would index past it on its first rare token."""
+    tokenizer_vocab = load_tokenizer(find_tokenizer(tokenizer_path)).vocab_size()
+    if tokenizer_vocab > vocab_size:
+        raise DataError(f"the tokenizer {find_tokenizer(tokenizer_path)} has {tokenizer_vocab} ids but {model_name} "
+                        f"has vocab_size={vocab_size}; use the model's tokenizer or a model with vocab_size >= "
+                        f"{tokenizer_vocab}")
+
+
 @dataclass(frozen=True)
 class EncodeOptions:
     fmt: str
@@ -263,8 +272,19 @@ class _InOrderPool:
 
 def tokenize_file(input_path, bin_path, tokenizer_path=None, *, text_key="text", whole_record=False, add_bos=False,
                   add_eos=False, workers=1, skip_bad_lines=False, mode="create", progress=True) -> TokenizeStats:
-    """Tokenize a txt/jsonl/json file into `bin_path` and `bin_path.meta`. Raises DataError on bad input."""
+    """Tokenize a txt/jsonl/json file into `bin_path` and `bin_path.meta`. Raises DataError on bad input.
+
+    A folder (save_to_disk, or data files) or a .parquet file is a Hugging Face dataset: see
+    evods.data.hf_source.tokenize_hf_dataset (the text of column `text_key`)."""
     input_path = Path(input_path)
+    if input_path.is_dir() or input_path.suffix.lower() == ".parquet":
+        from evods.data.hf_source import tokenize_hf_dataset
+
+        if whole_record or skip_bad_lines:
+            raise DataError(f"{input_path} is a Hugging Face dataset: it has columns, not lines; choose the text "
+                            "column with --text_key (--whole_record and --skip_bad_lines read json/jsonl files)")
+        return tokenize_hf_dataset(input_path, bin_path, tokenizer_path, text_key=text_key, add_bos=add_bos,
+                                   add_eos=add_eos, workers=workers, mode=mode, progress=progress)
     opts = EncodeOptions(input_format(input_path), text_key, whole_record, add_bos, add_eos)
     if not input_path.is_file():
         raise DataError(f"input file {input_path} not found")

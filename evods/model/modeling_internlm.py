@@ -14,7 +14,8 @@ that every such version has; what differs between versions comes from `transform
 and for export, instead of a second copy that would drift).
 """
 
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from functools import partial
 
@@ -22,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
-from transformers import GenerationMixin, PreTrainedModel
+from transformers import GenerationMixin, PreTrainedModel, StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
 from transformers.activations import ACT2FN
 from transformers.cache_utils import Cache
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
@@ -39,6 +40,22 @@ from .transformers_compat import (
     new_cache,
 )
 from .configuration_internlm import InternLMConfig
+
+# InternLM's chat format (InternLM-chat-7b): <|System|>:{meta}\n<|User|>:{query}<eoh>\n<|Bot|>:{reply}<eoa>\n...
+# The one definition: `chat` renders it, and exported tokenizers carry it as their `chat_template`. BOS comes from the
+# template: the rendered prompt is tokenized without adding special tokens.
+CHAT_TEMPLATE = (
+    "{{ bos_token }}"
+    "{% for message in messages %}"
+    "{% if message['role'] == 'system' %}{{ '<|System|>:' + message['content'] + '\\n' }}"
+    "{% elif message['role'] == 'user' %}{{ '<|User|>:' + message['content'] + '<eoh>\\n' }}"
+    "{% elif message['role'] == 'assistant' %}{{ '<|Bot|>:' + message['content'] + '<eoa>\\n' }}"
+    "{% else %}{{ raise_exception('InternLM chat roles are system, user and assistant, not ' + message['role']) }}"
+    "{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|Bot|>:' }}{% endif %}"
+)
+END_OF_REPLY = "<eoa>"
 
 try:
     from flash_attn import flash_attn_varlen_func
@@ -591,6 +608,78 @@ class InternLMForCausalLM(InternLMPreTrainedModel, GenerationMixin):
     if not GENERATION_PREPARES_INPUTS:  # transformers < 4.45 leaves this to the model
         prepare_inputs_for_generation = legacy_prepare_inputs_for_generation
 
+    def set_rotary_type(self, rotary_type: str) -> None:
+        """Switch between dynamic NTK ("dynamic") and plain RoPE ("origin") in place: the next forward uses it, so
+        one loaded model compares the two. config.rotary follows, so that save_pretrained writes what runs. (A KV
+        cache holds keys rotated with the configured base under both: a cache stays valid across the switch.)"""
+        if rotary_type not in ("origin", "dynamic"):
+            raise ValueError(f"rotary type {rotary_type!r}: expected 'origin' or 'dynamic'")
+        self.config.rotary = {**self.config.rotary, "type": rotary_type}
+        self.model.rotary_emb.dynamic = rotary_type == "dynamic"
+
+    def build_inputs(self, tokenizer, query: str, history: Sequence[tuple[str, str]] = ()):
+        """The prompt of InternLM's chat format for `query` after `history` ((query, reply) pairs), tokenized: a
+        BatchEncoding of one row, as InternLM's `build_inputs`."""
+        prompt = tokenizer.apply_chat_template(chat_messages(query, history), chat_template=CHAT_TEMPLATE,
+                                               tokenize=False, add_generation_prompt=True)
+        return tokenizer([prompt], return_tensors="pt", add_special_tokens=False)
+
+    @torch.no_grad()
+    def chat(self, tokenizer, query: str, history: Sequence[tuple[str, str]] = (), streamer=None,
+             max_new_tokens: int = 1024, do_sample: bool = True, temperature: float = 0.8, top_p: float = 0.8,
+             **generate_kwargs) -> tuple[str, list[tuple[str, str]]]:
+        """InternLM's chat: the reply to `query` after `history`, and the history with this turn appended.
+
+        The prompt is InternLM's format (`<|User|>:{query}<eoh>\n<|Bot|>:{reply}<eoa>\n`, see CHAT_TEMPLATE), the reply
+        ends at `<eoa>` or EOS; the defaults sample as InternLM's chat does, `do_sample=False` is greedy, and any
+        other `generate` argument passes through (`top_k`, `repetition_penalty`, a `streamer`, ...).
+        """
+        inputs = self.build_inputs(tokenizer, query, history).to(self.device)
+        stop_ids = chat_stop_ids(tokenizer)
+        sampling = {"temperature": temperature, "top_p": top_p} if do_sample else {}
+        generate_kwargs.setdefault("pad_token_id", tokenizer.pad_token_id if tokenizer.pad_token_id is not None
+                                   else stop_ids[0])
+        output = self.generate(**inputs, streamer=streamer, max_new_tokens=max_new_tokens, do_sample=do_sample,
+                               eos_token_id=stop_ids, **sampling, **generate_kwargs)
+        reply = decode_reply(tokenizer, output[0, inputs["input_ids"].shape[1]:].tolist(), stop_ids)
+        return reply, [*history, (query, reply)]
+
+    def stream_chat(self, tokenizer, query: str, history: Sequence[tuple[str, str]] = (),
+                    **chat_kwargs) -> Iterator[tuple[str, list[tuple[str, str]]]]:
+        """As `chat`, streamed as InternLM's `stream_chat`: yields (the reply so far, the history with it) each time
+        the reply grows; the last is what `chat` returns. Generation runs in a thread; closing the generator (a
+        consumer that stops early, Ctrl-C) ends it at the next token."""
+        streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+        stop = threading.Event()
+        chat_kwargs["stopping_criteria"] = StoppingCriteriaList([*chat_kwargs.get("stopping_criteria", ()),
+                                                                 StopOnEvent(stop)])
+        outcome = {}
+
+        def run():
+            try:
+                outcome["result"] = self.chat(tokenizer, query, history, streamer=streamer, **chat_kwargs)
+            except BaseException as error:  # re-raised in the caller's thread
+                outcome["error"] = error
+                streamer.end()
+
+        thread = threading.Thread(target=run, name="stream_chat", daemon=True)
+        thread.start()
+        text, reply = "", ""
+        try:
+            for piece in streamer:
+                text += piece
+                grown = text.split(END_OF_REPLY)[0]
+                if grown != reply:
+                    reply = grown
+                    yield reply, [*history, (query, reply)]
+        finally:
+            stop.set()
+            thread.join()
+        if "error" in outcome:
+            raise outcome["error"]
+        if outcome["result"][0] != reply:  # the decoded ids are the reference (`chat`'s own result)
+            yield outcome["result"]
+
     def save_pretrained(self, save_directory, *args, **kwargs):
         """As transformers', with `auto_map` also mapping AutoModel to this class, as InternLM's published folders do
         (code written for them loads the chat model with AutoModel)."""
@@ -609,6 +698,37 @@ class InternLMForCausalLM(InternLMPreTrainedModel, GenerationMixin):
         decoder_stages = [DecoderStage(layer, layout) for layer in self.model.layers]
         head = HeadStage(self.model.norm, self.lm_head, skip_lm_head)
         return [EmbeddingStage(self.model.embed_tokens), *decoder_stages, head]
+
+
+def chat_messages(query: str, history: Sequence[tuple[str, str]] = ()) -> list[dict[str, str]]:
+    """(query, reply) pairs and the new query as chat-template messages."""
+    messages = []
+    for past_query, past_reply in history:
+        messages += [{"role": "user", "content": past_query}, {"role": "assistant", "content": past_reply}]
+    return [*messages, {"role": "user", "content": query}]
+
+
+def chat_stop_ids(tokenizer) -> list[int]:
+    """EOS, and `<eoa>` where the tokenizer has it as one token (InternLM's do)."""
+    end_of_reply = tokenizer.convert_tokens_to_ids(END_OF_REPLY)
+    has_it = end_of_reply is not None and end_of_reply != tokenizer.unk_token_id
+    return [tokenizer.eos_token_id, *([end_of_reply] if has_it else [])]
+
+
+def decode_reply(tokenizer, new_ids: list[int], stop_ids: list[int]) -> str:
+    """The text of the generated ids up to the first stop token (or a spelled-out `<eoa>`)."""
+    end = next((i for i, token in enumerate(new_ids) if token in stop_ids), len(new_ids))
+    return tokenizer.decode(new_ids[:end], skip_special_tokens=True).split(END_OF_REPLY)[0]
+
+
+class StopOnEvent(StoppingCriteria):
+    """Ends generation once `event` is set."""
+
+    def __init__(self, event: threading.Event):
+        self.event = event
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs) -> bool:
+        return self.event.is_set()
 
 
 class EmbeddingStage(nn.Module):

@@ -1,13 +1,25 @@
 """Megatron-style communication inside a tensor-parallel group, as autograd functions.
 
-Each pairs a forward collective with the backward that keeps gradients exact when the activations on either side are
-replicated over the group:
+Each pairs a forward collective with the backward that keeps gradients exact. Tensor parallelism, where the
+activations on either side are replicated over the group:
 - copy_to_tensor_parallel_region: identity forward, all-reduce backward (a replicated input feeds sharded weights);
 - reduce_from_tensor_parallel_region: all-reduce forward, identity backward (partial sums become the full value);
 - gather_from_tensor_parallel_region: all-gather along the last dim forward, keep the own slice backward.
+Sequence parallelism, where each rank holds 1/tp of the tokens (dim 1 of [batch, tokens, hidden]) outside the
+tensor-parallel layers:
+- scatter_to_sequence_parallel_region: keep the own slice of the tokens forward, all-gather backward;
+- gather_from_sequence_parallel_region: all-gather the tokens forward, reduce-scatter backward (the ranks' partial
+  input gradients of the column-parallel layers are summed, each keeping its tokens' share);
+- reduce_scatter_to_sequence_parallel_region: reduce-scatter over the tokens forward, all-gather backward (a
+  row-parallel layer's partial sums, each rank keeping its tokens).
 """
+from functools import partial
+from typing import Callable
+
 import torch
 import torch.distributed as dist
+
+SEQUENCE_DIM = 1  # [batch, tokens, hidden]
 
 
 def _all_reduce(tensor: torch.Tensor, group) -> torch.Tensor:
@@ -16,57 +28,74 @@ def _all_reduce(tensor: torch.Tensor, group) -> torch.Tensor:
     return tensor
 
 
-def _all_gather_last_dim(tensor: torch.Tensor, group) -> torch.Tensor:
+def _all_gather(tensor: torch.Tensor, group, dim: int) -> torch.Tensor:
     tensor = tensor.contiguous()
     parts = [torch.empty_like(tensor) for _ in range(dist.get_world_size(group))]
     dist.all_gather(parts, tensor, group=group)
-    return torch.cat(parts, dim=-1)
+    return torch.cat(parts, dim=dim)
 
 
-def _own_slice_last_dim(tensor: torch.Tensor, group) -> torch.Tensor:
+def _own_slice(tensor: torch.Tensor, group, dim: int) -> torch.Tensor:
+    """This rank's chunk along `dim`, a view."""
     size, rank = dist.get_world_size(group), dist.get_rank(group)
-    return tensor.chunk(size, dim=-1)[rank].contiguous()
+    return tensor.chunk(size, dim=dim)[rank]
 
 
-class _CopyToRegion(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, tensor, group):
+def _reduce_scatter(tensor: torch.Tensor, group, dim: int) -> torch.Tensor:
+    # The list form: gloo has no reduce_scatter_tensor along a dim other than 0.
+    parts = [part.contiguous() for part in tensor.chunk(dist.get_world_size(group), dim=dim)]
+    out = torch.empty_like(parts[0])
+    dist.reduce_scatter(out, parts, group=group)
+    return out
+
+
+def _summed(tensor: torch.Tensor, group) -> torch.Tensor:
+    return _all_reduce(tensor.clone(), group)
+
+
+def _unchanged(tensor: torch.Tensor, group) -> torch.Tensor:
+    return tensor
+
+
+def _own_last_dim_slice(tensor: torch.Tensor, group) -> torch.Tensor:
+    return _own_slice(tensor, group, dim=-1).contiguous()
+
+
+def _own_tokens(tensor: torch.Tensor, group) -> torch.Tensor:
+    # A copy even where the view is contiguous (a one-row batch): the view would keep the whole row alive.
+    return _own_slice(tensor, group, SEQUENCE_DIM).clone(memory_format=torch.contiguous_format)
+
+
+def _region(name: str, forward: Callable, backward: Callable) -> Callable:
+    """`forward(tensor, group)` as an autograd function whose backward is `backward(grad, group)`; call it as
+    f(tensor, group)."""
+
+    def forward_(ctx, tensor, group):
         ctx.group = group
-        return tensor
+        return forward(tensor, group)
 
-    @staticmethod
-    def backward(ctx, grad):
-        return _all_reduce(grad.clone(), ctx.group), None
+    def backward_(ctx, grad):
+        return backward(grad, ctx.group), None
 
-
-class _ReduceFromRegion(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, tensor, group):
-        return _all_reduce(tensor.clone(), group)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return grad, None
+    function = type(name, (torch.autograd.Function,),
+                    {"forward": staticmethod(forward_), "backward": staticmethod(backward_)})
+    return function.apply
 
 
-class _GatherFromRegion(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, tensor, group):
-        ctx.group = group
-        return _all_gather_last_dim(tensor, group)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return _own_slice_last_dim(grad, ctx.group), None
-
-
-def copy_to_tensor_parallel_region(tensor: torch.Tensor, group) -> torch.Tensor:
-    return _CopyToRegion.apply(tensor, group)
-
-
-def reduce_from_tensor_parallel_region(tensor: torch.Tensor, group) -> torch.Tensor:
-    return _ReduceFromRegion.apply(tensor, group)
+copy_to_tensor_parallel_region = _region("CopyToTensorParallelRegion", _unchanged, _summed)
+reduce_from_tensor_parallel_region = _region("ReduceFromTensorParallelRegion", _summed, _unchanged)
+gather_from_tensor_parallel_region = _region("GatherFromTensorParallelRegion", partial(_all_gather, dim=-1),
+                                             _own_last_dim_slice)
+scatter_to_sequence_parallel_region = _region("ScatterToSequenceParallelRegion", _own_tokens,
+                                              partial(_all_gather, dim=SEQUENCE_DIM))
+gather_from_sequence_parallel_region = _region("GatherFromSequenceParallelRegion",
+                                               partial(_all_gather, dim=SEQUENCE_DIM),
+                                               partial(_reduce_scatter, dim=SEQUENCE_DIM))
+reduce_scatter_to_sequence_parallel_region = _region("ReduceScatterToSequenceParallelRegion",
+                                                     partial(_reduce_scatter, dim=SEQUENCE_DIM),
+                                                     partial(_all_gather, dim=SEQUENCE_DIM))
 
 
-def gather_from_tensor_parallel_region(tensor: torch.Tensor, group) -> torch.Tensor:
-    return _GatherFromRegion.apply(tensor, group)
+def all_reduce_gradient(grad: torch.Tensor, group) -> torch.Tensor:
+    """The sum over the group of a replicated parameter's gradient (a tensor hook: returns a new tensor)."""
+    return _summed(grad, group)

@@ -7,7 +7,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .comm import copy_to_tensor_parallel_region, gather_from_tensor_parallel_region, reduce_from_tensor_parallel_region
+from .comm import (copy_to_tensor_parallel_region, gather_from_tensor_parallel_region,
+                   reduce_from_tensor_parallel_region, reduce_scatter_to_sequence_parallel_region)
 
 
 def _parameter(tensor: torch.Tensor | None) -> nn.Parameter | None:
@@ -17,43 +18,54 @@ def _parameter(tensor: torch.Tensor | None) -> nn.Parameter | None:
 class ColumnParallelLinear(nn.Module):
     """y = x Wᵀ + b with W and b split along the output features: each rank computes its slice of y.
 
-    With `gather_output` the slices are all-gathered, so every rank sees the full y.
+    With `gather_output` the slices are all-gathered, so every rank sees the full y. With `sequence_parallel` x
+    arrives all-gathered from the ranks' token slices (`evods.parallel.sequence_parallel`), and that gather's
+    backward already sums the ranks' input gradients, so the all-reduce is left out here.
     """
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, group, gather_output: bool = False):
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, group, gather_output: bool = False,
+                 sequence_parallel: bool = False):
         super().__init__()
         self.weight = _parameter(weight)
         self.bias = _parameter(bias)
         self.group = group
         self.gather_output = gather_output
+        self.sequence_parallel = sequence_parallel
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = F.linear(copy_to_tensor_parallel_region(x, self.group), self.weight, self.bias)
+        if not self.sequence_parallel:
+            x = copy_to_tensor_parallel_region(x, self.group)
+        out = F.linear(x, self.weight, self.bias)
         return gather_from_tensor_parallel_region(out, self.group) if self.gather_output else out
 
     def extra_repr(self) -> str:
         return (f"local_shape={tuple(self.weight.shape)}, bias={self.bias is not None}, "
-                f"gather_output={self.gather_output}")
+                f"gather_output={self.gather_output}, sequence_parallel={self.sequence_parallel}")
 
 
 class RowParallelLinear(nn.Module):
     """y = x Wᵀ + b with W split along the input features: x arrives split the same way (a column-parallel output).
 
-    The partial products are all-reduced; the bias is replicated and added once, after the sum.
+    The partial products are all-reduced; the bias is replicated and added once, after the sum. With
+    `sequence_parallel` they are reduce-scattered instead: each rank keeps the sum for its own slice of the tokens.
     """
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, group):
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, group, sequence_parallel: bool = False):
         super().__init__()
         self.weight = _parameter(weight)
         self.bias = _parameter(bias)
         self.group = group
+        self.sequence_parallel = sequence_parallel
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = reduce_from_tensor_parallel_region(F.linear(x, self.weight), self.group)
+        reduce = reduce_scatter_to_sequence_parallel_region if self.sequence_parallel \
+            else reduce_from_tensor_parallel_region
+        out = reduce(F.linear(x, self.weight), self.group)
         return out if self.bias is None else out + self.bias
 
     def extra_repr(self) -> str:
-        return f"local_shape={tuple(self.weight.shape)}, bias={self.bias is not None}"
+        return (f"local_shape={tuple(self.weight.shape)}, bias={self.bias is not None}, "
+                f"sequence_parallel={self.sequence_parallel}")
 
 
 class HiddenParallelEmbedding(nn.Module):

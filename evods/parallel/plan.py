@@ -12,6 +12,8 @@ split dim, rank t holding chunk t, as InternEvo stores them
 - The embedding splits hidden (`embed_split_hidden=True`, InternEvo's `embedding.weight`) or the vocabulary
   (`False`, `embedding.word_embeddings.weight`); lm_head always splits the vocabulary.
 - Everything else (the RMSNorm weights) is replicated.
+With `sequence_parallel` the same weights are split the same way; `evods.parallel.sequence_parallel` adds the
+token slicing around them.
 """
 import re
 from dataclasses import dataclass
@@ -22,6 +24,7 @@ import torch.distributed as dist
 from torch import nn
 
 from .layers import ColumnParallelLinear, HiddenParallelEmbedding, RowParallelLinear, VocabParallelEmbedding
+from .sequence_parallel import apply_sequence_parallel
 
 
 @dataclass(frozen=True)
@@ -29,6 +32,7 @@ class ShardContext:
     group: object
     rank: int
     parallel_output: bool
+    sequence_parallel: bool
 
 
 @dataclass(frozen=True)
@@ -37,11 +41,12 @@ class ShardStyle:
     build: Callable[[dict, ShardContext], nn.Module]  # local parameters -> the tensor-parallel module
 
 
-COLUMN = ShardStyle({"weight": 0, "bias": 0},
-                    lambda p, ctx: ColumnParallelLinear(p["weight"], p.get("bias"), ctx.group))
-ROW = ShardStyle({"weight": 1, "bias": None}, lambda p, ctx: RowParallelLinear(p["weight"], p.get("bias"), ctx.group))
-VOCAB_HEAD = ShardStyle({"weight": 0}, lambda p, ctx: ColumnParallelLinear(p["weight"], None, ctx.group,
-                                                                           gather_output=not ctx.parallel_output))
+COLUMN = ShardStyle({"weight": 0, "bias": 0}, lambda p, ctx: ColumnParallelLinear(
+    p["weight"], p.get("bias"), ctx.group, sequence_parallel=ctx.sequence_parallel))
+ROW = ShardStyle({"weight": 1, "bias": None}, lambda p, ctx: RowParallelLinear(
+    p["weight"], p.get("bias"), ctx.group, sequence_parallel=ctx.sequence_parallel))
+VOCAB_HEAD = ShardStyle({"weight": 0}, lambda p, ctx: ColumnParallelLinear(
+    p["weight"], None, ctx.group, gather_output=not ctx.parallel_output, sequence_parallel=ctx.sequence_parallel))
 EMBEDDING_SPLIT_HIDDEN = ShardStyle({"weight": 1}, lambda p, ctx: HiddenParallelEmbedding(p["weight"], ctx.group))
 EMBEDDING_SPLIT_VOCAB = ShardStyle({"weight": 0}, lambda p, ctx: VocabParallelEmbedding(
     p["weight"], ctx.group, vocab_start=ctx.rank * p["weight"].shape[0]))
@@ -92,19 +97,20 @@ def _mark_tensor_parallel(param: nn.Parameter, dim: int) -> None:
 
 
 def apply_tensor_parallel(model: nn.Module, tp_group, tp_rank: int, tp_size: int, embed_split_hidden: bool,
-                          parallel_output: bool) -> nn.Module:
+                          parallel_output: bool, sequence_parallel: bool = False) -> nn.Module:
     """Swap the modules named in the plan for tensor-parallel ones holding rank `tp_rank`'s slices of their weights.
 
     The model is changed in place (and returned); it must hold full weights, e.g. fresh or loaded from HF. With
     `parallel_output` the logits stay split along the vocabulary (use `VocabParallelLogits` for the loss);
-    otherwise they are gathered. A tensor size of 1 leaves the model as it is.
+    otherwise they are gathered. With `sequence_parallel` the activations between the tensor-parallel layers are
+    split along the tokens too (Megatron's sequence parallelism). A tensor size of 1 leaves the model as it is.
     """
     if tp_size == 1:
         return model
     heads = model.config.num_attention_heads
     if heads % tp_size:
         raise ValueError(f"num_attention_heads={heads} is not divisible by tensor parallel size {tp_size}")
-    ctx = ShardContext(tp_group, tp_rank, parallel_output)
+    ctx = ShardContext(tp_group, tp_rank, parallel_output, sequence_parallel)
     swapped = 0
     for name, module in list(model.named_modules()):
         style = module_style(name, embed_split_hidden)
@@ -123,7 +129,7 @@ def apply_tensor_parallel(model: nn.Module, tp_group, tp_rank: int, tp_size: int
     if not swapped:
         raise ValueError(f"no module of {type(model).__name__} matches the tensor-parallel plan: it expects the HF "
                          f"InternLM names (model.embed_tokens, model.layers.N.self_attn.q_proj, ..., lm_head)")
-    return model
+    return apply_sequence_parallel(model, tp_group) if sequence_parallel else model
 
 
 def gather_tensor_parallel_state_dict(model: nn.Module, tp_group, embed_split_hidden: bool) -> dict:

@@ -15,6 +15,7 @@ from evods.checkpoint import CheckpointManager, TrainingParts
 from evods.config import (ConfigError, TrainConfig, adamw_kwargs, build_deepspeed_config, check_device,
                           check_topology, write_deepspeed_config)
 from evods.data import BatchSkipper, batch_stats, build_train_loader, build_valid_loaders
+from evods.data.tokenize import check_tokenizer_fits
 from evods.model.registry import MODEL_INITIALIZER
 from evods.monitor import RunMonitor, StepProfiler
 from evods.progress import Progress
@@ -108,12 +109,15 @@ class Trainer:
         self.grid = build_parallel_grid(self.sizes)
         tensor_group = self.grid.get_tensor_model_parallel_group()
         apply_tensor_parallel(model, tensor_group, self.sizes.tp_rank, self.sizes.tp, cfg.model.embed_split_hidden,
-                              cfg.model.parallel_output)
+                              cfg.model.parallel_output, sequence_parallel=topology.sequence_parallel)
         seed_runtime_rng(seed, self.sizes)
         self.flops_per_token = model_flops_per_token(cfg.data.seq_len, cfg.model.hidden_size, cfg.model.num_layers,
                                                      cfg.model.vocab_size, cfg.model.mlp_ratio)
         self.peak = peak_flops(peak_tflops)
 
+        if cfg.data.train_dataset:
+            check_tokenizer_fits(cfg.data.train_dataset.tokenizer_path, cfg.model.vocab_size,
+                                 f"the model of {cfg.source.path if cfg.source else 'the config'}")
         self.loader, self.sampler, self.dataset_types = build_train_loader(asdict(cfg.data), self.sizes.dp_rank,
                                                                             self.sizes.dp, cfg.data.num_worker)
         self.skip_batch = BatchSkipper(cfg.data.skip_batches)

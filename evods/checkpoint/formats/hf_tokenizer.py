@@ -17,22 +17,11 @@ import os
 import shutil
 import tempfile
 
+from evods.model.modeling_internlm import CHAT_TEMPLATE  # InternLM's chat format, as the model's `chat` renders it
+
 from ..errors import CheckpointError
 
 SPECIAL_TOKENS = {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>", "pad_token": "</s>"}
-# InternLM's chat format (InternLM-chat-7b): <|System|>:{meta}\n<|User|>:{query}<eoh>\n<|Bot|>:{reply}<eoa>\n...
-# BOS comes from the template: apply_chat_template tokenizes without adding special tokens.
-CHAT_TEMPLATE = (
-    "{{ bos_token }}"
-    "{% for message in messages %}"
-    "{% if message['role'] == 'system' %}{{ '<|System|>:' + message['content'] + '\\n' }}"
-    "{% elif message['role'] == 'user' %}{{ '<|User|>:' + message['content'] + '<eoh>\\n' }}"
-    "{% elif message['role'] == 'assistant' %}{{ '<|Bot|>:' + message['content'] + '<eoa>\\n' }}"
-    "{% else %}{{ raise_exception('InternLM chat roles are system, user and assistant, not ' + message['role']) }}"
-    "{% endif %}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|Bot|>:' }}{% endif %}"
-)
 
 
 def write_tokenizer(sentencepiece_model: str, tgt: str, max_length: int) -> None:

@@ -1,0 +1,81 @@
+"""Loading an InternLM Hugging Face folder (an evods export or a published InternLM v1 model) for inference, with one
+line that says what to do when the folder cannot serve."""
+import json
+from pathlib import Path
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+import evods.model  # noqa: F401  (registers InternLM with the Auto classes: published folders load evods' model)
+
+ROTARY_TYPES = ("dynamic", "origin")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json")
+MAX_LENGTH_UNCHECKED = 10**9
+
+
+class InferenceError(ValueError):
+    """A folder, option or prompt the inference tools cannot use; the message says what to do."""
+
+
+def pick_device(device: str = "auto") -> torch.device:
+    """CUDA when there is one, else the CPU; or the device named."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def pick_dtype(dtype: str, folder_dtype: torch.dtype | None, device: torch.device) -> torch.dtype:
+    """"auto": the folder's dtype on CUDA; float32 on the CPU, where half-precision matmuls are slow (fp16: very)."""
+    if dtype == "auto":
+        return (folder_dtype or torch.float32) if device.type == "cuda" else torch.float32
+    if dtype not in DTYPES:
+        raise InferenceError(f"--dtype {dtype!r}: use auto, {', '.join(DTYPES)}")
+    return DTYPES[dtype]
+
+
+def check_folder(folder: Path) -> dict:
+    """config.json of an InternLM folder, or an InferenceError that says what is wrong with the folder."""
+    if not folder.is_dir():
+        raise InferenceError(f"--model {folder}: no such folder (give a folder written by tools/convert2hf.py)")
+    if not (folder / "config.json").is_file():
+        raise InferenceError(f"--model {folder}: no config.json here; give a Hugging Face folder written by "
+                             "tools/convert2hf.py, or an InternLM model folder")
+    config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    if config.get("model_type") != "internlm":
+        raise InferenceError(f"--model {folder} holds a {config.get('model_type')!r} model; this tool runs InternLM "
+                             "folders (tools/convert2hf.py without --format llama)")
+    return config
+
+
+def load_tokenizer(folder: Path, trust_remote_code: bool = False):
+    if not any((folder / name).is_file() for name in TOKENIZER_FILES):
+        raise InferenceError(f"--model {folder} has no tokenizer; convert with --tokenizer tools/V7_sft.model, or copy "
+                             "the model's tokenizer files (tokenizer.model, tokenizer_config.json) into it")
+    config_file = folder / "tokenizer_config.json"
+    remote = config_file.is_file() and "auto_map" in json.loads(config_file.read_text(encoding="utf-8"))
+    if remote and not trust_remote_code:  # InternLM's published folders: tokenization_internlm.py
+        raise InferenceError(f"--model {folder}: its tokenizer is code shipped in the folder; pass "
+                             "--trust_remote_code to run it")
+    tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
+    # model_max_length is max_position_embeddings, which dynamic NTK goes past: the tools decide on the context
+    tokenizer.model_max_length = MAX_LENGTH_UNCHECKED
+    return tokenizer
+
+
+def load_for_inference(folder: str | Path, rotary_type: str | None = None, dtype: str = "auto",
+                       device: str = "auto", trust_remote_code: bool = False):
+    """(evods' InternLMForCausalLM in eval mode on `device`, the folder's tokenizer). `rotary_type` replaces the
+    folder's ("dynamic" or "origin") without editing config.json."""
+    folder = Path(folder)
+    check_folder(folder)
+    tokenizer = load_tokenizer(folder, trust_remote_code)
+    if rotary_type is not None and rotary_type not in ROTARY_TYPES:
+        raise InferenceError(f"--rotary_type {rotary_type!r}: use one of {ROTARY_TYPES}")
+    config = AutoConfig.from_pretrained(folder)
+    if rotary_type is not None:
+        config.rotary = {**config.rotary, "type": rotary_type}
+    target = pick_device(device)
+    model = AutoModelForCausalLM.from_pretrained(folder, config=config,
+                                                 dtype=pick_dtype(dtype, config.dtype, target))
+    return model.to(target).eval(), tokenizer
