@@ -64,9 +64,12 @@ class VocabParallelLogits:
     def __init__(self, group):
         self.group = group
 
-    def head_input(self, hidden: torch.Tensor) -> torch.Tensor:
-        """The hidden states every rank multiplies by its shard; backward sums their gradient over the ranks."""
-        return copy_to_tensor_parallel_region(hidden, self.group)
+    def head_input(self, hidden: torch.Tensor, head) -> torch.Tensor:
+        """The hidden states every rank multiplies by its shard; backward sums their gradient over the ranks. Under
+        sequence parallelism (`head.sequence_parallel`) they arrive all-gathered from the ranks' token slices, and
+        that gather's backward already sums (reduce-scatters) them, as ColumnParallelLinear relies on."""
+        return hidden if getattr(head, "sequence_parallel", False) else copy_to_tensor_parallel_region(hidden,
+                                                                                                         self.group)
 
     def vocab_start(self, local_vocab: int) -> int:
         return dist.get_rank(self.group) * local_vocab
