@@ -50,13 +50,15 @@ def plain_torch(seq_len: int, rows: int, steps: int) -> float:
     from evods.training.loss import PackedLoss
 
     torch.set_num_threads(1)
-    model, loss_fn, batch = build_model(), PackedLoss(), make_batch(seq_len, rows)
+    model, batch = build_model(), make_batch(seq_len, rows)
+    loss_fn = PackedLoss(model.lm_head)  # applies the head, as TrainEngine's loss does
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
 
     def step():
         for i in range(rows):
-            logits = model(input_ids=batch["input_ids"][i:i + 1], position_ids=batch["position_ids"][i:i + 1]).logits
-            (loss_fn(logits, (batch["labels"][i:i + 1], batch["type_ids"][i:i + 1])) / rows).backward()
+            hidden = model(input_ids=batch["input_ids"][i:i + 1], position_ids=batch["position_ids"][i:i + 1],
+                           skip_lm_head=True).last_hidden_state
+            (loss_fn(hidden, (batch["labels"][i:i + 1], batch["type_ids"][i:i + 1])) / rows).backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -77,8 +79,9 @@ def evods_engine(pipeline: int, seq_len: int, rows: int, steps: int) -> float:
     sizes = parallel_sizes(dist.get_rank(), dist.get_world_size(), pp=pipeline, tp=1)
     ds_config = {"train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": rows, "train_batch_size": rows,
                  "zero_optimization": {"stage": 1}, "gradient_clipping": 1.0, "steps_per_print": 10**9}
-    engine = TrainEngine(build_model(), lambda params: torch.optim.AdamW(params, lr=1e-4), ds_config, sizes,
-                         PackedLoss())
+    model = build_model()
+    engine = TrainEngine(model, lambda params: torch.optim.AdamW(params, lr=1e-4), ds_config, sizes,
+                         PackedLoss(model.lm_head))
     batch = make_batch(seq_len, rows)
     return timed_steps(lambda: engine.train_step(batch), steps)
 

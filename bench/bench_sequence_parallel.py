@@ -59,8 +59,10 @@ def build_engine(sequence_parallel: bool, vocab: int, recompute: bool):
     ds_config = {"train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 1, "train_batch_size": 1,
                  "zero_optimization": {"stage": 1, "reduce_bucket_size": bucket}, "gradient_clipping": 1.0,
                  "steps_per_print": 10**9}
-    return TrainEngine(model, lambda params: torch.optim.AdamW(params, lr=1e-4), ds_config, sizes,
-                       PackedLoss(logits=VocabParallelLogits(group)), grid)
+    # The whole logits (loss.kernel="full"), as when BENCHMARKS.md's sequence-parallel rows were measured; the
+    # default chunked loss would take the logits out of both variants' peaks.
+    loss_fn = PackedLoss(model.lm_head, vocab=VocabParallelLogits(group), kernel="full")
+    return TrainEngine(model, lambda params: torch.optim.AdamW(params, lr=1e-4), ds_config, sizes, loss_fn, grid)
 
 
 def allocator_peak(prof) -> tuple[int, int]:
@@ -99,11 +101,12 @@ def saved_for_backward(engine, batch) -> dict:
     handles = [h for m in engine.engine.module.modules()
                for h in (m.register_forward_pre_hook(enter), m.register_forward_hook(leave))]
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-        logits = engine.engine(input_ids=batch["input_ids"], position_ids=batch["position_ids"]).logits
-        loss = engine.loss_fn(logits, (batch["labels"], batch["type_ids"]))
+        hidden = engine.engine(input_ids=batch["input_ids"], position_ids=batch["position_ids"],
+                               skip_lm_head=True).last_hidden_state
+        loss = engine.loss_fn(hidden, (batch["labels"], batch["type_ids"]))
     for handle in handles:
         handle.remove()
-    del logits, loss
+    del hidden, loss
     totals = dict.fromkeys(["norms", "attention", "mlp", "other"], 0)
     for kind, nbytes in filter(None, storages.values()):
         totals[kind] += nbytes
@@ -125,9 +128,10 @@ def measure_memory(sequence_parallel: bool, vocab: int, recompute: bool) -> dict
     saved = saved_for_backward(engine, batch) if not recompute else None
     model = engine.engine
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as forward_backward:
-        logits = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"]).logits
-        loss = engine.loss_fn(logits, (batch["labels"], batch["type_ids"]))
-        del logits
+        hidden = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"],
+                       skip_lm_head=True).last_hidden_state
+        loss = engine.loss_fn(hidden, (batch["labels"], batch["type_ids"]))
+        del hidden
         model.backward(loss)
         del loss
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as update:

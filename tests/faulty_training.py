@@ -30,8 +30,8 @@ class _InfiniteLoss:
     def __init__(self, loss_fn):
         self.loss_fn = loss_fn
 
-    def __call__(self, logits, targets):
-        return self.loss_fn(logits, targets) * math.inf
+    def __call__(self, hidden_states, targets):
+        return self.loss_fn(hidden_states, targets) * math.inf
 
 
 def _head(engine: TrainEngine) -> torch.nn.Linear:

@@ -24,13 +24,20 @@ SENTENCES = 400  # short documents, so several pack into each 64-token row
 ROWS_TOKENS = 64  # micro_bsz × seq_len
 
 
+# The loss: the head in chunks of 24 tokens (several per 64-token micro-batch, and not dividing the tokens kept), or
+# the whole logits. The reference materialises them; the parallel runs mostly do not.
+CHUNKED = dict(kernel="chunked", chunk_tokens=24)
+FULL = dict(kernel="full")
+
+
 class Variant:
     def __init__(self, recompute: bool, embed_split_hidden: bool = True, parallel_output: bool = True,
-                 sequence_parallel: bool = False):
+                 loss: dict = CHUNKED, sequence_parallel: bool = False):
         self.model = dict(checkpoint=recompute, embed_split_hidden=embed_split_hidden, parallel_output=parallel_output)
+        self.loss = loss
         self.sequence_parallel = sequence_parallel
         self.name = (f"recompute={recompute},embed_split_hidden={embed_split_hidden},parallel_output={parallel_output},"
-                     f"sequence_parallel={sequence_parallel}")
+                     f"sequence_parallel={sequence_parallel},loss={loss['kernel']}")
 
 
 def sequence_parallel_variants(embed_split_hidden: bool, parallel_output: bool) -> list:
@@ -40,16 +47,19 @@ def sequence_parallel_variants(embed_split_hidden: bool, parallel_output: bool) 
 
 # (tp, pp, dp) -> variants; the embedding and output layouts only matter under tensor parallelism, so every one of
 # their four combinations runs at tp=2, both with and without a pipeline. Sequence parallelism (issue: sequence
-# parallelism) runs with activation checkpointing off and on in each tensor-parallel topology.
+# parallelism) runs with activation checkpointing off and on in each tensor-parallel topology. The chunked loss runs
+# vocabulary-parallel under tp=2 and on the last pipeline stage; the whole-logits loss too, once each.
 TOPOLOGIES = {
-    (2, 1, 1): [Variant(False, True, True), Variant(True, False, False), *sequence_parallel_variants(False, True)],
-    (2, 2, 1): [Variant(True, True, False), Variant(False, False, True), *sequence_parallel_variants(True, False)],
+    (2, 1, 1): [Variant(False, True, True), Variant(True, False, False, loss=FULL),
+                *sequence_parallel_variants(False, True)],
+    (2, 2, 1): [Variant(True, True, False, loss=FULL), Variant(False, False, True),
+                *sequence_parallel_variants(True, False)],
     (2, 1, 2): [Variant(True, False, True), Variant(False, True, False), *sequence_parallel_variants(True, True)],
     (1, 2, 1): [Variant(True)],
     (1, 1, 2): [Variant(False)],
     (1, 2, 2): [Variant(True)],
 }
-REFERENCE = (1, 1, 1), [Variant(False)]
+REFERENCE = (1, 1, 1), [Variant(False, loss=FULL)]
 
 
 @pytest.fixture(scope="module")
@@ -83,6 +93,7 @@ def train_variants(topology: tuple, variants: list, train_folder: str, run_root:
             model=dict(MODEL, dtype="torch.float32", **variant.model),
             parallel=dict(pipeline=dict(size=pp), zero1=-1, tensor=tp, sequence_parallel=variant.sequence_parallel),
             lr_scheduler=dict(total_steps=STEPS, warmup_ratio=0.0),
+            loss=variant.loss,
         )
         run_dir = Path(run_root) / variant.name
         trainer = Trainer(cfg, run_dir=run_dir)
@@ -201,6 +212,7 @@ def split_gather_and_loss(embed_split_hidden: bool) -> dict:
         expected.sum().backward()
         losses[smoothing] = (parallel.detach(), expected.detach())
     return as_numpy({
+        "chunked_losses": chunked_vocab_parallel_losses(group, rank),
         **sequence_parallel_forward_backward(full_model, input_ids, position_ids, labels, embed_split_hidden),
         "rank": rank, "full": full, "gathered": gathered, "q_shard": q_shard.detach(),
         "q_marked": (q_shard.tensor_model_parallel, q_shard.partition_dim),
@@ -209,6 +221,39 @@ def split_gather_and_loss(embed_split_hidden: bool) -> dict:
         "grads": (shard_logits.grad, full_leaf.grad.chunk(2, dim=-1)[rank]),
         "argmax": (vocab_parallel_argmax(shard_logits.detach(), group), full_logits.argmax(-1)),
     })
+
+
+def chunked_vocab_parallel_losses(group, rank: int) -> dict:
+    """The training loss on this rank's vocabulary shard of a head, in chunks, and on one process with the whole
+    head and whole logits: loss, gradients (hidden states; this rank's rows of the head weight) and token metrics."""
+    from evods.parallel import VocabParallelLogits
+    from evods.parallel.layers import ColumnParallelLinear
+    from evods.training.loss import FullLogits, PackedLoss, TokenMetrics
+
+    generator = torch.Generator().manual_seed(2)
+    weight = torch.randn(96, 32, generator=generator)
+    hidden = torch.randn(2, 12, 32, generator=generator)
+    labels = torch.randint(0, 96, (2, 12), generator=generator)
+    labels[:, ::3] = (hidden @ weight.t()).argmax(-1)[:, ::3]  # some hits for the accuracy
+    labels[0, :3] = -100  # 21 tokens kept: chunks of 7 divide them, chunks of 5 do not
+    type_ids = torch.randint(0, 2, (2, 12), generator=generator)
+    heads = {"chunked": (ColumnParallelLinear(weight.chunk(2)[rank].clone(), None, group), VocabParallelLogits(group)),
+             "one process": (torch.nn.Linear(32, 96, bias=False), FullLogits())}
+    heads["one process"][0].weight.data.copy_(weight)
+    results = {}
+    for smoothing in (0.0, 0.1):
+        for chunk_tokens in (5, 7):
+            for name, (head, vocab) in heads.items():
+                head.weight.grad = None
+                leaf = hidden.clone().requires_grad_()
+                metrics = TokenMetrics(2)
+                kernel = "chunked" if name == "chunked" else "full"
+                loss = PackedLoss(head, smoothing, metrics, vocab, kernel, chunk_tokens)(leaf, (labels, type_ids))
+                loss.backward()
+                grad_weight = head.weight.grad if name == "chunked" else head.weight.grad.chunk(2)[rank]
+                results[smoothing, chunk_tokens, name] = {"loss": loss.detach(), "grad hidden": leaf.grad,
+                                                          "grad weight": grad_weight, **metrics.reduce_and_reset()}
+    return results
 
 
 def sequence_parallel_forward_backward(full_model, input_ids, position_ids, labels, embed_split_hidden: bool) -> dict:
@@ -300,6 +345,19 @@ def test_vocab_parallel_cross_entropy_matches_torch(split_runs):
             assert (parallel[0, :3] == 0).all(), "ignored labels cost nothing"
         np.testing.assert_allclose(*rank["grads"], rtol=1e-6, atol=1e-7)
         assert np.array_equal(*rank["argmax"])
+
+
+def test_chunked_vocab_parallel_loss_matches_one_process(split_runs):
+    for rank in split_runs[True]:
+        runs = rank["chunked_losses"]
+        for smoothing, chunk_tokens, name in runs:
+            if name != "chunked":
+                continue
+            chunked, expected = runs[smoothing, chunk_tokens, "chunked"], runs[smoothing, chunk_tokens, "one process"]
+            for key, value in expected.items():
+                error = np.linalg.norm(chunked[key] - value) / max(np.linalg.norm(value), 1e-30)
+                assert error <= 1e-6, (rank["rank"], smoothing, chunk_tokens, key, error)
+            assert np.array_equal(chunked["correct"], expected["correct"]) and expected["correct"].sum() > 0
 
 
 # ---------------------------------------------------------------------------------------------- one process

@@ -95,13 +95,13 @@ def fp16_overflow_run(run_dir: str) -> list[dict]:
     class OverflowingLoss(PackedLoss):
         calls = 0
 
-        def __call__(self, logits, targets):
+        def __call__(self, hidden_states, targets):
             batch = OverflowingLoss.calls // cfg.data.micro_num
             OverflowingLoss.calls += 1
-            loss = super().__call__(logits, targets)
+            loss = super().__call__(hidden_states, targets)
             return loss * math.inf if batch in overflow_batches else loss
 
-    trainer.engine.loss_fn = OverflowingLoss(metrics=trainer.token_metrics)
+    trainer.engine.loss_fn = OverflowingLoss(trainer.engine.loss_fn.head, metrics=trainer.token_metrics)
     lrs = []
     original_step = trainer.lr_scheduler.step
 

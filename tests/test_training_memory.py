@@ -1,6 +1,7 @@
 """The up-front memory check: an estimate of each rank's bytes against free memory, before the model is built."""
 import logging
 import re
+from dataclasses import replace
 
 import pytest
 import torch
@@ -46,15 +47,19 @@ def test_7b_on_a_4_gib_machine_is_refused_before_it_is_built(monkeypatch):
         check_memory(cfg, meta_model(cfg), parallel_sizes(0, 8, pp=1, tp=1), "cpu")
     message = str(refused.value)
     assert "\n" not in message
-    assert re.fullmatch(re.escape(str(QUICKSTART)) + r": the model does not fit: a rank needs about 61\.9 GiB "
+    assert re.fullmatch(re.escape(str(QUICKSTART)) + r": the model does not fit: a rank needs about 60\.1 GiB "
                         r"\(building the whole model in fp32: 27\.3 GiB; training: weights 13\.6 GiB, gradients "
-                        r"17\.0 GiB, fp32 master \+ Adam 10\.2 GiB \(ZeRO-1 over 8\), activations ~20\.9 GiB\) but has "
+                        r"17\.0 GiB, fp32 master \+ Adam 10\.2 GiB \(ZeRO-1 over 8\), activations ~19\.1 GiB\) but has "
                         r"4\.0 GiB \(EVODS_MEMORY_LIMIT_GB=4\); use more ranks .* \(or set EVODS_MEMORY_LIMIT_GB "
                         r"if the measurement is wrong\)", message), message
     # on a GPU the fp32 build takes host memory and training device memory, each checked against its own
-    with pytest.raises(ConfigError, match=r"needs about 61\.9 GiB \(training: weights 13\.6 GiB, gradients "
+    with pytest.raises(ConfigError, match=r"needs about 60\.1 GiB \(training: weights 13\.6 GiB, gradients "
                                           r"17\.0 GiB, "):
         check_memory(cfg, meta_model(cfg), parallel_sizes(0, 8, pp=1, tp=1), "cuda")
+    # the whole [tokens, 103168] logits, their fp32 copy and gradient (loss.kernel="full") cost 1.8 GiB more
+    full = estimate_memory(replace(cfg, loss=replace(cfg.loss, kernel="full")), meta_model(cfg), 8, 1, 1)
+    chunked = estimate_memory(cfg, meta_model(cfg), 8, 1, 1)
+    assert (full.activations - chunked.activations) / GIB == pytest.approx(1.8, abs=0.05)
 
 
 def test_tight_memory_warns_and_a_small_model_fits_the_host(monkeypatch, caplog):

@@ -280,6 +280,11 @@ class HybridZeroConfig:
 class LossConfig:
     label_smoothing: float = key(_in_range(0, 1, high_open=True), 0.0)
     moe_loss_coeff: float = key(NON_NEGATIVE_NUMBER, 1.0)
+    # evods: how the output head and its cross entropy run (evods.training.linear_cross_entropy). "auto": Liger's
+    # fused kernel on CUDA where installed and the vocabulary is not split, else "chunked"; "full" holds the whole
+    # [tokens, vocab] logits, as InternEvo does.
+    kernel: str = key(_one_of("auto", "chunked", "liger", "full"), "auto")
+    chunk_tokens: Optional[int] = key(_optional(POSITIVE_INT), None)  # None: from the vocab and hidden size
 
 
 @dataclass(kw_only=True)

@@ -541,6 +541,13 @@ class InternLMModel(InternLMPreTrainedModel):
         return BaseModelOutputWithPast(last_hidden_state=self.norm(hidden_states), **{CACHE_NAME: cache})
 
 
+@dataclass
+class InternLMCausalLMOutput(CausalLMOutputWithPast):
+    """transformers' causal-LM output, plus the final hidden states when the head is skipped (`skip_lm_head=True`)."""
+
+    last_hidden_state: torch.Tensor | None = None
+
+
 class InternLMForCausalLM(InternLMPreTrainedModel, GenerationMixin):
     def __init__(self, config: InternLMConfig):
         super().__init__(config)
@@ -571,10 +578,15 @@ class InternLMForCausalLM(InternLMPreTrainedModel, GenerationMixin):
         use_cache: bool | None = None,
         logits_to_keep: int = 0,
         past_key_values: Cache | None = None,
+        skip_lm_head: bool = False,
         **kwargs,
-    ) -> CausalLMOutputWithPast:
+    ) -> InternLMCausalLMOutput:
         """Logits are fp32 (as InternEvo's last stage). `labels` are unshifted, as in transformers. `cache`
-        (transformers 5) and `past_key_values` (4.x) are the same argument."""
+        (transformers 5) and `past_key_values` (4.x) are the same argument.
+
+        `skip_lm_head=True` returns the final (normed) hidden states in `last_hidden_state` and no logits: a training
+        loss that applies the head itself, a chunk of tokens at a time, never holds the [tokens, vocab] logits.
+        """
         outputs = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
@@ -584,12 +596,14 @@ class InternLMForCausalLM(InternLMPreTrainedModel, GenerationMixin):
             use_cache=use_cache,
         )
         hidden_states = outputs.last_hidden_state[:, -logits_to_keep:]
+        cache = getattr(outputs, CACHE_NAME)
+        if skip_lm_head:
+            return InternLMCausalLMOutput(last_hidden_state=hidden_states, **{CACHE_NAME: cache})
         logits = self.lm_head(hidden_states).float()
         loss = None
         if labels is not None:
             loss = causal_lm_loss(self, logits, labels, self.config.vocab_size, **kwargs)
-        cache = getattr(outputs, CACHE_NAME)
-        return CausalLMOutputWithPast(loss=loss, logits=logits, **{CACHE_NAME: cache})
+        return InternLMCausalLMOutput(loss=loss, logits=logits, **{CACHE_NAME: cache})
 
     if not GENERATION_PREPARES_INPUTS:  # transformers < 4.45 leaves this to the model
         prepare_inputs_for_generation = legacy_prepare_inputs_for_generation
@@ -673,15 +687,17 @@ class InternLMForCausalLM(InternLMPreTrainedModel, GenerationMixin):
         self.config.auto_map = {**(getattr(self.config, "auto_map", None) or {}), "AutoModel": remote_class}
         return super().save_pretrained(save_directory, *args, **kwargs)
 
-    def pipeline_layers(self) -> list[nn.Module]:
+    def pipeline_layers(self, skip_lm_head: bool = False) -> list[nn.Module]:
         """[EmbeddingStage, DecoderStage x num_layers, HeadStage] for deepspeed.pipe.PipelineModule.
 
         The stages hold this model's own submodules, so they share its parameters; `pipeline_parameter_name` maps
-        their parameter names back to this model's.
+        their parameter names back to this model's. With `skip_lm_head` the last stage outputs the final hidden
+        states, as `forward(skip_lm_head=True)`, for a loss that applies lm_head itself.
         """
         layout = PackedRowsLayout(self.model.rotary_emb)
         decoder_stages = [DecoderStage(layer, layout) for layer in self.model.layers]
-        return [EmbeddingStage(self.model.embed_tokens), *decoder_stages, HeadStage(self.model.norm, self.lm_head)]
+        head = HeadStage(self.model.norm, self.lm_head, skip_lm_head)
+        return [EmbeddingStage(self.model.embed_tokens), *decoder_stages, head]
 
 
 def chat_messages(query: str, history: Sequence[tuple[str, str]] = ()) -> list[dict[str, str]]:
@@ -768,16 +784,19 @@ class DecoderStage(nn.Module):
 
 
 class HeadStage(nn.Module):
-    """(hidden_states, position_ids) -> fp32 logits [B, T, V]."""
+    """(hidden_states, position_ids) -> fp32 logits [B, T, V]; with `skip_lm_head`, the final normed hidden states
+    [B, T, H] (lm_head stays in the stage, whose parameters it is, for the loss to apply)."""
 
-    def __init__(self, norm: InternLMRMSNorm, lm_head: nn.Linear):
+    def __init__(self, norm: InternLMRMSNorm, lm_head: nn.Linear, skip_lm_head: bool = False):
         super().__init__()
         self.norm = norm
         self.lm_head = lm_head
+        self.skip_lm_head = skip_lm_head
 
     def forward(self, inputs: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         hidden_states, _ = inputs
-        return self.lm_head(self.norm(hidden_states)).float()
+        hidden_states = self.norm(hidden_states)
+        return hidden_states if self.skip_lm_head else self.lm_head(hidden_states).float()
 
 
 def pipeline_parameter_name(stage_index: int, local_name: str, num_layers: int) -> str:
@@ -820,6 +839,7 @@ __all__ = [
     "InternLMPreTrainedModel",
     "InternLMModel",
     "InternLMForCausalLM",
+    "InternLMCausalLMOutput",
     "EmbeddingStage",
     "DecoderStage",
     "HeadStage",

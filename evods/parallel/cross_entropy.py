@@ -1,5 +1,8 @@
 """Cross entropy and argmax over logits split along the vocabulary across a tensor-parallel group.
 
+(`VocabParallelLogits` also tells the chunked loss, `evods.training.linear_cross_entropy`, how to combine per-chunk
+statistics over the shards; that path never builds even the local [tokens, V/tp] logits whole.)
+
 Each rank holds logits[..., rank*V/tp : (rank+1)*V/tp]; the full [tokens, V] logits are never built. Per token:
   loss = (1 - ε) * (lse - x_label) + ε * (lse - mean_j x_j),   0 where the label is IGNORE_INDEX,
 which is F.cross_entropy(..., label_smoothing=ε, reduction="none"). lse, x_label and Σ_j x_j are sums of per-shard
@@ -9,7 +12,7 @@ rank's share of the gradient to its own logits.
 import torch
 import torch.distributed as dist
 
-from .comm import reduce_from_tensor_parallel_region
+from .comm import copy_to_tensor_parallel_region, reduce_from_tensor_parallel_region
 
 IGNORE_INDEX = -100  # evods.data.IGNORE_INDEX (and torch's default); `parallel` does not import `data`
 
@@ -52,10 +55,33 @@ def vocab_parallel_argmax(local_logits: torch.Tensor, group) -> torch.Tensor:
 
 
 class VocabParallelLogits:
-    """What the loss needs from logits that stay vocab-sharded (`parallel_output=True` under tensor parallelism)."""
+    """What the loss needs from a head split along the vocabulary over tensor ranks (the weight always is, under
+    tensor parallelism): reading its vocab-sharded logits, and placing its weight shard in the vocabulary.
+
+    `evods.training.loss.FullLogits` is the one-rank twin.
+    """
 
     def __init__(self, group):
         self.group = group
+
+    def head_input(self, hidden: torch.Tensor, head) -> torch.Tensor:
+        """The hidden states every rank multiplies by its shard; backward sums their gradient over the ranks. Under
+        sequence parallelism (`head.sequence_parallel`) they arrive all-gathered from the ranks' token slices, and
+        that gather's backward already sums (reduce-scatters) them, as ColumnParallelLinear relies on."""
+        return hidden if getattr(head, "sequence_parallel", False) else copy_to_tensor_parallel_region(hidden,
+                                                                                                         self.group)
+
+    def vocab_start(self, local_vocab: int) -> int:
+        return dist.get_rank(self.group) * local_vocab
+
+    def vocab_size(self, local_vocab: int) -> int:
+        return dist.get_world_size(self.group) * local_vocab
+
+    def gather_shard_stats(self, stats: torch.Tensor) -> torch.Tensor:
+        """Every rank's per-token statistics over its shard, [tokens, k] -> [tp, tokens, k] in vocabulary order."""
+        parts = [torch.empty_like(stats) for _ in range(dist.get_world_size(self.group))]
+        dist.all_gather(parts, stats.contiguous(), group=self.group)
+        return torch.stack(parts)
 
     def token_cross_entropy(self, logits: torch.Tensor, labels: torch.Tensor, label_smoothing: float) -> torch.Tensor:
         return vocab_parallel_cross_entropy(logits, labels, self.group, label_smoothing)

@@ -3,6 +3,8 @@
 pipeline size 1: the Hugging Face model itself under ZeRO-1. pipeline size > 1: the model's stage layers in a
 `deepspeed.pipe.PipelineModule` (1F1B), balanced by decoder layers. Either way a step consumes the packed rows of its
 batch (micro_num, or fewer during a ramp-up) and reports the same numbers, so the loop does not care which one runs.
+The model (or last stage) stops at the final hidden states; the loss applies the output head (`PackedLoss`), so the
+[tokens, vocab] logits need not exist.
 """
 from dataclasses import dataclass
 from typing import Callable, Iterable
@@ -39,14 +41,14 @@ class TrainEngine:
     def __init__(self, model: torch.nn.Module, make_optimizer: Callable[[Iterable], torch.optim.Optimizer],
                  ds_config: dict, sizes: ParallelSizes, loss_fn: PackedLoss, grid: ParallelGrid | None = None):
         """`model` is already tensor-parallel when sizes.tp > 1, over `grid`'s tensor group (built here if not
-        given)."""
+        given); `loss_fn` applies its lm_head."""
         self.sizes = sizes
         grid = grid or build_parallel_grid(sizes)
         self.loss_fn = loss_fn
         self.pipelined = sizes.pp > 1
         if self.pipelined:
             # A PipelineModule builds its own grid from the topology; DeepSpeed then requires mpu=None.
-            module = PipelineModule(layers=model.pipeline_layers(), loss_fn=loss_fn,
+            module = PipelineModule(layers=model.pipeline_layers(skip_lm_head=True), loss_fn=loss_fn,
                                     topology=build_process_topology(sizes), partition_method=DECODER_STAGE_PATTERN)
         else:
             module = model
@@ -102,8 +104,9 @@ class TrainEngine:
             # DeepSpeed counts micro-steps over the whole run, so its own boundary is right only while every step has
             # the same number of rows: the boundary is this batch's last row (the pipeline engine sets its own).
             self.engine.set_gradient_accumulation_boundary(index == len(micro_batches) - 1)
-            logits = self.engine(input_ids=inputs[0].to(device), position_ids=inputs[1].to(device)).logits
-            loss = self.loss_fn(logits, tuple(t.to(device) for t in targets))
+            hidden = self.engine(input_ids=inputs[0].to(device), position_ids=inputs[1].to(device),
+                                 skip_lm_head=True).last_hidden_state
+            loss = self.loss_fn(hidden, tuple(t.to(device) for t in targets))
             self.engine.backward(loss)
             self.engine.step()  # DeepSpeed applies the update only at the accumulation boundary
             total += loss.detach().double().cpu()
@@ -137,6 +140,7 @@ class TrainEngine:
             self._pipe_shapes_are_eval = True
             return float(self.engine.eval_batch(iter(rows), num_micro_batches=1))
         device = self.engine.device
-        logits = self.engine(input_ids=input_ids.to(device), position_ids=position_ids.to(device)).logits
-        loss = self.loss_fn(logits, (labels.to(device), type_ids.to(device)))
+        hidden = self.engine(input_ids=input_ids.to(device), position_ids=position_ids.to(device),
+                             skip_lm_head=True).last_hidden_state
+        loss = self.loss_fn(hidden, (labels.to(device), type_ids.to(device)))
         return self._mean_over_data_parallel(loss.detach().double().cpu())

@@ -2,8 +2,11 @@
 (AccPerplex and LossWithTypeId in internlm/model/metrics.py)."""
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from evods.data import IGNORE_INDEX
+
+from .linear_cross_entropy import auto_chunk_tokens, chunked_linear_cross_entropy, liger_linear_cross_entropy
 
 class TokenMetrics:
     """Sums over a step's micro-batches: per-type loss and token counts, accuracy.
@@ -46,7 +49,11 @@ def token_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, label_smooth
 
 
 class FullLogits:
-    """Logits that hold the whole vocabulary; `evods.parallel.VocabParallelLogits` is the tensor-parallel twin."""
+    """A head that holds the whole vocabulary; `evods.parallel.VocabParallelLogits` is the tensor-parallel twin.
+
+    Says how to read its logits (`token_cross_entropy`, `argmax`) and, for the chunked loss, where its weight sits in
+    the vocabulary (all of it, on this rank).
+    """
 
     def token_cross_entropy(self, logits: torch.Tensor, labels: torch.Tensor, label_smoothing: float) -> torch.Tensor:
         return token_cross_entropy(logits, labels, label_smoothing)
@@ -54,25 +61,76 @@ class FullLogits:
     def argmax(self, logits: torch.Tensor) -> torch.Tensor:
         return logits.argmax(-1)
 
+    def head_input(self, hidden: torch.Tensor, head) -> torch.Tensor:
+        return hidden
+
+    def vocab_start(self, local_vocab: int) -> int:
+        return 0
+
+    def vocab_size(self, local_vocab: int) -> int:
+        return local_vocab
+
+    def gather_shard_stats(self, stats: torch.Tensor) -> torch.Tensor:
+        return stats.unsqueeze(0)  # one shard: the whole vocabulary
+
 
 class PackedLoss:
-    """Token-mean cross entropy of one micro-batch, ignoring -100, as InternEvo's FlashGPTLMLoss.
+    """Token-mean cross entropy of one micro-batch, ignoring -100, as InternEvo's FlashGPTLMLoss, from the final
+    hidden states: the loss applies the output head itself, so that it need not hold the [tokens, vocab] logits.
+
+    `kernel` (see `linear_cross_entropy.choose_loss_kernel`):
+    - "chunked": the head and cross entropy `chunk_tokens` tokens at a time, forward and backward
+      (`chunked_linear_cross_entropy`); tokens labelled -100 are left out before the head, so they cost nothing;
+    - "liger": the same with Liger-Kernel's fused Triton kernel (CUDA, vocabulary not split);
+    - "full": the whole logits at once, as transformers does (a reference, and for comparison).
+    Each gives the same loss, gradients and token metrics. `head` is the model's lm_head (nn.Linear, or the
+    tensor-parallel ColumnParallelLinear with `vocab=VocabParallelLogits(group)`); its weight is read at every call.
 
     DeepSpeed divides each micro-batch loss by gradient_accumulation_steps (= micro_num) before backward, which is
-    InternEvo's per-micro-batch `/ micro_num`. Called as `loss(logits, (labels, type_ids))`, the signature a
-    DeepSpeed PipelineModule gives its loss_fn.
+    InternEvo's per-micro-batch `/ micro_num`. Called as `loss(hidden_states, (labels, type_ids))`, the signature a
+    DeepSpeed PipelineModule gives its loss_fn; hidden_states are the full sequence's, [B, T, H].
     """
 
-    def __init__(self, label_smoothing: float = 0.0, metrics: TokenMetrics | None = None, logits=FullLogits()):
+    def __init__(self, head: nn.Module, label_smoothing: float = 0.0, metrics: TokenMetrics | None = None,
+                 vocab=FullLogits(), kernel: str = "chunked", chunk_tokens: int | None = None):
+        if kernel not in ("chunked", "liger", "full"):
+            raise ValueError(f"PackedLoss kernel {kernel!r}: expected 'chunked', 'liger' or 'full' "
+                             f"(choose_loss_kernel resolves 'auto')")
+        self.head = head
         self.label_smoothing = label_smoothing
         self.metrics = metrics
-        self.logits = logits  # how to read the logits: whole, or split along the vocabulary over tensor ranks
+        self.vocab = vocab  # how the head covers the vocabulary: whole, or split over tensor ranks
+        self.kernel = kernel
+        self.chunk_tokens = chunk_tokens or auto_chunk_tokens(*head.weight.shape)
 
-    def __call__(self, logits: torch.Tensor, targets) -> torch.Tensor:
-        labels, type_ids = targets
-        token_losses = self.logits.token_cross_entropy(logits, labels, self.label_smoothing)
-        num_tokens = (labels != IGNORE_INDEX).sum()
-        if self.metrics is not None:
-            self.metrics.add(token_losses.detach(), self.logits.argmax(logits.detach()), labels, type_ids)
+    def __call__(self, hidden_states: torch.Tensor, targets) -> torch.Tensor:
+        labels, type_ids = (t.reshape(-1) for t in targets)
+        hidden = hidden_states.reshape(-1, hidden_states.shape[-1])
+        if self.kernel == "full":
+            loss_sum, num_tokens = self._full_logits(hidden, labels, type_ids)
+        else:
+            loss_sum, num_tokens = self._without_logits(hidden, labels, type_ids)
         # A micro-batch whose labels are all masked contributes 0, not nan.
-        return token_losses.sum() / num_tokens.clamp(min=1)
+        return loss_sum / max(num_tokens, 1)
+
+    def _full_logits(self, hidden, labels, type_ids):
+        logits = F.linear(self.vocab.head_input(hidden, self.head), self.head.weight).float()
+        token_losses = self.vocab.token_cross_entropy(logits, labels, self.label_smoothing)
+        if self.metrics is not None:
+            self.metrics.add(token_losses.detach(), self.vocab.argmax(logits.detach()), labels, type_ids)
+        return token_losses.sum(), int((labels != IGNORE_INDEX).sum())
+
+    def _without_logits(self, hidden, labels, type_ids):
+        kept = (labels != IGNORE_INDEX).nonzero().squeeze(1)
+        hidden, labels, type_ids = hidden.index_select(0, kept), labels[kept], type_ids[kept]
+        if self.kernel == "liger":
+            mixed_types = self.metrics is not None and len(type_ids) > 0 and bool(type_ids.amin() != type_ids.amax())
+            loss_sum, token_losses, predictions = liger_linear_cross_entropy(hidden, self.head.weight, labels,
+                                                                             self.label_smoothing, mixed_types)
+        else:
+            loss_sum, token_losses, predictions = chunked_linear_cross_entropy(
+                self.vocab.head_input(hidden, self.head), self.head.weight, labels, self.vocab, self.label_smoothing,
+                self.chunk_tokens)
+        if self.metrics is not None:
+            self.metrics.add(token_losses, predictions, labels, type_ids)
+        return loss_sum, len(kept)

@@ -15,8 +15,10 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from evods.config import ConfigError, TrainConfig
+from evods.config import ConfigError, LossConfig, TrainConfig
 from evods.parallel import ParallelSizes
+
+from .linear_cross_entropy import auto_chunk_tokens
 
 logger = logging.getLogger("evods")
 
@@ -62,6 +64,16 @@ def _parameter_counts(model: torch.nn.Module, num_layers: int) -> tuple[int, int
     return embedding, layer, total - embedding - layer * num_layers, total
 
 
+def head_loss_bytes(loss: LossConfig, tokens: int, hidden: int, local_vocab: int, width: int) -> int:
+    """The output head and cross entropy of one micro-batch. loss.kernel="full": the logits, their fp32 copy in the
+    loss and its gradient. Otherwise a chunk's fp32 logits and softmax, and fp32 gradients of the hidden states and
+    of the head weight, kept from the forward to the backward."""
+    if loss.kernel == "full":
+        return tokens * local_vocab * (width + 8)
+    chunk = min(tokens, loss.chunk_tokens or auto_chunk_tokens(local_vocab, hidden))
+    return chunk * local_vocab * 8 + (tokens + local_vocab) * hidden * 4
+
+
 def estimate_memory(cfg: TrainConfig, model: torch.nn.Module, dp: int, pp: int, tp: int) -> MemoryEstimate:
     """The rank of the heaviest pipeline stage: DeepSpeed's ZeRO-1 (weights and gradients in model.dtype, bf16 adds
     an fp32 gradient accumulation buffer, the fp32 master weights and Adam states sharded over `dp`) and roughly the
@@ -78,7 +90,7 @@ def estimate_memory(cfg: TrainConfig, model: torch.nn.Module, dp: int, pp: int, 
     per_layer = tokens * hidden * width * (5 + 12 / tp)
     kept = recomputed * tokens * hidden * width + (layers - recomputed) * per_layer
     in_flight = min(pp, data.micro_num)  # 1F1B: the first stage holds up to pp micro-batches
-    logits = tokens * vocab / tp * (width + 8)  # the logits, their fp32 copy in the loss and its gradient
+    logits = head_loss_bytes(cfg.loss, tokens, hidden, vocab // tp, width)
     if pp == 1:
         params, activations = embedding + layers * layer + head, kept + logits
     else:

@@ -26,6 +26,7 @@ from evods.parallel.nodes import discover_nodes
 from .distributed import init_distributed
 from .engine import StepOutcome, TrainEngine
 from .flops import megatron_tflops, model_flops_per_token, peak_flops, tgs
+from .linear_cross_entropy import choose_loss_kernel
 from .loss import FullLogits, PackedLoss, TokenMetrics
 from .memory import check_memory
 from .metrics import MetricsSink, format_metrics_line, setup_logging
@@ -124,9 +125,10 @@ class Trainer:
                                                                             self.sizes.dp, cfg.data.num_worker)
         self.skip_batch = BatchSkipper(cfg.data.skip_batches)
         self.token_metrics = TokenMetrics(num_types=len(self.dataset_types))
-        vocab_split = self.sizes.tp > 1 and cfg.model.parallel_output
-        loss_fn = PackedLoss(cfg.loss.label_smoothing, self.token_metrics,
-                             VocabParallelLogits(tensor_group) if vocab_split else FullLogits())
+        # Under tensor parallelism lm_head's weight is a vocabulary shard whatever parallel_output says (which only
+        # decides whether the model's own logits are gathered); the loss applies that shard.
+        vocab = VocabParallelLogits(tensor_group) if self.sizes.tp > 1 else FullLogits()
+        loss_fn = build_loss(cfg, model.lm_head, vocab, _device_type(), self.token_metrics)
         ds_config = build_deepspeed_config(cfg, self.sizes.dp, ds_config_override)
         self.engine = TrainEngine(model, self._make_optimizer, ds_config, self.sizes, loss_fn, self.grid)
         self.lr_scheduler = LRScheduler(self.engine.optimizer, cfg.adam.lr, cfg.lr_scheduler)
@@ -299,6 +301,22 @@ class Trainer:
                             " ".join(f"{k}={v}" for k, v in results[name].items()))
                 self.sink.write(self.state.step_count, results[name])
         return results
+
+
+def build_loss(cfg: TrainConfig, head: torch.nn.Module, vocab, device_type: str,
+               metrics: TokenMetrics | None) -> PackedLoss:
+    """The training loss from the config's `loss` section; it applies `head` (the model's lm_head) itself."""
+    vocab_split = isinstance(vocab, VocabParallelLogits)
+    try:
+        kernel = choose_loss_kernel(cfg.loss.kernel, device_type, vocab_split)
+    except ValueError as error:
+        raise (cfg.source.error("loss.kernel", str(error)) if cfg.source else ConfigError(str(error))) from None
+    loss_fn = PackedLoss(head, cfg.loss.label_smoothing, metrics, vocab, kernel, cfg.loss.chunk_tokens)
+    local_vocab, hidden_size = head.weight.shape
+    logger.info("loss: %s kernel%s, head %d x %d%s", kernel,
+                f", {loss_fn.chunk_tokens} tokens per chunk" if kernel == "chunked" else "", local_vocab, hidden_size,
+                " (this rank's vocabulary shard)" if vocab_split else "")
+    return loss_fn
 
 
 def build_model(cfg: TrainConfig) -> torch.nn.Module:
