@@ -53,14 +53,14 @@ def test_a_plain_rank_reads_its_tensor_module_and_bf16_partition():
 
 
 def test_each_file_a_node_reads_is_downloaded_once_by_a_rank_that_reads_it():
-    sizes = {"big": 100, "mid": 60, "small": 10, "shared": 50, "tiny": 1}
-    reads = {4: ["big", "shared", "tiny"], 5: ["mid", "small", "shared", "tiny"], 6: ["shared"]}
+    sizes = {"big": 100, "mid": 60, "small": 10, "common": 50, "tiny": 1}
+    reads = {4: ["big", "common", "tiny"], 5: ["mid", "small", "common", "tiny"], 6: ["common"]}
     assigned = assign_downloads(reads, sizes)
     downloaded = [rel for rels in assigned.values() for rel in rels]
     assert sorted(downloaded) == sorted({rel for rels in reads.values() for rel in rels})  # each once
     assert all(set(assigned[rank]) <= set(reads[rank]) for rank in reads)  # only files the rank reads
     # largest first, each to the reader with the fewest bytes so far: the downloads spread over the node
-    assert assigned == {4: ["big"], 5: ["mid", "small", "tiny"], 6: ["shared"]}
+    assert assigned == {4: ["big"], 5: ["mid", "small", "tiny"], 6: ["common"]}
     assert assign_downloads(dict(reversed(list(reads.items()))), sizes) == assigned, "every rank computes the same"
 
 
