@@ -12,6 +12,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from evods.cli.chat import BOT, USER
 from evods.cli.chat import main as chat_main
+from evods.cli.generate import main as generate_main
 from tests.chat_models import tiny_chat_folder
 from tests.conftest import REPO
 
@@ -109,3 +110,11 @@ def test_bad_folder_missing_tokenizer_and_origin_prompt_past_the_context_are_one
     assert [line for line in err.splitlines() if "prompt" in line] == [
         f"the prompt is {tokens} tokens, past the context of 64 (max_position_embeddings with origin RoPE; shorten "
         "it, or use --rotary_type dynamic)"]
+
+
+def test_generate_from_a_missing_folder_is_one_line_not_a_hub_lookup(tmp_path, capsys):
+    code = generate_main(["--model", str(tmp_path / "nowhere"), "--token_ids", "1,2"])
+    err = capsys.readouterr().err.strip()
+    assert code == 1 and err.endswith(f": --model {tmp_path / 'nowhere'}: no config.json there; give a folder written "
+                                      "by tools/convert2hf.py")
+    assert len(err.splitlines()) == 1

@@ -5,6 +5,7 @@
 """
 import argparse
 import sys
+from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -26,6 +27,9 @@ def main(argv=None) -> int:
 
 
 def generate(args) -> None:
+    # A missing local folder would otherwise be looked up on the Hub, and fail with a message about the network.
+    if not (Path(args.model) / "config.json").is_file():
+        raise OSError(f"--model {args.model}: no config.json there; give a folder written by tools/convert2hf.py")
     model = AutoModelForCausalLM.from_pretrained(args.model).eval()
     tokenizer = None
     if args.prompt is not None:
