@@ -1,5 +1,5 @@
 # The demo model trained long enough on real English text to learn something, for the long-context evaluation
-# (README, "Long context: dynamic NTK measured"). Training data: the C4 sample and three of the four Wikipedia
+# (README, "Chat, the web demo and long context"). Training data: the C4 sample and three of the four Wikipedia
 # articles; the fourth (Anarchism) is held out as the evaluation text:
 #   mkdir -p data/long && tail -n +2 samples/pretrain_en/wiki_demo.txt > data/long/wiki_train.txt
 #   head -n 1 samples/pretrain_en/wiki_demo.txt > data/long/heldout.txt
