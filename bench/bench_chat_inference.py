@@ -12,7 +12,6 @@ import statistics
 import time
 
 import torch
-
 from bench_generate import CONFIG, evods_model, generate_seconds, llama_twin
 
 PROMPT, NEW_TOKENS, PREFILL, TRAINED_LENGTH, ROUNDS = 512, 128, 4096, 2048, 3

@@ -39,12 +39,11 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
 
-    from tests.s3_server import ACCESS_KEY_ID, SECRET_ACCESS_KEY, create_bucket, start_moto_server
-    from tests.train_configs import tiny_config
-
     from evods.checkpoint.sources import ALL_CONTENT, LoadPlan
     from evods.training.distributed import init_distributed
     from evods.training.trainer import Trainer
+    from testkit.s3_server import ACCESS_KEY_ID, SECRET_ACCESS_KEY, create_bucket, start_moto_server
+    from testkit.train_configs import tiny_config
 
     init_distributed("torch")
     os.environ.update(S3_ACCESS_KEY_ID=ACCESS_KEY_ID, S3_SECRET_ACCESS_KEY_ID=SECRET_ACCESS_KEY)

@@ -11,7 +11,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tests.distributed import run_distributed  # noqa: E402  (the same harness the tests use)
+from testkit.distributed import run_distributed  # noqa: E402  (the same harness the tests use)
 
 MODEL = dict(hidden_size=256, num_layers=4, num_attention_heads=8, vocab_size=103168, mlp_ratio=8 / 3)
 

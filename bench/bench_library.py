@@ -74,8 +74,14 @@ def trainer_worker(variant: str, config_path: str, batch: int, out: str) -> None
     """One rank of transformers' Trainer (DDP, its default on 2 processes) on the Alpaca samples."""
     import datasets
     import numpy as np
-    from transformers import (AutoTokenizer, DataCollatorForSeq2Seq, DataCollatorWithFlattening, Trainer,
-                              TrainerCallback, TrainingArguments)
+    from transformers import (
+        AutoTokenizer,
+        DataCollatorForSeq2Seq,
+        DataCollatorWithFlattening,
+        Trainer,
+        TrainerCallback,
+        TrainingArguments,
+    )
 
     from evods.checkpoint.formats.hf_tokenizer import write_tokenizer
     from evods.config import load_config

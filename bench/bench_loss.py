@@ -8,7 +8,8 @@ micro-batch. A step is forward + loss + backward + AdamW. Every measurement runs
 
 - memory: peak of the step's live tensors (torch's MemTracker, torch.distributed._tools) and the process's peak RSS
   (VmHWM). A run over the cap reports a lower bound: what was live when an allocation failed, plus that allocation.
-- fit: the largest micro-batch (a multiple of `--step_tokens`, 512) whose step fits in the cap, before (unchunked) and after.
+- fit: the largest micro-batch (a multiple of `--step_tokens`, 512) whose step fits in the cap, before (unchunked)
+  and after.
 - time: median seconds per step; the two evods kernels share one model and take turns step by step, so load from
   other work on the machine hits them alike.
 

@@ -110,10 +110,12 @@ def main():
                              100 * flops / seconds / peak))
                 print(f"  {dtype_name} {layout} {name}: {seconds:.2f} s/step", flush=True)
 
-    print("\n| dtype | row | model | s/step | tokens/s | speed vs llama causal row | model GFLOP/s | % of matmul rate |")
+    print("\n| dtype | row | model | s/step | tokens/s | speed vs llama causal row | model GFLOP/s "
+          "| % of matmul rate |")
     print("|---|---|---|---|---|---|---|---|")
     for dtype_name, layout, name, seconds, tps, ratio, gflops, mfu in rows:
-        print(f"| {dtype_name} | {layout} | {name} | {seconds:.2f} | {tps:.0f} | {ratio:.2f}x | {gflops:.1f} | {mfu:.0f}% |")
+        print(f"| {dtype_name} | {layout} | {name} | {seconds:.2f} | {tps:.0f} | {ratio:.2f}x | {gflops:.1f} "
+              f"| {mfu:.0f}% |")
 
 
 if __name__ == "__main__":

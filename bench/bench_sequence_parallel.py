@@ -18,7 +18,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tests.distributed import run_distributed  # noqa: E402  (the same harness the tests use)
+from testkit.distributed import run_distributed  # noqa: E402  (the same harness the tests use)
 
 MODEL = dict(hidden_size=512, num_layers=8, num_attention_heads=8, mlp_ratio=3)
 TOKENS, DOCUMENTS = 4096, 8

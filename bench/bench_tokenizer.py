@@ -1,5 +1,6 @@
 """Tokenizer throughput (MB/s of input text): evods.data.tokenize at 1 and 2 workers vs InternEvo's approach
-(one process, sp.encode per line, json.dumps, write), on the sample text shipped in samples/; all outputs must be identical.
+(one process, sp.encode per line, json.dumps, write), on the sample text shipped in samples/; all outputs must be
+identical.
 
     python bench/bench_tokenizer.py [--repeat 3]
 """

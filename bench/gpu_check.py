@@ -16,7 +16,6 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -78,7 +77,7 @@ def attention(smoke: bool) -> None:
         backward = DEVICE == "cuda"  # flex has no CPU backward; the CPU smoke run times the forward alone
         inputs = [x.detach().clone().requires_grad_(backward) for x in (q, k, v)]
 
-        def step():
+        def step(fn=fn, inputs=inputs, backward=backward):
             out = fn(*inputs, documents, scale)
             if backward:
                 out.float().square().mean().backward()
@@ -160,7 +159,7 @@ def decoding(internlm, llama, smoke: bool) -> None:
     for name, model in (("evods", internlm), ("Llama sdpa", llama)):
         model.eval()
 
-        def generate():
+        def generate(model=model):
             return model.generate(prompt, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
                                   pad_token_id=0)
 
@@ -196,7 +195,7 @@ def runs(run_dirs: list[str]) -> None:
         rows = [row for row in rows if "tflops" in row]
         steady = rows[3:] or rows
 
-        def middle(key):
+        def middle(key, steady=steady):
             values = [row[key] for row in steady if row.get(key) is not None]
             return statistics.median(values) if values else float("nan")
 

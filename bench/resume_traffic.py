@@ -3,11 +3,11 @@ two-node cluster, checked against the formula in BENCHMARKS.md, and the formula 
 
     flock /tmp/evods-heavy.lock .venv/bin/python bench/resume_traffic.py [--ranks_per_node 2] [--before_tree DIR]
 
-A 2 nodes × 4 ranks job (tp=2, pp=2, dp=2: each node holds one model replica, as 8 GPUs with tp=2, pp=4 do; or
-2 × 2 ranks, dp=1: a pipeline stage per node, half the processes) saves one bf16 checkpoint to the moto server, then a job on two fresh nodes resumes it. Every request is counted by the
-server, per rank (evods' User-Agent names the rank). `--before_tree` runs the resume with another evods checkout
-(e.g. `git archive <commit> | tar -x -C /tmp/evods-base`) to measure the traffic before this change: its requests do
-not name ranks, so only the job's total is measured.
+A 2 nodes × 4 ranks job (tp=2, pp=2, dp=2: each node holds one model replica, as 8 GPUs with tp=2, pp=4 do; or 2 × 2
+ranks, dp=1: a pipeline stage per node, half the processes) saves one bf16 checkpoint to the moto server, then a job
+on two fresh nodes resumes it. Every request is counted by the server, per rank (evods' User-Agent names the rank).
+`--before_tree` runs the resume with another evods checkout (e.g. `git archive <commit> | tar -x -C /tmp/evods-base`)
+to measure the traffic before this change: its requests do not name ranks, so only the job's total is measured.
 """
 import argparse
 import json
@@ -69,7 +69,7 @@ def formula(shards: dict[tuple[int, int], int], dp: int, weight_bytes: int) -> d
 
 def run_job(root: Path, name: str, steps: int, every: int, folder: str, env: dict, server, bucket: str,
             script: str | None = None) -> list:
-    from tests.cluster import TRAIN, launch, make_nodes
+    from testkit.cluster import TRAIN, launch, make_nodes
 
     nodes = make_nodes(root / name, 2)
     # the demo config of the tree that trains: another checkout's evods may not know this one's keys
@@ -89,7 +89,7 @@ def gets_of(requests, prefix: str) -> list:
 
 
 def main() -> None:
-    from tests.s3_server import ACCESS_KEY_ID, SECRET_ACCESS_KEY, CountingMotoServer, create_bucket
+    from testkit.s3_server import ACCESS_KEY_ID, SECRET_ACCESS_KEY, CountingMotoServer, create_bucket
 
     server = CountingMotoServer()
     host, port = server.get_host_and_port()
@@ -144,7 +144,7 @@ def main() -> None:
 
 
 def server_read(host: str, port: int, bucket: str, key: str) -> bytes:
-    from tests.s3_server import s3_client
+    from testkit.s3_server import s3_client
 
     return s3_client(f"http://{host}:{port}").get_object(Bucket=bucket, Key=key)["Body"].read()
 

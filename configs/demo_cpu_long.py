@@ -4,7 +4,8 @@
 #   mkdir -p data/long && tail -n +2 samples/pretrain_en/wiki_demo.txt > data/long/wiki_train.txt
 #   head -n 1 samples/pretrain_en/wiki_demo.txt > data/long/heldout.txt
 #   python tools/tokenizer.py --text_input_path data/long/wiki_train.txt --bin_output_path data/long/train/en/wiki.bin
-#   python tools/tokenizer.py --text_input_path samples/pretrain_en/c4_demo.jsonl --bin_output_path data/long/train/en/c4.bin
+#   python tools/tokenizer.py --text_input_path samples/pretrain_en/c4_demo.jsonl \
+#       --bin_output_path data/long/train/en/c4.bin
 #   OMP_NUM_THREADS=1 deepspeed --num_gpus 2 train_ds.py --config configs/demo_cpu_long.py
 import os.path
 import runpy

@@ -73,8 +73,12 @@ def build_dataset(cfg, args):
 
 def train(args) -> None:
     from evods.config import check_topology
-    from evods.parallel import (apply_tensor_parallel, build_parallel_grid, gather_tensor_parallel_state_dict,
-                                parallel_sizes)
+    from evods.parallel import (
+        apply_tensor_parallel,
+        build_parallel_grid,
+        gather_tensor_parallel_state_dict,
+        parallel_sizes,
+    )
     from evods.training.hf_accelerate import deepspeed_accelerator, deepspeed_with_mpu
     from evods.training.schedules import Beta2Scheduler, LRScheduler
 

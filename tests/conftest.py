@@ -1,4 +1,5 @@
-"""Shared fixtures: the tokenizer and real text that ship with the project (tools/V7_sft.model, samples/).
+"""Shared fixtures (the helpers behind them live in testkit/): the tokenizer and real text that ship with the project
+(tools/V7_sft.model, samples/), and the S3 server.
 
 With EVODS_NO_SKIPS=1 (set by .ci/run) a skipped test fails the run: in CI every check runs for real.
 """
@@ -7,11 +8,11 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
-TOKENIZER = REPO / "tools" / "V7_sft.model"
-DATA = REPO / "samples"
-# What a working checkout holds besides the project (made by make, runs and the README's commands).
-NOT_THE_PROJECT = {".git", ".venv", "build", "runs", "demo_out", "data", "llm_ckpts", "hf", "native", ".pytest_cache"}
+from testkit.paths import DATA, TOKENIZER
+
+# The S3 fixtures (moto_server, s3_endpoint): a real S3 endpoint over HTTP on 127.0.0.1.
+pytest_plugins = ["testkit.s3_server"]
+
 
 @pytest.fixture
 def tokenizer_path() -> Path:

@@ -32,15 +32,15 @@ Other formats (formats/):
     hf_tokenizer.py       the tokenizer files of that folder (slow, fast, chat template)
 """
 from .errors import CheckpointError
-from .layout import CheckpointRef, complete_checkpoints, latest_checkpoint
 from .formats.checkpoint_model import read_checkpoint_model
-from .manager import CheckpointManager, TrainingParts
 from .formats.internevo import read_native_model, write_native_checkpoint
 from .formats.internevo_export import export_native
 from .formats.internevo_layout import MLP_NAMINGS, NativeLayout
+from .formats.weights import WeightsError, deepspeed_weights, hf_weights, load_weights
+from .layout import CheckpointRef, complete_checkpoints, latest_checkpoint
+from .manager import CheckpointManager, TrainingParts
 from .policy import SaveDecision, SavePolicy, StopFile
 from .sources import LoadPlan, choose_load_plan
-from .formats.weights import WeightsError, deepspeed_weights, hf_weights, load_weights
 
 __all__ = [
     "CheckpointError", "CheckpointManager", "CheckpointRef", "LoadPlan", "MLP_NAMINGS", "NativeLayout", "SaveDecision",

@@ -1,6 +1,7 @@
 """The few collectives checkpointing needs, and a guard so that an error on one rank stops every rank."""
 import tempfile
-from typing import Callable, Optional, TypeVar
+from collections.abc import Callable
+from typing import TypeVar
 
 import torch
 import torch.distributed as dist
@@ -58,7 +59,7 @@ def node_scratch_folder(nodes, kind: str) -> str:
 
 
 def agree_on_failure(what: str, work: Callable[[], T],
-                     on_failure: Optional[Callable[[BaseException], None]] = None) -> T:
+                     on_failure: Callable[[BaseException], None] | None = None) -> T:
     """Run `work` on this rank; if it fails on any rank, every rank raises. `on_failure` hears of this rank's own
     error (not of the ones it raises because another rank failed).
 

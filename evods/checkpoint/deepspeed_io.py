@@ -13,8 +13,7 @@ import os
 from deepspeed.runtime.checkpoint_engine import TorchCheckpointEngine
 from deepspeed.runtime.checkpoint_engine.checkpoint_engine import CheckpointEngine
 
-from evods.storage import StorageError
-from evods.storage import explain_os_error
+from evods.storage import StorageError, explain_os_error
 
 from . import safe_load
 from .errors import CheckpointError

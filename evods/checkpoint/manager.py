@@ -4,16 +4,24 @@ import json
 import logging
 import os
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
-from typing import Any, Callable, Optional
+from typing import Any
 
 import torch
 
 from evods.config import CkptConfig
 from evods.parallel import ParallelSizes
 from evods.parallel.nodes import NodeLayout, discover_nodes
-from evods.storage import (AsyncUploader, LocalStorage, Storage, clean_scratch_leftovers, explain_os_error,
-                           make_scratch_folder, open_storage)
+from evods.storage import (
+    AsyncUploader,
+    LocalStorage,
+    Storage,
+    clean_scratch_leftovers,
+    explain_os_error,
+    make_scratch_folder,
+    open_storage,
+)
 
 from . import collective, layout
 from .errors import CheckpointError, DamagedCheckpoint, FailedOnAnotherRank
@@ -54,7 +62,7 @@ class _PendingSave:
 class CheckpointManager:
     def __init__(self, ckpt: CkptConfig, sizes: ParallelSizes, model_config, config_text: str | None,
                  upload_options: dict | None = None,
-                 on_failure: Optional[Callable[[BaseException | str], None]] = None, nodes: NodeLayout | None = None):
+                 on_failure: Callable[[BaseException | str], None] | None = None, nodes: NodeLayout | None = None):
         """`model_config`: the model's HF config (saved as config.json). `upload_options`: AsyncUploader keyword
         arguments (attempts, retry_backoff_s, workers). `on_failure` hears of this rank's failed saves (the error,
         which is raised as well) and failed background uploads (a description, as soon as one fails for good; the

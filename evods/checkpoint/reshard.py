@@ -6,7 +6,8 @@ the node's local disk, once per node, renames the per-parameter folders
 from the saved model's parameter names to this run's (a pipeline names parameters by stage layer, the plain model by
 HF name), and every rank loads that with `load_universal`. Tensor-parallel changes are refused (DeepSpeed cannot
 merge replicated parameters of tensor-parallel checkpoints); the model weights alone load at any tensor size
-(formats/weights.py, deepspeed_weights, merges the tensor ranks). The sampler position is translated to the new data size.
+(formats/weights.py, deepspeed_weights, merges the tensor ranks). The sampler position is translated to the new data
+size.
 """
 import argparse
 import logging

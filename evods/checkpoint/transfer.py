@@ -7,8 +7,7 @@ import shutil
 import torch
 
 from evods.progress import Progress
-from evods.storage import AsyncUploader, LocalStorage, Storage
-from evods.storage import explain_os_error
+from evods.storage import AsyncUploader, LocalStorage, Storage, explain_os_error
 
 from . import safe_load
 from .errors import DamagedCheckpoint

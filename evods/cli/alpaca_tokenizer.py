@@ -1,6 +1,7 @@
 """Tokenize an Alpaca dataset into train/valid bin/meta pairs with the InternLM chat template.
 
-    python tools/alpaca_tokenizer.py /path/to/alpaca_dataset /path/to/output_dataset /path/to/tokenizer --split_ratio 0.1
+    python tools/alpaca_tokenizer.py /path/to/alpaca_dataset /path/to/output_dataset /path/to/tokenizer \
+        --split_ratio 0.1
 
 Writes {output}/train/en/dataset.bin(.meta) and {output}/valid/en/dataset.bin(.meta). The dataset is an Alpaca JSON
 (or JSONL) file, or a folder saved with datasets' save_to_disk.
@@ -8,9 +9,9 @@ Writes {output}/train/en/dataset.bin(.meta) and {output}/valid/en/dataset.bin(.m
 import argparse
 import sys
 
-from evods.data.alpaca import tokenize_alpaca
 from evods.cli import run_cli
 from evods.data import DataError
+from evods.data.alpaca import tokenize_alpaca
 from evods.data.tokenize import find_tokenizer
 
 

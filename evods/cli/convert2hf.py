@@ -14,10 +14,10 @@ import argparse
 import sys
 
 from evods.checkpoint import CheckpointError
-from evods.cli import run_cli
 from evods.checkpoint.formats.hf import FORMATS, ROTARY_TYPES, export_hf
-from evods.storage import StorageError
 from evods.checkpoint.formats.internevo_layout import MLP_NAMINGS
+from evods.cli import run_cli
+from evods.storage import StorageError
 
 
 def main(argv=None) -> int:

@@ -9,9 +9,9 @@ import argparse
 import sys
 
 from evods.checkpoint import CheckpointError
-from evods.cli import run_cli
 from evods.checkpoint.formats.internevo_export import export_native
 from evods.checkpoint.formats.internevo_layout import MLP_NAMINGS
+from evods.cli import run_cli
 from evods.storage import StorageError
 
 

@@ -20,7 +20,8 @@ def parse_args(argv=None):
                              "save_to_disk folder, a .parquet file, or a folder of parquet/jsonl files")
     parser.add_argument("--bin_output_path", required=True, help="output .bin; the meta goes to <this>.meta")
     parser.add_argument("--tokenizer_path", default=None,
-                        help="SentencePiece model (default: tools/V7_sft.model, InternLM's V7 tokenizer shipped with evods)")
+                        help="SentencePiece model (default: tools/V7_sft.model, InternLM's V7 tokenizer shipped "
+                             "with evods)")
     parser.add_argument("--text_key", default="text",
                         help="json/jsonl field or dataset column to tokenize (default: text)")
     parser.add_argument("--whole_record", action="store_true",

@@ -19,7 +19,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", required=True, help="an InternEvo-style Python config, e.g. configs/7B_sft.py")
     parser.add_argument("--launcher", choices=LAUNCHERS, default="deepspeed",
-                        help="who started the processes (deepspeed and torch read RANK/WORLD_SIZE; slurm reads SLURM_*)")
+                        help="who started the processes (deepspeed and torch read RANK/WORLD_SIZE; slurm reads "
+                             "SLURM_*)")
     parser.add_argument("--port", type=int, default=None, help="master port for --launcher slurm (default 8888)")
     parser.add_argument("--seed", type=int, default=1024)
     parser.add_argument("--run_dir", default=None, help="where metrics, TensorBoard and the DeepSpeed JSON go "

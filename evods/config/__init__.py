@@ -9,10 +9,27 @@ from .checks import CPU_FP16_ENV, ParallelDims, check_device, check_topology, cp
 from .deepspeed_config import adamw_kwargs, build_deepspeed_config, validate_deepspeed_config, write_deepspeed_config
 from .errors import ConfigError
 from .loader import ConfigSource, load_config_file
-from .schema import (AdamConfig, AlertConfig, Beta2SchedulerConfig, CkptConfig, DataConfig, Fp16ScaleConfig,
-                     GradScalerConfig, HybridZeroConfig, LoadCkptInfo, LossConfig, LrSchedulerConfig, ModelConfig,
-                     MonitorConfig, ParallelConfig, PipelineConfig, TensorConfig, TrainConfig, load_config,
-                     parse_config)
+from .schema import (
+                     AdamConfig,
+                     AlertConfig,
+                     Beta2SchedulerConfig,
+                     CkptConfig,
+                     DataConfig,
+                     Fp16ScaleConfig,
+                     GradScalerConfig,
+                     HybridZeroConfig,
+                     LoadCkptInfo,
+                     LossConfig,
+                     LrSchedulerConfig,
+                     ModelConfig,
+                     MonitorConfig,
+                     ParallelConfig,
+                     PipelineConfig,
+                     TensorConfig,
+                     TrainConfig,
+                     load_config,
+                     parse_config,
+)
 
 __all__ = [
     "AdamConfig", "AlertConfig", "Beta2SchedulerConfig", "CkptConfig", "ConfigError", "ConfigSource", "CPU_FP16_ENV",

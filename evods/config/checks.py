@@ -6,7 +6,7 @@ names the config keys involved.
 import importlib.util
 import logging
 import os
-from typing import NamedTuple, Optional
+from typing import NamedTuple
 
 import torch
 
@@ -95,8 +95,8 @@ def torch_has_varlen_attention() -> bool:
     return importlib.util.find_spec("torch.nn.attention.varlen") is not None
 
 
-def check_device(cfg: TrainConfig, device_type: str, flash_attn_available: Optional[bool] = None,
-                 torch_varlen_available: Optional[bool] = None) -> None:
+def check_device(cfg: TrainConfig, device_type: str, flash_attn_available: bool | None = None,
+                 torch_varlen_available: bool | None = None) -> None:
     """Fit the config to the device: without flash-attn, `use_flash_attn` means torch's own varlen flash kernel on
     CUDA, and falls back to the PyTorch SDPA path elsewhere (one warning); a dtype the device cannot train in is an
     error. `device_type` is DeepSpeed's accelerator name ("cuda", "cpu", ...)."""

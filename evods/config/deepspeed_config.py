@@ -5,8 +5,9 @@ import copy
 import json
 import logging
 import math
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any
 
 import torch
 
@@ -131,7 +132,7 @@ def _check_override(user: dict, evods: dict[str, tuple[Any, str]], origin: str) 
         logger.warning("%s: %s=%r overrides %r from the training config (%s).", origin, dotted, value, ours, reason)
 
 
-def build_deepspeed_config(cfg: TrainConfig, dp_size: int, override_path: Optional[str | Path] = None) -> dict:
+def build_deepspeed_config(cfg: TrainConfig, dp_size: int, override_path: str | Path | None = None) -> dict:
     """The DeepSpeed config dict for `deepspeed.initialize(config=...)`.
 
     One DeepSpeed micro-batch is one packed row (micro_bsz × seq_len tokens), so the micro-batch size is 1 and

@@ -20,7 +20,6 @@ import traceback
 import types
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
 
 from .errors import ConfigError
 
@@ -36,7 +35,7 @@ class ConfigSource:
     text: str
     bases: tuple["ConfigSource", ...] = ()
 
-    def line_of(self, key_path: str) -> Optional[int]:
+    def line_of(self, key_path: str) -> int | None:
         """The line that sets `key_path` ("data.micro_num", "model", "monitor.alert.enable_feishu_alert") in this
         file, if found."""
         try:
@@ -68,7 +67,7 @@ class ConfigSource:
         return ConfigError(f"{self.locate(key_path)}: {message}")
 
 
-def _dict_entry(node: Optional[ast.AST], key: str) -> Optional[ast.AST]:
+def _dict_entry(node: ast.AST | None, key: str) -> ast.AST | None:
     """The value node for `key` in a `dict(key=...)` call or a `{"key": ...}` literal."""
     if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "dict":
         return next((kw.value for kw in node.keywords if kw.arg == key), None)
@@ -86,7 +85,7 @@ def _is_read_base_block(statement: ast.stmt) -> bool:
     return isinstance(statement, ast.With) and any(names_read_base(item.context_expr) for item in statement.items)
 
 
-def _without_read_base_import(statement: ast.stmt) -> Optional[ast.stmt]:
+def _without_read_base_import(statement: ast.stmt) -> ast.stmt | None:
     """`from internlm.utils.utils import read_base` (or mmengine's) is dropped: evods reads the block itself."""
     if not isinstance(statement, ast.ImportFrom) or all(alias.name != READ_BASE for alias in statement.names):
         return statement

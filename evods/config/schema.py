@@ -10,9 +10,10 @@ import difflib
 import logging
 import math
 import os
+from collections.abc import Callable
 from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any
 
 import torch
 
@@ -67,12 +68,12 @@ def _one_of(*choices: str, note: str = "") -> Rule:
     return Rule(f"one of {', '.join(map(repr, choices))}{note}", lambda v: v in choices)
 
 
-def key(rule: Rule, default=MISSING, *, coerce: Optional[Callable] = None):
+def key(rule: Rule, default=MISSING, *, coerce: Callable | None = None):
     """A config key. Without a default it is required. `coerce` reshapes an accepted alternative spelling first."""
     return field(default=default, metadata={"rule": rule, "coerce": coerce})
 
 
-def section(cls, *, optional: bool = False, required: bool = False, coerce: Optional[Callable] = None):
+def section(cls, *, optional: bool = False, required: bool = False, coerce: Callable | None = None):
     """A nested dict of keys. `optional`: None is allowed and is the default."""
     if required:
         default = dict(default=MISSING)
@@ -106,7 +107,7 @@ def _parses(parse: Callable[[str], Any]) -> Callable[[Any], bool]:
     return test
 
 
-def _parse_rampup(text: str) -> Optional[tuple[int, int, int]]:
+def _parse_rampup(text: str) -> tuple[int, int, int] | None:
     """"start incr every" -> (start, incr, every); "" -> None. Validation only; evods.data applies it."""
     if not text.strip():
         return None
@@ -126,9 +127,9 @@ class TrainDatasetConfig:
     path: str = key(STR)  # a save_to_disk folder, data files (parquet, jsonl, json, txt, csv: file or folder), Hub name
     streaming: bool = key(BOOL, False)  # False: tokenized once, packed and shuffled as a .bin; True: read in order
     text_key: str = key(STR, "text")
-    tokenizer_path: Optional[str] = key(OPTIONAL_STR, None)  # SentencePiece model; None: tools/V7_sft.model
+    tokenizer_path: str | None = key(OPTIONAL_STR, None)  # SentencePiece model; None: tools/V7_sft.model
     split: str = key(STR, "train")
-    name: Optional[str] = key(OPTIONAL_STR, None)  # the Hub dataset's configuration
+    name: str | None = key(OPTIONAL_STR, None)  # the Hub dataset's configuration
     add_bos: bool = key(BOOL, False)
     add_eos: bool = key(BOOL, False)
 
@@ -139,10 +140,10 @@ class DataConfig:
     micro_num: int = key(POSITIVE_INT, 1)  # micro-batches per optimizer step (gradient accumulation)
     micro_bsz: int = key(POSITIVE_INT)  # seq_len rows packed into one micro-batch
     # launch.py's derived copy of micro_num; a config that sets it must agree (InternEvo asserts it without pipelines)
-    gradient_accumulation: Optional[int] = key(_optional(POSITIVE_INT), None)
+    gradient_accumulation: int | None = key(_optional(POSITIVE_INT), None)
     # Always seq_len * micro_bsz; a user value is ignored with a warning, as InternEvo does.
-    packed_length: Optional[int] = key(_optional(POSITIVE_INT), None)
-    valid_micro_num: Optional[int] = key(_optional(POSITIVE_INT), None)  # None -> micro_num
+    packed_length: int | None = key(_optional(POSITIVE_INT), None)
+    valid_micro_num: int | None = key(_optional(POSITIVE_INT), None)  # None -> micro_num
     valid_every: int = key(NON_NEGATIVE_INT, 0)  # 0: no validation
     total_steps: int = key(POSITIVE_INT)
     # InternEvo requires the next three; evods gives the values every shipped config uses.
@@ -150,12 +151,12 @@ class DataConfig:
     skip_batches: str = key(SKIP_BATCHES, "")
     rampup_batch_size: str = key(RAMPUP, "")
     min_length: int = key(NON_NEGATIVE_INT, 0)
-    train_folder: Optional[str] = key(OPTIONAL_STR, None)  # None: random data
-    train_dataset: Optional[TrainDatasetConfig] = section(TrainDatasetConfig, optional=True)  # instead of train_folder
-    valid_folder: Optional[str] = key(OPTIONAL_STR, None)
+    train_folder: str | None = key(OPTIONAL_STR, None)  # None: random data
+    train_dataset: TrainDatasetConfig | None = section(TrainDatasetConfig, optional=True)  # instead of train_folder
+    valid_folder: str | None = key(OPTIONAL_STR, None)
     empty_cache_and_diag_interval: int = key(POSITIVE_INT, 50)
     diag_outlier_ratio: float = key(NUMBER, 1.1)  # clamped to >= 1
-    min_length_dict: Optional[dict] = key(_optional(DICT), None)
+    min_length_dict: dict | None = key(_optional(DICT), None)
     # InternEvo [IE] additions
     type: str = key(_one_of("tokenized", note=" (for InternEvo's type='streaming', set data.train_dataset=dict("
                                               "path=..., streaming=True) instead)"), "tokenized")
@@ -178,7 +179,7 @@ def _as_tuple(value):
 
 @dataclass(kw_only=True)
 class LoadCkptInfo:
-    path: Optional[str] = key(OPTIONAL_STR)  # None: start from scratch, as InternEvo (its demo.py does this)
+    path: str | None = key(OPTIONAL_STR)  # None: start from scratch, as InternEvo (its demo.py does this)
     content: tuple = key(Rule('a non-empty tuple of "model", "sampler", "optimizer", "scheduler" or "all"',
                               lambda v: isinstance(v, tuple) and bool(v) and set(v) <= CKPT_CONTENT),
                          ("model",), coerce=_as_tuple)
@@ -188,21 +189,21 @@ class LoadCkptInfo:
 @dataclass(kw_only=True)
 class CkptConfig:
     enable_save_ckpt: bool = key(BOOL, True)
-    save_ckpt_folder: Optional[str] = key(OPTIONAL_STR, None)
-    load_ckpt_info: Optional[LoadCkptInfo] = section(LoadCkptInfo, optional=True)
+    save_ckpt_folder: str | None = key(OPTIONAL_STR, None)
+    load_ckpt_info: LoadCkptInfo | None = section(LoadCkptInfo, optional=True)
     auto_resume: bool = key(BOOL, True)  # overrides load_ckpt_info when a checkpoint exists under save_ckpt_folder
     # auto_resume finds the newest checkpoint damaged: load the previous complete one (True) or stop with an error
     auto_resume_fallback: bool = key(BOOL, True)
     checkpoint_every: float = key(STEP_INTERVAL, math.inf)
     async_upload: bool = key(BOOL, False)  # only for boto3:/s3: folders
-    async_upload_tmp_folder: Optional[str] = key(OPTIONAL_STR, "/dev/shm/internlm_tmp_ckpt/")
+    async_upload_tmp_folder: str | None = key(OPTIONAL_STR, "/dev/shm/internlm_tmp_ckpt/")
     oss_snapshot_freq: float = key(STEP_INTERVAL, math.inf)
-    stop_file_path: Optional[str] = key(OPTIONAL_STR, None)
-    snapshot_ckpt_folder: Optional[str] = key(OPTIONAL_STR, None)  # None -> {save_ckpt_folder}/snapshot
+    stop_file_path: str | None = key(OPTIONAL_STR, None)
+    snapshot_ckpt_folder: str | None = key(OPTIONAL_STR, None)  # None -> {save_ckpt_folder}/snapshot
     keep_last_ckpts: int = key(NON_NEGATIVE_INT, 0)  # keep only the newest k normal checkpoints (0: keep all)
     # legacy keys, used when load_ckpt_info is absent
-    load_ckpt_folder: Optional[str] = key(OPTIONAL_STR, None)
-    load_model_only_folder: Optional[str] = key(OPTIONAL_STR, None)
+    load_ckpt_folder: str | None = key(OPTIONAL_STR, None)
+    load_model_only_folder: str | None = key(OPTIONAL_STR, None)
     load_optimizer: bool = key(BOOL, True)
     load_given_ckpt: bool = key(BOOL, False)
 
@@ -273,7 +274,7 @@ class HybridZeroConfig:
     overlap_sync_param: bool = key(BOOL, False)
     reduce_bucket_size: int = key(POSITIVE_INT, 512 * 1024 * 1024)
     clip_grad_norm: float = key(NON_NEGATIVE_NUMBER, 0.0)  # 0: no clipping
-    zero_overlap_communication: Optional[bool] = key(_optional(BOOL), None)  # legacy name of overlap_sync_grad
+    zero_overlap_communication: bool | None = key(_optional(BOOL), None)  # legacy name of overlap_sync_grad
 
 
 @dataclass(kw_only=True)
@@ -284,7 +285,7 @@ class LossConfig:
     # fused kernel on CUDA where installed and the vocabulary is not split, else "chunked"; "full" holds the whole
     # [tokens, vocab] logits, as InternEvo does.
     kernel: str = key(_one_of("auto", "chunked", "liger", "full"), "auto")
-    chunk_tokens: Optional[int] = key(_optional(POSITIVE_INT), None)  # None: from the vocab and hidden size
+    chunk_tokens: int | None = key(_optional(POSITIVE_INT), None)  # None: from the vocab and hidden size
 
 
 @dataclass(kw_only=True)
@@ -299,7 +300,7 @@ class AdamConfig:
 
 @dataclass(kw_only=True)
 class LrSchedulerConfig:
-    total_steps: Optional[int] = key(_optional(POSITIVE_INT), None)  # None -> data.total_steps
+    total_steps: int | None = key(_optional(POSITIVE_INT), None)  # None -> data.total_steps
     init_steps: int = key(NON_NEGATIVE_INT, 0)  # steps at lr 0 before the warmup
     warmup_ratio: float = key(_in_range(0, 1), 0.01)
     eta_min: float = key(NON_NEGATIVE_NUMBER, 1e-5)
@@ -312,8 +313,8 @@ class LrSchedulerConfig:
 
 @dataclass(kw_only=True)
 class Beta2SchedulerConfig:
-    init_beta2: Optional[float] = key(_optional(_in_range(0, 1, high_open=True)), None)  # None -> adam.adam_beta2
-    c: Optional[float] = key(_optional(NUMBER), None)  # None -> adam.adam_beta2_c; <=0: constant beta2
+    init_beta2: float | None = key(_optional(_in_range(0, 1, high_open=True)), None)  # None -> adam.adam_beta2
+    c: float | None = key(_optional(NUMBER), None)  # None -> adam.adam_beta2_c; <=0: constant beta2
     cur_iter: int = key(INT, -1)
 
 
@@ -324,9 +325,9 @@ HTTP_URL = Rule("None or an http:// or https:// URL",
 @dataclass(kw_only=True)
 class AlertConfig:
     enable_feishu_alert: bool = key(BOOL, False)
-    feishu_alert_address: Optional[str] = key(HTTP_URL, None)  # the webhook the alerts go to
-    light_monitor_address: Optional[str] = key(HTTP_URL, None)  # per-step metrics heartbeats go here
-    alert_file_path: Optional[str] = key(OPTIONAL_STR, None)
+    feishu_alert_address: str | None = key(HTTP_URL, None)  # the webhook the alerts go to
+    light_monitor_address: str | None = key(HTTP_URL, None)  # per-step metrics heartbeats go here
+    alert_file_path: str | None = key(OPTIONAL_STR, None)
     # evods additions
     webhook_format: str = key(_one_of("feishu", "slack"), "feishu")  # slack: {"text": ...} bodies
     loss_spike_limit: float = key(POSITIVE_NUMBER, 1.5)  # alert when loss > limit × the previous step's loss
@@ -335,7 +336,7 @@ class AlertConfig:
 
 @dataclass(kw_only=True)
 class TensorboardMonitorConfig:
-    queue_max_length: Optional[int] = key(_optional(POSITIVE_INT), None)
+    queue_max_length: int | None = key(_optional(POSITIVE_INT), None)
 
 
 @dataclass(kw_only=True)
@@ -389,14 +390,14 @@ class TrainConfig:
     JOB_NAME: str = key(STR, "AnonymousJob")
     model_type: str = key(STR, "INTERNLM")  # a builder registered in evods.model.registry; checked by _check_model_type
     enable_tb: bool = key(BOOL, True)
-    tensorboard_folder: Optional[str] = key(OPTIONAL_STR, None)  # None -> env tensorboard_folder
-    resume_tb_folder: Optional[str] = key(OPTIONAL_STR, None)  # None -> env resume_tb_folder
-    alert_address: Optional[str] = key(HTTP_URL, None)  # legacy name of monitor.alert.feishu_alert_address
+    tensorboard_folder: str | None = key(OPTIONAL_STR, None)  # None -> env tensorboard_folder
+    resume_tb_folder: str | None = key(OPTIONAL_STR, None)  # None -> env resume_tb_folder
+    alert_address: str | None = key(HTTP_URL, None)  # legacy name of monitor.alert.feishu_alert_address
     cudnn_deterministic: bool = key(BOOL, False)
     cudnn_benchmark: bool = key(BOOL, False)
     use_fp32_norm: bool = key(BOOL, False)  # fp32 norm weights in a 16-bit model: refused, DeepSpeed casts them all
-    metric_dtype: Optional[str] = key(OPTIONAL_STR, None)  # "fp32": evods' metrics are always fp32 or wider
-    moe: Optional[dict] = key(_optional(DICT), None)  # expert settings of MoE models, which evods does not build
+    metric_dtype: str | None = key(OPTIONAL_STR, None)  # "fp32": evods' metrics are always fp32 or wider
+    moe: dict | None = key(_optional(DICT), None)  # expert settings of MoE models, which evods does not build
 
     data: DataConfig = section(DataConfig, required=True)
     model: ModelConfig = section(ModelConfig, required=True)
@@ -412,7 +413,7 @@ class TrainConfig:
 
     # Filled from the file, not keys
     constants: dict = field(default_factory=dict)  # the UPPERCASE user variables (SEQ_LEN, MODEL_ONLY_FOLDER, ...)
-    source: Optional[ConfigSource] = None  # the file's path and text (checkpoints store the text: config_file.pt)
+    source: ConfigSource | None = None  # the file's path and text (checkpoints store the text: config_file.pt)
     raw_model: dict = field(default_factory=dict)  # the `model` dict as written
 
     @property

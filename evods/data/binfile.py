@@ -138,7 +138,8 @@ class TokenizedDataset:
 
     Opening reads only the meta (plus the last line, for the consistency check); samples are read with pread at
     their meta offset (O(1) per sample), so the object is cheap to pickle into DataLoader workers. `min_length` drops
-    samples with fewer tokens (by the meta count). Item i is an int64 array of the i-th kept sample's tokens (negative = masked).
+    samples with fewer tokens (by the meta count). Item i is an int64 array of the i-th kept sample's tokens
+    (negative = masked).
     """
 
     def __init__(self, bin_path, type_id: int = 0, min_length: int = 0):

@@ -28,6 +28,7 @@ from transformers.activations import ACT2FN
 from transformers.cache_utils import Cache
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 
+from .configuration_internlm import InternLMConfig
 from .transformers_compat import (
     CACHE_NAME,
     GENERATION_PREPARES_INPUTS,
@@ -39,7 +40,6 @@ from .transformers_compat import (
     legacy_prepare_inputs_for_generation,
     new_cache,
 )
-from .configuration_internlm import InternLMConfig
 
 # InternLM's chat format (InternLM-chat-7b): <|System|>:{meta}\n<|User|>:{query}<eoh>\n<|Bot|>:{reply}<eoa>\n...
 # The one definition: `chat` renders it, and exported tokenizers carry it as their `chat_template`. BOS comes from the
@@ -87,7 +87,8 @@ class InternLMRMSNorm(nn.Module):
 
 
 class InternLMRotaryEmbedding(nn.Module):
-    """Rotate-half RoPE tables in fp32, with InternEvo's dynamic NTK base for sequences beyond max_position_embeddings."""
+    """Rotate-half RoPE tables in fp32, with InternEvo's dynamic NTK base for sequences beyond
+    max_position_embeddings."""
 
     def __init__(self, config: InternLMConfig):
         super().__init__()

@@ -8,6 +8,7 @@ import os
 import re
 import time
 
+
 def job_title(job_name: str, environ=os.environ) -> str:
     """InternEvo's default title, "{job id}_{job name}" (internlm/monitor/utils.py: get_job_key): the scheduler's job
     id (slurm, then Kubernetes, then Volcano ML platform), else "none"."""

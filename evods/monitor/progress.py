@@ -1,8 +1,8 @@
 """The progress line: steps done of the total, time elapsed, and time left at the recent rate."""
 import collections
 import time
+from collections.abc import Callable
 from datetime import timedelta
-from typing import Callable, Optional
 
 RECENT_STEPS = 50  # the rate is measured over this many of the latest steps
 
@@ -20,7 +20,7 @@ class Progress:
         self.start = clock()
         self._recent: collections.deque = collections.deque(maxlen=RECENT_STEPS + 1)  # (time, step count)
 
-    def line(self, step_count: int) -> Optional[str]:
+    def line(self, step_count: int) -> str | None:
         """After optimizer step `step_count`: the line to log at the first step of this launch (step 1, or the
         first after a resume) and every `every` steps."""
         now = self.clock()

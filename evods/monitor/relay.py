@@ -5,13 +5,14 @@ copies). The store (the TCPStore that torch.distributed started with) is not a c
 rank is blocked in an all-reduce waiting for the rank that failed, which is exactly when the alert matters.
 
 Keys: "count" numbers the alerts; "alert/N" holds alert N ({"text", "fatal"}: fatal alerts end the run); "done/N"
-is set by the sending rank once alert N was posted; "failures" counts ranks that reported an exception, so only the first failure of a run is alerted
-(the others usually follow from it: their peer went away).
+is set by the sending rank once alert N was posted; "failures" counts ranks that reported an exception, so only the
+first failure of a run is alerted (the others usually follow from it: their peer went away).
 """
 import json
 import logging
 import threading
-from typing import Callable, Optional, TypeVar
+from collections.abc import Callable
+from typing import Optional, TypeVar
 
 import torch.distributed as dist
 
@@ -21,7 +22,7 @@ T = TypeVar("T")
 PREFIX = "evods-monitor/"
 
 
-def bounded(work: Callable[[], T], timeout_s: float) -> Optional[T]:
+def bounded(work: Callable[[], T], timeout_s: float) -> T | None:
     """`work()` in a daemon thread; None when it fails or takes longer than `timeout_s`. A store whose host died
     blocks for the process group's timeout (30 minutes): a failing rank must not wait that long to exit."""
     result: list = []

@@ -8,7 +8,6 @@ import socket
 import threading
 import time
 import traceback
-from typing import Optional
 
 from evods.config import AlertConfig, TrainConfig, check_topology
 from evods.parallel import parallel_sizes
@@ -51,7 +50,7 @@ class _Ticker:
 
 class RunMonitor:
     def __init__(self, alert: AlertConfig, *, job_name: str, rank: int, sends: bool, total_steps: int,
-                 log_every: int, relay: Optional[StoreRelay] = None):
+                 log_every: int, relay: StoreRelay | None = None):
         """`sends`: this is the rank that posts (the log rank). `relay` carries other ranks' failures to it."""
         self.rank, self.sends = rank, sends
         self.host = socket.gethostname()
@@ -67,13 +66,13 @@ class RunMonitor:
         self._progress = Progress(total_steps, log_every)
         self._watchdog = StuckWatchdog(alert.stuck_timeout)
         self._tickers: list[_Ticker] = []
-        self._watchdog_ticker: Optional[_Ticker] = None
+        self._watchdog_ticker: _Ticker | None = None
         self._alerted_errors: list[BaseException] = []
         self._started = time.monotonic()
-        self.last_step: Optional[int] = None
+        self.last_step: int | None = None
         self.last_step_count = 0
-        self._first_loss: Optional[float] = None  # of this launch, for the summary
-        self._previous_loss: Optional[float] = None
+        self._first_loss: float | None = None  # of this launch, for the summary
+        self._previous_loss: float | None = None
         self._closed = False
         if self._alerts is not None and self._relay is not None:  # from now on: a rank may fail while building
             self._tickers.append(_Ticker(RELAY_POLL_S, self._forward_relayed, "evods-monitor-relay"))
@@ -88,7 +87,7 @@ class RunMonitor:
                    total_steps=cfg.data.total_steps, log_every=cfg.monitor.log_every,
                    relay=StoreRelay.of_process_group())
 
-    def _sender(self, url: Optional[str], what: str) -> Optional[WebhookSender]:
+    def _sender(self, url: str | None, what: str) -> WebhookSender | None:
         return WebhookSender(url, what, self._user_agent) if url else None
 
     # ------------------------------------------------------------------------------------ the loop's hooks

@@ -10,7 +10,7 @@ import threading
 import time
 import urllib.parse
 import urllib.request
-from typing import Callable, Optional
+from collections.abc import Callable
 
 logger = logging.getLogger("evods.monitor")
 
@@ -39,7 +39,7 @@ class WebhookSender:
         self._thread = threading.Thread(target=self._run, name="evods-monitor-sender", daemon=True)
         self._thread.start()
 
-    def post(self, body: dict, on_done: Optional[Callable[[bool], None]] = None) -> None:
+    def post(self, body: dict, on_done: Callable[[bool], None] | None = None) -> None:
         """Queue `body` and return at once. `on_done(delivered)` runs in the sender thread after the attempt."""
         with self._lock:
             if self._closing:
@@ -136,7 +136,7 @@ class WebhookSender:
             logger.info(message)
 
 
-def _refusal(answer: bytes) -> Optional[str]:
+def _refusal(answer: bytes) -> str | None:
     """Feishu answers HTTP 200 with {"code": non-zero, "msg": ...} when it refuses a message (a bad signature, a
     missing keyword); that is a failure too."""
     try:

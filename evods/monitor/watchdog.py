@@ -7,15 +7,15 @@ returns that event at once).
 """
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable, Optional
 
 
 @dataclass(frozen=True)
 class StuckEvent:
     stuck: bool  # True: a hang began; False: a step finished after one
     idle_s: float  # seconds without a step
-    last_step: Optional[int]  # the last finished step, None before the first
+    last_step: int | None  # the last finished step, None before the first
 
 
 class StuckWatchdog:
@@ -23,11 +23,11 @@ class StuckWatchdog:
         self.timeout_s = timeout_s
         self.clock = clock
         self._last_beat = clock()
-        self._last_step: Optional[int] = None
-        self._stuck_since: Optional[float] = None
+        self._last_step: int | None = None
+        self._stuck_since: float | None = None
         self._lock = threading.Lock()  # beat() runs in the training loop, check() in the monitor's thread
 
-    def beat(self, step: int) -> Optional[StuckEvent]:
+    def beat(self, step: int) -> StuckEvent | None:
         """A step finished; the end of a stuck episode, if this step ends one."""
         with self._lock:
             now = self.clock()
@@ -38,7 +38,7 @@ class StuckWatchdog:
             self._last_beat, self._last_step = now, step
             return resumed
 
-    def check(self) -> Optional[StuckEvent]:
+    def check(self) -> StuckEvent | None:
         """The stuck episode that began since the last check, if any."""
         with self._lock:
             idle = self.clock() - self._last_beat

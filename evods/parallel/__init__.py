@@ -1,8 +1,13 @@
 """Data × pipeline × tensor topology (InternEvo's rank layout) and the pieces DeepSpeed needs from it."""
 from .cross_entropy import VocabParallelLogits, vocab_parallel_argmax, vocab_parallel_cross_entropy
 from .mpu import ParallelGrid, build_parallel_grid
-from .plan import (TENSOR_PARALLEL_PLAN, apply_tensor_parallel, gather_tensor_parallel_state_dict, shard_tensor,
-                   split_dim)
+from .plan import (
+                   TENSOR_PARALLEL_PLAN,
+                   apply_tensor_parallel,
+                   gather_tensor_parallel_state_dict,
+                   shard_tensor,
+                   split_dim,
+)
 from .rng import parallel_seeds, tensor_parallel_generator
 from .topology import ParallelSizes, build_process_topology, parallel_sizes
 

@@ -13,8 +13,8 @@ tensor-parallel layers:
 - reduce_scatter_to_sequence_parallel_region: reduce-scatter over the tokens forward, all-gather backward (a
   row-parallel layer's partial sums, each rank keeping its tokens).
 """
+from collections.abc import Callable
 from functools import partial
-from typing import Callable
 
 import torch
 import torch.distributed as dist

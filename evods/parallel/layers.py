@@ -7,8 +7,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .comm import (copy_to_tensor_parallel_region, gather_from_tensor_parallel_region,
-                   reduce_from_tensor_parallel_region, reduce_scatter_to_sequence_parallel_region)
+from .comm import (
+    copy_to_tensor_parallel_region,
+    gather_from_tensor_parallel_region,
+    reduce_from_tensor_parallel_region,
+    reduce_scatter_to_sequence_parallel_region,
+)
 
 
 def _parameter(tensor: torch.Tensor | None) -> nn.Parameter | None:

@@ -16,8 +16,8 @@ With `sequence_parallel` the same weights are split the same way; `evods.paralle
 token slicing around them.
 """
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 import torch.distributed as dist

@@ -7,10 +7,10 @@ import tempfile
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor
 from concurrent.futures import wait as wait_for_futures
 from dataclasses import dataclass
-from typing import Callable, Optional
 
 from evods.progress import Progress
 
@@ -88,7 +88,7 @@ class AsyncUploader:
         attempts: int = 3,
         retry_backoff_s: float = 2.0,
         min_free_gib: float = 0.1,
-        on_failure: Optional[Callable[[FailedUpload], None]] = None,
+        on_failure: Callable[[FailedUpload], None] | None = None,
     ):
         if workers < 1 or attempts < 1:
             raise ValueError(f"AsyncUploader needs workers >= 1 and attempts >= 1, got {workers} and {attempts}")

@@ -30,13 +30,15 @@ def atomic_write(path: str | os.PathLike, fill: Callable[[BinaryIO], None]) -> N
     """
     folder = os.path.dirname(os.path.abspath(path)) or "."
     tmp = os.path.join(folder, f".{os.path.basename(path)}.{uuid.uuid4().hex[:12]}{_TMP_SUFFIX}")
-    for attempt in range(3):
-        os.makedirs(folder, exist_ok=True)
+    for attempt in range(10):
+        # Another process may remove the folder as it empties it (e.g. ranks pinging at once): between makedirs'
+        # mkdir and its check (FileExistsError), or before the open (FileNotFoundError). Both mean: make it again.
         try:
+            os.makedirs(folder, exist_ok=True)
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, DEFAULT_FILE_MODE)  # the umask applies
             break
-        except FileNotFoundError:  # another process removed the folder as it emptied (e.g. ranks pinging at once)
-            if attempt == 2:
+        except (FileNotFoundError, FileExistsError):
+            if attempt == 9:
                 raise
     try:
         with os.fdopen(fd, "wb") as f:

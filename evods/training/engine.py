@@ -6,8 +6,8 @@ batch (micro_num, or fewer during a ramp-up) and reports the same numbers, so th
 The model (or last stage) stops at the final hidden states; the loss applies the output head (`PackedLoss`), so the
 [tokens, vocab] logits need not exist.
 """
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Callable, Iterable
 
 import deepspeed
 import torch

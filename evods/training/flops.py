@@ -1,7 +1,6 @@
 """Throughput numbers of the metrics line: InternEvo's tflops and tgs (as
 record_current_batch_training_metrics computes them), plus model FLOPs and MFU."""
 import os
-from typing import Optional
 
 # Dense bf16/fp16 tensor-core peaks per device, in FLOP/s. Matched by substring of the device name, first match wins
 # (so the PCIe H100 comes before the SXM one).
@@ -50,7 +49,7 @@ def tgs(num_tokens_this_rank: int, dp: int, world: int, elapsed: float) -> float
     return round(num_tokens_this_rank * dp / world / elapsed, 2)
 
 
-def peak_flops(override_tflops: Optional[float] = None, device_name: Optional[str] = None) -> Optional[float]:
+def peak_flops(override_tflops: float | None = None, device_name: str | None = None) -> float | None:
     """A device's peak FLOP/s for MFU: the override (e.g. --peak_tflops), else $EVODS_PEAK_TFLOPS, else the table entry
     for `device_name` (default: the current CUDA device). None when unknown, e.g. on CPU: then MFU is not reported."""
     if override_tflops is not None:
@@ -66,6 +65,6 @@ def peak_flops(override_tflops: Optional[float] = None, device_name: Optional[st
     return next((peak for name, peak in PEAK_FLOPS if name in device_name), None)
 
 
-def mfu(achieved_flops_per_s: float, peak_flops_per_s: Optional[float]) -> Optional[float]:
+def mfu(achieved_flops_per_s: float, peak_flops_per_s: float | None) -> float | None:
     """Model FLOPs utilisation, or None without a known peak."""
     return None if not peak_flops_per_s else achieved_flops_per_s / peak_flops_per_s

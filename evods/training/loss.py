@@ -9,6 +9,7 @@ from evods.data import IGNORE_INDEX
 
 from .linear_cross_entropy import auto_chunk_tokens, chunked_linear_cross_entropy, liger_linear_cross_entropy
 
+
 class TokenMetrics:
     """Sums over a step's micro-batches: per-type loss and token counts, accuracy.
 
@@ -93,14 +94,14 @@ class PackedLoss:
     """
 
     def __init__(self, head: nn.Module, label_smoothing: float = 0.0, metrics: TokenMetrics | None = None,
-                 vocab=FullLogits(), kernel: str = "chunked", chunk_tokens: int | None = None):
+                 vocab: "FullLogits | None" = None, kernel: str = "chunked", chunk_tokens: int | None = None):
         if kernel not in ("chunked", "liger", "full"):
             raise ValueError(f"PackedLoss kernel {kernel!r}: expected 'chunked', 'liger' or 'full' "
                              f"(choose_loss_kernel resolves 'auto')")
         self.head = head
         self.label_smoothing = label_smoothing
         self.metrics = metrics
-        self.vocab = vocab  # how the head covers the vocabulary: whole, or split over tensor ranks
+        self.vocab = vocab or FullLogits()  # how the head covers the vocabulary: whole, or split over tensor ranks
         self.kernel = kernel
         self.chunk_tokens = chunk_tokens or auto_chunk_tokens(*head.weight.shape)
 

@@ -12,16 +12,29 @@ import torch
 import torch.distributed as dist
 
 from evods.checkpoint import CheckpointManager, TrainingParts
-from evods.config import (ConfigError, TrainConfig, adamw_kwargs, build_deepspeed_config, check_device,
-                          check_topology, write_deepspeed_config)
+from evods.config import (
+    ConfigError,
+    TrainConfig,
+    adamw_kwargs,
+    build_deepspeed_config,
+    check_device,
+    check_topology,
+    write_deepspeed_config,
+)
 from evods.data import BatchSkipper, batch_stats, build_train_loader, build_valid_loaders
 from evods.data.tokenize import check_tokenizer_fits
 from evods.model.registry import MODEL_INITIALIZER
 from evods.monitor import RunMonitor, StepProfiler
-from evods.progress import Progress
-from evods.parallel import (ParallelSizes, VocabParallelLogits, apply_tensor_parallel, build_parallel_grid,
-                            parallel_seeds, parallel_sizes)
+from evods.parallel import (
+    ParallelSizes,
+    VocabParallelLogits,
+    apply_tensor_parallel,
+    build_parallel_grid,
+    parallel_seeds,
+    parallel_sizes,
+)
 from evods.parallel.nodes import discover_nodes
+from evods.progress import Progress
 
 from .distributed import init_distributed
 from .engine import StepOutcome, TrainEngine

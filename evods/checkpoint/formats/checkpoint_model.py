@@ -11,8 +11,8 @@ from evods.storage import LocalStorage, open_storage
 
 from .. import layout
 from ..errors import CheckpointError, DamagedCheckpoint
-from .internevo import is_native_checkpoint, read_native_model
 from ..transfer import fetch_folder
+from .internevo import is_native_checkpoint, read_native_model
 from .weights import deepspeed_weights
 
 

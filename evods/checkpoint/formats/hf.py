@@ -12,9 +12,9 @@ from transformers.utils.hub import convert_file_size_to_int
 from evods.model import InternLMConfig, InternLMForCausalLM
 from evods.storage.local import DEFAULT_FILE_MODE, current_umask
 
+from ..errors import CheckpointError
 from . import check_output_folder
 from .checkpoint_model import read_checkpoint_model
-from ..errors import CheckpointError
 from .hf_tokenizer import sentencepiece_adds_dummy_prefix, write_tokenizer
 from .weights import load_weights
 

@@ -21,8 +21,14 @@ from evods.model import InternLMConfig, config_from_model_dict, intermediate_siz
 
 from ..errors import CheckpointError
 from ..safe_load import NUMPY_ARRAYS, load_file
-from .internevo_layout import (NativeLayout, detect_family, local_names, merge_shards, mlp_naming_of_shapes,
-                               shard_weights)
+from .internevo_layout import (
+    NativeLayout,
+    detect_family,
+    local_names,
+    merge_shards,
+    mlp_naming_of_shapes,
+    shard_weights,
+)
 
 MODEL_CONFIG = "model_config.pt"
 CONTEXT = "context.pt"

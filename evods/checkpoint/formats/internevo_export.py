@@ -2,12 +2,12 @@
 from evods.storage import open_storage
 
 from .. import layout
+from ..errors import CheckpointError
+from ..transfer import from_bytes
 from . import check_output_folder
 from .checkpoint_model import read_checkpoint_model
-from ..errors import CheckpointError
 from .internevo import model_dict_from_config, native_run_state, write_native_checkpoint
 from .internevo_layout import NativeLayout
-from ..transfer import from_bytes
 
 
 def export_native(src: str, tgt: str, tp: int = 1, pp: int = 1, mlp_naming: str = "v1",

@@ -19,9 +19,9 @@ from safetensors.torch import load_file
 from evods.model import pipeline_parameter_name
 from evods.parallel import split_dim
 
+from .. import safe_load
 from ..errors import CheckpointError
 from ..layout import DEEPSPEED_TAG, TOPOLOGY
-from .. import safe_load
 
 # Buffers some HF InternLM checkpoints carry (InternLM's convert2hf.py) that evods recomputes.
 IGNORED_HF_KEYS = re.compile(r".*rotary_emb\.inv_freq$")

@@ -1,0 +1,163 @@
+"""InternEvo's current configs (its configs/*.py and configs/_base_/ inheritance) load, or are refused in one line that
+names the key, the value and what evods runs instead."""
+import logging
+import re
+
+import pytest
+import torch
+
+from evods.config import ConfigError, check_topology, load_config
+from evods.model import config_from_model_dict
+from testkit.internevo_configs import write_internevo_configs
+
+TINY = """\
+data = dict(seq_len=16, micro_num=2, micro_bsz=1, total_steps=10)
+model = dict(num_attention_heads=4, hidden_size=32, num_layers=2, vocab_size=64, mlp_ratio=8 / 3,
+             dtype="torch.float32")
+ckpt = dict(enable_save_ckpt=False)
+"""
+NOT_BUILT = r"is not a model evods builds: it builds 'INTERNLM' \(InternEvo's .* are not ported\); use " \
+            r'model_type="INTERNLM" with an InternLM model dict'
+
+
+@pytest.fixture(scope="module")
+def internevo(tmp_path_factory):
+    return write_internevo_configs(tmp_path_factory.mktemp("internevo"))
+
+
+def refusal(path) -> str:
+    with pytest.raises(ConfigError) as caught:
+        load_config(path)
+    message = str(caught.value)
+    assert "\n" not in message, message
+    return message
+
+
+@pytest.mark.parametrize("name, where, message", [
+    ("7B_isp_sft.py", "7B_isp_sft.py", r'parallel\.tensor\.mode="isp" \(InternEvo\'s intern sequence parallelism '
+                                       r'with weight parallelism\) is not run by evods; use mode="mtp" '
+                                       r'\(Megatron tensor parallelism\)'),
+    ("7B_MoE4_sft.py", "7B_MoE4_sft.py", "model_type='INTERNLM_MoE' " + NOT_BUILT),
+    ("7B_internlm2.py", "7B_internlm2.py", "model_type='INTERNLM2_PUBLIC' " + NOT_BUILT),
+    ("7B_llama2.py", "7B_llama2.py", "model_type='LLAMA2' " + NOT_BUILT),
+    # demo.py inherits model_type from its _base_ model: the error points there
+    ("demo.py", "_base_/models/internlm2_7B.py", "model_type='INTERNLM2_PUBLIC' " + NOT_BUILT),
+])
+def test_internevo_configs_evods_cannot_run_are_refused_in_one_line(internevo, name, where, message):
+    line = refusal(internevo[name])
+    assert re.fullmatch(re.escape(str(internevo[where])) + r":\d+: " + message, line), line
+
+
+def test_internevo_7b_sft_loads_and_applies_its_keys(internevo, caplog):
+    with caplog.at_level(logging.WARNING, logger="evods.config"):
+        cfg = load_config(internevo["7B_sft.py"])
+    assert not caplog.records  # every key of InternEvo's quickstart config is applied or silently a no-op
+    parallel = cfg.parallel
+    assert (parallel.zero1.size, parallel.zero1.fsdp) == (-1, False)
+    assert (parallel.tensor.size, parallel.tensor.mode) == (1, "mtp")
+    assert (parallel.pipeline.size, parallel.weight.size, parallel.sequence_parallel) == (1, 1, False)
+    assert check_topology(cfg, 16).dp == 16
+    assert cfg.use_fp32_norm is False and cfg.model.dtype == torch.bfloat16
+    assert (cfg.data.micro_num, cfg.data.micro_bsz, cfg.data.gradient_accumulation) == (4, 2, 4)
+    assert cfg.data.empty_cache_and_diag_interval == 200 and cfg.monitor.tensorboard.queue_max_length == 10
+    assert cfg.ckpt.load_ckpt_info.ckpt_type == "internevo" and cfg.ckpt.load_ckpt_info.path == "local:llm_ckpts/xxxx"
+    assert cfg.monitor.alert.alert_file_path == "llm_alter/7b_train_alert.log"
+    hf = config_from_model_dict(cfg.model_dict)  # the model builder takes every model key (no 7B is built here)
+    assert (hf.hidden_size, hf.intermediate_size, hf.num_hidden_layers, hf.vocab_size) == (4096, 11008, 32, 103168)
+
+
+def _demo_on(internevo, base: str):
+    """InternEvo's demo.py with another _base_ model, next to the real configs/ folder."""
+    text = internevo["demo.py"].read_text().replace("models.internlm2_7B", f"models.{base}")
+    path = internevo["demo.py"].with_name(f"demo_{base}.py")
+    path.write_text(text)
+    return path
+
+
+def test_read_base_inheritance_without_internevo_installed(internevo):
+    cfg = load_config(_demo_on(internevo, "internlm_7B"))
+    # from _base_/default_runtime.py
+    assert cfg.enable_tb and cfg.cudnn_deterministic is False and cfg.grad_scaler.fp16.initial_scale == 2**16
+    # from _base_/models/internlm_7B.py
+    assert cfg.model_type == "INTERNLM" and cfg.model.hidden_size == 4096 and cfg.parallel.zero1.size == 8
+    # from demo.py itself, after the block: its own data, and load_ckpt_info with path=None trains from scratch
+    assert cfg.JOB_NAME == "7b_train" and cfg.data.micro_bsz == 2 and cfg.data.valid_every == 50
+    assert cfg.ckpt.load_ckpt_info is None and cfg.ckpt.auto_resume is False
+    assert [base.path.name for base in cfg.source.bases] == ["default_runtime.py", "internlm_7B.py"]
+
+    big = load_config(_demo_on(internevo, "internlm_20B"))
+    assert (big.model.num_layers, big.parallel.tensor.size, big.parallel.tensor.mode) == (60, 4, "mtp")
+    line = refusal(_demo_on(internevo, "internlm2_20B"))
+    assert re.match(re.escape(str(internevo["_base_/models/internlm2_20B.py"])) + r":1: model_type=", line)
+
+
+def test_read_base_forms_and_mistakes(internevo):
+    configs = internevo["demo.py"].parent
+    relative = configs / "relative.py"
+    relative.write_text("from mmengine.config import read_base\n"
+                        "with read_base():\n    from ._base_.models.internlm_7B import model, parallel as _par\n"
+                        + TINY.replace("model = dict", "_unused = dict") + "parallel = _par\n")
+    cfg = load_config(relative)
+    assert cfg.model.hidden_size == 4096 and cfg.parallel.zero1.size == 8
+
+    missing = configs / "missing.py"
+    missing.write_text("from internlm.utils.utils import read_base\nwith read_base():\n"
+                       "    from configs._base_.models.internlm3_8B import *\n" + TINY)
+    assert re.fullmatch(re.escape(f"{missing}:3: base config configs._base_.models.internlm3_8B not found: looked "
+                                  "for configs/_base_/models/internlm3_8B.py in ") + r".* or copy the base's keys "
+                                  r"into this file", refusal(missing))
+    stray = configs / "stray.py"
+    stray.write_text("from internlm.utils.utils import read_base\nwith read_base():\n    X = 1\n" + TINY)
+    assert "stray.py:3: only `from ... import ...` lines may stand inside `with read_base():`" in refusal(stray)
+    loop = configs / "_base_" / "loop.py"
+    loop.write_text("with read_base():\n    from configs._base_.loop import *\n")
+    assert "imports itself" in refusal(loop)
+
+
+@pytest.mark.parametrize("extra, message", [
+    ("parallel = dict(zero1=dict(size=-1, fsdp=True))\n",
+     r"cfg\.py:5: parallel\.zero1\.fsdp=True asks for torch FSDP, which evods does not run: it shards the optimizer "
+     r"with DeepSpeed ZeRO-1; set fsdp=False"),
+    ('parallel = dict(tensor=dict(size=2, mode="fsp"))\n',
+     r'cfg\.py:5: parallel\.tensor\.mode="fsp" .* use mode="mtp"'),
+    ('parallel = dict(tensor=dict(size=2, mode="tp"))\n',
+     r"cfg\.py:5: parallel\.tensor\.mode must be one of 'mtp', 'msp', 'fsp', 'isp', got 'tp'"),
+    ("parallel = dict(weight=dict(size=2, overlap=True, memory_pool=True))\n",
+     r"cfg\.py:5: parallel\.weight\.size=2 asks for InternEvo's weight parallelism .* set weight=dict\(size=1\)"),
+    ("use_fp32_norm = True\n", r"cfg\.py:5: use_fp32_norm=True \(fp32 norm weights in a 16-bit model\) is not "
+                               r"supported by evods"),
+    ('model_type = "LLAMA2"\n', r"cfg\.py:5: model_type='LLAMA2' " + NOT_BUILT),
+])
+def test_internevo_parallel_modes_evods_does_not_run_are_refused(tmp_path, extra, message):
+    text = TINY.replace('dtype="torch.float32"', 'dtype="torch.bfloat16"') + extra
+    (tmp_path / "cfg.py").write_text(text)
+    assert re.search(message, refusal(tmp_path / "cfg.py"))
+
+
+def test_internevo_key_forms_that_load(tmp_path, caplog):
+    path = tmp_path / "cfg.py"
+    path.write_text(TINY + "use_fp32_norm = True\nmetric_dtype = 'fp32'\n"  # fp32 norms in an fp32 model: a no-op
+                    "parallel = dict(zero1=8, tensor=dict(size=2, mode=None), pipeline=2, weight=dict(size=1))\n")
+    cfg = load_config(path)
+    assert (cfg.parallel.zero1.size, cfg.parallel.tensor.mode, cfg.parallel.pipeline.size) == (8, "mtp", 2)
+    assert cfg.data.gradient_accumulation == 2
+
+    path.write_text(TINY.replace("total_steps=10", "total_steps=10, gradient_accumulation=4"))
+    assert re.search(r"cfg\.py:1: data\.gradient_accumulation=4 must equal data\.micro_num=2", refusal(path))
+    with caplog.at_level(logging.WARNING, logger="evods.config"):
+        path.write_text(TINY + "moe = dict(top_k=2)\nmetric_dtype = 'bf16'\n")
+        load_config(path)
+    assert "moe=dict(...) is not applied by evods: model_type 'INTERNLM' has no experts" in caplog.text
+    assert "metric_dtype='bf16' is not applied by evods: metrics are always computed in fp32" in caplog.text
+
+
+@pytest.mark.parametrize("parallel, applied", [
+    ('dict(tensor=dict(size=2, mode="msp"))', True),  # InternEvo's Megatron tensor + sequence parallelism
+    ('dict(tensor=dict(size=2, mode="mtp"), sequence_parallel=True)', True),  # the quickstart's key is honoured
+    ('dict(tensor=dict(size=2, mode="mtp"))', False),
+    ('dict(tensor=dict(size=1, mode="msp"))', False),  # nothing to split the tokens over: a warning, as InternEvo
+])
+def test_tensor_mode_msp_is_sequence_parallelism(tmp_path, parallel, applied):
+    (tmp_path / "cfg.py").write_text(TINY + f"parallel = {parallel}\n")
+    cfg = load_config(tmp_path / "cfg.py")
+    assert check_topology(cfg, 2).sequence_parallel is applied

@@ -1,0 +1,121 @@
+"""tools/chat.py driven through a pseudo-terminal, as a person types (issue: inference people use): two turns whose
+replies are the model's greedy chat with the history, /reset, Ctrl-C in the middle of a reply, and one clear line
+for a bad folder, a folder without a tokenizer and a prompt past the context with origin RoPE."""
+import io
+import os
+import re
+import sys
+
+import pexpect
+import pytest
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from evods.cli.chat import BOT, USER
+from evods.cli.chat import main as chat_main
+from evods.cli.generate import main as generate_main
+from testkit.chat_models import tiny_chat_folder
+from testkit.paths import REPO
+
+TIMEOUT = 120  # start-up on a loaded 2-core machine (imports torch and transformers)
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    return tiny_chat_folder(tmp_path_factory.mktemp("chat_cli") / "hf")
+
+
+def spawn(*args: str) -> pexpect.spawn:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TERM": "dumb", "TRANSFORMERS_VERBOSITY": "error"}
+    return pexpect.spawn(sys.executable, [str(REPO / "tools" / "chat.py"), *args], cwd=str(REPO), env=env,
+                         encoding="utf-8", timeout=TIMEOUT, dimensions=(50, 400))
+
+
+def read_reply(chat: pexpect.spawn) -> str:
+    chat.expect_exact(BOT)
+    chat.expect_exact("\r\n" + USER)
+    return chat.before.replace("\r\n", "\n")  # the terminal's line ends
+
+
+def test_two_turns_reset_and_ctrl_c(folder):
+    model = AutoModelForCausalLM.from_pretrained(folder).eval()
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    greedy = dict(do_sample=False, max_new_tokens=10)
+    first, history = model.chat(tokenizer, "Hello", **greedy)
+    second, _ = model.chat(tokenizer, "How are you?", history, **greedy)
+    alone, _ = model.chat(tokenizer, "How are you?", **greedy)
+    assert second != alone  # the history changes the reply
+
+    chat = spawn("--model", str(folder), "--temperature", "0", "--max_new_tokens", "10")
+    chat.expect_exact(USER)
+    chat.sendline("Hello")
+    assert read_reply(chat) == first
+    chat.sendline("How are you?")
+    assert read_reply(chat) == second
+    chat.sendline("/reset")
+    chat.expect_exact("(conversation forgotten)")
+    chat.sendline("How are you?")
+    assert read_reply(chat) == alone
+    chat.sendline("/exit")
+    chat.expect(pexpect.EOF)
+    chat.close()
+    assert chat.exitstatus == 0
+
+    # a reply of up to 5,000 tokens, stopped once it has begun: back at the prompt, and still chatting
+    chat = spawn("--model", str(folder), "--temperature", "0", "--max_new_tokens", "5000", "--max_context", "6000")
+    chat.expect_exact(USER)
+    chat.sendline("Tell me a long story")
+    chat.expect_exact(BOT)
+    chat.expect(r"\S{3}")  # the reply is being printed
+    chat.sendintr()
+    chat.expect_exact("(stopped)", timeout=30)
+    chat.expect_exact(USER)
+    chat.sendintr()  # Ctrl-C at the prompt does not quit
+    chat.expect_exact("(/exit or Ctrl-D quits)")
+    chat.sendeof()
+    chat.expect(pexpect.EOF)
+    chat.close()
+    assert chat.exitstatus == 0
+
+
+def run_chat(capsys, *args: str) -> tuple[int, str]:
+    """tools/chat.py in this process (no start-up to wait for): (exit code, stderr)."""
+    code = chat_main(list(args))
+    return code, capsys.readouterr().err
+
+
+def test_bad_folder_missing_tokenizer_and_origin_prompt_past_the_context_are_one_line(folder, tmp_path, capsys,
+                                                                                        monkeypatch):
+    code, err = run_chat(capsys, "--model", str(tmp_path / "nowhere"))
+    assert code == 1 and err.strip().endswith(
+        f": --model {tmp_path / 'nowhere'}: no such folder (give a folder written by tools/convert2hf.py)")
+    assert len(err.strip().splitlines()) == 1
+
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        (bare / name).symlink_to(folder / name)
+    code, err = run_chat(capsys, "--model", str(bare))
+    assert code == 1
+    expected = r"\S+: --model \S+ has no tokenizer; convert with --tokenizer tools/V7_sft\.model.*"
+    assert re.fullmatch(expected, err.strip())
+
+    long_query = " ".join(["word"] * 100)  # the tiny model has 64 positions
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    prompt = tokenizer.apply_chat_template([{"role": "user", "content": long_query}], add_generation_prompt=True,
+                                           tokenize=False)
+    tokens = len(tokenizer(prompt, add_special_tokens=False).input_ids)
+    assert tokens > 100
+    monkeypatch.setattr("sys.stdin", io.StringIO(f"{long_query}\n/exit\n"))
+    code, err = run_chat(capsys, "--model", str(folder), "--rotary_type", "origin")
+    assert code == 0
+    assert [line for line in err.splitlines() if "prompt" in line] == [
+        f"the prompt is {tokens} tokens, past the context of 64 (max_position_embeddings with origin RoPE; shorten "
+        "it, or use --rotary_type dynamic)"]
+
+
+def test_generate_from_a_missing_folder_is_one_line_not_a_hub_lookup(tmp_path, capsys):
+    code = generate_main(["--model", str(tmp_path / "nowhere"), "--token_ids", "1,2"])
+    err = capsys.readouterr().err.strip()
+    assert code == 1 and err.endswith(f": --model {tmp_path / 'nowhere'}: no config.json there; give a folder written "
+                                      "by tools/convert2hf.py")
+    assert len(err.splitlines()) == 1

@@ -1,0 +1,79 @@
+"""The up-front memory check: an estimate of each rank's bytes against free memory, before the model is built."""
+import logging
+import re
+from dataclasses import replace
+
+import pytest
+import torch
+
+from evods.config import ConfigError, load_config
+from evods.parallel import parallel_sizes
+from evods.training.memory import GIB, MEMORY_LIMIT_ENV, check_memory, estimate_memory, host_available_bytes
+from evods.training.trainer import build_model
+from testkit.train_configs import DEMO_CONFIG, tiny_config
+
+QUICKSTART = DEMO_CONFIG.with_name("7B_sft.py")
+
+
+def meta_model(cfg):
+    with torch.device("meta"):
+        return build_model(cfg)
+
+
+def test_estimate_follows_the_model_and_the_layout():
+    cfg = tiny_config(model=dict(dtype="torch.float32"))
+    params = build_model(cfg).num_parameters()
+    shape = meta_model(cfg)
+    one = estimate_memory(cfg, shape, dp=1, pp=1, tp=1)
+    assert one.build == 4 * params and one.weights == 4 * params  # fp32: 4 bytes a parameter
+    assert one.gradients == 8 * params and one.optimizer == 12 * params  # grads + ZeRO-1's fp32 partition; master+Adam
+    sharded = estimate_memory(cfg, shape, dp=4, pp=1, tp=1)
+    assert sharded.optimizer == one.optimizer // 4 and sharded.weights == one.weights  # ZeRO-1 shards the optimizer
+    split = estimate_memory(cfg, shape, dp=1, pp=1, tp=2)
+    assert split.weights == one.weights // 2 and split.activations < one.activations
+    staged = estimate_memory(cfg, shape, dp=1, pp=2, tp=1)
+    assert staged.weights < one.weights and staged.build == one.build  # the fp32 build is the whole model
+    recompute = estimate_memory(tiny_config(model=dict(dtype="torch.float32", checkpoint=True)), shape, 1, 1, 1)
+    assert recompute.activations < one.activations
+    bf16 = tiny_config(model=dict(dtype="torch.bfloat16"))
+    half = estimate_memory(bf16, meta_model(bf16), dp=1, pp=1, tp=1)
+    assert half.weights == 2 * params and half.gradients == 6 * params  # bf16 grads + DeepSpeed's fp32 accumulation
+
+
+def test_7b_on_a_4_gib_machine_is_refused_before_it_is_built(monkeypatch):
+    cfg = load_config(QUICKSTART)
+    monkeypatch.setenv(MEMORY_LIMIT_ENV, "4")
+    with pytest.raises(ConfigError) as refused:
+        check_memory(cfg, meta_model(cfg), parallel_sizes(0, 8, pp=1, tp=1), "cpu")
+    message = str(refused.value)
+    assert "\n" not in message
+    assert re.fullmatch(re.escape(str(QUICKSTART)) + r": the model does not fit: a rank needs about 60\.1 GiB "
+                        r"\(building the whole model in fp32: 27\.3 GiB; training: weights 13\.6 GiB, gradients "
+                        r"17\.0 GiB, fp32 master \+ Adam 10\.2 GiB \(ZeRO-1 over 8\), activations ~19\.1 GiB\) but has "
+                        r"4\.0 GiB \(EVODS_MEMORY_LIMIT_GB=4\); use more ranks .* \(or set EVODS_MEMORY_LIMIT_GB "
+                        r"if the measurement is wrong\)", message), message
+    # on a GPU the fp32 build takes host memory and training device memory, each checked against its own
+    with pytest.raises(ConfigError, match=r"needs about 60\.1 GiB \(training: weights 13\.6 GiB, gradients "
+                                          r"17\.0 GiB, "):
+        check_memory(cfg, meta_model(cfg), parallel_sizes(0, 8, pp=1, tp=1), "cuda")
+    # the whole [tokens, 103168] logits, their fp32 copy and gradient (loss.kernel="full") cost 1.8 GiB more
+    full = estimate_memory(replace(cfg, loss=replace(cfg.loss, kernel="full")), meta_model(cfg), 8, 1, 1)
+    chunked = estimate_memory(cfg, meta_model(cfg), 8, 1, 1)
+    assert (full.activations - chunked.activations) / GIB == pytest.approx(1.8, abs=0.05)
+
+
+def test_tight_memory_warns_and_a_small_model_fits_the_host(monkeypatch, caplog):
+    cfg = tiny_config(model=dict(dtype="torch.float32"))
+    sizes = parallel_sizes(0, 1, pp=1, tp=1)
+    estimate = estimate_memory(cfg, meta_model(cfg), 1, 1, 1)
+    monkeypatch.setenv(MEMORY_LIMIT_ENV, str(max(estimate.training, estimate.build) * 1.05 / GIB))
+    with caplog.at_level(logging.WARNING, logger="evods"):
+        check_memory(cfg, meta_model(cfg), sizes, "cpu")
+    assert "memory is tight: a rank needs about" in caplog.text
+    monkeypatch.delenv(MEMORY_LIMIT_ENV)
+    meminfo = dict(line.split(":") for line in open("/proc/meminfo"))
+    assert 0 < host_available_bytes() <= int(meminfo["MemTotal"].split()[0]) * 1024
+    assert check_memory(cfg, meta_model(cfg), sizes, "cpu") == estimate  # measured host memory: fits
+    monkeypatch.setenv(MEMORY_LIMIT_ENV, "lots")
+    with pytest.raises(ConfigError, match=r"EVODS_MEMORY_LIMIT_GB='lots' must be a number of GiB"):
+        check_memory(cfg, meta_model(cfg), sizes, "cpu")
