@@ -9,8 +9,8 @@ import sentencepiece
 import torch
 from transformers import AutoTokenizer
 
+from testkit import compat_env
 from testkit.paths import TOKENIZER
-from tests import compat_env
 from tools.convert2hf import main as convert2hf
 
 torch.set_num_threads(1)
