@@ -16,7 +16,7 @@ import shutil
 
 import torch.distributed as dist
 
-from evods.model import pipeline_parameter_name
+from evods.parallel import pipeline_parameter_name
 from evods.parallel.nodes import NodeLayout
 
 from .collective import agree_on_failure, barrier, node_scratch_folder

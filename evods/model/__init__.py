@@ -4,15 +4,7 @@ from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
 from .configuration_internlm import InternLMConfig
 from .internevo import config_from_model_dict, intermediate_size
-from .modeling_internlm import (
-    DecoderStage,
-    EmbeddingStage,
-    HeadStage,
-    InternLMForCausalLM,
-    InternLMModel,
-    pipeline_parameter_name,
-    set_activation_checkpointing,
-)
+from .modeling_internlm import InternLMForCausalLM, InternLMModel, set_activation_checkpointing
 from .registry import MODEL_INITIALIZER
 
 AutoConfig.register(InternLMConfig.model_type, InternLMConfig)
@@ -27,12 +19,8 @@ __all__ = [
     "InternLMConfig",
     "InternLMModel",
     "InternLMForCausalLM",
-    "EmbeddingStage",
-    "DecoderStage",
-    "HeadStage",
     "MODEL_INITIALIZER",
     "config_from_model_dict",
     "intermediate_size",
-    "pipeline_parameter_name",
     "set_activation_checkpointing",
 ]

@@ -1,6 +1,7 @@
 """Data × pipeline × tensor topology (InternEvo's rank layout) and the pieces DeepSpeed needs from it."""
 from .cross_entropy import VocabParallelLogits, vocab_parallel_argmax, vocab_parallel_cross_entropy
 from .mpu import ParallelGrid, build_parallel_grid
+from .pipeline_stages import DecoderStage, EmbeddingStage, HeadStage, pipeline_layers, pipeline_parameter_name
 from .plan import (
                    TENSOR_PARALLEL_PLAN,
                    apply_tensor_parallel,
@@ -12,6 +13,9 @@ from .rng import parallel_seeds, tensor_parallel_generator
 from .topology import ParallelSizes, build_process_topology, parallel_sizes
 
 __all__ = [
+    "DecoderStage",
+    "EmbeddingStage",
+    "HeadStage",
     "ParallelGrid",
     "ParallelSizes",
     "TENSOR_PARALLEL_PLAN",
@@ -22,6 +26,8 @@ __all__ = [
     "gather_tensor_parallel_state_dict",
     "parallel_seeds",
     "parallel_sizes",
+    "pipeline_layers",
+    "pipeline_parameter_name",
     "shard_tensor",
     "split_dim",
     "tensor_parallel_generator",

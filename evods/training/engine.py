@@ -14,7 +14,7 @@ import torch
 import torch.distributed as dist
 from deepspeed.pipe import PipelineModule
 
-from evods.parallel import ParallelGrid, ParallelSizes, build_parallel_grid, build_process_topology
+from evods.parallel import ParallelGrid, ParallelSizes, build_parallel_grid, build_process_topology, pipeline_layers
 
 from .loss import PackedLoss
 
@@ -48,7 +48,7 @@ class TrainEngine:
         self.pipelined = sizes.pp > 1
         if self.pipelined:
             # A PipelineModule builds its own grid from the topology; DeepSpeed then requires mpu=None.
-            module = PipelineModule(layers=model.pipeline_layers(skip_lm_head=True), loss_fn=loss_fn,
+            module = PipelineModule(layers=pipeline_layers(model, skip_lm_head=True), loss_fn=loss_fn,
                                     topology=build_process_topology(sizes), partition_method=DECODER_STAGE_PATTERN)
         else:
             module = model

@@ -45,7 +45,7 @@ class _StageWeights:
     """A pipeline stage's parameters under their HF names, for `gather_tensor_parallel_state_dict`."""
 
     def __init__(self, pipeline_module, num_layers: int):
-        from evods.model import pipeline_parameter_name
+        from evods.parallel import pipeline_parameter_name
 
         self.weights = {pipeline_parameter_name(int(index), local, num_layers): tensor
                         for name, tensor in pipeline_module.state_dict().items()

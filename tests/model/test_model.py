@@ -1,25 +1,18 @@
-"""The InternLM model's math: equal to transformers' Llama, packed rows, attention backends, dynamic NTK, pipeline
-stages, activation checkpointing and input errors. Tiny fp32 models on CPU."""
+"""The InternLM model's math: equal to transformers' Llama, packed rows, attention backends, dynamic NTK, activation
+checkpointing and input errors. Tiny fp32 models on CPU."""
 
 import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from evods.model import (
-    DecoderStage,
-    EmbeddingStage,
-    HeadStage,
-    InternLMConfig,
-    InternLMForCausalLM,
-    pipeline_parameter_name,
-    set_activation_checkpointing,
-)
+from evods.model import InternLMConfig, InternLMForCausalLM, set_activation_checkpointing
 from evods.model.modeling_internlm import (
     PackedDocuments,
     auto_packed_attention,
     flash_attn_varlen_func,
     packed_attention_backend,
 )
+from evods.parallel import pipeline_layers
 
 torch.set_num_threads(1)
 
@@ -205,33 +198,6 @@ def test_dynamic_ntk_generation_past_max_position_embeddings():
     assert torch.equal(out[:, :8], origin.generate(ids, **kwargs)[:, :8])
 
 
-def test_pipeline_stages_in_sequence_equal_the_model():
-    model = make_model(num_hidden_layers=3)
-    stages = model.pipeline_layers()
-    assert [type(s) for s in stages] == [EmbeddingStage, DecoderStage, DecoderStage, DecoderStage, HeadStage]
-    generator = torch.Generator().manual_seed(3)
-    rows = [packed_row(lengths, 97, generator) for lengths in ([4, 8], [12])]
-    ids, positions = torch.stack([r[0] for r in rows]), torch.stack([r[1] for r in rows])
-    with torch.no_grad():
-        x = (ids, positions)
-        for stage in stages:
-            x = stage(x)
-        assert x.dtype == torch.float32
-        assert torch.equal(x, model(ids, position_ids=positions).logits)
-
-    model_params = dict(model.named_parameters())
-    mapped = {}
-    for index, stage in enumerate(stages):
-        for local_name, param in stage.named_parameters():
-            hf_name = pipeline_parameter_name(index, local_name, num_layers=3)
-            assert model_params[hf_name] is param, (index, local_name, hf_name)
-            mapped[hf_name] = param
-    assert mapped.keys() == model_params.keys()
-    assert pipeline_parameter_name(2, "layer.self_attn.q_proj.weight", 3) == "model.layers.1.self_attn.q_proj.weight"
-    with pytest.raises(ValueError, match="no parameter"):
-        pipeline_parameter_name(0, "lm_head.weight", 3)
-
-
 def count_mlp_calls(model) -> list[int]:
     """Counts each layer's MLP forwards (wrapping forward: module hooks do not fire in checkpoint recomputes)."""
     counts = [0] * len(model.model.layers)
@@ -254,7 +220,7 @@ def grads_of_one_step(model, use_stages: bool) -> dict[str, torch.Tensor]:
     positions = torch.tensor([[0, 1, 2, 3, 0, 1, 2, 3, 4, 5], list(range(10))])
     if use_stages:
         x = (ids, positions)
-        for stage in model.pipeline_layers():
+        for stage in pipeline_layers(model):
             x = stage(x)
         logits = x
     else:
@@ -267,7 +233,7 @@ def grads_of_one_step(model, use_stages: bool) -> dict[str, torch.Tensor]:
 def test_activation_checkpointing_recomputes_first_layers_with_equal_grads(use_stages):
     reference = grads_of_one_step(make_model(num_hidden_layers=4), use_stages)
     model = make_model(num_hidden_layers=4)
-    target = model.pipeline_layers() if use_stages else model
+    target = pipeline_layers(model) if use_stages else model
     assert set_activation_checkpointing(target, 0.5) == 2
     counts = count_mlp_calls(model)
     grads = grads_of_one_step(model, use_stages)
@@ -285,7 +251,7 @@ def test_position_ids_must_start_documents_at_zero():
     with pytest.raises(ValueError, match="position_ids of row 1 start at 3"):
         model(ids, position_ids=positions)
     with pytest.raises(ValueError, match="start at 3"):
-        model.pipeline_layers()[1]((torch.zeros(2, 6, 32), positions))
+        pipeline_layers(model)[1]((torch.zeros(2, 6, 32), positions))
 
 
 def test_input_longer_than_position_ids_is_an_error():
@@ -294,7 +260,7 @@ def test_input_longer_than_position_ids_is_an_error():
     with pytest.raises(ValueError, match=r"position_ids has shape \[1, 6\] but the input has shape \[1, 8\]"):
         model(ids, position_ids=torch.arange(6)[None])
     with pytest.raises(ValueError, match="position_ids has shape"):
-        model.pipeline_layers()[0]((ids, torch.arange(6)[None]))
+        pipeline_layers(model)[0]((ids, torch.arange(6)[None]))
 
 
 def test_unknown_rotary_type_is_an_error():

@@ -8,6 +8,7 @@ from torch.utils._pytree import tree_leaves
 
 from evods.data import IGNORE_INDEX
 from evods.model import InternLMConfig, InternLMForCausalLM
+from evods.parallel import pipeline_layers
 from evods.training.linear_cross_entropy import (
     auto_chunk_tokens,
     choose_loss_kernel,
@@ -163,7 +164,7 @@ def test_model_skips_the_head_and_pipeline_stages_agree():
         full = model(input_ids, position_ids=position_ids)
         skipped = model(input_ids, position_ids=position_ids, skip_lm_head=True)
         x = (input_ids, position_ids)
-        for stage in model.pipeline_layers(skip_lm_head=True):
+        for stage in pipeline_layers(model, skip_lm_head=True):
             x = stage(x)
     assert skipped.logits is None and full.last_hidden_state is None
     assert torch.equal(model.lm_head(skipped.last_hidden_state).float(), full.logits)

@@ -16,8 +16,7 @@ from collections import defaultdict
 import torch
 from safetensors.torch import load_file
 
-from evods.model import pipeline_parameter_name
-from evods.parallel import split_dim
+from evods.parallel import pipeline_parameter_name, split_dim
 
 from .. import safe_load
 from ..errors import CheckpointError
