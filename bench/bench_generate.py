@@ -20,15 +20,19 @@ CONFIG = dict(vocab_size=32000, hidden_size=512, intermediate_size=1536, num_hid
 PROMPT, NEW_TOKENS, ROUNDS = 1024, 64, 3
 
 
-def evods_model(rotary_type: str, max_position_embeddings: int) -> InternLMForCausalLM:
+def evods_model(rotary_type: str, max_position_embeddings: int, kv_heads: int | None = None) -> InternLMForCausalLM:
+    """Multi-head with biases (InternLM v1), or with `kv_heads` grouped-query attention without biases (InternLM2)."""
     torch.manual_seed(0)
+    kv_heads = kv_heads or CONFIG["num_attention_heads"]
     config = InternLMConfig(**CONFIG, rotary={"base": 10000, "type": rotary_type},
-                            max_position_embeddings=max_position_embeddings)
+                            max_position_embeddings=max_position_embeddings, num_key_value_heads=kv_heads,
+                            bias=kv_heads == CONFIG["num_attention_heads"])
     return InternLMForCausalLM(config).eval()
 
 
 def llama_twin(model: InternLMForCausalLM) -> LlamaForCausalLM:
-    config = LlamaConfig(**CONFIG, num_key_value_heads=CONFIG["num_attention_heads"], attention_bias=True,
+    config = LlamaConfig(**CONFIG, num_key_value_heads=model.config.num_key_value_heads,
+                         attention_bias=model.config.bias,
                          max_position_embeddings=model.config.max_position_embeddings, rms_norm_eps=1e-6)
     llama = LlamaForCausalLM(config).eval()
     llama.load_state_dict(model.state_dict())

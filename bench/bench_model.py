@@ -1,12 +1,14 @@
 """Train-step throughput of evods' InternLM vs transformers' LlamaForCausalLM(attention_bias=True) on CPU.
 
-Same config and weights for both (hidden 512, 8 layers, 8 heads, intermediate 1536, vocab 103168); one 2048-token
-row holding 1 document or 8 documents of 256; a step is forward + loss + backward + AdamW. Llama runs the 8-document
-row two ways: as one causal row (it attends across documents), and with the packed position_ids, which transformers
-turns into a block-diagonal mask (documents kept apart, as evods does). Model FLOPs = 6·N·tokens + causal attention
-6·layers·hidden·Σ(doc_len²), N without the input embedding, against this machine's measured matmul rate.
+Same config and weights for both (hidden 512, 8 layers, 8 heads, intermediate 1536, vocab 103168; with
+`--kv_heads 2` grouped-query attention, 2 KV heads as InternLM2's 4 query heads per KV head, and no biases, as
+InternLM2); one 2048-token row holding 1 document or 8 documents of 256; a step is forward + loss + backward +
+AdamW. Llama runs the 8-document row two ways: as one causal row (it attends across documents), and with the packed
+position_ids, which transformers turns into a block-diagonal mask (documents kept apart, as evods does). Model FLOPs
+= 6·N·tokens + causal attention 6·layers·hidden·Σ(doc_len²), N without the input embedding, against this machine's
+measured matmul rate.
 
-    OMP_NUM_THREADS=2 python bench/bench_model.py [--steps 3] [--dtypes fp32 bf16]
+    OMP_NUM_THREADS=2 python bench/bench_model.py [--steps 3] [--dtypes fp32 bf16] [--kv_heads 2]
 """
 
 import argparse
@@ -29,10 +31,15 @@ CONFIG = dict(
 )
 
 
-def make_models() -> tuple[InternLMForCausalLM, LlamaForCausalLM]:
+def make_models(kv_heads: int | None = None) -> tuple[InternLMForCausalLM, LlamaForCausalLM]:
+    """Multi-head with biases (InternLM v1), or with `kv_heads` grouped-query attention without biases (InternLM2)."""
     torch.manual_seed(0)
-    internlm = InternLMForCausalLM(InternLMConfig(**CONFIG, rotary={"base": 10000, "type": "origin"}))
-    llama = LlamaForCausalLM(LlamaConfig(**CONFIG, attention_bias=True, tie_word_embeddings=False))
+    kv_heads = kv_heads or CONFIG["num_attention_heads"]
+    bias = kv_heads == CONFIG["num_attention_heads"]
+    internlm = InternLMForCausalLM(InternLMConfig(**CONFIG, num_key_value_heads=kv_heads, bias=bias,
+                                                  rotary={"base": 10000, "type": "origin"}))
+    llama = LlamaForCausalLM(LlamaConfig(**CONFIG, num_key_value_heads=kv_heads, attention_bias=bias,
+                                         tie_word_embeddings=False))
     llama.load_state_dict(internlm.state_dict())
     return internlm, llama
 
@@ -84,11 +91,13 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--dtypes", nargs="+", default=list(DTYPES), choices=list(DTYPES))
+    parser.add_argument("--kv_heads", type=int, default=None, help="grouped-query attention with this many KV heads "
+                        "(and no biases); default: multi-head with biases")
     args = parser.parse_args()
 
     print(f"CPU: {cpu_name()}, torch threads {torch.get_num_threads()}; torch {torch.__version__}, "
-          f"transformers {transformers.__version__}")
-    internlm, llama = make_models()
+          f"transformers {transformers.__version__}; KV heads {args.kv_heads or CONFIG['num_attention_heads']}")
+    internlm, llama = make_models(args.kv_heads)
     layouts = {"1 doc": [SEQ_LEN], "8 docs": [SEQ_LEN // 8] * 8}
     rows = []
     for dtype_name in args.dtypes:

@@ -61,24 +61,28 @@ def attention(smoke: bool) -> None:
     dtype = torch.float32 if smoke else torch.bfloat16
     documents = modeling.PackedDocuments.from_position_ids(
         packed_position_ids(document_lengths(seq_len, 8)).to(DEVICE))
-    generator = torch.Generator(device=DEVICE).manual_seed(0)
-    q, k, v = (torch.randn(1, seq_len, heads, head_dim, device=DEVICE, dtype=dtype, generator=generator)
-               for _ in range(3))
     scale = head_dim**-0.5
-    names = ["mask", "loop", "flex", "varlen", "flash"]
+    auto = modeling.packed_attention_backend("auto", torch.device(DEVICE)).__name__.removeprefix("packed_attention_")
+    print(f"\n### Packed attention: 8 documents in one {seq_len}-token row, {heads} query heads of {head_dim}, "
+          f"{dtype}; auto = {auto}\n")
+    print("| backend | KV heads | max abs diff vs fp32 masked reference | forward+backward ms |")
+    print("|---|---|---|---|")
+    for kv_heads in (heads, heads // 4):  # multi-head, and grouped-query attention (InternLM2's 4 query heads per KV)
+        generator = torch.Generator(device=DEVICE).manual_seed(0)
+        q = torch.randn(1, seq_len, heads, head_dim, device=DEVICE, dtype=dtype, generator=generator)
+        k, v = (torch.randn(1, seq_len, kv_heads, head_dim, device=DEVICE, dtype=dtype, generator=generator)
+                for _ in range(2))
+        attention_rows(q, k, v, documents, scale, smoke)
+
+
+def attention_rows(q, k, v, documents, scale: float, smoke: bool) -> None:
     reference = modeling.packed_attention_mask(q.float(), k.float(), v.float(), documents, scale)
-    auto = modeling.packed_attention_backend("auto", q.device).__name__.removeprefix("packed_attention_")
-    print(f"\n### Packed attention: 8 documents in one {seq_len}-token row, {heads} heads of {head_dim}, {dtype}; "
-          f"auto = {auto}\n")
-    print("| backend | max abs diff vs fp32 masked reference | forward+backward ms |")
-    print("|---|---|---|")
-    for name in names:
-        fn = modeling.PACKED_ATTENTION[name]
+    for name in ["mask", "loop", "flex", "varlen", "flash"]:
         backward = DEVICE == "cuda"  # flex has no CPU backward; the CPU smoke run times the forward alone
         inputs = [x.detach().clone().requires_grad_(backward) for x in (q, k, v)]
 
-        def step(fn=fn, inputs=inputs, backward=backward):
-            out = fn(*inputs, documents, scale)
+        def step(name=name, inputs=inputs, backward=backward):
+            out = modeling.packed_attention_backend(name, q.device)(*inputs, documents, scale)
             if backward:
                 out.float().square().mean().backward()
             return out
@@ -88,9 +92,10 @@ def attention(smoke: bool) -> None:
                 out = step()
                 diff = (out.float() - reference).abs().max().item()
                 ms = median_seconds(step, repeats=3 if smoke else 10) * 1e3
-            print(f"| {name} | {diff:.2e} | {ms:.2f} |")
+            print(f"| {name} | {k.shape[2]} | {diff:.2e} | {ms:.2f} |")
         except Exception as error:  # a backend this machine lacks is a row, not the end of the check
-            print(f"| {name} | unavailable: {type(error).__name__}: {str(error).splitlines()[0][:100]} | |")
+            print(f"| {name} | {k.shape[2]} | unavailable: {type(error).__name__}: "
+                  f"{str(error).splitlines()[0][:100]} | |")
 
 
 def model_config(smoke: bool) -> dict:

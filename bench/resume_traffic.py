@@ -38,19 +38,20 @@ def shard_parameters(hidden: int, layers: int, vocab: int, pp: int, tp: int) -> 
     import torch
 
     from evods.model import InternLMForCausalLM, config_from_model_dict
-    from evods.parallel import split_dim
+    from evods.parallel import TensorParallelSplit
 
     config = config_from_model_dict(dict(hidden_size=hidden, num_layers=layers, num_attention_heads=32 if hidden >= 4096
                                          else 8, vocab_size=vocab, mlp_ratio=8 / 3))
     with torch.device("meta"):
         model = InternLMForCausalLM(config)
     counts = defaultdict(int)
+    tensor_split = TensorParallelSplit.of(config, tp, embed_split_hidden=True)
     for name, parameter in model.named_parameters():
         if name.startswith("model.layers."):
             stage = int(name.split(".")[2]) // (layers // pp)
         else:
             stage = 0 if "embed_tokens" in name else pp - 1
-        split = split_dim(name, embed_split_hidden=True) is not None
+        split = tensor_split.split_dim(name) is not None
         for t in range(tp):
             counts[(stage, t)] += parameter.numel() // tp if split else parameter.numel()
     return dict(counts), model.num_parameters()

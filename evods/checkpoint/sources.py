@@ -27,7 +27,8 @@ ALL_CONTENT = frozenset({"model", "sampler", "optimizer", "scheduler"})
 NATIVE_LAYOUTS = {"internlm": ("internlm", "v1"), "internevo": ("internlm", "v2"), "llama": ("llama", None)}
 CKPT_TYPES = ("evods", "hf", *NATIVE_LAYOUTS)
 # The config fields that give the parameters their shapes: a checkpoint loads only into a model that agrees on all.
-MODEL_SHAPE_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
+MODEL_SHAPE_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                      "num_key_value_heads")
 
 
 @dataclass(frozen=True)
@@ -153,7 +154,9 @@ def saved_model_config(plan: LoadPlan) -> dict:
                                           f"{plan.describe()}/{NATIVE_MODEL_CONFIG}")
         return config_from_model_dict(model_dict).to_dict()
     try:
-        return json.loads(storage.read_bytes(layout.join(plan.folder, layout.MODEL_CONFIG)))
+        saved = json.loads(storage.read_bytes(layout.join(plan.folder, layout.MODEL_CONFIG)))
+        # a multi-head model's config.json may not name its KV heads (InternLM's published v1 folders)
+        return {"num_key_value_heads": saved.get("num_attention_heads"), **saved}
     except FileNotFoundError:
         raise CheckpointError(f"{plan.describe()} has no {layout.MODEL_CONFIG}, so its model cannot be checked "
                               "against this run's; give the folder of a complete checkpoint") from None

@@ -35,10 +35,6 @@ def check_topology(cfg: TrainConfig, world_size: int) -> ParallelDims:
         raise source.error("parallel", f"{world_size} processes cannot be split into pipeline {pp} × tensor {tp} "
                                        f"groups: the world size must be a multiple of {pp * tp}; change "
                                        f"parallel.pipeline/parallel.tensor or the number of processes")
-    if model.num_attention_heads % tp:
-        raise source.error("parallel.tensor", f"model.num_attention_heads={model.num_attention_heads} is not "
-                                              f"divisible by parallel.tensor size {tp}; pick a tensor size that "
-                                              f"divides the heads")
     if model.num_layers < pp:
         raise source.error("parallel.pipeline", f"model.num_layers={model.num_layers} is less than parallel.pipeline "
                                                 f"size {pp}: every pipeline stage needs at least one layer")

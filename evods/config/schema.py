@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from evods.model.attention_heads import HeadSplit
 from evods.model.registry import MODEL_INITIALIZER
 
 from .errors import ConfigError
@@ -363,6 +364,9 @@ class ModelConfig:
     rejects the ones it does not know: see `TrainConfig.model_dict`."""
 
     num_attention_heads: int = key(POSITIVE_INT)
+    # key/value heads of grouped-query attention, each shared by num_attention_heads / this query heads; None: as many
+    # as query heads (multi-head attention)
+    num_kv_attention_heads: int | None = key(_optional(POSITIVE_INT), None)
     hidden_size: int = key(POSITIVE_INT)
     num_layers: int = key(POSITIVE_INT)
     vocab_size: int = key(POSITIVE_INT)
@@ -519,6 +523,7 @@ def _normalise(cfg: TrainConfig, source: ConfigSource) -> None:
     _normalise_data(cfg.data, source)
     _normalise_model(cfg.model)
     _check_parallel(cfg.parallel, source)
+    _check_attention_heads(cfg.model, cfg.parallel.tensor.size, source)
     if cfg.use_fp32_norm and cfg.model.dtype != torch.float32:
         raise source.error("use_fp32_norm", "use_fp32_norm=True (fp32 norm weights in a 16-bit model) is not "
                                             "supported by evods: DeepSpeed casts every parameter to model.dtype "
@@ -610,6 +615,20 @@ def _check_parallel(parallel: ParallelConfig, source: ConfigSource) -> None:
         raise source.error("parallel.weight.size", f"parallel.weight.size={parallel.weight.size} asks for InternEvo's "
                                                    "weight parallelism (an isp companion), which evods does not run; "
                                                    "set weight=dict(size=1)")
+
+
+def _check_attention_heads(model: ModelConfig, tp: int, source: ConfigSource) -> None:
+    """The query heads must be a multiple of the KV heads, and tensor parallelism must split both
+    (evods.model.HeadSplit: whole KV heads per rank, or KV heads shared by several ranks)."""
+    heads, kv_heads = model.num_attention_heads, model.num_kv_attention_heads or model.num_attention_heads
+    if heads % kv_heads:
+        raise source.error("model.num_kv_attention_heads",
+                           f"model.num_attention_heads={heads} is not a multiple of model.num_kv_attention_heads="
+                           f"{kv_heads}: each KV head serves an equal group of query heads")
+    problem = HeadSplit.problem(heads, kv_heads, tp)
+    if problem:
+        raise source.error("parallel.tensor", f"parallel.tensor size {tp} does not split model.num_attention_heads="
+                                              f"{heads} with num_kv_attention_heads={kv_heads}: {problem}")
 
 
 def _normalise_tensor_mode(parallel: ParallelConfig, source: ConfigSource) -> None:

@@ -2,7 +2,8 @@
 
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
-from .configuration_internlm import InternLMConfig
+from .attention_heads import HeadSplit
+from .configuration_internlm import InternLMConfig, Rope
 from .internevo import config_from_model_dict, intermediate_size
 from .modeling_internlm import InternLMForCausalLM, InternLMModel, set_activation_checkpointing
 from .registry import MODEL_INITIALIZER
@@ -16,7 +17,9 @@ InternLMConfig.register_for_auto_class()
 InternLMForCausalLM.register_for_auto_class("AutoModelForCausalLM")
 
 __all__ = [
+    "HeadSplit",
     "InternLMConfig",
+    "Rope",
     "InternLMModel",
     "InternLMForCausalLM",
     "MODEL_INITIALIZER",

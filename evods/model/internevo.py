@@ -4,7 +4,7 @@ import math
 
 import torch
 
-from .configuration_internlm import InternLMConfig
+from .configuration_internlm import InternLMConfig, Rope
 from .modeling_internlm import InternLMForCausalLM, set_activation_checkpointing
 from .registry import MODEL_INITIALIZER
 
@@ -55,10 +55,6 @@ def config_from_model_dict(model: dict) -> InternLMConfig:
         raise ValueError(f"model config: norm_type={norm_type!r} is not supported; InternLM uses 'rmsnorm'.")
     hidden_size = model.get("hidden_size", 2048)
     num_attention_heads = model.get("num_attention_heads", 32)
-    num_kv_heads = model.get("num_kv_attention_heads") or num_attention_heads
-    if num_kv_heads != num_attention_heads:
-        raise ValueError(f"model config: num_kv_attention_heads={num_kv_heads} with num_attention_heads="
-                         f"{num_attention_heads} is grouped-query attention, which InternLM v1 does not have")
     if model.get("norm_head", False):
         raise ValueError("model config: norm_head=True (a normalized output head) is not supported")
     dtype = model.get("dtype", torch.float32)
@@ -68,13 +64,14 @@ def config_from_model_dict(model: dict) -> InternLMConfig:
         intermediate_size=intermediate_size(hidden_size, model.get("mlp_ratio", 4.0)),
         num_hidden_layers=model.get("num_layers", 48),
         num_attention_heads=num_attention_heads,
+        # grouped-query attention (InternEvo's InternLM2 and LLaMA models); None: multi-head
+        num_key_value_heads=model.get("num_kv_attention_heads"),
         rms_norm_eps=model.get("layer_norm_epsilon", 1e-5),
         bias=not model.get("no_bias", False),  # InternEvo's key for q/k/v/o without bias (its LLaMA configs)
         max_position_embeddings=model.get("max_position_embeddings", 2048),
-        rotary={
-            "base": model.get("rope_base", 10000),
-            "type": "dynamic" if model.get("use_dynamic_ntk_rope", False) else "origin",
-        },
+        # InternEvo trains dynamic NTK with a scaling factor of 1 (its modeling_internlm2.py); exports may set another
+        rotary=Rope(model.get("rope_base", 10000),
+                    "dynamic" if model.get("use_dynamic_ntk_rope", False) else "origin").as_rotary(),
         dtype=getattr(torch, dtype.removeprefix("torch.")) if isinstance(dtype, str) else dtype,
         # use_flash_attn=False keeps flash-attn out even where it is installed
         packed_attention="auto" if model.get("use_flash_attn", True) else "loop",

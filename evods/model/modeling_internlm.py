@@ -1,4 +1,7 @@
-"""InternLM (v1) as a Hugging Face model: LLaMA layout with bias on q/k/v/o, fp32 RMSNorm, rotate-half RoPE, SwiGLU.
+"""evods' decoder core as a Hugging Face model: LLaMA's layout with fp32 RMSNorm, rotate-half RoPE and SwiGLU, and
+InternLM's names and defaults. InternLM v1 is its multi-head case with biases on q/k/v/o; grouped-query attention
+(`num_key_value_heads`), bias-free projections and the RoPE's base and scaling (`config.rope`) are configuration,
+so later families are this same model with another config.
 
 One forward takes two kinds of input:
 - packed rows (no `attention_mask`, no filled cache): several documents concatenated in a row, each starting where
@@ -88,14 +91,15 @@ class InternLMRMSNorm(nn.Module):
 
 class InternLMRotaryEmbedding(nn.Module):
     """Rotate-half RoPE tables in fp32, with InternEvo's dynamic NTK base for sequences beyond
-    max_position_embeddings."""
+    max_position_embeddings (config.rope)."""
 
     def __init__(self, config: InternLMConfig):
         super().__init__()
+        rope = config.rope
         self.head_dim = config.head_dim
-        self.base = float(config.rotary["base"])
-        self.dynamic = config.rotary["type"] == "dynamic"
-        self.scaling_factor = float(config.rotary.get("scaling_factor", 1.0))
+        self.base = rope.base
+        self.dynamic = rope.type == "dynamic"
+        self.scaling_factor = rope.factor
         self.max_position_embeddings = config.max_position_embeddings
         # Not saved (InternEvo checkpoints have no inv_freq); `_init_weights` refills it after from_pretrained.
         self.register_buffer("inv_freq", self.inv_freq_for_base(self.base), persistent=False)
@@ -210,21 +214,30 @@ class PackedDocuments:
         return cls(position_ids, cu_seqlens, max(starts_by_length), groups, order, inverse_order)
 
 
+# The packed backends take q [B, T, H, D] and k, v [B, T, KV, D]: KV < H is grouped-query attention, H / KV query heads
+# per KV head, counted in the tensors (so the local heads of a tensor-parallel rank need nothing more). The kernels
+# read the KV heads as they are (SDPA's and flex's `enable_gqa`, flash-attn's native GQA) instead of copying them
+# H / KV times; only a torch varlen release without `enable_gqa` gets them repeated.
+
+
 def packed_attention_loop(q, k, v, documents: PackedDocuments, scaling: float) -> torch.Tensor:
-    """Causal SDPA per document; [B, T, H, D] in and out.
+    """Causal SDPA per document; q [B, T, H, D], k and v [B, T, KV, D] in, [B, T, H, D] out.
 
     Documents of equal length share one batched call (CPU SDPA's backward costs tens of ms per call); a row of one
     document is a single plain causal call.
     """
     batch, seq_len, heads, head_dim = q.shape
-    q, k, v = (x.flatten(0, 1) for x in (q, k, v))  # [B*T, H, D]
+    kv_heads = k.shape[2]
+    q, k, v = (x.flatten(0, 1) for x in (q, k, v))  # [B*T, heads, D]
     if documents.order is not None:
         q, k, v = (x.index_select(0, documents.order) for x in (q, k, v))
     sizes = [length * count for length, count in documents.groups]
     outs = []
     for (length, count), q_g, k_g, v_g in zip(documents.groups, q.split(sizes), k.split(sizes), v.split(sizes)):
-        q_g, k_g, v_g = (x.view(count, length, heads, head_dim).transpose(1, 2) for x in (q_g, k_g, v_g))
-        out = F.scaled_dot_product_attention(q_g, k_g, v_g, is_causal=True, scale=scaling)
+        q_g = q_g.view(count, length, heads, head_dim).transpose(1, 2)
+        k_g, v_g = (x.view(count, length, kv_heads, head_dim).transpose(1, 2) for x in (k_g, v_g))
+        out = F.scaled_dot_product_attention(q_g, k_g, v_g, is_causal=True, scale=scaling,
+                                             enable_gqa=kv_heads != heads)
         outs.append(out.transpose(1, 2).reshape(length * count, heads, head_dim))
     out = outs[0] if len(outs) == 1 else torch.cat(outs)
     if documents.inverse_order is not None:
@@ -233,21 +246,19 @@ def packed_attention_loop(q, k, v, documents: PackedDocuments, scaling: float) -
 
 
 def packed_attention_mask(q, k, v, documents: PackedDocuments, scaling: float) -> torch.Tensor:
-    """One SDPA with a block-diagonal causal bool mask; [B, T, H, D] in and out."""
+    """One SDPA with a block-diagonal causal bool mask; q [B, T, H, D], k and v [B, T, KV, D] in, [B, T, H, D] out."""
     doc_ids = (documents.position_ids == 0).cumsum(-1)
     seq_len = q.shape[1]
     causal = torch.ones(seq_len, seq_len, dtype=torch.bool, device=q.device).tril()
     mask = (doc_ids[:, :, None] == doc_ids[:, None, :]) & causal
-    out = F.scaled_dot_product_attention(
-        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask[:, None], scale=scaling
-    )
+    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                         attn_mask=mask[:, None], scale=scaling, enable_gqa=k.shape[2] != q.shape[2])
     return out.transpose(1, 2)
 
 
 def packed_attention_flash(q, k, v, documents: PackedDocuments, scaling: float) -> torch.Tensor:
-    """flash-attn varlen over the flattened tokens; [B, T, H, D] in and out. fp32 runs in bf16, as InternEvo does."""
-    if flash_attn_varlen_func is None or not q.is_cuda:
-        raise RuntimeError("packed_attention='flash' needs the flash-attn package and CUDA tensors.")
+    """flash-attn varlen over the flattened tokens; q [B, T, H, D], k and v [B, T, KV, D] (flash-attn takes fewer KV
+    heads as they are) in, [B, T, H, D] out. fp32 runs in bf16, as InternEvo does."""
     dtype = q.dtype if q.dtype in (torch.float16, torch.bfloat16) else torch.bfloat16
     q_flat, k_flat, v_flat = (x.flatten(0, 1).to(dtype) for x in (q, k, v))
     cu, max_len = documents.cu_seqlens, documents.max_seqlen
@@ -255,26 +266,36 @@ def packed_attention_flash(q, k, v, documents: PackedDocuments, scaling: float) 
     return out.unflatten(0, q.shape[:2]).to(q.dtype)
 
 
-def _torch_varlen_causal_kwargs() -> dict:
-    """torch 2.10/2.11 take `is_causal=True`; later releases replaced it with `window_size=(-1, 0)`."""
+def _torch_varlen_parameters() -> set[str]:
+    """torch 2.10/2.11 take `is_causal=True`, later releases `window_size=(-1, 0)`; `scale` and `enable_gqa` came
+    after the first release."""
     import inspect
 
-    parameters = inspect.signature(torch_varlen_attn).parameters
-    return {"is_causal": True} if "is_causal" in parameters else {"window_size": (-1, 0)}
+    return set(inspect.signature(torch_varlen_attn).parameters)
+
+
+def torch_varlen_arguments(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scaling: float,
+                           parameters: set[str]) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    """k, v and the keyword arguments for `varlen_attn` with `parameters`, for flattened q [N, H, D] and k, v
+    [N, KV, D]: a release without `enable_gqa` gets the KV heads repeated (query head h reads KV head h // (H / KV))."""
+    kwargs = {"is_causal": True} if "is_causal" in parameters else {"window_size": (-1, 0)}
+    if abs(scaling - q.shape[-1] ** -0.5) > 1e-12:  # without `scale` a release uses 1/sqrt(head_dim)
+        kwargs["scale"] = scaling
+    if k.shape[1] != q.shape[1]:
+        if "enable_gqa" in parameters:
+            kwargs["enable_gqa"] = True
+        else:
+            k, v = (x.repeat_interleave(q.shape[1] // k.shape[1], dim=1) for x in (k, v))
+    return k, v, kwargs
 
 
 def packed_attention_varlen(q, k, v, documents: PackedDocuments, scaling: float) -> torch.Tensor:
     """torch's own varlen flash attention (`torch.nn.attention.varlen`, CUDA only): flash-attn's kernel with no extra
-    package. [B, T, H, D] in and out; fp32 runs in bf16, as with flash-attn."""
-    if torch_varlen_attn is None or not q.is_cuda:
-        raise RuntimeError("packed_attention='varlen' needs torch >= 2.10 (torch.nn.attention.varlen) and CUDA "
-                           "tensors.")
+    package. q [B, T, H, D], k and v [B, T, KV, D] in, [B, T, H, D] out; fp32 runs in bf16, as with flash-attn."""
     dtype = q.dtype if q.dtype in (torch.float16, torch.bfloat16) else torch.bfloat16
     q_flat, k_flat, v_flat = (x.flatten(0, 1).to(dtype) for x in (q, k, v))
     cu, max_len = documents.cu_seqlens, documents.max_seqlen
-    kwargs = _torch_varlen_causal_kwargs()
-    if abs(scaling - q.shape[-1] ** -0.5) > 1e-12:  # the first releases have no `scale` and use 1/sqrt(head_dim)
-        kwargs["scale"] = scaling
+    k_flat, v_flat, kwargs = torch_varlen_arguments(q_flat, k_flat, v_flat, scaling, _torch_varlen_parameters())
     out = torch_varlen_attn(q_flat, k_flat, v_flat, cu, cu, max_len, max_len, **kwargs)
     return out.unflatten(0, q.shape[:2]).to(q.dtype)
 
@@ -283,8 +304,9 @@ _compiled_flex_attention = None
 
 
 def packed_attention_flex(q, k, v, documents: PackedDocuments, scaling: float) -> torch.Tensor:
-    """flex attention with a block-diagonal causal document mask; [B, T, H, D] in and out. Compiled on CUDA (a fused
-    kernel that skips the masked blocks); eager elsewhere, where it supports the forward only."""
+    """flex attention with a block-diagonal causal document mask; q [B, T, H, D], k and v [B, T, KV, D] in,
+    [B, T, H, D] out. Compiled on CUDA (a fused kernel that skips the masked blocks); eager elsewhere, where it
+    supports the forward only."""
     global _compiled_flex_attention
     if flex_attention is None:
         raise RuntimeError("packed_attention='flex' needs torch.nn.attention.flex_attention (torch >= 2.5).")
@@ -300,7 +322,8 @@ def packed_attention_flex(q, k, v, documents: PackedDocuments, scaling: float) -
         if _compiled_flex_attention is None:
             _compiled_flex_attention = torch.compile(flex_attention, dynamic=False)
         attend = _compiled_flex_attention
-    out = attend(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), block_mask=block_mask, scale=scaling)
+    out = attend(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), block_mask=block_mask, scale=scaling,
+                 enable_gqa=k.shape[2] != q.shape[2])
     return out.transpose(1, 2)
 
 
@@ -320,26 +343,36 @@ def auto_packed_attention(device_type: str, flash: bool, varlen: bool, flex: boo
 
 
 def packed_attention_backend(name: str, device: torch.device) -> Callable:
+    """The packed-attention function `name` ("auto": see `auto_packed_attention`) for tensors on `device`; a CUDA
+    kernel that cannot run there is a RuntimeError saying what it needs."""
     if name == "auto":
         name = auto_packed_attention(device.type, flash_attn_varlen_func is not None, torch_varlen_attn is not None,
                                      flex_attention is not None)
+    cuda_kernels = {"flash": (flash_attn_varlen_func, "the flash-attn package"),
+                    "varlen": (torch_varlen_attn, "torch >= 2.10 (torch.nn.attention.varlen)")}
+    if name in cuda_kernels and (cuda_kernels[name][0] is None or device.type != "cuda"):
+        raise RuntimeError(f"packed_attention='{name}' needs {cuda_kernels[name][1]} and CUDA tensors.")
     return PACKED_ATTENTION[name]
 
 
 class InternLMAttention(nn.Module):
+    """Self-attention with `num_attention_heads` query heads and `num_key_value_heads` key/value heads (grouped-query
+    attention when fewer; the KV cache holds the KV heads only). The number of heads is read off the projections'
+    outputs, so a module whose projections hold a slice of the heads (tensor parallelism) computes that slice."""
+
     def __init__(self, config: InternLMConfig, layer_idx: int):
         super().__init__()
         self.config = config
         self.layer_idx = layer_idx
         self.head_dim = config.head_dim
         self.scaling = self.head_dim**-0.5
-        # Read by transformers' attention functions.
+        # Read by transformers' attention functions; whoever splits the heads over ranks sets it to the local ratio.
         self.is_causal = True
-        self.num_key_value_groups = 1
-        hidden = config.hidden_size
+        self.num_key_value_groups = config.num_attention_heads // config.num_key_value_heads
+        hidden, kv_size = config.hidden_size, config.num_key_value_heads * self.head_dim
         self.q_proj = nn.Linear(hidden, hidden, bias=config.bias)
-        self.k_proj = nn.Linear(hidden, hidden, bias=config.bias)
-        self.v_proj = nn.Linear(hidden, hidden, bias=config.bias)
+        self.k_proj = nn.Linear(hidden, kv_size, bias=config.bias)
+        self.v_proj = nn.Linear(hidden, kv_size, bias=config.bias)
         self.o_proj = nn.Linear(hidden, hidden, bias=config.bias)
 
     def forward(
@@ -351,7 +384,7 @@ class InternLMAttention(nn.Module):
         cache: Cache | None = None,
         cached_keys_rotation: CachedKeysRotation | None = None,
     ) -> torch.Tensor:
-        heads_shape = (*hidden_states.shape[:-1], -1, self.head_dim)  # [B, T, H, D]
+        heads_shape = (*hidden_states.shape[:-1], -1, self.head_dim)  # q [B, T, H, D], k and v [B, T, KV, D]
         q = apply_rotary(self.q_proj(hidden_states).view(heads_shape), *position_embeddings)
         k = self.k_proj(hidden_states).view(heads_shape)
         v = self.v_proj(hidden_states).view(heads_shape)
@@ -370,13 +403,13 @@ class InternLMAttention(nn.Module):
         return self.o_proj(out.reshape(*hidden_states.shape[:-1], -1))
 
     def all_keys_and_values(self, k, v, position_embeddings, cache: Cache, rotation: CachedKeysRotation | None):
-        """Append this step's un-rotated keys `k` and values `v` ([B, T, H, D]) to the cache; return every key, turned
-        to the current RoPE base, and every value ([B, past + T, H, D])."""
+        """Append this step's un-rotated keys `k` and values `v` ([B, T, KV, D]) to the cache; return every key, turned
+        to the current RoPE base, and every value ([B, past + T, KV, D])."""
         stored = position_embeddings if rotation is None else rotation.stored
         keys, values = cache.update(apply_rotary(k, *stored).transpose(1, 2), v.transpose(1, 2), self.layer_idx)
         if rotation is not None and keys.shape[2] == k.shape[1]:  # nothing was cached: rotate the new keys directly
             keys = apply_rotary(k, *position_embeddings).transpose(1, 2)
-        elif rotation is not None:  # in the cache's own layout [B, H, T, D]: one pass over contiguous memory
+        elif rotation is not None:  # in the cache's own layout [B, KV, T, D]: one pass over contiguous memory
             keys = apply_rotary(keys, *rotation.to_current, heads_dim=1)
         return keys.transpose(1, 2), values.transpose(1, 2)
 

@@ -71,8 +71,17 @@ def attention_function(implementation: str):
     return eager_attention_forward if implementation == "eager" else sdpa_attention_forward
 
 
+def repeat_kv_heads(x: torch.Tensor, query_heads: int) -> torch.Tensor:
+    """[B, KV, T, D] -> [B, query_heads, T, D], query head h reading KV head h // (query_heads / KV) (grouped-query
+    attention); what transformers' `repeat_kv` does, for the paths where the kernel cannot take fewer KV heads."""
+    groups = query_heads // x.shape[1]
+    return x if groups == 1 else x.repeat_interleave(groups, dim=1)
+
+
 def eager_attention_forward(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
-    """Plain softmax attention for `attn_implementation="eager"` (additive or bool mask)."""
+    """Plain softmax attention for `attn_implementation="eager"` (additive or bool mask); key and value may have fewer
+    heads than query (grouped-query attention)."""
+    key, value = (repeat_kv_heads(x, query.shape[1]) for x in (key, value))
     attn_weights = torch.matmul(query, key.transpose(2, 3)) * scaling
     if attention_mask is not None and attention_mask.dtype == torch.bool:
         attn_weights = attn_weights.masked_fill(~attention_mask, torch.finfo(attn_weights.dtype).min)
@@ -84,6 +93,8 @@ def eager_attention_forward(module, query, key, value, attention_mask, scaling, 
 
 
 def sdpa_attention_forward(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
+    # the KV heads repeated: SDPA's `enable_gqa` needs torch 2.5, and transformers 4 runs on older ones
+    key, value = (repeat_kv_heads(x, query.shape[1]) for x in (key, value))
     out = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, dropout_p=dropout, scale=scaling)
     return out.transpose(1, 2), None
 

@@ -2,13 +2,7 @@
 from .cross_entropy import VocabParallelLogits, vocab_parallel_argmax, vocab_parallel_cross_entropy
 from .mpu import ParallelGrid, build_parallel_grid
 from .pipeline_stages import DecoderStage, EmbeddingStage, HeadStage, pipeline_layers, pipeline_parameter_name
-from .plan import (
-                   TENSOR_PARALLEL_PLAN,
-                   apply_tensor_parallel,
-                   gather_tensor_parallel_state_dict,
-                   shard_tensor,
-                   split_dim,
-)
+from .plan import TENSOR_PARALLEL_PLAN, TensorParallelSplit, apply_tensor_parallel, gather_tensor_parallel_state_dict
 from .rng import parallel_seeds, tensor_parallel_generator
 from .topology import ParallelSizes, build_process_topology, parallel_sizes
 
@@ -19,6 +13,7 @@ __all__ = [
     "ParallelGrid",
     "ParallelSizes",
     "TENSOR_PARALLEL_PLAN",
+    "TensorParallelSplit",
     "VocabParallelLogits",
     "apply_tensor_parallel",
     "build_parallel_grid",
@@ -28,8 +23,6 @@ __all__ = [
     "parallel_sizes",
     "pipeline_layers",
     "pipeline_parameter_name",
-    "shard_tensor",
-    "split_dim",
     "tensor_parallel_generator",
     "vocab_parallel_argmax",
     "vocab_parallel_cross_entropy",

@@ -99,3 +99,14 @@ reduce_scatter_to_sequence_parallel_region = _region("ReduceScatterToSequencePar
 def all_reduce_gradient(grad: torch.Tensor, group) -> torch.Tensor:
     """The sum over the group of a replicated parameter's gradient (a tensor hook: returns a new tensor)."""
     return _summed(grad, group)
+
+
+def sum_gradient_over_copies(grad: torch.Tensor, group, copies: int) -> torch.Tensor:
+    """The sum of a parameter's gradient over the `copies` consecutive ranks of `group` that hold the same tensor (a
+    tensor hook: returns a new tensor). Each set of copies has a slot in one buffer; every rank writes its gradient
+    into its set's slot, one all-reduce over the group sums every slot over its set, and each rank reads its slot back
+    (no process group per set of copies is needed)."""
+    slot = dist.get_rank(group) // copies
+    slots = grad.new_zeros(dist.get_world_size(group) // copies, *grad.shape)
+    slots[slot] = grad
+    return _all_reduce(slots, group)[slot]

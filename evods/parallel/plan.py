@@ -1,12 +1,16 @@
 """Tensor parallelism applied to the Hugging Face InternLM model, from one table of how each weight is split.
 
 `TENSOR_PARALLEL_PLAN` maps HF module names to a shard style; a style says which dim of each of its parameters is
-split (None: replicated). The same table slices full weights (`apply_tensor_parallel`, `shard_tensor`) and gathers
-them back (`gather_tensor_parallel_state_dict`), so the two cannot disagree. Shards are contiguous chunks along the
-split dim, rank t holding chunk t, as InternEvo stores them
-(its save_model_checkpoint writes one file per tp rank):
-- q/k/v rows are head-major, so chunk t of each is heads [t*H/tp, (t+1)*H/tp). InternEvo's fused `Wqkv` shard t is
+split (None: replicated). `TensorParallelSplit` applies the same table to slice full weights (`apply_tensor_parallel`,
+`shard`) and to gather them back (`gather_tensor_parallel_state_dict`, `merge`), so the two cannot disagree. Shards
+are contiguous chunks along the split dim, rank t holding chunk t, as InternEvo stores them (its
+save_model_checkpoint writes one file per tp rank):
+- q/k/v rows are head-major, so chunk t of q is query heads [t*H/tp, (t+1)*H/tp). InternEvo's fused `Wqkv` shard t is
   the concatenation [q shard t; k shard t; v shard t] along dim 0, its bias likewise.
+- k and v hold the KV heads those query heads use (`evods.model.HeadSplit`): chunk t of KV/tp heads when tp divides
+  the KV heads; with fewer KV heads than ranks, tp/KV consecutive ranks hold a copy of one KV head (as vLLM does).
+  Each copy's gradient is then only its own query heads' share: a tensor hook sums it over the copies before anything
+  else sees it, so the copies stay equal, and only the first copy of each KV head counts in the gradient norm.
 - o_proj and down_proj split their input features; their bias (o_proj) is replicated and added after the all-reduce
   (InternEvo stores it on tensor rank 0 only).
 - The embedding splits hidden (`embed_split_hidden=True`, InternEvo's `embedding.weight`) or the vocabulary
@@ -16,13 +20,17 @@ With `sequence_parallel` the same weights are split the same way; `evods.paralle
 token slicing around them.
 """
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
+from evods.model import HeadSplit
+
+from .comm import sum_gradient_over_copies
 from .layers import ColumnParallelLinear, HiddenParallelEmbedding, RowParallelLinear, VocabParallelEmbedding
 from .sequence_parallel import apply_sequence_parallel
 
@@ -39,10 +47,12 @@ class ShardContext:
 class ShardStyle:
     param_dims: dict  # parameter name in the module -> split dim, None when replicated
     build: Callable[[dict, ShardContext], nn.Module]  # local parameters -> the tensor-parallel module
+    kv_heads: bool = False  # the split dim holds KV heads, which several ranks may share (see TensorParallelSplit)
 
 
 COLUMN = ShardStyle({"weight": 0, "bias": 0}, lambda p, ctx: ColumnParallelLinear(
     p["weight"], p.get("bias"), ctx.group, sequence_parallel=ctx.sequence_parallel))
+KV_COLUMN = ShardStyle(COLUMN.param_dims, COLUMN.build, kv_heads=True)
 ROW = ShardStyle({"weight": 1, "bias": None}, lambda p, ctx: RowParallelLinear(
     p["weight"], p.get("bias"), ctx.group, sequence_parallel=ctx.sequence_parallel))
 VOCAB_HEAD = ShardStyle({"weight": 0}, lambda p, ctx: ColumnParallelLinear(
@@ -52,40 +62,70 @@ EMBEDDING_SPLIT_VOCAB = ShardStyle({"weight": 0}, lambda p, ctx: VocabParallelEm
     p["weight"], ctx.group, vocab_start=ctx.rank * p["weight"].shape[0]))
 
 EMBEDDING = r"model\.embed_tokens"
+ATTENTION = r"model\.layers\.\d+\.self_attn"
 TENSOR_PARALLEL_PLAN = {  # HF module name (full match) -> style; the embedding's style depends on embed_split_hidden
-    r"model\.layers\.\d+\.self_attn\.[qkv]_proj": COLUMN,
-    r"model\.layers\.\d+\.self_attn\.o_proj": ROW,
+    rf"{ATTENTION}\.q_proj": COLUMN,
+    rf"{ATTENTION}\.[kv]_proj": KV_COLUMN,
+    rf"{ATTENTION}\.o_proj": ROW,
     r"model\.layers\.\d+\.mlp\.(gate|up)_proj": COLUMN,
     r"model\.layers\.\d+\.mlp\.down_proj": ROW,
     r"lm_head": VOCAB_HEAD,
 }
 
 
-def module_style(module_name: str, embed_split_hidden: bool) -> ShardStyle | None:
-    if re.fullmatch(EMBEDDING, module_name):
-        return EMBEDDING_SPLIT_HIDDEN if embed_split_hidden else EMBEDDING_SPLIT_VOCAB
-    for pattern, style in TENSOR_PARALLEL_PLAN.items():
-        if re.fullmatch(pattern, module_name):
-            return style
-    return None
+@dataclass(frozen=True)
+class TensorParallelSplit:
+    """How tensor parallelism cuts one model's weights over `tp_size` ranks: the plan's table with the model's facts
+    (how the embedding is split, how many ranks share each KV head)."""
 
+    tp_size: int
+    embed_split_hidden: bool
+    kv_replicas: int = 1  # consecutive ranks that hold the same KV heads (tp / KV when there are fewer KV heads)
 
-def split_dim(param_name: str, embed_split_hidden: bool) -> int | None:
-    """The dim along which HF parameter `param_name` is split over tensor ranks; None when every rank holds it all."""
-    module_name, _, leaf = param_name.rpartition(".")
-    style = module_style(module_name, embed_split_hidden)
-    return None if style is None else style.param_dims.get(leaf)
+    @classmethod
+    def of(cls, config, tp_size: int, embed_split_hidden: bool) -> "TensorParallelSplit":
+        """For a model of HF `config` (num_attention_heads, num_key_value_heads); a ValueError names the numbers when
+        the heads do not split over `tp_size` ranks."""
+        heads = HeadSplit(config.num_attention_heads, config.num_key_value_heads, tp_size)
+        return cls(tp_size, embed_split_hidden, heads.kv_replicas)
 
+    def style(self, module_name: str) -> ShardStyle | None:
+        if re.fullmatch(EMBEDDING, module_name):
+            return EMBEDDING_SPLIT_HIDDEN if self.embed_split_hidden else EMBEDDING_SPLIT_VOCAB
+        for pattern, style in TENSOR_PARALLEL_PLAN.items():
+            if re.fullmatch(pattern, module_name):
+                return style
+        return None
 
-def shard_tensor(param_name: str, full: torch.Tensor, tp_rank: int, tp_size: int, embed_split_hidden: bool):
-    """Tensor rank `tp_rank`'s part of the full HF parameter `param_name` (a copy; the full tensor when replicated)."""
-    dim = split_dim(param_name, embed_split_hidden)
-    if dim is None or tp_size == 1:
-        return full.clone()
-    if full.shape[dim] % tp_size:
-        raise ValueError(f"{param_name} has {full.shape[dim]} entries along dim {dim}, which tensor parallel size "
-                         f"{tp_size} does not divide; pick a tensor size that divides it")
-    return full.chunk(tp_size, dim=dim)[tp_rank].clone()
+    def split_dim(self, param_name: str) -> int | None:
+        """The dim along which HF parameter `param_name` is split over the ranks; None when every rank holds it all."""
+        module_name, _, leaf = param_name.rpartition(".")
+        style = self.style(module_name)
+        return None if style is None else style.param_dims.get(leaf)
+
+    def replicas(self, param_name: str) -> int:
+        """How many consecutive ranks hold the same part of `param_name` (1 unless it holds shared KV heads)."""
+        style = self.style(param_name.rpartition(".")[0])
+        return self.kv_replicas if style is not None and style.kv_heads else 1
+
+    def shard(self, param_name: str, full: torch.Tensor, rank: int) -> torch.Tensor:
+        """Rank `rank`'s part of the full HF parameter `param_name` (a copy; the full tensor when replicated)."""
+        dim = self.split_dim(param_name)
+        if dim is None or self.tp_size == 1:
+            return full.clone()
+        replicas = self.replicas(param_name)
+        parts = self.tp_size // replicas
+        if full.shape[dim] % parts:
+            raise ValueError(f"{param_name} has {full.shape[dim]} entries along dim {dim}, which tensor parallel size "
+                             f"{self.tp_size} does not divide; pick a tensor size that divides it")
+        return full.chunk(parts, dim=dim)[rank // replicas].clone()
+
+    def merge(self, param_name: str, shards: Sequence[torch.Tensor]) -> torch.Tensor:
+        """The full HF parameter from every rank's part (in rank order); a replicated one is rank 0's."""
+        dim = self.split_dim(param_name)
+        if dim is None or self.tp_size == 1:
+            return shards[0]
+        return torch.cat(list(shards[::self.replicas(param_name)]), dim=dim)
 
 
 def _mark_tensor_parallel(param: nn.Parameter, dim: int) -> None:
@@ -107,41 +147,60 @@ def apply_tensor_parallel(model: nn.Module, tp_group, tp_rank: int, tp_size: int
     """
     if tp_size == 1:
         return model
-    heads = model.config.num_attention_heads
-    if heads % tp_size:
-        raise ValueError(f"num_attention_heads={heads} is not divisible by tensor parallel size {tp_size}")
+    try:
+        split = TensorParallelSplit.of(model.config, tp_size, embed_split_hidden)
+    except ValueError as error:
+        raise ValueError(f"num_attention_heads={model.config.num_attention_heads}, num_key_value_heads="
+                         f"{model.config.num_key_value_heads} and tensor parallel size {tp_size}: {error}") from None
     ctx = ShardContext(tp_group, tp_rank, parallel_output, sequence_parallel)
     swapped = 0
     for name, module in list(model.named_modules()):
-        style = module_style(name, embed_split_hidden)
+        style = split.style(name)
         if style is None:
             continue
-        local = {leaf: shard_tensor(f"{name}.{leaf}", param.detach(), tp_rank, tp_size, embed_split_hidden)
+        local = {leaf: split.shard(f"{name}.{leaf}", param.detach(), tp_rank)
                  for leaf, param in module.named_parameters(recurse=False)}
         parallel_module = style.build(local, ctx)
         for leaf, param in parallel_module.named_parameters(recurse=False):
             param.requires_grad_(module.get_parameter(leaf).requires_grad)
             if style.param_dims[leaf] is not None:
-                _mark_tensor_parallel(param, style.param_dims[leaf])
+                _share_split_parameter(param, style.param_dims[leaf], split.replicas(f"{name}.{leaf}"), tp_group,
+                                       tp_rank)
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name), child, parallel_module)
         swapped += 1
     if not swapped:
         raise ValueError(f"no module of {type(model).__name__} matches the tensor-parallel plan: it expects the HF "
                          f"InternLM names (model.embed_tokens, model.layers.N.self_attn.q_proj, ..., lm_head)")
-    return apply_sequence_parallel(model, tp_group) if sequence_parallel else model
+    local_groups = model.config.num_attention_heads // model.config.num_key_value_heads // split.kv_replicas
+    for name, module in model.named_modules():
+        if re.fullmatch(ATTENTION, name):
+            module.num_key_value_groups = local_groups  # what transformers' attention functions read
+    if sequence_parallel:
+        apply_sequence_parallel(model, tp_group, lambda param_name: split.split_dim(param_name) is None)
+    return model
+
+
+def _share_split_parameter(param: nn.Parameter, dim: int, replicas: int, tp_group, tp_rank: int) -> None:
+    """Mark a split parameter for DeepSpeed; a part that `replicas` > 1 ranks hold (shared KV heads) gets its gradient
+    summed over them and counts in the gradient norm on the first of them only (tensor rank 0 is always a first one,
+    so every KV head counts exactly once)."""
+    if replicas > 1:
+        param.register_hook(partial(sum_gradient_over_copies, group=tp_group, copies=replicas))
+    if tp_rank % replicas == 0:
+        _mark_tensor_parallel(param, dim)
 
 
 def gather_tensor_parallel_state_dict(model: nn.Module, tp_group, embed_split_hidden: bool) -> dict:
-    """The full HF state dict of a model that `apply_tensor_parallel` split, on every rank of `tp_group`."""
-    tp_size = dist.get_world_size(tp_group)
+    """The full HF state dict of a model (with its HF `config`) that `apply_tensor_parallel` split, on every rank of
+    `tp_group`."""
+    split = TensorParallelSplit.of(model.config, dist.get_world_size(tp_group), embed_split_hidden)
     full = {}
     for name, tensor in model.state_dict().items():
-        dim = split_dim(name, embed_split_hidden)
-        if dim is None or tp_size == 1:
+        if split.split_dim(name) is None or split.tp_size == 1:
             full[name] = tensor.detach().clone()
             continue
-        parts = [torch.empty_like(tensor) for _ in range(tp_size)]
+        parts = [torch.empty_like(tensor) for _ in range(split.tp_size)]
         dist.all_gather(parts, tensor.detach().contiguous(), group=tp_group)
-        full[name] = torch.cat(parts, dim=dim)
+        full[name] = split.merge(name, parts)
     return full

@@ -12,11 +12,13 @@ position_ids are never split: the model derives the document layout and the RoPE
 the first layer, and attention runs on the gathered rows. Under a pipeline the token slice is what travels between
 stages, beside the full fixed-shape position_ids.
 
-The replicated parameters used on the slices (the RMSNorm weights, o_proj's bias) get only their own tokens' share of
-the gradient on each rank. A tensor hook sums it over the group as it is computed, before DeepSpeed's ZeRO hooks
-accumulate and reduce it (the job of Megatron's `allreduce_sequence_parallel_grads`).
+The replicated parameters used on the slices (the RMSNorm weights, o_proj's bias: those the tensor-parallel plan
+does not split) get only their own tokens' share of the gradient on each rank. A tensor hook sums it over the group
+as it is computed, before DeepSpeed's ZeRO hooks accumulate and reduce it (the job of Megatron's
+`allreduce_sequence_parallel_grads`).
 """
 import re
+from collections.abc import Callable
 from functools import partial
 
 import torch.distributed as dist
@@ -51,9 +53,10 @@ SEQUENCE_PARALLEL_PLAN = {
 SLICED_REGION = r"model\.(layers\.\d+|norm)\..+"
 
 
-def apply_sequence_parallel(model: nn.Module, tp_group) -> nn.Module:
+def apply_sequence_parallel(model: nn.Module, tp_group, replicated: Callable[[str], bool]) -> nn.Module:
     """Hook sequence parallelism into `model`, which `apply_tensor_parallel` has split with `sequence_parallel=True`
-    (its row-parallel layers reduce-scatter, its column-parallel layers take gathered inputs)."""
+    (its row-parallel layers reduce-scatter, its column-parallel layers take gathered inputs). `replicated(name)`:
+    whether every tensor rank holds the whole parameter `name` (the plan's answer)."""
     hooked = set()
     for name, module in model.named_modules():
         for pattern, (kind, hook) in SEQUENCE_PARALLEL_PLAN.items():
@@ -66,7 +69,7 @@ def apply_sequence_parallel(model: nn.Module, tp_group) -> nn.Module:
         raise ValueError(f"no module of {type(model).__name__} matches {missing} of the sequence-parallel plan: it "
                          f"expects the HF InternLM names (model.layers.N.self_attn, model.layers.N.mlp, model.norm)")
     for name, param in model.named_parameters():
-        if re.fullmatch(SLICED_REGION, name) and not getattr(param, "tensor_model_parallel", False):
+        if re.fullmatch(SLICED_REGION, name) and replicated(name):
             param.sequence_parallel = True  # Megatron's mark of a replicated parameter with per-slice gradients
             param.register_hook(partial(all_reduce_gradient, group=tp_group))
     return model

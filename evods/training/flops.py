@@ -18,12 +18,13 @@ PEAK_TFLOPS_ENV = "EVODS_PEAK_TFLOPS"  # per-device peak in TFLOP/s, for devices
 
 
 def _flops_per_token(passes: int, seq_len: int, hidden: int, num_layers: int, vocab: int, mlp_ratio: float,
-                     swiglu: bool) -> float:
+                     swiglu: bool, kv_ratio: float = 1.0) -> float:
     """Megatron's count per token: `passes` × the layers (3 = fwd + 2×bwd, 4 with recompute) plus the LM head (fwd +
-    bwd, never recomputed). Attention is counted over the full sequence, as InternEvo does."""
+    bwd, never recomputed). Attention is counted over the full sequence, as InternEvo does. `kv_ratio`: KV heads /
+    query heads; the k and v projections of grouped-query attention are that much smaller than q and o."""
     if swiglu:
         mlp_ratio *= 1.5  # three MLP matrices instead of two: 8/3 -> 4
-    layer = (8 + 4 * mlp_ratio) * hidden**2 + 4 * seq_len * hidden
+    layer = (4 + 4 * kv_ratio + 4 * mlp_ratio) * hidden**2 + 4 * seq_len * hidden
     return passes * layer * num_layers + 6 * hidden * vocab
 
 
@@ -38,9 +39,11 @@ def megatron_tflops(elapsed: float, checkpoint, seq_len: int, hidden: int, num_l
 
 
 def model_flops_per_token(seq_len: int, hidden: int, num_layers: int, vocab: int, mlp_ratio: float,
-                          swiglu: bool = True) -> float:
-    """Training FLOPs the model needs per token (forward + backward, no recompute): the numerator of MFU."""
-    return _flops_per_token(3, seq_len, hidden, num_layers, vocab, mlp_ratio, swiglu)
+                          swiglu: bool = True, kv_ratio: float = 1.0) -> float:
+    """Training FLOPs the model needs per token (forward + backward, no recompute): the numerator of MFU. Unlike
+    InternEvo's `tflops` (`megatron_tflops`), it counts the smaller k and v of grouped-query attention (`kv_ratio`:
+    KV heads / query heads)."""
+    return _flops_per_token(3, seq_len, hidden, num_layers, vocab, mlp_ratio, swiglu, kv_ratio)
 
 
 def tgs(num_tokens_this_rank: int, dp: int, world: int, elapsed: float) -> float:

@@ -127,8 +127,9 @@ class Trainer:
         apply_tensor_parallel(model, tensor_group, self.sizes.tp_rank, self.sizes.tp, cfg.model.embed_split_hidden,
                               cfg.model.parallel_output, sequence_parallel=topology.sequence_parallel)
         seed_runtime_rng(seed, self.sizes)
+        kv_ratio = model.config.num_key_value_heads / model.config.num_attention_heads
         self.flops_per_token = model_flops_per_token(cfg.data.seq_len, cfg.model.hidden_size, cfg.model.num_layers,
-                                                     cfg.model.vocab_size, cfg.model.mlp_ratio)
+                                                     cfg.model.vocab_size, cfg.model.mlp_ratio, kv_ratio=kv_ratio)
         self.peak = peak_flops(peak_tflops)
 
         if cfg.data.train_dataset:

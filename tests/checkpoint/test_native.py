@@ -160,18 +160,22 @@ def test_native_checkpoints_train_on_and_round_trip_through_evods_hf_and_llama(t
 
 LLAMA_MODEL = dict(hidden_size=64, num_layers=3, num_attention_heads=4, vocab_size=512, mlp_ratio=2,
                    layer_norm_epsilon=1e-5, no_bias=True, dtype=torch.float32)
+# InternLM2's features at tiny size (its model dict keys): 2 KV heads for the 4 query heads, RoPE base 1e6, dynamic
+# NTK past max_position_embeddings
+INTERNLM2_SHAPED = dict(LLAMA_MODEL, num_kv_attention_heads=2, rope_base=1e6, use_dynamic_ntk_rope=True,
+                        max_position_embeddings=16)
 
 
 def write_llama_layout(folder: Path, weights: dict, tp: int, pp: int, adapt_hf: bool, embed_split_hidden: bool,
-                       prefix: str) -> None:
+                       prefix: str, model: dict = LLAMA_MODEL) -> None:
     """Files as InternEvo writes its LLaMA-family names, written here from the published facts and independently of
     evods: revert_internlm.py (pp=1, no prefix, global block numbers, --version 2 MLP naming) and InternEvo's own saves
     (a file per stage, blocks numbered from 0 on each; the `model.` prefix of its NaiveAMP wrapper before 2024-03)."""
-    heads, hidden = LLAMA_MODEL["num_attention_heads"], LLAMA_MODEL["hidden_size"]
+    heads, hidden = model["num_attention_heads"], model["hidden_size"]
     head_dim = hidden // heads
 
     def meta_rotary_order(w):  # revert_internlm.py without --adapt_hf: each head's halves interleaved
-        return w if adapt_hf else w.view(heads, 2, head_dim // 2, hidden).transpose(1, 2).reshape(hidden, hidden)
+        return w if adapt_hf else w.view(-1, 2, head_dim // 2, hidden).transpose(1, 2).reshape(-1, hidden)
 
     def per_rank(tensor, dim):
         return [chunk.clone() for chunk in tensor.chunk(tp, dim)]
@@ -207,8 +211,10 @@ def write_llama_layout(folder: Path, weights: dict, tp: int, pp: int, adapt_hf: 
     intermediate = weights["model.layers.0.mlp.gate_proj.weight"].shape[0]
     torch.save(dict(num_attention_heads=heads, embed_split_hidden=embed_split_hidden, vocab_size=512,
                     hidden_size=hidden, num_layers=3, norm_type="rmsnorm", layer_norm_epsilon=1e-5, no_bias=True,
-                    mlp_ratio=round((intermediate - 255) / hidden + 0.01, 2), num_kv_attention_heads=heads,
-                    dtype=torch.float32, norm_head=False, adapt_hf=adapt_hf, use_flash_attn=True, rope_base=10000),
+                    mlp_ratio=round((intermediate - 255) / hidden + 0.01, 2),
+                    num_kv_attention_heads=model.get("num_kv_attention_heads", heads), dtype=torch.float32,
+                    norm_head=False, adapt_hf=adapt_hf, use_flash_attn=True, rope_base=model.get("rope_base", 10000),
+                    **{key: model[key] for key in ("use_dynamic_ntk_rope", "max_position_embeddings") if key in model}),
                folder / "model_config.pt")
 
 
@@ -224,22 +230,24 @@ def load_through_ckpt_info(folder: Path, ckpt_type: str, model_dict: dict):
     return model.eval()
 
 
-@pytest.mark.parametrize("tp, pp, adapt_hf, embed_split_hidden, prefix", [
-    (1, 1, False, False, ""),  # revert_internlm.py
-    (2, 1, False, True, ""),  # revert_internlm.py --tp_size 2 --embed_split
-    (2, 2, True, False, "model."),  # an InternEvo LLaMA run with adapt_hf, saved per stage through NaiveAMP
+@pytest.mark.parametrize("tp, pp, adapt_hf, embed_split_hidden, prefix, model_dict", [
+    (1, 1, False, False, "", LLAMA_MODEL),  # revert_internlm.py
+    (2, 1, False, True, "", LLAMA_MODEL),  # revert_internlm.py --tp_size 2 --embed_split
+    (2, 2, True, False, "model.", LLAMA_MODEL),  # an InternEvo LLaMA run with adapt_hf, saved per stage via NaiveAMP
+    (2, 1, False, False, "", INTERNLM2_SHAPED),  # grouped-query attention: a KV head per tensor rank
 ])
 def test_a_llama_layout_checkpoint_loads_with_ckpt_type_llama_to_the_same_logits(tmp_path, tp, pp, adapt_hf,
-                                                                                 embed_split_hidden, prefix):
+                                                                                 embed_split_hidden, prefix,
+                                                                                 model_dict):
     from evods.checkpoint import hf_weights
     from evods.model import InternLMForCausalLM
 
-    weights = random_weights(LLAMA_MODEL)
+    weights = random_weights(model_dict)
     assert not any(name.endswith("_proj.bias") for name in weights)  # no_bias=True: a bias-free InternLM
     (tmp_path / "native").mkdir()
-    write_llama_layout(tmp_path / "native", weights, tp, pp, adapt_hf, embed_split_hidden, prefix)
+    write_llama_layout(tmp_path / "native", weights, tp, pp, adapt_hf, embed_split_hidden, prefix, model_dict)
     ids = torch.randint(0, 512, (2, 24), generator=torch.Generator().manual_seed(0))
-    model = load_through_ckpt_info(tmp_path / "native", "llama", LLAMA_MODEL)
+    model = load_through_ckpt_info(tmp_path / "native", "llama", model_dict)
     assert all(torch.equal(model.state_dict()[name], weights[name]) for name in weights)
 
     assert convert2hf(["--src", str(tmp_path / "native"), "--tgt", str(tmp_path / "hf")]) == 0
@@ -247,6 +255,30 @@ def test_a_llama_layout_checkpoint_loads_with_ckpt_type_llama_to_the_same_logits
     assert exported.config.bias is False and hf_weights(str(tmp_path / "hf")).keys() == weights.keys()
     with torch.no_grad():
         assert torch.equal(exported(ids).logits, model(ids).logits)
+
+
+def test_an_internlm2_shaped_model_equals_its_llama_export_within_and_past_max_position_embeddings(tmp_path):
+    """4 query heads on 2 KV heads, no biases, RoPE base 1e6, dynamic NTK with factor 2: the stock LlamaForCausalLM
+    of `convert2hf --format llama` computes evods' logits (the model dict's own keys, as InternEvo names them)."""
+    from transformers import LlamaForCausalLM
+
+    from evods.model import InternLMForCausalLM
+
+    weights = random_weights(INTERNLM2_SHAPED)
+    (tmp_path / "native").mkdir()
+    write_llama_layout(tmp_path / "native", weights, 2, 1, True, False, "", INTERNLM2_SHAPED)
+    for fmt in ("internlm", "llama"):
+        assert convert2hf(["--src", str(tmp_path / "native"), "--tgt", str(tmp_path / fmt), "--format", fmt,
+                           "--scaling_factor", "2.0"]) == 0
+    internlm = InternLMForCausalLM.from_pretrained(tmp_path / "internlm").eval()
+    llama = LlamaForCausalLM.from_pretrained(tmp_path / "llama").eval()
+    assert internlm.config.rope.base == 1e6 and internlm.config.num_key_value_heads == 2
+    assert (llama.config.num_key_value_heads, llama.config.attention_bias) == (2, False)
+    ids = torch.randint(0, 512, (2, 48), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        for length in (16, 48):  # within max_position_embeddings, and past it, where dynamic NTK rescales the base
+            ours, theirs = internlm(ids[:, :length]).logits, llama(ids[:, :length]).logits
+            assert (ours - theirs).abs().max() <= 1e-5 * ours.abs().max(), length
 
 
 def test_llama_layout_mismatches_are_one_line_errors_that_name_the_cause(tmp_path):

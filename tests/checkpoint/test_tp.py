@@ -13,6 +13,10 @@ The exports run in the test process, checked against the tp=2 runs' own weights 
 Sequence parallelism (issue: sequence parallelism) rides along in the same launches: each tp=2 layout also trains
 with it, saving at step K; the fresh process resumes that checkpoint without it, and the plain tp=2 checkpoint with
 it.
+
+Grouped-query attention (issue: InternLM2) too: an InternLM2-shaped model (no biases, RoPE base 1e6, dynamic NTK)
+with one KV head for its 4 query heads, which both tensor ranks hold, saves at tp=2, pp=1; its weights load into
+tp=1 (the KV head once), and it exports to HF InternLM and stock Llama folders computing the same logits.
 """
 from pathlib import Path
 
@@ -30,11 +34,18 @@ TOTAL_STEPS, SAVE_AT = 4, 2
 ROWS_PER_STEP = 4
 
 
+# InternLM2's features at tiny size: 4 query heads sharing 1 KV head, no biases, a large RoPE base, dynamic NTK past
+# max_position_embeddings
+GQA_MODEL = dict(num_kv_attention_heads=1, no_bias=True, rope_base=1e6, use_dynamic_ntk_rope=True,
+                 max_position_embeddings=16)
+
+
 def tp_config(tp: int, pp: int, total_steps: int, ckpt: dict, embed_split_hidden: bool = False,
-              sequence_parallel: bool = False):
+              sequence_parallel: bool = False, model: dict | None = None):
     return tiny_config(
         data=dict(seq_len=32, micro_bsz=2, micro_num=ROWS_PER_STEP, total_steps=total_steps),
-        model=dict(dtype="torch.float32", embed_split_hidden=embed_split_hidden, parallel_output=True),
+        model=dict(dtype="torch.float32", embed_split_hidden=embed_split_hidden, parallel_output=True,
+                   **(model or {})),
         parallel=dict(pipeline=dict(size=pp), zero1=-1, tensor=tp, sequence_parallel=sequence_parallel),
         lr_scheduler=dict(total_steps=TOTAL_STEPS, warmup_ratio=0.25),  # the schedule of the whole run
         ckpt=dict(checkpoint_every=SAVE_AT, **ckpt),
@@ -42,12 +53,14 @@ def tp_config(tp: int, pp: int, total_steps: int, ckpt: dict, embed_split_hidden
 
 
 class _StageWeights:
-    """A pipeline stage's parameters under their HF names, for `gather_tensor_parallel_state_dict`."""
+    """A pipeline stage's parameters under their HF names, with the model's HF config, for
+    `gather_tensor_parallel_state_dict`."""
 
-    def __init__(self, pipeline_module, num_layers: int):
+    def __init__(self, pipeline_module, config):
         from evods.parallel import pipeline_parameter_name
 
-        self.weights = {pipeline_parameter_name(int(index), local, num_layers): tensor
+        self.config = config
+        self.weights = {pipeline_parameter_name(int(index), local, config.num_hidden_layers): tensor
                         for name, tensor in pipeline_module.state_dict().items()
                         for index, local in [name.split(".", 1)]}
 
@@ -60,6 +73,7 @@ def full_weights(trainer) -> dict[str, np.ndarray]:
     the plan's own gather and, under a pipeline, collected from every stage."""
     import torch.distributed as dist
 
+    from evods.model import config_from_model_dict
     from evods.parallel import gather_tensor_parallel_state_dict
 
     model_cfg = trainer.cfg.model
@@ -67,7 +81,7 @@ def full_weights(trainer) -> dict[str, np.ndarray]:
     tensor_group = trainer.grid.get_tensor_model_parallel_group()
     if trainer.sizes.pp == 1:
         return as_numpy(gather_tensor_parallel_state_dict(module, tensor_group, model_cfg.embed_split_hidden))
-    stage = _StageWeights(module, model_cfg.num_layers)
+    stage = _StageWeights(module, config_from_model_dict(trainer.cfg.model_dict))
     gathered = as_numpy(gather_tensor_parallel_state_dict(stage, tensor_group, model_cfg.embed_split_hidden))
     stages = [None] * dist.get_world_size()
     dist.all_gather_object(stages, gathered)
@@ -75,11 +89,11 @@ def full_weights(trainer) -> dict[str, np.ndarray]:
 
 
 def train(tp: int, pp: int, total_steps: int, ckpt: dict, run_dir: str, embed_split_hidden: bool = False,
-          sequence_parallel: bool = False) -> dict:
+          sequence_parallel: bool = False, model: dict | None = None) -> dict:
     """Build a Trainer, note its starting weights, train, and report what the checks need."""
     from evods.training.trainer import Trainer
 
-    cfg = tp_config(tp, pp, total_steps, ckpt, embed_split_hidden, sequence_parallel)
+    cfg = tp_config(tp, pp, total_steps, ckpt, embed_split_hidden, sequence_parallel, model)
     trainer = Trainer(cfg, run_dir=Path(run_dir))
     start = full_weights(trainer)
     state = trainer.train()
@@ -114,7 +128,10 @@ def save_at_tp2(root: str, layout: str) -> dict:
 
     init_distributed("torch")
     pp, embed_split_hidden = TP2_LAYOUTS[layout]
-    return {"reference": train(2, pp, TOTAL_STEPS, no_save(), f"{root}/{layout}_reference", embed_split_hidden),
+    grouped_query = {"grouped_query": train(2, pp, SAVE_AT, saving_into(f"{root}/gqa"), f"{root}/gqa_run",
+                                            embed_split_hidden, model=GQA_MODEL)} if layout == "tp2_pp1" else {}
+    return {**grouped_query,
+            "reference": train(2, pp, TOTAL_STEPS, no_save(), f"{root}/{layout}_reference", embed_split_hidden),
             "interrupted": train(2, pp, SAVE_AT, saving_into(f"{root}/{layout}"), f"{root}/{layout}_interrupted",
                                  embed_split_hidden),
             # uninterrupted, saving at SAVE_AT on the way
@@ -134,7 +151,9 @@ def load_into_tp1(root: str) -> dict:
         refusal = str(exc)
     loaded = train(1, 1, SAVE_AT, dict(saving_into(f"{root}/tp1"), **model_only(f"{root}/tp2_pp2/{SAVE_AT}")),
                    f"{root}/model_tp1")
-    return {"refusal": refusal, "loaded": loaded}
+    grouped_query = train(1, 1, 1, dict(no_save(), **model_only(f"{root}/gqa/{SAVE_AT}")), f"{root}/gqa_tp1",
+                          model=GQA_MODEL)
+    return {"refusal": refusal, "loaded": loaded, "grouped_query": grouped_query}
 
 
 def resume_at_tp2(root: str, layout: str) -> dict:
@@ -235,6 +254,37 @@ def test_a_tp2_checkpoint_exports_to_one_hf_folder(runs, layout, tmp_path):
     input_ids = torch.randint(0, 512, (2, 16), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         assert torch.equal(exported(input_ids=input_ids).logits, trained(input_ids=input_ids).logits)
+
+
+def test_a_grouped_query_tp2_checkpoint_loads_at_tp1_and_exports_to_internlm_and_llama(runs, tmp_path, capsys):
+    """Both tensor ranks held the one KV head: tp=1 gets it once, with the weights the tp=2 run had; the exports carry
+    the KV heads and the RoPE (base 1e6, dynamic NTK with the export's factor 2) and compute the same logits, within
+    max_position_embeddings (16) and past it. InternLM v1's native layout has no place for fewer KV heads."""
+    from transformers import AutoModelForCausalLM, LlamaForCausalLM
+
+    import evods.model  # noqa: F401 - registers InternLM with the Auto classes
+
+    saved = runs["saved"]["tp2_pp1"][0]["grouped_query"]["end"]
+    assert saved["model.layers.0.self_attn.k_proj.weight"].shape == (16, 64)  # one KV head of 16
+    assert_same_weights(runs["tp1"]["grouped_query"]["start"], saved, "the tp=2 GQA checkpoint loaded into tp=1")
+    checkpoint = runs["root"] / "gqa" / str(SAVE_AT)
+    for fmt in ("internlm", "llama"):
+        assert convert2hf(["--src", str(checkpoint), "--tgt", str(tmp_path / fmt), "--format", fmt,
+                           "--scaling_factor", "2"]) == 0
+    internlm = AutoModelForCausalLM.from_pretrained(tmp_path / "internlm").eval()
+    llama = LlamaForCausalLM.from_pretrained(tmp_path / "llama").eval()
+    assert_same_weights(as_numpy(internlm.state_dict()), saved, "HF export of the GQA checkpoint")
+    assert (internlm.config.num_key_value_heads, llama.config.num_key_value_heads) == (1, 1)
+    assert llama.config.rope_parameters == {"rope_type": "dynamic", "rope_theta": 1e6, "factor": 2.0}
+    input_ids = torch.randint(0, 512, (2, 40), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        for length in (16, 40):  # the second rescales the RoPE base
+            torch.testing.assert_close(llama(input_ids[:, :length]).logits,
+                                       internlm(input_ids[:, :length]).logits, rtol=1e-5, atol=1e-5)
+    assert convert2native(["--src", str(checkpoint), "--tgt", str(tmp_path / "native")]) == 1
+    assert "has no grouped-query attention, and this model has num_key_value_heads=1 for num_attention_heads=4; " \
+           "export it to HF" \
+        in capsys.readouterr().err and not (tmp_path / "native").exists()
 
 
 def test_a_tp2_checkpoint_exports_to_native(runs, tmp_path):

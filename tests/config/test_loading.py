@@ -177,8 +177,33 @@ def test_checkpoint_saving_rules(tmp_path, caplog):
     assert cfg.ckpt.async_upload is True and cfg.ckpt.async_upload_tmp_folder == "/dev/shm/internlm_tmp_ckpt/"
 
 
+@pytest.mark.parametrize("heads, kv_heads, tensor, message", [
+    (4, None, 3, r"cfg\.py:\d+: parallel\.tensor size 3 does not split model\.num_attention_heads=4 with "
+                 r"num_kv_attention_heads=4: 4 query heads do not split into 3 equal parts \(sizes that fit: 1, 2, "
+                 r"4\)"),
+    (8, 3, 1, r"cfg\.py:\d+: model\.num_attention_heads=8 is not a multiple of model\.num_kv_attention_heads=3: each "
+              r"KV head serves an equal group of query heads"),
+    (12, 6, 4, r"parallel\.tensor size 4 does not split model\.num_attention_heads=12 with num_kv_attention_heads=6: 6 "
+               r"KV heads do not fit 4 parts: each part needs whole KV heads of its own .* \(sizes that fit: 1, 2, 3, "
+               r"6, 12\)"),
+    (4, 1, 2, None),  # fewer KV heads than tensor ranks: each rank holds a copy of the one its query heads use
+    (8, 2, 4, None),
+    (8, 4, 2, None),  # each rank holds KV heads of its own
+])
+def test_attention_heads_must_split_over_the_tensor_size_at_load(tmp_path, heads, kv_heads, tensor, message):
+    model = f"model = dict(num_attention_heads={heads}, num_kv_attention_heads={kv_heads}, hidden_size={8 * heads}, " \
+            "num_layers=2, vocab_size=64, mlp_ratio=2, dtype='torch.float32')\n"
+    text = TINY.split("model = dict")[0] + model + f"parallel = dict(tensor={tensor})\n" \
+        "ckpt = dict(enable_save_ckpt=False)\n"
+    if message is None:
+        assert load_text(tmp_path, text).model.num_kv_attention_heads == kv_heads
+        return
+    with pytest.raises(ConfigError) as caught:
+        load_text(tmp_path, text)
+    assert re.search(message, str(caught.value)) and "\n" not in str(caught.value), str(caught.value)
+
+
 @pytest.mark.parametrize("extra, world, message", [
-    ("parallel = dict(tensor=3)\n", 3, r"model\.num_attention_heads=4 is not divisible by parallel\.tensor size 3"),
     ("parallel = dict(pipeline=dict(size=3))\n", 3, r"model\.num_layers=2 is less than parallel\.pipeline size 3"),
     ("parallel = dict(tensor=2)\n", 3, r"3 processes cannot be split into pipeline 1 × tensor 2 groups"),
     ("parallel = dict(pipeline=2)\ndata = dict(seq_len=16, micro_num=1, micro_bsz=1, total_steps=10)\n", 2,

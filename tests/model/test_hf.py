@@ -16,6 +16,7 @@ from evods.model import (
     InternLMConfig,
     InternLMForCausalLM,
     InternLMModel,
+    Rope,
     config_from_model_dict,
 )
 from testkit.compat_env import WITHOUT_EVODS
@@ -158,7 +159,7 @@ def test_config_from_internevo_model_dict():
     assert (config.hidden_size, config.intermediate_size, config.num_hidden_layers) == (4096, 11008, 32)
     assert (config.rms_norm_eps, config.dtype, config.rotary["type"]) == (1e-5, torch.bfloat16, "origin")
     dynamic = config_from_model_dict(dict(hidden_size=64, mlp_ratio=2.5, use_dynamic_ntk_rope=True, rope_base=500))
-    assert dynamic.rotary == {"base": 500, "type": "dynamic"} and dynamic.intermediate_size == 256
+    assert dynamic.rope == Rope(500, "dynamic", 1.0) and dynamic.intermediate_size == 256
     with pytest.raises(ValueError, match="norm_type='layernorm' is not supported"):
         config_from_model_dict(dict(norm_type="layernorm"))
     with pytest.raises(ValueError, match=r"unknown keys \['hiden_size'\]"):

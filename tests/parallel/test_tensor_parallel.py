@@ -32,17 +32,24 @@ FULL = dict(kernel="full")
 
 class Variant:
     def __init__(self, recompute: bool, embed_split_hidden: bool = True, parallel_output: bool = True,
-                 loss: dict = CHUNKED, sequence_parallel: bool = False):
-        self.model = dict(checkpoint=recompute, embed_split_hidden=embed_split_hidden, parallel_output=parallel_output)
+                 loss: dict = CHUNKED, sequence_parallel: bool = False, kv_heads: int | None = None):
+        self.model = dict(checkpoint=recompute, embed_split_hidden=embed_split_hidden, parallel_output=parallel_output,
+                          num_kv_attention_heads=kv_heads)
         self.loss = loss
         self.sequence_parallel = sequence_parallel
+        self.kv_heads = kv_heads  # grouped-query attention; None: multi-head
         self.name = (f"recompute={recompute},embed_split_hidden={embed_split_hidden},parallel_output={parallel_output},"
-                     f"sequence_parallel={sequence_parallel},loss={loss['kernel']}")
+                     f"sequence_parallel={sequence_parallel},loss={loss['kernel']},kv_heads={kv_heads}")
 
 
 def sequence_parallel_variants(embed_split_hidden: bool, parallel_output: bool) -> list:
     return [Variant(recompute, embed_split_hidden, parallel_output, sequence_parallel=True)
             for recompute in (False, True)]
+
+
+# Grouped-query attention (issue: InternLM2): 2 KV heads for the 4 query heads, one per tensor rank, and 1 KV head,
+# which both tensor ranks hold a copy of (its gradient summed over them).
+OWN_KV, SHARED_KV = 2, 1
 
 
 # (tp, pp, dp) -> variants; the embedding and output layouts only matter under tensor parallelism, so every one of
@@ -51,15 +58,18 @@ def sequence_parallel_variants(embed_split_hidden: bool, parallel_output: bool) 
 # vocabulary-parallel under tp=2 and on the last pipeline stage; the whole-logits loss too, once each.
 TOPOLOGIES = {
     (2, 1, 1): [Variant(False, True, True), Variant(True, False, False, loss=FULL),
-                *sequence_parallel_variants(False, True)],
+                *sequence_parallel_variants(False, True), Variant(False, kv_heads=OWN_KV),
+                Variant(True, False, True, kv_heads=SHARED_KV)],
     (2, 2, 1): [Variant(True, True, False, loss=FULL), Variant(False, False, True),
-                *sequence_parallel_variants(True, False)],
-    (2, 1, 2): [Variant(True, False, True), Variant(False, True, False), *sequence_parallel_variants(True, True)],
+                *sequence_parallel_variants(True, False), Variant(False, True, True, kv_heads=SHARED_KV)],
+    (2, 1, 2): [Variant(True, False, True), Variant(False, True, False), *sequence_parallel_variants(True, True),
+                Variant(False, False, True, sequence_parallel=True, kv_heads=SHARED_KV)],
     (1, 2, 1): [Variant(True)],
     (1, 1, 2): [Variant(False)],
     (1, 2, 2): [Variant(True)],
 }
-REFERENCE = (1, 1, 1), [Variant(False, loss=FULL)]
+# The one-process runs: per KV heads, the training every variant with those heads must repeat
+REFERENCE = (1, 1, 1), [Variant(False, loss=FULL, kv_heads=kv_heads) for kv_heads in (None, OWN_KV, SHARED_KV)]
 
 
 @pytest.fixture(scope="module")
@@ -119,15 +129,19 @@ def launch(topology: tuple, variants: list, train_folder: Path, run_root: Path) 
 
 @pytest.fixture(scope="module")
 def reference(train_folder, tmp_path_factory) -> dict:
+    """KV heads -> the one-process run's results."""
     topology, variants = REFERENCE
-    return launch(topology, variants, train_folder, tmp_path_factory.mktemp("ref"))[0]["results"][variants[0].name]
+    results = launch(topology, variants, train_folder, tmp_path_factory.mktemp("ref"))[0]["results"]
+    return {variant.kv_heads: results[variant.name] for variant in variants}
 
 
 def test_reference_trains_on_packed_rows(reference):
-    losses = [loss for loss, _ in reference["steps"]]
+    losses = [loss for loss, _ in reference[None]["steps"]]
     assert len(set(losses)) == STEPS, "each step sees new data and new weights"
-    assert all(entry["num_samples_in_batch"] > ROWS_PER_STEP for entry in reference["metrics"]), \
+    assert all(entry["num_samples_in_batch"] > ROWS_PER_STEP for entry in reference[None]["metrics"]), \
         "rows pack several documents"
+    assert len({reference[kv_heads]["steps"][0] for kv_heads in reference}) == len(reference), \
+        "the KV heads make other models"
 
 
 def assert_same_training(reference: dict, result: dict, where: str) -> None:
@@ -159,7 +173,8 @@ def test_parallel_training_matches_one_process(topology, reference, train_folder
     for rank in ranks:
         assert rank["groups"] == expected_groups(rank["rank"], topology)
         for variant in TOPOLOGIES[topology]:
-            assert_same_training(reference, rank["results"][variant.name], f"rank {rank['rank']} {variant.name}")
+            assert_same_training(reference[variant.kv_heads], rank["results"][variant.name],
+                                 f"rank {rank['rank']} {variant.name}")
             received = rank["results"][variant.name]["received"]
             if variant.sequence_parallel and received is not None:
                 # A later pipeline stage receives this tensor rank's slice of the tokens and the full position_ids.
@@ -169,13 +184,18 @@ def test_parallel_training_matches_one_process(topology, reference, train_folder
 
 # ------------------------------------------------------------------------------------- weights and the loss op
 
-def tiny_hf_model(vocab_size: int = 96):
+def tiny_hf_model(vocab_size: int = 96, num_key_value_heads: int | None = None):
     from evods.model import InternLMConfig, InternLMForCausalLM
 
     torch.manual_seed(0)
     config = InternLMConfig(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                            num_attention_heads=4, dtype=torch.float32)
-    return InternLMForCausalLM(config).eval()
+                            num_attention_heads=4, num_key_value_heads=num_key_value_heads, dtype=torch.float32)
+    model = InternLMForCausalLM(config).eval()
+    with torch.no_grad():  # biases and norms that are not all zeros and ones, so their gradients and shards show
+        for name, param in model.named_parameters():
+            if name.endswith(".bias") or "norm" in name:
+                param.normal_(1.0 if "norm" in name else 0.0, 0.2)
+    return model
 
 
 def split_gather_and_loss(embed_split_hidden: bool) -> dict:
@@ -216,6 +236,7 @@ def split_gather_and_loss(embed_split_hidden: bool) -> dict:
         expected.sum().backward()
         losses[smoothing] = (parallel.detach(), expected.detach())
     return as_numpy({
+        "grouped_query": grouped_query_attention_split(input_ids, position_ids, labels, embed_split_hidden),
         "chunked_losses": chunked_vocab_parallel_losses(group, rank),
         **sequence_parallel_forward_backward(full_model, input_ids, position_ids, labels, embed_split_hidden),
         "rank": rank, "full": full, "gathered": gathered, "q_shard": q_shard.detach(),
@@ -266,7 +287,7 @@ def sequence_parallel_forward_backward(full_model, input_ids, position_ids, labe
     import torch.distributed as dist
     import torch.nn.functional as F
 
-    from evods.parallel import apply_tensor_parallel, shard_tensor, vocab_parallel_cross_entropy
+    from evods.parallel import TensorParallelSplit, apply_tensor_parallel, vocab_parallel_cross_entropy
 
     group, rank = dist.group.WORLD, dist.get_rank()
     full_model.zero_grad()
@@ -277,7 +298,8 @@ def sequence_parallel_forward_backward(full_model, input_ids, position_ids, labe
     logits = model(input_ids=input_ids, position_ids=position_ids).logits
     vocab_parallel_cross_entropy(logits, labels, group).sum().backward()
     full_grads = dict(full_model.named_parameters())
-    grads = {name: (param.grad, shard_tensor(name, full_grads[name].grad, rank, 2, embed_split_hidden))
+    split = TensorParallelSplit(2, embed_split_hidden)
+    grads = {name: (param.grad, split.shard(name, full_grads[name].grad, rank))
              for name, param in model.named_parameters()}
     try:
         model(input_ids=input_ids[:, :11], position_ids=position_ids[:, :11])
@@ -288,6 +310,53 @@ def sequence_parallel_forward_backward(full_model, input_ids, position_ids, labe
             "sp_marked": sorted(name for name, param in model.named_parameters()
                                 if getattr(param, "sequence_parallel", False)),
             "sp_odd_row_error": odd_row_error}
+
+
+def grouped_query_attention_split(input_ids, position_ids, labels, embed_split_hidden: bool) -> dict:
+    """4 query heads with 2 KV heads (one per tensor rank) and with 1 (a copy on both ranks), at tp=2 with and without
+    sequence parallelism, against one process: logits, every gradient (this rank's part of the full one), the weights
+    gathered back, and the gradient norm counted as DeepSpeed counts it (marked parameters on every rank, the others
+    on tensor rank 0)."""
+    import torch.distributed as dist
+    import torch.nn.functional as F
+
+    from evods.model import HeadSplit
+    from evods.parallel import (
+        TensorParallelSplit,
+        apply_tensor_parallel,
+        gather_tensor_parallel_state_dict,
+        vocab_parallel_cross_entropy,
+    )
+
+    group, rank = dist.group.WORLD, dist.get_rank()
+    results = {}
+    for kv_heads in (2, 1):
+        full_model = tiny_hf_model(num_key_value_heads=kv_heads)
+        full_logits = full_model(input_ids=input_ids, position_ids=position_ids).logits
+        F.cross_entropy(full_logits.flatten(0, 1), labels.flatten(), reduction="sum").backward()
+        full_grads = {name: param.grad for name, param in full_model.named_parameters()}
+        split = TensorParallelSplit.of(full_model.config, 2, embed_split_hidden)
+        for sequence_parallel in (False, True):
+            model = apply_tensor_parallel(tiny_hf_model(num_key_value_heads=kv_heads), group, rank, 2,
+                                          embed_split_hidden, parallel_output=True, sequence_parallel=sequence_parallel)
+            gathered = gather_tensor_parallel_state_dict(model, group, embed_split_hidden)
+            logits = model(input_ids=input_ids, position_ids=position_ids).logits
+            vocab_parallel_cross_entropy(logits, labels, group).sum().backward()
+            counted = sum(param.grad.square().sum() for param in model.parameters()
+                          if getattr(param, "tensor_model_parallel", False) or rank == 0)
+            dist.all_reduce(counted, group=group)
+            results[kv_heads, sequence_parallel] = {
+                "logits": (logits.detach(), full_logits.detach().chunk(2, dim=-1)[rank]),
+                "grads": {name: (param.grad, split.shard(name, full_grads[name], rank))
+                          for name, param in model.named_parameters()},
+                "gathered": {name: (tensor, full_model.state_dict()[name]) for name, tensor in gathered.items()},
+                "grad_norm": (counted.sqrt(), sum(grad.square().sum() for grad in full_grads.values()).sqrt()),
+                "k_rows": (model.model.layers[0].self_attn.k_proj.weight.detach(),
+                           full_model.model.layers[0].self_attn.k_proj.weight.detach().unflatten(0, (kv_heads, -1))[
+                               list(HeadSplit(4, kv_heads, 2).kv_heads(rank))].flatten(0, 1)),
+                "groups": model.model.layers[0].self_attn.num_key_value_groups,
+            }
+    return results
 
 
 def as_numpy(value):
@@ -342,6 +411,23 @@ def test_sequence_parallel_model_matches_one_process(split_runs, embed_split_hid
                                            "of 2")
 
 
+@pytest.mark.parametrize("embed_split_hidden", [True, False])
+def test_grouped_query_attention_splits_and_trains_like_one_process(split_runs, embed_split_hidden):
+    """2 KV heads for 4 query heads at tp=2: each rank holds its own KV head; 1 KV head: both ranks hold a copy, whose
+    gradient is the sum of both ranks' query heads' shares, counted once in the gradient norm."""
+    for out in split_runs[embed_split_hidden]:
+        for (kv_heads, sequence_parallel), result in out["grouped_query"].items():
+            where = f"rank {out['rank']}, {kv_heads} KV heads, sequence_parallel={sequence_parallel}"
+            np.testing.assert_allclose(*result["logits"], rtol=1e-5, atol=1e-6, err_msg=where)
+            for name, (grad, expected) in result["grads"].items():
+                np.testing.assert_allclose(grad, expected, rtol=1e-4, atol=1e-6, err_msg=f"{where}: {name}")
+            for name, (gathered, full) in result["gathered"].items():
+                assert np.array_equal(gathered, full), (where, name)
+            np.testing.assert_allclose(*result["grad_norm"], rtol=1e-5, err_msg=where)
+            assert np.array_equal(*result["k_rows"]), where  # the KV head(s) this rank's query heads use
+            assert result["groups"] == 2, where  # each rank: 2 query heads on 1 KV head, what transformers reads
+
+
 def test_vocab_parallel_cross_entropy_matches_torch(split_runs):
     for rank in split_runs[True]:
         for smoothing, (parallel, expected) in rank["losses"].items():
@@ -369,8 +455,9 @@ def test_chunked_vocab_parallel_loss_matches_one_process(split_runs):
 def test_split_table_is_internevo_layout():
     """InternEvo's tensor-parallel split dimensions, as its checkpoints store them, in HF names: what the checkpoint
     formats rely on."""
-    from evods.parallel import split_dim
+    from evods.parallel import TensorParallelSplit
 
+    split_dim = lambda name, embed_split_hidden: TensorParallelSplit(2, embed_split_hidden).split_dim(name)  # noqa: E731
     layer = "model.layers.3."
     expected = {
         "self_attn.q_proj.weight": 0, "self_attn.k_proj.bias": 0, "self_attn.v_proj.weight": 0,
@@ -386,10 +473,30 @@ def test_split_table_is_internevo_layout():
     assert split_dim("model.embed_tokens.weight", embed_split_hidden=False) == 0
 
 
+def test_kv_heads_shared_by_several_ranks_are_sliced_to_each_and_merged_once():
+    """8 query heads on 2 KV heads at tp=4: ranks 0 and 1 hold KV head 0, ranks 2 and 3 KV head 1."""
+    from evods.model import InternLMConfig
+    from evods.parallel import TensorParallelSplit
+
+    split = TensorParallelSplit.of(InternLMConfig(hidden_size=24, num_attention_heads=8, num_key_value_heads=2), 4,
+                                   embed_split_hidden=True)
+    assert split.kv_replicas == 2
+    k_proj, q_proj = "model.layers.1.self_attn.k_proj.weight", "model.layers.1.self_attn.q_proj.weight"
+    full_k, full_q = torch.arange(6 * 24).view(6, 24), torch.arange(24 * 24).view(24, 24)  # head_dim 3
+    k_parts = [split.shard(k_proj, full_k, rank) for rank in range(4)]
+    assert [part.tolist() for part in k_parts] == [full_k[:3].tolist()] * 2 + [full_k[3:].tolist()] * 2
+    assert torch.equal(split.merge(k_proj, k_parts), full_k)
+    q_parts = [split.shard(q_proj, full_q, rank) for rank in range(4)]
+    assert [part.shape[0] for part in q_parts] == [6] * 4 and torch.equal(split.merge(q_proj, q_parts), full_q)
+    assert (split.replicas(k_proj), split.replicas("model.layers.1.self_attn.v_proj.bias"), split.replicas(q_proj)) \
+        == (2, 2, 1)
+
+
 def test_sizes_that_do_not_split_are_clear_errors():
     from evods.parallel import apply_tensor_parallel
 
-    with pytest.raises(ValueError, match="num_attention_heads=4 is not divisible by tensor parallel size 3"):
+    with pytest.raises(ValueError, match=r"num_attention_heads=4, num_key_value_heads=4 and tensor parallel size 3: 4 "
+                                         r"query heads do not split into 3 equal parts \(sizes that fit: 1, 2, 4\)"):
         apply_tensor_parallel(tiny_hf_model(), None, 0, 3, True, True)
     with pytest.raises(ValueError, match="model.embed_tokens.weight has 95 entries along dim 0, which tensor "
                                          "parallel size 2 does not divide"):

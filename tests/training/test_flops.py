@@ -27,6 +27,13 @@ def test_recompute_counts_the_layers_forward_twice():
     assert recomputed - head == pytest.approx((per_token - head) * 4 / 3)
 
 
+def test_model_flops_count_the_smaller_kv_projections_of_grouped_query_attention():
+    # InternLM2-7B: 32 query heads, 8 KV heads: k and v are a quarter of q, 2 × 3/4 × 4096² weights fewer per layer,
+    # 2 FLOPs per weight and token, times 3 (forward and backward)
+    mha, gqa = (model_flops_per_token(2048, 4096, 32, 92544, 3.5, kv_ratio=r) for r in (1.0, 8 / 32))
+    assert mha - gqa == pytest.approx(3 * 32 * 2 * 2 * (3 / 4) * 4096**2)
+
+
 def test_mfu_needs_a_known_peak(monkeypatch):
     monkeypatch.delenv(PEAK_TFLOPS_ENV, raising=False)
     assert peak_flops(device_name="NVIDIA H100 80GB HBM3") == 989e12

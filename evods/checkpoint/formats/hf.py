@@ -9,7 +9,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 from transformers.utils.hub import convert_file_size_to_int
 
-from evods.model import InternLMConfig, InternLMForCausalLM
+from evods.model import InternLMConfig, InternLMForCausalLM, Rope
 from evods.storage.local import DEFAULT_FILE_MODE, current_umask
 
 from ..errors import CheckpointError
@@ -25,15 +25,14 @@ BOS_ID, EOS_ID, PAD_ID = 1, 2, 2
 
 def llama_config(config: InternLMConfig) -> LlamaConfig:
     """The Llama config computing what the InternLM one does: q/k/v/o bias (unless bias-free), no MLP bias,
-    rotate-half RoPE."""
-    rotary = config.rotary
-    rope = {"rope_type": "default", "rope_theta": float(rotary["base"])}
-    if rotary["type"] == "dynamic":
-        rope = {**rope, "rope_type": "dynamic", "factor": float(rotary.get("scaling_factor", 1.0))}
+    rotate-half RoPE, the same KV heads."""
+    rope = {"rope_type": "default", "rope_theta": config.rope.base}
+    if config.rope.type == "dynamic":
+        rope = {**rope, "rope_type": "dynamic", "factor": config.rope.factor}
     return LlamaConfig(
         vocab_size=config.vocab_size, hidden_size=config.hidden_size, intermediate_size=config.intermediate_size,
         num_hidden_layers=config.num_hidden_layers, num_attention_heads=config.num_attention_heads,
-        num_key_value_heads=config.num_attention_heads, hidden_act=config.hidden_act,
+        num_key_value_heads=config.num_key_value_heads, hidden_act=config.hidden_act,
         max_position_embeddings=config.max_position_embeddings, rms_norm_eps=config.rms_norm_eps,
         attention_bias=config.bias, mlp_bias=False, tie_word_embeddings=False, rope_parameters=rope,
         bos_token_id=BOS_ID, eos_token_id=EOS_ID, pad_token_id=PAD_ID,
@@ -69,8 +68,7 @@ def export_hf(src: str, tgt: str, tokenizer: str | None = None, fmt: str = "inte
     if scaling_factor <= 0:
         raise CheckpointError(f"--scaling_factor {scaling_factor}: give a positive factor")
     config, weights = read_checkpoint_model(src, mlp_naming)
-    rotary = {"base": config.rotary["base"], "type": rotary_type}
-    config.rotary = {**rotary, "scaling_factor": scaling_factor} if rotary_type == "dynamic" else rotary
+    config.rotary = Rope(config.rope.base, rotary_type, scaling_factor if rotary_type == "dynamic" else 1.0).as_rotary()
     config.max_position_embeddings = max_pos or config.max_position_embeddings
     config.packed_attention = "auto"  # the training machine's kernel choice is not the inference machine's
     config.bos_token_id, config.eos_token_id, config.pad_token_id = BOS_ID, EOS_ID, PAD_ID

@@ -99,6 +99,11 @@ def write_native_checkpoint(folder: str, weights: dict[str, torch.Tensor], model
     config = config_from_model_dict(model_dict)
     if config.num_attention_heads % layout.tp:
         raise CheckpointError(f"{config.num_attention_heads} attention heads do not split over tp={layout.tp}")
+    if layout.family == "internlm" and config.num_key_value_heads != config.num_attention_heads:
+        raise CheckpointError(f"InternLM's native layout (a fused Wqkv of as many k and v heads as q heads) has no "
+                              f"grouped-query attention, and this model has num_key_value_heads="
+                              f"{config.num_key_value_heads} for num_attention_heads={config.num_attention_heads}; "
+                              "export it to HF (tools/convert2hf.py)")
     os.makedirs(folder, exist_ok=True)
     for (t, p), state in shard_weights(weights, layout).items():
         torch.save({name: tensor.to(config.dtype) for name, tensor in state.items()},
@@ -120,11 +125,13 @@ def model_dict_from_config(config: InternLMConfig) -> dict:
         "num_layers": config.num_hidden_layers, "hidden_size": config.hidden_size,
         "num_attention_heads": config.num_attention_heads, "vocab_size": config.vocab_size,
         "mlp_ratio": config.intermediate_size / config.hidden_size, "layer_norm_epsilon": config.rms_norm_eps,
-        "max_position_embeddings": config.max_position_embeddings, "rope_base": config.rotary["base"],
-        "use_dynamic_ntk_rope": config.rotary["type"] == "dynamic", "dtype": config.dtype, "norm_type": "rmsnorm",
+        "max_position_embeddings": config.max_position_embeddings, "rope_base": config.rope.base,
+        "use_dynamic_ntk_rope": config.rope.type == "dynamic", "dtype": config.dtype, "norm_type": "rmsnorm",
     }
     if not config.bias:
         model_dict["no_bias"] = True
+    if config.num_key_value_heads != config.num_attention_heads:
+        model_dict["num_kv_attention_heads"] = config.num_key_value_heads
     if intermediate_size(config.hidden_size, model_dict["mlp_ratio"]) != config.intermediate_size:
         raise CheckpointError(f"intermediate_size {config.intermediate_size} is not one InternEvo's mlp_ratio can "
                               f"give for hidden_size {config.hidden_size} (a multiple of 256)")

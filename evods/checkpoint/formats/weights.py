@@ -4,8 +4,9 @@ evods' model is the HF InternLM model, and HF InternLM and HF Llama use the same
 either layout gives evods' names directly. DeepSpeed's files are consolidated here, one set per tensor rank t (ZeRO-1
 does not partition parameters): with pipeline size 1 the module state in `mp_rank_{t:02d}_model_states.pt` holds
 every weight of tensor rank t; with a pipeline, each `layer_XX-model_{t:02d}-model_states.pt` holds rank t's part of
-one PipelineModule layer, named back through `pipeline_parameter_name`. The tensor ranks' shards are then concatenated
-along the dims of the tensor-parallel plan (`evods.parallel.split_dim`), the table that sliced them.
+one PipelineModule layer, named back through `pipeline_parameter_name`. The tensor ranks' shards are then merged as the
+tensor-parallel plan says (`evods.parallel.TensorParallelSplit`), the table that sliced them: concatenated along the
+split dims, the copies of KV heads that several ranks share taken once.
 """
 import glob
 import json
@@ -16,11 +17,12 @@ from collections import defaultdict
 import torch
 from safetensors.torch import load_file
 
-from evods.parallel import pipeline_parameter_name, split_dim
+from evods.model import HeadSplit
+from evods.parallel import TensorParallelSplit, pipeline_parameter_name
 
 from .. import safe_load
 from ..errors import CheckpointError
-from ..layout import DEEPSPEED_TAG, TOPOLOGY
+from ..layout import DEEPSPEED_TAG, MODEL_CONFIG, TOPOLOGY
 
 # Buffers some HF InternLM checkpoints carry (InternLM's convert2hf.py) that evods recomputes.
 IGNORED_HF_KEYS = re.compile(r".*rotary_emb\.inv_freq$")
@@ -41,12 +43,13 @@ def deepspeed_weights(checkpoint_dir: str) -> dict[str, torch.Tensor]:
         shards = _pipeline_shards(layer_files, tensor_size, checkpoint_dir)
     else:
         shards = [_module_shard(tag_dir, rank, checkpoint_dir) for rank in range(tensor_size)]
-    return merge_tensor_parallel_shards(shards, checkpoint_dir)
+    return merge_tensor_parallel_shards(shards, _kv_replicas(checkpoint_dir, tensor_size), checkpoint_dir)
 
 
-def merge_tensor_parallel_shards(shards: list[dict[str, torch.Tensor]], source: str) -> dict[str, torch.Tensor]:
-    """Full HF-named weights from each tensor rank's HF-named state (in rank order), concatenated along the plan's
-    split dims; a replicated weight (norms, the o_proj bias) is tensor rank 0's."""
+def merge_tensor_parallel_shards(shards: list[dict[str, torch.Tensor]], kv_replicas: int,
+                                 source: str) -> dict[str, torch.Tensor]:
+    """Full HF-named weights from each tensor rank's HF-named state (in rank order), merged as the plan split them
+    (`kv_replicas` ranks holding each KV head); a replicated weight (norms, the o_proj bias) is tensor rank 0's."""
     if len(shards) == 1:
         return shards[0]
     for rank, shard in enumerate(shards[1:], start=1):
@@ -54,12 +57,23 @@ def merge_tensor_parallel_shards(shards: list[dict[str, torch.Tensor]], source: 
             differ = sorted(shard.keys() ^ shards[0].keys())
             raise WeightsError(f"{source}: tensor ranks 0 and {rank} hold different parameters ({_few(differ)}); "
                                "the checkpoint is damaged")
-    embed_split_hidden = _embedding_splits_hidden(shards[0], source)
-    merged = {}
-    for name, first in shards[0].items():
-        dim = split_dim(name, embed_split_hidden)
-        merged[name] = first if dim is None else torch.cat([shard[name] for shard in shards], dim=dim)
-    return merged
+    split = TensorParallelSplit(len(shards), _embedding_splits_hidden(shards[0], source), kv_replicas)
+    return {name: split.merge(name, [shard[name] for shard in shards]) for name in shards[0]}
+
+
+def _kv_replicas(checkpoint_dir: str, tensor_size: int) -> int:
+    """How many tensor ranks held each KV head, from the checkpoint's config.json (a config without
+    num_key_value_heads is multi-head)."""
+    path = os.path.join(checkpoint_dir, MODEL_CONFIG)
+    if tensor_size == 1:
+        return 1
+    if not os.path.isfile(path):
+        raise WeightsError(f"{checkpoint_dir} has no {MODEL_CONFIG}, which says how its {tensor_size} tensor ranks "
+                           "split the attention heads; give the folder of a complete evods checkpoint")
+    with open(path) as f:
+        config = json.load(f)
+    heads = config["num_attention_heads"]
+    return HeadSplit(heads, config.get("num_key_value_heads") or heads, tensor_size).kv_replicas
 
 
 def _embedding_splits_hidden(shard: dict[str, torch.Tensor], source: str) -> bool:
