@@ -42,6 +42,7 @@ from .transformers_compat import (
     init_copy_,
     legacy_prepare_inputs_for_generation,
     new_cache,
+    repeat_kv_heads,
 )
 
 # InternLM's chat format (InternLM-chat-7b): <|System|>:{meta}\n<|User|>:{query}<eoh>\n<|Bot|>:{reply}<eoa>\n...
@@ -217,7 +218,18 @@ class PackedDocuments:
 # The packed backends take q [B, T, H, D] and k, v [B, T, KV, D]: KV < H is grouped-query attention, H / KV query heads
 # per KV head, counted in the tensors (so the local heads of a tensor-parallel rank need nothing more). The kernels
 # read the KV heads as they are (SDPA's and flex's `enable_gqa`, flash-attn's native GQA) instead of copying them
-# H / KV times; only a torch varlen release without `enable_gqa` gets them repeated.
+# H / KV times; only a torch without `enable_gqa` gets them repeated (before 2.5, which an exported model may meet;
+# torch varlen releases without it).
+SDPA_TAKES_GQA = torch.__version__ >= "2.5"
+
+
+def grouped_attention_inputs(q, k, v) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    """k, v and the SDPA / flex attention keyword arguments for q [B, H, T, D] and k, v [B, KV, T, D]."""
+    if k.shape[1] == q.shape[1]:
+        return k, v, {}
+    if SDPA_TAKES_GQA:
+        return k, v, {"enable_gqa": True}
+    return repeat_kv_heads(k, q.shape[1]), repeat_kv_heads(v, q.shape[1]), {}
 
 
 def packed_attention_loop(q, k, v, documents: PackedDocuments, scaling: float) -> torch.Tensor:
@@ -236,8 +248,8 @@ def packed_attention_loop(q, k, v, documents: PackedDocuments, scaling: float) -
     for (length, count), q_g, k_g, v_g in zip(documents.groups, q.split(sizes), k.split(sizes), v.split(sizes)):
         q_g = q_g.view(count, length, heads, head_dim).transpose(1, 2)
         k_g, v_g = (x.view(count, length, kv_heads, head_dim).transpose(1, 2) for x in (k_g, v_g))
-        out = F.scaled_dot_product_attention(q_g, k_g, v_g, is_causal=True, scale=scaling,
-                                             enable_gqa=kv_heads != heads)
+        k_g, v_g, gqa = grouped_attention_inputs(q_g, k_g, v_g)
+        out = F.scaled_dot_product_attention(q_g, k_g, v_g, is_causal=True, scale=scaling, **gqa)
         outs.append(out.transpose(1, 2).reshape(length * count, heads, head_dim))
     out = outs[0] if len(outs) == 1 else torch.cat(outs)
     if documents.inverse_order is not None:
@@ -251,8 +263,8 @@ def packed_attention_mask(q, k, v, documents: PackedDocuments, scaling: float) -
     seq_len = q.shape[1]
     causal = torch.ones(seq_len, seq_len, dtype=torch.bool, device=q.device).tril()
     mask = (doc_ids[:, :, None] == doc_ids[:, None, :]) & causal
-    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                         attn_mask=mask[:, None], scale=scaling, enable_gqa=k.shape[2] != q.shape[2])
+    k, v, gqa = grouped_attention_inputs(*(x.transpose(1, 2) for x in (q, k, v)))
+    out = F.scaled_dot_product_attention(q.transpose(1, 2), k, v, attn_mask=mask[:, None], scale=scaling, **gqa)
     return out.transpose(1, 2)
 
 
@@ -322,8 +334,8 @@ def packed_attention_flex(q, k, v, documents: PackedDocuments, scaling: float) -
         if _compiled_flex_attention is None:
             _compiled_flex_attention = torch.compile(flex_attention, dynamic=False)
         attend = _compiled_flex_attention
-    out = attend(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), block_mask=block_mask, scale=scaling,
-                 enable_gqa=k.shape[2] != q.shape[2])
+    k, v, gqa = grouped_attention_inputs(*(x.transpose(1, 2) for x in (q, k, v)))
+    out = attend(q.transpose(1, 2), k, v, block_mask=block_mask, scale=scaling, **gqa)
     return out.transpose(1, 2)
 
 

@@ -140,3 +140,53 @@ def test_the_export_loads_and_generates_as_evods_without_evods(exported, version
     assert theirs["generated"].shape[1] == real.shape[1] + 20 > MODEL["max_position_embeddings"]
     assert torch.equal(theirs["generated"], ours["generated"])
     assert torch.equal(theirs["alone"], ours["alone"])
+
+
+# Grouped-query attention in the remote code (issue: InternLM2): 4 query heads on 2 KV heads, no biases, RoPE base 1e6
+# with dynamic NTK (factor 2) past max_position_embeddings; a padded batch, greedy decoding with the cache past it.
+GQA_CONFIG = dict(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, bias=False, max_position_embeddings=16, rope_theta=1e6,
+                  rope_scaling={"type": "dynamic", "factor": 2.0})
+LOAD_GQA = compat_env.WITHOUT_EVODS + """
+import torch, transformers
+from transformers import AutoModelForCausalLM
+
+folder, out = sys.argv[1], sys.argv[2]
+model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True).eval()
+assert type(model).__module__.startswith("transformers_modules"), type(model).__module__
+batch = torch.load(folder + "/batch.pt")
+with torch.no_grad():
+    logits = model(**batch).logits
+    generated = model.generate(**batch, max_new_tokens=20, min_new_tokens=20, do_sample=False, pad_token_id=0)
+torch.save({"version": transformers.__version__, "logits": logits, "generated": generated}, out)
+"""
+
+
+@pytest.mark.parametrize("version", ["4.36.2", "4.44.2", None], ids=["4.36.2", "4.44.2", "installed"])
+def test_a_grouped_query_export_loads_and_generates_as_evods_without_evods(version, tmp_path):
+    import transformers
+
+    from evods.model import InternLMConfig, InternLMForCausalLM
+
+    torch.manual_seed(0)
+    model = InternLMForCausalLM(InternLMConfig(**GQA_CONFIG)).eval()
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            param.normal_(1.0 if "norm" in name else 0.0, 0.3)
+    model.save_pretrained(tmp_path / "hf")
+    ids = torch.randint(3, 128, (2, 8), generator=torch.Generator().manual_seed(1))
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    batch["attention_mask"][1, :3] = 0  # left padding
+    torch.save(batch, tmp_path / "hf" / "batch.pt")
+    compat_env.ensure()
+    run = compat_env.run(version, LOAD_GQA, str(tmp_path / "hf"), str(tmp_path / "out.pt"), cwd=tmp_path)
+    assert run.returncode == 0, run.stderr[-3000:]
+    theirs = torch.load(tmp_path / "out.pt")
+    assert theirs["version"] == (version or transformers.__version__)
+    with torch.no_grad():
+        logits = model(**batch).logits
+        generated = model.generate(**batch, max_new_tokens=20, min_new_tokens=20, do_sample=False, pad_token_id=0)
+    real = batch["attention_mask"].bool()
+    assert (theirs["logits"] - logits)[real].abs().max() <= 1e-5
+    assert generated.shape[1] == 28 > GQA_CONFIG["max_position_embeddings"]
+    assert torch.equal(theirs["generated"], generated)

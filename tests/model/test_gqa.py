@@ -61,6 +61,25 @@ def test_packed_rows_equal_the_expanded_model_in_every_cpu_backend(pair, backend
             module.config.packed_attention = "auto"
 
 
+@pytest.mark.parametrize("backend", ["loop", "mask"])
+def test_a_torch_without_enable_gqa_gets_the_kv_heads_repeated(pair, backend, monkeypatch):
+    """An exported model may run on torch < 2.5, whose SDPA has no `enable_gqa`."""
+    model, twin = pair
+    monkeypatch.setattr(modeling, "SDPA_TAKES_GQA", False)
+    monkeypatch.setattr(model.config, "packed_attention", backend)
+    calls = []
+    sdpa = F.scaled_dot_product_attention
+    monkeypatch.setattr(modeling.F, "scaled_dot_product_attention",
+                        lambda *args, **kwargs: calls.append(kwargs) or sdpa(*args, **kwargs))
+    ids, positions = packed_row([5, 11], 97, torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        grouped = model(ids[None], position_ids=positions[None]).logits
+    monkeypatch.undo()
+    assert calls and not any("enable_gqa" in kwargs for kwargs in calls)
+    with torch.no_grad():
+        assert_close_rel(grouped, twin(ids[None], position_ids=positions[None]).logits)
+
+
 def test_packed_backward_equals_the_expanded_model(pair):
     """The gradient of a KV head is the sum of the gradients of its copies in the multi-head model."""
     model, twin = pair
