@@ -3,6 +3,7 @@ an OpenAI-compatible endpoint): chat and text completions, streamed and not, giv
 `chat` and `generate`; `stop`, `max_tokens`, `seed` and the usage counts are right; dynamic NTK runs as exported;
 four concurrent clients each get their own answer; bad requests get their status codes and the server still answers
 after them; another host than 127.0.0.1 needs an API key."""
+import contextlib
 import os
 import re
 import subprocess
@@ -34,30 +35,36 @@ def folder(tmp_path_factory):
     return tiny_export(tmp_path_factory.mktemp("serve"), MODEL)
 
 
-@pytest.fixture(scope="module")
-def server(folder, tmp_path_factory):
-    """The server's /v1 address; it runs as a user starts it, with an API key."""
-    log = tmp_path_factory.mktemp("serve_log") / "server.log"
+@contextlib.contextmanager
+def running_server(folder, log):
+    """The /v1 address of tools/serve.py on `folder`, run as a user starts it, with an API key."""
     with open(log, "w") as out:
         process = subprocess.Popen(
             [sys.executable, str(REPO / "tools" / "serve.py"), "--model", str(folder), "--served_model_name", NAME,
              "--port", "0", "--api_key", KEY], cwd=REPO, stdout=out, stderr=subprocess.STDOUT,
             env={**os.environ, "OMP_NUM_THREADS": "1"})
-    deadline = time.monotonic() + START_TIMEOUT
-    while not (address := re.search(r"at (http://127\.0\.0\.1:\d+/v1)", log.read_text())):
-        if process.poll() is not None or time.monotonic() > deadline:
-            process.kill()
-            pytest.fail(f"the server did not start:\n{log.read_text()[-3000:]}")
-        time.sleep(0.3)
-    while True:
-        try:
-            httpx.get(address[1].removesuffix("/v1") + "/health", timeout=5)
-            break
-        except httpx.TransportError:
-            time.sleep(0.2)
-    yield address[1]
-    process.terminate()
-    process.wait(timeout=30)
+    try:
+        deadline = time.monotonic() + START_TIMEOUT
+        while not (address := re.search(r"at (http://127\.0\.0\.1:\d+/v1)", log.read_text())):
+            if process.poll() is not None or time.monotonic() > deadline:
+                pytest.fail(f"the server did not start:\n{log.read_text()[-3000:]}")
+            time.sleep(0.3)
+        while True:
+            try:
+                httpx.get(address[1].removesuffix("/v1") + "/health", timeout=5)
+                break
+            except httpx.TransportError:
+                time.sleep(0.2)
+        yield address[1]
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def server(folder, tmp_path_factory):
+    with running_server(folder, tmp_path_factory.mktemp("serve_log") / "server.log") as address:
+        yield address
 
 
 @pytest.fixture(scope="module")
@@ -195,6 +202,19 @@ def test_bad_requests_get_their_status_and_the_server_still_answers(client, serv
     assert httpx.get(f"{server}/models").status_code == 401
     # and then it answers as before
     assert chat(client, "Hello", temperature=0, max_tokens=24)[0] == expected_chat(reference, "Hello", 24)[0]
+
+
+def test_a_llama_export_is_served_with_the_same_text(folder, reference, tmp_path):
+    """`--format llama` (transformers' LlamaForCausalLM, the same chat template and end ids) computes what the
+    InternLM layout does: the same greedy replies. (Within max_position_embeddings: past it, transformers' dynamic
+    NTK keeps cached keys at the base they were rotated with, where InternLM's code rotates them again.)"""
+    llama = tiny_export(folder.parent, MODEL, "--format", "llama", name="llama")
+    with running_server(llama, tmp_path / "server.log") as address:
+        client = openai.OpenAI(base_url=address, api_key=KEY, max_retries=0, timeout=120)
+        assert client.models.list().data[0].max_model_len == CONTEXT  # its rope_parameters say dynamic NTK
+        for question in QUESTIONS[:2]:
+            assert chat(client, question, temperature=0, max_tokens=24)[0] == \
+                expected_chat(reference, question, 24)[0]
 
 
 def test_other_hosts_need_an_api_key(capsys, monkeypatch):
