@@ -95,7 +95,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as temp:
         folder = tiny_chat_folder(Path(temp) / "hf", **SIZES)
         tokenizer = AutoTokenizer.from_pretrained(folder)
-        text = (DATA / "pretrain_en" / "wiki_demo.txt").read_text(encoding="utf-8")
+        text = (DATA / "pretrain_en" / "wiki_demo.txt").read_text(encoding="utf-8")[:4000]
         prompt = tokenizer.decode(tokenizer(text)["input_ids"][1:PROMPT_TOKENS])  # BOS + 127 tokens of text
         ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
         model = InternLMForCausalLM.from_pretrained(folder).eval()
