@@ -151,7 +151,7 @@ class IncrementalDecoder:
         self.ids: list[int] = []
         self.prefix = self.read = 0  # ids[prefix:read] decoded to the text already given out
 
-    def step(self, token: int, final: bool = False) -> str:
+    def step(self, token: int | None, final: bool = False) -> str:
         if token is not None:
             self.ids.append(token)
         before = self.tokenizer.decode(self.ids[self.prefix:self.read], skip_special_tokens=True)
