@@ -65,6 +65,24 @@ class Rope:
         return {**rotary, "scaling_factor": self.factor} if self.type == "dynamic" else rotary
 
 
+def rope_keys(rotary: dict) -> dict:
+    """InternEvo's `rotary` as the RoPE keys that other code reads from config.json: `rope_theta` and `rope_scaling`
+    (transformers 4.x's Llama schema, read by vLLM's and SGLang's Llama code and by LMDeploy) and `rope_parameters`
+    (transformers 5.x's). Their "dynamic" is the same dynamic NTK as evods': past max_position_embeddings, the base
+    for a length L is base * (factor * L / max_position_embeddings - (factor - 1)) ** (d / (d - 2)). `Rope.from_hf`
+    reads them back.
+
+    `rope_scaling` holds exactly `type` and `factor`, the only form transformers 4.36 accepts (it also requires a
+    factor above 1, so a factor-1 "dynamic" is readable as such from transformers 4.43 on).
+    """
+    rope = Rope.from_rotary(rotary)
+    if rope.type == "origin":
+        return {"rope_theta": rope.base, "rope_scaling": None,
+                "rope_parameters": {"rope_type": "default", "rope_theta": rope.base}}
+    return {"rope_theta": rope.base, "rope_scaling": {"type": "dynamic", "factor": rope.factor},
+            "rope_parameters": {"rope_type": "dynamic", "factor": rope.factor, "rope_theta": rope.base}}
+
+
 class InternLMConfig(PreTrainedConfig):
     r"""Configuration of a decoder of InternLM's layout (LLaMA's, rotate-half RoPE, SwiGLU, fp32 RMSNorm); InternLM v1
     by default.
@@ -75,10 +93,11 @@ class InternLMConfig(PreTrainedConfig):
 
     `bias` puts biases on q/k/v/o (InternLM v1); False is the bias-free layout of InternEvo's `no_bias=True`.
 
-    The RoPE is given either as `rotary={"base": float, "type": "origin" | "dynamic", "scaling_factor": float}`
-    (InternLM v1) or as `rope_theta` and `rope_scaling` (InternLM2, transformers); both become `rotary`, which
-    config.json stores, and `config.rope` reads it (see `Rope`). "dynamic" rescales the RoPE base (dynamic NTK) once
-    the sequence is longer than `max_position_embeddings`; "origin" never does.
+    The RoPE is given as `rotary={"base": float, "type": "origin" | "dynamic", "scaling_factor": float}` (InternLM
+    v1; what config.json stores) or, without `rotary`, as `rope_theta` with `rope_scaling` (InternLM2, transformers 4)
+    or `rope_parameters` (transformers 5), which become `rotary`; `config.rope` reads it (see `Rope`). "dynamic"
+    rescales the RoPE base (dynamic NTK) once the sequence is longer than `max_position_embeddings`; "origin" never
+    does.
 
     `packed_attention` chooses the attention kernel for packed rows (inputs without `attention_mask` and without a
     filled cache, where documents start wherever `position_ids == 0`):
@@ -90,6 +109,10 @@ class InternLMConfig(PreTrainedConfig):
     - "mask": one SDPA call with a block-diagonal causal mask (a slow, independent reference).
     Padded batches and generation with a cache use transformers' `attn_implementation` ("sdpa", "eager",
     "flash_attention_2", ... on transformers 5; "sdpa" or "eager" on transformers 4) instead.
+
+    `rope_theta`, `rope_scaling` and `rope_parameters` (see `rope_keys`) are then derived from `rotary`: saved configs
+    carry them, serving engines read them off the loaded config, and beside a `rotary` their values in a config.json
+    are not read.
     """
 
     model_type = "internlm"
@@ -130,23 +153,33 @@ class InternLMConfig(PreTrainedConfig):
         self.rms_norm_eps = rms_norm_eps
         self.use_cache = use_cache
         self.bias = bias
-        self.rotary = self._rotary(rotary, rope_theta, rope_scaling)
+        self.rotary = self._rotary(rotary, rope_theta, rope_scaling, kwargs.pop("rope_parameters", None))
         self.packed_attention = packed_attention
         self._check()
         super().__init__(pad_token_id=pad_token_id, bos_token_id=bos_token_id, eos_token_id=eos_token_id,
                          tie_word_embeddings=tie_word_embeddings, **kwargs)
+        self.derive_rope_keys()
+
+    def derive_rope_keys(self) -> None:
+        """Set `rope_theta`, `rope_parameters` and (on transformers 4) `rope_scaling` from `rotary`; call it after
+        changing `rotary`. vLLM and LMDeploy read them off the config object that this remote code builds."""
+        keys = rope_keys(self.rotary)
+        self.rope_theta, self.rope_parameters = keys["rope_theta"], keys["rope_parameters"]
+        if not isinstance(getattr(type(self), "rope_scaling", None), property):  # transformers 5: a view of the above
+            self.rope_scaling = keys["rope_scaling"]
 
     @staticmethod
-    def _rotary(rotary: dict | None, rope_theta: float | None, rope_scaling: dict | None) -> dict:
-        """The `rotary` dict of either spelling; given both (a folder that carries both, for other readers), they must
-        agree."""
-        if rope_theta is None and rope_scaling is None:
-            return rotary if rotary is not None else {"base": 10000, "type": "dynamic"}  # InternEvo's HF default
-        hf_rope = Rope.from_hf(rope_theta, rope_scaling)
-        if rotary is not None and Rope.from_rotary(rotary) != hf_rope:
-            raise ValueError(f"InternLMConfig: rotary={rotary} and rope_theta={rope_theta}, "
-                             f"rope_scaling={rope_scaling} describe different RoPEs; give one of them")
-        return rotary if rotary is not None else hf_rope.as_rotary()
+    def _rotary(rotary: dict | None, rope_theta: float | None, rope_scaling: dict | None,
+                rope_parameters: dict | None) -> dict:
+        """`rotary` where given (the HF keys beside it are derived from it, see `rope_keys`); else the HF keys
+        (transformers 4's `rope_theta` and `rope_scaling`, or 5's `rope_parameters`); else InternEvo's HF default."""
+        if rotary is not None:
+            return rotary
+        if rope_theta is None and rope_scaling is None and rope_parameters is None:
+            return {"base": 10000, "type": "dynamic"}
+        if rope_theta is None and rope_parameters is not None:
+            rope_theta = rope_parameters.get("rope_theta")
+        return Rope.from_hf(rope_theta, rope_scaling or rope_parameters).as_rotary()
 
     def _check(self) -> None:
         try:
@@ -178,15 +211,19 @@ class InternLMConfig(PreTrainedConfig):
     def rope(self) -> Rope:
         return Rope.from_rotary(self.rotary)
 
+    def to_dict(self) -> dict:
+        """As transformers', with the RoPE keys of the current `rotary`."""
+        return {**super().to_dict(), **rope_keys(self.rotary)}
+
     def to_diff_dict(self) -> dict:
-        """What save_pretrained writes, with the dtype under both names: transformers 5 reads `dtype`, 4.x
-        `torch_dtype`. (Not in `to_dict`: transformers 5 reads every key of it back as an attribute, and warns on
-        `torch_dtype`.)"""
-        output = super().to_diff_dict()
+        """What save_pretrained writes: the RoPE keys even where they equal the defaults (a reader must not have to
+        know evods' defaults), and the dtype under both names: transformers 5 reads `dtype`, 4.x `torch_dtype`.
+        (Not in `to_dict`: transformers 5 reads every key of it back as an attribute, and warns on `torch_dtype`.)"""
+        output = {**super().to_diff_dict(), **rope_keys(self.rotary)}
         dtype = output.get("dtype", output.get("torch_dtype"))
         if dtype is not None:
             output["dtype"] = output["torch_dtype"] = dtype
         return output
 
 
-__all__ = ["InternLMConfig", "Rope"]
+__all__ = ["InternLMConfig", "Rope", "rope_keys"]

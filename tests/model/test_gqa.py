@@ -207,11 +207,11 @@ def test_rope_in_either_spelling_is_one_description():
     assert InternLMConfig(rope_theta=5e7).rope == Rope(5e7, "origin")  # no rope_scaling: the base never changes
     assert InternLMConfig(rope_theta=1e4, rope_scaling={"rope_type": "dynamic", "factor": 2.5}).rope.factor == 2.5
     assert InternLMConfig().rope == Rope(10000, "dynamic")  # InternLM's published v1 default
-    same = InternLMConfig(rotary={"base": 1e6, "type": "dynamic", "scaling_factor": 2.0}, rope_theta=1e6,
-                          rope_scaling={"type": "dynamic", "factor": 2.0})  # a folder that writes both
-    assert same.rope == internlm2.rope
-    with pytest.raises(ValueError, match="describe different RoPEs"):
-        InternLMConfig(rotary={"base": 1e4, "type": "origin"}, rope_theta=1e6)
+    assert InternLMConfig(rope_parameters={"rope_type": "dynamic", "rope_theta": 5e7, "factor": 2.5}).rope == \
+        Rope(5e7, "dynamic", 2.5)  # transformers 5's spelling
+    # evods' exports write `rotary` and the HF keys derived from it: `rotary` is what is read
+    beside = InternLMConfig(rotary={"base": 1e4, "type": "origin"}, rope_theta=1e6)
+    assert beside.rope == Rope(1e4, "origin") and beside.rope_theta == 1e4
     with pytest.raises(ValueError, match="rope_scaling type 'linear' is not supported"):
         InternLMConfig(rope_theta=1e6, rope_scaling={"type": "linear", "factor": 2.0})
     with pytest.raises(ValueError, match=r"num_attention_heads \(4\) must be a multiple of num_key_value_heads \(3\)"):
