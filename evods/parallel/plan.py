@@ -47,12 +47,12 @@ class ShardContext:
 class ShardStyle:
     param_dims: dict  # parameter name in the module -> split dim, None when replicated
     build: Callable[[dict, ShardContext], nn.Module]  # local parameters -> the tensor-parallel module
-    kv_heads: bool = False  # the split dim holds KV heads, which several ranks may share (see TensorParallelSplit)
+    holds_kv_heads: bool = False  # the split dim holds KV heads, which several ranks may share (TensorParallelSplit)
 
 
 COLUMN = ShardStyle({"weight": 0, "bias": 0}, lambda p, ctx: ColumnParallelLinear(
     p["weight"], p.get("bias"), ctx.group, sequence_parallel=ctx.sequence_parallel))
-KV_COLUMN = ShardStyle(COLUMN.param_dims, COLUMN.build, kv_heads=True)
+KV_COLUMN = ShardStyle(COLUMN.param_dims, COLUMN.build, holds_kv_heads=True)
 ROW = ShardStyle({"weight": 1, "bias": None}, lambda p, ctx: RowParallelLinear(
     p["weight"], p.get("bias"), ctx.group, sequence_parallel=ctx.sequence_parallel))
 VOCAB_HEAD = ShardStyle({"weight": 0}, lambda p, ctx: ColumnParallelLinear(
@@ -106,7 +106,7 @@ class TensorParallelSplit:
     def replicas(self, param_name: str) -> int:
         """How many consecutive ranks hold the same part of `param_name` (1 unless it holds shared KV heads)."""
         style = self.style(param_name.rpartition(".")[0])
-        return self.kv_replicas if style is not None and style.kv_heads else 1
+        return self.kv_replicas if style is not None and style.holds_kv_heads else 1
 
     def shard(self, param_name: str, full: torch.Tensor, rank: int) -> torch.Tensor:
         """Rank `rank`'s part of the full HF parameter `param_name` (a copy; the full tensor when replicated)."""
