@@ -73,12 +73,7 @@ def build_dataset(cfg, args):
 
 def train(args) -> None:
     from evods.config import check_topology
-    from evods.parallel import (
-        apply_tensor_parallel,
-        build_parallel_grid,
-        gather_tensor_parallel_state_dict,
-        parallel_sizes,
-    )
+    from evods.parallel import apply_tensor_parallel, build_parallel_grid, gather_tensor_parallel_state_dict
     from evods.training.hf_accelerate import deepspeed_accelerator, deepspeed_with_mpu
     from evods.training.schedules import Beta2Scheduler, LRScheduler
 
@@ -93,17 +88,16 @@ def train(args) -> None:
                         format="%(asctime)s %(levelname)s %(message)s")
     logger.info("%d processes (rank %d), DeepSpeed ZeRO stage %s, tensor parallel %d", accelerator.num_processes,
                 accelerator.process_index, accelerator.deepspeed_plugin.zero_stage, tp)
-    check_topology(cfg, accelerator.num_processes)
     # evods' process groups (InternEvo's rank layout); with parallel.tensor = 1 every process is a data rank
-    sizes = parallel_sizes(accelerator.process_index, accelerator.num_processes, pp=1, tp=tp)
-    grid = build_parallel_grid(sizes)
+    layout = check_topology(cfg, accelerator.num_processes, accelerator.process_index)
+    grid = build_parallel_grid(layout)
 
     model = build_model(cfg, args.model, args.seed)
     tokenizer = args.tokenizer or (cfg.data.train_dataset.tokenizer_path if cfg.data.train_dataset else None)
     check_tokenizer_fits(tokenizer, model.config.vocab_size)
-    apply_tensor_parallel(model, grid.get_tensor_model_parallel_group(), sizes.tp_rank, tp,
+    apply_tensor_parallel(model, grid.get_tensor_model_parallel_group(), layout.tp_rank, tp,
                           cfg.model.embed_split_hidden, parallel_output=False)  # full logits for transformers' loss
-    loader = PackedLoader(build_dataset(cfg, args), micro_num, rank=sizes.dp_rank, world=sizes.dp)
+    loader = PackedLoader(build_dataset(cfg, args), micro_num, rank=layout.dp_rank, world=layout.dp)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], **adamw_kwargs(cfg))
     with deepspeed_with_mpu(grid):
         model, optimizer = accelerator.prepare(model, optimizer)  # model: the DeepSpeed engine

@@ -11,7 +11,7 @@ from typing import Any
 import torch
 
 from evods.config import CkptConfig
-from evods.parallel import ParallelSizes
+from evods.parallel import ParallelLayout
 from evods.parallel.nodes import NodeLayout, discover_nodes
 from evods.storage import (
     AsyncUploader,
@@ -32,7 +32,7 @@ from .local_copy import Catalogue, LocalCopy, is_evods, read_catalogue_on_rank0,
 from .policy import SavePolicy, StopFile
 from .reshard import check_reshardable, load_resharded, reshard_sampler_state
 from .rng import rng_state, set_rng_state
-from .selection import Reader, deepspeed_files, model_files, own_deepspeed_files, run_state_files
+from .selection import deepspeed_files, model_files, own_deepspeed_files, run_state_files
 from .sources import LoadPlan, check_same_model, choose_load_plan, read_model_weights
 from .transfer import Publisher, from_bytes, to_bytes
 
@@ -60,14 +60,14 @@ class _PendingSave:
 
 
 class CheckpointManager:
-    def __init__(self, ckpt: CkptConfig, sizes: ParallelSizes, model_config, config_text: str | None,
+    def __init__(self, ckpt: CkptConfig, parallel: ParallelLayout, model_config, config_text: str | None,
                  upload_options: dict | None = None,
                  on_failure: Callable[[BaseException | str], None] | None = None, nodes: NodeLayout | None = None):
         """`model_config`: the model's HF config (saved as config.json). `upload_options`: AsyncUploader keyword
         arguments (attempts, retry_backoff_s, workers). `on_failure` hears of this rank's failed saves (the error,
         which is raised as well) and failed background uploads (a description, as soon as one fails for good; the
         next save raises), e.g. to send an alert. `nodes`: which ranks share a node (discovered if not given)."""
-        self.sizes = sizes
+        self.parallel = parallel
         self.on_failure = on_failure
         self.nodes = nodes or discover_nodes()
         self.model_config = model_config
@@ -165,10 +165,10 @@ class CheckpointManager:
         if check_reshardable(catalogue.topology, self._topology(), plan.describe()):
             # converted once per node, by its leader (reshard.py), from the whole DeepSpeed folder
             return reads + (deepspeed_files(files) if self.nodes.is_leader else [])
-        return reads + own_deepspeed_files(files, Reader(collective.rank(), self.sizes, _stage_layers(engine)))
+        return reads + own_deepspeed_files(files, self.parallel, _stage_layers(engine))
 
     def _topology(self) -> dict:
-        return {"dp": self.sizes.dp, "pp": self.sizes.pp, "tp": self.sizes.tp}
+        return {"dp": self.parallel.dp, "pp": self.parallel.pp, "tp": self.parallel.tp}
 
     def _fallback_after(self, plan: LoadPlan, exc: Exception) -> LoadPlan:
         """The plan to try after `plan` failed to load with `exc` (on every rank alike), or raise: once per job."""
@@ -305,7 +305,7 @@ class CheckpointManager:
             layout.SAMPLER: to_bytes(parts.sampler.state_dict()),
             layout.SCHEDULERS: to_bytes({"lr": parts.lr_scheduler.state_dict(),
                                          "beta2": parts.beta2_scheduler.state_dict()}),
-            layout.TOPOLOGY: json.dumps({"dp": self.sizes.dp, "pp": self.sizes.pp, "tp": self.sizes.tp,
+            layout.TOPOLOGY: json.dumps({"dp": self.parallel.dp, "pp": self.parallel.pp, "tp": self.parallel.tp,
                                          "num_layers": self.model_config.num_hidden_layers}).encode(),
             layout.MODEL_CONFIG: self.model_config.to_json_string().encode(),
         }

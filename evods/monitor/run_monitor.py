@@ -10,7 +10,6 @@ import time
 import traceback
 
 from evods.config import AlertConfig, TrainConfig, check_topology
-from evods.parallel import parallel_sizes
 
 from .payloads import alert_body, heartbeat, job_title
 from .progress import Progress, format_duration
@@ -79,10 +78,8 @@ class RunMonitor:
 
     @classmethod
     def for_run(cls, cfg: TrainConfig, rank: int, world: int) -> "RunMonitor":
-        dims = check_topology(cfg, world)
-        sizes = parallel_sizes(rank, world, pp=dims.pp, tp=dims.tp)
         # The rank that prints the metrics line (TrainEngine.is_log_rank): it sees the loss.
-        sends = sizes.dp_rank == 0 and sizes.tp_rank == 0 and sizes.pp_rank == sizes.pp - 1
+        sends = check_topology(cfg, world, rank).is_log_rank
         return cls(cfg.monitor.alert, job_name=cfg.JOB_NAME, rank=rank, sends=sends,
                    total_steps=cfg.data.total_steps, log_every=cfg.monitor.log_every,
                    relay=StoreRelay.of_process_group())

@@ -63,7 +63,7 @@ class FullLogits:
     def argmax(self, logits: torch.Tensor) -> torch.Tensor:
         return logits.argmax(-1)
 
-    def head_input(self, hidden: torch.Tensor, head) -> torch.Tensor:
+    def head_input(self, hidden: torch.Tensor) -> torch.Tensor:
         return hidden
 
     def vocab_start(self, local_vocab: int) -> int:
@@ -118,7 +118,7 @@ class PackedLoss:
         return loss_sum / max(num_tokens, 1)
 
     def _full_logits(self, hidden, labels, type_ids):
-        logits = F.linear(self.vocab.head_input(hidden, self.head), self.head.weight).float()
+        logits = F.linear(self.vocab.head_input(hidden), self.head.weight).float()
         token_losses = self.vocab.token_cross_entropy(logits, labels, self.label_smoothing)
         if self.metrics is not None:
             self.metrics.add(token_losses.detach(), self.vocab.argmax(logits.detach()), labels, type_ids)
@@ -133,7 +133,7 @@ class PackedLoss:
                                                                              self.label_smoothing, mixed_types)
         else:
             loss_sum, token_losses, predictions = chunked_linear_cross_entropy(
-                self.vocab.head_input(hidden, self.head), self.head.weight, labels, self.vocab, self.label_smoothing,
+                self.vocab.head_input(hidden), self.head.weight, labels, self.vocab, self.label_smoothing,
                 self.chunk_tokens)
         if self.metrics is not None:
             self.metrics.add(token_losses, predictions, labels, type_ids)

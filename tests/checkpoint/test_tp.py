@@ -65,7 +65,7 @@ def full_weights(trainer) -> dict[str, np.ndarray]:
     model_cfg = trainer.cfg.model
     module = trainer.engine.engine.module
     tensor_group = trainer.grid.get_tensor_model_parallel_group()
-    if trainer.sizes.pp == 1:
+    if trainer.layout.pp == 1:
         return as_numpy(gather_tensor_parallel_state_dict(module, tensor_group, model_cfg.embed_split_hidden))
     stage = _StageWeights(module, model_cfg.num_layers)
     gathered = as_numpy(gather_tensor_parallel_state_dict(stage, tensor_group, model_cfg.embed_split_hidden))

@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from evods.config import CPU_FP16_ENV, ConfigError, ParallelDims, check_device, check_topology, load_config
+from evods.config import CPU_FP16_ENV, ConfigError, check_device, check_topology, load_config
+from evods.parallel import ParallelLayout
 from testkit.paths import REPO
 
 CONFIGS = REPO / "configs"
@@ -47,7 +48,7 @@ def test_7b_sft_matches_the_quickstart():
 
     assert (cfg.parallel.zero1.size, cfg.parallel.pipeline.size, cfg.parallel.tensor.size) == (8, 1, 1)
     assert cfg.parallel.pipeline.interleaved_overlap and not cfg.parallel.sequence_parallel
-    assert check_topology(cfg, 8) == ParallelDims(dp=8, pp=1, tp=1)
+    assert check_topology(cfg, 8) == ParallelLayout(dp=8, pp=1, tp=1)
 
     # enable_save_ckpt=False overwrites the saving keys, as launch.py does
     ckpt = cfg.ckpt
@@ -198,10 +199,10 @@ def test_topology_errors(tmp_path, extra, world, message):
 
 def test_sequence_parallel_applies_with_tensor_parallelism_only(tmp_path, caplog):
     cfg = load_text(tmp_path, TINY + "parallel = dict(tensor=2, pipeline=2, sequence_parallel=True)\n")
-    assert check_topology(cfg, 8) == ParallelDims(dp=2, pp=2, tp=2, sequence_parallel=True)
+    assert check_topology(cfg, 8) == ParallelLayout(dp=2, pp=2, tp=2, sequence_parallel=True)
     with caplog.at_level(logging.WARNING, logger="evods.config"):
         cfg = load_text(tmp_path, TINY + "parallel = dict(tensor=1, sequence_parallel=True)\n")
-        assert check_topology(cfg, 2) == ParallelDims(dp=2, pp=1, tp=1, sequence_parallel=False)
+        assert check_topology(cfg, 2) == ParallelLayout(dp=2, pp=1, tp=1, sequence_parallel=False)
     assert "parallel.sequence_parallel=True has no effect with parallel.tensor size 1" in caplog.text
     # validation rows need a divisible seq_len only when validation runs
     cfg = load_text(tmp_path, TINY.replace("micro_bsz=1", "micro_bsz=2").replace("seq_len=16", "seq_len=6")
