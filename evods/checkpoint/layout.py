@@ -21,6 +21,7 @@ torch files of plain data (and numpy RNG states), read weights-only (safe_load.p
 import logging
 from dataclasses import dataclass
 
+from evods.config import SNAPSHOT_FOLDER
 from evods.storage import Storage
 
 from .integrity import Manifest
@@ -35,7 +36,6 @@ TOPOLOGY = "topology.json"
 MODEL_CONFIG = "config.json"
 CONFIG_TEXT = "config_file.py"
 MARKER_SUFFIX = ".step"
-SNAPSHOT_FOLDER = "snapshot"
 SNAPSHOT_SLOTS = ("0", "1")
 
 

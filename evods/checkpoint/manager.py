@@ -80,10 +80,6 @@ class CheckpointManager:
         self.loaded: LoadPlan | None = None
         if ckpt.save_ckpt_folder:
             self.storage = open_storage(ckpt.save_ckpt_folder)
-            expected_snapshots = f"{ckpt.save_ckpt_folder.rstrip('/')}/{layout.SNAPSHOT_FOLDER}"
-            if ckpt.snapshot_ckpt_folder not in (None, expected_snapshots):
-                raise CheckpointError(f"ckpt.snapshot_ckpt_folder={ckpt.snapshot_ckpt_folder!r}: evods keeps snapshots"
-                                      f" in {expected_snapshots} so that auto_resume finds them; remove the key")
             # every rank checks its own access; a failure is reported once, by the first rank that hit it
             collective.agree_on_failure(f"checking {ckpt.save_ckpt_folder}", self.storage.ping)
             uploader = collective.agree_on_failure(

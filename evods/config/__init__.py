@@ -10,6 +10,7 @@ from .deepspeed_config import adamw_kwargs, build_deepspeed_config, validate_dee
 from .errors import ConfigError
 from .loader import ConfigSource, load_config_file
 from .schema import (
+                     SNAPSHOT_FOLDER,
                      AdamConfig,
                      AlertConfig,
                      Beta2SchedulerConfig,
@@ -34,7 +35,7 @@ from .schema import (
 __all__ = [
     "AdamConfig", "AlertConfig", "Beta2SchedulerConfig", "CkptConfig", "ConfigError", "ConfigSource", "CPU_FP16_ENV",
     "DataConfig", "Fp16ScaleConfig", "GradScalerConfig", "HybridZeroConfig", "LoadCkptInfo", "LossConfig",
-    "LrSchedulerConfig", "ModelConfig", "MonitorConfig", "ParallelConfig", "PipelineConfig",
+    "LrSchedulerConfig", "ModelConfig", "MonitorConfig", "ParallelConfig", "PipelineConfig", "SNAPSHOT_FOLDER",
     "TensorConfig", "TrainConfig", "adamw_kwargs", "build_deepspeed_config", "check_device", "check_topology",
     "cpu_fp16_forced", "load_config", "load_config_file", "parse_config", "validate_deepspeed_config",
     "write_deepspeed_config",

@@ -168,6 +168,9 @@ class DataConfig:
 
 
 CKPT_CONTENT = {"model", "sampler", "optimizer", "scheduler", "all"}
+# The snapshots of a run live in this folder of its save_ckpt_folder, where auto_resume looks for them beside the
+# normal checkpoints (evods.checkpoint.layout); ckpt.snapshot_ckpt_folder can only name that folder.
+SNAPSHOT_FOLDER = "snapshot"
 
 
 def _as_tuple(value):
@@ -199,7 +202,7 @@ class CkptConfig:
     async_upload_tmp_folder: str | None = key(OPTIONAL_STR, "/dev/shm/internlm_tmp_ckpt/")
     oss_snapshot_freq: float = key(STEP_INTERVAL, math.inf)
     stop_file_path: str | None = key(OPTIONAL_STR, None)
-    snapshot_ckpt_folder: str | None = key(OPTIONAL_STR, None)  # None -> {save_ckpt_folder}/snapshot
+    snapshot_ckpt_folder: str | None = key(OPTIONAL_STR, None)  # {save_ckpt_folder}/snapshot, the only choice
     keep_last_ckpts: int = key(NON_NEGATIVE_INT, 0)  # keep only the newest k normal checkpoints (0: keep all)
     # legacy keys, used when load_ckpt_info is absent
     load_ckpt_folder: str | None = key(OPTIONAL_STR, None)
@@ -641,8 +644,12 @@ def _normalise_ckpt(ckpt: CkptConfig, source: ConfigSource) -> None:
     if ckpt.save_ckpt_folder is None:
         raise source.error("ckpt", "ckpt.save_ckpt_folder is required when ckpt.enable_save_ckpt=True: "
                                    "give a folder (e.g. 'local:llm_ckpts') or set enable_save_ckpt=False")
-    if ckpt.snapshot_ckpt_folder is None:
-        ckpt.snapshot_ckpt_folder = f"{ckpt.save_ckpt_folder.rstrip('/')}/snapshot"
+    snapshots = f"{ckpt.save_ckpt_folder.rstrip('/')}/{SNAPSHOT_FOLDER}"
+    if ckpt.snapshot_ckpt_folder not in (None, snapshots):
+        raise source.error("ckpt.snapshot_ckpt_folder",
+                           f"ckpt.snapshot_ckpt_folder={ckpt.snapshot_ckpt_folder!r}: evods keeps snapshots in "
+                           f"{snapshots} so that auto_resume finds them; remove the key")
+    ckpt.snapshot_ckpt_folder = snapshots
     if ckpt.async_upload and not ckpt.save_ckpt_folder.startswith(("boto3:", "s3:")):
         logger.warning("ckpt.async_upload=True only works for boto3:/s3: save folders; saving to %s synchronously",
                        ckpt.save_ckpt_folder)

@@ -174,6 +174,9 @@ def test_checkpoint_saving_rules(tmp_path, caplog):
                                          "async_upload=True)\n")
     assert cfg.ckpt.async_upload is False and "only works for boto3:/s3:" in caplog.text
     assert cfg.ckpt.snapshot_ckpt_folder == "local:ck/snapshot" and cfg.ckpt.checkpoint_every == 5
+    with pytest.raises(ConfigError, match=r"cfg\.py:\d+: ckpt\.snapshot_ckpt_folder='local:elsewhere': evods keeps "
+                                          r"snapshots in local:ck/snapshot so that auto_resume finds them"):
+        load_text(tmp_path, TINY + "ckpt = dict(save_ckpt_folder='local:ck', snapshot_ckpt_folder='local:elsewhere')\n")
     cfg = load_text(tmp_path, TINY + "ckpt = dict(save_ckpt_folder='boto3:s3://b/x', async_upload=True)\n")
     assert cfg.ckpt.async_upload is True and cfg.ckpt.async_upload_tmp_folder == "/dev/shm/internlm_tmp_ckpt/"
 
