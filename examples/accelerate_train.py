@@ -17,15 +17,21 @@ import json
 import logging
 import sys
 import time
-from dataclasses import asdict
 from pathlib import Path
 
 import torch
 
 from evods.cli import run_cli
 from evods.config import ConfigError, adamw_kwargs, load_config
-from evods.data import DataError, PackedLoader, build_train_dataset, open_hf_dataset, packed_dataset
-from evods.data.tokenize import check_tokenizer_fits, find_tokenizer
+from evods.data import (
+    DataError,
+    PackedLoader,
+    build_train_dataset,
+    check_tokenizer_fits,
+    find_tokenizer,
+    open_hf_dataset,
+    packed_dataset,
+)
 from evods.training.distributed import LaunchError
 
 logger = logging.getLogger("accelerate_train")
@@ -63,7 +69,7 @@ def build_model(cfg, hf_folder: str | None, seed: int) -> torch.nn.Module:
 def build_dataset(cfg, args):
     data = cfg.data
     if args.data is None:
-        return build_train_dataset(asdict(data))[0]
+        return build_train_dataset(data)[0]
     if Path(args.data).is_dir() and any(Path(args.data).rglob("*.bin")):
         return packed_dataset(args.data, data.seq_len, data.micro_bsz, pack_sample_into_one=data.pack_sample_into_one)
     source = open_hf_dataset(args.data, streaming=args.streaming)

@@ -13,14 +13,12 @@ Without `--deepspeed` the Trainer runs plain DDP (on CPU with gloo).
 import argparse
 import logging
 import sys
-from dataclasses import asdict
 
 import torch
 
 from evods.cli import run_cli
 from evods.config import ConfigError, load_config
-from evods.data import DataError, build_train_dataset, collate_hf
-from evods.data.tokenize import check_tokenizer_fits, find_tokenizer
+from evods.data import DataError, build_train_dataset, check_tokenizer_fits, collate_hf, find_tokenizer
 
 logger = logging.getLogger("hf_trainer_train")
 
@@ -74,7 +72,7 @@ def train(args) -> None:
         model = MODEL_INITIALIZER.get_module(cfg.model_type)(**cfg.model_dict).float()
     tokenizer = cfg.data.train_dataset.tokenizer_path if cfg.data.train_dataset else None  # None: V7_sft.model
     check_tokenizer_fits(tokenizer, model.config.vocab_size)
-    train_dataset, _ = build_train_dataset(asdict(cfg.data))
+    train_dataset, _ = build_train_dataset(cfg.data)
     trainer = Trainer(model=model, args=training_args, train_dataset=train_dataset, data_collator=collate_hf)
     trainer.train()
     trainer.save_model(args.output_dir)

@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from evods.data import DataError, Rampup, parse_rampup, parse_skip_batches
 from evods.model.registry import MODEL_INITIALIZER
 
 from .errors import ConfigError
@@ -84,40 +85,6 @@ def section(cls, *, optional: bool = False, required: bool = False, coerce: Call
     return field(**default, metadata={"section": cls, "optional": optional, "coerce": coerce})
 
 
-def _parse_skip_batches(text: str) -> list[tuple[int, int]]:
-    """"100-200,350" -> [(100, 200), (350, 350)]: inclusive ranges of batch_count. Validation only, so that a
-    malformed value is reported with its file and line; evods.data.BatchSkipper applies it."""
-    spans = []
-    for part in filter(None, (p.strip() for p in text.split(","))):
-        low, _, high = part.partition("-")
-        span = (int(low), int(high or low))
-        if not 0 <= span[0] <= span[1]:
-            raise ValueError(part)
-        spans.append(span)
-    return spans
-
-
-def _parses(parse: Callable[[str], Any]) -> Callable[[Any], bool]:
-    def test(value) -> bool:
-        try:
-            parse(value)
-        except (ValueError, TypeError, AttributeError):
-            return False
-        return True
-    return test
-
-
-def _parse_rampup(text: str) -> tuple[int, int, int] | None:
-    """"start incr every" -> (start, incr, every); "" -> None. Validation only; evods.data applies it."""
-    if not text.strip():
-        return None
-    start, incr, every = (int(part) for part in text.split())
-    return start, incr, every
-
-
-SKIP_BATCHES = Rule('a string of inclusive batch ranges like "100-200,350" (or "")', _parses(_parse_skip_batches))
-RAMPUP = Rule('a string "start increment every" like "1 1 100" (or "")', _parses(_parse_rampup))
-
 # ---------------------------------------------------------------------------------------------------- sections
 
 
@@ -148,8 +115,8 @@ class DataConfig:
     total_steps: int = key(POSITIVE_INT)
     # InternEvo requires the next three; evods gives the values every shipped config uses.
     pack_sample_into_one: bool = key(BOOL, False)
-    skip_batches: str = key(SKIP_BATCHES, "")
-    rampup_batch_size: str = key(RAMPUP, "")
+    skip_batches: str = key(STR, "")  # parsed into skip_ranges
+    rampup_batch_size: str = key(STR, "")  # parsed into rampup
     min_length: int = key(NON_NEGATIVE_INT, 0)
     train_folder: str | None = key(OPTIONAL_STR, None)  # None: random data
     train_dataset: TrainDatasetConfig | None = section(TrainDatasetConfig, optional=True)  # instead of train_folder
@@ -164,6 +131,10 @@ class DataConfig:
     fixed_random_dataset_seqlen: bool = key(BOOL, False)
     num_worker: int = key(NON_NEGATIVE_INT, 4)
     seed: int = key(INT, 1024)
+    # Parsed once, from the two keys above (evods.data.parse_skip_batches, parse_rampup), and handed to the data
+    # pipeline as they are.
+    skip_ranges: tuple[tuple[int, int], ...] = field(default=(), init=False)
+    rampup: Rampup | None = field(default=None, init=False)
 
 
 
@@ -590,7 +561,19 @@ def _normalise_data(data: DataConfig, source: ConfigSource) -> None:
     data.packed_length = packed_length
     if data.valid_micro_num is None:
         data.valid_micro_num = data.micro_num
+    data.skip_ranges = _parsed(source, "data.skip_batches", 'a string of inclusive batch ranges like "100-200,350" '
+                               '(or "")', lambda: parse_skip_batches(data.skip_batches), data.skip_batches)
+    data.rampup = _parsed(source, "data.rampup_batch_size", 'a string "start increment every" like "1 1 100" (or "")',
+                          lambda: parse_rampup(data.rampup_batch_size, data.micro_num), data.rampup_batch_size)
     data.diag_outlier_ratio = max(data.diag_outlier_ratio, 1.0)
+
+
+def _parsed(source: ConfigSource, key: str, words: str, parse: Callable[[], Any], value):
+    """`parse()`, with its DataError as the ConfigError of `key` (file and line)."""
+    try:
+        return parse()
+    except DataError as error:
+        raise source.error(key, f"{key} must be {words}, got {value!r}: {error}") from None
 
 
 def _normalise_model(model: ModelConfig) -> None:

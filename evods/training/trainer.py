@@ -3,7 +3,7 @@ import logging
 import math
 import random
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field, fields
 from datetime import datetime
 from pathlib import Path
 
@@ -21,8 +21,7 @@ from evods.config import (
     check_topology,
     write_deepspeed_config,
 )
-from evods.data import BatchSkipper, batch_stats, build_train_loader, build_valid_loaders
-from evods.data.tokenize import check_tokenizer_fits
+from evods.data import BatchSkipper, batch_stats, build_train_loader, build_valid_loaders, check_tokenizer_fits
 from evods.model.registry import MODEL_INITIALIZER
 from evods.monitor import RunMonitor, StepProfiler
 from evods.parallel import (
@@ -132,16 +131,16 @@ class Trainer:
         if cfg.data.train_dataset:
             check_tokenizer_fits(cfg.data.train_dataset.tokenizer_path, cfg.model.vocab_size,
                                  f"the model of {cfg.source.path if cfg.source else 'the config'}")
-        self.loader, self.sampler, self.dataset_types = build_train_loader(asdict(cfg.data), self.layout.dp_rank,
+        self.loader, self.sampler, self.dataset_types = build_train_loader(cfg.data, self.layout.dp_rank,
                                                                             self.layout.dp, cfg.data.num_worker)
-        self.skip_batch = BatchSkipper(cfg.data.skip_batches)
+        self.skip_batch = BatchSkipper(cfg.data.skip_ranges)
         self.token_metrics = TokenMetrics(num_types=len(self.dataset_types))
         loss_fn = build_loss(cfg, self.layout, model.lm_head, _device_type(), self.token_metrics, tensor_group)
         ds_config = build_deepspeed_config(cfg, self.layout, ds_config_override)
         self.engine = TrainEngine(model, self._make_optimizer, ds_config, self.layout, loss_fn, self.grid)
         self.lr_scheduler = LRScheduler(self.engine.optimizer, cfg.adam.lr, cfg.lr_scheduler)
         self.beta2_scheduler = Beta2Scheduler(self.engine.optimizer, cfg.beta2_scheduler)
-        self.valid_loaders = build_valid_loaders(asdict(cfg.data), self.layout.dp_rank, self.layout.dp)
+        self.valid_loaders = build_valid_loaders(cfg.data, self.layout.dp_rank, self.layout.dp)
         self.state = TrainState()
         self.checkpoints.restore(self._checkpoint_parts())
         self.profiler = None

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from evods.config import CPU_FP16_ENV, ConfigError, check_device, check_topology, load_config
+from evods.data import Rampup
 from evods.parallel import ParallelLayout
 from testkit.paths import REPO
 
@@ -160,10 +161,23 @@ def test_accepted_but_unapplied_keys_say_so(tmp_path, caplog):
     assert "data.use_packed_dataset=False is not applied by evods" in caplog.text
 
 
-@pytest.mark.parametrize("value", ["a-b", "9-3", "-1"])
-def test_malformed_skip_batches_names_file_and_key(tmp_path, value):
-    with pytest.raises(ConfigError, match=r"cfg\.py:1: data\.skip_batches must be a string of inclusive"):
-        load_text(tmp_path, TINY.replace("total_steps=10)", f"total_steps=10, skip_batches={value!r})"))
+@pytest.mark.parametrize("key, value, words", [
+    ("skip_batches", "a-b", "a string of inclusive"), ("skip_batches", "9-3", "a string of inclusive"),
+    ("skip_batches", "-1", "a string of inclusive"),
+    ("rampup_batch_size", "1 x 2", 'a string "start increment every"'),
+    ("rampup_batch_size", "3 1 1", 'a string "start increment every"'),  # starts above micro_num=2
+])
+def test_malformed_batch_schedules_name_file_and_key(tmp_path, key, value, words):
+    with pytest.raises(ConfigError, match=rf"cfg\.py:1: data\.{key} must be {re.escape(words)}"):
+        load_text(tmp_path, TINY.replace("total_steps=10)", f"total_steps=10, {key}={value!r})"))
+
+
+def test_batch_schedules_are_parsed_once_with_the_config(tmp_path):
+    data = load_text(tmp_path, TINY.replace("total_steps=10)", "total_steps=10, skip_batches='100-200, 350', "
+                                                              "rampup_batch_size='1 1 4')")).data
+    assert data.skip_ranges == ((100, 200), (350, 350)) and data.rampup == Rampup(start=1, increment=1, every=4)
+    data = load_text(tmp_path, TINY).data
+    assert data.skip_ranges == () and data.rampup is None
 
 
 def test_checkpoint_saving_rules(tmp_path, caplog):
