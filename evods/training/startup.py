@@ -10,7 +10,7 @@ from datetime import datetime
 
 import torch.distributed as dist
 
-from evods.checkpoint.sources import LoadPlan
+from evods.checkpoint import LoadPlan
 from evods.parallel import ParallelLayout, parallel_seeds
 from evods.parallel.nodes import NodeLayout, describe_layout, tensor_groups_across_nodes
 

@@ -116,8 +116,8 @@ class Trainer:
         self.checkpoints = CheckpointManager(cfg.ckpt, self.layout, model.config,
                                              cfg.source.text if cfg.source else None,
                                              on_failure=self.monitor.checkpoint_failed, nodes=self.nodes)
-        log_run_start(self.layout, launched, self.checkpoints.plan)
-        self.checkpoints.load_model_weights(model)
+        log_run_start(self.layout, launched, self.checkpoints.loader.plan)
+        self.checkpoints.loader.load_model_weights(model)
         self.num_parameters = model.num_parameters()  # of the whole model, before tensor parallelism slices it
         self.grid = build_parallel_grid(self.layout)
         tensor_group = self.grid.get_tensor_model_parallel_group()
@@ -142,7 +142,7 @@ class Trainer:
         self.beta2_scheduler = Beta2Scheduler(self.engine.optimizer, cfg.beta2_scheduler)
         self.valid_loaders = build_valid_loaders(cfg.data, self.layout.dp_rank, self.layout.dp)
         self.state = TrainState()
-        self.checkpoints.restore(self._checkpoint_parts())
+        self.checkpoints.loader.restore(self._checkpoint_parts())
         self.profiler = None
         if profiling and self.layout.dp_rank == 0 and self.layout.tp_rank == 0:  # one trace per stage, as InternEvo
             worker = f"rank{rank}_dp{self.layout.dp_rank}_pp{self.layout.pp_rank}_tp{self.layout.tp_rank}"
@@ -171,8 +171,8 @@ class Trainer:
         stop = GracefulStop()
         try:
             self._train(stop)
-            self.checkpoints.close()  # waits for background uploads and writes the last checkpoint's marker
-            if stop.requested and self.checkpoints.saving:
+            self.checkpoints.saver.close()  # waits for background uploads and writes the last checkpoint's marker
+            if stop.requested and self.checkpoints.saver.saving:
                 stop.saved(f"checkpoint of step {self.state.step_count} complete")
         finally:
             stop.close()
@@ -201,10 +201,10 @@ class Trainer:
                     and outcome.applied):
                 stopping = self.validate(stop) is None
             if stopping:
-                self.checkpoints.save_on_stop(self.state.step_count, self._checkpoint_parts())
+                self.checkpoints.saver.save_on_stop(self.state.step_count, self._checkpoint_parts())
                 logger.warning("stopped on request after %d optimizer steps", self.state.step_count)
                 return
-            if outcome.applied and self.checkpoints.after_step(self.state.step_count, self._checkpoint_parts()):
+            if outcome.applied and self.checkpoints.saver.after_step(self.state.step_count, self._checkpoint_parts()):
                 logger.warning("stopped by the stop file after %d optimizer steps", self.state.step_count)
                 return
 

@@ -1,6 +1,6 @@
-"""Which checkpoint files a rank reads and which rank of a node downloads them (selection.py), the placeholders of
-files a node does not download, and the clean-up of scratch folders that crashed runs left on a node's disk. The
-two-node runs that exercise all of it against real DeepSpeed loads are in test_multinode.py."""
+"""Which checkpoint files a rank reads and which rank of a node downloads them (resume/rank_files.py), the
+placeholders of files a node does not download, and the clean-up of scratch folders that crashed runs left on a
+node's disk. The two-node runs that exercise all of it against real DeepSpeed loads are in test_multinode.py."""
 import logging
 import os
 import subprocess
@@ -8,7 +8,7 @@ import subprocess
 import pytest
 
 from evods.checkpoint.errors import CheckpointError
-from evods.checkpoint.selection import (
+from evods.checkpoint.resume.rank_files import (
     assign_downloads,
     deepspeed_files,
     model_files,

@@ -84,7 +84,7 @@ def train(tp: int, pp: int, total_steps: int, ckpt: dict, run_dir: str, embed_sp
     start = full_weights(trainer)
     state = trainer.train()
     trainer.close()
-    loaded = trainer.checkpoints.loaded
+    loaded = trainer.checkpoints.loader.loaded
     return {"start": start, "end": full_weights(trainer), "losses": [entry["loss"] for entry in state.history],
             "counters": (state.step_count, state.batch_count), "loaded": loaded and (loaded.folder, loaded.reason)}
 

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from evods.checkpoint.reshard import reshard_sampler_state
+from evods.checkpoint.resume.reshard import reshard_sampler_state
 from evods.cli.tokenizer import main as tokenizer_command
 from evods.config import ConfigError
 from evods.data import (
@@ -163,7 +163,7 @@ def test_streaming_packs_equal_the_bin_meta_route_and_resume_exactly(c4_bin, c4_
         assert resumed.cursor.rows > 0  # resuming skips the rows already consumed, it does not replay them
         assert same_batches([next(iter(resumed))], [expected[consumed]])
     assert StreamCursor(**reference.state_dict()["stream"]).epoch == 1
-    # a checkpoint of 2 data ranks resumed by 1 (evods.checkpoint.reshard): the stream goes on where both stood
+    # a checkpoint of 2 data ranks resumed by 1 (evods.checkpoint.resume.reshard): the stream goes on where both stood
     loader = StreamingTrainLoader(packs, MICRO_NUM, dp_rank=1, dp_size=2)
     list(itertools.islice(iter(loader), 5))
     alone = StreamingTrainLoader(packs, MICRO_NUM, dp_rank=0, dp_size=1)

@@ -5,7 +5,7 @@ from datetime import datetime
 
 import pytest
 
-from evods.checkpoint.sources import LoadPlan
+from evods.checkpoint import LoadPlan
 from evods.parallel import parallel_layout
 from evods.training import startup
 from evods.training.metrics import LOG_FORMAT

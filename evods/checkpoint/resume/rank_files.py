@@ -24,7 +24,7 @@ from collections.abc import Iterable
 
 from evods.parallel import ParallelLayout
 
-from . import layout
+from .. import layout
 
 _MODULE_FILE = re.compile(r"^deepspeed/mp_rank_(\d+)_model_states\.pt$")
 _LAYER_FILE = re.compile(r"^deepspeed/layer_(\d+)-model_(\d+)-model_states\.pt$")
