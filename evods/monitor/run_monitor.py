@@ -11,8 +11,8 @@ import traceback
 
 from evods.config import AlertConfig, TrainConfig, check_topology
 
+from .eta import TrainingEta, format_duration
 from .payloads import alert_body, heartbeat, job_title
-from .progress import Progress, format_duration
 from .relay import StoreRelay, bounded
 from .sender import CLOSE_TIMEOUT_S, REQUEST_TIMEOUT_S, WebhookSender
 from .watchdog import StuckWatchdog
@@ -62,7 +62,7 @@ class RunMonitor:
         self._relay = relay if self._alert_url else None
         self._alerts = self._sender(self._alert_url, f"the {self.format} alert webhook") if sends else None
         self._heartbeats = self._sender(alert.light_monitor_address, "the light-monitor endpoint") if sends else None
-        self._progress = Progress(total_steps, log_every)
+        self._eta = TrainingEta(total_steps, log_every)
         self._watchdog = StuckWatchdog(alert.stuck_timeout)
         self._tickers: list[_Ticker] = []
         self._watchdog_ticker: _Ticker | None = None
@@ -91,7 +91,7 @@ class RunMonitor:
 
     def run_started(self, *, dp: int, pp: int, tp: int, parameters: int, run_dir) -> None:
         self._started = time.monotonic()
-        self._progress = Progress(self.total_steps, self._progress.every)
+        self._eta = TrainingEta(self.total_steps, self._eta.every)
         self._watchdog = StuckWatchdog(self._watchdog.timeout_s)
         if self._alerts is None:
             return
@@ -126,7 +126,7 @@ class RunMonitor:
         """After the metrics line (the sending rank, successful steps): the heartbeat and the progress line."""
         if self._heartbeats is not None:
             self._heartbeats.post(heartbeat(metrics))
-        line = self._progress.line(self.last_step_count)
+        line = self._eta.line(self.last_step_count)
         if line:
             logger.info(line)
 
