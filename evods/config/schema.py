@@ -255,7 +255,7 @@ class HybridZeroConfig:
 class LossConfig:
     label_smoothing: float = key(_in_range(0, 1, high_open=True), 0.0)
     moe_loss_coeff: float = key(NON_NEGATIVE_NUMBER, 1.0)
-    # evods: how the output head and its cross entropy run (evods.training.linear_cross_entropy). "auto": Liger's
+    # evods: how the output head and its cross entropy run (evods.training.loss_kernels). "auto": Liger's
     # fused kernel on CUDA where installed and the vocabulary is not split, else "chunked"; "full" holds the whole
     # [tokens, vocab] logits, as InternEvo does.
     kernel: str = key(_one_of("auto", "chunked", "liger", "full"), "auto")

@@ -1,13 +1,13 @@
 """The parallel layout (data × pipeline × tensor, InternEvo's rank numbering), the process groups DeepSpeed needs
 from it, and tensor and sequence parallelism applied to a plain model from outside."""
-from .cross_entropy import VocabParallelLogits, vocab_parallel_argmax, vocab_parallel_cross_entropy
 from .layout import ParallelLayout, parallel_layout
+from .loss_vocab_parallel import VocabParallelLogits, vocab_parallel_argmax, vocab_parallel_cross_entropy
 from .plan import (
-                   TENSOR_PARALLEL_PLAN,
-                   apply_tensor_parallel,
-                   gather_tensor_parallel_state_dict,
-                   shard_tensor,
-                   split_dim,
+    TENSOR_PARALLEL_PLAN,
+    apply_tensor_parallel,
+    gather_tensor_parallel_state_dict,
+    shard_tensor,
+    split_dim,
 )
 from .rng import parallel_seeds, tensor_parallel_generator
 

@@ -18,7 +18,7 @@ import torch.distributed as dist
 from evods.config import ConfigError, LossConfig, TrainConfig
 from evods.parallel import ParallelLayout
 
-from .linear_cross_entropy import auto_chunk_tokens
+from .loss_kernels import auto_chunk_tokens
 
 logger = logging.getLogger("evods")
 

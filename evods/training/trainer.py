@@ -26,7 +26,6 @@ from evods.model.registry import MODEL_INITIALIZER
 from evods.monitor import RunMonitor, StepProfiler
 from evods.parallel import (
     ParallelLayout,
-    VocabParallelLogits,
     apply_tensor_parallel,
     build_parallel_grid,
     parallel_seeds,
@@ -37,8 +36,7 @@ from evods.progress import Progress
 from .distributed import init_distributed
 from .engine import StepOutcome, TrainEngine
 from .flops import megatron_tflops, model_flops_per_token, peak_flops, tgs
-from .linear_cross_entropy import choose_loss_kernel
-from .loss import FullLogits, PackedLoss, TokenMetrics
+from .loss import TokenMetrics, build_loss
 from .memory import check_memory
 from .metrics import MetricsSink, format_metrics_line, setup_logging
 from .schedules import Beta2Scheduler, LRScheduler
@@ -308,25 +306,6 @@ class Trainer:
                             " ".join(f"{k}={v}" for k, v in results[name].items()))
                 self.sink.write(self.state.step_count, results[name])
         return results
-
-
-def build_loss(cfg: TrainConfig, layout: ParallelLayout, head: torch.nn.Module, device_type: str,
-               metrics: TokenMetrics | None, tensor_group=None) -> PackedLoss:
-    """The training loss from the config's `loss` section; it applies `head` (the model's lm_head) itself."""
-    # Under tensor parallelism lm_head's weight is a vocabulary shard whatever parallel_output says (which only
-    # decides whether the model's own logits are gathered); the loss applies that shard.
-    vocab_split = layout.tp > 1
-    vocab = VocabParallelLogits(tensor_group, layout.sequence_parallel) if vocab_split else FullLogits()
-    try:
-        kernel = choose_loss_kernel(cfg.loss.kernel, device_type, vocab_split)
-    except ValueError as error:
-        raise (cfg.source.error("loss.kernel", str(error)) if cfg.source else ConfigError(str(error))) from None
-    loss_fn = PackedLoss(head, cfg.loss.label_smoothing, metrics, vocab, kernel, cfg.loss.chunk_tokens)
-    local_vocab, hidden_size = head.weight.shape
-    logger.info("loss: %s kernel%s, head %d x %d%s", kernel,
-                f", {loss_fn.chunk_tokens} tokens per chunk" if kernel == "chunked" else "", local_vocab, hidden_size,
-                " (this rank's vocabulary shard)" if vocab_split else "")
-    return loss_fn
 
 
 def build_model(cfg: TrainConfig) -> torch.nn.Module:

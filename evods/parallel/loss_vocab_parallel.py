@@ -1,6 +1,6 @@
 """Cross entropy and argmax over logits split along the vocabulary across a tensor-parallel group.
 
-(`VocabParallelLogits` also tells the chunked loss, `evods.training.linear_cross_entropy`, how to combine per-chunk
+(`VocabParallelLogits` also tells the chunked loss, `evods.training.loss_kernels`, how to combine per-chunk
 statistics over the shards; that path never builds even the local [tokens, V/tp] logits whole.)
 
 Each rank holds logits[..., rank*V/tp : (rank+1)*V/tp]; the full [tokens, V] logits are never built. Per token:
