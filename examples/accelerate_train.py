@@ -32,7 +32,7 @@ from evods.data import (
     open_hf_dataset,
     packed_dataset,
 )
-from evods.training.distributed import LaunchError
+from evods.training import LaunchError
 
 logger = logging.getLogger("accelerate_train")
 
@@ -57,8 +57,8 @@ def parse_args(argv=None):
 def build_model(cfg, hf_folder: str | None, seed: int) -> torch.nn.Module:
     from transformers import AutoModelForCausalLM
 
-    from evods.model.registry import MODEL_INITIALIZER
-    from evods.training.trainer import seed_everything
+    from evods.model import MODEL_INITIALIZER
+    from evods.training import seed_everything
 
     seed_everything(seed)
     if hf_folder:
@@ -80,8 +80,7 @@ def build_dataset(cfg, args):
 def train(args) -> None:
     from evods.config import check_topology
     from evods.parallel import apply_tensor_parallel, build_parallel_grid, gather_tensor_parallel_state_dict
-    from evods.training.hf_accelerate import deepspeed_accelerator, deepspeed_with_mpu
-    from evods.training.schedules import Beta2Scheduler, LRScheduler
+    from evods.training import Beta2Scheduler, LRScheduler, deepspeed_accelerator, deepspeed_with_mpu
 
     cfg = load_config(args.config)
     if cfg.parallel.pipeline.size > 1:
@@ -143,7 +142,7 @@ def train(args) -> None:
                                                        cfg.model.embed_split_hidden) if tp > 1 \
             else accelerator.get_state_dict(model)  # ZeRO-3 gathers its partitions
         if accelerator.is_main_process:
-            from evods.checkpoint.formats.hf_tokenizer import write_tokenizer
+            from evods.checkpoint import write_tokenizer
 
             unwrapped.save_pretrained(args.output_dir, state_dict=state_dict)
             write_tokenizer(str(find_tokenizer(tokenizer)), args.output_dir,

@@ -37,9 +37,8 @@ def parse_args(argv=None):
 def train(args) -> None:
     from transformers import AutoModelForCausalLM, Trainer, TrainingArguments
 
-    from evods.model.registry import MODEL_INITIALIZER
-    from evods.training.hf_accelerate import trainer_accelerator_config
-    from evods.training.trainer import seed_everything
+    from evods.model import MODEL_INITIALIZER
+    from evods.training import seed_everything, trainer_accelerator_config
 
     cfg = load_config(args.config)
     if cfg.parallel.pipeline.size > 1 or cfg.parallel.tensor.size > 1:
@@ -77,7 +76,7 @@ def train(args) -> None:
     trainer.train()
     trainer.save_model(args.output_dir)
     if trainer.is_world_process_zero():
-        from evods.checkpoint.formats.hf_tokenizer import write_tokenizer
+        from evods.checkpoint import write_tokenizer
 
         write_tokenizer(str(find_tokenizer(tokenizer)), args.output_dir, model.config.max_position_embeddings)
 

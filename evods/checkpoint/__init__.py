@@ -39,6 +39,7 @@ Other formats (formats/):
 """
 from .errors import CheckpointError
 from .formats.checkpoint_model import read_checkpoint_model
+from .formats.hf_tokenizer import write_tokenizer
 from .formats.internevo import read_native_model, write_native_checkpoint
 from .formats.internevo_export import export_native
 from .formats.internevo_layout import MLP_NAMINGS, NativeLayout
@@ -56,4 +57,5 @@ __all__ = [
     "MLP_NAMINGS", "NativeLayout", "SaveDecision", "SavePolicy", "StopFile", "TrainingParts", "WeightsError",
     "choose_load_plan", "complete_checkpoints", "deepspeed_weights", "export_native", "hf_weights",
     "latest_checkpoint", "load_weights", "read_checkpoint_model", "read_native_model", "write_native_checkpoint",
+    "write_tokenizer",
 ]
