@@ -19,15 +19,18 @@ BASE = ["torch==2.13.0", "transformers==4.36.2", "tokenizers==0.15.2", "sentence
 # transformers version -> the packages that replace the venv's for it (the rest of the venv fits both)
 OVERLAYS = {"4.44.2": ["transformers==4.44.2", "tokenizers==0.19.1"]}
 STAMP = VENV / "installed.json"  # written last: a venv without it is half made and is made again
-# The start of a script that must run as where evods is not installed.
+# The start of a script that must run as where evods is not installed, nor DeepSpeed: an exported folder's remote code
+# needs neither (an import of either fails the script).
 WITHOUT_EVODS = """
 import sys
 sys.modules["evods"] = None  # the editable install would otherwise find it
-try:
-    import evods
-    raise SystemExit("evods is importable")
-except ImportError:
-    pass
+sys.modules["deepspeed"] = None  # as on a serving machine; transformers then sees no DeepSpeed
+for blocked in ("evods", "deepspeed"):
+    try:
+        __import__(blocked)
+        raise SystemExit(blocked + " is importable")
+    except ImportError:
+        pass
 """
 
 
@@ -56,7 +59,7 @@ def ensure() -> None:
 
 def run(version: str | None, script: str, *args: str, cwd: Path) -> subprocess.CompletedProcess:
     """Run `script` (Python source) under transformers `version` in the venv, or under this interpreter's
-    transformers when `version` is None; WITHOUT_EVODS at its start keeps evods out of it."""
+    transformers when `version` is None; WITHOUT_EVODS at its start keeps evods and DeepSpeed out of it."""
     env = {key: value for key, value in os.environ.items() if key not in ("PYTHONPATH", "VIRTUAL_ENV")}
     if version in OVERLAYS:
         env["PYTHONPATH"] = str(VENV / f"transformers-{version}")

@@ -1,6 +1,7 @@
 """The InternLM model as a Hugging Face model: generation, save/load, Auto classes, remote code, published configs,
 checkpoint mismatches, and the InternEvo model dict / registry."""
 
+import ast
 import json
 import os
 import subprocess
@@ -83,6 +84,18 @@ def test_saved_folder_loads_with_remote_code_without_evods(tmp_path):
         "AutoModel": "modeling_internlm.InternLMForCausalLM",  # as InternLM's published folders
         "AutoModelForCausalLM": "modeling_internlm.InternLMForCausalLM",
     }
+    # The remote code is the model alone (issue: the model file holds the model): its files import the standard
+    # library, torch, transformers (flash-attn where installed) and each other: no DeepSpeed, no pipeline stages and
+    # nothing else of evods'
+    code = {path.name: path.read_text() for path in (tmp_path / "model").glob("*.py")}
+    assert set(code) == {"configuration_internlm.py", "modeling_internlm.py", "transformers_compat.py"}
+    for name, text in code.items():
+        imported = {node.module if isinstance(node, ast.ImportFrom) else alias.name
+                    for node in ast.walk(ast.parse(text)) if isinstance(node, ast.Import | ast.ImportFrom)
+                    for alias in node.names if not (isinstance(node, ast.ImportFrom) and node.level)}
+        roots = {module.split(".")[0] for module in imported}
+        assert roots <= set(sys.stdlib_module_names) | {"torch", "transformers", "flash_attn"}, (name, roots)
+        assert "deepspeed" not in text.lower() and "Stage(" not in text and "pipeline_layers" not in text, name
     ids = torch.randint(0, 97, (2, 9))
     torch.save(ids, tmp_path / "ids.pt")
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
