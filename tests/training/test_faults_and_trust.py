@@ -316,6 +316,33 @@ def test_a_damaged_checkpoint_does_not_convert(tmp_path):
         read_checkpoint_model(str(checkpoint))
 
 
+@pytest.mark.parametrize("marker, reason", [
+    (b"", "is empty"),
+    (b'{"step": 5, "files": {"context', "is not a valid marker (JSONDecodeError: Unterminated string"),
+    (b'{"step": 5, "files": {"context.pt": {"size": "ten"}}}', "is not a valid marker (ValueError: invalid literal"),
+    (b'{"step": 4, "files": {}}', "records step 4: it was copied or renamed from another checkpoint"),
+])
+def test_an_empty_or_corrupt_step_marker_is_one_line_for_every_reader(tmp_path, capsys, marker, reason):
+    from evods.checkpoint.errors import DamagedCheckpoint
+    from evods.checkpoint.local_copy import read_catalogue_on_rank0
+    from evods.checkpoint.sources import ALL_CONTENT, LoadPlan
+    from tools.convert2hf import main as convert2hf
+    from tools.convert2native import main as convert2native
+
+    checkpoint = tmp_path / "ckpt" / "5"
+    write_evods_checkpoint(checkpoint)
+    (checkpoint / "5.step").write_bytes(marker)
+    expected = f"the step marker {checkpoint / '5.step'} {reason}"
+    for convert in (convert2hf, convert2native):
+        code, err = run_tool(convert, ["--src", str(checkpoint), "--tgt", str(tmp_path / "out")], capsys)
+        assert code == 1 and expected in err and err.count("\n") == 1, err
+        assert not (tmp_path / "out").exists()
+    # what a resume reads first (rank 0, then shared); auto-resume falls back from this error to the previous one
+    with pytest.raises(DamagedCheckpoint) as error:
+        read_catalogue_on_rank0(LoadPlan(f"local:{tmp_path / 'ckpt'}", "5", ALL_CONTENT, "evods", "auto_resume"))
+    assert expected in str(error.value) and "\n" not in str(error.value)
+
+
 # ------------------------------------------------------------------------------------------ small guarantees
 
 
