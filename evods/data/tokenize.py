@@ -15,6 +15,7 @@ from pathlib import Path
 import sentencepiece as spm
 from tqdm import tqdm
 
+from evods.console import quiet_sentencepiece
 from evods.data.binfile import BinWriter, format_bin_lines
 from evods.data.errors import DataError
 
@@ -41,6 +42,7 @@ def find_tokenizer(path=None) -> Path:
 
 
 def load_tokenizer(path) -> spm.SentencePieceProcessor:
+    quiet_sentencepiece()
     try:
         return spm.SentencePieceProcessor(model_file=str(path))
     except (OSError, RuntimeError) as err:

@@ -1,7 +1,6 @@
 """Faults and hostile files (issue: faults and trust): a stop during validation saves first and resumes exactly;
 damaged newest checkpoints fall back with one line each; checkpoint files never run code; storage faults end in one
 line per job; written files honour the umask; converters check their arguments before writing."""
-import json
 import logging
 import os
 import signal
@@ -12,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from testkit.checkpoints import write_evods_checkpoint
 from testkit.distributed import free_port, run_distributed
 from testkit.paths import REPO
 from testkit.train_configs import tiny_config
@@ -111,8 +111,8 @@ def test_sigint_during_validation_saves_the_last_step_and_the_restart_continues_
     full = rank0["eval_calls"].count(1)
     assert full > 1 and rank0["eval_calls"].count(3) == 1
     assert any("cut short by the stop request" in line for line in rank0["warnings"])
-    assert any("saving a checkpoint of step 3 before stopping" in line for line in rank0["warnings"])
-    assert any("checkpoint of step 3 complete" in line and "after the stop request" in line
+    assert any(line.startswith("saving step 3… (a stop was requested") for line in rank0["warnings"])
+    assert any(line.startswith("saved step 3: its checkpoint is complete") and line.endswith("after the stop request")
                for line in rank0["warnings"])
     assert (save / "3" / "3.step").is_file() and rank0["sigint_handler_restored"]
 
@@ -220,29 +220,6 @@ def test_a_stop_that_is_not_saved_in_time_says_so_before_the_launcher_kills(capl
 
 
 # ------------------------------------------------------------------------------------------ hostile files
-
-
-def write_evods_checkpoint(folder: Path, module_extra=None, context_extra=None) -> None:
-    """A small evods checkpoint as the manager lays it out (model states, run state, topology, config, marker)."""
-    from evods.checkpoint import layout
-    from evods.checkpoint.integrity import Manifest, digest_file
-    from evods.model import InternLMConfig, InternLMForCausalLM
-
-    config = InternLMConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                            num_attention_heads=2)
-    model = InternLMForCausalLM(config)
-    (folder / "deepspeed").mkdir(parents=True)
-    torch.save({"module": {**model.state_dict(), **(module_extra or {})}},
-               folder / "deepspeed" / "mp_rank_00_model_states.pt")
-    context = {"step_count": 5, "batch_count": 5, "num_consumed_tokens": 10, "inf_nan_skip_batches": 0,
-               "skipped_by_config": 0, **(context_extra or {})}
-    torch.save(context, folder / layout.CONTEXT)
-    torch.save({"num_consumed_samples_in_epoch": 5, "data_world_size": 1}, folder / layout.SAMPLER)
-    torch.save({"lr": {"last_epoch": 5}, "beta2": {"cur_iter": 5}}, folder / layout.SCHEDULERS)
-    (folder / layout.TOPOLOGY).write_text(json.dumps({"dp": 1, "pp": 1, "tp": 1, "num_layers": 1}))
-    (folder / layout.MODEL_CONFIG).write_text(config.to_json_string())
-    files = {str(path.relative_to(folder)): digest_file(str(path)) for path in folder.rglob("*") if path.is_file()}
-    (folder / layout.marker_name(5)).write_bytes(Manifest(5, files).to_bytes())
 
 
 def run_tool(main, args: list[str], capsys) -> tuple[int, str]:
