@@ -128,6 +128,9 @@ def test_sigint_during_validation_saves_the_last_step_and_the_restart_continues_
     assert f"{save}/3" in damaged[1] and "does not match its xxh3_64 checksum" in damaged[1]
     assert f"{save}/2" in damaged[2] and "which is not tensor data" in damaged[2] and "pathlib.PosixPath" in damaged[2]
     assert not result["payload_ran"]
+    # the start-up banner names the checkpoint that was loaded, not the damaged one first chosen
+    [banner] = result["banners"]
+    assert banner.startswith(f"===========Resume training from `local:{save}/1` "), banner
     # with the fallback off, the damaged newest checkpoint is one clear error, raised by rank 0 only
     assert result["no_fallback"].startswith("CheckpointError: checkpoint") and f"{save}/4" in result["no_fallback"]
     assert "auto_resume_fallback=False" in result["no_fallback"] and "\n" not in result["no_fallback"]
@@ -161,7 +164,11 @@ def resume_with_damage(save: str, run_root: str) -> dict:
         plant_payload(folder / "2", "deepspeed/mp_rank_00_model_states.pt", str(proof), Manifest, digest_file)
     dist.barrier()
     warnings = capture_warnings()
+    banners = Captured()
+    banners.setLevel(logging.INFO)
+    logging.getLogger("evods.startup").addHandler(banners)
     after_damage = train(faults_config(TOTAL_STEPS, ckpt), f"{run_root}/after_damage")
+    logging.getLogger("evods.startup").removeHandler(banners)
     if dist.get_rank() == 0:
         truncate(folder / "4" / "context.pt")
     dist.barrier()
@@ -173,6 +180,7 @@ def resume_with_damage(save: str, run_root: str) -> dict:
                                         hidden_size=32), f"{run_root}/other_info")
     return {"resumed": resumed, "after_damage": after_damage, "warnings": warnings.lines, "modes": modes,
             "payload_ran": proof.exists(), "no_fallback": no_fallback, "other_model_auto_resume": other_auto,
+            "banners": [line for line in banners.lines if line.startswith("===========")],
             "other_model_load_ckpt_info": other_info}
 
 
