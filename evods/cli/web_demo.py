@@ -167,13 +167,15 @@ def build_demo(model, tokenizer, args):
         reply = gr.on([send.click, question.submit], respond, inputs,
                       [chatbot, history, question, document, status, context_box], show_progress="hidden",
                       trigger_mode="once")
-        stop.click(lambda: STOPPED, None, status, cancels=[reply], queue=False)
+        # Stop and Clear first cancel a running reply, then change the page: an update of the reply that was on its
+        # way would otherwise land after Clear and fill the chat again (the queue keeps the order of the updates).
+        stop.click(None, cancels=[reply]).then(lambda: STOPPED, None, status)
         document.change(lambda text, past: context(past, text), [document, history], context_box,
                         show_progress="hidden")
-        clear.click(lambda: ([], [], "", "", context([], "")), None, [chatbot, history, question, status, context_box],
-                    cancels=[reply], queue=False)
-        chatbot.clear(lambda: ([], "", context([], "")), None, [history, status, context_box],  # its bin icon
-                      cancels=[reply], queue=False)
+        clear.click(None, cancels=[reply]).then(lambda: ([], [], "", "", context([], "")), None,
+                                                [chatbot, history, question, status, context_box])
+        chatbot.clear(None, cancels=[reply]).then(lambda: ([], "", context([], "")), None,  # its bin icon
+                                                  [history, status, context_box])
     return demo
 
 

@@ -68,6 +68,19 @@ def wait_until_gone(job: subprocess.Popen) -> float:
         time.sleep(0.2)
 
 
+def run_and_stop(tmp_path: Path, stop, data: str = "") -> str:
+    """Start the job, `stop(job)` it after 2 steps, wait until every process is gone: the job's output."""
+    job, log = start(tmp_path, data)
+    try:
+        wait_for_steps(job, tmp_path, 2)
+        stop(job)
+        wait_until_gone(job)
+    finally:
+        if job.poll() is None:
+            os.killpg(job.pid, signal.SIGKILL)
+    return log.read_text()
+
+
 def saved_steps(tmp_path: Path) -> list[int]:
     return sorted(int(marker.parent.name) for marker in (tmp_path / "ckpt").glob("*/*.step"))
 
@@ -85,15 +98,8 @@ def assert_quiet(said: list[str]) -> None:
 
 
 def test_sigterm_to_the_deepspeed_command_alone_saves_and_stops_and_the_output_is_quiet(tmp_path):
-    job, log = start(tmp_path, HF_DATA)
-    try:
-        wait_for_steps(job, tmp_path, 2)
-        job.send_signal(signal.SIGTERM)  # the command alone: it dies, its launch.py and the ranks do not hear of it
-        wait_until_gone(job)
-    finally:
-        if job.poll() is None:
-            os.killpg(job.pid, signal.SIGKILL)
-    output = log.read_text()
+    # the command alone: it dies, its launch.py and the ranks do not hear of it
+    output = run_and_stop(tmp_path, lambda job: job.send_signal(signal.SIGTERM), HF_DATA)
     [step] = saved_steps(tmp_path)
     assert step >= 2, output[-3000:]
     said = messages(output)
@@ -106,15 +112,7 @@ def test_sigterm_to_the_deepspeed_command_alone_saves_and_stops_and_the_output_i
 
 
 def test_ctrl_c_says_saving_and_saved_and_no_evods_process_prints_a_traceback(tmp_path):
-    job, log = start(tmp_path)
-    try:
-        wait_for_steps(job, tmp_path, 2)
-        os.killpg(job.pid, signal.SIGINT)  # what Ctrl-C in the terminal does
-        wait_until_gone(job)
-    finally:
-        if job.poll() is None:
-            os.killpg(job.pid, signal.SIGKILL)
-    output = log.read_text()
+    output = run_and_stop(tmp_path, lambda job: os.killpg(job.pid, signal.SIGINT))  # what Ctrl-C does
     [step] = saved_steps(tmp_path)
     said = messages(output)
     assert sum("received SIGINT: finishing this step, then saving a checkpoint and stopping" in line
