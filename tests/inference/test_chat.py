@@ -160,8 +160,11 @@ def test_the_readme_snippets_that_load_an_export_run_without_evods_and_without_a
     snippets = [block for block in re.findall(r"```python\n(.*?)```", readme, flags=re.S) if "hf/my_model" in block]
     calls = [call for block in snippets for call in re.findall(r"from_pretrained\(([^)]*)\)", block)]
     assert len(calls) >= 4 and all("trust_remote_code=True" in call for call in calls), calls
-    # the chat section's two snippets run one after the other (the second uses the first's model and tokenizer)
-    script = "\n".join(snippets).replace("hf/my_model", str(folder))
+    # the chat section's two snippets run one after the other (the second uses the first's model and tokenizer); the
+    # streamed reply is cut short, the tiny model would write its 1024 tokens
+    script = "\n".join(snippets).replace("hf/my_model", str(folder)).replace('"And then?", history)',
+                                                                             '"And then?", history, max_new_tokens=8)')
+    assert "max_new_tokens=8" in script
     script += "\nimport sys\nassert 'evods' not in sys.modules, 'evods ran, not the folder code'\n"
     result = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, stdin=subprocess.DEVNULL, timeout=300,
                             capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
