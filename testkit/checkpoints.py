@@ -9,7 +9,7 @@ import torch
 def write_evods_checkpoint(folder: Path, module_extra=None, context_extra=None) -> None:
     """A small evods checkpoint as the manager lays it out (model states, run state, topology, config, marker)."""
     from evods.checkpoint import layout
-    from evods.checkpoint.integrity import Manifest, digest_file
+    from evods.checkpoint.marker import Manifest, digest_file
     from evods.model import InternLMConfig, InternLMForCausalLM
 
     config = InternLMConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,

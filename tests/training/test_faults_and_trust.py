@@ -57,7 +57,7 @@ def train(cfg, run_dir: str) -> dict:
     trainer = Trainer(cfg, run_dir=Path(run_dir))
     state = trainer.train()
     trainer.close()
-    loaded = trainer.checkpoints.loaded
+    loaded = trainer.checkpoints.loader.loaded
     return {"losses": [entry["loss"] for entry in state.history], "loaded": loaded and loaded.folder}
 
 
@@ -148,7 +148,7 @@ def resume_with_damage(save: str, run_root: str) -> dict:
     os.umask(0o022)
     import torch.distributed as dist
 
-    from evods.checkpoint.integrity import Manifest, digest_file
+    from evods.checkpoint.marker import Manifest, digest_file
     from evods.training.distributed import init_distributed
 
     init_distributed("torch")
@@ -309,8 +309,8 @@ def test_a_damaged_checkpoint_does_not_convert(tmp_path):
 ])
 def test_an_empty_or_corrupt_step_marker_is_one_line_for_every_reader(tmp_path, capsys, marker, reason):
     from evods.checkpoint.errors import DamagedCheckpoint
-    from evods.checkpoint.local_copy import read_catalogue_on_rank0
-    from evods.checkpoint.sources import ALL_CONTENT, LoadPlan
+    from evods.checkpoint.resume.catalogue import read_catalogue_on_rank0
+    from evods.checkpoint.resume.plan import ALL_CONTENT, LoadPlan
     from tools.convert2hf import main as convert2hf
     from tools.convert2native import main as convert2native
 
