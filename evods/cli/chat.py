@@ -78,8 +78,10 @@ def chat(args) -> None:
     sampling = generation_kwargs(args.temperature, args.top_p, args.top_k, args.repetition_penalty)
     if args.max_new_tokens < 1 or (args.max_context is not None and args.max_context < 2):
         raise InferenceError("give --max_new_tokens >= 1 and --max_context >= 2")
+    from evods.cli.model_folder import check_not_a_training_checkpoint
     from evods.inference.loading import load_for_inference  # torch and transformers: after the options are read
 
+    check_not_a_training_checkpoint(args.model)
     model, tokenizer = load_for_inference(args.model, args.rotary_type, args.dtype, args.device,
                                           args.trust_remote_code)
     limit, too_long = context_with_hint(model.config, args.max_context)

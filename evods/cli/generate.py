@@ -28,9 +28,9 @@ def generate(args) -> None:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer  # importing evods registered InternLM with them
 
-    from evods.inference.loading import check_not_a_training_checkpoint
+    from evods.cli.model_folder import check_not_a_training_checkpoint
 
-    check_not_a_training_checkpoint(Path(args.model))
+    check_not_a_training_checkpoint(args.model)
     # A missing local folder would otherwise be looked up on the Hub, and fail with a message about the network.
     if not (Path(args.model) / "config.json").is_file():
         raise OSError(f"--model {args.model}: no config.json there; give a folder written by tools/convert2hf.py")

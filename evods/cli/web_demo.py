@@ -36,8 +36,10 @@ def serve(args) -> None:
         raise InferenceError("the web demo needs Gradio: pip install -e .[web]  (or pip install 'evods[web]')") \
             from None
     generation_kwargs(args.temperature, args.top_p, args.top_k, args.repetition_penalty)  # checks the values
+    from evods.cli.model_folder import check_not_a_training_checkpoint
     from evods.inference.loading import load_for_inference
 
+    check_not_a_training_checkpoint(args.model)
     model, tokenizer = load_for_inference(args.model, args.rotary_type, args.dtype, args.device,
                                           args.trust_remote_code)
     demo = build_demo(model, tokenizer, args)

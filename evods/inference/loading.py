@@ -1,12 +1,10 @@
 """Loading an InternLM Hugging Face folder (an evods export or a published InternLM v1 model) for inference, with one
 line that says what to do when the folder cannot serve."""
 import json
-import os
 from pathlib import Path
 
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME, WEIGHTS_INDEX_NAME, WEIGHTS_NAME
 
 import evods.model  # noqa: F401  (registers InternLM with the Auto classes: published folders load evods' model)
 
@@ -14,7 +12,6 @@ from .options import DTYPE_NAMES, ROTARY_TYPES, InferenceError
 
 DTYPES = {name: getattr(torch, name) for name in DTYPE_NAMES}
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json")
-HF_WEIGHT_FILES = {SAFE_WEIGHTS_NAME, SAFE_WEIGHTS_INDEX_NAME, WEIGHTS_NAME, WEIGHTS_INDEX_NAME}
 MAX_LENGTH_UNCHECKED = 10**9
 
 
@@ -34,28 +31,10 @@ def pick_dtype(dtype: str, folder_dtype: torch.dtype | None, device: torch.devic
     return DTYPES[dtype]
 
 
-def check_not_a_training_checkpoint(folder: Path) -> None:
-    """An InferenceError with the convert2hf command when `folder` is a training checkpoint (evods' or InternEvo's
-    native one), which holds a config.json but no Hugging Face weights or tokenizer."""
-    names = os.listdir(folder) if folder.is_dir() else []
-    if set(names) & HF_WEIGHT_FILES:
-        return
-    # only for a folder without HF weights: the checkpoint package imports DeepSpeed, which takes seconds
-    from evods.checkpoint.formats.internevo import is_native_checkpoint
-    from evods.checkpoint.layout import MARKER_SUFFIX, TOPOLOGY
-
-    if TOPOLOGY in names or any(name.endswith(MARKER_SUFFIX) for name in names) or is_native_checkpoint(names):
-        target = Path("hf") / f"{folder.resolve().parent.name}_{folder.name}"
-        raise InferenceError(f"--model {folder} is a training checkpoint, not a Hugging Face folder: convert it first "
-                             f"(python tools/convert2hf.py --src {folder} --tgt {target} --tokenizer "
-                             f"tools/V7_sft.model; evods-convert2hf once installed), then give --model {target}")
-
-
 def read_folder_config(folder: Path) -> dict:
     """config.json of a Hugging Face folder, or an InferenceError that says what is wrong with the folder."""
     if not folder.is_dir():
         raise InferenceError(f"--model {folder}: no such folder (give a folder written by tools/convert2hf.py)")
-    check_not_a_training_checkpoint(folder)
     if not (folder / "config.json").is_file():
         raise InferenceError(f"--model {folder}: no config.json here; give a Hugging Face folder written by "
                              "tools/convert2hf.py, or an InternLM model folder")

@@ -1,7 +1,7 @@
 """tools/chat.py driven through a pseudo-terminal, as a person types (issue: inference people use): two turns whose
 replies are the model's greedy chat with the history, /reset, Ctrl-C in the middle of a reply, control characters of
-a reply shown escaped, and one clear line for a bad folder, a folder without a tokenizer, a training checkpoint and
-a prompt past the context with origin RoPE."""
+a reply shown escaped, and one clear line for a bad folder, a folder without a tokenizer, a training checkpoint (in
+every inference command) and a prompt past the context with origin RoPE."""
 import io
 import os
 import re
@@ -13,7 +13,9 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from evods.cli.chat import BOT, USER
 from evods.cli.chat import main as chat_main
+from evods.cli.eval_long_context import main as eval_long_context_main
 from evods.cli.generate import main as generate_main
+from evods.cli.serve import main as serve_main
 from evods.cli.web_demo import main as web_demo_main
 from testkit.chat_models import scripted_chat_folder, tiny_chat_folder
 from testkit.checkpoints import write_evods_checkpoint
@@ -152,7 +154,10 @@ def test_a_training_checkpoint_given_to_the_inference_tools_says_to_convert_it(t
     expected = (f"--model {checkpoint} is a training checkpoint, not a Hugging Face folder: convert it first (python "
                 f"tools/convert2hf.py --src {checkpoint} --tgt hf/ckpt_40 --tokenizer tools/V7_sft.model; "
                 "evods-convert2hf once installed), then give --model hf/ckpt_40")
-    for tool, extra in ((chat_main, []), (web_demo_main, []), (generate_main, ["--prompt", "Hi"])):
+    text = tmp_path / "text.txt"
+    text.write_text("Some text.")
+    for tool, extra in ((chat_main, []), (web_demo_main, []), (generate_main, ["--prompt", "Hi"]),
+                        (serve_main, ["--port", "0"]), (eval_long_context_main, ["--text", str(text)])):
         code = tool(["--model", str(checkpoint), *extra])
         err = capsys.readouterr().err
         assert code == 1 and err.strip().split(": ", 1)[1] == expected, (tool, err)
