@@ -6,7 +6,23 @@ import socket
 import threading
 
 
-class StallingEndpoint:
+class _Endpoint:
+    """Serves on a thread of its own from the start of a `with` block to its end."""
+    _thread: threading.Thread
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self._stop()
+        self._thread.join(timeout=5)
+
+    def _stop(self) -> None:
+        raise NotImplementedError
+
+
+class StallingEndpoint(_Endpoint):
     """Accepts every connection and never answers. With `answer_head`, a HEAD request is answered as S3 answers it for
     a 10-byte object (so a download gets past its size check and stalls on the GET). Use as a context manager."""
 
@@ -49,19 +65,14 @@ class StallingEndpoint:
         except OSError:  # closed at exit
             return
 
-    def __enter__(self) -> "StallingEndpoint":
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc_info) -> None:
+    def _stop(self) -> None:
         self._closed.set()
         self._listener.close()
         for connection in self._connections:
             connection.close()
-        self._thread.join(timeout=5)
 
 
-class NotFoundEndpoint:
+class NotFoundEndpoint(_Endpoint):
     """An HTTP server that answers every request with 404 and `body` (empty: a bare 404; else an HTML page), as a
     plain web server or reverse proxy does for a path it does not serve. Use as a context manager."""
 
@@ -88,11 +99,6 @@ class NotFoundEndpoint:
         self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
         self.url = f"http://127.0.0.1:{self._server.server_address[1]}"
 
-    def __enter__(self) -> "NotFoundEndpoint":
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc_info) -> None:
+    def _stop(self) -> None:
         self._server.shutdown()
         self._server.server_close()
-        self._thread.join(timeout=5)
