@@ -88,7 +88,8 @@ def train(args) -> None:
     if cfg.loss.label_smoothing:
         raise ConfigError(f"{args.config}: loss.label_smoothing: transformers' causal-LM loss has none; set it to 0")
     micro_num, total_steps, tp = cfg.data.micro_num, args.steps or cfg.data.total_steps, cfg.parallel.tensor.size
-    accelerator = deepspeed_accelerator(micro_num, cfg.hybrid_zero_optimizer.clip_grad_norm, tensor_parallel=tp)
+    accelerator = deepspeed_accelerator(micro_num, cfg.hybrid_zero_optimizer.clip_grad_norm, tensor_parallel=tp,
+                                        saves_model=args.output_dir is not None)
     logging.basicConfig(level=logging.INFO if accelerator.is_main_process else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(message)s")
     logger.info("%d processes (rank %d), DeepSpeed ZeRO stage %s, tensor parallel %d", accelerator.num_processes,

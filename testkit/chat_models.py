@@ -28,6 +28,33 @@ def tiny_chat_folder(folder: Path, seed: int = 0, **overrides) -> Path:
     return folder
 
 
+def scripted_chat_folder(folder: Path, reply: str) -> Path:
+    """An HF folder whose greedy chat reply to any query is exactly `reply`, then `<eoa>`: a bigram model (attention
+    and MLPs output zero, so each next token depends on the last one only) in which the prompt's last token
+    (`>:` of `<|Bot|>:`) leads to the reply's first token, each reply token to the next, and the last one to
+    `<eoa>`. For the tests of what the tools show of a reply (control characters)."""
+    from transformers import AutoTokenizer
+
+    model = tiny_model()
+    folder.mkdir(parents=True, exist_ok=True)
+    write_tokenizer(str(TOKENIZER), str(folder), model.config.max_position_embeddings)
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    reply_ids = tokenizer(reply, add_special_tokens=False).input_ids
+    assert tokenizer.decode(reply_ids) == reply, "the reply must round-trip through the tokenizer"
+    prompt_end = model.build_inputs(tokenizer, "any query")["input_ids"][0, -1].item()
+    chain = [prompt_end, *reply_ids, tokenizer.convert_tokens_to_ids("<eoa>")]
+    sources = chain[:-1]
+    assert len(set(sources)) == len(sources) <= model.config.hidden_size, "each token may lead to one next token"
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            parameter.fill_(1.0 if name.endswith("norm.weight") else 0.0)
+        for position, token in enumerate(sources):  # token -> a direction of its own -> the next token's logit
+            model.model.embed_tokens.weight[token, position] = 1.0
+            model.lm_head.weight[chain[position + 1], position] = 10.0
+    model.save_pretrained(folder)
+    return folder
+
+
 def tiny_export(root: Path, model_dict: dict, *convert2hf_args: str, seed: int = 0, name: str = "hf") -> Path:
     """root/`name`: tools/convert2hf.py's folder (with the tokenizer) of a random tiny InternLM written as an InternEvo
     native checkpoint (root/native, tensor-parallel 2, made on the first call) with InternEvo's `model` dict

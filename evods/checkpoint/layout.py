@@ -25,6 +25,7 @@ from evods.config import SNAPSHOT_FOLDER
 from evods.parallel import ParallelLayout
 from evods.storage import Storage
 
+from .errors import DamagedCheckpoint
 from .marker import Manifest
 
 logger = logging.getLogger("evods.checkpoint")
@@ -98,8 +99,13 @@ def complete_checkpoints(storage: Storage, report_incomplete: bool = False) -> l
 
 
 def read_manifest(storage: Storage, ref: CheckpointRef) -> Manifest:
+    """The content of `ref`'s marker; DamagedCheckpoint (one line) when it is not a valid marker of that step."""
     rel = join(ref.folder, marker_name(ref.step))
-    return Manifest.from_bytes(storage.read_bytes(rel), storage.uri(rel))
+    manifest = Manifest.from_bytes(storage.read_bytes(rel), storage.uri(rel))
+    if manifest.step != ref.step:
+        raise DamagedCheckpoint(f"the step marker {storage.uri(rel)} records step {manifest.step}: it was copied or "
+                                "renamed from another checkpoint; load the checkpoint before it")
+    return manifest
 
 
 def latest_checkpoint(storage: Storage) -> CheckpointRef | None:

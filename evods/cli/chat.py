@@ -11,8 +11,8 @@ import argparse
 import sys
 
 from evods.cli import run_cli
-from evods.inference import ROTARY_TYPES, ContextError, InferenceError, fit_turn, load_for_inference
-from evods.inference.loading import DTYPES, context_limit, uses_dynamic_ntk
+from evods.inference import DTYPE_NAMES, ROTARY_TYPES, ContextError, InferenceError, fit_turn
+from evods.inference.display import escape_controls
 
 USER, BOT = "User  >>> ", "Robot >>> "
 
@@ -32,7 +32,7 @@ def add_model_options(parser: argparse.ArgumentParser, rotary_type: bool = True)
     if rotary_type:
         parser.add_argument("--rotary_type", choices=ROTARY_TYPES, default=None,
                             help="dynamic NTK RoPE or plain RoPE past max_position_embeddings (default: the folder's)")
-    parser.add_argument("--dtype", choices=["auto", *DTYPES], default="auto",
+    parser.add_argument("--dtype", choices=["auto", *DTYPE_NAMES], default="auto",
                         help="auto: the folder's dtype on CUDA, float32 on the CPU")
     parser.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:1, ...")
     parser.add_argument("--trust_remote_code", action="store_true",
@@ -66,6 +66,8 @@ def main(argv=None) -> int:
 
 def context_with_hint(config, max_context: int | None) -> tuple[int, str]:
     """(tokens the conversation may fill, what to do when a prompt alone is longer)."""
+    from evods.inference.loading import context_limit, uses_dynamic_ntk
+
     limit = context_limit(config, max_context)
     if not uses_dynamic_ntk(config):
         return limit, "max_position_embeddings with origin RoPE; shorten it, or use --rotary_type dynamic"
@@ -76,6 +78,10 @@ def chat(args) -> None:
     sampling = generation_kwargs(args.temperature, args.top_p, args.top_k, args.repetition_penalty)
     if args.max_new_tokens < 1 or (args.max_context is not None and args.max_context < 2):
         raise InferenceError("give --max_new_tokens >= 1 and --max_context >= 2")
+    from evods.cli.model_folder import check_not_a_training_checkpoint
+    from evods.inference.loading import load_for_inference  # torch and transformers: after the options are read
+
+    check_not_a_training_checkpoint(args.model)
     model, tokenizer = load_for_inference(args.model, args.rotary_type, args.dtype, args.device,
                                           args.trust_remote_code)
     limit, too_long = context_with_hint(model.config, args.max_context)
@@ -114,14 +120,15 @@ def chat(args) -> None:
 
 
 def stream_reply(model, tokenizer, query: str, turn, sampling: dict) -> str | None:
-    """Print the reply as it grows; None when Ctrl-C stopped it (the turn is then not remembered)."""
+    """Print the reply as it grows, control characters escaped; None when Ctrl-C stopped it (the turn is then not
+    remembered). The history keeps the reply as the model wrote it."""
     print(BOT, end="", flush=True)
     replies = model.stream_chat(tokenizer, query, turn.history, max_new_tokens=turn.max_new_tokens, **sampling)
     printed = ""
     try:
         for reply, _ in replies:
             if reply.startswith(printed):
-                print(reply[len(printed):], end="", flush=True)
+                print(escape_controls(reply[len(printed):]), end="", flush=True)
                 printed = reply
         print()
         return printed

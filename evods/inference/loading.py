@@ -8,14 +8,11 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 import evods.model  # noqa: F401  (registers InternLM with the Auto classes: published folders load evods' model)
 
-ROTARY_TYPES = ("dynamic", "origin")
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+from .options import DTYPE_NAMES, ROTARY_TYPES, InferenceError
+
+DTYPES = {name: getattr(torch, name) for name in DTYPE_NAMES}
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json")
 MAX_LENGTH_UNCHECKED = 10**9
-
-
-class InferenceError(ValueError):
-    """A folder, option or prompt the inference tools cannot use; the message says what to do."""
 
 
 def pick_device(device: str = "auto") -> torch.device:

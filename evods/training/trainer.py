@@ -24,6 +24,7 @@ from evods.config import (
 from evods.data import BatchSkipper, batch_stats, build_train_loader, build_valid_loaders, check_tokenizer_fits
 from evods.model.registry import MODEL_INITIALIZER
 from evods.monitor import RunMonitor, StepProfiler
+from evods.monitor.plot import RUN_TIME_FORMAT
 from evods.parallel import (
     ParallelLayout,
     apply_tensor_parallel,
@@ -84,7 +85,7 @@ def seed_runtime_rng(seed: int, layout: ParallelLayout) -> None:
 
 def default_run_dir(job_name: str, launched: datetime) -> Path:
     """runs/{JOB_NAME}/{launch time}; the time is rank 0's (launch_time), so every rank writes to the same folder."""
-    return Path("runs") / job_name / launched.strftime("%Y%m%d-%H%M%S")
+    return Path("runs") / job_name / launched.strftime(RUN_TIME_FORMAT)
 
 
 class Trainer:
@@ -111,10 +112,12 @@ class Trainer:
         self.nodes = discover_nodes()
         log_layout(self.nodes, self.layout)
         model = build_model(cfg)
+        # The length of the rows the model trains on goes into the checkpoint's config.json, and so into the HF
+        # export, where the inference tools show it: max_position_embeddings alone says nothing about it.
+        model.config.training_packed_length = cfg.data.seq_len * cfg.data.micro_bsz
         self.checkpoints = CheckpointManager(cfg.ckpt, self.layout, model.config,
                                              cfg.source.text if cfg.source else None,
                                              on_failure=self.monitor.checkpoint_failed, nodes=self.nodes)
-        log_run_start(self.layout, launched, self.checkpoints.loader.plan)
         self.checkpoints.loader.load_model_weights(model)
         self.num_parameters = model.num_parameters()  # of the whole model, before tensor parallelism slices it
         self.grid = build_parallel_grid(self.layout)
@@ -142,6 +145,8 @@ class Trainer:
         self.valid_loaders = build_valid_loaders(cfg.data, self.layout.dp_rank, self.layout.dp)
         self.state = TrainState()
         self.checkpoints.loader.restore(self._checkpoint_parts())
+        # once loaded: after a fallback from a damaged checkpoint, the one actually loaded
+        log_run_start(self.layout, launched, self.checkpoints.loader.loaded)
         self.profiler = None
         if profiling and self.layout.dp_rank == 0 and self.layout.tp_rank == 0:  # one trace per stage, as InternEvo
             worker = f"rank{rank}_dp{self.layout.dp_rank}_pp{self.layout.pp_rank}_tp{self.layout.tp_rank}"
@@ -167,12 +172,12 @@ class Trainer:
     def train(self) -> TrainState:
         """Train to total_steps. A stop signal (SIGTERM, SIGINT) finishes the running step, cuts validation short
         and saves the last finished step before anything else (see stopping.py for the launchers' time limits)."""
-        stop = GracefulStop()
+        stop = GracefulStop(speaks=self.engine.is_log_rank)
         try:
             self._train(stop)
             self.checkpoints.saver.close()  # waits for background uploads and writes the last checkpoint's marker
             if stop.requested and self.checkpoints.saver.saving:
-                stop.saved(f"checkpoint of step {self.state.step_count} complete")
+                stop.saved(f"saved step {self.state.step_count}: its checkpoint is complete")
         finally:
             stop.close()
         self._log_summary()
