@@ -17,6 +17,7 @@ class ParallelSizes:
     dp_rank: int
     pp_rank: int
     tp_rank: int
+    zero_stage: int = 1  # DeepSpeed's ZeRO stage over the data-parallel ranks (config parallel.zero, schema)
 
     @property
     def world(self) -> int:
@@ -28,10 +29,11 @@ class ParallelSizes:
         return self.dp_rank == 0 and self.tp_rank == 0 and self.pp_rank == self.pp - 1
 
 
-def parallel_sizes(rank: int, world_size: int, pp: int, tp: int) -> ParallelSizes:
+def parallel_sizes(rank: int, world_size: int, pp: int, tp: int, zero_stage: int = 1) -> ParallelSizes:
     """Place `rank` in the InternEvo layout; the caller has validated that pp * tp divides world_size."""
     dp = world_size // (pp * tp)
-    return ParallelSizes(dp=dp, pp=pp, tp=tp, dp_rank=rank // (pp * tp), pp_rank=(rank // tp) % pp, tp_rank=rank % tp)
+    return ParallelSizes(dp=dp, pp=pp, tp=tp, dp_rank=rank // (pp * tp), pp_rank=(rank // tp) % pp, tp_rank=rank % tp,
+                         zero_stage=zero_stage)
 
 
 def build_process_topology(sizes: ParallelSizes) -> ProcessTopology:

@@ -6,6 +6,7 @@ from torch import nn
 from torch.profiler import record_function
 
 from evods.data import IGNORE_INDEX
+from evods.parallel.zero import full_shape
 
 from .linear_cross_entropy import auto_chunk_tokens, chunked_linear_cross_entropy, liger_linear_cross_entropy
 
@@ -103,7 +104,7 @@ class PackedLoss:
         self.metrics = metrics
         self.vocab = vocab or FullLogits()  # how the head covers the vocabulary: whole, or split over tensor ranks
         self.kernel = kernel
-        self.chunk_tokens = chunk_tokens or auto_chunk_tokens(*head.weight.shape)
+        self.chunk_tokens = chunk_tokens or auto_chunk_tokens(*full_shape(head.weight))
 
     def __call__(self, hidden_states: torch.Tensor, targets) -> torch.Tensor:
         labels, type_ids = (t.reshape(-1) for t in targets)

@@ -21,6 +21,7 @@ from evods.config import (
     check_topology,
     write_deepspeed_config,
 )
+from evods.config.checks import offloads_to_cpu_adam
 from evods.data import BatchSkipper, batch_stats, build_train_loader, build_valid_loaders
 from evods.data.tokenize import check_tokenizer_fits
 from evods.model.registry import MODEL_INITIALIZER
@@ -34,6 +35,7 @@ from evods.parallel import (
     parallel_sizes,
 )
 from evods.parallel.nodes import discover_nodes
+from evods.parallel.zero import full_shape, model_construction
 from evods.progress import Progress
 
 from .distributed import init_distributed
@@ -98,7 +100,7 @@ class Trainer:
         self.cfg = cfg
         rank, world = dist.get_rank(), dist.get_world_size()
         topology = check_topology(cfg, world)
-        self.sizes = parallel_sizes(rank, world, pp=topology.pp, tp=topology.tp)
+        self.sizes = parallel_sizes(rank, world, pp=topology.pp, tp=topology.tp, zero_stage=cfg.parallel.zero.stage)
         self._owns_monitor = monitor is None
         self.monitor = monitor or RunMonitor.for_run(cfg, rank, world)
         check_device(cfg, device_type=_device_type())
@@ -107,7 +109,9 @@ class Trainer:
         if cfg.model.tf32:  # "torch.tf32": fp32 weights, TF32 matmuls and convolutions (InternEvo's launch.py)
             torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
         with torch.device("meta"):  # shapes only: a model too large for the machine is refused before it is built
-            check_memory(cfg, build_model(cfg), self.sizes, _device_type())
+            whole_model = build_model(cfg)
+            check_memory(cfg, whole_model, self.sizes, _device_type())
+        self.num_parameters = whole_model.num_parameters()  # before tensor parallelism or ZeRO-3 splits them
         seed_everything(seed)
         log_parallel_setup(self.sizes, seed, rank)
         launched = launch_time()
@@ -115,14 +119,15 @@ class Trainer:
 
         self.nodes = discover_nodes()
         log_layout(self.nodes, self.sizes)
-        model = build_model(cfg)
+        self.grid = build_parallel_grid(self.sizes)
+        ds_config = build_deepspeed_config(cfg, self.sizes.dp, ds_config_override)
+        with model_construction(self.sizes.zero_stage, ds_config, self.grid.get_data_parallel_group()):
+            model = build_model(cfg)
         self.checkpoints = CheckpointManager(cfg.ckpt, self.sizes, model.config,
                                              cfg.source.text if cfg.source else None,
                                              on_failure=self.monitor.checkpoint_failed, nodes=self.nodes)
         log_run_start(self.sizes, launched, self.checkpoints.plan)
         self.checkpoints.load_model_weights(model)
-        self.num_parameters = model.num_parameters()  # of the whole model, before tensor parallelism slices it
-        self.grid = build_parallel_grid(self.sizes)
         tensor_group = self.grid.get_tensor_model_parallel_group()
         apply_tensor_parallel(model, tensor_group, self.sizes.tp_rank, self.sizes.tp, cfg.model.embed_split_hidden,
                               cfg.model.parallel_output, sequence_parallel=topology.sequence_parallel)
@@ -142,7 +147,6 @@ class Trainer:
         # decides whether the model's own logits are gathered); the loss applies that shard.
         vocab = VocabParallelLogits(tensor_group) if self.sizes.tp > 1 else FullLogits()
         loss_fn = build_loss(cfg, model.lm_head, vocab, _device_type(), self.token_metrics)
-        ds_config = build_deepspeed_config(cfg, self.sizes.dp, ds_config_override)
         self.engine = TrainEngine(model, self._make_optimizer, ds_config, self.sizes, loss_fn, self.grid)
         self.lr_scheduler = LRScheduler(self.engine.optimizer, cfg.adam.lr, cfg.lr_scheduler)
         self.beta2_scheduler = Beta2Scheduler(self.engine.optimizer, cfg.beta2_scheduler)
@@ -162,13 +166,24 @@ class Trainer:
             write_deepspeed_config(ds_config, self.run_dir)
             tb_dir = Path(cfg.tensorboard_folder) if cfg.tensorboard_folder else self.run_dir / "tensorboard"
             self.sink = MetricsSink(self.run_dir, tb_dir if cfg.enable_tb else None)
-        logger.info("run folder: %s; model parameters: %.2fM", self.run_dir, self.num_parameters / 1e6)
+        zero = cfg.parallel.zero
+        offloaded = [part for part, on in (("optimizer", zero.offload_optimizer), ("parameters", zero.offload_param))
+                     if on]
+        logger.info("run folder: %s; model parameters: %.2fM; DeepSpeed ZeRO-%d over %d data-parallel ranks%s",
+                    self.run_dir, self.num_parameters / 1e6, zero.stage, self.sizes.dp,
+                    f", {' and '.join(offloaded)} offloaded to host memory" if offloaded else "")
 
     def _checkpoint_parts(self) -> TrainingParts:
         return TrainingParts(engine=self.engine.engine, context=self.state, sampler=self.sampler,
                              lr_scheduler=self.lr_scheduler, beta2_scheduler=self.beta2_scheduler)
 
     def _make_optimizer(self, params) -> torch.optim.Optimizer:
+        """InternEvo's AdamW; under optimizer offload on GPUs DeepSpeed's CPU Adam in AdamW mode (the same update,
+        vectorised on the host), which DeepSpeed requires there (evods.config.checks.offloads_to_cpu_adam)."""
+        if offloads_to_cpu_adam(self.cfg, _device_type()):
+            from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+            return DeepSpeedCPUAdam(params, adamw_mode=True, **adamw_kwargs(self.cfg))
         return torch.optim.AdamW(params, **adamw_kwargs(self.cfg))
 
     def train(self) -> TrainState:
@@ -272,6 +287,7 @@ class Trainer:
             **batch_stats(batch["position_ids"]),
             "adam_beta2": self.beta2_scheduler.get_beta2(),
             "fwd_bwd_time": round(elapsed, 2),
+            "zero_stage": self.sizes.zero_stage,
         }
         if self.peak:
             metrics["mfu"] = round(achieved / self.peak, 4)
@@ -325,7 +341,7 @@ def build_loss(cfg: TrainConfig, head: torch.nn.Module, vocab, device_type: str,
     except ValueError as error:
         raise (cfg.source.error("loss.kernel", str(error)) if cfg.source else ConfigError(str(error))) from None
     loss_fn = PackedLoss(head, cfg.loss.label_smoothing, metrics, vocab, kernel, cfg.loss.chunk_tokens)
-    local_vocab, hidden_size = head.weight.shape
+    local_vocab, hidden_size = full_shape(head.weight)
     logger.info("loss: %s kernel%s, head %d x %d%s", kernel,
                 f", {loss_fn.chunk_tokens} tokens per chunk" if kernel == "chunked" else "", local_vocab, hidden_size,
                 " (this rank's vocabulary shard)" if vocab_split else "")

@@ -77,3 +77,36 @@ def test_tight_memory_warns_and_a_small_model_fits_the_host(monkeypatch, caplog)
     monkeypatch.setenv(MEMORY_LIMIT_ENV, "lots")
     with pytest.raises(ConfigError, match=r"EVODS_MEMORY_LIMIT_GB='lots' must be a number of GiB"):
         check_memory(cfg, meta_model(cfg), sizes, "cpu")
+
+
+def test_zero_stages_and_offload_change_the_estimate(monkeypatch):
+    def estimate(zero: dict, dp: int = 4):
+        # gradients are whole only in DeepSpeed's reduce bucket, here smaller than the model
+        cfg = tiny_config(model=dict(dtype="torch.float32"), parallel=dict(zero=zero),
+                          hybrid_zero_optimizer=dict(reduce_bucket_size=4096))
+        return estimate_memory(cfg, meta_model(cfg), dp=dp, pp=1, tp=1)
+
+    params = build_model(tiny_config(model=dict(dtype="torch.float32"))).num_parameters()
+    one, two, three = estimate(dict(stage=1)), estimate(dict(stage=2)), estimate(dict(stage=3))
+    assert one.zero_stage == 1 and three.zero_stage == 3
+    assert two.weights == one.weights and two.gradients < one.gradients and two.optimizer == one.optimizer
+    assert three.weights < one.weights / 2 and three.gradients == two.gradients  # the weights are sharded too
+    assert three.build < one.build / 2  # zero.Init: this rank's shards and one module whole
+    assert one.offloaded == 0 and one.on_device == one.training
+    optimizer = estimate(dict(stage=3, offload_optimizer=True))
+    assert optimizer.offloaded == optimizer.optimizer + 4 * params // 4  # master + Adam and the fp32 gradient shard
+    both = estimate(dict(stage=3, offload_optimizer=True, offload_param=True))
+    assert both.on_device < optimizer.on_device < three.on_device and both.training == three.training
+    # the 7B quickstart on 8 ranks, checked on a GPU of 40 GiB: ZeRO-1 does not fit, ZeRO-3 does; with everything
+    # offloaded the host takes the optimizer
+    cfg = load_config(QUICKSTART)
+    sizes = parallel_sizes(0, 8, pp=1, tp=1)
+    monkeypatch.setenv(MEMORY_LIMIT_ENV, "40")
+    with pytest.raises(ConfigError, match=r"ZeRO-1 over 8"):
+        check_memory(cfg, meta_model(cfg), sizes, "cuda")
+    cfg.parallel.zero.stage = 3
+    fits = check_memory(cfg, meta_model(cfg), sizes, "cuda")
+    assert fits.on_device < 40 * GIB and fits.zero_stage == 3
+    cfg.parallel.zero.offload_optimizer = cfg.parallel.zero.offload_param = True
+    offloaded = check_memory(cfg, meta_model(cfg), sizes, "cuda")
+    assert offloaded.on_device < fits.on_device and offloaded.offloaded > 10 * GIB
