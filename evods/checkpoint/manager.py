@@ -168,7 +168,7 @@ class CheckpointManager:
         return reads + own_deepspeed_files(files, Reader(collective.rank(), self.sizes, _stage_layers(engine)))
 
     def _topology(self) -> dict:
-        return {"dp": self.sizes.dp, "pp": self.sizes.pp, "tp": self.sizes.tp}
+        return {"dp": self.sizes.dp, "pp": self.sizes.pp, "tp": self.sizes.tp, "zero_stage": self.sizes.zero_stage}
 
     def _fallback_after(self, plan: LoadPlan, exc: Exception) -> LoadPlan:
         """The plan to try after `plan` failed to load with `exc` (on every rank alike), or raise: once per job."""
@@ -305,7 +305,7 @@ class CheckpointManager:
             layout.SAMPLER: to_bytes(parts.sampler.state_dict()),
             layout.SCHEDULERS: to_bytes({"lr": parts.lr_scheduler.state_dict(),
                                          "beta2": parts.beta2_scheduler.state_dict()}),
-            layout.TOPOLOGY: json.dumps({"dp": self.sizes.dp, "pp": self.sizes.pp, "tp": self.sizes.tp,
+            layout.TOPOLOGY: json.dumps({**self._topology(),
                                          "num_layers": self.model_config.num_hidden_layers}).encode(),
             layout.MODEL_CONFIG: self.model_config.to_json_string().encode(),
         }
