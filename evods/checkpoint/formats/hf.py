@@ -3,13 +3,16 @@ Llama, with the tokenizer.
 
 HF InternLM and HF Llama share evods' parameter names, so only the config differs between the two layouts.
 """
+import json
 import os
 
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import AutoTokenizer, GenerationConfig, LlamaConfig, LlamaForCausalLM
 from transformers.utils.hub import convert_file_size_to_int
 
 from evods.model import InternLMConfig, InternLMForCausalLM
+from evods.model.configuration_internlm import rope_keys
+from evods.model.modeling_internlm import chat_stop_ids
 from evods.storage.local import DEFAULT_FILE_MODE, current_umask
 
 from ..errors import CheckpointError
@@ -26,16 +29,13 @@ BOS_ID, EOS_ID, PAD_ID = 1, 2, 2
 def llama_config(config: InternLMConfig) -> LlamaConfig:
     """The Llama config computing what the InternLM one does: q/k/v/o bias (unless bias-free), no MLP bias,
     rotate-half RoPE."""
-    rotary = config.rotary
-    rope = {"rope_type": "default", "rope_theta": float(rotary["base"])}
-    if rotary["type"] == "dynamic":
-        rope = {**rope, "rope_type": "dynamic", "factor": float(rotary.get("scaling_factor", 1.0))}
     return LlamaConfig(
         vocab_size=config.vocab_size, hidden_size=config.hidden_size, intermediate_size=config.intermediate_size,
         num_hidden_layers=config.num_hidden_layers, num_attention_heads=config.num_attention_heads,
         num_key_value_heads=config.num_attention_heads, hidden_act=config.hidden_act,
         max_position_embeddings=config.max_position_embeddings, rms_norm_eps=config.rms_norm_eps,
-        attention_bias=config.bias, mlp_bias=False, tie_word_embeddings=False, rope_parameters=rope,
+        attention_bias=config.bias, mlp_bias=False, tie_word_embeddings=False,
+        rope_parameters=rope_keys(config.rotary)["rope_parameters"],
         bos_token_id=BOS_ID, eos_token_id=EOS_ID, pad_token_id=PAD_ID,
     )
 
@@ -82,5 +82,27 @@ def export_hf(src: str, tgt: str, tokenizer: str | None = None, fmt: str = "inte
     for name in os.listdir(tgt):
         if name.endswith(".safetensors"):
             os.chmod(os.path.join(tgt, name), DEFAULT_FILE_MODE & ~current_umask())
+    if fmt == "llama":  # InternLMConfig writes them itself
+        add_rope_keys(tgt, config.rotary)
     if tokenizer:
         write_tokenizer(tokenizer, tgt, config.max_position_embeddings)
+        write_generation_config(tgt)
+
+
+def add_rope_keys(folder: str, rotary: dict) -> None:
+    """config.json with the RoPE keys of both transformers schemas: transformers 5's LlamaConfig writes only
+    `rope_parameters`, which readers on the 4.x schema (vLLM, SGLang, LMDeploy, transformers 4) do not know."""
+    path = os.path.join(folder, "config.json")
+    with open(path) as f:
+        config = json.load(f)
+    with open(path, "w") as f:
+        json.dump({**config, **rope_keys(rotary)}, f, indent=2, sort_keys=True)
+        f.write("\n")
+
+
+def write_generation_config(folder: str) -> None:
+    """generation_config.json with the chat's end ids (EOS, and `<eoa>` where the tokenizer has it): `generate`,
+    evods-serve, vLLM, LMDeploy and SGLang end a reply at any of them."""
+    generation = GenerationConfig.from_pretrained(folder)
+    generation.eos_token_id = chat_stop_ids(AutoTokenizer.from_pretrained(folder))
+    generation.save_pretrained(folder)
