@@ -14,7 +14,7 @@ import numpy as np
 from evods.data.binfile import BinWriter, meta_path
 from evods.data.errors import DataError
 from evods.data.hf_source import open_hf_dataset
-from evods.data.tokenize import load_tokenizer
+from evods.data.tokenizer_model import load_tokenizer
 
 MAX_LENGTH = 2048
 SPLIT_SEED = 0

@@ -16,9 +16,9 @@ import torch
 import torch.distributed as dist
 
 from evods.config import ConfigError, LossConfig, TrainConfig
-from evods.parallel import ParallelSizes
+from evods.parallel import ParallelLayout
 
-from .linear_cross_entropy import auto_chunk_tokens
+from .loss_kernels import auto_chunk_tokens
 
 logger = logging.getLogger("evods")
 
@@ -83,10 +83,10 @@ def head_loss_bytes(loss: LossConfig, tokens: int, hidden: int, local_vocab: int
     return chunk * local_vocab * 8 + (tokens + local_vocab) * hidden * 4
 
 
-def estimate_memory(cfg: TrainConfig, model: torch.nn.Module, dp: int, pp: int, tp: int) -> MemoryEstimate:
-    """The rank of the heaviest pipeline stage, for DeepSpeed's ZeRO stage of `cfg.parallel.zero` (`_zero_state`),
-    and roughly the activations of the micro-batches in flight. `model`: the whole model, best built on the meta
-    device."""
+def estimate_memory(cfg: TrainConfig, model: torch.nn.Module, layout: ParallelLayout) -> MemoryEstimate:
+    """The rank of the heaviest pipeline stage, for the layout's ZeRO stage and offload (`_zero_state`), and roughly
+    the activations of the micro-batches in flight. `model`: the whole model, best built on the meta device."""
+    pp, tp = layout.pp, layout.tp
     data, dtype = cfg.data, cfg.model.dtype
     hidden, vocab = cfg.model.hidden_size, cfg.model.vocab_size
     embedding, layer, head, total = _parameter_counts(model, cfg.model.num_layers)
@@ -107,13 +107,13 @@ def estimate_memory(cfg: TrainConfig, model: torch.nn.Module, dp: int, pp: int, 
         activations = max(in_flight * kept, kept + logits)
     params = params / tp
     largest_module = max(embedding, layer, head) / tp
-    return _zero_state(cfg, params, total, largest_module, dp, activations)
+    return _zero_state(cfg, layout, params, total, largest_module, activations)
 
 
-def _zero_state(cfg: TrainConfig, params: float, total: int, largest_module: float, dp: int,
+def _zero_state(cfg: TrainConfig, layout: ParallelLayout, params: float, total: int, largest_module: float,
                 activations: float) -> MemoryEstimate:
-    """Weights, gradients and optimizer states of `params` parameters per rank, sharded over `dp` ranks as DeepSpeed's
-    ZeRO stages do (fp32 master weights and Adam states, 12 bytes a parameter, in every stage):
+    """Weights, gradients and optimizer states of `params` parameters per rank, sharded over the data ranks as
+    DeepSpeed's ZeRO stages do (fp32 master weights and Adam states, 12 bytes a parameter, in every stage):
     - ZeRO-1: weights and gradients in model.dtype whole; bf16 adds DeepSpeed's whole fp32 gradient accumulation
       buffer, other dtypes a 1/dp fp32 gradient shard for the update;
     - ZeRO-2: whole weights; gradients only transiently whole, in the reduce bucket (hybrid_zero_optimizer.
@@ -122,24 +122,24 @@ def _zero_state(cfg: TrainConfig, params: float, total: int, largest_module: flo
       under zero.Init: this rank's shards, and one module whole in fp32 at a time.
     Offload moves the fp32 shards, their gradients and the Adam states (optimizer) and the weight shards
     (parameters) to host memory."""
-    zero, width = cfg.parallel.zero, torch.finfo(cfg.model.dtype).bits // 8
+    dp, stage, width = layout.dp, layout.zero_stage, torch.finfo(cfg.model.dtype).bits // 8
     bucket = min(cfg.hybrid_zero_optimizer.reduce_bucket_size, params)
     gradient_shard = params * 4 / dp
     build = total * 4
-    if zero.stage == 1:
+    if stage == 1:
         weights = params * width
         gradients = params * width + (params * 4 if cfg.model.dtype == torch.bfloat16 else gradient_shard)
     else:
         weights = params * width
         gradients = bucket * width + gradient_shard
-        if zero.stage == 3:
+        if stage == 3:
             weights = params * width / dp + largest_module * width
             build = total * width / dp + largest_module * 4
     optimizer = params * ADAM_AND_MASTER_BYTES / dp
-    offloaded = (optimizer + gradient_shard if zero.offload_optimizer else 0) + \
-        (params * width / dp if zero.offload_param else 0)
+    offloaded = (optimizer + gradient_shard if layout.offload_optimizer else 0) + \
+        (params * width / dp if layout.offload_param else 0)
     return MemoryEstimate(build=int(build), weights=int(weights), gradients=int(gradients), optimizer=int(optimizer),
-                          activations=int(activations), zero_stage=zero.stage, offloaded=int(offloaded))
+                          activations=int(activations), zero_stage=stage, offloaded=int(offloaded))
 
 
 def _read_int(path: Path) -> int | None:
@@ -191,18 +191,18 @@ def _free_memory(device_type: str, local_ranks: int) -> tuple[int | None, int | 
     return host_share, host_share, where
 
 
-def check_memory(cfg: TrainConfig, model: torch.nn.Module, sizes: ParallelSizes, device_type: str) -> MemoryEstimate:
+def check_memory(cfg: TrainConfig, model: torch.nn.Module, layout: ParallelLayout, device_type: str) -> MemoryEstimate:
     """Refuse (ConfigError, on every rank alike) a run whose estimate exceeds the free memory; warn when it is close.
     `model`: the whole model built on the meta device.
 
     On the CPU the model is built and trained in host memory, so the larger of the two counts; on a GPU the fp32
     build happens in host memory and training on the device.
     """
-    estimate = estimate_memory(cfg, model, sizes.dp, sizes.pp, sizes.tp)
+    estimate = estimate_memory(cfg, model, layout)
     device_free, host_free, measured = _free_memory(device_type, _ranks_on_this_host())
     built = "this rank's ZeRO-3 shards" if estimate.zero_stage == 3 else "the whole model in fp32"
     build = f"building {built}: {readable(estimate.build)}"
-    training = f"training: {estimate.describe_training(sizes.dp)}"
+    training = f"training: {estimate.describe_training(layout.dp)}"
     needs = []  # (needed bytes, free bytes, what is needed)
     if device_type == "cpu" and device_free is not None:
         needs.append((max(estimate.training, estimate.build), device_free, f"{build}; {training}"))

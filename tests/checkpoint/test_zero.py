@@ -32,10 +32,10 @@ def train(cfg, run_dir: str, save_first: str | None = None) -> dict:
     override = zero3_ds_config(run_dir) if cfg.parallel.zero.stage == 3 else None
     trainer = Trainer(cfg, run_dir=Path(run_dir), ds_config_override=override)
     if save_first:
-        trainer.checkpoints.save(save_first, SAVE_AT, trainer._checkpoint_parts())
+        trainer.checkpoints.saver.save(save_first, SAVE_AT, trainer._checkpoint_parts())
     state = trainer.train()
     trainer.close()
-    loaded = trainer.checkpoints.loaded
+    loaded = trainer.checkpoints.loader.loaded
     return {"losses": [entry["loss"] for entry in state.history], "step_count": state.step_count,
             "loaded": loaded and loaded.folder}
 

@@ -6,7 +6,7 @@ import re
 
 import pytest
 
-from evods.config import ConfigError, build_deepspeed_config, check_device, load_config
+from evods.config import ConfigError, build_deepspeed_config, check_device, check_topology, load_config
 from evods.config.checks import cpu_adam_problem
 
 TINY = """\
@@ -32,16 +32,17 @@ def refusal(tmp_path, parallel: str, extra: str = "") -> str:
 def test_internevo_fsdp_and_evods_key_select_the_stage_and_offload(tmp_path):
     assert config(tmp_path, "dict(zero1=8)").parallel.zero.stage == 1  # the default, as before
     fsdp = config(tmp_path, "dict(zero1=dict(size=-1, fsdp=True))")
-    assert fsdp.parallel.zero.stage == 3
-    assert build_deepspeed_config(fsdp, dp_size=4)["zero_optimization"]["stage"] == 3
+    assert fsdp.parallel.zero.stage == 3 and check_topology(fsdp, 4).zero_stage == 3
+    assert build_deepspeed_config(fsdp, check_topology(fsdp, 4))["zero_optimization"]["stage"] == 3
     assert config(tmp_path, "dict(zero1=dict(size=-1, fsdp=True), zero=dict(stage=3))").parallel.zero.stage == 3
     offloaded = config(tmp_path, "dict(zero=dict(stage=3, offload_optimizer=True, offload_param=True))")
-    ds = build_deepspeed_config(offloaded, dp_size=2)
+    ds = build_deepspeed_config(offloaded, check_topology(offloaded, 2))
     assert ds["zero_optimization"] == {"stage": 3, "reduce_bucket_size": 512 * 1024 * 1024,
                                        "offload_optimizer": {"device": "cpu"}, "offload_param": {"device": "cpu"}}
     # evods hands DeepSpeed the optimizer (CPU Adam on GPUs, torch's AdamW where the accelerator is the CPU)
     assert ds["zero_force_ds_cpu_optimizer"] is False
-    two = build_deepspeed_config(config(tmp_path, "dict(zero=dict(stage=2, offload_optimizer=True))"), dp_size=2)
+    stage2 = config(tmp_path, "dict(zero=dict(stage=2, offload_optimizer=True))")
+    two = build_deepspeed_config(stage2, check_topology(stage2, 2))
     assert two["zero_optimization"]["stage"] == 2 and "offload_param" not in two["zero_optimization"]
 
 
@@ -50,7 +51,7 @@ def test_a_deepspeed_json_merges_but_cannot_change_the_stage_or_offload(tmp_path
     override = tmp_path / "ds.json"
     override.write_text(json.dumps({"zero_optimization": {"stage": 2, "overlap_comm": True,
                                                           "contiguous_gradients": False}}))
-    merged = build_deepspeed_config(cfg, dp_size=2, override_path=override)["zero_optimization"]
+    merged = build_deepspeed_config(cfg, check_topology(cfg, 2), override_path=override)["zero_optimization"]
     assert merged["overlap_comm"] is True and merged["contiguous_gradients"] is False and merged["stage"] == 2
     for content, key, wanted in [
         ({"zero_optimization": {"stage": 3}}, r"zero_optimization\.stage=3",
@@ -60,7 +61,7 @@ def test_a_deepspeed_json_merges_but_cannot_change_the_stage_or_offload(tmp_path
     ]:
         override.write_text(json.dumps(content))
         with pytest.raises(ConfigError) as refused:
-            build_deepspeed_config(cfg, dp_size=2, override_path=override)
+            build_deepspeed_config(cfg, check_topology(cfg, 2), override_path=override)
         assert re.search(f"{key} conflicts with the training config{wanted}; remove it", str(refused.value)), \
             str(refused.value)
         assert "set parallel.zero" in str(refused.value) and "\n" not in str(refused.value)

@@ -65,7 +65,7 @@ def unsharded_build_matches(cfg, trainer, run_root: str) -> dict:
     torch.manual_seed(1024)
     whole = build_model(cfg)
     torch.manual_seed(1024)
-    ds_config = build_deepspeed_config(cfg, trainer.sizes.dp, ds_override(run_root, {}))
+    ds_config = build_deepspeed_config(cfg, trainer.layout, ds_override(run_root, {}))
     with model_construction(3, ds_config, trainer.grid.get_data_parallel_group()):
         sharded = build_model(cfg)
     params = list(sharded.parameters())
