@@ -37,7 +37,7 @@ def train(cfg, run_dir: str, save_first: str | None = None) -> dict:
     trainer.close()
     loaded = trainer.checkpoints.loader.loaded
     return {"losses": [entry["loss"] for entry in state.history], "step_count": state.step_count,
-            "loaded": loaded and loaded.folder}
+            "loaded": loaded and loaded.describe().rsplit("/", 1)[-1]}  # the loaded checkpoint's folder name
 
 
 def two_ranks(root: str) -> dict:
