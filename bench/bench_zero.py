@@ -6,7 +6,7 @@ step. Each variant runs in its own 4 processes:
 - memory, from torch's own allocation records (the profiler's memory events; a process's RSS would mostly show
   start-up and the allocator's caching), from just before the model is built to the end of the second step: what a
   rank holds after the step (weights, gradients, optimizer states and DeepSpeed's buffers: the model, gradient and
-  optimizer state of the issue) and its peak (activations and transient buckets included). Under offload, the part
+  optimizer state) and its peak (activations and transient buckets included). Under offload, the part
   DeepSpeed keeps in its host-side buffers (the optimizer's fp32 shards, their gradients and Adam states; with
   parameter offload the parameter shards too) is counted apart: on a GPU it leaves the device. On this CPU machine
   everything is host memory, so offload changes where the bytes would be, not how many;

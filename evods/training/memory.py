@@ -118,12 +118,15 @@ def _zero_state(cfg: TrainConfig, layout: ParallelLayout, params: float, total: 
       buffer, other dtypes a 1/dp fp32 gradient shard for the update;
     - ZeRO-2: whole weights; gradients only transiently whole, in the reduce bucket (hybrid_zero_optimizer.
       reduce_bucket_size elements at most), and as a 1/dp fp32 shard;
-    - ZeRO-3: 1/dp of the weights plus the largest module gathered whole, gradients as ZeRO-2. The model is built
-      under zero.Init: this rank's shards, and one module whole in fp32 at a time.
+    - ZeRO-3: 1/dp of the weights plus the largest module gathered whole, gradients as ZeRO-2 but with the whole
+      reduce bucket, which DeepSpeed's stage-3 optimizer allocates up front (contiguous_gradients; InternEvo's
+      default of 512M elements is 2 GiB in fp32). The model is built under zero.Init: this rank's shards, and one
+      module whole in fp32 at a time.
     Offload moves the fp32 shards, their gradients and the Adam states (optimizer) and the weight shards
     (parameters) to host memory."""
     dp, stage, width = layout.dp, layout.zero_stage, torch.finfo(cfg.model.dtype).bits // 8
-    bucket = min(cfg.hybrid_zero_optimizer.reduce_bucket_size, params)
+    bucket = cfg.hybrid_zero_optimizer.reduce_bucket_size if stage == 3 else \
+        min(cfg.hybrid_zero_optimizer.reduce_bucket_size, params)
     gradient_shard = params * 4 / dp
     build = total * 4
     if stage == 1:
