@@ -3,13 +3,16 @@
     {save_ckpt_folder}/{step}/             normal checkpoints
     {save_ckpt_folder}/snapshot/{0|1}/     the two alternating snapshots
         deepspeed/...        DeepSpeed's own files: model states (mp_rank_{t}_model_states.pt, or per pipeline layer
-                             layer_XX-model_{t}-model_states.pt when pipelined; t the tensor rank) and ZeRO-1
-                             optimizer partitions, written by engine.save_checkpoint
+                             layer_XX-model_{t}-model_states.pt when pipelined; t the tensor rank; under ZeRO-3
+                             zero_pp_rank_{d}_mp_rank_00_model_states.pt per data rank d, without the weights) and
+                             ZeRO optimizer partitions (under ZeRO-3 they hold the only copy of the weights, fp32),
+                             written by engine.save_checkpoint
         context.pt           training counters (step_count, batch_count, consumed tokens, skips)
         sampler.pt           the data sampler's state
         schedulers.pt        {"lr": ..., "beta2": ...}
         rng/rank{r}.pt       python, numpy and torch RNG states of rank r
-        topology.json        {"dp", "pp", "tp", "num_layers"} of the run that saved it
+        topology.json        {"dp", "pp", "tp", "zero_stage", "num_layers"} of the run that saved it (zero_stage is
+                             missing before evods ran ZeRO-2/3: 1)
         config.json          the model's Hugging Face config
         config_file.py       the training config file's text
         {step}.step          the completion marker, written last (InternEvo's name): JSON with the size and
@@ -50,9 +53,10 @@ def marker_name(step: int) -> str:
 
 
 def topology_record(parallel: ParallelLayout, num_layers: int) -> dict:
-    """What topology.json holds: the parallel sizes and the layer count of the run that saved (a resume compares
-    its own with them)."""
-    return {"dp": parallel.dp, "pp": parallel.pp, "tp": parallel.tp, "num_layers": num_layers}
+    """What topology.json holds: the parallel sizes, the ZeRO stage and the layer count of the run that saved (a
+    resume compares its own with them)."""
+    return {"dp": parallel.dp, "pp": parallel.pp, "tp": parallel.tp, "zero_stage": parallel.zero_stage,
+            "num_layers": num_layers}
 
 
 def join(*parts: str) -> str:

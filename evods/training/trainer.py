@@ -21,6 +21,7 @@ from evods.config import (
     check_topology,
     write_deepspeed_config,
 )
+from evods.config.checks import offloads_to_cpu_adam
 from evods.data import BatchSkipper, batch_stats, build_train_loader, build_valid_loaders, check_tokenizer_fits
 from evods.model.registry import MODEL_INITIALIZER
 from evods.monitor import RunMonitor, StepProfiler
@@ -32,6 +33,7 @@ from evods.parallel import (
     parallel_seeds,
 )
 from evods.parallel.nodes import discover_nodes
+from evods.parallel.zero import model_construction
 from evods.progress import Progress
 
 from .distributed import init_distributed
@@ -103,7 +105,9 @@ class Trainer:
         if cfg.model.tf32:  # "torch.tf32": fp32 weights, TF32 matmuls and convolutions (InternEvo's launch.py)
             torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
         with torch.device("meta"):  # shapes only: a model too large for the machine is refused before it is built
-            check_memory(cfg, build_model(cfg), self.layout, _device_type())
+            whole_model = build_model(cfg)
+            check_memory(cfg, whole_model, self.layout, _device_type())
+        self.num_parameters = whole_model.num_parameters()  # before tensor parallelism or ZeRO-3 splits them
         seed_everything(seed)
         log_parallel_setup(self.layout, seed, rank)
         launched = launch_time()
@@ -111,7 +115,10 @@ class Trainer:
 
         self.nodes = discover_nodes()
         log_layout(self.nodes, self.layout)
-        model = build_model(cfg)
+        self.grid = build_parallel_grid(self.layout)
+        ds_config = build_deepspeed_config(cfg, self.layout, ds_config_override)
+        with model_construction(self.layout.zero_stage, ds_config, self.grid.get_data_parallel_group()):
+            model = build_model(cfg)
         # The length of the rows the model trains on goes into the checkpoint's config.json, and so into the HF
         # export, where the inference tools show it: max_position_embeddings alone says nothing about it.
         model.config.training_packed_length = cfg.data.seq_len * cfg.data.micro_bsz
@@ -119,8 +126,6 @@ class Trainer:
                                              cfg.source.text if cfg.source else None,
                                              on_failure=self.monitor.checkpoint_failed, nodes=self.nodes)
         self.checkpoints.loader.load_model_weights(model)
-        self.num_parameters = model.num_parameters()  # of the whole model, before tensor parallelism slices it
-        self.grid = build_parallel_grid(self.layout)
         tensor_group = self.grid.get_tensor_model_parallel_group()
         apply_tensor_parallel(model, tensor_group, self.layout.tp_rank, self.layout.tp, cfg.model.embed_split_hidden,
                               cfg.model.parallel_output, sequence_parallel=self.layout.sequence_parallel)
@@ -138,7 +143,6 @@ class Trainer:
         self.skip_batch = BatchSkipper(cfg.data.skip_ranges)
         self.token_metrics = TokenMetrics(num_types=len(self.dataset_types))
         loss_fn = build_loss(cfg, self.layout, model.lm_head, _device_type(), self.token_metrics, tensor_group)
-        ds_config = build_deepspeed_config(cfg, self.layout, ds_config_override)
         self.engine = TrainEngine(model, self._make_optimizer, ds_config, self.layout, loss_fn, self.grid)
         self.lr_scheduler = LRScheduler(self.engine.optimizer, cfg.adam.lr, cfg.lr_scheduler)
         self.beta2_scheduler = Beta2Scheduler(self.engine.optimizer, cfg.beta2_scheduler)
@@ -160,13 +164,24 @@ class Trainer:
             write_deepspeed_config(ds_config, self.run_dir)
             tb_dir = Path(cfg.tensorboard_folder) if cfg.tensorboard_folder else self.run_dir / "tensorboard"
             self.sink = MetricsSink(self.run_dir, tb_dir if cfg.enable_tb else None)
-        logger.info("run folder: %s; model parameters: %.2fM", self.run_dir, self.num_parameters / 1e6)
+        parallel = self.layout
+        offloaded = [part for part, on in (("optimizer", parallel.offload_optimizer),
+                                           ("parameters", parallel.offload_param)) if on]
+        logger.info("run folder: %s; model parameters: %.2fM; DeepSpeed ZeRO-%d over %d data-parallel ranks%s",
+                    self.run_dir, self.num_parameters / 1e6, parallel.zero_stage, parallel.dp,
+                    f", {' and '.join(offloaded)} offloaded to host memory" if offloaded else "")
 
     def _checkpoint_parts(self) -> TrainingParts:
         return TrainingParts(engine=self.engine.engine, context=self.state, sampler=self.sampler,
                              lr_scheduler=self.lr_scheduler, beta2_scheduler=self.beta2_scheduler)
 
     def _make_optimizer(self, params) -> torch.optim.Optimizer:
+        """InternEvo's AdamW; under optimizer offload on GPUs DeepSpeed's CPU Adam in AdamW mode (the same update,
+        vectorised on the host), which DeepSpeed requires there (evods.config.checks.offloads_to_cpu_adam)."""
+        if offloads_to_cpu_adam(self.cfg, _device_type()):
+            from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+            return DeepSpeedCPUAdam(params, adamw_mode=True, **adamw_kwargs(self.cfg))
         return torch.optim.AdamW(params, **adamw_kwargs(self.cfg))
 
     def train(self) -> TrainState:
@@ -270,6 +285,7 @@ class Trainer:
             **batch_stats(batch["position_ids"]),
             "adam_beta2": self.beta2_scheduler.get_beta2(),
             "fwd_bwd_time": round(elapsed, 2),
+            "zero_stage": self.layout.zero_stage,
         }
         if self.peak:
             metrics["mfu"] = round(achieved / self.peak, 4)

@@ -17,7 +17,7 @@ logger = logging.getLogger("evods.checkpoint")
 class Catalogue:
     files: dict[str, int | None]
     manifest: Manifest | None
-    topology: dict | None  # {"dp", "pp", "tp", "num_layers"} of the saving run (evods checkpoints)
+    topology: dict | None  # {"dp", "pp", "tp", "zero_stage", "num_layers"} of the saving run (evods checkpoints)
 
 
 def read_catalogue_on_rank0(plan: LoadPlan) -> Catalogue:
