@@ -1,6 +1,6 @@
 """Chat in the terminal with an InternLM Hugging Face folder (a tools/convert2hf.py export, or a published InternLM v1
-model): the reply is printed as it is generated, the conversation is InternLM's chat format, and the oldest turns
-are left out when the conversation outgrows the context.
+model): the reply is printed as it is generated, the conversation is the model's chat format (the folder's, or
+--chat_template), and the oldest turns are left out when the conversation outgrows the context.
 
     python tools/chat.py --model hf/my_model
     python tools/chat.py --model hf/my_model --rotary_type origin --temperature 0   # greedy, plain RoPE
@@ -13,6 +13,7 @@ import sys
 from evods.cli import run_cli
 from evods.inference import ROTARY_TYPES, ContextError, InferenceError, fit_turn, load_for_inference
 from evods.inference.loading import DTYPES
+from evods.model.chat_templates import CHAT_TEMPLATES
 
 USER, BOT = "User  >>> ", "Robot >>> "
 
@@ -54,6 +55,8 @@ def chat_parser(description: str, max_context_help: str) -> argparse.ArgumentPar
     add_model_options(parser)
     add_generation_options(parser)
     parser.add_argument("--max_context", type=int, default=None, help=max_context_help)
+    parser.add_argument("--chat_template", choices=tuple(CHAT_TEMPLATES), default=None,
+                        help="the chat format (default: the folder's, chat_template in config.json)")
     return parser
 
 
@@ -78,10 +81,11 @@ def chat(args) -> None:
     if args.max_new_tokens < 1 or (args.max_context is not None and args.max_context < 2):
         raise InferenceError("give --max_new_tokens >= 1 and --max_context >= 2")
     model, tokenizer = load_for_inference(args.model, args.rotary_type, args.dtype, args.device,
-                                          args.trust_remote_code)
+                                          args.trust_remote_code, args.chat_template)
     limit, too_long = context_limit(model.config, args.max_context)
     rotary = model.config.rotary["type"]
     print(f"Chatting with {args.model} ({model.config.num_hidden_layers} layers, {rotary} RoPE, "
+          f"{model.config.chat_template} chat format, "
           f"max_position_embeddings {model.config.max_position_embeddings}, context {limit} tokens, "
           f"{model.dtype} on {model.device}).\n/reset forgets the conversation, /exit quits, Ctrl-C stops a reply.")
     history: list[tuple[str, str]] = []

@@ -189,7 +189,9 @@ class _JsonListReader:
         yield items, self._bytes_read - last_bytes
 
 
-def _chunks(path, fmt):
+def read_chunks(path, fmt):
+    """(items, input bytes) chunks of a file: items are (line number, raw line bytes) for txt and jsonl, (line number,
+    parsed record) for a JSON list."""
     return _JsonListReader(path).chunks() if fmt == "json" else _line_chunks(path)
 
 
@@ -246,18 +248,19 @@ def _encode_in_worker(items, opts):
     return encode_chunk(_worker_sp, items, opts)
 
 
-class _InOrderPool:
-    """Apply `_encode_in_worker` to chunks in `workers` processes, yielding results in input order with a bounded
-    number of chunks in flight (Pool.imap would read the whole input ahead)."""
+class InOrderPool:
+    """Apply `work(items, *args)` to chunks in `workers` processes (each set up by `initializer(*initargs)`), yielding
+    results in input order with a bounded number of chunks in flight (Pool.imap would read the whole input ahead)."""
 
-    def __init__(self, workers, tokenizer_path):
-        self._pool = multiprocessing.get_context().Pool(workers, _init_worker, (str(tokenizer_path),))
+    def __init__(self, workers, work, initializer=None, initargs=()):
+        self._pool = multiprocessing.get_context().Pool(workers, initializer, initargs)
+        self._work = work
         self._depth = 2 * workers
 
-    def map(self, chunks, opts):
+    def map(self, chunks, *args):
         pending = deque()
         for items, size in chunks:
-            pending.append((self._pool.apply_async(_encode_in_worker, (items, opts)), size))
+            pending.append((self._pool.apply_async(self._work, (items, *args)), size))
             if len(pending) > self._depth:
                 result, done = pending.popleft()
                 yield result.get(), done
@@ -293,12 +296,12 @@ def tokenize_file(input_path, bin_path, tokenizer_path=None, *, text_key="text",
     tokenizer_path = find_tokenizer(tokenizer_path)
     stats = TokenizeStats()
     start = time.perf_counter()
-    pool = _InOrderPool(workers, tokenizer_path) if workers > 1 else None
+    pool = InOrderPool(workers, _encode_in_worker, _init_worker, (str(tokenizer_path),)) if workers > 1 else None
     try:
         with BinWriter(bin_path, mode) as writer, tqdm(total=input_path.stat().st_size, unit="B", unit_scale=True,
                                                        unit_divisor=1024, desc=input_path.name,
                                                        disable=not progress) as bar:
-            chunks = _chunks(input_path, opts.fmt)
+            chunks = read_chunks(input_path, opts.fmt)
             if pool:
                 results = pool.map(chunks, opts)
             else:

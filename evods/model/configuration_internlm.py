@@ -1,15 +1,17 @@
 """InternLM (v1) configuration, with the field names of InternLM's published Hugging Face config.json.
 
-This file imports only transformers and runs under transformers 4.36 to 5.x: `save_pretrained` copies it next to the
-weights, so that the folder loads with `trust_remote_code=True` where evods is not installed (see modeling_internlm.py).
-That is why it is written in the classic `__init__` style, which every version accepts, rather than as transformers
-5's dataclass fields.
+This file imports only transformers and chat_templates.py and runs under transformers 4.36 to 5.x: `save_pretrained`
+copies it next to the weights, so that the folder loads with `trust_remote_code=True` where evods is not installed
+(see modeling_internlm.py). That is why it is written in the classic `__init__` style, which every version accepts,
+rather than as transformers 5's dataclass fields.
 """
 
 try:
     from transformers import PreTrainedConfig
 except ImportError:  # transformers 4 spells it PretrainedConfig
     from transformers import PretrainedConfig as PreTrainedConfig
+
+from .chat_templates import CHAT_TEMPLATES, DEFAULT_CHAT_TEMPLATE
 
 ROTARY_TYPES = ("origin", "dynamic")
 PACKED_ATTENTION_BACKENDS = ("auto", "flash", "varlen", "flex", "loop", "mask")
@@ -33,6 +35,9 @@ class InternLMConfig(PreTrainedConfig):
     - "mask": one SDPA call with a block-diagonal causal mask (a slow, independent reference).
     Padded batches and generation with a cache use transformers' `attn_implementation` ("sdpa", "eager",
     "flash_attention_2", ... on transformers 5; "sdpa" or "eager" on transformers 4) instead.
+
+    `chat_template` names the model's chat format in evods.model.chat_templates ("internlm", "internlm2", "llama3"):
+    the format of `model.chat` and of the exported tokenizer's chat template.
     """
 
     model_type = "internlm"
@@ -56,6 +61,7 @@ class InternLMConfig(PreTrainedConfig):
         bias=True,
         rotary=None,
         packed_attention="auto",
+        chat_template=DEFAULT_CHAT_TEMPLATE,
         **kwargs,
     ):
         self.vocab_size = vocab_size
@@ -72,6 +78,7 @@ class InternLMConfig(PreTrainedConfig):
         # InternEvo's HF default; scaling_factor defaults to 1
         self.rotary = rotary if rotary is not None else {"base": 10000, "type": "dynamic"}
         self.packed_attention = packed_attention
+        self.chat_template = chat_template
         self._check()
         super().__init__(pad_token_id=pad_token_id, bos_token_id=bos_token_id, eos_token_id=eos_token_id,
                          tie_word_embeddings=tie_word_embeddings, **kwargs)
@@ -85,6 +92,10 @@ class InternLMConfig(PreTrainedConfig):
             raise ValueError(
                 f"InternLMConfig.packed_attention is {self.packed_attention!r}; "
                 f"expected one of {PACKED_ATTENTION_BACKENDS}."
+            )
+        if self.chat_template not in CHAT_TEMPLATES:
+            raise ValueError(
+                f"InternLMConfig.chat_template is {self.chat_template!r}; expected one of {tuple(CHAT_TEMPLATES)}."
             )
         if self.hidden_size % self.num_attention_heads:
             raise ValueError(
