@@ -32,10 +32,11 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from evods.data.alpaca import alpaca_query
 from evods.data.binfile import format_bin_lines
 from evods.data.errors import DataError
 from evods.data.splits import SPLITS, SplitWriters, split_paths, validation_mask
-from evods.data.tokenize import InOrderPool, find_tokenizer, input_format, read_chunks
+from evods.data.tokenize import InOrderPool, duration_and_rate, find_tokenizer, input_format, read_chunks
 from evods.model.chat_templates import CHAT_TEMPLATES, ChatTemplate, check_tokenizer, tokens_missing
 
 TOKENIZER_TEMPLATE = "tokenizer"  # --template: the tokenizer folder's own chat_template
@@ -79,13 +80,12 @@ class ChatStats:
             setattr(self, name, getattr(self, name) + getattr(other, name))
 
     def summary(self, output, template: str, max_length: int) -> str:
-        rate = self.input_bytes / 2**20 / max(self.seconds, 1e-9)
         zero = (f"; {self.untrainable_zero_ids} reply tokens have id 0, which InternEvo's labels cannot mark as "
                 "trained" if self.untrainable_zero_ids else "")
         return (f"wrote {self.conversations['train']} train and {self.conversations['valid']} valid conversations "
                 f"({self.tokens} tokens, {self.trained_tokens} trained) in the {template} format under {output}; "
                 f"longer than {max_length} tokens: {self.truncated} truncated, {self.dropped} dropped; skipped "
-                f"{self.bad} bad records{zero}; {self.seconds:.1f} s ({rate:.2f} MB/s)")
+                f"{self.bad} bad records{zero}; {duration_and_rate(self.seconds, self.input_bytes)}")
 
 
 # ---- records to messages
@@ -135,8 +135,6 @@ def _turns(turns, key: str, role_key: str, content_key: str, roles: dict) -> lis
 
 
 def _alpaca_turns(record: dict) -> list[dict]:
-    from evods.data.alpaca import alpaca_query
-
     fields = {name: record.get(name) or "" for name in ("instruction", "input", "output")}
     history = record.get("history") or []
     if any(not isinstance(value, str) for value in fields.values()) or not isinstance(history, list) or any(
@@ -255,18 +253,6 @@ def encode_chunk(tokenizer, items, job: ChatJob):
     stats.bad = len(bad)
     bad.sort()
     return {split: format_bin_lines(lists) for split, lists in samples.items()}, stats, bad
-
-
-_worker_tokenizer = None
-
-
-def _init_worker(tokenizer_folder: str):
-    global _worker_tokenizer
-    _worker_tokenizer = _load_fast_tokenizer(tokenizer_folder)
-
-
-def _encode_in_worker(items, job):
-    return encode_chunk(_worker_tokenizer, items, job)
 
 
 # ---- the tokenizer and the template
@@ -400,7 +386,7 @@ def tokenize_conversations(input_path, output_path, tokenizer_path=None, *, temp
             raise DataError(f"{input_path} has no records; nothing was written")
         planned = {"train": int((~is_valid).sum()), "valid": int(is_valid.sum())}
         writers = SplitWriters(split_paths(output_path, type_name, f"{input_path.stem}.bin"), planned, overwrite)
-        pool = InOrderPool(workers, _encode_in_worker, _init_worker, (tokenizer_folder,)) if workers > 1 else None
+        pool = InOrderPool(workers, encode_chunk, _load_fast_tokenizer, tokenizer_folder) if workers > 1 else None
         total = len(dataset) if hf else input_path.stat().st_size
         try:
             with tqdm(total=total, unit="rows" if hf else "B", unit_scale=not hf, unit_divisor=1024,

@@ -20,11 +20,6 @@ from dataclasses import dataclass
 ROLES = ("system", "user", "assistant")
 
 
-def _unknown_role(format_name: str) -> str:
-    return ("{{ raise_exception('" + format_name + " chat roles are system, user and assistant, not ' + "
-            "message['role']) }}")
-
-
 @dataclass(frozen=True)
 class ChatTemplate:
     name: str
@@ -34,22 +29,26 @@ class ChatTemplate:
     source: str  # whose format this is
 
 
+def _jinja(family: str, turns: dict[str, tuple[str, str]], generation_prompt: str,
+           content: str = "message['content']") -> str:
+    """A Jinja chat template: BOS, then each message as its role's (prefix, suffix) around `content`, then, when asked
+    for, the generation prompt; a role not in `turns` is refused."""
+    branches = "{% el".join(f"if message['role'] == {role!r} %}}{{{{ {prefix!r} + {content} + {suffix!r} }}}}"
+                            for role, (prefix, suffix) in turns.items())
+    roles = ", ".join(turns)
+    return ("{{ bos_token }}{% for message in messages %}{% " + branches + "{% else %}"
+            "{{ raise_exception('" + family + " chat roles are " + roles + ", not ' + message['role']) }}"
+            "{% endif %}{% endfor %}{% if add_generation_prompt %}{{ " + repr(generation_prompt) + " }}{% endif %}")
+
+
 INTERNLM = ChatTemplate(
     name="internlm",
     # InternLM's chat format as InternLM's own HF code builds it (InternLM/InternLM, commit b9c813a,
     # tools/transformers/internlm_model/modeling_internlm.py, `build_inputs`, BOS added by its tokenizer) and as
     # InternEvo's tools/alpaca_tokenizer.py trains it; a system message as InternEvo's later `build_inputs`
     # (`meta_instruction`) writes it.
-    jinja=(
-        "{{ bos_token }}"
-        "{% for message in messages %}"
-        "{% if message['role'] == 'system' %}{{ '<|System|>:' + message['content'] + '\\n' }}"
-        "{% elif message['role'] == 'user' %}{{ '<|User|>:' + message['content'] + '<eoh>\\n' }}"
-        "{% elif message['role'] == 'assistant' %}{{ '<|Bot|>:' + message['content'] + '<eoa>\\n' }}"
-        "{% else %}" + _unknown_role("InternLM") + "{% endif %}"
-        "{% endfor %}"
-        "{% if add_generation_prompt %}{{ '<|Bot|>:' }}{% endif %}"
-    ),
+    jinja=_jinja("InternLM", {"system": ("<|System|>:", "\n"), "user": ("<|User|>:", "<eoh>\n"),
+                              "assistant": ("<|Bot|>:", "<eoa>\n")}, "<|Bot|>:"),
     end_of_turn="<eoa>",
     special_tokens=("<eoh>", "<eoa>"),
     source="InternLM v1 (InternLM-chat-7b, InternEvo's SFT tools)",
@@ -59,15 +58,8 @@ INTERNLM2 = ChatTemplate(
     name="internlm2",
     # InternLM2-chat's ChatML (InternLM's chat/chat_format.md; InternEvo's transformers/internlm2_model
     # `build_inputs`, BOS added by its tokenizer).
-    jinja=(
-        "{{ bos_token }}"
-        "{% for message in messages %}"
-        "{% if message['role'] in ['system', 'user', 'assistant'] %}"
-        "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
-        "{% else %}" + _unknown_role("InternLM2") + "{% endif %}"
-        "{% endfor %}"
-        "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
-    ),
+    jinja=_jinja("InternLM2", {role: (f"<|im_start|>{role}\n", "<|im_end|>\n") for role in ROLES},
+                 "<|im_start|>assistant\n"),
     end_of_turn="<|im_end|>",
     special_tokens=("<|im_start|>", "<|im_end|>"),
     source="InternLM2-chat (ChatML)",
@@ -77,16 +69,9 @@ LLAMA3 = ChatTemplate(
     name="llama3",
     # Meta's Llama-3 chat format (meta-llama/llama3, llama/tokenizer.py, `ChatFormat`): contents stripped, as
     # Meta-Llama-3-8B-Instruct's own chat_template does with `| trim`.
-    jinja=(
-        "{{ bos_token }}"
-        "{% for message in messages %}"
-        "{% if message['role'] in ['system', 'user', 'assistant'] %}"
-        "{{ '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n' + message['content'] | trim"
-        " + '<|eot_id|>' }}"
-        "{% else %}" + _unknown_role("Llama-3") + "{% endif %}"
-        "{% endfor %}"
-        "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{% endif %}"
-    ),
+    jinja=_jinja("Llama-3", {role: (f"<|start_header_id|>{role}<|end_header_id|>\n\n", "<|eot_id|>")
+                             for role in ROLES}, "<|start_header_id|>assistant<|end_header_id|>\n\n",
+                 content="message['content'] | trim"),
     end_of_turn="<|eot_id|>",
     special_tokens=("<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"),
     source="Llama-3-Instruct",

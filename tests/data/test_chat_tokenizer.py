@@ -13,15 +13,10 @@ from evods.checkpoint.formats.hf_tokenizer import write_tokenizer
 from evods.data.binfile import TokenizedDataset
 from evods.model.chat_templates import INTERNLM
 from testkit.chat_models import llama3_tokenizer_folder
+from testkit.conversations import MESSAGES, SYSTEM, TURNS, samples, trained_runs
 from testkit.paths import DATA, TOKENIZER
 from tools.chat_tokenizer import main as chat_tokenizer
 
-SYSTEM = "你是一个乐于助人的助手. Answer briefly."
-TURNS = [("Hello, who are you?", "I am a small model, 很高兴认识你."),
-         ("Traduis « café crème » en anglais.", "Coffee with cream — très bien."),
-         ("2+2?", "4, of course 😀")]
-MESSAGES = [{"role": "system", "content": SYSTEM}] + [
-    {"role": role, "content": text} for query, reply in TURNS for role, text in (("user", query), ("assistant", reply))]
 SHAREGPT = {"system": SYSTEM, "conversations": [
     {"from": "human" if m["role"] == "user" else "gpt", "value": m["content"]} for m in MESSAGES[1:]]}
 ALPACA = {"system": SYSTEM, "history": [list(turn) for turn in TURNS[:-1]], "instruction": TURNS[-1][0], "input": "",
@@ -51,21 +46,6 @@ def write_jsonl(path: Path, records) -> Path:
     path.write_text("".join((r if isinstance(r, str) else json.dumps(r, ensure_ascii=False)) + "\n" for r in records),
                     encoding="utf-8")
     return path
-
-
-def samples(path: Path) -> list[list[int]]:
-    return [TokenizedDataset(path)[i].tolist() for i in range(len(TokenizedDataset(path)))]
-
-
-def trained_runs(tokens) -> list[list[int]]:
-    """The maximal runs of trained (positive) ids."""
-    runs, run = [], []
-    for token in [*tokens, 0]:
-        if token > 0:
-            run.append(token)
-        elif run:
-            runs, run = [*runs, run], []
-    return runs
 
 
 def test_messages_sharegpt_and_alpaca_give_one_conversation_with_only_replies_trained(tmp_path, internlm_folder,

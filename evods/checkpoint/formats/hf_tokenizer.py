@@ -145,7 +145,7 @@ def _read_json(path: str):
 
 def _write_json(path: str, content, indent=None) -> None:
     with open(path, "w", encoding="utf-8") as f:
-        json.dump(content, f, indent=indent, ensure_ascii=False)
+        f.write(json.dumps(content, indent=indent, ensure_ascii=False))  # one C call; json.dump encodes in Python
 
 
 def _fast_tokenizer_json(folder: str) -> dict:
