@@ -5,6 +5,7 @@ and exactly the replies and their end-of-turn tokens are trained; the templates 
 model fine-tuned on the tool's data (InternLM2's ChatML, named in the training config) gives the same greedy tokens
 through `model.chat` and through the exported folder's `apply_chat_template` + `generate`, with and without evods."""
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -13,6 +14,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import evods  # noqa: F401  (registers the Auto classes)
+from evods.inference import InferenceError, load_for_inference
 from evods.model.chat_templates import CHAT_TEMPLATES
 from testkit import compat_env
 from testkit.chat_models import llama3_tokenizer_folder
@@ -45,6 +47,7 @@ import torch, transformers
 from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
 spec, result = json.loads(sys.argv[1]), {"version": transformers.__version__}
+# (to a file: transformers 5's AutoTokenizer prints a remote-code prompt for the folder's config on stdout)
 as_list = lambda ids: list(ids["input_ids"] if hasattr(ids, "keys") else ids)  # 5.x: a BatchEncoding
 for name, folder in spec["folders"].items():
     entry = result[name] = {"eos": GenerationConfig.from_pretrained(folder).eos_token_id}
@@ -64,7 +67,7 @@ with torch.no_grad():
     reply, _ = model.chat(tokenizer, spec["query"], spec["history"], meta_instruction=spec["system"], **spec["greedy"])
 result["chat"] = {"reply": reply, "prompt": seen[0][0, :prompt.shape[1]].tolist(),
                   "new": seen[0][0, prompt.shape[1]:].tolist()}
-print(json.dumps(result))
+json.dump(result, open(sys.argv[2], "w"))
 """
 
 
@@ -141,9 +144,10 @@ def serve(exports, version: str | None, tmp_path: Path) -> dict:
             "end_of_turn": {name: template.end_of_turn for name, template in CHAT_TEMPLATES.items()},
             "messages": MESSAGES, "prompt_messages": MESSAGES[:-1], "query": QUERY, "history": HISTORY,
             "system": SYSTEM, "greedy": GREEDY}
-    run = compat_env.run(version, SERVE, json.dumps(spec, ensure_ascii=False), cwd=tmp_path)
+    run = compat_env.run(version, SERVE, json.dumps(spec, ensure_ascii=False), str(tmp_path / "served.json"),
+                         cwd=tmp_path)
     assert run.returncode == 0, run.stderr[-3000:]
-    return json.loads(run.stdout.strip().splitlines()[-1])
+    return json.loads((tmp_path / "served.json").read_text())
 
 
 @pytest.mark.parametrize("version", ["4.36.2", None], ids=["4.36.2", "installed"])
@@ -182,7 +186,8 @@ def test_training_data_and_the_exported_template_agree_and_the_fine_tuned_model_
     assert served["generate"] == served["chat"]["new"] == new and served["chat"]["reply"] == reply
 
 
-def test_the_templates_render_the_published_prompts(exports):
+def test_the_templates_render_the_published_prompts_and_refuse_a_tokenizer_without_their_tokens(exports, tmp_path,
+                                                                                                 capsys):
     # InternLM v1: InternLM's published `build_inputs` (InternLM/InternLM b9c813a, tools/transformers/internlm_model/
     # modeling_internlm.py), BOS from its tokenizer
     internlm = "".join(f"<|User|>:{q}<eoh>\n<|Bot|>:{r}<eoa>\n" for q, r in HISTORY) + \
@@ -219,3 +224,14 @@ def test_the_templates_render_the_published_prompts(exports):
                                                              add_generation_prompt=generation_prompt)
                                for jinja in (CHAT_TEMPLATES["llama3"].jinja, LLAMA3_PUBLISHED))
             assert ours == published and ours.startswith("<|begin_of_text|><|start_header_id|>")
+
+    # a tokenizer without the template's tokens: model.chat, the chat tools and the exporter say so in one line
+    missing = "has no <eoh>, <eoa> token(s), which the 'internlm' chat template needs"
+    with pytest.raises(ValueError, match=re.escape(missing)):
+        AutoModelForCausalLM.from_pretrained(exports["internlm"][0]).build_inputs(tokenizer, QUERY)
+    with pytest.raises(InferenceError, match=re.escape(missing)):
+        load_for_inference(exports["llama3"][0], chat_template="internlm")
+    native = exports["internlm"][0].parent / "native"
+    assert convert2hf(["--src", str(native), "--tgt", str(tmp_path / "hf"), "--tokenizer", str(exports["llama3"][0]),
+                       "--chat_template", "internlm"]) == 1
+    assert missing in capsys.readouterr().err and not (tmp_path / "hf").exists()

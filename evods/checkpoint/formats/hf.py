@@ -8,7 +8,7 @@ import os
 import tempfile
 
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
 from transformers.utils.hub import convert_file_size_to_int
 
 from evods.model import InternLMConfig, InternLMForCausalLM
@@ -96,7 +96,10 @@ def export_hf(src: str, tgt: str, tokenizer: str | None = None, fmt: str = "inte
         model = InternLMForCausalLM(config) if fmt == "internlm" else LlamaForCausalLM(llama_config(config))
         load_weights(model, weights, src)
         if stop_ids:
-            model.generation_config.eos_token_id = stop_ids
+            # a config of its own: transformers 4.x replaces one marked as derived from the model config
+            # (`_from_model_config`) by the model config's single EOS at `generate` time
+            model.generation_config = GenerationConfig(bos_token_id=config.bos_token_id, eos_token_id=stop_ids,
+                                                       pad_token_id=config.pad_token_id)
         model.to(target_dtype).save_pretrained(tgt, max_shard_size=max_shard_size)
         copy_tokenizer_files(tokenizer_files, tgt)
     # safetensors writes its files 0600 whatever the umask; a teammate or a serving process must read them
