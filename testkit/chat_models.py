@@ -1,9 +1,10 @@
 """Tiny random InternLM folders with the real tokenizer, as tools/convert2hf.py writes them, for the inference tests
-(chat, streaming, the terminal chat, the web demo, the long-context evaluation)."""
+(chat, streaming, the terminal chat, the web demo, the long-context evaluation, the server) and the export tests."""
 from pathlib import Path
 
 import torch
 
+from evods.checkpoint.formats.hf import write_generation_config
 from evods.checkpoint.formats.hf_tokenizer import write_tokenizer
 from evods.model import InternLMConfig, InternLMForCausalLM
 from evods.model.chat_templates import INTERNLM
@@ -24,6 +25,7 @@ def tiny_chat_folder(folder: Path, seed: int = 0, **overrides) -> Path:
     model = tiny_model(seed, **overrides)
     model.save_pretrained(folder)
     write_tokenizer(str(TOKENIZER), str(folder), model.config.max_position_embeddings, INTERNLM)
+    write_generation_config(str(folder), INTERNLM)
     return folder
 
 
@@ -59,3 +61,27 @@ def llama3_tokenizer_folder(folder: Path, chat_template: str | None = None, voca
               **({"chat_template": chat_template} if chat_template is not None else {})}
     (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2), encoding="utf-8")
     return folder
+
+
+def tiny_export(root: Path, model_dict: dict, *convert2hf_args: str, seed: int = 0, name: str = "hf",
+                tokenizer: Path = TOKENIZER) -> Path:
+    """root/`name`: tools/convert2hf.py's folder (with `tokenizer`) of a random tiny InternLM written as an InternEvo
+    native checkpoint (root/native, tensor-parallel 2, made on the first call) with InternEvo's `model` dict
+    `model_dict`. The weights are large enough (std 0.3) that logits differ clearly between tokens."""
+    from evods.checkpoint.formats.internevo import write_native_checkpoint
+    from evods.checkpoint.formats.internevo_layout import NativeLayout
+    from evods.model import config_from_model_dict
+    from tools.convert2hf import main as convert2hf
+
+    if not (root / "native").exists():
+        torch.manual_seed(seed)
+        model = InternLMForCausalLM(config_from_model_dict(model_dict))
+        with torch.no_grad():
+            for parameter_name, param in model.named_parameters():
+                param.normal_(1.0 if "norm" in parameter_name else 0.0, 0.3)
+        write_native_checkpoint(str(root / "native"), model.state_dict(), model_dict,
+                                NativeLayout(tp=2, pp=1, num_layers=model_dict["num_layers"]), step=1)
+    code = convert2hf(["--src", str(root / "native"), "--tgt", str(root / name), "--tokenizer", str(tokenizer),
+                       *convert2hf_args])
+    assert code == 0, f"convert2hf exited with {code}"
+    return root / name

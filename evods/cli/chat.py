@@ -12,7 +12,7 @@ import sys
 
 from evods.cli import run_cli
 from evods.inference import ROTARY_TYPES, ContextError, InferenceError, fit_turn, load_for_inference
-from evods.inference.loading import DTYPES
+from evods.inference.loading import DTYPES, context_limit, uses_dynamic_ntk
 from evods.model.chat_templates import CHAT_TEMPLATES
 
 USER, BOT = "User  >>> ", "Robot >>> "
@@ -67,12 +67,11 @@ def main(argv=None) -> int:
     return run_cli(lambda: chat(args), (InferenceError, OSError))
 
 
-def context_limit(config, max_context: int | None) -> tuple[int, str]:
+def context_with_hint(config, max_context: int | None) -> tuple[int, str]:
     """(tokens the conversation may fill, what to do when a prompt alone is longer)."""
-    positions = config.max_position_embeddings
-    if config.rotary["type"] == "origin":
-        return positions, "max_position_embeddings with origin RoPE; shorten it, or use --rotary_type dynamic"
-    limit = max_context or 4 * positions
+    limit = context_limit(config, max_context)
+    if not uses_dynamic_ntk(config):
+        return limit, "max_position_embeddings with origin RoPE; shorten it, or use --rotary_type dynamic"
     return limit, f"--max_context with dynamic NTK; shorten it, or raise --max_context (now {limit})"
 
 
@@ -82,7 +81,7 @@ def chat(args) -> None:
         raise InferenceError("give --max_new_tokens >= 1 and --max_context >= 2")
     model, tokenizer = load_for_inference(args.model, args.rotary_type, args.dtype, args.device,
                                           args.trust_remote_code, args.chat_template)
-    limit, too_long = context_limit(model.config, args.max_context)
+    limit, too_long = context_with_hint(model.config, args.max_context)
     rotary = model.config.rotary["type"]
     print(f"Chatting with {args.model} ({model.config.num_hidden_layers} layers, {rotary} RoPE, "
           f"{model.config.chat_template} chat format, "

@@ -35,14 +35,19 @@ def pick_dtype(dtype: str, folder_dtype: torch.dtype | None, device: torch.devic
     return DTYPES[dtype]
 
 
-def check_folder(folder: Path) -> dict:
-    """config.json of an InternLM folder, or an InferenceError that says what is wrong with the folder."""
+def read_folder_config(folder: Path) -> dict:
+    """config.json of a Hugging Face folder, or an InferenceError that says what is wrong with the folder."""
     if not folder.is_dir():
         raise InferenceError(f"--model {folder}: no such folder (give a folder written by tools/convert2hf.py)")
     if not (folder / "config.json").is_file():
         raise InferenceError(f"--model {folder}: no config.json here; give a Hugging Face folder written by "
                              "tools/convert2hf.py, or an InternLM model folder")
-    config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    return json.loads((folder / "config.json").read_text(encoding="utf-8"))
+
+
+def check_folder(folder: Path) -> dict:
+    """config.json of an InternLM folder, or an InferenceError that says what is wrong with the folder."""
+    config = read_folder_config(folder)
     if config.get("model_type") != "internlm":
         raise InferenceError(f"--model {folder} holds a {config.get('model_type')!r} model; this tool runs InternLM "
                              "folders (tools/convert2hf.py without --format llama)")
@@ -79,12 +84,39 @@ def load_for_inference(folder: str | Path, rotary_type: str | None = None, dtype
     config = AutoConfig.from_pretrained(folder)
     if rotary_type is not None:
         config.rotary = {**config.rotary, "type": rotary_type}
+        config.derive_rope_keys()
     config.chat_template = chat_template or config.chat_template
     try:
         check_tokenizer(chat_template_named(config.chat_template), tokenizer, f"the tokenizer of {folder}")
     except ValueError as error:
         raise InferenceError(f"--model {folder}: {error}") from None
+    return load_model(folder, config, dtype, device), tokenizer
+
+
+def load_model(folder: Path, config, dtype: str, device: str):
     target = pick_device(device)
-    model = AutoModelForCausalLM.from_pretrained(folder, config=config,
-                                                 dtype=pick_dtype(dtype, config.dtype, target))
-    return model.to(target).eval(), tokenizer
+    model = AutoModelForCausalLM.from_pretrained(folder, config=config, dtype=pick_dtype(dtype, config.dtype, target))
+    return model.to(target).eval()
+
+
+def load_for_serving(folder: str | Path, dtype: str = "auto", device: str = "auto", trust_remote_code: bool = False):
+    """(the causal LM of a folder evods exports, InternLM or Llama layout, in eval mode on `device`; its tokenizer)."""
+    folder = Path(folder)
+    read_folder_config(folder)
+    tokenizer = load_tokenizer(folder, trust_remote_code)
+    return load_model(folder, AutoConfig.from_pretrained(folder), dtype, device), tokenizer
+
+
+def uses_dynamic_ntk(config) -> bool:
+    """Whether the model rescales RoPE past max_position_embeddings: InternLM's `rotary`, or the Llama schemas' keys."""
+    rope = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
+    rotary = getattr(config, "rotary", None) or {}
+    return rotary.get("type", rope.get("rope_type", rope.get("type"))) == "dynamic"
+
+
+def context_limit(config, max_context: int | None) -> int:
+    """Tokens of prompt and reply together: with dynamic NTK RoPE `max_context`, by default 4 x
+    max_position_embeddings (it degrades gracefully past its training length); otherwise max_position_embeddings."""
+    if not uses_dynamic_ntk(config):
+        return config.max_position_embeddings
+    return max_context or 4 * config.max_position_embeddings

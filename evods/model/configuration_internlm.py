@@ -14,7 +14,27 @@ except ImportError:  # transformers 4 spells it PretrainedConfig
 from .chat_templates import CHAT_TEMPLATES, DEFAULT_CHAT_TEMPLATE
 
 ROTARY_TYPES = ("origin", "dynamic")
+# Written into config.json from `rotary` for the readers that do not know it; `rotary` is what this model reads.
+ROPE_KEYS = ("rope_theta", "rope_scaling", "rope_parameters")
 PACKED_ATTENTION_BACKENDS = ("auto", "flash", "varlen", "flex", "loop", "mask")
+
+
+def rope_keys(rotary: dict) -> dict:
+    """InternEvo's `rotary` as the RoPE keys that other code reads from config.json: `rope_theta` and `rope_scaling`
+    (transformers 4.x's Llama schema, read by vLLM's and SGLang's Llama code and by LMDeploy) and `rope_parameters`
+    (transformers 5.x's). Their "dynamic" is the same dynamic NTK as evods': past max_position_embeddings, the base
+    for a length L is base * (factor * L / max_position_embeddings - (factor - 1)) ** (d / (d - 2)).
+
+    `rope_scaling` holds exactly `type` and `factor`, the only form transformers 4.36 accepts (it also requires a
+    factor above 1, so a factor-1 "dynamic" is readable as such from transformers 4.43 on).
+    """
+    theta = float(rotary["base"])
+    if rotary["type"] == "origin":
+        return {"rope_theta": theta, "rope_scaling": None,
+                "rope_parameters": {"rope_type": "default", "rope_theta": theta}}
+    factor = float(rotary.get("scaling_factor", 1.0))
+    return {"rope_theta": theta, "rope_scaling": {"type": "dynamic", "factor": factor},
+            "rope_parameters": {"rope_type": "dynamic", "factor": factor, "rope_theta": theta}}
 
 
 class InternLMConfig(PreTrainedConfig):
@@ -38,6 +58,9 @@ class InternLMConfig(PreTrainedConfig):
 
     `chat_template` names the model's chat format in evods.model.chat_templates ("internlm", "internlm2", "llama3"):
     the format of `model.chat` and of the exported tokenizer's chat template.
+
+    `rope_theta`, `rope_scaling` and `rope_parameters` (see `rope_keys`) are derived from `rotary`: saved configs carry
+    them, serving engines read them off the loaded config, and their values in a config.json are not read.
     """
 
     model_type = "internlm"
@@ -80,8 +103,19 @@ class InternLMConfig(PreTrainedConfig):
         self.packed_attention = packed_attention
         self.chat_template = chat_template
         self._check()
+        for key in ROPE_KEYS:
+            kwargs.pop(key, None)
         super().__init__(pad_token_id=pad_token_id, bos_token_id=bos_token_id, eos_token_id=eos_token_id,
                          tie_word_embeddings=tie_word_embeddings, **kwargs)
+        self.derive_rope_keys()
+
+    def derive_rope_keys(self) -> None:
+        """Set `rope_theta`, `rope_parameters` and (on transformers 4) `rope_scaling` from `rotary`; call it after
+        changing `rotary`. vLLM and LMDeploy read them off the config object that this remote code builds."""
+        keys = rope_keys(self.rotary)
+        self.rope_theta, self.rope_parameters = keys["rope_theta"], keys["rope_parameters"]
+        if not isinstance(getattr(type(self), "rope_scaling", None), property):  # transformers 5: a view of the above
+            self.rope_scaling = keys["rope_scaling"]
 
     def _check(self) -> None:
         if self.rotary.get("type") not in ROTARY_TYPES:
@@ -107,15 +141,19 @@ class InternLMConfig(PreTrainedConfig):
     def head_dim(self) -> int:
         return self.hidden_size // self.num_attention_heads
 
+    def to_dict(self) -> dict:
+        """As transformers', with the RoPE keys of the current `rotary`."""
+        return {**super().to_dict(), **rope_keys(self.rotary)}
+
     def to_diff_dict(self) -> dict:
-        """What save_pretrained writes, with the dtype under both names: transformers 5 reads `dtype`, 4.x
-        `torch_dtype`. (Not in `to_dict`: transformers 5 reads every key of it back as an attribute, and warns on
-        `torch_dtype`.)"""
-        output = super().to_diff_dict()
+        """What save_pretrained writes: the RoPE keys even where they equal the defaults (a reader must not have to
+        know evods' defaults), and the dtype under both names: transformers 5 reads `dtype`, 4.x `torch_dtype`.
+        (Not in `to_dict`: transformers 5 reads every key of it back as an attribute, and warns on `torch_dtype`.)"""
+        output = {**super().to_diff_dict(), **rope_keys(self.rotary)}
         dtype = output.get("dtype", output.get("torch_dtype"))
         if dtype is not None:
             output["dtype"] = output["torch_dtype"] = dtype
         return output
 
 
-__all__ = ["InternLMConfig"]
+__all__ = ["InternLMConfig", "rope_keys"]

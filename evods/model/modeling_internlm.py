@@ -601,6 +601,7 @@ class InternLMForCausalLM(InternLMPreTrainedModel, GenerationMixin):
         if rotary_type not in ("origin", "dynamic"):
             raise ValueError(f"rotary type {rotary_type!r}: expected 'origin' or 'dynamic'")
         self.config.rotary = {**self.config.rotary, "type": rotary_type}
+        self.config.derive_rope_keys()
         self.model.rotary_emb.dynamic = rotary_type == "dynamic"
 
     @property

@@ -10,8 +10,8 @@ import torch
 from transformers import AutoTokenizer
 
 from testkit import compat_env
+from testkit.chat_models import tiny_export
 from testkit.paths import TOKENIZER
-from tools.convert2hf import main as convert2hf
 
 torch.set_num_threads(1)
 
@@ -75,21 +75,9 @@ json.dump(result, open(out + ".json", "w"))
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
     """An HF folder converted from an InternEvo native checkpoint of a random tiny model, with the tokenizer."""
-    from evods.checkpoint.formats.internevo import write_native_checkpoint
-    from evods.checkpoint.formats.internevo_layout import NativeLayout
-    from evods.model import InternLMForCausalLM, config_from_model_dict
-
-    root = tmp_path_factory.mktemp("export")
-    torch.manual_seed(0)
-    model = InternLMForCausalLM(config_from_model_dict(MODEL))
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            param.normal_(1.0 if "norm" in name else 0.0, 0.3)
-    write_native_checkpoint(str(root / "native"), model.state_dict(), MODEL, NativeLayout(tp=2, pp=1, num_layers=2),
-                            step=1)
-    assert convert2hf(["--src", str(root / "native"), "--tgt", str(root / "hf"), "--tokenizer", str(TOKENIZER)]) == 0
+    folder = tiny_export(tmp_path_factory.mktemp("export"), MODEL)
     compat_env.ensure()
-    return root / "hf"
+    return folder
 
 
 @torch.no_grad()

@@ -17,7 +17,7 @@ import evods  # noqa: F401  (registers the Auto classes)
 from evods.inference import InferenceError, load_for_inference
 from evods.model.chat_templates import CHAT_TEMPLATES
 from testkit import compat_env
-from testkit.chat_models import llama3_tokenizer_folder
+from testkit.chat_models import llama3_tokenizer_folder, tiny_export
 from testkit.conversations import MESSAGES, SYSTEM, TURNS, samples, trained_runs
 from testkit.distributed import run_distributed
 from testkit.paths import REPO, TOKENIZER
@@ -97,22 +97,6 @@ def tool(source: Path, out: Path, template: str, copies: int = 1) -> list[int]:
     return written[0]
 
 
-def random_export(root: Path, tokenizer: Path, vocab_size: int, *convert2hf_args: str) -> Path:
-    """tools/convert2hf.py's folder of a random tiny InternLM written as an InternEvo native checkpoint."""
-    from evods.checkpoint.formats.internevo import write_native_checkpoint
-    from evods.checkpoint.formats.internevo_layout import NativeLayout
-    from evods.model import InternLMForCausalLM, config_from_model_dict
-
-    model_dict = dict(TINY, vocab_size=vocab_size)
-    torch.manual_seed(0)
-    model = InternLMForCausalLM(config_from_model_dict(model_dict))
-    write_native_checkpoint(str(root / "native"), model.state_dict(), model_dict,
-                            NativeLayout(tp=1, pp=1, num_layers=TINY["num_layers"]), step=1)
-    assert convert2hf(["--src", str(root / "native"), "--tgt", str(root / "hf"), "--tokenizer", str(tokenizer),
-                       *convert2hf_args]) == 0
-    return root / "hf"
-
-
 @pytest.fixture(scope="module")
 def exports(tmp_path_factory) -> dict:
     """{template: (the exported folder, the tool's tokens for the conversation)}: InternLM v1 by default (the
@@ -128,10 +112,11 @@ def exports(tmp_path_factory) -> dict:
     assert convert2hf(["--src", str(root / "ckpt" / str(FINE_TUNE_STEPS)), "--tgt", str(root / "internlm2" / "hf"),
                        "--tokenizer", str(INTERNLM2_TOKENIZER)]) == 0
     exported = {
-        "internlm": (random_export(root / "internlm", TOKENIZER, 103168), tool(TOKENIZER, root / "data", "internlm")),
+        "internlm": (tiny_export(root / "internlm", dict(TINY, vocab_size=103168)),
+                     tool(TOKENIZER, root / "data", "internlm")),
         "internlm2": (root / "internlm2" / "hf", internlm2_tokens),
-        "llama3": (random_export(root / "llama3", llama3_source, 2005, "--chat_template", "llama3"),
-                   tool(llama3_source, root / "llama3_data", "llama3")),
+        "llama3": (tiny_export(root / "llama3", dict(TINY, vocab_size=2005), "--chat_template", "llama3",
+                               tokenizer=llama3_source), tool(llama3_source, root / "llama3_data", "llama3")),
     }
     compat_env.ensure()
     return exported

@@ -11,7 +11,8 @@ from pathlib import Path
 from testkit.paths import DATA, NOT_THE_PROJECT, REPO
 
 COMMANDS = ("evods-train", "evods-tokenizer", "evods-alpaca-tokenizer", "evods-chat-tokenizer", "evods-convert2hf",
-            "evods-convert2native", "evods-generate", "evods-chat", "evods-web-demo", "evods-eval-long-context")
+            "evods-convert2native", "evods-generate", "evods-chat", "evods-web-demo", "evods-eval-long-context",
+            "evods-serve")
 
 
 def copy_checkout(target: Path) -> Path:

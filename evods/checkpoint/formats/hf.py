@@ -4,15 +4,17 @@ generation_config.json, so that `apply_chat_template` + `generate` chats as `mod
 
 HF InternLM and HF Llama share evods' parameter names, so only the config differs between the two layouts.
 """
+import json
 import os
 import tempfile
 
 import torch
-from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
+from transformers import AutoTokenizer, GenerationConfig, LlamaConfig, LlamaForCausalLM
 from transformers.utils.hub import convert_file_size_to_int
 
 from evods.model import InternLMConfig, InternLMForCausalLM
-from evods.model.chat_templates import CHAT_TEMPLATES, chat_template_named, stop_token_ids
+from evods.model.chat_templates import CHAT_TEMPLATES, ChatTemplate, chat_template_named, stop_token_ids
+from evods.model.configuration_internlm import rope_keys
 from evods.storage.local import DEFAULT_FILE_MODE, current_umask
 
 from ..errors import CheckpointError
@@ -29,16 +31,13 @@ BOS_ID, EOS_ID, PAD_ID = 1, 2, 2
 def llama_config(config: InternLMConfig) -> LlamaConfig:
     """The Llama config computing what the InternLM one does: q/k/v/o bias (unless bias-free), no MLP bias,
     rotate-half RoPE."""
-    rotary = config.rotary
-    rope = {"rope_type": "default", "rope_theta": float(rotary["base"])}
-    if rotary["type"] == "dynamic":
-        rope = {**rope, "rope_type": "dynamic", "factor": float(rotary.get("scaling_factor", 1.0))}
     return LlamaConfig(
         vocab_size=config.vocab_size, hidden_size=config.hidden_size, intermediate_size=config.intermediate_size,
         num_hidden_layers=config.num_hidden_layers, num_attention_heads=config.num_attention_heads,
         num_key_value_heads=config.num_attention_heads, hidden_act=config.hidden_act,
         max_position_embeddings=config.max_position_embeddings, rms_norm_eps=config.rms_norm_eps,
-        attention_bias=config.bias, mlp_bias=False, tie_word_embeddings=False, rope_parameters=rope,
+        attention_bias=config.bias, mlp_bias=False, tie_word_embeddings=False,
+        rope_parameters=rope_keys(config.rotary)["rope_parameters"],
         bos_token_id=config.bos_token_id, eos_token_id=config.eos_token_id, pad_token_id=config.pad_token_id,
     )
 
@@ -86,23 +85,42 @@ def export_hf(src: str, tgt: str, tokenizer: str | None = None, fmt: str = "inte
     config.bos_token_id, config.eos_token_id, config.pad_token_id = BOS_ID, EOS_ID, PAD_ID
     target_dtype = getattr(torch, dtype) if dtype else config.dtype
     with tempfile.TemporaryDirectory(prefix="evods-tokenizer-") as tokenizer_files:
-        stop_ids = None
         if tokenizer:  # first: a tokenizer that cannot encode the template stops the export before it writes
             chat_tokenizer = write_tokenizer(tokenizer, tokenizer_files, config.max_position_embeddings, template)
             config.bos_token_id, config.eos_token_id = chat_tokenizer.bos_token_id, chat_tokenizer.eos_token_id
             config.pad_token_id = chat_tokenizer.pad_token_id if chat_tokenizer.pad_token_id is not None \
                 else chat_tokenizer.eos_token_id
-            stop_ids = stop_token_ids(template, chat_tokenizer)
         model = InternLMForCausalLM(config) if fmt == "internlm" else LlamaForCausalLM(llama_config(config))
         load_weights(model, weights, src)
-        if stop_ids:
-            # a config of its own: transformers 4.x replaces one marked as derived from the model config
-            # (`_from_model_config`) by the model config's single EOS at `generate` time
-            model.generation_config = GenerationConfig(bos_token_id=config.bos_token_id, eos_token_id=stop_ids,
-                                                       pad_token_id=config.pad_token_id)
         model.to(target_dtype).save_pretrained(tgt, max_shard_size=max_shard_size)
-        copy_tokenizer_files(tokenizer_files, tgt)
+        if tokenizer:
+            copy_tokenizer_files(tokenizer_files, tgt)
+            write_generation_config(tgt, template)
     # safetensors writes its files 0600 whatever the umask; a teammate or a serving process must read them
     for name in os.listdir(tgt):
         if name.endswith(".safetensors"):
             os.chmod(os.path.join(tgt, name), DEFAULT_FILE_MODE & ~current_umask())
+    if fmt == "llama":  # InternLMConfig writes them itself
+        add_rope_keys(tgt, config.rotary)
+
+
+def add_rope_keys(folder: str, rotary: dict) -> None:
+    """config.json with the RoPE keys of both transformers schemas: transformers 5's LlamaConfig writes only
+    `rope_parameters`, which readers on the 4.x schema (vLLM, SGLang, LMDeploy, transformers 4) do not know."""
+    path = os.path.join(folder, "config.json")
+    with open(path) as f:
+        config = json.load(f)
+    with open(path, "w") as f:
+        json.dump({**config, **rope_keys(rotary)}, f, indent=2, sort_keys=True)
+        f.write("\n")
+
+
+def write_generation_config(folder: str, template: ChatTemplate) -> None:
+    """generation_config.json with the chat's end ids, EOS and the template's end of turn (`<eoa>`, `<|im_end|>`,
+    `<|eot_id|>`): `generate`, evods-serve, vLLM, LMDeploy and SGLang end a reply at any of them. A config of its
+    own, not one derived from the model config: transformers 4.x replaces such a one (`_from_model_config`) by the
+    model config's single EOS at `generate` time."""
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    GenerationConfig(bos_token_id=tokenizer.bos_token_id, eos_token_id=stop_token_ids(template, tokenizer),
+                     pad_token_id=pad).save_pretrained(folder)
