@@ -39,7 +39,7 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
 
-    from evods.checkpoint.sources import ALL_CONTENT, LoadPlan
+    from evods.checkpoint.resume.plan import ALL_CONTENT, LoadPlan
     from evods.training.distributed import init_distributed
     from evods.training.trainer import Trainer
     from testkit.s3_server import ACCESS_KEY_ID, SECRET_ACCESS_KEY, create_bucket, start_moto_server
@@ -62,13 +62,13 @@ def main() -> None:
 
     local = trainer(f"local:{out}/local")
     start = time.perf_counter()
-    local.checkpoints.save("100", 100, local._checkpoint_parts())
+    local.checkpoints.saver.save("100", 100, local._checkpoint_parts())
     save_s = time.perf_counter() - start
     size = folder_mb(out / "local" / "100")
     reload = Trainer(local.cfg, run_dir=out / "run")  # auto_resume=False: load it explicitly
-    reload.checkpoints.plan = LoadPlan(f"local:{out}/local", "100", ALL_CONTENT, "evods", "benchmark")
+    reload.checkpoints.loader.plan = LoadPlan(f"local:{out}/local", "100", ALL_CONTENT, "evods", "benchmark")
     start = time.perf_counter()
-    reload.checkpoints.restore(reload._checkpoint_parts())
+    reload.checkpoints.loader.restore(reload._checkpoint_parts())
     load_s = time.perf_counter() - start
     dd = dd_write_speed(out, int(size))
     print(f"model state {size:.0f} MiB: local save {size / save_s:.0f} MiB/s ({save_s:.2f} s), load "
@@ -80,9 +80,9 @@ def main() -> None:
         run = trainer(f"boto3:s3://{bucket}.{host}:{port}/bench", async_upload=async_upload,
                       async_upload_tmp_folder=str(out / "upload_tmp"))
         start = time.perf_counter()
-        run.checkpoints.save("200", 200, run._checkpoint_parts())
+        run.checkpoints.saver.save("200", 200, run._checkpoint_parts())
         stalls[mode] = time.perf_counter() - start
-        run.checkpoints.close()
+        run.checkpoints.saver.close()
     print(f"S3 save stall: synchronous {stalls['sync']:.2f} s, async {stalls['async']:.2f} s "
           f"({100 * stalls['async'] / stalls['sync']:.0f}% of synchronous; goal <= 20%)")
     server.stop()

@@ -70,17 +70,17 @@ def evods_engine(pipeline: int, seq_len: int, rows: int, steps: int) -> float:
     import torch
     import torch.distributed as dist
 
-    from evods.parallel import parallel_sizes
+    from evods.parallel import parallel_layout
     from evods.training.distributed import init_distributed
     from evods.training.engine import TrainEngine
     from evods.training.loss import PackedLoss
 
     init_distributed("torch")
-    sizes = parallel_sizes(dist.get_rank(), dist.get_world_size(), pp=pipeline, tp=1)
+    layout = parallel_layout(dist.get_rank(), dist.get_world_size(), pp=pipeline, tp=1)
     ds_config = {"train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": rows, "train_batch_size": rows,
                  "zero_optimization": {"stage": 1}, "gradient_clipping": 1.0, "steps_per_print": 10**9}
     model = build_model()
-    engine = TrainEngine(model, lambda params: torch.optim.AdamW(params, lr=1e-4), ds_config, sizes,
+    engine = TrainEngine(model, lambda params: torch.optim.AdamW(params, lr=1e-4), ds_config, layout,
                          PackedLoss(model.lm_head))
     batch = make_batch(seq_len, rows)
     return timed_steps(lambda: engine.train_step(batch), steps)

@@ -41,17 +41,17 @@ def build_engine(sequence_parallel: bool, vocab: int, recompute: bool):
 
     from evods.model.modeling_internlm import set_activation_checkpointing
     from evods.model.registry import MODEL_INITIALIZER
-    from evods.parallel import VocabParallelLogits, apply_tensor_parallel, build_parallel_grid, parallel_sizes
+    from evods.parallel import VocabParallelLogits, apply_tensor_parallel, build_parallel_grid, parallel_layout
     from evods.training.engine import TrainEngine
     from evods.training.loss import PackedLoss
 
-    sizes = parallel_sizes(dist.get_rank(), dist.get_world_size(), pp=1, tp=2)
-    grid = build_parallel_grid(sizes)
+    layout = parallel_layout(dist.get_rank(), dist.get_world_size(), pp=1, tp=2, sequence_parallel=sequence_parallel)
+    grid = build_parallel_grid(layout)
     group = grid.get_tensor_model_parallel_group()
     torch.manual_seed(0)
     model = MODEL_INITIALIZER.get_module("INTERNLM")(**MODEL, vocab_size=vocab, dtype=torch.float32)
-    apply_tensor_parallel(model, group, sizes.tp_rank, sizes.tp, embed_split_hidden=True, parallel_output=True,
-                          sequence_parallel=sequence_parallel)
+    apply_tensor_parallel(model, group, layout.tp_rank, layout.tp, embed_split_hidden=True, parallel_output=True,
+                          sequence_parallel=layout.sequence_parallel)
     set_activation_checkpointing(model, recompute)
     # DeepSpeed's ZeRO-1 stages gradients in a reduce_bucket_size buffer allocated every step (2 GiB at evods'
     # default of InternEvo's 512 Mi elements); a bucket of the model's size keeps that constant out of the peak.
@@ -61,8 +61,8 @@ def build_engine(sequence_parallel: bool, vocab: int, recompute: bool):
                  "steps_per_print": 10**9}
     # The whole logits (loss.kernel="full"), as when BENCHMARKS.md's sequence-parallel rows were measured; the
     # default chunked loss would take the logits out of both variants' peaks.
-    loss_fn = PackedLoss(model.lm_head, vocab=VocabParallelLogits(group), kernel="full")
-    return TrainEngine(model, lambda params: torch.optim.AdamW(params, lr=1e-4), ds_config, sizes, loss_fn, grid)
+    loss_fn = PackedLoss(model.lm_head, vocab=VocabParallelLogits(group, layout.sequence_parallel), kernel="full")
+    return TrainEngine(model, lambda params: torch.optim.AdamW(params, lr=1e-4), ds_config, layout, loss_fn, grid)
 
 
 def allocator_peak(prof) -> tuple[int, int]:

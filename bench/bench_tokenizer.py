@@ -1,8 +1,8 @@
 """Tokenizer throughput (MB/s of input):
 - text: evods.data.tokenize at 1 and 2 workers vs InternEvo's approach (one process, sp.encode per line, json.dumps,
   write), on the sample text shipped in samples/;
-- chat: tools/chat_tokenizer.py (evods.data.chat) at 1 and 2 workers on the shipped conversations (samples/chat/, as
-  JSONL) repeated to --chat_mb MB, with InternLM's tokenizer and template, a 10% validation split.
+- chat: tools/chat_tokenizer.py (evods.cli.chat_tokenizer) at 1 and 2 workers on the shipped conversations
+  (samples/chat/, as JSONL) repeated to --chat_mb MB, with InternLM's tokenizer and template, a 10% validation split.
 Each run's outputs must be byte-identical; a run's time is the whole tool's (the chat tool's includes building the
 tokenizer files, as a user's run does).
 
@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import sentencepiece as spm
 
-from evods.data.chat import tokenize_conversations
+from evods.cli.chat_tokenizer import tokenize_chat
 from evods.data.tokenize import tokenize_file
 
 REPO = Path(__file__).resolve().parents[1]
@@ -94,7 +94,7 @@ def bench_chat(work: Path, megabytes: float, tokenizer_path: Path) -> None:
     chat_input(src, megabytes)
     size_mb = src.stat().st_size / 2**20
     print(f"chat: input {size_mb:.1f} MB of conversations")
-    runs = {f"chat tool workers={workers}": lambda out, w=workers: tokenize_conversations(
+    runs = {f"chat tool workers={workers}": lambda out, w=workers: tokenize_chat(
         src, out, tokenizer_path, workers=w, progress=False) for workers in (1, 2)}
     timed_runs(runs, size_mb, work,
                lambda out: tuple((path.relative_to(out), path.read_bytes()) for path in sorted(out.rglob("*.bin*"))))

@@ -17,16 +17,22 @@ import json
 import logging
 import sys
 import time
-from dataclasses import asdict
 from pathlib import Path
 
 import torch
 
 from evods.cli import run_cli
 from evods.config import ConfigError, adamw_kwargs, load_config
-from evods.data import DataError, PackedLoader, build_train_dataset, open_hf_dataset, packed_dataset
-from evods.data.tokenize import check_tokenizer_fits, find_tokenizer
-from evods.training.distributed import LaunchError
+from evods.data import (
+    DataError,
+    PackedLoader,
+    build_train_dataset,
+    check_tokenizer_fits,
+    find_tokenizer,
+    open_hf_dataset,
+    packed_dataset,
+)
+from evods.training import LaunchError
 
 logger = logging.getLogger("accelerate_train")
 
@@ -51,8 +57,8 @@ def parse_args(argv=None):
 def build_model(cfg, hf_folder: str | None, seed: int) -> torch.nn.Module:
     from transformers import AutoModelForCausalLM
 
-    from evods.model.registry import MODEL_INITIALIZER
-    from evods.training.trainer import seed_everything
+    from evods.model import MODEL_INITIALIZER
+    from evods.training import seed_everything
 
     seed_everything(seed)
     if hf_folder:
@@ -63,7 +69,7 @@ def build_model(cfg, hf_folder: str | None, seed: int) -> torch.nn.Module:
 def build_dataset(cfg, args):
     data = cfg.data
     if args.data is None:
-        return build_train_dataset(asdict(data))[0]
+        return build_train_dataset(data)[0]
     if Path(args.data).is_dir() and any(Path(args.data).rglob("*.bin")):
         return packed_dataset(args.data, data.seq_len, data.micro_bsz, pack_sample_into_one=data.pack_sample_into_one)
     source = open_hf_dataset(args.data, streaming=args.streaming)
@@ -73,14 +79,8 @@ def build_dataset(cfg, args):
 
 def train(args) -> None:
     from evods.config import check_topology
-    from evods.parallel import (
-        apply_tensor_parallel,
-        build_parallel_grid,
-        gather_tensor_parallel_state_dict,
-        parallel_sizes,
-    )
-    from evods.training.hf_accelerate import deepspeed_accelerator, deepspeed_with_mpu
-    from evods.training.schedules import Beta2Scheduler, LRScheduler
+    from evods.parallel import apply_tensor_parallel, build_parallel_grid, gather_tensor_parallel_state_dict
+    from evods.training import Beta2Scheduler, LRScheduler, deepspeed_accelerator, deepspeed_with_mpu
 
     cfg = load_config(args.config)
     if cfg.parallel.pipeline.size > 1:
@@ -93,17 +93,16 @@ def train(args) -> None:
                         format="%(asctime)s %(levelname)s %(message)s")
     logger.info("%d processes (rank %d), DeepSpeed ZeRO stage %s, tensor parallel %d", accelerator.num_processes,
                 accelerator.process_index, accelerator.deepspeed_plugin.zero_stage, tp)
-    check_topology(cfg, accelerator.num_processes)
     # evods' process groups (InternEvo's rank layout); with parallel.tensor = 1 every process is a data rank
-    sizes = parallel_sizes(accelerator.process_index, accelerator.num_processes, pp=1, tp=tp)
-    grid = build_parallel_grid(sizes)
+    layout = check_topology(cfg, accelerator.num_processes, accelerator.process_index)
+    grid = build_parallel_grid(layout)
 
     model = build_model(cfg, args.model, args.seed)
     tokenizer = args.tokenizer or (cfg.data.train_dataset.tokenizer_path if cfg.data.train_dataset else None)
     check_tokenizer_fits(tokenizer, model.config.vocab_size)
-    apply_tensor_parallel(model, grid.get_tensor_model_parallel_group(), sizes.tp_rank, tp,
+    apply_tensor_parallel(model, grid.get_tensor_model_parallel_group(), layout.tp_rank, tp,
                           cfg.model.embed_split_hidden, parallel_output=False)  # full logits for transformers' loss
-    loader = PackedLoader(build_dataset(cfg, args), micro_num, rank=sizes.dp_rank, world=sizes.dp)
+    loader = PackedLoader(build_dataset(cfg, args), micro_num, rank=layout.dp_rank, world=layout.dp)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], **adamw_kwargs(cfg))
     with deepspeed_with_mpu(grid):
         model, optimizer = accelerator.prepare(model, optimizer)  # model: the DeepSpeed engine
@@ -143,8 +142,8 @@ def train(args) -> None:
                                                        cfg.model.embed_split_hidden) if tp > 1 \
             else accelerator.get_state_dict(model)  # ZeRO-3 gathers its partitions
         if accelerator.is_main_process:
-            from evods.checkpoint.formats.hf_tokenizer import write_tokenizer
-            from evods.model.chat_templates import chat_template_named
+            from evods.checkpoint import write_tokenizer
+            from evods.model import chat_template_named
 
             unwrapped.save_pretrained(args.output_dir, state_dict=state_dict)
             write_tokenizer(str(find_tokenizer(tokenizer)), args.output_dir, unwrapped.config.max_position_embeddings,

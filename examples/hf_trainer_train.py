@@ -13,14 +13,12 @@ Without `--deepspeed` the Trainer runs plain DDP (on CPU with gloo).
 import argparse
 import logging
 import sys
-from dataclasses import asdict
 
 import torch
 
 from evods.cli import run_cli
 from evods.config import ConfigError, load_config
-from evods.data import DataError, build_train_dataset, collate_hf
-from evods.data.tokenize import check_tokenizer_fits, find_tokenizer
+from evods.data import DataError, build_train_dataset, check_tokenizer_fits, collate_hf, find_tokenizer
 
 logger = logging.getLogger("hf_trainer_train")
 
@@ -39,9 +37,8 @@ def parse_args(argv=None):
 def train(args) -> None:
     from transformers import AutoModelForCausalLM, Trainer, TrainingArguments
 
-    from evods.model.registry import MODEL_INITIALIZER
-    from evods.training.hf_accelerate import trainer_accelerator_config
-    from evods.training.trainer import seed_everything
+    from evods.model import MODEL_INITIALIZER
+    from evods.training import seed_everything, trainer_accelerator_config
 
     cfg = load_config(args.config)
     if cfg.parallel.pipeline.size > 1 or cfg.parallel.tensor.size > 1:
@@ -74,13 +71,13 @@ def train(args) -> None:
         model = MODEL_INITIALIZER.get_module(cfg.model_type)(**cfg.model_dict).float()
     tokenizer = cfg.data.train_dataset.tokenizer_path if cfg.data.train_dataset else None  # None: V7_sft.model
     check_tokenizer_fits(tokenizer, model.config.vocab_size)
-    train_dataset, _ = build_train_dataset(asdict(cfg.data))
+    train_dataset, _ = build_train_dataset(cfg.data)
     trainer = Trainer(model=model, args=training_args, train_dataset=train_dataset, data_collator=collate_hf)
     trainer.train()
     trainer.save_model(args.output_dir)
     if trainer.is_world_process_zero():
-        from evods.checkpoint.formats.hf_tokenizer import write_tokenizer
-        from evods.model.chat_templates import chat_template_named
+        from evods.checkpoint import write_tokenizer
+        from evods.model import chat_template_named
 
         write_tokenizer(str(find_tokenizer(tokenizer)), args.output_dir, model.config.max_position_embeddings,
                         chat_template_named(model.config.chat_template))

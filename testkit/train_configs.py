@@ -1,7 +1,7 @@
 """Small training configs for tests: configs/demo_cpu.py with sections overridden."""
 from pathlib import Path
 
-from evods.config import TrainConfig, load_config_file, parse_config
+from evods.config import DataConfig, TrainConfig, load_config_file, parse_config
 
 DEMO_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo_cpu.py"
 
@@ -18,3 +18,9 @@ def tiny_config(**sections) -> TrainConfig:
     for name, values in sections.items():
         raw[name] = {**raw[name], **values} if isinstance(raw.get(name), dict) else values
     return parse_config(raw, source)
+
+
+def data_config(**keys) -> DataConfig:
+    """The demo config's `data` section with `keys` replacing its keys, as the data pipeline gets it from a loaded
+    config (defaults filled in, rampup_batch_size and skip_batches parsed)."""
+    return tiny_config(data=keys).data

@@ -1,25 +1,31 @@
-"""Checkpoints. This package is the evods format and the manager a run talks to; `formats/` reads and writes the
+"""Checkpoints: the evods format, loading it at start and saving it during training; `formats/` reads and writes the
 other formats (InternEvo native, Hugging Face InternLM and Llama) and converts between them.
 
-    manager = CheckpointManager(cfg.ckpt, sizes, model.config, cfg.source.text)
-    manager.load_model_weights(model)        # before the DeepSpeed engine is built
-    manager.restore(parts)                   # after: optimizer, schedulers, sampler, counters, RNG
-    quit = manager.after_step(step_count, parts)
-    manager.close()                          # waits for background uploads, writes the last marker
+    checkpoints = CheckpointManager(cfg.ckpt, layout, model.config, cfg.source.text)
+    checkpoints.loader.load_model_weights(model)     # before the DeepSpeed engine is built
+    checkpoints.loader.restore(parts)                # after: optimizer, schedulers, sampler, counters, RNG
+    quit = checkpoints.saver.after_step(step_count, parts)
+    checkpoints.saver.close()                        # waits for background uploads, writes the last marker
 
-The evods format and its manager:
-    layout.py      what an evods checkpoint folder holds; which checkpoints are complete (the step marker)
-    manager.py     what to load at start, when and what to save, the atomic completion of a save
-    policy.py      when to save: every N steps, snapshots, the stop file
-    sources.py     which checkpoint to load at start (auto_resume, load_ckpt_info) and how to read its weights
-    reshard.py     resuming at another data/pipeline size through DeepSpeed's universal checkpoint
-    selection.py   which files of a checkpoint each rank reads, and which rank of a node downloads each
-    local_copy.py  a checkpoint to load as a local folder: downloaded once per node, each rank its share
-    transfer.py    moving files between the local disk (where DeepSpeed works) and the checkpoint storage
-    integrity.py   what the step marker records (each file's size and checksum) and the checks built on it
-    safe_load.py   reading torch files weights-only, so that a checkpoint cannot run code
-    deepspeed_io.py  DeepSpeed's checkpoint engine with checksums, fsync, kept write errors, weights-only loads
-    rng.py, collective.py, errors.py
+    manager.py      the two sides for one run (and the clean-up of scratch folders crashed runs left)
+    layout.py       what an evods checkpoint folder holds; which checkpoints are complete (the step marker)
+    marker.py       what the step marker records: each file's size and checksum
+    run_state.py    the run's parts besides the model, and how their state is stored
+    resume/         loading at start:
+        plan.py         which checkpoint (auto_resume, load_ckpt_info, the legacy keys)
+        catalogue.py    its file list, read once by rank 0 for every rank
+        rank_files.py   which files each rank reads, which rank of a node downloads each
+        download.py     the node-local copy (and whole folders for the converters)
+        verify.py       local files checked against the step marker
+        reshard.py      another data or pipeline size, through DeepSpeed's universal checkpoint
+        loader.py       the steps above, in order; falls back to the previous checkpoint if one is damaged
+    save/           saving during training:
+        policy.py       when: every N steps, snapshots, the stop file
+        upload.py       sending files to the storage, at once or in the background
+        saver.py        the save, completed by the step marker; keep_last_ckpts
+    safe_load.py    reading torch files weights-only, so that a checkpoint cannot run code
+    deepspeed_io.py DeepSpeed's checkpoint engine with checksums, fsync, kept write errors, weights-only loads
+    collective.py, rng.py, errors.py
 
 Other formats (formats/):
     weights.py            HF-named model weights from HF folders and DeepSpeed files, any tensor size merged
@@ -33,18 +39,23 @@ Other formats (formats/):
 """
 from .errors import CheckpointError
 from .formats.checkpoint_model import read_checkpoint_model
+from .formats.hf_tokenizer import write_tokenizer
 from .formats.internevo import read_native_model, write_native_checkpoint
 from .formats.internevo_export import export_native
 from .formats.internevo_layout import MLP_NAMINGS, NativeLayout
 from .formats.weights import WeightsError, deepspeed_weights, hf_weights, load_weights
 from .layout import CheckpointRef, complete_checkpoints, latest_checkpoint
-from .manager import CheckpointManager, TrainingParts
-from .policy import SaveDecision, SavePolicy, StopFile
-from .sources import LoadPlan, choose_load_plan
+from .manager import CheckpointManager
+from .resume.loader import CheckpointLoader
+from .resume.plan import LoadPlan, choose_load_plan
+from .run_state import TrainingParts
+from .save.policy import SaveDecision, SavePolicy, StopFile
+from .save.saver import CheckpointSaver
 
 __all__ = [
-    "CheckpointError", "CheckpointManager", "CheckpointRef", "LoadPlan", "MLP_NAMINGS", "NativeLayout", "SaveDecision",
-    "SavePolicy", "StopFile", "TrainingParts", "WeightsError", "choose_load_plan", "complete_checkpoints",
-    "deepspeed_weights", "export_native", "hf_weights", "latest_checkpoint", "load_weights", "read_checkpoint_model",
-    "read_native_model", "write_native_checkpoint",
+    "CheckpointError", "CheckpointLoader", "CheckpointManager", "CheckpointRef", "CheckpointSaver", "LoadPlan",
+    "MLP_NAMINGS", "NativeLayout", "SaveDecision", "SavePolicy", "StopFile", "TrainingParts", "WeightsError",
+    "choose_load_plan", "complete_checkpoints", "deepspeed_weights", "export_native", "hf_weights",
+    "latest_checkpoint", "load_weights", "read_checkpoint_model", "read_native_model", "write_native_checkpoint",
+    "write_tokenizer",
 ]

@@ -2,7 +2,7 @@
 
 DeepSpeed writes and reads every file of `engine.save_checkpoint` / `engine.load_checkpoint` (the pipeline module's
 layer files included) through `engine.checkpoint_engine`, a pluggable object; evods puts this one in its place:
-- save: each file is digested while it is written (for the step marker, integrity.py) and fsynced; a write error (a
+- save: each file is digested while it is written (for the step marker, marker.py) and fsynced; a write error (a
   full disk, a read-only mount) is kept, not raised, so that this rank still goes through DeepSpeed's barriers with
   the others, and `raise_error` reports it once the save has returned;
 - load: weights only (safe_load.py), where DeepSpeed's TorchCheckpointEngine.load calls torch.load(weights_only=False);
@@ -17,7 +17,7 @@ from evods.storage import StorageError, explain_os_error
 
 from . import safe_load
 from .errors import CheckpointError
-from .integrity import DigestingWriter, FileDigest
+from .marker import DigestingWriter, FileDigest
 
 
 class VerifyingCheckpointEngine(TorchCheckpointEngine):
@@ -58,11 +58,11 @@ class VerifyingCheckpointEngine(TorchCheckpointEngine):
             self.error = exc
 
     def load(self, path: str, map_location=None):
-        if os.path.getsize(path) == 0:  # a placeholder of a remote checkpoint's local copy (transfer.py)
+        if os.path.getsize(path) == 0:  # a placeholder of a remote checkpoint's local copy (resume/download.py)
             raise CheckpointError(f"{path} is empty: it was not downloaded to this node, because evods fetches "
                                   "only the checkpoint files this node's ranks read and DeepSpeed asked for another "
-                                  "(a gap in evods/checkpoint/selection.py: please report it), or the file is empty "
-                                  "in the checkpoint itself")
+                                  "(a gap in evods/checkpoint/resume/rank_files.py: please report it), or the file is "
+                                  "empty in the checkpoint itself")
         return safe_load.load_file(path, safe_load.deepspeed_objects(), map_location=map_location)
 
     def take_written(self, folder: str) -> dict[str, FileDigest]:

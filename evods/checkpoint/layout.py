@@ -13,7 +13,7 @@
         config.json          the model's Hugging Face config
         config_file.py       the training config file's text
         {step}.step          the completion marker, written last (InternEvo's name): JSON with the size and
-                             checksum of every other file (integrity.py, Manifest)
+                             checksum of every other file (marker.py, Manifest)
 
 A folder without its marker is incomplete (a save was interrupted) and is never loaded. The run-state files are
 torch files of plain data (and numpy RNG states), read weights-only (safe_load.py).
@@ -21,9 +21,11 @@ torch files of plain data (and numpy RNG states), read weights-only (safe_load.p
 import logging
 from dataclasses import dataclass
 
+from evods.config import SNAPSHOT_FOLDER
+from evods.parallel import ParallelLayout
 from evods.storage import Storage
 
-from .integrity import Manifest
+from .marker import Manifest
 
 logger = logging.getLogger("evods.checkpoint")
 
@@ -35,7 +37,6 @@ TOPOLOGY = "topology.json"
 MODEL_CONFIG = "config.json"
 CONFIG_TEXT = "config_file.py"
 MARKER_SUFFIX = ".step"
-SNAPSHOT_FOLDER = "snapshot"
 SNAPSHOT_SLOTS = ("0", "1")
 
 
@@ -45,6 +46,12 @@ def rng_file(rank: int) -> str:
 
 def marker_name(step: int) -> str:
     return f"{step}{MARKER_SUFFIX}"
+
+
+def topology_record(parallel: ParallelLayout, num_layers: int) -> dict:
+    """What topology.json holds: the parallel sizes and the layer count of the run that saved (a resume compares
+    its own with them)."""
+    return {"dp": parallel.dp, "pp": parallel.pp, "tp": parallel.tp, "num_layers": num_layers}
 
 
 def join(*parts: str) -> str:

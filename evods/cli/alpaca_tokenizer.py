@@ -12,7 +12,7 @@ import sys
 from evods.cli import run_cli
 from evods.data import DataError
 from evods.data.alpaca import tokenize_alpaca
-from evods.data.tokenize import find_tokenizer
+from evods.data.tokenizer_model import find_tokenizer
 
 
 def parse_args(argv=None):

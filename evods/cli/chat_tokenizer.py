@@ -13,11 +13,79 @@ tools/convert2hf.py --tokenizer <the same tokenizer> --chat_template <the same t
 """
 import argparse
 import sys
+from pathlib import Path
 
+from evods.checkpoint import CheckpointError, write_tokenizer
 from evods.cli import run_cli
-from evods.data import DataError
-from evods.data.chat import OVERLONG, TOKENIZER_TEMPLATE, tokenize_conversations
-from evods.model.chat_templates import CHAT_TEMPLATES
+from evods.data import DataError, find_tokenizer
+from evods.data.chat import OVERLONG, render_conversations, tokenize_conversations
+from evods.model import CHAT_TEMPLATES, ChatTemplate
+from evods.model.chat_templates import check_tokenizer, tokens_missing
+
+TOKENIZER_TEMPLATE = "tokenizer"  # --template: the tokenizer folder's own chat_template
+MAX_LENGTH_UNCHECKED = 10**9  # tokenizer_config's model_max_length: the tool applies its own max_length
+
+
+def prepare_tokenizer(tokenizer_path, template_name: str | None, folder: str):
+    """(the tokenizer an export writes for `tokenizer_path`, written into `folder` and loaded, the ChatTemplate).
+    `template_name`: a name of evods.model.chat_templates or "tokenizer" (a tokenizer folder's own chat_template);
+    None: a tokenizer folder's own template, else the registry template whose special tokens the tokenizer has."""
+    choices = f"{', '.join(CHAT_TEMPLATES)} or {TOKENIZER_TEMPLATE}"
+    if template_name is not None and template_name not in (*CHAT_TEMPLATES, TOKENIZER_TEMPLATE):
+        raise DataError(f"--template {template_name!r}: use {choices}")
+    source = Path(tokenizer_path) if tokenizer_path is not None and Path(tokenizer_path).is_dir() \
+        else find_tokenizer(tokenizer_path)
+    try:  # without a template: the folder's own stays, and the choice below is checked once
+        tokenizer = write_tokenizer(str(source), folder, MAX_LENGTH_UNCHECKED, None)
+    except CheckpointError as error:
+        raise DataError(str(error)) from None
+    own = tokenizer.chat_template if source.is_dir() else None
+    if own is not None and not isinstance(own, str):
+        raise DataError(f"{source} has several named chat templates; give --template {', '.join(CHAT_TEMPLATES)}")
+    if template_name in CHAT_TEMPLATES:
+        template = CHAT_TEMPLATES[template_name]
+    elif own:  # --template tokenizer, or no --template for a folder with its own
+        # an evods export's own template is one of the registry's: call it by its name
+        template = next((t for t in CHAT_TEMPLATES.values() if t.jinja == own), None) or \
+            ChatTemplate(TOKENIZER_TEMPLATE, own, "", (), f"the chat_template of {source}")
+        _check_generation_prompt(tokenizer, template.jinja, source)
+    elif template_name == TOKENIZER_TEMPLATE:
+        raise DataError(f"--template {TOKENIZER_TEMPLATE}: {source} has no chat_template of its own; use "
+                        f"{', '.join(CHAT_TEMPLATES)}")
+    else:
+        fitting = [name for name, candidate in CHAT_TEMPLATES.items() if not tokens_missing(candidate, tokenizer)]
+        if len(fitting) != 1:
+            raise DataError(f"cannot tell the chat format of {source} (its tokens fit "
+                            f"{', '.join(fitting) or 'no template'}): give --template {choices}")
+        template = CHAT_TEMPLATES[fitting[0]]
+    try:
+        check_tokenizer(template, tokenizer, f"the tokenizer {source}")
+    except ValueError as error:
+        raise DataError(f"--template {template.name}: {error}") from None
+    return tokenizer, template
+
+
+def _check_generation_prompt(tokenizer, jinja: str, source) -> None:
+    """A reply starts where the generation prompt ends: a template that writes none would train the header of every
+    reply."""
+    asked = [[{"role": "user", "content": "?"}]]
+    if render_conversations(tokenizer, jinja, asked, True) == render_conversations(tokenizer, jinja, asked, False):
+        raise DataError(f"the chat_template of {source} writes nothing for add_generation_prompt, so the replies "
+                        f"cannot be told from their headers; give --template {', '.join(CHAT_TEMPLATES)}")
+
+
+def tokenize_chat(dataset_path, output_path, tokenizer_path=None, template=None, **options):
+    """tools/chat_tokenizer.py: (evods.data.chat.tokenize_conversations' counts, the template's name); `options` are
+    tokenize_conversations' keywords."""
+    chosen = None
+
+    def tokenizer_files(folder):
+        nonlocal chosen
+        tokenizer, chosen = prepare_tokenizer(tokenizer_path, template, folder)
+        return tokenizer, chosen.jinja
+
+    stats = tokenize_conversations(dataset_path, output_path, tokenizer_files, **options)
+    return stats, chosen.name
 
 
 def parse_args(argv=None):
@@ -50,8 +118,8 @@ def main(argv=None) -> int:
     args = parse_args(argv)
 
     def tokenize():
-        stats, template = tokenize_conversations(
-            args.dataset_path, args.output_path, args.tokenizer_path, template=args.template,
+        stats, template = tokenize_chat(
+            args.dataset_path, args.output_path, args.tokenizer_path, args.template,
             type_name=args.type_name, split_ratio=args.split_ratio, max_length=args.max_length,
             overlong=args.overlong, workers=args.workers, skip_bad_lines=args.skip_bad_lines,
             overwrite=args.overwrite, progress=not args.quiet)

@@ -10,7 +10,8 @@ import sys
 
 from evods.cli import run_cli
 from evods.data import DataError
-from evods.data.tokenize import find_tokenizer, tokenize_file
+from evods.data.tokenize import tokenize_file
+from evods.data.tokenizer_model import find_tokenizer
 
 
 def parse_args(argv=None):

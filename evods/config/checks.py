@@ -6,29 +6,27 @@ names the config keys involved.
 import importlib.util
 import logging
 import os
-from typing import NamedTuple
 
 import torch
+
+from evods.parallel import ParallelLayout, parallel_layout
 
 from .schema import TrainConfig
 
 logger = logging.getLogger("evods.config")
 
-# fp16 on CPU runs (slowly) only once DeepSpeed's accelerator is told fp16 is supported (notes Q7). Tests use it to
-# exercise loss scaling; with it set, the engine must patch `get_accelerator().is_fp16_supported = lambda: True`
-# before deepspeed.initialize.
+# fp16 on CPU runs (slowly) only once DeepSpeed's accelerator is told fp16 is supported: DeepSpeed's
+# CPU_Accelerator.is_fp16_supported is true only where torch.ops.mkldnn._is_mkldnn_fp16_supported() is (few CPUs),
+# and DeepSpeedEngine otherwise raises "Type fp16 is not supported on your device". Tests use it to exercise loss
+# scaling; with it set, the engine must patch `get_accelerator().is_fp16_supported = lambda: True` before
+# deepspeed.initialize.
 CPU_FP16_ENV = "EVODS_CPU_FP16"
 
 
-class ParallelDims(NamedTuple):
-    dp: int
-    pp: int
-    tp: int
-    sequence_parallel: bool = False  # applied: asked for, with tensor size > 1
-
-
-def check_topology(cfg: TrainConfig, world_size: int) -> ParallelDims:
-    """Split `world_size` processes into data × pipeline × tensor parallel sizes and check the model fits them."""
+def check_topology(cfg: TrainConfig, world_size: int, rank: int = 0) -> ParallelLayout:
+    """The run's parallel layout, seen from `rank`: `world_size` processes split into data × pipeline × tensor
+    parallel groups, the parallel modes that apply, checked against the model and data. Every parallel decision is
+    made here, once; the rest of evods reads the layout."""
     pp, tp = cfg.parallel.pipeline.size, cfg.parallel.tensor.size
     model, source = cfg.model, cfg.source
     if world_size % (pp * tp):
@@ -49,8 +47,8 @@ def check_topology(cfg: TrainConfig, world_size: int) -> ParallelDims:
     if model.num_chunks > 1:
         raise source.error("model.num_chunks", f"model.num_chunks={model.num_chunks} asks for InternEvo's interleaved "
                                                f"pipeline, but DeepSpeed pipelines run 1F1B only; set num_chunks=1")
-    sequence_parallel = _check_sequence_parallel(cfg, tp)
-    dp = world_size // (pp * tp)
+    layout = parallel_layout(rank, world_size, pp=pp, tp=tp, sequence_parallel=_check_sequence_parallel(cfg, tp))
+    dp = layout.dp
     zero1 = cfg.parallel.zero1.size
     if zero1 == 1:
         logger.info("parallel.zero1=1 asks for no ZeRO, but evods still uses ZeRO-1 over the data-parallel group: "
@@ -58,7 +56,7 @@ def check_topology(cfg: TrainConfig, world_size: int) -> ParallelDims:
     elif zero1 > 1 and zero1 != dp:
         logger.warning("parallel.zero1=%d: DeepSpeed ZeRO-1 shards the optimizer state over the whole data-parallel "
                        "group (%d ranks), not over groups of %d.", zero1, dp, zero1)
-    return ParallelDims(dp=dp, pp=pp, tp=tp, sequence_parallel=sequence_parallel)
+    return layout
 
 
 def _check_sequence_parallel(cfg: TrainConfig, tp: int) -> bool:

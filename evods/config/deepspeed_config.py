@@ -11,6 +11,8 @@ from typing import Any
 
 import torch
 
+from evods.parallel import ParallelLayout
+
 from .errors import ConfigError
 from .schema import TrainConfig
 
@@ -74,17 +76,16 @@ def deep_merge(base: dict, top: dict) -> dict:
     return merged
 
 
-def _derived(cfg: TrainConfig, dp_size: int) -> dict[str, tuple[Any, str]]:
+def _derived(cfg: TrainConfig, layout: ParallelLayout) -> dict[str, tuple[Any, str]]:
     """Dotted DeepSpeed key -> (value, the training config key it comes from)."""
     data, zero, scaler = cfg.data, cfg.hybrid_zero_optimizer, cfg.grad_scaler
     derived = {
         "gradient_accumulation_steps": (data.micro_num, "data.micro_num"),
-        "train_batch_size": (data.micro_num * dp_size, "data.micro_num × data-parallel size"),
+        "train_batch_size": (data.micro_num * layout.dp, "data.micro_num × data-parallel size"),
         "zero_optimization.reduce_bucket_size": (zero.reduce_bucket_size, "hybrid_zero_optimizer.reduce_bucket_size"),
         "gradient_clipping": (float(zero.clip_grad_norm), "hybrid_zero_optimizer.clip_grad_norm"),
     }
-    parallel = cfg.parallel
-    if parallel.sequence_parallel and parallel.tensor.size > 1 and parallel.pipeline.size > 1:
+    if layout.sequence_parallel and layout.pp > 1:
         derived.update({"pipeline.pipe_partitioned": (False, SEQUENCE_SLICES_BETWEEN_STAGES),
                         "pipeline.grad_partitioned": (False, SEQUENCE_SLICES_BETWEEN_STAGES)})
     if cfg.model.dtype == torch.float16:
@@ -111,7 +112,8 @@ def _derived(cfg: TrainConfig, dp_size: int) -> dict[str, tuple[Any, str]]:
         derived.update({
             "bf16.enabled": (True, "model.dtype"),
             # fp32 gradient accumulation: DeepSpeed then runs its BF16_Optimizer with ZeRO-1 partitioned fp32 master
-            # weights, correct under PP/TP (notes Q2); bf16 accumulation over micro_num steps loses precision.
+            # weights, whose losses and gradient norms under data and pipeline parallelism match one process's
+            # (tests/training/test_parity.py); bf16 accumulation over micro_num steps loses precision.
             "data_types.grad_accum_dtype": ("fp32", "model.dtype"),
         })
     return derived
@@ -132,8 +134,9 @@ def _check_override(user: dict, evods: dict[str, tuple[Any, str]], origin: str) 
         logger.warning("%s: %s=%r overrides %r from the training config (%s).", origin, dotted, value, ours, reason)
 
 
-def build_deepspeed_config(cfg: TrainConfig, dp_size: int, override_path: str | Path | None = None) -> dict:
-    """The DeepSpeed config dict for `deepspeed.initialize(config=...)`.
+def build_deepspeed_config(cfg: TrainConfig, layout: ParallelLayout, override_path: str | Path | None = None) -> dict:
+    """The DeepSpeed config dict for `deepspeed.initialize(config=...)`, for the run's parallel `layout`
+    (evods.config.check_topology).
 
     One DeepSpeed micro-batch is one packed row (micro_bsz × seq_len tokens), so the micro-batch size is 1 and
     gradient accumulation is data.micro_num. Precision follows model.dtype: fp16 with dynamic loss scaling from
@@ -147,17 +150,15 @@ def build_deepspeed_config(cfg: TrainConfig, dp_size: int, override_path: str | 
     `override_path`: a JSON file deep-merged on top. Overriding a value that comes from the training config warns;
     overriding the batch geometry is an error, since the loop feeds data.micro_num rows per step.
     """
-    if not (isinstance(dp_size, int) and dp_size > 0):
-        raise ConfigError(f"data-parallel size must be a positive int, got {dp_size!r}")
     defaults = _read_json(DEFAULTS_PATH, "evods' DeepSpeed defaults")
-    derived = _derived(cfg, dp_size)
+    derived = _derived(cfg, layout)
     ds_config = deep_merge(defaults, _nested({name: value for name, (value, _) in derived.items()}))
     if override_path is not None:
         user = _read_json(Path(override_path), "the --ds_config file")
         fixed = {name: (value, FIXED_BY_EVODS[name]) for name, value in _leaves(defaults) if name in FIXED_BY_EVODS}
         _check_override(user, {**fixed, **derived}, str(override_path))
         ds_config = deep_merge(ds_config, user)
-    validate_deepspeed_config(ds_config, dp_size, origin=str(override_path or DEFAULTS_PATH))
+    validate_deepspeed_config(ds_config, layout.dp, origin=str(override_path or DEFAULTS_PATH))
     return ds_config
 
 

@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from evods.data import DataError, Rampup, parse_rampup, parse_skip_batches
 from evods.model.chat_templates import CHAT_TEMPLATES, DEFAULT_CHAT_TEMPLATE
 from evods.model.registry import MODEL_INITIALIZER
 
@@ -85,40 +86,6 @@ def section(cls, *, optional: bool = False, required: bool = False, coerce: Call
     return field(**default, metadata={"section": cls, "optional": optional, "coerce": coerce})
 
 
-def _parse_skip_batches(text: str) -> list[tuple[int, int]]:
-    """"100-200,350" -> [(100, 200), (350, 350)]: inclusive ranges of batch_count. Validation only, so that a
-    malformed value is reported with its file and line; evods.data.BatchSkipper applies it."""
-    spans = []
-    for part in filter(None, (p.strip() for p in text.split(","))):
-        low, _, high = part.partition("-")
-        span = (int(low), int(high or low))
-        if not 0 <= span[0] <= span[1]:
-            raise ValueError(part)
-        spans.append(span)
-    return spans
-
-
-def _parses(parse: Callable[[str], Any]) -> Callable[[Any], bool]:
-    def test(value) -> bool:
-        try:
-            parse(value)
-        except (ValueError, TypeError, AttributeError):
-            return False
-        return True
-    return test
-
-
-def _parse_rampup(text: str) -> tuple[int, int, int] | None:
-    """"start incr every" -> (start, incr, every); "" -> None. Validation only; evods.data applies it."""
-    if not text.strip():
-        return None
-    start, incr, every = (int(part) for part in text.split())
-    return start, incr, every
-
-
-SKIP_BATCHES = Rule('a string of inclusive batch ranges like "100-200,350" (or "")', _parses(_parse_skip_batches))
-RAMPUP = Rule('a string "start increment every" like "1 1 100" (or "")', _parses(_parse_rampup))
-
 # ---------------------------------------------------------------------------------------------------- sections
 
 
@@ -149,8 +116,8 @@ class DataConfig:
     total_steps: int = key(POSITIVE_INT)
     # InternEvo requires the next three; evods gives the values every shipped config uses.
     pack_sample_into_one: bool = key(BOOL, False)
-    skip_batches: str = key(SKIP_BATCHES, "")
-    rampup_batch_size: str = key(RAMPUP, "")
+    skip_batches: str = key(STR, "")  # parsed into skip_ranges
+    rampup_batch_size: str = key(STR, "")  # parsed into rampup
     min_length: int = key(NON_NEGATIVE_INT, 0)
     train_folder: str | None = key(OPTIONAL_STR, None)  # None: random data
     train_dataset: TrainDatasetConfig | None = section(TrainDatasetConfig, optional=True)  # instead of train_folder
@@ -165,10 +132,17 @@ class DataConfig:
     fixed_random_dataset_seqlen: bool = key(BOOL, False)
     num_worker: int = key(NON_NEGATIVE_INT, 4)
     seed: int = key(INT, 1024)
+    # Parsed once, from the two keys above (evods.data.parse_skip_batches, parse_rampup), and handed to the data
+    # pipeline as they are.
+    skip_ranges: tuple[tuple[int, int], ...] = field(default=(), init=False)
+    rampup: Rampup | None = field(default=None, init=False)
 
 
 
 CKPT_CONTENT = {"model", "sampler", "optimizer", "scheduler", "all"}
+# The snapshots of a run live in this folder of its save_ckpt_folder, where auto_resume looks for them beside the
+# normal checkpoints (evods.checkpoint.layout); ckpt.snapshot_ckpt_folder can only name that folder.
+SNAPSHOT_FOLDER = "snapshot"
 
 
 def _as_tuple(value):
@@ -200,7 +174,7 @@ class CkptConfig:
     async_upload_tmp_folder: str | None = key(OPTIONAL_STR, "/dev/shm/internlm_tmp_ckpt/")
     oss_snapshot_freq: float = key(STEP_INTERVAL, math.inf)
     stop_file_path: str | None = key(OPTIONAL_STR, None)
-    snapshot_ckpt_folder: str | None = key(OPTIONAL_STR, None)  # None -> {save_ckpt_folder}/snapshot
+    snapshot_ckpt_folder: str | None = key(OPTIONAL_STR, None)  # {save_ckpt_folder}/snapshot, the only choice
     keep_last_ckpts: int = key(NON_NEGATIVE_INT, 0)  # keep only the newest k normal checkpoints (0: keep all)
     # legacy keys, used when load_ckpt_info is absent
     load_ckpt_folder: str | None = key(OPTIONAL_STR, None)
@@ -282,7 +256,7 @@ class HybridZeroConfig:
 class LossConfig:
     label_smoothing: float = key(_in_range(0, 1, high_open=True), 0.0)
     moe_loss_coeff: float = key(NON_NEGATIVE_NUMBER, 1.0)
-    # evods: how the output head and its cross entropy run (evods.training.linear_cross_entropy). "auto": Liger's
+    # evods: how the output head and its cross entropy run (evods.training.loss_kernels). "auto": Liger's
     # fused kernel on CUDA where installed and the vocabulary is not split, else "chunked"; "full" holds the whole
     # [tokens, vocab] logits, as InternEvo does.
     kernel: str = key(_one_of("auto", "chunked", "liger", "full"), "auto")
@@ -591,7 +565,19 @@ def _normalise_data(data: DataConfig, source: ConfigSource) -> None:
     data.packed_length = packed_length
     if data.valid_micro_num is None:
         data.valid_micro_num = data.micro_num
+    data.skip_ranges = _parsed(source, "data.skip_batches", 'a string of inclusive batch ranges like "100-200,350" '
+                               '(or "")', lambda: parse_skip_batches(data.skip_batches), data.skip_batches)
+    data.rampup = _parsed(source, "data.rampup_batch_size", 'a string "start increment every" like "1 1 100" (or "")',
+                          lambda: parse_rampup(data.rampup_batch_size, data.micro_num), data.rampup_batch_size)
     data.diag_outlier_ratio = max(data.diag_outlier_ratio, 1.0)
+
+
+def _parsed(source: ConfigSource, key: str, words: str, parse: Callable[[], Any], value):
+    """`parse()`, with its DataError as the ConfigError of `key` (file and line)."""
+    try:
+        return parse()
+    except DataError as error:
+        raise source.error(key, f"{key} must be {words}, got {value!r}: {error}") from None
 
 
 def _normalise_model(model: ModelConfig) -> None:
@@ -645,8 +631,12 @@ def _normalise_ckpt(ckpt: CkptConfig, source: ConfigSource) -> None:
     if ckpt.save_ckpt_folder is None:
         raise source.error("ckpt", "ckpt.save_ckpt_folder is required when ckpt.enable_save_ckpt=True: "
                                    "give a folder (e.g. 'local:llm_ckpts') or set enable_save_ckpt=False")
-    if ckpt.snapshot_ckpt_folder is None:
-        ckpt.snapshot_ckpt_folder = f"{ckpt.save_ckpt_folder.rstrip('/')}/snapshot"
+    snapshots = f"{ckpt.save_ckpt_folder.rstrip('/')}/{SNAPSHOT_FOLDER}"
+    if ckpt.snapshot_ckpt_folder not in (None, snapshots):
+        raise source.error("ckpt.snapshot_ckpt_folder",
+                           f"ckpt.snapshot_ckpt_folder={ckpt.snapshot_ckpt_folder!r}: evods keeps snapshots in "
+                           f"{snapshots} so that auto_resume finds them; remove the key")
+    ckpt.snapshot_ckpt_folder = snapshots
     if ckpt.async_upload and not ckpt.save_ckpt_folder.startswith(("boto3:", "s3:")):
         logger.warning("ckpt.async_upload=True only works for boto3:/s3: save folders; saving to %s synchronously",
                        ckpt.save_ckpt_folder)

@@ -5,14 +5,22 @@ from evods.data.binfile import BinWriter, TokenizedDataset, format_bin_lines
 from evods.data.collate import batch_stats, collate_documents, collate_hf, collate_packs, hf_batch
 from evods.data.errors import DataError
 from evods.data.hf_source import open_hf_dataset
-from evods.data.loader import build_train_dataset, build_train_loader, build_valid_loaders, discover_train_files
+from evods.data.loader import (
+    DataSettings,
+    build_train_dataset,
+    build_train_loader,
+    build_valid_loaders,
+    discover_train_files,
+)
 from evods.data.packing import IGNORE_INDEX, PackedDataset
 from evods.data.random_data import RandomDataset
-from evods.data.sampler import BatchSkipper, StaticBatchSampler
+from evods.data.sampler import BatchSkipper, Rampup, StaticBatchSampler, parse_rampup, parse_skip_batches
+from evods.data.tokenizer_model import check_tokenizer_fits, find_tokenizer, load_tokenizer
 
 __all__ = [
-    "BatchSkipper", "BinWriter", "DataError", "IGNORE_INDEX", "PackedDataset", "PackedLoader", "RandomDataset",
-    "StaticBatchSampler", "TokenizedDataset", "batch_stats", "build_train_dataset", "build_train_loader",
-    "build_valid_loaders", "collate_documents", "collate_hf", "collate_packs", "discover_train_files",
-    "format_bin_lines", "hf_batch", "open_hf_dataset", "packed_dataset",
+    "BatchSkipper", "BinWriter", "DataError", "DataSettings", "IGNORE_INDEX", "PackedDataset", "PackedLoader",
+    "RandomDataset", "Rampup", "StaticBatchSampler", "TokenizedDataset", "batch_stats", "build_train_dataset",
+    "build_train_loader", "build_valid_loaders", "check_tokenizer_fits", "collate_documents", "collate_hf",
+    "collate_packs", "discover_train_files", "find_tokenizer", "format_bin_lines", "hf_batch", "load_tokenizer",
+    "open_hf_dataset", "packed_dataset", "parse_rampup", "parse_skip_batches",
 ]

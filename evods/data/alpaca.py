@@ -12,7 +12,7 @@ from pathlib import Path
 from evods.data.errors import DataError
 from evods.data.hf_source import open_hf_dataset
 from evods.data.splits import SplitWriters, split_paths, validation_mask
-from evods.data.tokenize import load_tokenizer
+from evods.data.tokenizer_model import load_tokenizer
 
 MAX_LENGTH = 2048
 BOT_PREFIX = "<|Bot|>:"

@@ -19,7 +19,7 @@ from pathlib import Path
 from evods.data.collate import hf_batch
 from evods.data.errors import DataError
 from evods.data.hf_source import StreamingPacks, TextEncoder
-from evods.data.loader import StreamingTrainLoader, TrainLoader, build_train_dataset, pack_hf_dataset
+from evods.data.loader import StreamingTrainLoader, TrainLoader, folder_packs, pack_hf_dataset
 from evods.data.sampler import StaticBatchSampler
 
 
@@ -34,9 +34,7 @@ def packed_dataset(source, seq_len: int, micro_bsz: int, *, pack_sample_into_one
     model; default tools/V7_sft.model) as tools/tokenizer.py does, with optional BOS/EOS.
     """
     if isinstance(source, (str, Path)):
-        data_cfg = dict(seq_len=seq_len, micro_bsz=micro_bsz, pack_sample_into_one=pack_sample_into_one,
-                        train_folder=str(source), min_length=min_length)
-        return build_train_dataset(data_cfg)[0]
+        return folder_packs(source, seq_len, micro_bsz, pack_sample_into_one, min_length, min_length_dict=None)[0]
     if not hasattr(source, "column_names"):
         raise DataError(f"packed_dataset takes a train_folder path or a datasets.Dataset / IterableDataset, not a "
                         f"{type(source).__name__}")
@@ -58,7 +56,7 @@ class PackedLoader:
         if isinstance(dataset, StreamingPacks):
             self._steps = StreamingTrainLoader(dataset, micro_num, rank, world)
         else:
-            self._steps = TrainLoader(dataset, StaticBatchSampler(len(dataset), micro_num, "", rank, world),
+            self._steps = TrainLoader(dataset, StaticBatchSampler(len(dataset), micro_num, None, rank, world),
                                       num_workers)
         self._micro = 0  # micro-batches of the current step already handed out
         self._step_start = self._steps.state_dict()  # the position before the current step

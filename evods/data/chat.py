@@ -6,9 +6,10 @@ Records (a JSON list or JSONL file, or a local Hugging Face dataset), in any of 
     {"instruction": "...", "input": "...", "output": "...", "system": "...", "history": [["q", "r"], ...]}   Alpaca
 ("system" and "history" are optional; ShareGPT also takes "user"/"assistant" as `from`.)
 
-A conversation is rendered by transformers' `apply_chat_template` with a template of evods.model.chat_templates (or
-the tokenizer folder's own) and tokenized whole by the tokenizer an export writes (evods.checkpoint.formats.
-hf_tokenizer): its ids are those of the exported folder's `apply_chat_template(messages)`. Labels follow InternEvo's
+A conversation is rendered by transformers' `apply_chat_template` with the model's chat template and tokenized whole
+by the tokenizer an export writes, both given by the caller (tools/chat_tokenizer.py: a template of
+evods.model.chat_templates or the tokenizer folder's own, the files of evods.checkpoint.formats.hf_tokenizer): its ids
+are those of the exported folder's `apply_chat_template(messages)`. Labels follow InternEvo's
 SFT convention: a token is written negative (no loss) unless it belongs to an assistant turn, the reply and the end of
 turn the template puts after it (`<eoa>`, `<|im_end|>`, `<|eot_id|>`). The turns are found by rendering: a reply starts
 where the conversation before it plus the generation prompt ends, and ends where the conversation up to and including
@@ -36,15 +37,12 @@ from evods.data.alpaca import alpaca_query
 from evods.data.binfile import format_bin_lines
 from evods.data.errors import DataError
 from evods.data.splits import SPLITS, SplitWriters, split_paths, validation_mask
-from evods.data.tokenize import InOrderPool, duration_and_rate, find_tokenizer, input_format, read_chunks
-from evods.model.chat_templates import CHAT_TEMPLATES, ChatTemplate, check_tokenizer, tokens_missing
+from evods.data.tokenize import InOrderPool, duration_and_rate, input_format, read_chunks
 
-TOKENIZER_TEMPLATE = "tokenizer"  # --template: the tokenizer folder's own chat_template
 OVERLONG = ("truncate", "drop")
 SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
 MESSAGE_ROLES = {"system": "system", "user": "user", "assistant": "assistant"}
 HF_CHUNK_ROWS = 1024
-MAX_LENGTH_UNCHECKED = 10**9  # tokenizer_config's model_max_length: the tool applies its own max_length
 PRINTED_BAD_RECORDS = 20
 
 
@@ -149,7 +147,7 @@ def _alpaca_turns(record: dict) -> list[dict]:
 
 # ---- messages to token ids and labels
 
-def _render(tokenizer, jinja: str, conversations: list[list[dict]], generation_prompt: bool) -> list:
+def render_conversations(tokenizer, jinja: str, conversations: list[list[dict]], generation_prompt: bool) -> list:
     """The rendered text of each conversation, or the template's error message where it refuses one."""
     from jinja2 import TemplateError
 
@@ -174,11 +172,12 @@ def render_with_replies(tokenizer, jinja: str, conversations: list[list[dict]]) 
     BadRecord."""
     replies = [[i for i, message in enumerate(messages) if message["role"] == "assistant"]
                for messages in conversations]
-    full = _render(tokenizer, jinja, conversations, False)
-    before = iter(_render(tokenizer, jinja, [messages[:i] for messages, turns in zip(conversations, replies)
-                                             for i in turns], True))
-    through = iter(_render(tokenizer, jinja, [messages[:i + 1] for messages, turns in zip(conversations, replies)
-                                              for i in turns if i + 1 < len(messages)], False))
+    full = render_conversations(tokenizer, jinja, conversations, False)
+    prompts = [messages[:i] for messages, turns in zip(conversations, replies) for i in turns]
+    with_reply = [messages[:i + 1] for messages, turns in zip(conversations, replies) for i in turns
+                  if i + 1 < len(messages)]
+    before = iter(render_conversations(tokenizer, jinja, prompts, True))
+    through = iter(render_conversations(tokenizer, jinja, with_reply, False))
     results = []
     for messages, turns, text in zip(conversations, replies, full):
         prefixes = [(next(before), text if i + 1 == len(messages) else next(through)) for i in turns]
@@ -255,63 +254,10 @@ def encode_chunk(tokenizer, items, job: ChatJob):
     return {split: format_bin_lines(lists) for split, lists in samples.items()}, stats, bad
 
 
-# ---- the tokenizer and the template
-
 def _load_fast_tokenizer(folder):
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(folder, use_fast=True, local_files_only=True)
-
-
-def prepare_tokenizer(tokenizer_path, template_name: str | None, folder: str):
-    """(the tokenizer an export writes for `tokenizer_path`, written into `folder` and loaded, the ChatTemplate).
-    `template_name`: a name of evods.model.chat_templates or "tokenizer" (a tokenizer folder's own chat_template);
-    None: a tokenizer folder's own template, else the registry template whose special tokens the tokenizer has."""
-    from evods.checkpoint.errors import CheckpointError
-    from evods.checkpoint.formats.hf_tokenizer import write_tokenizer
-
-    choices = f"{', '.join(CHAT_TEMPLATES)} or {TOKENIZER_TEMPLATE}"
-    if template_name is not None and template_name not in (*CHAT_TEMPLATES, TOKENIZER_TEMPLATE):
-        raise DataError(f"--template {template_name!r}: use {choices}")
-    source = Path(tokenizer_path) if tokenizer_path is not None and Path(tokenizer_path).is_dir() \
-        else find_tokenizer(tokenizer_path)
-    try:  # without a template: the folder's own stays, and the choice below is checked once
-        tokenizer = write_tokenizer(str(source), folder, MAX_LENGTH_UNCHECKED, None)
-    except CheckpointError as error:
-        raise DataError(str(error)) from None
-    own = tokenizer.chat_template if source.is_dir() else None
-    if own is not None and not isinstance(own, str):
-        raise DataError(f"{source} has several named chat templates; give --template {', '.join(CHAT_TEMPLATES)}")
-    if template_name in CHAT_TEMPLATES:
-        template = CHAT_TEMPLATES[template_name]
-    elif own:  # --template tokenizer, or no --template for a folder with its own
-        # an evods export's own template is one of the registry's: call it by its name
-        template = next((t for t in CHAT_TEMPLATES.values() if t.jinja == own), None) or \
-            ChatTemplate(TOKENIZER_TEMPLATE, own, "", (), f"the chat_template of {source}")
-        _check_generation_prompt(tokenizer, template.jinja, source)
-    elif template_name == TOKENIZER_TEMPLATE:
-        raise DataError(f"--template {TOKENIZER_TEMPLATE}: {source} has no chat_template of its own; use "
-                        f"{', '.join(CHAT_TEMPLATES)}")
-    else:
-        fitting = [name for name, candidate in CHAT_TEMPLATES.items() if not tokens_missing(candidate, tokenizer)]
-        if len(fitting) != 1:
-            raise DataError(f"cannot tell the chat format of {source} (its tokens fit "
-                            f"{', '.join(fitting) or 'no template'}): give --template {choices}")
-        template = CHAT_TEMPLATES[fitting[0]]
-    try:
-        check_tokenizer(template, tokenizer, f"the tokenizer {source}")
-    except ValueError as error:
-        raise DataError(f"--template {template.name}: {error}") from None
-    return tokenizer, template
-
-
-def _check_generation_prompt(tokenizer, jinja: str, source) -> None:
-    """A reply starts where the generation prompt ends: a template that writes none would train the header of every
-    reply."""
-    asked = [{"role": "user", "content": "?"}]
-    if _render(tokenizer, jinja, [asked], True) == _render(tokenizer, jinja, [asked], False):
-        raise DataError(f"the chat_template of {source} writes nothing for add_generation_prompt, so the replies "
-                        f"cannot be told from their headers; give --template {', '.join(CHAT_TEMPLATES)}")
 
 
 # ---- reading
@@ -354,12 +300,14 @@ def _with_splits(chunks, fmt: str, is_valid: np.ndarray):
 
 # ---- the tool
 
-def tokenize_conversations(input_path, output_path, tokenizer_path=None, *, template=None, type_name="en",
-                           split_ratio=0.1, max_length=2048, overlong="truncate", workers=1, skip_bad_lines=False,
-                           overwrite=False, progress=True) -> tuple[ChatStats, str]:
+def tokenize_conversations(input_path, output_path, tokenizer_files, *, type_name="en", split_ratio=0.1,
+                           max_length=2048, overlong="truncate", workers=1, skip_bad_lines=False, overwrite=False,
+                           progress=True) -> ChatStats:
     """Write {output}/train/{type}/{name}.bin(.meta) and {output}/valid/{type}/{name}.bin(.meta) (name: the input's
-    file or folder name without extension); return the counts and the template's name. DataError on bad input:
-    without `skip_bad_lines` the first bad record stops the run and nothing is written."""
+    file or folder name without extension); return the counts. `tokenizer_files(folder)` writes the tokenizer files
+    of the model into `folder` (the workers load them from there) and returns (the fast tokenizer they make, the chat
+    template as Jinja); it is called once the options are checked. DataError on bad input: without `skip_bad_lines`
+    the first bad record stops the run and nothing is written."""
     input_path = Path(input_path)
     if not input_path.exists():
         raise DataError(f"{input_path}: no such file or folder")
@@ -379,8 +327,8 @@ def tokenize_conversations(input_path, output_path, tokenizer_path=None, *, temp
     stats = ChatStats()
     start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="evods-chat-tokenizer-") as tokenizer_folder:
-        tokenizer, chat_template = prepare_tokenizer(tokenizer_path, template, tokenizer_folder)
-        job = ChatJob(fmt, chat_template.jinja, max_length, overlong)
+        tokenizer, jinja = tokenizer_files(tokenizer_folder)
+        job = ChatJob(fmt, jinja, max_length, overlong)
         is_valid = validation_mask(_count_records(input_path, fmt, dataset), split_ratio)
         if not len(is_valid):
             raise DataError(f"{input_path} has no records; nothing was written")
@@ -416,7 +364,7 @@ def tokenize_conversations(input_path, output_path, tokenizer_path=None, *, temp
     if hf:
         stats.input_bytes = int(dataset.data.nbytes)
     stats.seconds = time.perf_counter() - start
-    return stats, chat_template.name
+    return stats
 
 
 def _report_bad(bad, already: int, where, skip: bool) -> None:

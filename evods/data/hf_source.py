@@ -10,18 +10,15 @@ packed exactly as a bin/meta file is (evods.data.packing); nothing is written as
 Texts are encoded as tools/tokenizer.py encodes a jsonl record: the field as it is, empty strings skipped.
 """
 import hashlib
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
-from evods.data.binfile import BinWriter
 from evods.data.errors import DataError
 from evods.data.packing import build_pack
-from evods.data.tokenize import TokenizeStats, find_tokenizer, load_tokenizer
+from evods.data.tokenizer_model import find_tokenizer, load_tokenizer
 
 DATA_FILE_BUILDERS = {".parquet": "parquet", ".jsonl": "json", ".json": "json", ".txt": "text", ".csv": "csv",
                       ".arrow": "arrow"}
@@ -95,33 +92,6 @@ class TextEncoder:
         """What the tokens depend on besides the dataset: for datasets' cache of Dataset.map."""
         digest = hashlib.sha256(self.tokenizer_path.read_bytes()).hexdigest()
         return f"{digest}|{self.text_key}|{self.add_bos}|{self.add_eos}"
-
-
-def tokenize_hf_dataset(input_path, bin_path, tokenizer_path=None, *, text_key="text", add_bos=False, add_eos=False,
-                        workers=1, mode="create", progress=True) -> TokenizeStats:
-    """tools/tokenizer.py for a local Hugging Face dataset (save_to_disk folder, or parquet/jsonl/... files): the same
-    bin/meta a jsonl file with the same records gives."""
-    dataset = open_hf_dataset(input_path)
-    encoder = TextEncoder(tokenizer_path, text_key, add_bos, add_eos, where=str(input_path), threads=workers)
-    encoder.check_columns(dataset.column_names)
-    stats = TokenizeStats(input_bytes=int(dataset.data.nbytes))
-    start = time.perf_counter()
-    with BinWriter(bin_path, mode) as writer, tqdm(total=len(dataset), unit="rows", desc=Path(input_path).name,
-                                                   disable=not progress) as bar:
-        for batch in dataset.iter(batch_size=ENCODE_BATCH):
-            encoded = encoder.encode(batch)
-            kept = [ids for ids in encoded if ids is not None]
-            writer.write(kept)
-            stats.samples += len(kept)
-            stats.tokens += sum(map(len, kept))
-            stats.blank += len(encoded) - len(kept)
-            bar.update(len(encoded))
-        if not stats.samples:
-            raise DataError(f"{input_path} has no text in column {text_key!r} ({stats.blank} empty rows); nothing "
-                            "was written")
-        writer.commit()
-    stats.seconds = time.perf_counter() - start
-    return stats
 
 
 class TokenizedTexts:

@@ -1,4 +1,5 @@
-"""The entry points the training loop calls: build_train_loader and build_valid_loaders, from the config's `data`.
+"""The entry points the training loop calls: build_train_loader and build_valid_loaders, from the config's `data`
+section as it is (`DataSettings`: evods.config's DataConfig, with its defaults and checks applied).
 
 Train folder layout: train_folder/<type>/**/*.bin, each with its .bin.meta. Type ids follow InternEvo's
 current rule: the sorted names of train_folder's top-level folders, enumerated (e.g. cn=0, code=1, en=2); any name
@@ -12,6 +13,7 @@ import signal
 from dataclasses import asdict
 from functools import partial
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 from torch.utils.data import ConcatDataset, DataLoader
@@ -22,12 +24,41 @@ from evods.data.errors import DataError
 from evods.data.hf_source import StreamCursor, StreamingPacks, TextEncoder, TokenizedTexts, open_hf_dataset
 from evods.data.packing import PackedDataset
 from evods.data.random_data import RandomDataset
-from evods.data.sampler import StaticBatchSampler
+from evods.data.sampler import Rampup, StaticBatchSampler
 
 RANDOM_TRAIN_SAMPLES = 1_000_000
 RANDOM_VALID_SAMPLES_PER_RANK = 500
 RANDOM_DATASET_TYPES = ["en", "cn", "code"]
 VALID_MIN_LENGTH = 50  # InternEvo's JsonlDataset default, which validation sets keep
+
+
+class TextDatasetSettings(Protocol):
+    """data.train_dataset (evods.config's TrainDatasetConfig): the text of a Hugging Face dataset."""
+
+    path: str
+    split: str
+    streaming: bool
+    name: str | None
+    tokenizer_path: str | None
+    text_key: str
+    add_bos: bool
+    add_eos: bool
+
+
+class DataSettings(Protocol):
+    """What the loaders read of a training config's `data` section (evods.config's DataConfig)."""
+
+    seq_len: int
+    micro_bsz: int
+    micro_num: int
+    valid_micro_num: int
+    pack_sample_into_one: bool
+    min_length: int
+    min_length_dict: dict | None
+    train_folder: str | None
+    train_dataset: TextDatasetSettings | None
+    valid_folder: str | None
+    rampup: Rampup | None
 
 
 def _bin_files(folder: Path) -> list[Path]:
@@ -74,32 +105,39 @@ def pack_hf_dataset(dataset, encoder: TextEncoder, seq_len: int, micro_bsz: int,
                          pack_sample_into_one)
 
 
-def build_hf_train_dataset(data_cfg: dict):
+def build_hf_train_dataset(data: DataSettings):
     """data.train_dataset: (packs, [type name]); the one type is named after the dataset."""
-    spec = data_cfg["train_dataset"]
-    where = f"data.train_dataset {spec['path']}"
-    dataset = open_hf_dataset(spec["path"], spec["split"], spec["streaming"], spec["name"])
-    encoder = TextEncoder(spec["tokenizer_path"], spec["text_key"], spec["add_bos"], spec["add_eos"], where)
-    packs = pack_hf_dataset(dataset, encoder, data_cfg["seq_len"], data_cfg["micro_bsz"],
-                            data_cfg.get("pack_sample_into_one", False), data_cfg.get("min_length", 0))
-    return packs, [Path(spec["path"]).stem]
+    spec = data.train_dataset
+    dataset = open_hf_dataset(spec.path, spec.split, spec.streaming, spec.name)
+    encoder = TextEncoder(spec.tokenizer_path, spec.text_key, spec.add_bos, spec.add_eos,
+                          f"data.train_dataset {spec.path}")
+    packs = pack_hf_dataset(dataset, encoder, data.seq_len, data.micro_bsz, data.pack_sample_into_one, data.min_length)
+    return packs, [Path(spec.path).stem]
 
 
-def build_train_dataset(data_cfg: dict) -> tuple[ConcatDataset, list[str]]:
+def folder_packs(train_folder, seq_len: int, micro_bsz: int, pack_sample_into_one: bool, min_length: int,
+                 min_length_dict: dict | None) -> tuple[ConcatDataset, list[str]]:
+    """The packs of a train_folder (<type>/**/*.bin with their .meta), and its type names in id order."""
+    dataset_types, files = discover_train_files(train_folder)
+    sources = [TokenizedDataset(path, type_id, min_length_for(path, min_length, min_length_dict))
+               for path, type_id in files]
+    return _packed(sources, seq_len, micro_bsz, pack_sample_into_one), dataset_types
+
+
+def _packed(sources, seq_len: int, micro_bsz: int, pack_sample_into_one: bool) -> ConcatDataset:
+    """Each source packed on its own (own shuffle, own dropped tail), then concatenated."""
+    return ConcatDataset([PackedDataset(source, seq_len, micro_bsz, pack_sample_into_one) for source in sources])
+
+
+def build_train_dataset(data: DataSettings) -> tuple[ConcatDataset, list[str]]:
     """All packs of the training data, and dataset_types (type names in id order)."""
-    seq_len, micro_bsz = data_cfg["seq_len"], data_cfg["micro_bsz"]
-    if data_cfg.get("train_dataset"):
-        return build_hf_train_dataset(data_cfg)
-    if data_cfg.get("train_folder"):
-        dataset_types, files = discover_train_files(data_cfg["train_folder"])
-        min_length = data_cfg.get("min_length", 0)
-        sources = [TokenizedDataset(path, type_id, min_length_for(path, min_length, data_cfg.get("min_length_dict")))
-                   for path, type_id in files]
-    else:
-        dataset_types, sources = list(RANDOM_DATASET_TYPES), [RandomDataset(RANDOM_TRAIN_SAMPLES, seq_len)]
-    pack_into_one = data_cfg.get("pack_sample_into_one", False)
-    packed = ConcatDataset([PackedDataset(source, seq_len, micro_bsz, pack_into_one) for source in sources])
-    return packed, dataset_types
+    if data.train_dataset:
+        return build_hf_train_dataset(data)
+    if data.train_folder:
+        return folder_packs(data.train_folder, data.seq_len, data.micro_bsz, data.pack_sample_into_one,
+                            data.min_length, data.min_length_dict)
+    random_source = RandomDataset(RANDOM_TRAIN_SAMPLES, data.seq_len)
+    return _packed([random_source], data.seq_len, data.micro_bsz, data.pack_sample_into_one), list(RANDOM_DATASET_TYPES)
 
 
 def ignore_stop_signals(_worker_id: int) -> None:
@@ -175,18 +213,16 @@ class StreamingTrainLoader:
         self.batch_count = state["batch_count"]
 
 
-def build_train_loader(data_cfg: dict, dp_rank: int, dp_size: int, num_workers: int = 0):
+def build_train_loader(data: DataSettings, dp_rank: int, dp_size: int, num_workers: int = 0):
     """-> (loader, sampler, dataset_types): the loader yields step batches; the sampler holds the resumable data
-    position (state_dict / load_state_dict; a StreamingTrainLoader is both). Uses data_cfg keys seq_len, micro_num,
-    micro_bsz, pack_sample_into_one, train_folder, train_dataset, min_length, min_length_dict, rampup_batch_size."""
-    dataset, dataset_types = build_train_dataset(data_cfg)
+    position (state_dict / load_state_dict; a StreamingTrainLoader is both)."""
+    dataset, dataset_types = build_train_dataset(data)
     if isinstance(dataset, StreamingPacks):
-        if data_cfg.get("rampup_batch_size"):
+        if data.rampup is not None:
             raise DataError("data.rampup_batch_size does not apply to a streaming data.train_dataset; remove it")
-        loader = StreamingTrainLoader(dataset, data_cfg["micro_num"], dp_rank, dp_size)
+        loader = StreamingTrainLoader(dataset, data.micro_num, dp_rank, dp_size)
         return loader, loader, dataset_types
-    sampler = StaticBatchSampler(len(dataset), data_cfg["micro_num"], data_cfg.get("rampup_batch_size", ""),
-                                 dp_rank, dp_size)
+    sampler = StaticBatchSampler(len(dataset), data.micro_num, data.rampup, dp_rank, dp_size)
     return TrainLoader(dataset, sampler, num_workers), sampler, dataset_types
 
 
@@ -204,17 +240,16 @@ def discover_valid_sets(valid_folder) -> dict[str, list[Path]]:
     return sets
 
 
-def build_valid_loaders(data_cfg: dict, dp_rank: int, dp_size: int, num_workers: int = 0) -> dict[str, DataLoader]:
+def build_valid_loaders(data: DataSettings, dp_rank: int, dp_size: int, num_workers: int = 0) -> dict[str, DataLoader]:
     """{name: DataLoader} of unpacked, padded validation batches ([batch, seq_len], see evods.data.collate).
 
     Batch size: min(valid_micro_num * micro_bsz, len // dp_size), rounded down to a multiple of micro_bsz; a set too
     small for one batch is left out. Each rank reads a disjoint, fixed slice; the last partial batch is dropped.
     """
-    seq_len, micro_bsz = data_cfg["seq_len"], data_cfg["micro_bsz"]
-    valid_micro_num = data_cfg.get("valid_micro_num") or data_cfg["micro_num"]
-    if data_cfg.get("valid_folder"):
+    seq_len, micro_bsz, valid_micro_num = data.seq_len, data.micro_bsz, data.valid_micro_num
+    if data.valid_folder:
         datasets = {name: ConcatDataset([TokenizedDataset(path, 0, VALID_MIN_LENGTH) for path in paths])
-                    for name, paths in discover_valid_sets(data_cfg["valid_folder"]).items()}
+                    for name, paths in discover_valid_sets(data.valid_folder).items()}
     else:
         datasets = {"val": RandomDataset(RANDOM_VALID_SAMPLES_PER_RANK * dp_size, seq_len)}
     loaders = {}

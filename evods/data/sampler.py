@@ -1,5 +1,8 @@
 """Which packs each data-parallel rank reads at each step, and which steps to skip.
 
+The config's `data.rampup_batch_size` and `data.skip_batches` are parsed here, once, when the config is loaded
+(`parse_rampup`, `parse_skip_batches`); the sampler and the skipper take the parsed values.
+
 StaticBatchSampler yields InternEvo's index stream (internlm/data/tokenized/batch_sampler.py): a pass shuffles all
 pack indices with RandomState(1024) (the RNG continues from pass to pass) and keeps a multiple of micro_num * dp_size
 (during the ramp-up: the ramp-up's packs plus a multiple of micro_num * dp_size, as its get_indices); rank r reads
@@ -16,6 +19,7 @@ at 0 after a pass boundary, restarting the ramp-up on resume).
 """
 import bisect
 import copy
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -24,28 +28,62 @@ from evods.data.errors import DataError
 SAMPLER_SEED = 1024
 
 
-def parse_rampup(spec: str, micro_num: int) -> tuple[int, int, int]:
-    """"start incr every" -> (start, incr, every); "" -> (micro_num, micro_num, 1): no ramp-up, as InternEvo."""
-    if not spec:
-        return micro_num, micro_num, 1
+@dataclass(frozen=True)
+class Rampup:
+    """rampup_batch_size "start increment every": a step takes `start` micro-batches, `increment` more every `every`
+    steps, until micro_num."""
+
+    start: int
+    increment: int
+    every: int
+
+    def __str__(self) -> str:
+        return f"{self.start} {self.increment} {self.every}"
+
+
+def parse_rampup(text: str, micro_num: int) -> Rampup | None:
+    """"start increment every" -> Rampup; "" -> None: no ramp-up, as InternEvo."""
+    if not isinstance(text, str):
+        raise DataError(f"rampup_batch_size must be a string, not {text!r}")
+    if not text.strip():
+        return None
     try:
-        start, incr, every = (int(x) for x in spec.split())
+        start, increment, every = (int(part) for part in text.split())
     except ValueError:
-        raise DataError(f"rampup_batch_size must be 'start incr every' (three integers), not {spec!r}") from None
-    if not (0 < start <= micro_num and incr > 0 and every > 0):
-        raise DataError(f"rampup_batch_size {spec!r}: need 0 < start <= micro_num ({micro_num}), incr > 0, every > 0")
-    return start, incr, every
+        raise DataError(f"rampup_batch_size must be 'start incr every' (three integers), not {text!r}") from None
+    if not (0 < start <= micro_num and increment > 0 and every > 0):
+        raise DataError(f"rampup_batch_size {text!r}: need 0 < start <= micro_num ({micro_num}), incr > 0, every > 0")
+    return Rampup(start, increment, every)
+
+
+def parse_skip_batches(text: str) -> tuple[tuple[int, int], ...]:
+    """"100-200,350" -> ((100, 200), (350, 350)): inclusive ranges of batch_count, as written."""
+    if not isinstance(text, str):
+        raise DataError(f"skip_batches must be a string, not {text!r}")
+    spans = []
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        first, _, last = part.partition("-")
+        try:
+            span = (int(first), int(last or first))
+        except ValueError:
+            raise DataError(f"skip_batches: {part!r} is not 'N' or 'N-M' (in {text!r})") from None
+        if not 0 <= span[0] <= span[1]:
+            raise DataError(f"skip_batches: {part!r} must be N-M with 0 <= N <= M (in {text!r})")
+        spans.append(span)
+    return tuple(spans)
 
 
 class StaticBatchSampler:
-    def __init__(self, num_samples: int, micro_num: int, rampup_batch_size: str = "", dp_rank: int = 0,
+    def __init__(self, num_samples: int, micro_num: int, rampup: Rampup | None = None, dp_rank: int = 0,
                  dp_size: int = 1, seed: int = SAMPLER_SEED):
         if not 0 <= dp_rank < dp_size:
             raise DataError(f"dp_rank {dp_rank} is not in [0, dp_size={dp_size})")
         self.num_samples = num_samples
         self.batch_size = micro_num
-        self.raw_rampup_batch_size = rampup_batch_size
-        self.start_bsz, self.bsz_incre, self.incre_every = parse_rampup(rampup_batch_size, micro_num)
+        self.rampup = rampup
+        # no ramp-up: the whole batch from the first step, as InternEvo
+        self.start_bsz, self.bsz_incre, self.incre_every = (rampup.start, rampup.increment, rampup.every) if rampup \
+            else (micro_num, micro_num, 1)
         self.data_rank = dp_rank
         self.data_world_size = dp_size
         self.seed = seed
@@ -70,7 +108,7 @@ class StaticBatchSampler:
         full micro_num * dp_size groups as fit."""
         rampup = self._rampup_samples() if batch_count < self._rampup_batches else 0
         if rampup > self.num_samples:
-            raise DataError(f"Too much rampup samples: rampup_batch_size {self.raw_rampup_batch_size!r} reads "
+            raise DataError(f"Too much rampup samples: rampup_batch_size '{self.rampup}' reads "
                             f"{rampup} packs over {self.data_world_size} data-parallel ranks before reaching "
                             f"micro_num, but the training data has {self.num_samples}; shorten the ramp-up or add data")
         group = self.batch_size * self.data_world_size
@@ -127,9 +165,17 @@ class StaticBatchSampler:
             "num_samples": self.num_samples,
         }
 
+    @property
+    def raw_rampup_batch_size(self) -> str:
+        """The ramp-up as a config writes it ("" for none): what sampler states keep (InternEvo's too)."""
+        return str(self.rampup or "")
+
     def load_state_dict(self, state: dict):
+        saved = dict(state)
+        if "raw_rampup_batch_size" in saved:  # as a config wrote it: its numbers count, not its spacing
+            saved["raw_rampup_batch_size"] = " ".join(saved["raw_rampup_batch_size"].split())
         for key in ("batch_size", "data_world_size", "raw_rampup_batch_size", "seed", "num_samples"):
-            if key in state and state[key] != getattr(self, key):
+            if key in saved and saved[key] != getattr(self, key):
                 raise DataError(f"cannot resume the data sampler: {key} was {state[key]!r} in the checkpoint and is "
                                 f"{getattr(self, key)!r} now; resuming exactly needs the same data and settings")
         self._rng.set_state(state["rng_state"])
@@ -141,19 +187,10 @@ class StaticBatchSampler:
 
 
 class BatchSkipper:
-    """`skip_batches` ("100-200,350": inclusive ranges of batch_count) as a predicate: skipper(batch_count) -> bool."""
+    """`skip_batches` (`parse_skip_batches`: inclusive ranges of batch_count) as a predicate:
+    skipper(batch_count) -> bool."""
 
-    def __init__(self, spec: str = ""):
-        spans = []
-        for part in filter(None, (p.strip() for p in (spec or "").split(","))):
-            first, _, last = part.partition("-")
-            try:
-                span = (int(first), int(last or first))
-            except ValueError:
-                raise DataError(f"skip_batches: {part!r} is not 'N' or 'N-M' (in {spec!r})") from None
-            if not 0 <= span[0] <= span[1]:
-                raise DataError(f"skip_batches: {part!r} must be N-M with 0 <= N <= M (in {spec!r})")
-            spans.append(span)
+    def __init__(self, spans: tuple[tuple[int, int], ...] = ()):
         merged = []
         for first, last in sorted(spans):
             if merged and first <= merged[-1][1] + 1:

@@ -1,4 +1,5 @@
-"""Pretraining text (txt / jsonl / json) to a bin/meta pair: the logic behind tools/tokenizer.py.
+"""Pretraining text (txt / jsonl / json, or the text column of a Hugging Face dataset) to a bin/meta pair: the logic
+behind tools/tokenizer.py. The tokenizer itself comes from evods.data.tokenizer_model.
 
 Streaming: the input is read in chunks of about 1 MiB, encoded (optionally in worker processes, results kept in input
 order, at most a few chunks in flight) and appended to a BinWriter, so memory does not grow with the input and the
@@ -12,50 +13,16 @@ from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 
-import sentencepiece as spm
 from tqdm import tqdm
 
 from evods.data.binfile import BinWriter, format_bin_lines
 from evods.data.errors import DataError
+from evods.data.hf_source import ENCODE_BATCH, TextEncoder, open_hf_dataset
+from evods.data.tokenizer_model import find_tokenizer, load_tokenizer
 
 FORMATS = ("txt", "jsonl", "json")
 CHUNK_BYTES = 1 << 20
 CHUNK_ITEMS = 4096
-# tools/V7_sft.model, reached through a link beside this module so that it ships inside the package (pip install .)
-DEFAULT_TOKENIZER_PATHS = (Path(__file__).with_name("V7_sft.model"),)
-TOKENIZER_SOURCE = ("InternLM's V7_sft.model, from the tools/ folder of https://github.com/InternLM/InternLM "
-                    "(commit fa7337b, sha256 aab622d9...)")
-
-
-def find_tokenizer(path=None) -> Path:
-    """The given SentencePiece model, else the first of DEFAULT_TOKENIZER_PATHS that exists."""
-    if path is not None:
-        if not Path(path).is_file():
-            raise DataError(f"tokenizer model {path} not found; evods needs {TOKENIZER_SOURCE}")
-        return Path(path)
-    for candidate in DEFAULT_TOKENIZER_PATHS:
-        if candidate.is_file():
-            return candidate
-    tried = " or ".join(str(p) for p in DEFAULT_TOKENIZER_PATHS)
-    raise DataError(f"no tokenizer model: put {TOKENIZER_SOURCE} at {tried}, or pass --tokenizer_path")
-
-
-def load_tokenizer(path) -> spm.SentencePieceProcessor:
-    try:
-        return spm.SentencePieceProcessor(model_file=str(path))
-    except (OSError, RuntimeError) as err:
-        raise DataError(f"{path} is not a SentencePiece model: {err}") from None
-
-
-def check_tokenizer_fits(tokenizer_path, vocab_size: int, model_name: str = "the model") -> None:
-    """A tokenizer with more ids than the model's embedding rows would index past it on its first rare token."""
-    tokenizer_vocab = load_tokenizer(find_tokenizer(tokenizer_path)).vocab_size()
-    if tokenizer_vocab > vocab_size:
-        raise DataError(f"the tokenizer {find_tokenizer(tokenizer_path)} has {tokenizer_vocab} ids but {model_name} "
-                        f"has vocab_size={vocab_size}; use the model's tokenizer or a model with vocab_size >= "
-                        f"{tokenizer_vocab}")
-
-
 @dataclass(frozen=True)
 class EncodeOptions:
     fmt: str
@@ -283,11 +250,9 @@ def tokenize_file(input_path, bin_path, tokenizer_path=None, *, text_key="text",
     """Tokenize a txt/jsonl/json file into `bin_path` and `bin_path.meta`. Raises DataError on bad input.
 
     A folder (save_to_disk, or data files) or a .parquet file is a Hugging Face dataset: see
-    evods.data.hf_source.tokenize_hf_dataset (the text of column `text_key`)."""
+    tokenize_hf_dataset (the text of column `text_key`)."""
     input_path = Path(input_path)
     if input_path.is_dir() or input_path.suffix.lower() == ".parquet":
-        from evods.data.hf_source import tokenize_hf_dataset
-
         if whole_record or skip_bad_lines:
             raise DataError(f"{input_path} is a Hugging Face dataset: it has columns, not lines; choose the text "
                             "column with --text_key (--whole_record and --skip_bad_lines read json/jsonl files)")
@@ -330,5 +295,32 @@ def tokenize_file(input_path, bin_path, tokenizer_path=None, *, text_key="text",
     finally:
         if pool:
             pool.close()
+    stats.seconds = time.perf_counter() - start
+    return stats
+
+
+def tokenize_hf_dataset(input_path, bin_path, tokenizer_path=None, *, text_key="text", add_bos=False, add_eos=False,
+                        workers=1, mode="create", progress=True) -> TokenizeStats:
+    """tools/tokenizer.py for a local Hugging Face dataset (save_to_disk folder, or parquet/jsonl/... files): the same
+    bin/meta a jsonl file with the same records gives."""
+    dataset = open_hf_dataset(input_path)
+    encoder = TextEncoder(tokenizer_path, text_key, add_bos, add_eos, where=str(input_path), threads=workers)
+    encoder.check_columns(dataset.column_names)
+    stats = TokenizeStats(input_bytes=int(dataset.data.nbytes))
+    start = time.perf_counter()
+    with BinWriter(bin_path, mode) as writer, tqdm(total=len(dataset), unit="rows", desc=Path(input_path).name,
+                                                   disable=not progress) as bar:
+        for batch in dataset.iter(batch_size=ENCODE_BATCH):
+            encoded = encoder.encode(batch)
+            kept = [ids for ids in encoded if ids is not None]
+            writer.write(kept)
+            stats.samples += len(kept)
+            stats.tokens += sum(map(len, kept))
+            stats.blank += len(encoded) - len(kept)
+            bar.update(len(encoded))
+        if not stats.samples:
+            raise DataError(f"{input_path} has no text in column {text_key!r} ({stats.blank} empty rows); nothing "
+                            "was written")
+        writer.commit()
     stats.seconds = time.perf_counter() - start
     return stats

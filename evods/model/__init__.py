@@ -2,6 +2,7 @@
 
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
+from .chat_templates import CHAT_TEMPLATES, ChatTemplate, chat_template_named
 from .configuration_internlm import InternLMConfig
 from .internevo import config_from_model_dict, intermediate_size
 from .modeling_internlm import (
@@ -31,6 +32,9 @@ __all__ = [
     "DecoderStage",
     "HeadStage",
     "MODEL_INITIALIZER",
+    "CHAT_TEMPLATES",
+    "ChatTemplate",
+    "chat_template_named",
     "config_from_model_dict",
     "intermediate_size",
     "pipeline_parameter_name",

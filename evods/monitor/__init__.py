@@ -13,7 +13,7 @@ the profiler switch and loss-curve pictures.
     sender.py       background POSTs: bounded queue, timeouts, one warning per endpoint, URLs never logged
     relay.py        other ranks' failures to the sending rank through the process group's store
     watchdog.py     no step for stuck_timeout seconds: one alert per episode
-    progress.py     steps done / total, elapsed, time left
+    eta.py          the progress line: steps done / total, elapsed, time left
     run_monitor.py  the hooks above
     profiler.py     train_ds.py --profiling: a torch profiler trace of a few steps
     plot.py         metrics.jsonl of runs as one PNG (tools/plot_metrics.py)

@@ -10,10 +10,9 @@ import time
 import traceback
 
 from evods.config import AlertConfig, TrainConfig, check_topology
-from evods.parallel import parallel_sizes
 
+from .eta import TrainingEta, format_duration
 from .payloads import alert_body, heartbeat, job_title
-from .progress import Progress, format_duration
 from .relay import StoreRelay, bounded
 from .sender import CLOSE_TIMEOUT_S, REQUEST_TIMEOUT_S, WebhookSender
 from .watchdog import StuckWatchdog
@@ -63,7 +62,7 @@ class RunMonitor:
         self._relay = relay if self._alert_url else None
         self._alerts = self._sender(self._alert_url, f"the {self.format} alert webhook") if sends else None
         self._heartbeats = self._sender(alert.light_monitor_address, "the light-monitor endpoint") if sends else None
-        self._progress = Progress(total_steps, log_every)
+        self._eta = TrainingEta(total_steps, log_every)
         self._watchdog = StuckWatchdog(alert.stuck_timeout)
         self._tickers: list[_Ticker] = []
         self._watchdog_ticker: _Ticker | None = None
@@ -79,10 +78,8 @@ class RunMonitor:
 
     @classmethod
     def for_run(cls, cfg: TrainConfig, rank: int, world: int) -> "RunMonitor":
-        dims = check_topology(cfg, world)
-        sizes = parallel_sizes(rank, world, pp=dims.pp, tp=dims.tp)
         # The rank that prints the metrics line (TrainEngine.is_log_rank): it sees the loss.
-        sends = sizes.dp_rank == 0 and sizes.tp_rank == 0 and sizes.pp_rank == sizes.pp - 1
+        sends = check_topology(cfg, world, rank).is_log_rank
         return cls(cfg.monitor.alert, job_name=cfg.JOB_NAME, rank=rank, sends=sends,
                    total_steps=cfg.data.total_steps, log_every=cfg.monitor.log_every,
                    relay=StoreRelay.of_process_group())
@@ -94,7 +91,7 @@ class RunMonitor:
 
     def run_started(self, *, dp: int, pp: int, tp: int, parameters: int, run_dir) -> None:
         self._started = time.monotonic()
-        self._progress = Progress(self.total_steps, self._progress.every)
+        self._eta = TrainingEta(self.total_steps, self._eta.every)
         self._watchdog = StuckWatchdog(self._watchdog.timeout_s)
         if self._alerts is None:
             return
@@ -129,7 +126,7 @@ class RunMonitor:
         """After the metrics line (the sending rank, successful steps): the heartbeat and the progress line."""
         if self._heartbeats is not None:
             self._heartbeats.post(heartbeat(metrics))
-        line = self._progress.line(self.last_step_count)
+        line = self._eta.line(self.last_step_count)
         if line:
             logger.info(line)
 

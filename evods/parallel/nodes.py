@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch.distributed as dist
 
-from .topology import parallel_sizes
+from .layout import ParallelLayout
 
 # Nodes listed one by one in the layout line; a larger job shows these and a count.
 _NODES_SHOWN = 8
@@ -73,13 +73,13 @@ def _span(values: list[int]) -> str:
     return ",".join(map(str, values))
 
 
-def describe_layout(nodes: NodeLayout, pp: int, tp: int) -> str:
+def describe_layout(nodes: NodeLayout, layout: ParallelLayout) -> str:
     """One line: each node's ranks and the data, pipeline and tensor ranks they hold (InternEvo's layout)."""
     world = len(nodes.node_of_rank)
     parts = []
     for node in range(min(nodes.num_nodes, _NODES_SHOWN)):
         ranks = nodes.ranks_on(node)
-        placed = [parallel_sizes(rank, world, pp, tp) for rank in ranks]
+        placed = [layout.at(rank) for rank in ranks]
         parts.append(f"node {node} = ranks {_span(ranks)} (dp {_span([p.dp_rank for p in placed])}, "
                      f"pp {_span([p.pp_rank for p in placed])}, tp {_span([p.tp_rank for p in placed])})")
     if nodes.num_nodes > _NODES_SHOWN:

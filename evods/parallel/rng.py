@@ -7,7 +7,7 @@ module that adds dropout inside a tensor-parallel layer takes its generator from
 """
 import torch
 
-from .topology import ParallelSizes
+from .layout import ParallelLayout
 
 # Megatron's offset, so the tensor-region stream never coincides with the default stream seeded from `seed`.
 TENSOR_REGION_SEED_OFFSET = 2718
@@ -20,8 +20,8 @@ def tensor_parallel_generator(seed: int, tp_rank: int, device: str | torch.devic
     return generator
 
 
-def parallel_seeds(seed: int, sizes: ParallelSizes) -> dict[str, int]:
+def parallel_seeds(seed: int, layout: ParallelLayout) -> dict[str, int]:
     """InternEvo's seed per parallel mode (ParallelContext.set_seed): DATA is `seed` on every rank, TENSOR differs
     per tensor rank and pipeline stage. Training draws from torch's generator seeded with TENSOR once the model is
     built, so dropout masks differ where they must; the initial weights come from `seed` alone."""
-    return {"DATA": seed, "TENSOR": seed + sizes.tp_rank + sizes.pp_rank * 1024}
+    return {"DATA": seed, "TENSOR": seed + layout.tp_rank + layout.pp_rank * 1024}

@@ -14,7 +14,7 @@ import torch
 import torch.distributed as dist
 from deepspeed.pipe import PipelineModule
 
-from evods.parallel import ParallelGrid, ParallelSizes, build_parallel_grid, build_process_topology
+from evods.parallel import ParallelGrid, ParallelLayout, build_parallel_grid, build_process_topology
 
 from .loss import PackedLoss
 
@@ -39,17 +39,17 @@ def _micro_batches(batch: dict) -> list:
 
 class TrainEngine:
     def __init__(self, model: torch.nn.Module, make_optimizer: Callable[[Iterable], torch.optim.Optimizer],
-                 ds_config: dict, sizes: ParallelSizes, loss_fn: PackedLoss, grid: ParallelGrid | None = None):
-        """`model` is already tensor-parallel when sizes.tp > 1, over `grid`'s tensor group (built here if not
+                 ds_config: dict, layout: ParallelLayout, loss_fn: PackedLoss, grid: ParallelGrid | None = None):
+        """`model` is already tensor-parallel when layout.tp > 1, over `grid`'s tensor group (built here if not
         given); `loss_fn` applies its lm_head."""
-        self.sizes = sizes
-        grid = grid or build_parallel_grid(sizes)
+        self.layout = layout
+        grid = grid or build_parallel_grid(layout)
         self.loss_fn = loss_fn
-        self.pipelined = sizes.pp > 1
+        self.pipelined = layout.pp > 1
         if self.pipelined:
             # A PipelineModule builds its own grid from the topology; DeepSpeed then requires mpu=None.
             module = PipelineModule(layers=model.pipeline_layers(skip_lm_head=True), loss_fn=loss_fn,
-                                    topology=build_process_topology(sizes), partition_method=DECODER_STAGE_PATTERN)
+                                    topology=build_process_topology(layout), partition_method=DECODER_STAGE_PATTERN)
         else:
             module = model
         params = [p for p in module.parameters() if p.requires_grad]
@@ -63,7 +63,7 @@ class TrainEngine:
 
     @property
     def is_log_rank(self) -> bool:
-        return self.sizes.is_log_rank
+        return self.layout.is_log_rank
 
     @property
     def computes_loss(self) -> bool:
@@ -113,9 +113,9 @@ class TrainEngine:
         return self._mean_over_data_parallel(total / batch["input_ids"].shape[0])
 
     def _mean_over_data_parallel(self, value: torch.Tensor) -> float:
-        if self.sizes.dp > 1:
+        if self.layout.dp > 1:
             dist.all_reduce(value, group=self.data_parallel_group)
-            value /= self.sizes.dp
+            value /= self.layout.dp
         return float(value)
 
     def share_from_last_stage(self, tensor: torch.Tensor) -> torch.Tensor:

@@ -1,13 +1,28 @@
-"""The training loss on packed rows, and the token-level metrics InternEvo logs beside it
-(AccPerplex and LossWithTypeId in internlm/model/metrics.py)."""
+"""The training loss on packed rows (`build_loss` makes it from the config's `loss` section), and the token-level
+metrics InternEvo logs beside it (AccPerplex and LossWithTypeId in internlm/model/metrics.py).
+
+The loss applies the output head itself, with one of the kernels in loss_kernels.py; under tensor parallelism the
+head holds a shard of the vocabulary, which evods.parallel.loss_vocab_parallel reads.
+"""
+import logging
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.profiler import record_function
 
+from evods.config import ConfigError, TrainConfig
 from evods.data import IGNORE_INDEX
+from evods.parallel import ParallelLayout, VocabParallelLogits
 
-from .linear_cross_entropy import auto_chunk_tokens, chunked_linear_cross_entropy, liger_linear_cross_entropy
+from .loss_kernels import (
+    auto_chunk_tokens,
+    choose_loss_kernel,
+    chunked_linear_cross_entropy,
+    liger_linear_cross_entropy,
+)
+
+logger = logging.getLogger("evods")
 
 
 class TokenMetrics:
@@ -63,7 +78,7 @@ class FullLogits:
     def argmax(self, logits: torch.Tensor) -> torch.Tensor:
         return logits.argmax(-1)
 
-    def head_input(self, hidden: torch.Tensor, head) -> torch.Tensor:
+    def head_input(self, hidden: torch.Tensor) -> torch.Tensor:
         return hidden
 
     def vocab_start(self, local_vocab: int) -> int:
@@ -80,7 +95,7 @@ class PackedLoss:
     """Token-mean cross entropy of one micro-batch, ignoring -100, as InternEvo's FlashGPTLMLoss, from the final
     hidden states: the loss applies the output head itself, so that it need not hold the [tokens, vocab] logits.
 
-    `kernel` (see `linear_cross_entropy.choose_loss_kernel`):
+    `kernel` (see `loss_kernels.choose_loss_kernel`):
     - "chunked": the head and cross entropy `chunk_tokens` tokens at a time, forward and backward
       (`chunked_linear_cross_entropy`); tokens labelled -100 are left out before the head, so they cost nothing;
     - "liger": the same with Liger-Kernel's fused Triton kernel (CUDA, vocabulary not split);
@@ -118,7 +133,7 @@ class PackedLoss:
         return loss_sum / max(num_tokens, 1)
 
     def _full_logits(self, hidden, labels, type_ids):
-        logits = F.linear(self.vocab.head_input(hidden, self.head), self.head.weight).float()
+        logits = F.linear(self.vocab.head_input(hidden), self.head.weight).float()
         token_losses = self.vocab.token_cross_entropy(logits, labels, self.label_smoothing)
         if self.metrics is not None:
             self.metrics.add(token_losses.detach(), self.vocab.argmax(logits.detach()), labels, type_ids)
@@ -133,8 +148,27 @@ class PackedLoss:
                                                                              self.label_smoothing, mixed_types)
         else:
             loss_sum, token_losses, predictions = chunked_linear_cross_entropy(
-                self.vocab.head_input(hidden, self.head), self.head.weight, labels, self.vocab, self.label_smoothing,
+                self.vocab.head_input(hidden), self.head.weight, labels, self.vocab, self.label_smoothing,
                 self.chunk_tokens)
         if self.metrics is not None:
             self.metrics.add(token_losses, predictions, labels, type_ids)
         return loss_sum, len(kept)
+
+
+def build_loss(cfg: TrainConfig, layout: ParallelLayout, head: torch.nn.Module, device_type: str,
+               metrics: TokenMetrics | None, tensor_group=None) -> PackedLoss:
+    """The training loss from the config's `loss` section; it applies `head` (the model's lm_head) itself."""
+    # Under tensor parallelism lm_head's weight is a vocabulary shard whatever parallel_output says (which only
+    # decides whether the model's own logits are gathered); the loss applies that shard.
+    vocab_split = layout.tp > 1
+    vocab = VocabParallelLogits(tensor_group, layout.sequence_parallel) if vocab_split else FullLogits()
+    try:
+        kernel = choose_loss_kernel(cfg.loss.kernel, device_type, vocab_split)
+    except ValueError as error:
+        raise (cfg.source.error("loss.kernel", str(error)) if cfg.source else ConfigError(str(error))) from None
+    loss_fn = PackedLoss(head, cfg.loss.label_smoothing, metrics, vocab, kernel, cfg.loss.chunk_tokens)
+    local_vocab, hidden_size = head.weight.shape
+    logger.info("loss: %s kernel%s, head %d x %d%s", kernel,
+                f", {loss_fn.chunk_tokens} tokens per chunk" if kernel == "chunked" else "", local_vocab, hidden_size,
+                " (this rank's vocabulary shard)" if vocab_split else "")
+    return loss_fn

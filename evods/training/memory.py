@@ -16,9 +16,9 @@ import torch
 import torch.distributed as dist
 
 from evods.config import ConfigError, LossConfig, TrainConfig
-from evods.parallel import ParallelSizes
+from evods.parallel import ParallelLayout
 
-from .linear_cross_entropy import auto_chunk_tokens
+from .loss_kernels import auto_chunk_tokens
 
 logger = logging.getLogger("evods")
 
@@ -151,17 +151,17 @@ def _free_memory(device_type: str, local_ranks: int) -> tuple[int | None, int | 
     return host_share, host_share, where
 
 
-def check_memory(cfg: TrainConfig, model: torch.nn.Module, sizes: ParallelSizes, device_type: str) -> MemoryEstimate:
+def check_memory(cfg: TrainConfig, model: torch.nn.Module, layout: ParallelLayout, device_type: str) -> MemoryEstimate:
     """Refuse (ConfigError, on every rank alike) a run whose estimate exceeds the free memory; warn when it is close.
     `model`: the whole model built on the meta device.
 
     On the CPU the model is built and trained in host memory, so the larger of the two counts; on a GPU the fp32
     build happens in host memory and training on the device.
     """
-    estimate = estimate_memory(cfg, model, sizes.dp, sizes.pp, sizes.tp)
+    estimate = estimate_memory(cfg, model, layout.dp, layout.pp, layout.tp)
     device_free, host_free, measured = _free_memory(device_type, _ranks_on_this_host())
     build = f"building the whole model in fp32: {readable(estimate.build)}"
-    training = f"training: {estimate.describe_training(sizes.dp)}"
+    training = f"training: {estimate.describe_training(layout.dp)}"
     needs = []  # (needed bytes, free bytes, what is needed)
     if device_type == "cpu" and device_free is not None:
         needs.append((max(estimate.training, estimate.build), device_free, f"{build}; {training}"))

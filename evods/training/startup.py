@@ -10,8 +10,8 @@ from datetime import datetime
 
 import torch.distributed as dist
 
-from evods.checkpoint.sources import LoadPlan
-from evods.parallel import ParallelSizes, parallel_seeds
+from evods.checkpoint import LoadPlan
+from evods.parallel import ParallelLayout, parallel_seeds
 from evods.parallel.nodes import NodeLayout, describe_layout, tensor_groups_across_nodes
 
 # Every rank prints these lines, whatever level setup_logging gives the root logger on that rank.
@@ -27,35 +27,35 @@ def launch_time() -> datetime:
     return stamp[0]
 
 
-def log_parallel_setup(sizes: ParallelSizes, seed: int, rank: int) -> None:
-    if sizes.is_log_rank:
+def log_parallel_setup(layout: ParallelLayout, seed: int, rank: int) -> None:
+    if layout.is_log_rank:
         logger.info("Distributed environment is initialized, data parallel size: %d, pipeline parallel size: %d, "
-                    "tensor parallel size: %d", sizes.dp, sizes.pp, sizes.tp)
-    seeds = ", ".join(f"ParallelMode.{mode}: {value}" for mode, value in parallel_seeds(seed, sizes).items())
+                    "tensor parallel size: %d", layout.dp, layout.pp, layout.tp)
+    seeds = ", ".join(f"ParallelMode.{mode}: {value}" for mode, value in parallel_seeds(seed, layout).items())
     # InternEvo's fixed wording, down to the missing space after the last seed; like current InternEvo, evods moves
     # torch's generator to the TENSOR seed once the model is built (trainer.seed_runtime_rng).
     logger.info("initialized seed on rank %d, numpy: %d, python random: %d, %s,the default parallel seed is "
                 "ParallelMode.DATA.", rank, seed, seed, seeds)
 
 
-def log_layout(nodes: NodeLayout, sizes: ParallelSizes) -> None:
+def log_layout(nodes: NodeLayout, layout: ParallelLayout) -> None:
     """Where the ranks landed (rank 0, once), and a warning when a tensor group spans nodes: its all-reduces, two
     per layer and step, would then cross the network."""
     if dist.get_rank() != 0:
         return
-    logger.info("rank layout: %s", describe_layout(nodes, sizes.pp, sizes.tp))
-    spanning = tensor_groups_across_nodes(nodes, sizes.tp)
+    logger.info("rank layout: %s", describe_layout(nodes, layout))
+    spanning = tensor_groups_across_nodes(nodes, layout.tp)
     if spanning:
         logger.warning("%d tensor-parallel groups span nodes (e.g. ranks %s): launch a multiple of parallel.tensor=%d "
-                       "ranks per node so that each group stays inside one", len(spanning), spanning[0], sizes.tp)
+                       "ranks per node so that each group stays inside one", len(spanning), spanning[0], layout.tp)
 
 
-def log_run_start(sizes: ParallelSizes, launched: datetime, load_plan: LoadPlan | None) -> None:
+def log_run_start(layout: ParallelLayout, launched: datetime, load_plan: LoadPlan | None) -> None:
     """`load_plan`: the checkpoint the run starts from, if any (its weights only, or also the run's state)."""
     when, host = launched.strftime("%b%d_%H-%M-%S"), socket.gethostname()
     if load_plan is None:
-        logger.info("===========New Run %s on host:%s,tp:%d,pp=%d,dp=%d===========", when, host, sizes.tp_rank,
-                    sizes.pp_rank, sizes.dp_rank)
+        logger.info("===========New Run %s on host:%s,tp:%d,pp=%d,dp=%d===========", when, host, layout.tp_rank,
+                    layout.pp_rank, layout.dp_rank)
     else:
         start = "SFT training" if load_plan.content == {"model"} else "Resume training"
         logger.info("===========%s from `%s` %s on host:%s===========", start, load_plan.describe(), when, host)

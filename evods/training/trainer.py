@@ -3,7 +3,7 @@ import logging
 import math
 import random
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field, fields
 from datetime import datetime
 from pathlib import Path
 
@@ -21,17 +21,14 @@ from evods.config import (
     check_topology,
     write_deepspeed_config,
 )
-from evods.data import BatchSkipper, batch_stats, build_train_loader, build_valid_loaders
-from evods.data.tokenize import check_tokenizer_fits
+from evods.data import BatchSkipper, batch_stats, build_train_loader, build_valid_loaders, check_tokenizer_fits
 from evods.model.registry import MODEL_INITIALIZER
 from evods.monitor import RunMonitor, StepProfiler
 from evods.parallel import (
-    ParallelSizes,
-    VocabParallelLogits,
+    ParallelLayout,
     apply_tensor_parallel,
     build_parallel_grid,
     parallel_seeds,
-    parallel_sizes,
 )
 from evods.parallel.nodes import discover_nodes
 from evods.progress import Progress
@@ -39,8 +36,7 @@ from evods.progress import Progress
 from .distributed import init_distributed
 from .engine import StepOutcome, TrainEngine
 from .flops import megatron_tflops, model_flops_per_token, peak_flops, tgs
-from .linear_cross_entropy import choose_loss_kernel
-from .loss import FullLogits, PackedLoss, TokenMetrics
+from .loss import TokenMetrics, build_loss
 from .memory import check_memory
 from .metrics import MetricsSink, format_metrics_line, setup_logging
 from .schedules import Beta2Scheduler, LRScheduler
@@ -77,13 +73,13 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def seed_runtime_rng(seed: int, sizes: ParallelSizes) -> None:
+def seed_runtime_rng(seed: int, layout: ParallelLayout) -> None:
     """InternEvo's runtime seeds: tensor/pipeline ranks offset the torch seed so dropout masks differ.
 
     Called after the model is built: initial weights come from the plain seed on every rank, so a model starts the
     same whatever the parallel layout.
     """
-    torch.manual_seed(parallel_seeds(seed, sizes)["TENSOR"])
+    torch.manual_seed(parallel_seeds(seed, layout)["TENSOR"])
 
 
 def default_run_dir(job_name: str, launched: datetime) -> Path:
@@ -97,8 +93,7 @@ class Trainer:
                  monitor: RunMonitor | None = None, profiling: bool = False):
         self.cfg = cfg
         rank, world = dist.get_rank(), dist.get_world_size()
-        topology = check_topology(cfg, world)
-        self.sizes = parallel_sizes(rank, world, pp=topology.pp, tp=topology.tp)
+        self.layout = check_topology(cfg, world, rank)
         self._owns_monitor = monitor is None
         self.monitor = monitor or RunMonitor.for_run(cfg, rank, world)
         check_device(cfg, device_type=_device_type())
@@ -107,26 +102,26 @@ class Trainer:
         if cfg.model.tf32:  # "torch.tf32": fp32 weights, TF32 matmuls and convolutions (InternEvo's launch.py)
             torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
         with torch.device("meta"):  # shapes only: a model too large for the machine is refused before it is built
-            check_memory(cfg, build_model(cfg), self.sizes, _device_type())
+            check_memory(cfg, build_model(cfg), self.layout, _device_type())
         seed_everything(seed)
-        log_parallel_setup(self.sizes, seed, rank)
+        log_parallel_setup(self.layout, seed, rank)
         launched = launch_time()
         self.run_dir = run_dir or default_run_dir(cfg.JOB_NAME, launched)
 
         self.nodes = discover_nodes()
-        log_layout(self.nodes, self.sizes)
+        log_layout(self.nodes, self.layout)
         model = build_model(cfg)
-        self.checkpoints = CheckpointManager(cfg.ckpt, self.sizes, model.config,
+        self.checkpoints = CheckpointManager(cfg.ckpt, self.layout, model.config,
                                              cfg.source.text if cfg.source else None,
                                              on_failure=self.monitor.checkpoint_failed, nodes=self.nodes)
-        log_run_start(self.sizes, launched, self.checkpoints.plan)
-        self.checkpoints.load_model_weights(model)
+        log_run_start(self.layout, launched, self.checkpoints.loader.plan)
+        self.checkpoints.loader.load_model_weights(model)
         self.num_parameters = model.num_parameters()  # of the whole model, before tensor parallelism slices it
-        self.grid = build_parallel_grid(self.sizes)
+        self.grid = build_parallel_grid(self.layout)
         tensor_group = self.grid.get_tensor_model_parallel_group()
-        apply_tensor_parallel(model, tensor_group, self.sizes.tp_rank, self.sizes.tp, cfg.model.embed_split_hidden,
-                              cfg.model.parallel_output, sequence_parallel=topology.sequence_parallel)
-        seed_runtime_rng(seed, self.sizes)
+        apply_tensor_parallel(model, tensor_group, self.layout.tp_rank, self.layout.tp, cfg.model.embed_split_hidden,
+                              cfg.model.parallel_output, sequence_parallel=self.layout.sequence_parallel)
+        seed_runtime_rng(seed, self.layout)
         self.flops_per_token = model_flops_per_token(cfg.data.seq_len, cfg.model.hidden_size, cfg.model.num_layers,
                                                      cfg.model.vocab_size, cfg.model.mlp_ratio)
         self.peak = peak_flops(peak_tflops)
@@ -134,24 +129,21 @@ class Trainer:
         if cfg.data.train_dataset:
             check_tokenizer_fits(cfg.data.train_dataset.tokenizer_path, cfg.model.vocab_size,
                                  f"the model of {cfg.source.path if cfg.source else 'the config'}")
-        self.loader, self.sampler, self.dataset_types = build_train_loader(asdict(cfg.data), self.sizes.dp_rank,
-                                                                            self.sizes.dp, cfg.data.num_worker)
-        self.skip_batch = BatchSkipper(cfg.data.skip_batches)
+        self.loader, self.sampler, self.dataset_types = build_train_loader(cfg.data, self.layout.dp_rank,
+                                                                            self.layout.dp, cfg.data.num_worker)
+        self.skip_batch = BatchSkipper(cfg.data.skip_ranges)
         self.token_metrics = TokenMetrics(num_types=len(self.dataset_types))
-        # Under tensor parallelism lm_head's weight is a vocabulary shard whatever parallel_output says (which only
-        # decides whether the model's own logits are gathered); the loss applies that shard.
-        vocab = VocabParallelLogits(tensor_group) if self.sizes.tp > 1 else FullLogits()
-        loss_fn = build_loss(cfg, model.lm_head, vocab, _device_type(), self.token_metrics)
-        ds_config = build_deepspeed_config(cfg, self.sizes.dp, ds_config_override)
-        self.engine = TrainEngine(model, self._make_optimizer, ds_config, self.sizes, loss_fn, self.grid)
+        loss_fn = build_loss(cfg, self.layout, model.lm_head, _device_type(), self.token_metrics, tensor_group)
+        ds_config = build_deepspeed_config(cfg, self.layout, ds_config_override)
+        self.engine = TrainEngine(model, self._make_optimizer, ds_config, self.layout, loss_fn, self.grid)
         self.lr_scheduler = LRScheduler(self.engine.optimizer, cfg.adam.lr, cfg.lr_scheduler)
         self.beta2_scheduler = Beta2Scheduler(self.engine.optimizer, cfg.beta2_scheduler)
-        self.valid_loaders = build_valid_loaders(asdict(cfg.data), self.sizes.dp_rank, self.sizes.dp)
+        self.valid_loaders = build_valid_loaders(cfg.data, self.layout.dp_rank, self.layout.dp)
         self.state = TrainState()
-        self.checkpoints.restore(self._checkpoint_parts())
+        self.checkpoints.loader.restore(self._checkpoint_parts())
         self.profiler = None
-        if profiling and self.sizes.dp_rank == 0 and self.sizes.tp_rank == 0:  # one trace per stage, as InternEvo
-            worker = f"rank{rank}_dp{self.sizes.dp_rank}_pp{self.sizes.pp_rank}_tp{self.sizes.tp_rank}"
+        if profiling and self.layout.dp_rank == 0 and self.layout.tp_rank == 0:  # one trace per stage, as InternEvo
+            worker = f"rank{rank}_dp{self.layout.dp_rank}_pp{self.layout.pp_rank}_tp{self.layout.tp_rank}"
             self.profiler = StepProfiler(self.engine.engine.module, self.run_dir / "traces", worker)
         self.sink = None
         if self.engine.is_log_rank:
@@ -177,8 +169,8 @@ class Trainer:
         stop = GracefulStop()
         try:
             self._train(stop)
-            self.checkpoints.close()  # waits for background uploads and writes the last checkpoint's marker
-            if stop.requested and self.checkpoints.saving:
+            self.checkpoints.saver.close()  # waits for background uploads and writes the last checkpoint's marker
+            if stop.requested and self.checkpoints.saver.saving:
                 stop.saved(f"checkpoint of step {self.state.step_count} complete")
         finally:
             stop.close()
@@ -189,7 +181,7 @@ class Trainer:
     def _train(self, stop: GracefulStop) -> None:
         data = self.cfg.data
         batches = iter(self.loader)
-        self.monitor.run_started(dp=self.sizes.dp, pp=self.sizes.pp, tp=self.sizes.tp,
+        self.monitor.run_started(dp=self.layout.dp, pp=self.layout.pp, tp=self.layout.tp,
                                  parameters=self.num_parameters, run_dir=self.run_dir)
         while self.state.step_count < data.total_steps:
             start = time.time()
@@ -207,10 +199,10 @@ class Trainer:
                     and outcome.applied):
                 stopping = self.validate(stop) is None
             if stopping:
-                self.checkpoints.save_on_stop(self.state.step_count, self._checkpoint_parts())
+                self.checkpoints.saver.save_on_stop(self.state.step_count, self._checkpoint_parts())
                 logger.warning("stopped on request after %d optimizer steps", self.state.step_count)
                 return
-            if outcome.applied and self.checkpoints.after_step(self.state.step_count, self._checkpoint_parts()):
+            if outcome.applied and self.checkpoints.saver.after_step(self.state.step_count, self._checkpoint_parts()):
                 logger.warning("stopped by the stop file after %d optimizer steps", self.state.step_count)
                 return
 
@@ -236,7 +228,7 @@ class Trainer:
         state, data = self.state, self.cfg.data
         tokens_this_rank = batch["labels"].numel()
         rows = batch["labels"].shape[0]  # micro_num, or fewer during a ramp-up
-        state.num_consumed_tokens += tokens_this_rank * self.sizes.dp
+        state.num_consumed_tokens += tokens_this_rank * self.layout.dp
         if outcome.applied:
             self.lr_scheduler.step()
             self.beta2_scheduler.step()
@@ -253,16 +245,16 @@ class Trainer:
                                outcome.loss_scale)
         if self.sink is None or not outcome.applied:
             return
-        world = self.sizes.world
-        global_batch = data.micro_bsz * rows * self.sizes.dp
-        achieved = self.flops_per_token * tokens_this_rank * self.sizes.dp / elapsed / world
+        world = self.layout.world
+        global_batch = data.micro_bsz * rows * self.layout.dp
+        achieved = self.flops_per_token * tokens_this_rank * self.layout.dp / elapsed / world
         metrics = {
             "tflops": megatron_tflops(elapsed, self.cfg.model.checkpoint, data.seq_len, self.cfg.model.hidden_size,
                                       self.cfg.model.num_layers, self.cfg.model.vocab_size, global_batch, world,
                                       self.cfg.model.mlp_ratio),
             "step": state.batch_count - 1,
             "loss": outcome.loss,
-            "tgs (tokens/gpu/second)": tgs(tokens_this_rank, self.sizes.dp, world, elapsed),
+            "tgs (tokens/gpu/second)": tgs(tokens_this_rank, self.layout.dp, world, elapsed),
             "lr": self.engine.optimizer.param_groups[0]["lr"],
             "loss_scale": outcome.loss_scale,
             "grad_norm": outcome.grad_norm,
@@ -314,22 +306,6 @@ class Trainer:
                             " ".join(f"{k}={v}" for k, v in results[name].items()))
                 self.sink.write(self.state.step_count, results[name])
         return results
-
-
-def build_loss(cfg: TrainConfig, head: torch.nn.Module, vocab, device_type: str,
-               metrics: TokenMetrics | None) -> PackedLoss:
-    """The training loss from the config's `loss` section; it applies `head` (the model's lm_head) itself."""
-    vocab_split = isinstance(vocab, VocabParallelLogits)
-    try:
-        kernel = choose_loss_kernel(cfg.loss.kernel, device_type, vocab_split)
-    except ValueError as error:
-        raise (cfg.source.error("loss.kernel", str(error)) if cfg.source else ConfigError(str(error))) from None
-    loss_fn = PackedLoss(head, cfg.loss.label_smoothing, metrics, vocab, kernel, cfg.loss.chunk_tokens)
-    local_vocab, hidden_size = head.weight.shape
-    logger.info("loss: %s kernel%s, head %d x %d%s", kernel,
-                f", {loss_fn.chunk_tokens} tokens per chunk" if kernel == "chunked" else "", local_vocab, hidden_size,
-                " (this rank's vocabulary shard)" if vocab_split else "")
-    return loss_fn
 
 
 def build_model(cfg: TrainConfig) -> torch.nn.Module:

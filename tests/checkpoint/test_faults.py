@@ -48,7 +48,7 @@ def resume(save_folder: str, run_dir: str) -> dict:
     init_distributed("torch")
     trainer = Trainer(small_config(4, dict(save_ckpt_folder=save_folder, checkpoint_every=2)), run_dir=Path(run_dir))
     state = trainer.train()
-    return {"loaded": trainer.checkpoints.loaded.folder, "trained_steps": len(state.history)}
+    return {"loaded": trainer.checkpoints.loader.loaded.folder, "trained_steps": len(state.history)}
 
 
 def test_a_save_killed_before_its_marker_is_ignored_and_the_previous_one_loads(tmp_path):
@@ -89,8 +89,8 @@ def fail_background_uploads(tmp_folder: str) -> dict:
     ckpt = dict(save_ckpt_folder=f"boto3:s3://{bucket}.{host}:{port}/run", checkpoint_every=1, async_upload=True,
                 async_upload_tmp_folder=tmp_folder)
     trainer = Trainer(small_config(2, ckpt), run_dir=Path(tmp_folder).parent / "run")
-    trainer.checkpoints.publisher.uploader.retry_backoff_s = 0.05  # fail fast; the retries themselves still happen
-    storage, outage, gone = trainer.checkpoints.storage, threading.Lock(), []
+    trainer.checkpoints.saver.publisher.uploader.retry_backoff_s = 0.05  # fail fast; the retries still happen
+    storage, outage, gone = trainer.checkpoints.saver.storage, threading.Lock(), []
     upload_file = storage.upload_file
 
     def storage_goes_away_during_upload(local_path, rel, on_bytes=None):

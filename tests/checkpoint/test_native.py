@@ -220,7 +220,7 @@ def load_through_ckpt_info(folder: Path, ckpt_type: str, model_dict: dict):
     ckpt = tiny_config(ckpt=dict(enable_save_ckpt=False, auto_resume=False, load_ckpt_info=dict(
         path=str(folder), content=("model",), ckpt_type=ckpt_type))).ckpt
     model = MODEL_INITIALIZER.get_module("INTERNLM")(**model_dict)
-    CheckpointManager(ckpt, None, model.config, None).load_model_weights(model)
+    CheckpointManager(ckpt, None, model.config, None).loader.load_model_weights(model)
     return model.eval()
 
 

@@ -32,7 +32,7 @@ def train(pipeline: int, data_parallel: int, total_steps: int, ckpt: dict, run_d
     trainer = Trainer(checkpointed_config(pipeline, data_parallel, total_steps, ckpt), run_dir=Path(run_dir))
     state = trainer.train()
     trainer.close()
-    loaded = trainer.checkpoints.loaded
+    loaded = trainer.checkpoints.loader.loaded
     return {"losses": [entry["loss"] for entry in state.history], "step_count": state.step_count,
             "batch_count": state.batch_count, "loaded": loaded and (loaded.folder, loaded.reason)}
 

@@ -1,6 +1,6 @@
-"""Which checkpoint files a rank reads and which rank of a node downloads them (selection.py), the placeholders of
-files a node does not download, and the clean-up of scratch folders that crashed runs left on a node's disk. The
-two-node runs that exercise all of it against real DeepSpeed loads are in test_multinode.py."""
+"""Which checkpoint files a rank reads and which rank of a node downloads them (resume/rank_files.py), the
+placeholders of files a node does not download, and the clean-up of scratch folders that crashed runs left on a
+node's disk. The two-node runs that exercise all of it against real DeepSpeed loads are in test_multinode.py."""
 import logging
 import os
 import subprocess
@@ -8,15 +8,14 @@ import subprocess
 import pytest
 
 from evods.checkpoint.errors import CheckpointError
-from evods.checkpoint.selection import (
-    Reader,
+from evods.checkpoint.resume.rank_files import (
     assign_downloads,
     deepspeed_files,
     model_files,
     own_deepspeed_files,
     run_state_files,
 )
-from evods.parallel import parallel_sizes
+from evods.parallel import parallel_layout
 from evods.storage import clean_scratch_leftovers, make_scratch_folder
 
 
@@ -33,8 +32,7 @@ def pipeline_checkpoint(dp: int, pp: int, tp: int, layers_per_stage: int) -> lis
 def test_a_pipeline_rank_reads_its_stage_its_tensor_slice_and_its_zero_partition():
     files = pipeline_checkpoint(dp=2, pp=2, tp=2, layers_per_stage=3)
     rank = 7  # dp 1, stage 1, tensor rank 1 in InternEvo's layout
-    sizes = parallel_sizes(rank, 8, pp=2, tp=2)
-    reads = own_deepspeed_files(files, Reader(rank, sizes, stage_layers=range(3, 6)))
+    reads = own_deepspeed_files(files, parallel_layout(rank, 8, pp=2, tp=2), stage_layers=range(3, 6))
     assert reads == sorted([
         "deepspeed/mp_rank_03_model_states.pt",  # model-parallel rank = stage * tp + tensor rank
         "deepspeed/mp_rank_00_model_states.pt",  # DeepSpeed opens the first file of the list it globs, to count
@@ -48,7 +46,7 @@ def test_a_pipeline_rank_reads_its_stage_its_tensor_slice_and_its_zero_partition
 def test_a_plain_rank_reads_its_tensor_module_and_bf16_partition():
     files = ["deepspeed/mp_rank_00_model_states.pt", "deepspeed/mp_rank_01_model_states.pt",
              *[f"deepspeed/bf16_zero_pp_rank_{d}_mp_rank_{t:02d}_optim_states.pt" for d in range(3) for t in range(2)]]
-    reads = own_deepspeed_files(files, Reader(5, parallel_sizes(5, 6, pp=1, tp=2), stage_layers=None))
+    reads = own_deepspeed_files(files, parallel_layout(5, 6, pp=1, tp=2), stage_layers=None)
     assert reads == ["deepspeed/bf16_zero_pp_rank_2_mp_rank_01_optim_states.pt",
                      "deepspeed/mp_rank_00_model_states.pt", "deepspeed/mp_rank_01_model_states.pt"]
     assert model_files(files) == ["deepspeed/mp_rank_00_model_states.pt", "deepspeed/mp_rank_01_model_states.pt"]

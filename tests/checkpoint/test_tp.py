@@ -65,7 +65,7 @@ def full_weights(trainer) -> dict[str, np.ndarray]:
     model_cfg = trainer.cfg.model
     module = trainer.engine.engine.module
     tensor_group = trainer.grid.get_tensor_model_parallel_group()
-    if trainer.sizes.pp == 1:
+    if trainer.layout.pp == 1:
         return as_numpy(gather_tensor_parallel_state_dict(module, tensor_group, model_cfg.embed_split_hidden))
     stage = _StageWeights(module, model_cfg.num_layers)
     gathered = as_numpy(gather_tensor_parallel_state_dict(stage, tensor_group, model_cfg.embed_split_hidden))
@@ -84,7 +84,7 @@ def train(tp: int, pp: int, total_steps: int, ckpt: dict, run_dir: str, embed_sp
     start = full_weights(trainer)
     state = trainer.train()
     trainer.close()
-    loaded = trainer.checkpoints.loaded
+    loaded = trainer.checkpoints.loader.loaded
     return {"start": start, "end": full_weights(trainer), "losses": [entry["loss"] for entry in state.history],
             "counters": (state.step_count, state.batch_count), "loaded": loaded and (loaded.folder, loaded.reason)}
 

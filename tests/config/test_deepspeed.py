@@ -6,7 +6,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from evods.config import ConfigError, adamw_kwargs, build_deepspeed_config, load_config, write_deepspeed_config
+from evods.config import (
+    ConfigError,
+    adamw_kwargs,
+    build_deepspeed_config,
+    check_topology,
+    load_config,
+    write_deepspeed_config,
+)
 from testkit.paths import REPO
 
 CONFIGS = REPO / "configs"
@@ -25,6 +32,11 @@ def tiny(tmp_path: Path, dtype="torch.bfloat16", scale="2**10"):
     return load_config(path)
 
 
+def deepspeed_json(cfg, world: int, override_path=None) -> dict:
+    """The DeepSpeed JSON of `cfg` run by `world` processes."""
+    return build_deepspeed_config(cfg, check_topology(cfg, world), override_path)
+
+
 def write_json(tmp_path: Path, content) -> Path:
     path = tmp_path / "override.json"
     path.write_text(content if isinstance(content, str) else json.dumps(content))
@@ -32,7 +44,7 @@ def write_json(tmp_path: Path, content) -> Path:
 
 
 def test_7b_sft_at_dp8():
-    ds = build_deepspeed_config(load_config(CONFIGS / "7B_sft.py"), dp_size=8)
+    ds = deepspeed_json(load_config(CONFIGS / "7B_sft.py"), world=8)
     assert ds["zero_optimization"] == {"stage": 1, "reduce_bucket_size": 512 * 1024 * 1024}
     batch = ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"], ds["train_batch_size"]
     assert batch == (1, 4, 32)
@@ -43,12 +55,12 @@ def test_7b_sft_at_dp8():
 
 
 def test_precision_sections_follow_model_dtype(tmp_path):
-    ds = build_deepspeed_config(tiny(tmp_path, "torch.bfloat16"), dp_size=2)
+    ds = deepspeed_json(tiny(tmp_path, "torch.bfloat16"), world=2)
     assert ds["bf16"] == {"enabled": True} and ds["data_types"] == {"grad_accum_dtype": "fp32"} and "fp16" not in ds
     for dtype in ("torch.float32", "torch.tf32"):
-        ds = build_deepspeed_config(tiny(tmp_path, dtype), dp_size=2)
+        ds = deepspeed_json(tiny(tmp_path, dtype), world=2)
         assert not {"fp16", "bf16", "data_types"} & set(ds)
-    ds = build_deepspeed_config(tiny(tmp_path, "torch.half"), dp_size=2)
+    ds = deepspeed_json(tiny(tmp_path, "torch.half"), world=2)
     assert (ds["fp16"]["initial_scale_power"], ds["fp16"]["loss_scale_window"], ds["fp16"]["hysteresis"],
             ds["fp16"]["min_loss_scale"]) == (10, 7, 3, 2)
     assert (ds["gradient_clipping"], ds["zero_optimization"]["reduce_bucket_size"]) == (0.5, 1024)
@@ -56,14 +68,14 @@ def test_precision_sections_follow_model_dtype(tmp_path):
 
 def test_fp16_initial_scale_must_be_a_power_of_two(tmp_path):
     with pytest.raises(ConfigError, match=r"grad_scaler\.fp16\.initial_scale=1000 must be a power of 2"):
-        build_deepspeed_config(tiny(tmp_path, "torch.float16", scale="1000"), dp_size=1)
+        deepspeed_json(tiny(tmp_path, "torch.float16", scale="1000"), world=1)
 
 
 def test_override_is_deep_merged_and_conflicts_warn(tmp_path, caplog):
     override = write_json(tmp_path, {"zero_optimization": {"overlap_comm": True}, "gradient_clipping": 2.0,
                                      "steps_per_print": 10})
     with caplog.at_level(logging.WARNING, logger="evods.config"):
-        ds = build_deepspeed_config(tiny(tmp_path), dp_size=2, override_path=override)
+        ds = deepspeed_json(tiny(tmp_path), world=2, override_path=override)
     assert ds["zero_optimization"] == {"stage": 1, "reduce_bucket_size": 1024, "overlap_comm": True}
     assert ds["gradient_clipping"] == 2.0 and ds["steps_per_print"] == 10
     assert [r.message for r in caplog.records] == [
@@ -75,13 +87,13 @@ def test_override_of_the_batch_geometry_is_an_error(tmp_path):
     override = write_json(tmp_path, {"gradient_accumulation_steps": 8})
     with pytest.raises(ConfigError, match=r"gradient_accumulation_steps=8 conflicts with the training config "
                                           r"\(data\.micro_num gives 2\)"):
-        build_deepspeed_config(tiny(tmp_path), dp_size=2, override_path=override)
+        deepspeed_json(tiny(tmp_path), world=2, override_path=override)
 
 
 def test_override_of_the_zero_stage_is_an_error(tmp_path):
     override = write_json(tmp_path, {"zero_optimization": {"stage": 0}})
     with pytest.raises(ConfigError, match=r"zero_optimization\.stage=0 cannot be overridden: evods always runs ZeRO-1"):
-        build_deepspeed_config(tiny(tmp_path), dp_size=2, override_path=override)
+        deepspeed_json(tiny(tmp_path), world=2, override_path=override)
 
 
 def test_sequence_parallel_pipelines_send_whole_tensors(tmp_path):
@@ -90,27 +102,27 @@ def test_sequence_parallel_pipelines_send_whole_tensors(tmp_path):
     path = tmp_path / "cfg.py"
     path.write_text(TINY.format(dtype="torch.float32", scale="2**10")
                     + "parallel = dict(tensor=2, pipeline=2, sequence_parallel=True)\n")
-    ds = build_deepspeed_config(load_config(path), dp_size=1)
+    ds = deepspeed_json(load_config(path), world=4)  # dp 1
     assert ds["pipeline"] == {"pipe_partitioned": False, "grad_partitioned": False}
     override = write_json(tmp_path, {"pipeline": {"pipe_partitioned": True}})
     with pytest.raises(ConfigError, match=r"pipeline\.pipe_partitioned=True cannot be overridden: each tensor rank "
                                           r"sends its own slice of the tokens"):
-        build_deepspeed_config(load_config(path), dp_size=1, override_path=override)
-    assert "pipeline" not in build_deepspeed_config(tiny(tmp_path), dp_size=1)
-    ds = build_deepspeed_config(tiny(tmp_path), dp_size=1, override_path=override)  # free without the slices
+        deepspeed_json(load_config(path), world=4, override_path=override)
+    assert "pipeline" not in deepspeed_json(tiny(tmp_path), world=1)
+    ds = deepspeed_json(tiny(tmp_path), world=1, override_path=override)  # free without the slices
     assert ds["pipeline"] == {"pipe_partitioned": True}
 
 
 def test_override_is_checked_by_deepspeed(tmp_path):
     override = write_json(tmp_path, {"zero_optimization": {"reduce_bucket_sise": 5}})
     with pytest.raises(ConfigError, match=r"(?s)override\.json: DeepSpeed rejects the config: .*reduce_bucket_sise"):
-        build_deepspeed_config(tiny(tmp_path), dp_size=2, override_path=override)
+        deepspeed_json(tiny(tmp_path), world=2, override_path=override)
     with pytest.raises(ConfigError, match=r"override\.json:2: the --ds_config file is not valid JSON"):
-        build_deepspeed_config(tiny(tmp_path), dp_size=2, override_path=write_json(tmp_path, '{\n "a": }'))
+        deepspeed_json(tiny(tmp_path), world=2, override_path=write_json(tmp_path, '{\n "a": }'))
 
 
 def test_effective_json_is_written_to_the_run_folder(tmp_path):
-    ds = build_deepspeed_config(tiny(tmp_path), dp_size=2)
+    ds = deepspeed_json(tiny(tmp_path), world=2)
     path = write_deepspeed_config(ds, tmp_path / "run")
     assert path == tmp_path / "run" / "ds_config.json" and json.loads(path.read_text()) == ds
 

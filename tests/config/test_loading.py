@@ -7,7 +7,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from evods.config import CPU_FP16_ENV, ConfigError, ParallelDims, check_device, check_topology, load_config
+from evods.config import CPU_FP16_ENV, ConfigError, check_device, check_topology, load_config
+from evods.data import Rampup
+from evods.parallel import ParallelLayout
 from testkit.paths import REPO
 
 CONFIGS = REPO / "configs"
@@ -47,7 +49,7 @@ def test_7b_sft_matches_the_quickstart():
 
     assert (cfg.parallel.zero1.size, cfg.parallel.pipeline.size, cfg.parallel.tensor.size) == (8, 1, 1)
     assert cfg.parallel.pipeline.interleaved_overlap and not cfg.parallel.sequence_parallel
-    assert check_topology(cfg, 8) == ParallelDims(dp=8, pp=1, tp=1)
+    assert check_topology(cfg, 8) == ParallelLayout(dp=8, pp=1, tp=1)
 
     # enable_save_ckpt=False overwrites the saving keys, as launch.py does
     ckpt = cfg.ckpt
@@ -168,10 +170,23 @@ def test_accepted_but_unapplied_keys_say_so(tmp_path, caplog):
     assert "data.use_packed_dataset=False is not applied by evods" in caplog.text
 
 
-@pytest.mark.parametrize("value", ["a-b", "9-3", "-1"])
-def test_malformed_skip_batches_names_file_and_key(tmp_path, value):
-    with pytest.raises(ConfigError, match=r"cfg\.py:1: data\.skip_batches must be a string of inclusive"):
-        load_text(tmp_path, TINY.replace("total_steps=10)", f"total_steps=10, skip_batches={value!r})"))
+@pytest.mark.parametrize("key, value, words", [
+    ("skip_batches", "a-b", "a string of inclusive"), ("skip_batches", "9-3", "a string of inclusive"),
+    ("skip_batches", "-1", "a string of inclusive"),
+    ("rampup_batch_size", "1 x 2", 'a string "start increment every"'),
+    ("rampup_batch_size", "3 1 1", 'a string "start increment every"'),  # starts above micro_num=2
+])
+def test_malformed_batch_schedules_name_file_and_key(tmp_path, key, value, words):
+    with pytest.raises(ConfigError, match=rf"cfg\.py:1: data\.{key} must be {re.escape(words)}"):
+        load_text(tmp_path, TINY.replace("total_steps=10)", f"total_steps=10, {key}={value!r})"))
+
+
+def test_batch_schedules_are_parsed_once_with_the_config(tmp_path):
+    data = load_text(tmp_path, TINY.replace("total_steps=10)", "total_steps=10, skip_batches='100-200, 350', "
+                                                              "rampup_batch_size='1 1 4')")).data
+    assert data.skip_ranges == ((100, 200), (350, 350)) and data.rampup == Rampup(start=1, increment=1, every=4)
+    data = load_text(tmp_path, TINY).data
+    assert data.skip_ranges == () and data.rampup is None
 
 
 def test_checkpoint_saving_rules(tmp_path, caplog):
@@ -182,6 +197,9 @@ def test_checkpoint_saving_rules(tmp_path, caplog):
                                          "async_upload=True)\n")
     assert cfg.ckpt.async_upload is False and "only works for boto3:/s3:" in caplog.text
     assert cfg.ckpt.snapshot_ckpt_folder == "local:ck/snapshot" and cfg.ckpt.checkpoint_every == 5
+    with pytest.raises(ConfigError, match=r"cfg\.py:\d+: ckpt\.snapshot_ckpt_folder='local:elsewhere': evods keeps "
+                                          r"snapshots in local:ck/snapshot so that auto_resume finds them"):
+        load_text(tmp_path, TINY + "ckpt = dict(save_ckpt_folder='local:ck', snapshot_ckpt_folder='local:elsewhere')\n")
     cfg = load_text(tmp_path, TINY + "ckpt = dict(save_ckpt_folder='boto3:s3://b/x', async_upload=True)\n")
     assert cfg.ckpt.async_upload is True and cfg.ckpt.async_upload_tmp_folder == "/dev/shm/internlm_tmp_ckpt/"
 
@@ -207,10 +225,10 @@ def test_topology_errors(tmp_path, extra, world, message):
 
 def test_sequence_parallel_applies_with_tensor_parallelism_only(tmp_path, caplog):
     cfg = load_text(tmp_path, TINY + "parallel = dict(tensor=2, pipeline=2, sequence_parallel=True)\n")
-    assert check_topology(cfg, 8) == ParallelDims(dp=2, pp=2, tp=2, sequence_parallel=True)
+    assert check_topology(cfg, 8) == ParallelLayout(dp=2, pp=2, tp=2, sequence_parallel=True)
     with caplog.at_level(logging.WARNING, logger="evods.config"):
         cfg = load_text(tmp_path, TINY + "parallel = dict(tensor=1, sequence_parallel=True)\n")
-        assert check_topology(cfg, 2) == ParallelDims(dp=2, pp=1, tp=1, sequence_parallel=False)
+        assert check_topology(cfg, 2) == ParallelLayout(dp=2, pp=1, tp=1, sequence_parallel=False)
     assert "parallel.sequence_parallel=True has no effect with parallel.tensor size 1" in caplog.text
     # validation rows need a divisible seq_len only when validation runs
     cfg = load_text(tmp_path, TINY.replace("micro_bsz=1", "micro_bsz=2").replace("seq_len=16", "seq_len=6")

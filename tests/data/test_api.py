@@ -3,14 +3,13 @@ PackedLoader in train_ds.py's order, Hugging Face datasets (map-style and stream
 tools/tokenizer.py on HF datasets, and the one-line errors a script author meets."""
 import itertools
 import sys
-from dataclasses import asdict
 
 import datasets
 import numpy as np
 import pytest
 import torch
 
-from evods.checkpoint.reshard import reshard_sampler_state
+from evods.checkpoint.resume.reshard import reshard_sampler_state
 from evods.cli.tokenizer import main as tokenizer_command
 from evods.config import ConfigError
 from evods.data import (
@@ -19,6 +18,7 @@ from evods.data import (
     PackedLoader,
     TokenizedDataset,
     build_train_loader,
+    check_tokenizer_fits,
     collate_hf,
     collate_packs,
     hf_batch,
@@ -27,11 +27,11 @@ from evods.data import (
 )
 from evods.data.hf_source import StreamCursor, StreamingPacks, TextEncoder
 from evods.data.loader import StreamingTrainLoader
-from evods.data.tokenize import check_tokenizer_fits, tokenize_file
+from evods.data.tokenize import tokenize_file
 from evods.training.distributed import LaunchError
 from evods.training.hf_accelerate import check_zero_stage, deepspeed_accelerator, derive_batch_keys
 from testkit.paths import DATA, TOKENIZER
-from testkit.train_configs import tiny_config
+from testkit.train_configs import data_config, tiny_config
 
 C4 = DATA / "pretrain_en" / "c4_demo.jsonl"
 SEQ_LEN, MICRO_BSZ, MICRO_NUM = 64, 2, 2
@@ -114,12 +114,11 @@ def same_batches(a, b):
 @pytest.mark.parametrize("streaming", [False, True])
 def test_packed_loader_is_train_ds_order_and_resumes_inside_a_step(c4_bin, tmp_path, streaming):
     if streaming:
-        spec = dict(path=str(C4), streaming=True, text_key="text", tokenizer_path=None, split="train", name=None,
-                    add_bos=False, add_eos=False)
-        data_cfg = dict(seq_len=SEQ_LEN, micro_bsz=MICRO_BSZ, micro_num=MICRO_NUM, train_dataset=spec)
+        data_cfg = data_config(seq_len=SEQ_LEN, micro_bsz=MICRO_BSZ, micro_num=MICRO_NUM,
+                               train_dataset=dict(path=str(C4), streaming=True))
         dataset = packed_dataset(open_hf_dataset(C4, streaming=True), SEQ_LEN, MICRO_BSZ)
     else:
-        data_cfg = dict(seq_len=SEQ_LEN, micro_bsz=MICRO_BSZ, micro_num=MICRO_NUM, train_folder=str(c4_bin))
+        data_cfg = data_config(seq_len=SEQ_LEN, micro_bsz=MICRO_BSZ, micro_num=MICRO_NUM, train_folder=str(c4_bin))
         dataset = packed_dataset(c4_bin, SEQ_LEN, MICRO_BSZ)
     steps = 4
     for rank in range(2):
@@ -164,7 +163,7 @@ def test_streaming_packs_equal_the_bin_meta_route_and_resume_exactly(c4_bin, c4_
         assert resumed.cursor.rows > 0  # resuming skips the rows already consumed, it does not replay them
         assert same_batches([next(iter(resumed))], [expected[consumed]])
     assert StreamCursor(**reference.state_dict()["stream"]).epoch == 1
-    # a checkpoint of 2 data ranks resumed by 1 (evods.checkpoint.reshard): the stream goes on where both stood
+    # a checkpoint of 2 data ranks resumed by 1 (evods.checkpoint.resume.reshard): the stream goes on where both stood
     loader = StreamingTrainLoader(packs, MICRO_NUM, dp_rank=1, dp_size=2)
     list(itertools.islice(iter(loader), 5))
     alone = StreamingTrainLoader(packs, MICRO_NUM, dp_rank=0, dp_size=1)
@@ -178,13 +177,13 @@ def test_train_dataset_config_key_and_its_errors(c4_bin):
     spec = dict(path=str(C4), streaming=True)
     cfg = tiny_config(data=dict(**sizes, train_dataset=spec))
     assert cfg.data.train_dataset.text_key == "text" and cfg.data.train_dataset.tokenizer_path is None
-    loader, sampler, types = build_train_loader(asdict(cfg.data), 0, 1)
+    loader, sampler, types = build_train_loader(cfg.data, 0, 1)
     assert types == ["c4_demo"] and sampler is loader
     assert next(iter(loader))["input_ids"].shape == (MICRO_NUM, SEQ_LEN * MICRO_BSZ)
     # not streaming: train_ds.py's batches are those of the same text as a .bin file
     cfg = tiny_config(data=dict(**sizes, train_dataset=dict(path=str(C4))))
-    from_hf, _, _ = build_train_loader(asdict(cfg.data), 1, 2)
-    from_bin, _, _ = build_train_loader(dict(**sizes, train_folder=str(c4_bin)), 1, 2)
+    from_hf, _, _ = build_train_loader(cfg.data, 1, 2)
+    from_bin, _, _ = build_train_loader(data_config(**sizes, train_folder=str(c4_bin)), 1, 2)
     assert same_batches(list(itertools.islice(iter(from_hf), 3)), list(itertools.islice(iter(from_bin), 3)))
     with pytest.raises(ConfigError, match="train_folder and data.train_dataset are both set"):
         tiny_config(data=dict(train_folder="data/train", train_dataset=spec))

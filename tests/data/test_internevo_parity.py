@@ -5,7 +5,14 @@ import itertools
 import numpy as np
 import pytest
 
-from evods.data import DataError, PackedDataset, StaticBatchSampler, TokenizedDataset, discover_train_files
+from evods.data import (
+    DataError,
+    PackedDataset,
+    StaticBatchSampler,
+    TokenizedDataset,
+    discover_train_files,
+    parse_rampup,
+)
 from evods.data.binfile import BinWriter
 from evods.data.tokenize import tokenize_file
 from testkit.internevo_rules import TooMuchRampup, internevo_batches, internevo_pack_into_one
@@ -26,15 +33,16 @@ from testkit.paths import DATA, TOKENIZER
 ])
 def test_sampler_index_stream_is_internevos(num_samples, micro_num, dp_size, rampup):
     count = 3 * num_samples // dp_size + 4  # three passes and more
+    schedule = parse_rampup(rampup, micro_num)
     for rank in range(dp_size):
         try:
             expected = internevo_batches(num_samples, micro_num, rampup, rank, dp_size, count)
         except (TooMuchRampup, ValueError) as refused:
             message = "Too much rampup samples" if isinstance(refused, TooMuchRampup) else "too few for one batch"
             with pytest.raises(DataError, match=message):
-                list(itertools.islice(StaticBatchSampler(num_samples, micro_num, rampup, rank, dp_size), count))
+                list(itertools.islice(StaticBatchSampler(num_samples, micro_num, schedule, rank, dp_size), count))
             continue
-        sampler = StaticBatchSampler(num_samples, micro_num, rampup, rank, dp_size)
+        sampler = StaticBatchSampler(num_samples, micro_num, schedule, rank, dp_size)
         assert list(itertools.islice(sampler, count)) == expected
         for _ in range(count):  # the consumed-steps path (advance) walks the same stream
             sampler.advance()
@@ -46,10 +54,10 @@ def test_resume_anywhere_continues_internevos_stream():
     num_samples, micro_num, rampup = 103, 4, "1 1 3"  # the first pass keeps 100 packs, later ones 96
     expected = internevo_batches(num_samples, micro_num, rampup, 1, 2, 80)
     for consumed in (1, 5, 12, 16, 17, 30, 60):  # inside the ramp-up, after it in the first pass, later passes
-        sampler = StaticBatchSampler(num_samples, micro_num, rampup, 1, 2)
+        sampler = StaticBatchSampler(num_samples, micro_num, parse_rampup(rampup, micro_num), 1, 2)
         for _ in range(consumed):
             sampler.advance()
-        resumed = StaticBatchSampler(num_samples, micro_num, rampup, 1, 2)
+        resumed = StaticBatchSampler(num_samples, micro_num, parse_rampup(rampup, micro_num), 1, 2)
         resumed.load_state_dict(sampler.state_dict())
         assert list(itertools.islice(resumed, 5)) == expected[consumed:consumed + 5], consumed
 
@@ -57,9 +65,9 @@ def test_resume_anywhere_continues_internevos_stream():
 def test_too_much_rampup_names_the_numbers():
     with pytest.raises(DataError, match=r"Too much rampup samples: rampup_batch_size '1 1 4' reads 48 packs over 2 "
                                         r"data-parallel ranks before reaching micro_num, but the training data has 20"):
-        StaticBatchSampler(20, 4, "1 1 4", 0, 2)
+        StaticBatchSampler(20, 4, parse_rampup("1 1 4", 4), 0, 2)
     with pytest.raises(DataError, match=r"need 0 < start <= micro_num \(4\), incr > 0, every > 0"):
-        StaticBatchSampler(100, 4, "1 0 4")
+        parse_rampup("1 0 4", 4)
 
 
 def test_pack_sample_into_one_labels_end_each_pack_as_internevo():

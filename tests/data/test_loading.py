@@ -19,10 +19,12 @@ from evods.data import (
     build_train_loader,
     build_valid_loaders,
     discover_train_files,
+    parse_skip_batches,
 )
 from evods.data.alpaca import tokenize_alpaca
 from evods.data.tokenize import tokenize_file
 from testkit.paths import DATA, REPO, TOKENIZER
+from testkit.train_configs import data_config
 
 SEQ_LEN, MICRO_BSZ, MICRO_NUM = 256, 2, 2
 
@@ -42,7 +44,7 @@ def train_folder(tmp_path_factory):
 
 
 def cfg(folder, **extra):
-    return dict(seq_len=SEQ_LEN, micro_num=MICRO_NUM, micro_bsz=MICRO_BSZ, train_folder=str(folder), **extra)
+    return data_config(seq_len=SEQ_LEN, micro_num=MICRO_NUM, micro_bsz=MICRO_BSZ, train_folder=str(folder), **extra)
 
 
 def test_type_ids_follow_sorted_top_level_folders(train_folder):
@@ -126,7 +128,7 @@ def test_random_dataset_is_internevo_dummy_data():
     for i in (0, 1, 999):
         expected = ([ns[i], rs[i]] + list(range(ns[i])) * rs[i])[:100]
         assert data[i].tolist() == expected and data.lengths[i] == len(expected)
-    loader, _, types = build_train_loader(dict(seq_len=64, micro_num=3, micro_bsz=2), 0, 1)
+    loader, _, types = build_train_loader(data_config(seq_len=64, micro_num=3, micro_bsz=2), 0, 1)
     batch = next(iter(loader))
     assert types == ["en", "cn", "code"]
     assert {k: tuple(v.shape) for k, v in batch.items()} == {k: (3, 128) for k in batch}
@@ -197,13 +199,13 @@ def test_dp_ranks_are_disjoint_and_cover_each_pass():
 
 
 def test_batch_skipper():
-    skip = BatchSkipper("100-200, 350,150-160")
+    skip = BatchSkipper(parse_skip_batches("100-200, 350,150-160"))
     assert [skip(n) for n in (99, 100, 155, 200, 201, 349, 350, 351)] == [0, 1, 1, 1, 0, 0, 1, 0]
-    assert not BatchSkipper("")(0)
+    assert not BatchSkipper(parse_skip_batches(""))(0)
     with pytest.raises(DataError, match="skip_batches"):
-        BatchSkipper("5-x")
+        parse_skip_batches("5-x")
     with pytest.raises(DataError, match="skip_batches"):
-        BatchSkipper("9-3")
+        parse_skip_batches("9-3")
 
 
 def test_valid_loaders_are_padded_documents(train_folder, tmp_path):
@@ -211,7 +213,7 @@ def test_valid_loaders_are_padded_documents(train_folder, tmp_path):
     tokenize_alpaca(DATA / "alpaca" / "alpaca_zh_demo.json", tmp_path / "zh", TOKENIZER, split_ratio=0.5)
     valid.mkdir()
     (tmp_path / "zh" / "valid" / "en").rename(valid / "zh")
-    loaders = build_valid_loaders(dict(cfg(train_folder), valid_folder=str(valid), valid_micro_num=2), 0, 2)
+    loaders = build_valid_loaders(cfg(train_folder, valid_folder=str(valid), valid_micro_num=2), 0, 2)
     batch = next(iter(loaders["zh"]))
     dataset = TokenizedDataset(valid / "zh" / "dataset.bin", min_length=50)  # InternEvo keeps its default of 50
     assert len(dataset) < 500
@@ -222,7 +224,7 @@ def test_valid_loaders_are_padded_documents(train_folder, tmp_path):
     expected = np.where(first[1:] > 0, first[1:], -100)
     assert batch["labels"][0, :len(first) - 1].tolist() == expected.tolist()
     assert len(loaders["zh"]) == (len(dataset) // 2) // 4
-    assert "val" in build_valid_loaders(dict(seq_len=32, micro_num=2, micro_bsz=2), 0, 1)
+    assert "val" in build_valid_loaders(data_config(seq_len=32, micro_num=2, micro_bsz=2), 0, 1)
 
 
 # ---- bad files

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from evods.config import AlertConfig
 from evods.monitor import RunMonitor, feishu_post, heartbeat, job_title, slack_text
-from evods.monitor.progress import Progress
+from evods.monitor.eta import TrainingEta
 from evods.monitor.sender import WebhookSender
 from evods.monitor.watchdog import StuckWatchdog
 from evods.storage import AsyncUploader, LocalStorage
@@ -59,11 +59,11 @@ def test_watchdog_alerts_once_per_hang_and_once_when_steps_resume():
 
 def test_progress_line_at_the_first_step_and_every_n_steps():
     clock = FakeClock()
-    progress = Progress(total_steps=1000, every=50, clock=clock)
+    eta = TrainingEta(total_steps=1000, every=50, clock=clock)
     lines = {}
     for step in range(1, 101):
         clock.now += 2.0 if step <= 50 else 4.0  # the recent rate is what counts
-        lines[step] = progress.line(step)
+        lines[step] = eta.line(step)
     assert [step for step, line in lines.items() if line] == [1, 50, 100]
     assert lines[1] == "progress: step 1/1000 (0.1%), elapsed 0:00:02, left ~0:33:18 at 2.00 s/step"
     assert lines[100] == "progress: step 100/1000 (10.0%), elapsed 0:05:00, left ~1:00:00 at 4.00 s/step"

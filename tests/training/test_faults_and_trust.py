@@ -57,7 +57,7 @@ def train(cfg, run_dir: str) -> dict:
     trainer = Trainer(cfg, run_dir=Path(run_dir))
     state = trainer.train()
     trainer.close()
-    loaded = trainer.checkpoints.loaded
+    loaded = trainer.checkpoints.loader.loaded
     return {"losses": [entry["loss"] for entry in state.history], "loaded": loaded and loaded.folder}
 
 
@@ -145,7 +145,7 @@ def resume_with_damage(save: str, run_root: str) -> dict:
     os.umask(0o022)
     import torch.distributed as dist
 
-    from evods.checkpoint.integrity import Manifest, digest_file
+    from evods.checkpoint.marker import Manifest, digest_file
     from evods.training.distributed import init_distributed
 
     init_distributed("torch")
@@ -225,7 +225,7 @@ def test_a_stop_that_is_not_saved_in_time_says_so_before_the_launcher_kills(capl
 def write_evods_checkpoint(folder: Path, module_extra=None, context_extra=None) -> None:
     """A small evods checkpoint as the manager lays it out (model states, run state, topology, config, marker)."""
     from evods.checkpoint import layout
-    from evods.checkpoint.integrity import Manifest, digest_file
+    from evods.checkpoint.marker import Manifest, digest_file
     from evods.model import InternLMConfig, InternLMForCausalLM
 
     config = InternLMConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
@@ -336,7 +336,7 @@ def test_written_files_honour_the_umask(tmp_path):
 
 def test_long_transfers_print_progress_lines(tmp_path, caplog, monkeypatch):
     from evods import progress
-    from evods.checkpoint.transfer import Publisher
+    from evods.checkpoint.save.upload import Publisher
     from evods.storage import LocalStorage
 
     monkeypatch.setattr(progress, "FIRST_LINE_AFTER_S", 0.0)

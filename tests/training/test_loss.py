@@ -8,13 +8,13 @@ from torch.utils._pytree import tree_leaves
 
 from evods.data import IGNORE_INDEX
 from evods.model import InternLMConfig, InternLMForCausalLM
-from evods.training.linear_cross_entropy import (
+from evods.training.loss import FullLogits, PackedLoss, TokenMetrics
+from evods.training.loss_kernels import (
     auto_chunk_tokens,
     choose_loss_kernel,
     chunked_linear_cross_entropy,
     liger_fused_linear_cross_entropy,
 )
-from evods.training.loss import FullLogits, PackedLoss, TokenMetrics
 
 torch.set_num_threads(1)
 
@@ -203,13 +203,15 @@ def test_asking_for_liger_where_it_cannot_run_says_why(device, vocab_split, lige
 
 def test_liger_is_not_importable_here_and_the_config_error_names_the_key():
     from evods.config import ConfigError
-    from evods.training.trainer import build_loss
+    from evods.parallel import ParallelLayout
+    from evods.training.loss import build_loss
     from testkit.train_configs import tiny_config
 
     assert liger_fused_linear_cross_entropy() is None  # no liger-kernel (nor triton) in the CPU environment
     model = make_model(tie_word_embeddings=False)
-    assert build_loss(tiny_config(), model.lm_head, FullLogits(), "cpu", None).kernel == "chunked"
+    one_rank = ParallelLayout(dp=1, pp=1, tp=1)
+    assert build_loss(tiny_config(), one_rank, model.lm_head, "cpu", None).kernel == "chunked"
     with pytest.raises(ConfigError, match=r"demo_cpu\.py.*loss\.kernel='liger' cannot run here: it needs CUDA"):
-        build_loss(tiny_config(loss=dict(kernel="liger")), model.lm_head, FullLogits(), "cpu", None)
-    assert build_loss(tiny_config(loss=dict(kernel="full", chunk_tokens=64)), model.lm_head, FullLogits(), "cpu",
+        build_loss(tiny_config(loss=dict(kernel="liger")), one_rank, model.lm_head, "cpu", None)
+    assert build_loss(tiny_config(loss=dict(kernel="full", chunk_tokens=64)), one_rank, model.lm_head, "cpu",
                       None).kernel == "full"

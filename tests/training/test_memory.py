@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from evods.config import ConfigError, load_config
-from evods.parallel import parallel_sizes
+from evods.parallel import parallel_layout
 from evods.training.memory import GIB, MEMORY_LIMIT_ENV, check_memory, estimate_memory, host_available_bytes
 from evods.training.trainer import build_model
 from testkit.train_configs import DEMO_CONFIG, tiny_config
@@ -44,7 +44,7 @@ def test_7b_on_a_4_gib_machine_is_refused_before_it_is_built(monkeypatch):
     cfg = load_config(QUICKSTART)
     monkeypatch.setenv(MEMORY_LIMIT_ENV, "4")
     with pytest.raises(ConfigError) as refused:
-        check_memory(cfg, meta_model(cfg), parallel_sizes(0, 8, pp=1, tp=1), "cpu")
+        check_memory(cfg, meta_model(cfg), parallel_layout(0, 8, pp=1, tp=1), "cpu")
     message = str(refused.value)
     assert "\n" not in message
     assert re.fullmatch(re.escape(str(QUICKSTART)) + r": the model does not fit: a rank needs about 60\.1 GiB "
@@ -55,7 +55,7 @@ def test_7b_on_a_4_gib_machine_is_refused_before_it_is_built(monkeypatch):
     # on a GPU the fp32 build takes host memory and training device memory, each checked against its own
     with pytest.raises(ConfigError, match=r"needs about 60\.1 GiB \(training: weights 13\.6 GiB, gradients "
                                           r"17\.0 GiB, "):
-        check_memory(cfg, meta_model(cfg), parallel_sizes(0, 8, pp=1, tp=1), "cuda")
+        check_memory(cfg, meta_model(cfg), parallel_layout(0, 8, pp=1, tp=1), "cuda")
     # the whole [tokens, 103168] logits, their fp32 copy and gradient (loss.kernel="full") cost 1.8 GiB more
     full = estimate_memory(replace(cfg, loss=replace(cfg.loss, kernel="full")), meta_model(cfg), 8, 1, 1)
     chunked = estimate_memory(cfg, meta_model(cfg), 8, 1, 1)
@@ -64,16 +64,16 @@ def test_7b_on_a_4_gib_machine_is_refused_before_it_is_built(monkeypatch):
 
 def test_tight_memory_warns_and_a_small_model_fits_the_host(monkeypatch, caplog):
     cfg = tiny_config(model=dict(dtype="torch.float32"))
-    sizes = parallel_sizes(0, 1, pp=1, tp=1)
+    layout = parallel_layout(0, 1, pp=1, tp=1)
     estimate = estimate_memory(cfg, meta_model(cfg), 1, 1, 1)
     monkeypatch.setenv(MEMORY_LIMIT_ENV, str(max(estimate.training, estimate.build) * 1.05 / GIB))
     with caplog.at_level(logging.WARNING, logger="evods"):
-        check_memory(cfg, meta_model(cfg), sizes, "cpu")
+        check_memory(cfg, meta_model(cfg), layout, "cpu")
     assert "memory is tight: a rank needs about" in caplog.text
     monkeypatch.delenv(MEMORY_LIMIT_ENV)
     meminfo = dict(line.split(":") for line in open("/proc/meminfo"))
     assert 0 < host_available_bytes() <= int(meminfo["MemTotal"].split()[0]) * 1024
-    assert check_memory(cfg, meta_model(cfg), sizes, "cpu") == estimate  # measured host memory: fits
+    assert check_memory(cfg, meta_model(cfg), layout, "cpu") == estimate  # measured host memory: fits
     monkeypatch.setenv(MEMORY_LIMIT_ENV, "lots")
     with pytest.raises(ConfigError, match=r"EVODS_MEMORY_LIMIT_GB='lots' must be a number of GiB"):
-        check_memory(cfg, meta_model(cfg), sizes, "cpu")
+        check_memory(cfg, meta_model(cfg), layout, "cpu")

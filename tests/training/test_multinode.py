@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from evods.parallel import parallel_sizes
+from evods.parallel import parallel_layout
 from evods.parallel.nodes import NodeLayout, describe_layout, tensor_groups_across_nodes
 from testkit.cluster import launch, make_nodes
 from testkit.paths import REPO
@@ -233,14 +233,14 @@ def test_layout_of_two_nodes_of_two_ranks(tp, pp, expected):
     from deepspeed.runtime.pipe.topology import ProcessTopology
 
     nodes = NodeLayout(0, (0, 0, 1, 1), ("a:/tmp", "b:/tmp"))
-    assert describe_layout(nodes, pp, tp) == f"2 nodes, 4 ranks: {expected}"
+    assert describe_layout(nodes, parallel_layout(0, 4, pp, tp)) == f"2 nodes, 4 ranks: {expected}"
     assert tensor_groups_across_nodes(nodes, tp) == []
     # DeepSpeed's groups over InternEvo's layout: tensor groups inside a node, the other axes across
     topology = ProcessTopology(axes=["data", "pipe", "model"], dims=[4 // (tp * pp), pp, tp])
     for rank in range(4):
         coord = topology.get_coord(rank)
-        sizes = parallel_sizes(rank, 4, pp, tp)
-        assert (coord.data, coord.pipe, coord.model) == (sizes.dp_rank, sizes.pp_rank, sizes.tp_rank)
+        placed = parallel_layout(rank, 4, pp, tp)
+        assert (coord.data, coord.pipe, coord.model) == (placed.dp_rank, placed.pp_rank, placed.tp_rank)
     nodes_of = lambda group: {nodes.node_of_rank[rank] for rank in group}  # noqa: E731
     assert all(len(nodes_of(group)) == 1 for group in topology.get_axis_comm_lists("model"))
     assert all(len(nodes_of(group)) == 1 for group in topology.get_axis_comm_lists("pipe"))

@@ -5,8 +5,8 @@ from datetime import datetime
 
 import pytest
 
-from evods.checkpoint.sources import LoadPlan
-from evods.parallel import parallel_sizes
+from evods.checkpoint import LoadPlan
+from evods.parallel import parallel_layout
 from evods.training import startup
 from evods.training.metrics import LOG_FORMAT
 
@@ -42,9 +42,9 @@ def start_up_lines(rank: int, world: int, pp: int = 1, tp: int = 1, load_plan=No
     handler.setFormatter(logging.Formatter(LOG_FORMAT))
     startup.logger.addHandler(handler)
     try:
-        sizes = parallel_sizes(rank, world, pp=pp, tp=tp)
-        startup.log_parallel_setup(sizes, seed, rank)
-        startup.log_run_start(sizes, QUICKSTART_LAUNCH, load_plan)
+        layout = parallel_layout(rank, world, pp=pp, tp=tp)
+        startup.log_parallel_setup(layout, seed, rank)
+        startup.log_run_start(layout, QUICKSTART_LAUNCH, load_plan)
     finally:
         startup.logger.removeHandler(handler)
     return lines

@@ -11,7 +11,8 @@ from evods.storage import LocalStorage, open_storage
 
 from .. import layout
 from ..errors import CheckpointError, DamagedCheckpoint
-from ..transfer import fetch_folder
+from ..resume.download import fetch_folder
+from ..resume.verify import problems_in
 from .internevo import is_native_checkpoint, read_native_model
 from .weights import deepspeed_weights
 
@@ -33,7 +34,7 @@ def read_checkpoint_model(src: str, mlp_naming: str | None = None) -> tuple[Inte
             model_dict, weights = read_native_model(folder, mlp_naming=mlp_naming)
             return config_from_model_dict(model_dict), weights
         manifest = layout.read_manifest(storage, layout.CheckpointRef(layout.marked_step(storage, ""), ""))
-        problems = manifest.problems_in(folder, sorted(manifest.files))
+        problems = problems_in(manifest, folder, sorted(manifest.files))
         if problems:
             raise DamagedCheckpoint(f"{src} is damaged: {problems[0]}")
         with open(os.path.join(folder, layout.MODEL_CONFIG)) as f:

@@ -3,7 +3,7 @@ from evods.storage import open_storage
 
 from .. import layout
 from ..errors import CheckpointError
-from ..transfer import from_bytes
+from ..run_state import from_bytes
 from . import check_output_folder
 from .checkpoint_model import read_checkpoint_model
 from .internevo import model_dict_from_config, native_run_state, write_native_checkpoint

@@ -10,8 +10,8 @@ import torch.distributed as dist
 
 from evods.storage import explain_os_error
 
-from .collective import rank
-from .layout import SNAPSHOT_FOLDER, join
+from ..collective import rank
+from ..layout import SNAPSHOT_FOLDER, join
 
 logger = logging.getLogger("evods.checkpoint")
 

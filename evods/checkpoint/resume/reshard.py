@@ -19,10 +19,10 @@ import torch.distributed as dist
 from evods.model import pipeline_parameter_name
 from evods.parallel.nodes import NodeLayout
 
-from .collective import agree_on_failure, barrier, node_scratch_folder
-from .errors import CheckpointError
-from .layout import DEEPSPEED_TAG
-from .safe_load import deepspeed_loads_weights_only
+from ..collective import agree_on_failure, barrier, node_scratch_folder
+from ..errors import CheckpointError
+from ..layout import DEEPSPEED_TAG
+from ..safe_load import deepspeed_loads_weights_only
 
 logger = logging.getLogger("evods.checkpoint")
 UNIVERSAL_TAG = "universal"

@@ -21,24 +21,14 @@ are merged). A file that several ranks of a node read is downloaded once, by one
 """
 import re
 from collections.abc import Iterable
-from dataclasses import dataclass
 
-from evods.parallel import ParallelSizes
+from evods.parallel import ParallelLayout
 
-from . import layout
+from .. import layout
 
 _MODULE_FILE = re.compile(r"^deepspeed/mp_rank_(\d+)_model_states\.pt$")
 _LAYER_FILE = re.compile(r"^deepspeed/layer_(\d+)-model_(\d+)-model_states\.pt$")
 _ZERO_FILE = re.compile(r"^deepspeed/(?:bf16_)?zero_pp_rank_(\d+)_mp_rank_(\d+)_optim_states\.pt$")
-
-
-@dataclass(frozen=True)
-class Reader:
-    """What a rank needs to know about itself to pick its files."""
-
-    rank: int
-    sizes: ParallelSizes
-    stage_layers: range | None  # the PipelineModule layer indices of this rank's stage; None without a pipeline
 
 
 def deepspeed_files(files: Iterable[str]) -> list[str]:
@@ -53,18 +43,18 @@ def model_files(files: Iterable[str]) -> list[str]:
     return sorted(layers or [rel for rel in files if _MODULE_FILE.match(rel)])
 
 
-def own_deepspeed_files(files: Iterable[str], reader: Reader) -> list[str]:
-    """The DeepSpeed files a resume at the saved layout reads on `reader` (see the module doc)."""
-    sizes = reader.sizes
-    model_rank = sizes.pp_rank * sizes.tp + sizes.tp_rank
+def own_deepspeed_files(files: Iterable[str], parallel: ParallelLayout, stage_layers: range | None) -> list[str]:
+    """The DeepSpeed files a resume at the saved layout reads on the rank `parallel` is seen from (see the module
+    doc); `stage_layers`: the PipelineModule layer indices of its stage, None without a pipeline."""
+    model_rank = parallel.pp_rank * parallel.tp + parallel.tp_rank
     chosen = set()
     for rel in files:
         if (match := _MODULE_FILE.match(rel)) and int(match.group(1)) in (model_rank, 0):
             chosen.add(rel)
-        elif (match := _LAYER_FILE.match(rel)) and reader.stage_layers is not None \
-                and int(match.group(1)) in reader.stage_layers and int(match.group(2)) in (sizes.tp_rank, 0):
+        elif (match := _LAYER_FILE.match(rel)) and stage_layers is not None \
+                and int(match.group(1)) in stage_layers and int(match.group(2)) in (parallel.tp_rank, 0):
             chosen.add(rel)
-        elif (match := _ZERO_FILE.match(rel)) and (int(match.group(1)), int(match.group(2))) == (sizes.dp_rank,
+        elif (match := _ZERO_FILE.match(rel)) and (int(match.group(1)), int(match.group(2))) == (parallel.dp_rank,
                                                                                                  model_rank):
             chosen.add(rel)
     return sorted(chosen)

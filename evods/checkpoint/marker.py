@@ -1,4 +1,4 @@
-"""What a checkpoint's step marker records about its files, and the checks built on it.
+"""What a checkpoint's step marker records about its files.
 
 The marker `{step}.step` is JSON:
 
@@ -6,14 +6,12 @@ The marker `{step}.step` is JSON:
      "files": {"deepspeed/mp_rank_00_model_states.pt": {"size": 1234, "checksum": "9f2c..."}, "context.pt": ...}}
 
 Paths are relative to the checkpoint folder. Checksums are computed while the files are written (DigestingWriter),
-so saving reads nothing back. A reader checks a local copy with `Manifest.problem_with(rel, path)` (one file, e.g.
-right after downloading it) or `problems_in(folder, rels)`. Markers of older evods versions ({"step": N} only) carry
-no files: such checkpoints load unchecked.
+so saving reads nothing back; evods.checkpoint.resume.verify checks a local copy against them. Markers of older evods
+versions ({"step": N} only) carry no files: such checkpoints load unchecked.
 """
 import hashlib
 import io
 import json
-import os
 from dataclasses import dataclass, field
 from typing import BinaryIO
 
@@ -120,21 +118,3 @@ class Manifest:
     @property
     def verifiable(self) -> bool:
         return bool(self.files)
-
-    def problem_with(self, rel: str, path: str) -> str | None:
-        """Why the local file at `path` is not the checkpoint's `rel`, or None when it is."""
-        expected = self.files[rel]
-        try:
-            size = os.path.getsize(path)
-        except FileNotFoundError:
-            return f"{rel} is missing"
-        if size != expected.size:
-            return f"{rel} has {size} bytes, the marker says {expected.size} (truncated or overwritten)"
-        if digest_file(path, self.algorithm).checksum != expected.checksum:
-            return f"{rel} does not match its {self.algorithm} checksum (its content changed after the save)"
-        return None
-
-    def problems_in(self, folder: str, rels: list[str]) -> list[str]:
-        """The problems of the files `rels` (a subset of `files`) in the local copy `folder`."""
-        found = (self.problem_with(rel, os.path.join(folder, *rel.split("/"))) for rel in rels)
-        return [problem for problem in found if problem]

@@ -1,4 +1,6 @@
-"""The progress line: steps done of the total, time elapsed, and time left at the recent rate."""
+"""The progress (ETA) line of a training run: steps done of the total, time elapsed, and time left at the recent
+rate. (evods.progress.Progress is the other kind of progress: lines about one long piece of work, such as an
+upload.)"""
 import collections
 import time
 from collections.abc import Callable
@@ -12,7 +14,7 @@ def format_duration(seconds: float) -> str:
     return str(timedelta(seconds=round(max(seconds, 0.0))))
 
 
-class Progress:
+class TrainingEta:
     def __init__(self, total_steps: int, every: int, clock: Callable[[], float] = time.monotonic):
         self.total_steps = total_steps
         self.every = every

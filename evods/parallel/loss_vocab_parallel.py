@@ -1,6 +1,6 @@
 """Cross entropy and argmax over logits split along the vocabulary across a tensor-parallel group.
 
-(`VocabParallelLogits` also tells the chunked loss, `evods.training.linear_cross_entropy`, how to combine per-chunk
+(`VocabParallelLogits` also tells the chunked loss, `evods.training.loss_kernels`, how to combine per-chunk
 statistics over the shards; that path never builds even the local [tokens, V/tp] logits whole.)
 
 Each rank holds logits[..., rank*V/tp : (rank+1)*V/tp]; the full [tokens, V] logits are never built. Per token:
@@ -61,15 +61,15 @@ class VocabParallelLogits:
     `evods.training.loss.FullLogits` is the one-rank twin.
     """
 
-    def __init__(self, group):
+    def __init__(self, group, sequence_parallel: bool = False):
         self.group = group
+        self.sequence_parallel = sequence_parallel  # the layout's (evods.parallel.ParallelLayout)
 
-    def head_input(self, hidden: torch.Tensor, head) -> torch.Tensor:
+    def head_input(self, hidden: torch.Tensor) -> torch.Tensor:
         """The hidden states every rank multiplies by its shard; backward sums their gradient over the ranks. Under
-        sequence parallelism (`head.sequence_parallel`) they arrive all-gathered from the ranks' token slices, and
-        that gather's backward already sums (reduce-scatters) them, as ColumnParallelLinear relies on."""
-        return hidden if getattr(head, "sequence_parallel", False) else copy_to_tensor_parallel_region(hidden,
-                                                                                                         self.group)
+        sequence parallelism they arrive all-gathered from the ranks' token slices, and that gather's backward
+        already sums (reduce-scatters) them, as ColumnParallelLinear relies on."""
+        return hidden if self.sequence_parallel else copy_to_tensor_parallel_region(hidden, self.group)
 
     def vocab_start(self, local_vocab: int) -> int:
         return dist.get_rank(self.group) * local_vocab

@@ -11,12 +11,12 @@ from evods.config import CkptConfig
 from evods.model import config_from_model_dict
 from evods.storage import LocalStorage, Storage, open_storage
 
-from . import layout, safe_load
-from .collective import rank
-from .errors import CheckpointError
-from .formats.internevo import MODEL_CONFIG as NATIVE_MODEL_CONFIG
-from .formats.internevo import is_native_checkpoint, read_native_model
-from .formats.weights import deepspeed_weights, hf_weights
+from .. import layout, safe_load
+from ..collective import rank
+from ..errors import CheckpointError
+from ..formats.internevo import MODEL_CONFIG as NATIVE_MODEL_CONFIG
+from ..formats.internevo import is_native_checkpoint, read_native_model
+from ..formats.weights import deepspeed_weights, hf_weights
 
 logger = logging.getLogger("evods.checkpoint")
 
@@ -49,6 +49,10 @@ class LoadPlan:
     @property
     def is_native(self) -> bool:
         return self.ckpt_type in NATIVE_LAYOUTS
+
+    @property
+    def is_evods(self) -> bool:
+        return self.ckpt_type == "evods"
 
     def describe(self) -> str:
         return layout.join(self.path, self.folder) if self.folder else self.path
@@ -115,7 +119,7 @@ def _checked(plan: LoadPlan) -> LoadPlan:
                               "together with its model; add 'model'")
     if plan.is_native:
         _check_native(plan, is_native_checkpoint(storage.list("")), is_evods)
-    if plan.ckpt_type == "evods":
+    if plan.is_evods:
         if not is_evods:
             raise CheckpointError(f"{plan.path} is not an evods checkpoint folder (no {layout.TOPOLOGY}); for an HF "
                                   "folder set ckpt_type='hf'")
@@ -142,7 +146,7 @@ def read_model_weights(plan: LoadPlan, local_folder: str) -> dict[str, torch.Ten
     if plan.is_native:
         family, mlp_naming = NATIVE_LAYOUTS[plan.ckpt_type]
         return read_native_model(local_folder, family, mlp_naming)[1]
-    return deepspeed_weights(local_folder) if plan.ckpt_type == "evods" else hf_weights(local_folder)
+    return deepspeed_weights(local_folder) if plan.is_evods else hf_weights(local_folder)
 
 
 def saved_model_config(plan: LoadPlan) -> dict:
