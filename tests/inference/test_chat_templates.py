@@ -115,7 +115,7 @@ def exports(tmp_path_factory) -> dict:
         "internlm": (tiny_export(root / "internlm", dict(TINY, vocab_size=103168)),
                      tool(TOKENIZER, root / "data", "internlm")),
         "internlm2": (root / "internlm2" / "hf", internlm2_tokens),
-        "llama3": (tiny_export(root / "llama3", dict(TINY, vocab_size=2005), "--chat_template", "llama3",
+        "llama3": (tiny_export(root / "llama3", dict(TINY, vocab_size=2048), "--chat_template", "llama3",
                                tokenizer=llama3_source), tool(llama3_source, root / "llama3_data", "llama3")),
     }
     compat_env.ensure()
