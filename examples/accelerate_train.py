@@ -144,10 +144,11 @@ def train(args) -> None:
             else accelerator.get_state_dict(model)  # ZeRO-3 gathers its partitions
         if accelerator.is_main_process:
             from evods.checkpoint import write_tokenizer
+            from evods.model import chat_template_named
 
             unwrapped.save_pretrained(args.output_dir, state_dict=state_dict)
-            write_tokenizer(str(find_tokenizer(tokenizer)), args.output_dir,
-                            unwrapped.config.max_position_embeddings)
+            write_tokenizer(str(find_tokenizer(tokenizer)), args.output_dir, unwrapped.config.max_position_embeddings,
+                            chat_template_named(unwrapped.config.chat_template))
             logger.info("saved the model to %s (AutoModelForCausalLM.from_pretrained loads it)", args.output_dir)
     accelerator.wait_for_everyone()
     accelerator.end_training()

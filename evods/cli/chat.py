@@ -1,6 +1,6 @@
 """Chat in the terminal with an InternLM Hugging Face folder (a tools/convert2hf.py export, or a published InternLM v1
-model): the reply is printed as it is generated, the conversation is InternLM's chat format, and the oldest turns
-are left out when the conversation outgrows the context.
+model): the reply is printed as it is generated, the conversation is the model's chat format (the folder's, or
+--chat_template), and the oldest turns are left out when the conversation outgrows the context.
 
     python tools/chat.py --model hf/my_model
     python tools/chat.py --model hf/my_model --rotary_type origin --temperature 0   # greedy, plain RoPE
@@ -54,6 +54,11 @@ def chat_parser(description: str, max_context_help: str) -> argparse.ArgumentPar
     add_model_options(parser)
     add_generation_options(parser)
     parser.add_argument("--max_context", type=int, default=None, help=max_context_help)
+    # Checked when the model loads (one line naming the choices): the registry's import would load transformers
+    # before --help could print.
+    parser.add_argument("--chat_template", default=None,
+                        help="the chat format, a name in evods.model.chat_templates such as internlm2 (default: the "
+                             "folder's, chat_template in config.json)")
     return parser
 
 
@@ -83,10 +88,11 @@ def chat(args) -> None:
 
     check_not_a_training_checkpoint(args.model)
     model, tokenizer = load_for_inference(args.model, args.rotary_type, args.dtype, args.device,
-                                          args.trust_remote_code)
+                                          args.trust_remote_code, args.chat_template)
     limit, too_long = context_with_hint(model.config, args.max_context)
     rotary = model.config.rotary["type"]
     print(f"Chatting with {args.model} ({model.config.num_hidden_layers} layers, {rotary} RoPE, "
+          f"{model.config.chat_template} chat format, "
           f"max_position_embeddings {model.config.max_position_embeddings}, context {limit} tokens, "
           f"{model.dtype} on {model.device}).\n/reset forgets the conversation, /exit quits, Ctrl-C stops a reply.")
     history: list[tuple[str, str]] = []

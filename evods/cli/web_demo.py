@@ -41,7 +41,7 @@ def serve(args) -> None:
 
     check_not_a_training_checkpoint(args.model)
     model, tokenizer = load_for_inference(args.model, args.rotary_type, args.dtype, args.device,
-                                          args.trust_remote_code)
+                                          args.trust_remote_code, args.chat_template)
     demo = build_demo(model, tokenizer, args)
     port = args.port or free_port(args.host)
     print(f"evods web demo of {args.model}: http://{args.host}:{port}", flush=True)

@@ -19,6 +19,7 @@ import torch
 
 from evods.data import DataError, Rampup, parse_rampup, parse_skip_batches
 from evods.model.attention_heads import HeadSplit
+from evods.model.chat_templates import CHAT_TEMPLATES, DEFAULT_CHAT_TEMPLATE
 from evods.model.registry import MODEL_INITIALIZER
 
 from .errors import ConfigError
@@ -374,6 +375,9 @@ class ModelConfig:
     apply_post_layer_norm: bool = key(BOOL, False)
     norm_type: str = key(STR, "rmsnorm")
     layer_norm_epsilon: float = key(POSITIVE_NUMBER, 1e-5)
+    # evods' own: the chat format of the model's fine-tuning data (tools/chat_tokenizer.py --template), which its
+    # checkpoints carry into exports and model.chat (evods.model.chat_templates)
+    chat_template: str = key(_one_of(*CHAT_TEMPLATES), DEFAULT_CHAT_TEMPLATE)
 
     EXTRA_KEYS_ALLOWED = True  # other keys belong to the model builder
 

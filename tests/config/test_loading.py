@@ -81,6 +81,15 @@ def test_demo_configs_validate_for_two_cpu_ranks(name):
                                          "local:demo_out/ckpt")
 
 
+def test_chat_demo_config_fine_tunes_the_demo_model_in_internlm2s_format():
+    demo, chat = load_config(CONFIGS / "demo_cpu.py"), load_config(CONFIGS / "demo_cpu_chat.py")
+    assert check_topology(chat, 2).dp == 2 and demo.model.chat_template == "internlm"  # the default
+    assert (chat.model.chat_template, chat.model.vocab_size) == ("internlm2", 92544)  # tokenizer_internlm2.model's
+    assert (chat.data.train_folder, chat.data.valid_folder) == ("data/chat/train", "data/chat/valid")
+    assert chat.ckpt.checkpoint_every == chat.data.total_steps == chat.lr_scheduler.total_steps
+    assert chat.model_dict["chat_template"] == "internlm2"
+
+
 def test_resume_config_continues_the_demo_from_its_last_step():
     demo, resume = load_config(CONFIGS / "demo_cpu.py"), load_config(CONFIGS / "demo_cpu_resume.py")
     info = resume.ckpt.load_ckpt_info
