@@ -35,7 +35,8 @@ def _jinja(family: str, turns: dict[str, tuple[str, str]], generation_prompt: st
     for, the generation prompt; a role not in `turns` is refused."""
     branches = "{% el".join(f"if message['role'] == {role!r} %}}{{{{ {prefix!r} + {content} + {suffix!r} }}}}"
                             for role, (prefix, suffix) in turns.items())
-    roles = ", ".join(turns)
+    *others, last = turns
+    roles = f"{', '.join(others)} and {last}" if others else last
     return ("{{ bos_token }}{% for message in messages %}{% " + branches + "{% else %}"
             "{{ raise_exception('" + family + " chat roles are " + roles + ", not ' + message['role']) }}"
             "{% endif %}{% endfor %}{% if add_generation_prompt %}{{ " + repr(generation_prompt) + " }}{% endif %}")
