@@ -348,7 +348,7 @@ def test_written_files_honour_the_umask(tmp_path):
 
 def test_long_transfers_print_progress_lines(tmp_path, caplog, monkeypatch):
     from evods import progress
-    from evods.checkpoint.transfer import Publisher
+    from evods.checkpoint.save.upload import Publisher
     from evods.storage import LocalStorage
 
     monkeypatch.setattr(progress, "FIRST_LINE_AFTER_S", 0.0)

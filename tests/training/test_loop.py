@@ -206,11 +206,13 @@ def test_torchrun_launch_trains_two_ranks_and_prints_the_metrics_line(tmp_path, 
                      "--config", str(config), "--launcher", "torch", "--run_dir", str(tmp_path / "run"))
     assert result.returncode == 0, result.stderr[-3000:]
     assert f"data parallel size: {2 // pipeline}, pipeline parallel size: {pipeline}" in result.stderr
-    # InternEvo's start-up lines (tests/training/test_startup_log.py): the sizes once, each rank's seeds and New Run
-    # line
+    # InternEvo's start-up lines (tests/training/test_startup_log.py), once, from the logging rank (the last stage's:
+    # rank 1 under the pipeline); InternEvo's per-rank seeds and New Run lines only with --verbose
+    log_rank = pipeline - 1
     assert result.stderr.count("Distributed environment is initialized") == 1
-    assert all(f"initialized seed on rank {rank}, numpy: 1024" in result.stderr for rank in range(2))
-    assert result.stderr.count("===========New Run") == 2
+    assert result.stderr.count("initialized seed on rank") == 1
+    assert f"initialized seed on rank {log_rank}, numpy: 1024" in result.stderr
+    assert result.stderr.count("===========New Run") == 1
     # once per step, from the rank that sees the loss (the last stage under a pipeline, not rank 0)
     assert result.stderr.count("tflops=") == 2
 
