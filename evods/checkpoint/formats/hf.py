@@ -10,7 +10,7 @@ import torch
 from transformers import AutoTokenizer, GenerationConfig, LlamaConfig, LlamaForCausalLM
 from transformers.utils.hub import convert_file_size_to_int
 
-from evods.model import InternLMConfig, InternLMForCausalLM, Rope
+from evods.model import InternLM2Config, InternLM2ForCausalLM, InternLMConfig, InternLMForCausalLM, Rope
 from evods.model.configuration_internlm import rope_keys
 from evods.model.modeling_internlm import chat_stop_ids
 from evods.storage.local import DEFAULT_FILE_MODE, current_umask
@@ -18,10 +18,13 @@ from evods.storage.local import DEFAULT_FILE_MODE, current_umask
 from ..errors import CheckpointError
 from . import check_output_folder
 from .checkpoint_model import read_checkpoint_model
+from .hf_internlm2 import to_published
 from .hf_tokenizer import sentencepiece_adds_dummy_prefix, write_tokenizer
 from .weights import load_weights
 
-FORMATS = ("internlm", "llama")
+# internlm: evods' model under its own names; internlm2: InternLM's published InternLM2 layout (hf_internlm2.py);
+# llama: stock LlamaForCausalLM
+FORMATS = ("internlm", "internlm2", "llama")
 # InternLM's SentencePiece ids; pad is EOS.
 BOS_ID, EOS_ID, PAD_ID = 1, 2, 2
 
@@ -74,8 +77,8 @@ def export_hf(src: str, tgt: str, tokenizer: str | None = None, fmt: str = "inte
     config.packed_attention = "auto"  # the training machine's kernel choice is not the inference machine's
     config.bos_token_id, config.eos_token_id, config.pad_token_id = BOS_ID, EOS_ID, PAD_ID
     target_dtype = getattr(torch, dtype) if dtype else config.dtype
-    model = InternLMForCausalLM(config) if fmt == "internlm" else LlamaForCausalLM(llama_config(config))
-    load_weights(model, weights, src)
+    model = export_model(fmt, config)
+    load_weights(model, to_published(weights, config) if fmt == "internlm2" else weights, src)
     model.to(target_dtype).save_pretrained(tgt, max_shard_size=max_shard_size)
     # safetensors writes its files 0600 whatever the umask; a teammate or a serving process must read them
     for name in os.listdir(tgt):
@@ -86,6 +89,16 @@ def export_hf(src: str, tgt: str, tokenizer: str | None = None, fmt: str = "inte
     if tokenizer:
         write_tokenizer(tokenizer, tgt, config.max_position_embeddings)
         write_generation_config(tgt)
+
+
+def export_model(fmt: str, config: InternLMConfig) -> torch.nn.Module:
+    """The model class of `fmt` with `config`'s sizes and RoPE."""
+    if fmt == "internlm":
+        return InternLMForCausalLM(config)
+    if fmt == "llama":
+        return LlamaForCausalLM(llama_config(config))
+    own = ("model_type", "architectures", "auto_map", "transformers_version")
+    return InternLM2ForCausalLM(InternLM2Config(**{k: v for k, v in config.to_dict().items() if k not in own}))
 
 
 def add_rope_keys(folder: str, rotary: dict) -> None:

@@ -14,6 +14,7 @@ from evods.storage import LocalStorage, Storage, open_storage
 from .. import layout, safe_load
 from ..collective import rank
 from ..errors import CheckpointError
+from ..formats.hf_internlm2 import is_published_internlm2, read_published
 from ..formats.internevo import MODEL_CONFIG as NATIVE_MODEL_CONFIG
 from ..formats.internevo import is_native_checkpoint, read_native_model
 from ..formats.weights import deepspeed_weights, hf_weights
@@ -151,7 +152,9 @@ def read_model_weights(plan: LoadPlan, local_folder: str) -> dict[str, torch.Ten
     if plan.is_native:
         family, mlp_naming = NATIVE_LAYOUTS[plan.ckpt_type]
         return read_native_model(local_folder, family, mlp_naming)[1]
-    return deepspeed_weights(local_folder) if plan.is_evods else hf_weights(local_folder)
+    if plan.is_evods:
+        return deepspeed_weights(local_folder)
+    return read_published(local_folder) if is_published_internlm2(local_folder) else hf_weights(local_folder)
 
 
 def saved_model_config(plan: LoadPlan) -> dict:

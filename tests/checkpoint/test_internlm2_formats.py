@@ -1,5 +1,7 @@
 """InternEvo's INTERNLM2 native files (a grouped `wqkv` per layer, `tok_embeddings`/`layers.*`/`output` names) and
 InternLM3's (split `wq/wk/wv`): the row layout pinned, written at one tensor/pipeline size and read at others."""
+import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -7,6 +9,8 @@ import torch
 
 from evods.checkpoint import CheckpointError, read_native_model
 from evods.checkpoint.formats.internevo_layout import AttentionHeads, GroupedQKV, KVHeadRows
+from evods.inference.loading import TOKENIZER_FILES, load_for_inference
+from testkit.paths import TOKENIZER
 from tests.checkpoint.test_native import load_through_ckpt_info, random_weights
 from tools.convert2hf import main as convert2hf
 from tools.convert2native import main as convert2native
@@ -163,3 +167,67 @@ def test_internlm2_files_that_do_not_fit_are_one_line_errors(tmp_path):
     with pytest.raises(CheckpointError, match=r"^tensor rank 0's wqkv has 32 rows; 8 query and 2 KV heads of 4 over 2 "
                                               r"ranks give 24: model_config.pt does not describe this checkpoint$"):
         read_native_model(str(tmp_path / "native"))
+
+
+def write_published_internlm2(folder: Path, weights: dict) -> None:
+    """An HF folder as InternLM publishes InternLM2 (an early one: `"model_type": "internlm"`, InternLM2's classes in
+    auto_map), built here from the facts rather than with evods' exporter: q/k/v fused per KV group."""
+    from safetensors.torch import save_file
+
+    folder.mkdir()
+    published = {}
+    for i in range(INTERNLM2_MODEL["num_layers"]):
+        layer = f"model.layers.{i}"
+        q, k, v = (weights[f"{layer}.self_attn.{x}_proj.weight"].view(4, -1, 4, 32) for x in "qkv")  # (KV, n, d, h)
+        published[f"{layer}.attention.wqkv.weight"] = torch.cat([q, k, v], dim=1).reshape(-1, 32)
+        for ours, theirs in (("self_attn.o_proj", "attention.wo"), ("mlp.gate_proj", "feed_forward.w1"),
+                             ("mlp.up_proj", "feed_forward.w3"), ("mlp.down_proj", "feed_forward.w2"),
+                             ("input_layernorm", "attention_norm"), ("post_attention_layernorm", "ffn_norm")):
+            published[f"{layer}.{theirs}.weight"] = weights[f"{layer}.{ours}.weight"]
+    published.update({"model.tok_embeddings.weight": weights["model.embed_tokens.weight"],
+                      "model.norm.weight": weights["model.norm.weight"], "output.weight": weights["lm_head.weight"]})
+    save_file({name: tensor.contiguous() for name, tensor in published.items()}, folder / "model.safetensors")
+    (folder / "config.json").write_text(json.dumps({
+        "architectures": ["InternLM2ForCausalLM"], "model_type": "internlm", "attn_implementation": "eager",
+        "auto_map": {"AutoConfig": "configuration_internlm.InternLMConfig",
+                     "AutoModelForCausalLM": "modeling_internlm2.InternLM2ForCausalLM"},
+        "bias": False, "hidden_act": "silu", "hidden_size": 32, "intermediate_size": 256, "num_attention_heads": 8,
+        "num_hidden_layers": 3, "num_key_value_heads": 4, "max_position_embeddings": 32768, "rms_norm_eps": 1e-5,
+        "rope_theta": 1e6, "rope_scaling": {"type": "dynamic", "factor": 2.0}, "vocab_size": 512,
+        "torch_dtype": "float32", "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 2}))
+
+
+def test_a_published_internlm2_folder_starts_training_and_exports_to_the_same_weights(tmp_path):
+    from safetensors.torch import load_file
+
+    from evods.checkpoint.formats.internevo import write_native_checkpoint
+    from evods.checkpoint.formats.internevo_layout import NativeLayout
+
+    weights = random_weights(INTERNLM2_MODEL)
+    write_published_internlm2(tmp_path / "published", weights)
+    model = load_through_ckpt_info(tmp_path / "published", "hf", INTERNLM2_MODEL)
+    assert all(torch.equal(model.state_dict()[name], weights[name]) for name in weights)
+
+    # the run's model, saved and exported in the published layout: InternLM's own files come back
+    write_native_checkpoint(str(tmp_path / "native"), model.state_dict(), INTERNLM2_MODEL,
+                            NativeLayout(tp=1, pp=1, num_layers=3, family="internlm2", mlp_naming="v2", bias=False),
+                            step=1)
+    assert convert2hf(["--src", str(tmp_path / "native"), "--tgt", str(tmp_path / "hf"), "--format", "internlm2",
+                       "--tokenizer", str(TOKENIZER)]) == 0
+    theirs, ours = (load_file(tmp_path / name / "model.safetensors") for name in ("published", "hf"))
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[name], theirs[name]) for name in theirs)
+    config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    assert {path.name for path in (tmp_path / "hf").glob("*.py")} == {
+        "configuration_internlm.py", "configuration_internlm2.py", "modeling_internlm.py", "modeling_internlm2.py",
+        "transformers_compat.py"}
+    assert (config["architectures"], config["num_key_value_heads"], config["bias"]) == (["InternLM2ForCausalLM"], 4,
+                                                                                        False)
+
+    # the chat tools run both folders (the published one dispatched on its architectures, not its model_type)
+    for name in TOKENIZER_FILES:
+        shutil.copy(tmp_path / "hf" / name, tmp_path / "published" / name)
+    ids = torch.randint(0, 512, (1, 12), generator=torch.Generator().manual_seed(0))
+    for folder in ("hf", "published"):
+        served, _ = load_for_inference(tmp_path / folder, dtype="float32", device="cpu")
+        assert type(served).__name__ == "InternLM2ForCausalLM"
+        assert torch.allclose(logits_of(served, ids), logits_of(model, ids), atol=1e-5, rtol=0)
