@@ -10,7 +10,9 @@ import torch
 from evods.checkpoint import CheckpointError, read_native_model
 from evods.checkpoint.formats.internevo_layout import AttentionHeads, GroupedQKV, KVHeadRows
 from evods.inference.loading import TOKENIZER_FILES, load_for_inference
+from testkit.distributed import run_distributed
 from testkit.paths import TOKENIZER
+from testkit.train_configs import tiny_config
 from tests.checkpoint.test_native import load_through_ckpt_info, random_weights
 from tools.convert2hf import main as convert2hf
 from tools.convert2native import main as convert2native
@@ -197,6 +199,28 @@ def write_published_internlm2(folder: Path, weights: dict) -> None:
         "torch_dtype": "float32", "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 2}))
 
 
+def train_from_published(folder: str, root: str) -> dict:
+    """A training run of model type INTERNLM2 that starts from the HF folder and saves its last step."""
+    from evods.training.distributed import init_distributed
+    from evods.training.trainer import Trainer
+
+    init_distributed("torch")
+    cfg = tiny_config(model_type="INTERNLM2", model=INTERNLM2_MODEL,
+                      data=dict(seq_len=32, micro_bsz=2, micro_num=2, total_steps=2),
+                      parallel=dict(pipeline=dict(size=1), zero1=-1), lr_scheduler=dict(total_steps=2, warmup_ratio=0),
+                      ckpt=dict(enable_save_ckpt=True, save_ckpt_folder=f"local:{root}/ckpt", checkpoint_every=2,
+                                auto_resume=False,
+                                load_ckpt_info=dict(path=folder, content=("model",), ckpt_type="hf")))
+    trainer = Trainer(cfg, run_dir=Path(root) / "run")
+    module = trainer.engine.engine.module
+    # numpy arrays travel by value; tensors would travel as shared memory that dies with this process
+    start = {name: tensor.numpy().copy() for name, tensor in module.state_dict().items()}
+    losses = [entry["loss"] for entry in trainer.train().history]
+    end = {name: tensor.numpy().copy() for name, tensor in module.state_dict().items()}
+    trainer.close()
+    return {"start": start, "end": end, "losses": losses}
+
+
 def test_a_published_internlm2_folder_starts_training_and_exports_to_the_same_weights(tmp_path):
     from safetensors.torch import load_file
 
@@ -205,10 +229,19 @@ def test_a_published_internlm2_folder_starts_training_and_exports_to_the_same_we
 
     weights = random_weights(INTERNLM2_MODEL)
     write_published_internlm2(tmp_path / "published", weights)
-    model = load_through_ckpt_info(tmp_path / "published", "hf", INTERNLM2_MODEL)
-    assert all(torch.equal(model.state_dict()[name], weights[name]) for name in weights)
+    run = run_distributed(train_from_published, 1, (str(tmp_path / "published"), str(tmp_path)))[0]
+    assert all(torch.equal(torch.from_numpy(run["start"][name]), weights[name]) for name in weights)
+    assert len(run["losses"]) == 2 and all(loss > 0 for loss in run["losses"])
+    # its checkpoint in the published layout: the trained weights under InternLM's names
+    assert convert2hf(["--src", str(tmp_path / "ckpt" / "2"), "--tgt", str(tmp_path / "trained"),
+                       "--format", "internlm2"]) == 0
+    trained = load_through_ckpt_info(tmp_path / "trained", "hf", INTERNLM2_MODEL).state_dict()
+    assert all(torch.equal(trained[name], torch.from_numpy(run["end"][name])) for name in weights)
+    assert not torch.equal(trained["lm_head.weight"], weights["lm_head.weight"])
 
-    # the run's model, saved and exported in the published layout: InternLM's own files come back
+    model = load_through_ckpt_info(tmp_path / "published", "hf", INTERNLM2_MODEL)
+
+    # the loaded model, saved and exported in the published layout: InternLM's own files come back
     write_native_checkpoint(str(tmp_path / "native"), model.state_dict(), INTERNLM2_MODEL,
                             NativeLayout(tp=1, pp=1, num_layers=3, family="internlm2", mlp_naming="v2", bias=False),
                             step=1)
