@@ -154,7 +154,7 @@ def test_internlm3_files_split_wq_wk_wv_and_share_kv_heads_past_the_kv_count(tmp
     assert all(torch.equal(model.state_dict()[name], weights[name]) for name in weights)
 
 
-def test_internlm2_files_that_do_not_fit_are_one_line_errors(tmp_path):
+def test_internlm2_files_that_do_not_fit_are_one_line_errors(tmp_path, capsys):
     weights = random_weights(INTERNLM2_MODEL)
     write_internlm2(tmp_path / "native", weights, tp=2, pp=1)
     with pytest.raises(CheckpointError, match=r"model_tp0_pp0.pt: its parameter names do not fit InternEvo's internlm "
@@ -163,7 +163,12 @@ def test_internlm2_files_that_do_not_fit_are_one_line_errors(tmp_path):
         load_through_ckpt_info(tmp_path / "native", "internlm", INTERNLM2_MODEL)
     assert convert2native(["--src", str(tmp_path / "native"), "--tgt", str(tmp_path / "v1"),
                            "--model_type", "INTERNLM"]) == 1
+    assert "this model has num_key_value_heads=4 for num_attention_heads=8; write it as model type INTERNLM2 " \
+           "(tools/convert2native.py --model_type INTERNLM2)" in capsys.readouterr().err
     assert not (tmp_path / "v1" / "model_config.pt").exists()
+    # which a grouped-query model gets by default
+    assert convert2native(["--src", str(tmp_path / "native"), "--tgt", str(tmp_path / "default")]) == 0
+    assert "layers.0.attention.wqkv.weight" in torch.load(tmp_path / "default" / "model_tp0_pp0.pt")
     config_file = tmp_path / "native" / "model_config.pt"
     torch.save({**torch.load(config_file), "num_kv_attention_heads": 2}, config_file)
     with pytest.raises(CheckpointError, match=r"^tensor rank 0's wqkv has 32 rows; 8 query and 2 KV heads of 4 over 2 "
