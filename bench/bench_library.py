@@ -86,6 +86,7 @@ def trainer_worker(variant: str, config_path: str, batch: int, out: str) -> None
     from evods.checkpoint.formats.hf_tokenizer import write_tokenizer
     from evods.config import load_config
     from evods.data import TokenizedDataset
+    from evods.model.chat_templates import INTERNLM
     from evods.model.registry import MODEL_INITIALIZER
     from evods.training.trainer import seed_everything
 
@@ -100,7 +101,7 @@ def trainer_worker(variant: str, config_path: str, batch: int, out: str) -> None
     if variant == "padding":
         tokenizer_dir = Path(out) / f"tokenizer{os.environ['RANK']}"
         tokenizer_dir.mkdir(parents=True, exist_ok=True)
-        write_tokenizer(str(REPO / "tools" / "V7_sft.model"), str(tokenizer_dir), 2048)
+        write_tokenizer(str(REPO / "tools" / "V7_sft.model"), str(tokenizer_dir), 2048, INTERNLM)
         collator = DataCollatorForSeq2Seq(AutoTokenizer.from_pretrained(tokenizer_dir), padding=True)
     else:
         collator = DataCollatorWithFlattening()

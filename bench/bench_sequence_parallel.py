@@ -18,6 +18,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from testkit.allocations import allocator_peak  # noqa: E402
 from testkit.distributed import run_distributed  # noqa: E402  (the same harness the tests use)
 
 MODEL = dict(hidden_size=512, num_layers=8, num_attention_heads=8, mlp_ratio=3)
@@ -63,19 +64,6 @@ def build_engine(sequence_parallel: bool, vocab: int, recompute: bool):
     # default chunked loss would take the logits out of both variants' peaks.
     loss_fn = PackedLoss(model.lm_head, vocab=VocabParallelLogits(group, layout.sequence_parallel), kernel="full")
     return TrainEngine(model, lambda params: torch.optim.AdamW(params, lr=1e-4), ds_config, layout, loss_fn, grid)
-
-
-def allocator_peak(prof) -> tuple[int, int]:
-    """The highest sum of torch CPU allocations minus frees within the profiled window, and the sum at its end."""
-    import torch
-
-    events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
-                    if e.name() == "[memory]" and e.device_type() == torch.autograd.DeviceType.CPU)
-    current = peak = 0
-    for _, nbytes in events:
-        current += nbytes
-        peak = max(peak, current)
-    return peak, current
 
 
 def saved_for_backward(engine, batch) -> dict:

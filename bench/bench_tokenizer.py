@@ -1,8 +1,12 @@
-"""Tokenizer throughput (MB/s of input text): evods.data.tokenize at 1 and 2 workers vs InternEvo's approach
-(one process, sp.encode per line, json.dumps, write), on the sample text shipped in samples/; all outputs must be
-identical.
+"""Tokenizer throughput (MB/s of input):
+- text: evods.data.tokenize at 1 and 2 workers vs InternEvo's approach (one process, sp.encode per line, json.dumps,
+  write), on the sample text shipped in samples/;
+- chat: tools/chat_tokenizer.py (evods.cli.chat_tokenizer) at 1 and 2 workers on the shipped conversations
+  (samples/chat/, as JSONL) repeated to --chat_mb MB, with InternLM's tokenizer and template, a 10% validation split.
+Each run's outputs must be byte-identical; a run's time is the whole tool's (the chat tool's includes building the
+tokenizer files, as a user's run does).
 
-    python bench/bench_tokenizer.py [--repeat 3]
+    python bench/bench_tokenizer.py [--part text|chat|all] [--repeat 90] [--chat_mb 20]
 """
 import argparse
 import json
@@ -16,10 +20,12 @@ from pathlib import Path
 import numpy as np
 import sentencepiece as spm
 
+from evods.cli.chat_tokenizer import tokenize_chat
 from evods.data.tokenize import tokenize_file
 
 REPO = Path(__file__).resolve().parents[1]
 SOURCES = ["samples/pretrain_en/wiki_demo.txt", "samples/pretrain_cn/songci.txt"]
+CHAT_SOURCES = ["samples/chat/messages_zh_demo.jsonl", "samples/chat/sharegpt_en_demo.json"]
 
 
 def baseline(src, out, tokenizer_path):
@@ -40,35 +46,74 @@ def baseline(src, out, tokenizer_path):
     os.replace(f"{out}.meta.npy", f"{out}.meta")
 
 
+def chat_input(path: Path, megabytes: float) -> None:
+    """The shipped conversations as JSONL lines (messages and ShareGPT records), repeated to `megabytes`."""
+    lines = []
+    for name in CHAT_SOURCES:
+        text = (REPO / name).read_text(encoding="utf-8")
+        records = json.loads(text) if name.endswith(".json") else [json.loads(line) for line in text.splitlines()]
+        lines += [json.dumps(record, ensure_ascii=False) + "\n" for record in records]
+    block = "".join(lines).encode()
+    with open(path, "wb") as handle:
+        for _ in range(max(1, round(megabytes * 2**20 / len(block)))):
+            handle.write(block)
+
+
+def timed_runs(runs: dict, size_mb: float, work: Path, outputs) -> None:
+    """Run each (name -> run(out)), print MB/s and the ratio to the first, and check that outputs are identical."""
+    results, base_rate = {}, None
+    for name, run in runs.items():
+        out = work / f"{len(results)}.out"
+        start = time.perf_counter()
+        run(out)
+        rate = size_mb / (time.perf_counter() - start)
+        base_rate = base_rate or rate
+        results[name] = outputs(out)
+        print(f"{name:28s} {rate:6.2f} MB/s  x{rate / base_rate:.2f}")
+    assert len(set(results.values())) == 1, "outputs differ"
+    print("all outputs byte-identical")
+
+
+def bench_text(work: Path, repeat: int, tokenizer_path: Path) -> None:
+    src = work / "input.txt"
+    with open(src, "wb") as handle:
+        for _ in range(repeat):
+            for name in SOURCES:
+                handle.write((REPO / name).read_bytes())
+    size_mb = src.stat().st_size / 2**20
+    print(f"text: input {size_mb:.1f} MB")
+    runs = {"baseline (InternEvo loop)": lambda out: baseline(src, out, tokenizer_path)}
+    for workers in (1, 2):
+        runs[f"evods workers={workers}"] = lambda out, w=workers: tokenize_file(
+            src, out, tokenizer_path, workers=w, progress=False)
+    timed_runs(runs, size_mb, work, lambda out: (out.read_bytes(), Path(f"{out}.meta").read_bytes()))
+
+
+def bench_chat(work: Path, megabytes: float, tokenizer_path: Path) -> None:
+    src = work / "chat.jsonl"
+    chat_input(src, megabytes)
+    size_mb = src.stat().st_size / 2**20
+    print(f"chat: input {size_mb:.1f} MB of conversations")
+    runs = {f"chat tool workers={workers}": lambda out, w=workers: tokenize_chat(
+        src, out, tokenizer_path, workers=w, progress=False) for workers in (1, 2)}
+    timed_runs(runs, size_mb, work,
+               lambda out: tuple((path.relative_to(out), path.read_bytes()) for path in sorted(out.rglob("*.bin*"))))
+
+
 def main():
     parser = argparse.ArgumentParser()
-    parser.add_argument("--repeat", type=int, default=90, help="copies of the sample text in the input")
+    parser.add_argument("--part", choices=("text", "chat", "all"), default="all")
+    parser.add_argument("--repeat", type=int, default=90, help="copies of the sample text in the text input")
+    parser.add_argument("--chat_mb", type=float, default=20, help="size of the conversations input")
     args = parser.parse_args()
     tokenizer_path = REPO / "tools" / "V7_sft.model"
+    print(f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores")
     work = Path(tempfile.mkdtemp(prefix="bench_tok_"))
     try:
-        src = work / "input.txt"
-        with open(src, "wb") as handle:
-            for _ in range(args.repeat):
-                for name in SOURCES:
-                    handle.write((REPO / name).read_bytes())
-        size_mb = src.stat().st_size / 2**20
-        print(f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores; input {size_mb:.1f} MB")
-        runs = {"baseline (InternEvo loop)": lambda out: baseline(src, out, tokenizer_path)}
-        for workers in (1, 2):
-            runs[f"evods workers={workers}"] = lambda out, w=workers: tokenize_file(
-                src, out, tokenizer_path, workers=w, progress=False)
-        results, base_rate = {}, None
-        for name, run in runs.items():
-            out = work / f"{len(results)}.bin"
-            start = time.perf_counter()
-            run(out)
-            rate = size_mb / (time.perf_counter() - start)
-            base_rate = base_rate or rate
-            results[name] = (out.read_bytes(), Path(f"{out}.meta").read_bytes())
-            print(f"{name:28s} {rate:6.2f} MB/s  x{rate / base_rate:.2f}")
-        assert len(set(results.values())) == 1, "outputs differ"
-        print("all outputs byte-identical")
+        if args.part in ("text", "all"):
+            bench_text(work, args.repeat, tokenizer_path)
+        if args.part in ("chat", "all"):
+            bench_chat(work, args.chat_mb, tokenizer_path)
     finally:
         shutil.rmtree(work)
 

@@ -82,10 +82,10 @@ def stop_and_time(job: subprocess.Popen, folder: Path, after_steps: int, validat
 
 
 def save_seconds(log: Path) -> float | None:
-    """From the rank-0 log: 'saving a checkpoint of step N before stopping' to 'checkpoint of step N is complete'."""
+    """From the logging rank's lines: 'saving step N…' to 'checkpoint of step N is complete'."""
     stamps = {}
     for line in log.read_text().splitlines():
-        for key, words in (("start", "before stopping"), ("end", "is complete:")):
+        for key, words in (("start", "-- saving step "), ("end", "is complete:")):
             if words in line and line[:4].isdigit():
                 stamps[key] = datetime.strptime(line[:23], "%Y-%m-%d %H:%M:%S,%f")
     return round((stamps["end"] - stamps["start"]).total_seconds(), 2) if len(stamps) == 2 else None

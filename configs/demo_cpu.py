@@ -1,5 +1,5 @@
 # A small InternLM that trains on a 2-core CPU in a couple of minutes, on InternEvo's built-in random data:
-#   OMP_NUM_THREADS=1 deepspeed --num_gpus 2 train_ds.py --config configs/demo_cpu.py
+#   OMP_NUM_THREADS=1 DS_ACCELERATOR=cpu deepspeed --quiet --num_gpus 2 train_ds.py --config configs/demo_cpu.py
 # Same keys and meanings as configs/7B_sft.py; only the sizes, precision and schedule differ.
 JOB_NAME = "demo_cpu"
 

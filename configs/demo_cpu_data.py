@@ -1,7 +1,7 @@
 # configs/demo_cpu.py on real tokenized data (README, "Preparing data" and "Training"):
 #   python tools/tokenizer.py --text_input_path samples/pretrain_en/wiki_demo.txt \
 #       --bin_output_path data/train/en/wiki.bin
-#   OMP_NUM_THREADS=1 deepspeed --num_gpus 2 train_ds.py --config configs/demo_cpu_data.py
+#   OMP_NUM_THREADS=1 DS_ACCELERATOR=cpu deepspeed --quiet --num_gpus 2 train_ds.py --config configs/demo_cpu_data.py
 # TRAIN_FOLDER holds one folder per dataset type (en, cn, code, ...) with *.bin and *.bin.meta files; relative paths
 # are read from the directory you launch in.
 import os.path

@@ -6,7 +6,7 @@
 #   python tools/tokenizer.py --text_input_path data/long/wiki_train.txt --bin_output_path data/long/train/en/wiki.bin
 #   python tools/tokenizer.py --text_input_path samples/pretrain_en/c4_demo.jsonl \
 #       --bin_output_path data/long/train/en/c4.bin
-#   OMP_NUM_THREADS=1 deepspeed --num_gpus 2 train_ds.py --config configs/demo_cpu_long.py
+#   OMP_NUM_THREADS=1 DS_ACCELERATOR=cpu deepspeed --quiet --num_gpus 2 train_ds.py --config configs/demo_cpu_long.py
 import os.path
 import runpy
 

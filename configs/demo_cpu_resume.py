@@ -1,5 +1,5 @@
 # Resume the run of `make demo` from its last checkpoint and train as many steps again (README, "Checkpoints"):
-#   OMP_NUM_THREADS=1 deepspeed --num_gpus 2 train_ds.py --config configs/demo_cpu_resume.py
+#   OMP_NUM_THREADS=1 DS_ACCELERATOR=cpu deepspeed --quiet --num_gpus 2 train_ds.py --config configs/demo_cpu_resume.py
 # load_ckpt_info with content ("all",) restores the weights, Adam's state, the data position, the step count and the
 # schedules' progress, so the log goes on from step 40; the schedules' shape (now 80 steps long) comes from this
 # config, as in InternEvo. The checkpoint of step 80 goes beside step 40, in demo_out/ckpt.

@@ -88,7 +88,8 @@ def train(args) -> None:
     if cfg.loss.label_smoothing:
         raise ConfigError(f"{args.config}: loss.label_smoothing: transformers' causal-LM loss has none; set it to 0")
     micro_num, total_steps, tp = cfg.data.micro_num, args.steps or cfg.data.total_steps, cfg.parallel.tensor.size
-    accelerator = deepspeed_accelerator(micro_num, cfg.hybrid_zero_optimizer.clip_grad_norm, tensor_parallel=tp)
+    accelerator = deepspeed_accelerator(micro_num, cfg.hybrid_zero_optimizer.clip_grad_norm, tensor_parallel=tp,
+                                        saves_model=args.output_dir is not None)
     logging.basicConfig(level=logging.INFO if accelerator.is_main_process else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(message)s")
     logger.info("%d processes (rank %d), DeepSpeed ZeRO stage %s, tensor parallel %d", accelerator.num_processes,
@@ -143,10 +144,11 @@ def train(args) -> None:
             else accelerator.get_state_dict(model)  # ZeRO-3 gathers its partitions
         if accelerator.is_main_process:
             from evods.checkpoint import write_tokenizer
+            from evods.model import chat_template_named
 
             unwrapped.save_pretrained(args.output_dir, state_dict=state_dict)
-            write_tokenizer(str(find_tokenizer(tokenizer)), args.output_dir,
-                            unwrapped.config.max_position_embeddings)
+            write_tokenizer(str(find_tokenizer(tokenizer)), args.output_dir, unwrapped.config.max_position_embeddings,
+                            chat_template_named(unwrapped.config.chat_template))
             logger.info("saved the model to %s (AutoModelForCausalLM.from_pretrained loads it)", args.output_dir)
     accelerator.wait_for_everyone()
     accelerator.end_training()

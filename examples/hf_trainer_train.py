@@ -77,8 +77,10 @@ def train(args) -> None:
     trainer.save_model(args.output_dir)
     if trainer.is_world_process_zero():
         from evods.checkpoint import write_tokenizer
+        from evods.model import chat_template_named
 
-        write_tokenizer(str(find_tokenizer(tokenizer)), args.output_dir, model.config.max_position_embeddings)
+        write_tokenizer(str(find_tokenizer(tokenizer)), args.output_dir, model.config.max_position_embeddings,
+                        chat_template_named(model.config.chat_template))
 
 
 def main(argv=None) -> int:

@@ -24,3 +24,19 @@ def data_config(**keys) -> DataConfig:
     """The demo config's `data` section with `keys` replacing its keys, as the data pipeline gets it from a loaded
     config (defaults filled in, rampup_batch_size and skip_batches parsed)."""
     return tiny_config(data=keys).data
+
+
+# DeepSpeed keeps parameters below 1e5 elements whole under ZeRO-3 (persistent), which would be all of a tiny model's;
+# below 100 elements, as a real model's norms and biases, its matrices are sharded.
+ZERO3_PERSISTENCE = {"zero_optimization": {"stage3_param_persistence_threshold": 100}}
+
+
+def zero3_ds_config(folder: str) -> str:
+    """A --ds_config file with ZERO3_PERSISTENCE in `folder`, one per rank (the ranks write at once)."""
+    import json
+
+    import torch.distributed as dist
+
+    path = Path(folder) / f"ds_config_rank{dist.get_rank() if dist.is_initialized() else 0}.json"
+    path.write_text(json.dumps(ZERO3_PERSISTENCE))
+    return str(path)

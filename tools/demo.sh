@@ -6,8 +6,9 @@ cd "$(dirname "$0")/.."
 PY=.venv/bin/python
 PORT=$($PY -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
 # The deepspeed launcher leaves OMP_NUM_THREADS alone; one thread per rank avoids oversubscribing 2 cores.
-export OMP_NUM_THREADS=1
-.venv/bin/deepspeed --num_gpus 2 --master_port "$PORT" train_ds.py --config configs/demo_cpu.py
+# DS_ACCELERATOR=cpu: DeepSpeed would otherwise warn that it found no GPU; --quiet: the launcher's own INFO lines.
+export OMP_NUM_THREADS=1 DS_ACCELERATOR=cpu
+.venv/bin/deepspeed --quiet --num_gpus 2 --master_port "$PORT" train_ds.py --config configs/demo_cpu.py
 
 STEP=$($PY -c 'import runpy; print(runpy.run_path("configs/demo_cpu.py")["TOTAL_STEPS"])')
 # with the tokenizer, so that tools/chat.py and tools/web_demo.py can serve the folder
@@ -32,8 +33,8 @@ What to run next, from this folder:
 
 2. Train on real text (tokenize the sample, then the same model on it):
    .venv/bin/python tools/tokenizer.py --text_input_path samples/pretrain_en/wiki_demo.txt --bin_output_path data/train/en/wiki.bin
-   OMP_NUM_THREADS=1 .venv/bin/deepspeed --num_gpus 2 train_ds.py --config configs/demo_cpu_data.py
+   OMP_NUM_THREADS=1 DS_ACCELERATOR=cpu .venv/bin/deepspeed --quiet --num_gpus 2 train_ds.py --config configs/demo_cpu_data.py
 
 3. Resume the demo from its checkpoint and train $STEP steps more:
-   OMP_NUM_THREADS=1 .venv/bin/deepspeed --num_gpus 2 train_ds.py --config configs/demo_cpu_resume.py
+   OMP_NUM_THREADS=1 DS_ACCELERATOR=cpu .venv/bin/deepspeed --quiet --num_gpus 2 train_ds.py --config configs/demo_cpu_resume.py
 NEXT

@@ -29,7 +29,8 @@ other formats (InternEvo native, Hugging Face InternLM and Llama) and converts b
 
 Other formats (formats/):
     weights.py            HF-named model weights from HF folders and DeepSpeed files, any tensor size merged
-    checkpoint_model.py   the config and full weights of any checkpoint folder, whatever its format
+    checkpoint_model.py   the config and full weights of any checkpoint folder, whatever its format; whether a
+                          folder is a training checkpoint at all
     internevo_layout.py   InternEvo's native model files described as data (names of InternLM's, InternLM2's
                           grouped wqkv and its LLaMA family, tensor-parallel splits)
     internevo.py          reading and writing InternEvo native checkpoint folders
@@ -40,7 +41,7 @@ Other formats (formats/):
     hf_tokenizer.py       the tokenizer files of that folder (slow, fast, chat template)
 """
 from .errors import CheckpointError
-from .formats.checkpoint_model import read_checkpoint_model
+from .formats.checkpoint_model import is_training_checkpoint, read_checkpoint_model
 from .formats.hf_tokenizer import write_tokenizer
 from .formats.internevo import read_native_model, write_native_checkpoint
 from .formats.internevo_export import export_native
@@ -58,6 +59,6 @@ __all__ = [
     "CheckpointError", "CheckpointLoader", "CheckpointManager", "CheckpointRef", "CheckpointSaver", "LoadPlan",
     "MLP_NAMINGS", "NativeLayout", "SaveDecision", "SavePolicy", "StopFile", "TrainingParts", "WeightsError",
     "choose_load_plan", "complete_checkpoints", "deepspeed_weights", "export_native", "hf_weights",
-    "latest_checkpoint", "load_weights", "read_checkpoint_model", "read_native_model", "write_native_checkpoint",
-    "write_tokenizer",
+    "is_training_checkpoint", "latest_checkpoint", "load_weights", "read_checkpoint_model", "read_native_model",
+    "write_native_checkpoint", "write_tokenizer",
 ]

@@ -3,13 +3,16 @@
     {save_ckpt_folder}/{step}/             normal checkpoints
     {save_ckpt_folder}/snapshot/{0|1}/     the two alternating snapshots
         deepspeed/...        DeepSpeed's own files: model states (mp_rank_{t}_model_states.pt, or per pipeline layer
-                             layer_XX-model_{t}-model_states.pt when pipelined; t the tensor rank) and ZeRO-1
-                             optimizer partitions, written by engine.save_checkpoint
+                             layer_XX-model_{t}-model_states.pt when pipelined; t the tensor rank; under ZeRO-3
+                             zero_pp_rank_{d}_mp_rank_00_model_states.pt per data rank d, without the weights) and
+                             ZeRO optimizer partitions (under ZeRO-3 they hold the only copy of the weights, fp32),
+                             written by engine.save_checkpoint
         context.pt           training counters (step_count, batch_count, consumed tokens, skips)
         sampler.pt           the data sampler's state
         schedulers.pt        {"lr": ..., "beta2": ...}
         rng/rank{r}.pt       python, numpy and torch RNG states of rank r
-        topology.json        {"dp", "pp", "tp", "num_layers"} of the run that saved it
+        topology.json        {"dp", "pp", "tp", "zero_stage", "num_layers"} of the run that saved it (zero_stage is
+                             missing before evods ran ZeRO-2/3: 1)
         config.json          the model's Hugging Face config
         config_file.py       the training config file's text
         {step}.step          the completion marker, written last (InternEvo's name): JSON with the size and
@@ -25,6 +28,7 @@ from evods.config import SNAPSHOT_FOLDER
 from evods.parallel import ParallelLayout
 from evods.storage import Storage
 
+from .errors import DamagedCheckpoint
 from .marker import Manifest
 
 logger = logging.getLogger("evods.checkpoint")
@@ -49,9 +53,10 @@ def marker_name(step: int) -> str:
 
 
 def topology_record(parallel: ParallelLayout, num_layers: int) -> dict:
-    """What topology.json holds: the parallel sizes and the layer count of the run that saved (a resume compares
-    its own with them)."""
-    return {"dp": parallel.dp, "pp": parallel.pp, "tp": parallel.tp, "num_layers": num_layers}
+    """What topology.json holds: the parallel sizes, the ZeRO stage and the layer count of the run that saved (a
+    resume compares its own with them)."""
+    return {"dp": parallel.dp, "pp": parallel.pp, "tp": parallel.tp, "zero_stage": parallel.zero_stage,
+            "num_layers": num_layers}
 
 
 def join(*parts: str) -> str:
@@ -98,8 +103,13 @@ def complete_checkpoints(storage: Storage, report_incomplete: bool = False) -> l
 
 
 def read_manifest(storage: Storage, ref: CheckpointRef) -> Manifest:
+    """The content of `ref`'s marker; DamagedCheckpoint (one line) when it is not a valid marker of that step."""
     rel = join(ref.folder, marker_name(ref.step))
-    return Manifest.from_bytes(storage.read_bytes(rel), storage.uri(rel))
+    manifest = Manifest.from_bytes(storage.read_bytes(rel), storage.uri(rel))
+    if manifest.step != ref.step:
+        raise DamagedCheckpoint(f"the step marker {storage.uri(rel)} records step {manifest.step}: it was copied or "
+                                "renamed from another checkpoint; load the checkpoint before it")
+    return manifest
 
 
 def latest_checkpoint(storage: Storage) -> CheckpointRef | None:

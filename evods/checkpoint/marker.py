@@ -15,6 +15,8 @@ import json
 from dataclasses import dataclass, field
 from typing import BinaryIO
 
+from .errors import DamagedCheckpoint
+
 try:  # xxh3 hashes at memory speed; sha256 (streamed) is the fallback, several times slower
     import xxhash
 
@@ -107,13 +109,20 @@ class Manifest:
 
     @classmethod
     def from_bytes(cls, data: bytes, where: str) -> "Manifest":
+        """The marker's content; DamagedCheckpoint when it is empty or not a marker (a save cut short on a file
+        system without atomic writes, or a file changed afterwards), so that every reader says so in one line."""
+        what_to_do = "load the checkpoint before it (or re-save this one); its files cannot be checked without it"
+        if not data.strip():
+            raise DamagedCheckpoint(f"the step marker {where} is empty: {what_to_do}")
         try:
             content = json.loads(data)
             files = {rel: FileDigest(int(entry["size"]), str(entry["checksum"]))
                      for rel, entry in content.get("files", {}).items()}
             return cls(int(content["step"]), files, content.get("checksum", CHECKSUM))
         except (ValueError, KeyError, TypeError, AttributeError) as exc:
-            raise ValueError(f"the step marker {where} is not valid ({exc})") from None
+            reason = " ".join(f"{type(exc).__name__}: {exc}".split())[:200]
+            raise DamagedCheckpoint(f"the step marker {where} is not a valid marker ({reason}): {what_to_do}") \
+                from None
 
     @property
     def verifiable(self) -> bool:

@@ -10,18 +10,21 @@ import os
 import sys
 from collections.abc import Callable
 
-from evods.storage.base import explain_os_error, is_file_system_error
+from evods.console import quiet_libraries
 
 
 def run_cli(main: Callable[[], int | None], user_errors: tuple[type[BaseException], ...], prog: str | None = None,
             exit_code: int = 1) -> int:
     prog = prog or os.path.basename(sys.argv[0])  # "tokenizer.py" from a clone, "evods-tokenizer" once installed
+    quiet_libraries()  # before main imports them (evods.console; EVODS_VERBOSE=1 shows everything)
     try:
         return main() or 0
     except KeyboardInterrupt:
         print(f"{prog}: interrupted; nothing half-written was kept", file=sys.stderr)
         return 130
     except Exception as error:
+        from evods.storage.base import explain_os_error, is_file_system_error  # here: the commands start faster
+
         if getattr(error, "reported_by_another_rank", False):
             return exit_code
         if isinstance(error, OSError) and is_file_system_error(error):

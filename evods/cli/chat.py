@@ -1,6 +1,6 @@
 """Chat in the terminal with an InternLM Hugging Face folder (a tools/convert2hf.py export, or a published InternLM v1
-model): the reply is printed as it is generated, the conversation is InternLM's chat format, and the oldest turns
-are left out when the conversation outgrows the context.
+model): the reply is printed as it is generated, the conversation is the model's chat format (the folder's, or
+--chat_template), and the oldest turns are left out when the conversation outgrows the context.
 
     python tools/chat.py --model hf/my_model
     python tools/chat.py --model hf/my_model --rotary_type origin --temperature 0   # greedy, plain RoPE
@@ -11,8 +11,8 @@ import argparse
 import sys
 
 from evods.cli import run_cli
-from evods.inference import ROTARY_TYPES, ContextError, InferenceError, fit_turn, load_for_inference
-from evods.inference.loading import DTYPES, context_limit, uses_dynamic_ntk
+from evods.inference import DTYPE_NAMES, ROTARY_TYPES, ContextError, InferenceError, fit_turn
+from evods.inference.display import escape_controls
 
 USER, BOT = "User  >>> ", "Robot >>> "
 
@@ -32,7 +32,7 @@ def add_model_options(parser: argparse.ArgumentParser, rotary_type: bool = True)
     if rotary_type:
         parser.add_argument("--rotary_type", choices=ROTARY_TYPES, default=None,
                             help="dynamic NTK RoPE or plain RoPE past max_position_embeddings (default: the folder's)")
-    parser.add_argument("--dtype", choices=["auto", *DTYPES], default="auto",
+    parser.add_argument("--dtype", choices=["auto", *DTYPE_NAMES], default="auto",
                         help="auto: the folder's dtype on CUDA, float32 on the CPU")
     parser.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:1, ...")
     parser.add_argument("--trust_remote_code", action="store_true",
@@ -54,6 +54,11 @@ def chat_parser(description: str, max_context_help: str) -> argparse.ArgumentPar
     add_model_options(parser)
     add_generation_options(parser)
     parser.add_argument("--max_context", type=int, default=None, help=max_context_help)
+    # Checked when the model loads (one line naming the choices): the registry's import would load transformers
+    # before --help could print.
+    parser.add_argument("--chat_template", default=None,
+                        help="the chat format, a name in evods.model.chat_templates such as internlm2 (default: the "
+                             "folder's, chat_template in config.json)")
     return parser
 
 
@@ -66,6 +71,8 @@ def main(argv=None) -> int:
 
 def context_with_hint(config, max_context: int | None) -> tuple[int, str]:
     """(tokens the conversation may fill, what to do when a prompt alone is longer)."""
+    from evods.inference.loading import context_limit, uses_dynamic_ntk
+
     limit = context_limit(config, max_context)
     if not uses_dynamic_ntk(config):
         return limit, "max_position_embeddings with origin RoPE; shorten it, or use --rotary_type dynamic"
@@ -76,11 +83,16 @@ def chat(args) -> None:
     sampling = generation_kwargs(args.temperature, args.top_p, args.top_k, args.repetition_penalty)
     if args.max_new_tokens < 1 or (args.max_context is not None and args.max_context < 2):
         raise InferenceError("give --max_new_tokens >= 1 and --max_context >= 2")
+    from evods.cli.model_folder import check_not_a_training_checkpoint
+    from evods.inference.loading import load_for_inference  # torch and transformers: after the options are read
+
+    check_not_a_training_checkpoint(args.model)
     model, tokenizer = load_for_inference(args.model, args.rotary_type, args.dtype, args.device,
-                                          args.trust_remote_code)
+                                          args.trust_remote_code, args.chat_template)
     limit, too_long = context_with_hint(model.config, args.max_context)
     rotary = model.config.rotary["type"]
     print(f"Chatting with {args.model} ({model.config.num_hidden_layers} layers, {rotary} RoPE, "
+          f"{model.config.chat_template} chat format, "
           f"max_position_embeddings {model.config.max_position_embeddings}, context {limit} tokens, "
           f"{model.dtype} on {model.device}).\n/reset forgets the conversation, /exit quits, Ctrl-C stops a reply.")
     history: list[tuple[str, str]] = []
@@ -114,14 +126,15 @@ def chat(args) -> None:
 
 
 def stream_reply(model, tokenizer, query: str, turn, sampling: dict) -> str | None:
-    """Print the reply as it grows; None when Ctrl-C stopped it (the turn is then not remembered)."""
+    """Print the reply as it grows, control characters escaped; None when Ctrl-C stopped it (the turn is then not
+    remembered). The history keeps the reply as the model wrote it."""
     print(BOT, end="", flush=True)
     replies = model.stream_chat(tokenizer, query, turn.history, max_new_tokens=turn.max_new_tokens, **sampling)
     printed = ""
     try:
         for reply, _ in replies:
             if reply.startswith(printed):
-                print(reply[len(printed):], end="", flush=True)
+                print(escape_controls(reply[len(printed):]), end="", flush=True)
                 printed = reply
         print()
         return printed

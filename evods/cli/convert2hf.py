@@ -5,6 +5,8 @@ any tp/pp, to one Hugging Face folder.
     python tools/convert2hf.py --src ckpts/100 --tgt hf/llama --format llama --dtype bfloat16
     python tools/convert2hf.py --src ckpts/100 --tgt hf/internlm2 --format internlm2 --scaling_factor 2.0
     python tools/convert2hf.py --src internevo_ckpt/5000 --tgt hf/internlm --mlp_naming v2 --max_pos 4096
+    python tools/convert2hf.py --src ckpts/100 --tgt hf/chatml --tokenizer tools/tokenizer_internlm2.model \
+        --chat_template internlm2
 
 --format internlm (default): loads with `AutoModelForCausalLM.from_pretrained(tgt)` where evods is imported, or
 with trust_remote_code=True elsewhere (transformers 4.36 to 5.x). --format internlm2: the same, in the layout of
@@ -20,6 +22,7 @@ from evods.checkpoint import CheckpointError
 from evods.checkpoint.formats.hf import FORMATS, ROTARY_TYPES, export_hf
 from evods.checkpoint.formats.internevo_layout import MLP_NAMINGS
 from evods.cli import run_cli
+from evods.model.chat_templates import CHAT_TEMPLATES
 from evods.storage import StorageError
 
 
@@ -28,7 +31,12 @@ def main(argv=None) -> int:
     parser.add_argument("--src", "--src_folder", required=True, help="an evods or InternEvo native checkpoint folder "
                         "(local path, local:, boto3:s3://); the format is detected")
     parser.add_argument("--tgt", "--tgt_folder", required=True, help="the HF folder to write")
-    parser.add_argument("--tokenizer", help="SentencePiece model to include (e.g. tools/V7_sft.model)")
+    parser.add_argument("--tokenizer", help="the tokenizer to include: a SentencePiece model (tools/V7_sft.model, "
+                        "tools/tokenizer_internlm2.model) or a folder with tokenizer.json")
+    parser.add_argument("--chat_template", choices=tuple(CHAT_TEMPLATES),
+                        help="the model's chat format (config.json, the tokenizer's chat template, the EOS ids of "
+                        "generation_config.json); default: the checkpoint's (model.chat_template of the training "
+                        "config, else internlm)")
     parser.add_argument("--format", choices=FORMATS, default="internlm")
     parser.add_argument("--dtype", choices=("float16", "bfloat16", "float32"), help="default: the training dtype")
     parser.add_argument("--max_shard", default="10GB", help="largest safetensors shard")
@@ -45,7 +53,7 @@ def main(argv=None) -> int:
 
     def convert():
         export_hf(args.src, args.tgt, args.tokenizer, args.format, args.dtype, args.max_shard, args.mlp_naming,
-                  args.rotary_type, args.max_pos, args.scaling_factor)
+                  args.rotary_type, args.max_pos, args.scaling_factor, args.chat_template)
         print(f"wrote {args.format} model to {args.tgt}")
 
     return run_cli(convert, (CheckpointError, StorageError, OSError))

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from evods.cli import run_cli
 from evods.cli.chat import add_model_options
+from evods.cli.model_folder import check_not_a_training_checkpoint
 from evods.inference import InferenceError, load_for_inference
 from evods.inference.loading import check_folder, load_tokenizer
 from evods.inference.long_context import bucket_bounds, evaluate_long_context, plot_long_context, text_windows
@@ -40,6 +41,7 @@ def evaluate(args) -> None:
         raise InferenceError("give --max_windows >= 1")
     if not args.text.is_file():
         raise InferenceError(f"--text {args.text}: no such file")
+    check_not_a_training_checkpoint(args.model)
     # the text's windows before the weights load: a text too short is told at once
     positions = check_folder(Path(args.model))["max_position_embeddings"]
     bounds = bucket_bounds(positions, multiples)

@@ -7,11 +7,9 @@ import argparse
 import sys
 from pathlib import Path
 
-import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
-
-import evods  # noqa: F401  (registers InternLM with the Auto classes)
 from evods.cli import run_cli
+from evods.inference import InferenceError
+from evods.inference.display import escape_controls
 
 
 def main(argv=None) -> int:
@@ -23,10 +21,16 @@ def main(argv=None) -> int:
     parser.add_argument("--max_new_tokens", type=int, default=32)
     parser.add_argument("--ignore_eos", action="store_true", help="keep generating past the end-of-text token")
     args = parser.parse_args(argv)
-    return run_cli(lambda: generate(args), (OSError,))
+    return run_cli(lambda: generate(args), (OSError, InferenceError))
 
 
 def generate(args) -> None:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer  # importing evods registered InternLM with them
+
+    from evods.cli.model_folder import check_not_a_training_checkpoint
+
+    check_not_a_training_checkpoint(args.model)
     # A missing local folder would otherwise be looked up on the Hub, and fail with a message about the network.
     if not (Path(args.model) / "config.json").is_file():
         raise OSError(f"--model {args.model}: no config.json there; give a folder written by tools/convert2hf.py")
@@ -44,7 +48,7 @@ def generate(args) -> None:
         stop = {"eos_token_id": None} if args.ignore_eos else {}
         output = model.generate(input_ids, max_new_tokens=args.max_new_tokens, do_sample=False, **stop)
     new_tokens = output[0, input_ids.shape[1]:].tolist()
-    print(tokenizer.decode(new_tokens) if tokenizer else ",".join(map(str, new_tokens)))
+    print(escape_controls(tokenizer.decode(new_tokens)) if tokenizer else ",".join(map(str, new_tokens)))
 
 
 if __name__ == "__main__":

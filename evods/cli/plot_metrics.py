@@ -9,7 +9,6 @@ import sys
 from pathlib import Path
 
 from evods.cli import run_cli
-from evods.monitor import PlotError, plot_runs
 
 
 def main(argv=None) -> int:
@@ -19,6 +18,7 @@ def main(argv=None) -> int:
     parser.add_argument("--output", type=Path, default=None,
                         help="the PNG to write (default: metrics.png in the first run folder)")
     args = parser.parse_args(argv)
+    from evods.monitor import PlotError, plot_runs  # matplotlib and torch: after the options are read
 
     def plot():
         first = args.runs[0] if args.runs[0].is_dir() else args.runs[0].parent

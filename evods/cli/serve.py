@@ -66,9 +66,11 @@ def serve(args) -> None:
     except ImportError:
         raise InferenceError("the server needs FastAPI and uvicorn: pip install -e .[serve]  (or pip install "
                              "'evods[serve]')") from None
+    from evods.cli.model_folder import check_not_a_training_checkpoint
     from evods.inference.loading import context_limit, load_for_serving
     from evods.inference.server import Engine, create_app
 
+    check_not_a_training_checkpoint(args.model)
     # the port first: a port in use is one line before minutes of loading
     listener = socket.socket(socket.AF_INET6 if ":" in args.host else socket.AF_INET)
     listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)

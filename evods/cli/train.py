@@ -11,8 +11,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from evods.config import ConfigError, load_config
-from evods.training.distributed import LAUNCHERS, LaunchError
+from evods.console import set_verbose
+from evods.training.distributed import LAUNCHERS
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -30,16 +30,24 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="per-device peak for MFU when the device is not in evods' table")
     parser.add_argument("--profiling", action="store_true",
                         help="trace a few steps after warm-up with the torch profiler into <run folder>/traces")
+    parser.add_argument("--verbose", action="store_true",
+                        help="print everything: every rank's lines and the libraries' warnings that are hidden by "
+                             "default (the same as EVODS_VERBOSE=1)")
     parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # added by deepspeed
     return parser.parse_args(argv)
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.verbose:
+        set_verbose()
+    # torch, DeepSpeed and transformers load only now: `--help` and a mistyped option answer at once
     from evods.checkpoint import CheckpointError
     from evods.cli import run_cli
+    from evods.config import ConfigError, load_config
     from evods.data import DataError
     from evods.storage import StorageError
+    from evods.training.distributed import LaunchError
     from evods.training.trainer import run
 
     def train():

@@ -6,6 +6,8 @@ names the config keys involved.
 import importlib.util
 import logging
 import os
+import shutil
+from collections.abc import Callable
 
 import torch
 
@@ -43,15 +45,19 @@ def check_topology(cfg: TrainConfig, world_size: int, rank: int = 0) -> Parallel
     if model.num_chunks > 1:
         raise source.error("model.num_chunks", f"model.num_chunks={model.num_chunks} asks for InternEvo's interleaved "
                                                f"pipeline, but DeepSpeed pipelines run 1F1B only; set num_chunks=1")
-    layout = parallel_layout(rank, world_size, pp=pp, tp=tp, sequence_parallel=_check_sequence_parallel(cfg, tp))
-    dp = layout.dp
+    zero = cfg.parallel.zero  # its stage resolved, and its combinations checked, when the config was loaded
+    layout = parallel_layout(rank, world_size, pp=pp, tp=tp, sequence_parallel=_check_sequence_parallel(cfg, tp),
+                             zero_stage=zero.stage, offload_optimizer=zero.offload_optimizer,
+                             offload_param=zero.offload_param)
+    dp, stage = layout.dp, layout.zero_stage
     zero1 = cfg.parallel.zero1.size
     if zero1 == 1:
-        logger.info("parallel.zero1=1 asks for no ZeRO, but evods still uses ZeRO-1 over the data-parallel group: "
-                    "DeepSpeed's non-ZeRO optimizers compute wrong gradient norms under pipeline/tensor parallelism.")
+        logger.info("parallel.zero1=1 asks for no ZeRO, but evods still uses ZeRO-%d over the data-parallel group: "
+                    "DeepSpeed's non-ZeRO optimizers compute wrong gradient norms under pipeline/tensor parallelism.",
+                    stage)
     elif zero1 > 1 and zero1 != dp:
-        logger.warning("parallel.zero1=%d: DeepSpeed ZeRO-1 shards the optimizer state over the whole data-parallel "
-                       "group (%d ranks), not over groups of %d.", zero1, dp, zero1)
+        logger.warning("parallel.zero1=%d: DeepSpeed ZeRO-%d shards over the whole data-parallel group (%d ranks), "
+                       "not over groups of %d.", zero1, stage, dp, zero1)
     return layout
 
 
@@ -89,12 +95,53 @@ def torch_has_varlen_attention() -> bool:
     return importlib.util.find_spec("torch.nn.attention.varlen") is not None
 
 
+def offloads_to_cpu_adam(cfg: TrainConfig, device_type: str) -> bool:
+    """Whether the optimizer runs as DeepSpeed's CPU Adam: with optimizer offload on an accelerator that is not the
+    CPU itself. There DeepSpeed requires it (`zero_force_ds_cpu_optimizer`): its AVX kernel steps the host-side fp32
+    shards. On the CPU accelerator everything is in host memory already and torch's AdamW steps the same shards with
+    no compiled op (its first JIT build takes minutes on a small machine)."""
+    return cfg.parallel.zero.offload_optimizer and device_type != "cpu"
+
+
+def cpu_adam_problem() -> str | None:
+    """Why DeepSpeed's cpu_adam op cannot be loaded here, or None when it can: built into the installed DeepSpeed
+    (DS_BUILD_CPU_ADAM=1), or compiled on first use (JIT), which needs DeepSpeed's compatibility check to pass,
+    ninja and a C++ compiler."""
+    from deepspeed.git_version_info import installed_ops
+    from deepspeed.ops.op_builder import CPUAdamBuilder
+
+    if installed_ops.get("cpu_adam"):
+        return None
+    builder = CPUAdamBuilder()
+    if not builder.is_compatible(verbose=False):
+        return "DeepSpeed reports its cpu_adam op incompatible with this machine"
+    from torch.utils.cpp_extension import is_ninja_available
+
+    if not is_ninja_available():
+        return "the installed DeepSpeed lacks the cpu_adam op and ninja, which its JIT build needs, is missing"
+    compiler = os.environ.get("CXX", "c++")
+    if shutil.which(compiler) is None:
+        return f"the installed DeepSpeed lacks the cpu_adam op and no C++ compiler ({compiler}) can build it"
+    logger.info("DeepSpeed's cpu_adam op is not prebuilt: DeepSpeed compiles it when the optimizer is built (once per "
+                "machine, cached under TORCH_EXTENSIONS_DIR; minutes)")
+    return None
+
+
 def check_device(cfg: TrainConfig, device_type: str, flash_attn_available: bool | None = None,
-                 torch_varlen_available: bool | None = None) -> None:
+                 torch_varlen_available: bool | None = None,
+                 find_cpu_adam_problem: Callable[[], str | None] = cpu_adam_problem) -> None:
     """Fit the config to the device: without flash-attn, `use_flash_attn` means torch's own varlen flash kernel on
-    CUDA, and falls back to the PyTorch SDPA path elsewhere (one warning); a dtype the device cannot train in is an
-    error. `device_type` is DeepSpeed's accelerator name ("cuda", "cpu", ...)."""
+    CUDA, and falls back to the PyTorch SDPA path elsewhere (one warning); a dtype the device cannot train in, or an
+    optimizer offload whose DeepSpeed op cannot load, is an error. `device_type` is DeepSpeed's accelerator name
+    ("cuda", "cpu", ...)."""
     model = cfg.model
+    if offloads_to_cpu_adam(cfg, device_type):
+        problem = find_cpu_adam_problem()
+        if problem is not None:
+            raise cfg.source.error("parallel.zero.offload_optimizer",
+                                   f"parallel.zero.offload_optimizer=True steps the optimizer with DeepSpeed's CPU "
+                                   f"Adam, but {problem}; reinstall deepspeed with DS_BUILD_CPU_ADAM=1 (or install "
+                                   f"ninja and a C++ compiler), or set offload_optimizer=False")
     if flash_attn_available is None:
         flash_attn_available = importlib.util.find_spec("flash_attn") is not None
     if torch_varlen_available is None:

@@ -27,13 +27,20 @@ SEQUENCE_SLICES_BETWEEN_STAGES = ("each tensor rank sends its own slice of the t
 # Settings of the defaults that evods' loop depends on, with the reason an override would break it.
 FIXED_BY_EVODS = {
     "train_micro_batch_size_per_gpu": "one micro-batch is one packed row of data.micro_bsz × data.seq_len tokens",
-    "zero_optimization.stage": "evods always runs ZeRO-1: DeepSpeed's other optimizers get the gradient norm wrong "
-                               "under pipeline/tensor parallelism",
     "pipeline.pipe_partitioned": SEQUENCE_SLICES_BETWEEN_STAGES,
     "pipeline.grad_partitioned": SEQUENCE_SLICES_BETWEEN_STAGES,
 }
-# Keys that fix how many rows a step consumes; the loop feeds data.micro_num rows per step, so they must agree.
-BATCH_GEOMETRY = {"train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "train_batch_size"}
+# Derived keys that only the training config may set, because evods builds the run around them, with the keys that
+# set them: the batch geometry (the loop feeds data.micro_num rows per step) and the ZeRO stage and offload (the model
+# construction, the optimizer and the checkpoints follow them).
+SET_IN_TRAINING_CONFIG = {
+    "train_micro_batch_size_per_gpu": "data.micro_num / data.micro_bsz",
+    "gradient_accumulation_steps": "data.micro_num / data.micro_bsz",
+    "train_batch_size": "data.micro_num / data.micro_bsz",
+    "zero_optimization.stage": "parallel.zero.stage",
+    "zero_optimization.offload_optimizer.device": "parallel.zero.offload_optimizer",
+    "zero_optimization.offload_param.device": "parallel.zero.offload_param",
+}
 
 
 def _read_json(path: Path, what: str) -> dict:
@@ -84,6 +91,7 @@ def _derived(cfg: TrainConfig, layout: ParallelLayout) -> dict[str, tuple[Any, s
         "train_batch_size": (data.micro_num * layout.dp, "data.micro_num × data-parallel size"),
         "zero_optimization.reduce_bucket_size": (zero.reduce_bucket_size, "hybrid_zero_optimizer.reduce_bucket_size"),
         "gradient_clipping": (float(zero.clip_grad_norm), "hybrid_zero_optimizer.clip_grad_norm"),
+        **_zero_stage(cfg, layout),
     }
     if layout.sequence_parallel and layout.pp > 1:
         derived.update({"pipeline.pipe_partitioned": (False, SEQUENCE_SLICES_BETWEEN_STAGES),
@@ -119,15 +127,30 @@ def _derived(cfg: TrainConfig, layout: ParallelLayout) -> dict[str, tuple[Any, s
     return derived
 
 
+def _zero_stage(cfg: TrainConfig, layout: ParallelLayout) -> dict[str, tuple[Any, str]]:
+    """The layout's ZeRO stage and offload, with the config keys that asked for them."""
+    source = "parallel.zero1.fsdp" if cfg.parallel.zero1.fsdp else "parallel.zero.stage"
+    derived = {"zero_optimization.stage": (layout.zero_stage, source)}
+    if layout.offload_optimizer:
+        derived["zero_optimization.offload_optimizer.device"] = ("cpu", "parallel.zero.offload_optimizer")
+        # evods hands DeepSpeed the optimizer: DeepSpeed's CPU Adam on GPUs, torch's AdamW where the accelerator is
+        # the CPU itself (evods.config.checks.offloads_to_cpu_adam); DeepSpeed would refuse the latter by default.
+        derived["zero_force_ds_cpu_optimizer"] = (False, "parallel.zero.offload_optimizer")
+    if layout.offload_param:
+        derived["zero_optimization.offload_param.device"] = ("cpu", "parallel.zero.offload_param")
+    return derived
+
+
 def _check_override(user: dict, evods: dict[str, tuple[Any, str]], origin: str) -> None:
     for dotted, value in _leaves(user):
-        if dotted not in evods or evods[dotted][0] == value:
+        ours, reason = evods.get(dotted, (None, None))
+        if ours == value or (reason is None and dotted not in SET_IN_TRAINING_CONFIG):
             continue
-        ours, reason = evods[dotted]
-        if dotted in BATCH_GEOMETRY:
-            raise ConfigError(f"{origin}: {dotted}={value!r} conflicts with the training config ({reason} gives "
-                              f"{ours!r}); remove it from the DeepSpeed JSON and set data.micro_num / "
-                              f"data.micro_bsz in the training config instead")
+        if dotted in SET_IN_TRAINING_CONFIG:
+            given = f" ({reason} gives {ours!r})" if reason else ""
+            raise ConfigError(f"{origin}: {dotted}={value!r} conflicts with the training config{given}; remove it "
+                              f"from the DeepSpeed JSON and set {SET_IN_TRAINING_CONFIG[dotted]} in the training "
+                              f"config instead")
         if dotted in FIXED_BY_EVODS:
             raise ConfigError(f"{origin}: {dotted}={value!r} cannot be overridden: {reason}. Remove it from the "
                               "DeepSpeed JSON")
@@ -143,9 +166,10 @@ def build_deepspeed_config(cfg: TrainConfig, layout: ParallelLayout, override_pa
     grad_scaler, bf16 with fp32 gradient accumulation, fp32 (and tf32, which is fp32 plus TF32 matmuls set by the
     engine) with neither.
 
-    The optimizer is deliberately NOT in the JSON: build `torch.optim.AdamW(params, **adamw_kwargs(cfg))` and pass
-    it to `deepspeed.initialize(optimizer=...)`. evods changes lr and beta2 on its param_groups every step (its own
-    schedules, so the JSON has no scheduler either), and InternEvo's optimizer is exactly torch AdamW.
+    The optimizer is deliberately NOT in the JSON: build `torch.optim.AdamW(params, **adamw_kwargs(cfg))` (DeepSpeed's
+    CPU Adam in AdamW mode under optimizer offload on GPUs) and pass it to `deepspeed.initialize(optimizer=...)`.
+    evods changes lr and beta2 on its param_groups every step (its own schedules, so the JSON has no scheduler
+    either), and InternEvo's optimizer is exactly torch AdamW.
 
     `override_path`: a JSON file deep-merged on top. Overriding a value that comes from the training config warns;
     overriding the batch geometry is an error, since the loop feeds data.micro_num rows per step.

@@ -19,6 +19,7 @@ import torch
 
 from evods.data import DataError, Rampup, parse_rampup, parse_skip_batches
 from evods.model.attention_heads import HeadSplit
+from evods.model.chat_templates import CHAT_TEMPLATES, DEFAULT_CHAT_TEMPLATE
 from evods.model.internevo import NORM_HEAD_REFUSAL
 from evods.model.registry import MODEL_INITIALIZER
 
@@ -195,7 +196,21 @@ def _sized(value):
 class Zero1Config:
     # <=0: shard over the whole data-parallel group; 1: no sharding; >1: a subset (evods always uses the whole group)
     size: int = key(INT, -1)
-    fsdp: bool = key(BOOL, False)  # torch FSDP instead of ZeRO-1: refused
+    fsdp: bool = key(BOOL, False)  # InternEvo's FSDP (parameters sharded too): DeepSpeed ZeRO-3 in evods
+
+
+ZERO_STAGES = (1, 2, 3)
+
+
+@dataclass(kw_only=True)
+class ZeroConfig:
+    """evods' key for DeepSpeed's ZeRO: which stage, and what it keeps in host memory. `_resolve_zero` fills in the
+    stage and refuses what DeepSpeed cannot run."""
+
+    # 1: optimizer states sharded; 2: gradients too; 3: parameters too. None: 3 with zero1.fsdp=True, else 1.
+    stage: int | None = key(_optional(Rule("1, 2 or 3", lambda v: _is_int(v) and v in ZERO_STAGES)), None)
+    offload_optimizer: bool = key(BOOL, False)  # fp32 master weights, gradients and Adam in host memory (stage 2/3)
+    offload_param: bool = key(BOOL, False)  # the model-dtype parameter shards in host memory (stage 3)
 
 
 @dataclass(kw_only=True)
@@ -238,6 +253,7 @@ class Sequence2DConfig:
 @dataclass(kw_only=True)
 class ParallelConfig:
     zero1: Zero1Config = section(Zero1Config, coerce=_sized)
+    zero: ZeroConfig = section(ZeroConfig)
     pipeline: PipelineConfig = section(PipelineConfig, coerce=_sized)
     tensor: TensorConfig = section(TensorConfig, coerce=_sized)
     weight: WeightConfig = section(WeightConfig, coerce=_sized)
@@ -381,6 +397,9 @@ class ModelConfig:
     norm_type: str = key(STR, "rmsnorm")
     layer_norm_epsilon: float = key(POSITIVE_NUMBER, 1e-5)
     norm_head: bool = key(BOOL, False)  # InternEvo's L2-normalised output head: refused (NORM_HEAD_REFUSAL)
+    # evods' own: the chat format of the model's fine-tuning data (tools/chat_tokenizer.py --template), which its
+    # checkpoints carry into exports and model.chat (evods.model.chat_templates)
+    chat_template: str = key(_one_of(*CHAT_TEMPLATES), DEFAULT_CHAT_TEMPLATE)
 
     EXTRA_KEYS_ALLOWED = True  # other keys belong to the model builder
 
@@ -530,6 +549,10 @@ def _normalise(cfg: TrainConfig, source: ConfigSource) -> None:
         raise source.error("model.norm_head", f"model.{NORM_HEAD_REFUSAL}")
     _check_parallel(cfg.parallel, source)
     _check_attention_heads(cfg.model, cfg.parallel.tensor.size, source)
+    if cfg.parallel.zero.stage == 3 and cfg.loss.kernel == "full":
+        raise source.error("loss.kernel", "loss.kernel='full' keeps lm_head's weight for the backward, which ZeRO-3 "
+                                          "shards again after the loss (evods gathers it only for the loss); use "
+                                          "'chunked' (the same loss and gradients) or 'auto'")
     if cfg.use_fp32_norm and cfg.model.dtype != torch.float32:
         raise source.error("use_fp32_norm", "use_fp32_norm=True (fp32 norm weights in a 16-bit model) is not "
                                             "supported by evods: DeepSpeed casts every parameter to model.dtype "
@@ -629,10 +652,6 @@ def _normalise_model(model: ModelConfig) -> None:
 
 def _check_parallel(parallel: ParallelConfig, source: ConfigSource) -> None:
     """InternEvo's parallel modes: those evods does not run are refused with what to write instead."""
-    if parallel.zero1.fsdp:
-        raise source.error("parallel.zero1.fsdp", "parallel.zero1.fsdp=True asks for torch FSDP, which evods does "
-                                                  "not run: it shards the optimizer with DeepSpeed ZeRO-1; set "
-                                                  "fsdp=False")
     _normalise_tensor_mode(parallel, source)
     if parallel.pipeline.mode != "1f1b":
         raise source.error("parallel.pipeline.mode", f"parallel.pipeline.mode={parallel.pipeline.mode!r} (InternEvo's "
@@ -642,6 +661,7 @@ def _check_parallel(parallel: ParallelConfig, source: ConfigSource) -> None:
         raise source.error("parallel.sequence_2D", "parallel.sequence_2D.enable=True (InternEvo's head x context "
                                                    "sequence parallelism, an isp companion) is not run by evods; set "
                                                    "enable=False")
+    _resolve_zero(parallel, source)
     if parallel.weight.size > 1:
         raise source.error("parallel.weight.size", f"parallel.weight.size={parallel.weight.size} asks for InternEvo's "
                                                    "weight parallelism (an isp companion), which evods does not run; "
@@ -660,6 +680,36 @@ def _check_attention_heads(model: ModelConfig, tp: int, source: ConfigSource) ->
     if problem:
         raise source.error("parallel.tensor", f"parallel.tensor size {tp} does not split model.num_attention_heads="
                                               f"{heads} with num_kv_attention_heads={kv_heads}: {problem}")
+
+
+def _resolve_zero(parallel: ParallelConfig, source: ConfigSource) -> None:
+    """The one place that decides the ZeRO stage. InternEvo's `zero1.fsdp=True` shards parameters, gradients and
+    optimizer states over the data-parallel ranks (torch FSDP): what DeepSpeed's ZeRO-3 does."""
+    zero = parallel.zero
+    if parallel.zero1.fsdp and zero.stage not in (None, 3):
+        raise source.error("parallel.zero.stage", f"parallel.zero.stage={zero.stage} contradicts parallel.zero1.fsdp="
+                                                  f"True, which evods runs as ZeRO-3; remove one of the two keys")
+    if zero.stage is None:
+        zero.stage = 3 if parallel.zero1.fsdp else 1
+    asked = "parallel.zero1.fsdp=True (ZeRO-3)" if parallel.zero1.fsdp else f"parallel.zero.stage={zero.stage}"
+    where = "parallel.zero1.fsdp" if parallel.zero1.fsdp else "parallel.zero.stage"
+    if zero.stage > 1 and parallel.pipeline.size > 1:
+        raise source.error(where, f"{asked} cannot run with parallel.pipeline size {parallel.pipeline.size}: "
+                                  f"DeepSpeed's pipeline engine keeps each stage's gradients and parameters whole "
+                                  f"and runs ZeRO-1 only; use pipeline=1 or ZeRO stage 1")
+    if zero.stage == 3 and parallel.tensor.size > 1:
+        raise source.error(where, f"{asked} cannot run with parallel.tensor size {parallel.tensor.size}: evods "
+                                  f"builds a ZeRO-3 model already sharded over the data ranks (deepspeed.zero.Init),"
+                                  f" while its tensor parallelism slices a whole model; use ZeRO stage 2 with "
+                                  f"tensor parallelism, or tensor=1")
+    if zero.offload_param and zero.stage != 3:
+        raise source.error("parallel.zero.offload_param", f"parallel.zero.offload_param=True needs ZeRO stage 3 (only"
+                                                          f" ZeRO-3 shards the parameters), but the stage is "
+                                                          f"{zero.stage}; set parallel.zero.stage=3")
+    if zero.offload_optimizer and zero.stage == 1:
+        raise source.error("parallel.zero.offload_optimizer", "parallel.zero.offload_optimizer=True needs ZeRO stage "
+                                                              "2 or 3 in evods; set parallel.zero.stage=2 (it also "
+                                                              "shards the gradients, for the same communication)")
 
 
 def _normalise_tensor_mode(parallel: ParallelConfig, source: ConfigSource) -> None:

@@ -9,18 +9,21 @@ Unlike upstream, the validation split is drawn without replacement, so it has ex
 """
 from pathlib import Path
 
-import numpy as np
-
-from evods.data.binfile import BinWriter, meta_path
 from evods.data.errors import DataError
 from evods.data.hf_source import open_hf_dataset
+from evods.data.splits import SplitWriters, split_paths, validation_mask
 from evods.data.tokenizer_model import load_tokenizer
 
 MAX_LENGTH = 2048
-SPLIT_SEED = 0
 BOT_PREFIX = "<|Bot|>:"
 INTERNEVO_SPECIAL_IDS = {"<eoh>": 103167, "<eoa>": 103166}  # as tools/alpaca_tokenizer.py in InternEvo
 _ENCODE_BATCH = 1024
+
+
+def alpaca_query(instruction: str, input_text: str) -> str:
+    """The user's turn of an Alpaca record, as InternEvo's tool writes it: the instruction, then the input on its own
+    line when there is one."""
+    return f"{instruction}\n{input_text}" if input_text else instruction
 
 
 def load_alpaca_records(path):
@@ -48,26 +51,15 @@ class AlpacaTemplate:
         self.newline = _piece_id(sp, "<0x0A>")
         self.bot_ids = [-i for i in sp.encode(BOT_PREFIX)]
 
-    @staticmethod
-    def user_text(instruction, input_text):
-        return f"<|User|>:{instruction}\n{input_text}" if input_text else f"<|User|>:{instruction}"
-
     def encode(self, instructions, inputs, outputs) -> list[list[int]]:
         """Token lists for a batch of records given as columns."""
-        users = self.sp.encode([self.user_text(i or "", x or "") for i, x in zip(instructions, inputs)])
+        users = self.sp.encode(["<|User|>:" + alpaca_query(i or "", x or "") for i, x in zip(instructions, inputs)])
         responses = self.sp.encode([o or "" for o in outputs])
         samples = []
         for user, response in zip(users, responses):
             ids = [-i for i in user + [self.eoh, self.newline]] + self.bot_ids + response + [self.eoa, self.newline]
             samples.append([self.sp.bos_id()] + ids[:MAX_LENGTH - 2] + [self.sp.eos_id()])
         return samples
-
-
-def validation_indices(num_samples: int, split_ratio: float) -> np.ndarray:
-    """int(N * ratio) distinct indices, the same for every run."""
-    if not 0 <= split_ratio < 1:
-        raise DataError(f"--split_ratio must be in [0, 1), not {split_ratio}")
-    return np.random.RandomState(SPLIT_SEED).permutation(num_samples)[:int(num_samples * split_ratio)]
 
 
 def tokenize_alpaca(dataset_path, output_path, tokenizer_path, split_ratio=0.1, overwrite=False,
@@ -83,32 +75,19 @@ def tokenize_alpaca(dataset_path, output_path, tokenizer_path, split_ratio=0.1, 
     if missing:
         raise DataError(f"{dataset_path}: records lack the Alpaca field(s) {sorted(missing)}")
     template = AlpacaTemplate(load_tokenizer(tokenizer_path), internevo_special_ids)
-    is_valid = np.zeros(len(records), dtype=bool)
-    is_valid[validation_indices(len(records), split_ratio)] = True
-    mode = "overwrite" if overwrite else "create"
-    splits = {name: Path(output_path) / name / "en" / "dataset.bin" for name in ("train", "valid")}
+    is_valid = validation_mask(len(records), split_ratio)
     counts = {"train": int((~is_valid).sum()), "valid": int(is_valid.sum())}
-    writers = {}
+    writers = SplitWriters(split_paths(output_path, "en", "dataset.bin"), counts, overwrite)
     try:
-        for name, path in splits.items():
-            if counts[name]:
-                writers[name] = BinWriter(path, mode)
         start = 0
         for batch in records.iter(batch_size=_ENCODE_BATCH):
             samples = template.encode(batch["instruction"], batch["input"], batch["output"])
             flags = is_valid[start:start + len(samples)]
             start += len(samples)
             for name, wanted in (("train", False), ("valid", True)):
-                if name in writers:
-                    writers[name].write([sample for sample, flag in zip(samples, flags) if flag == wanted])
-        for writer in writers.values():
-            writer.commit()
-        if overwrite and not counts["valid"] and splits["valid"].exists():
-            # an earlier run's validation split would otherwise still be read as this data's
-            for stale in (splits["valid"], meta_path(splits["valid"])):
-                stale.unlink(missing_ok=True)
+                writers.write(name, [sample for sample, flag in zip(samples, flags) if flag == wanted])
+        writers.commit()
     except BaseException:
-        for writer in writers.values():
-            writer.abort()
+        writers.abort()
         raise
     return counts

@@ -42,9 +42,13 @@ class TokenizeStats:
     seconds: float = 0.0
 
     def summary(self, output) -> str:
-        rate = self.input_bytes / 2**20 / max(self.seconds, 1e-9)
         return (f"wrote {self.samples} samples, {self.tokens} tokens to {output}; skipped {self.blank} blank and "
-                f"{self.bad} bad lines; {self.seconds:.1f} s ({rate:.2f} MB/s)")
+                f"{self.bad} bad lines; {duration_and_rate(self.seconds, self.input_bytes)}")
+
+
+def duration_and_rate(seconds: float, input_bytes: int) -> str:
+    """"12.3 s (4.56 MB/s)": how long a tool took and how fast it read, for its summary line."""
+    return f"{seconds:.1f} s ({input_bytes / 2**20 / max(seconds, 1e-9):.2f} MB/s)"
 
 
 def input_format(path) -> str:
@@ -156,18 +160,24 @@ class _JsonListReader:
         yield items, self._bytes_read - last_bytes
 
 
-def _chunks(path, fmt):
+def read_chunks(path, fmt):
+    """(items, input bytes) chunks of a file: items are (line number, raw line bytes) for txt and jsonl, (line number,
+    parsed record) for a JSON list."""
     return _JsonListReader(path).chunks() if fmt == "json" else _line_chunks(path)
 
 
 # ---- encoding (runs in worker processes when workers > 1)
 
-_worker_sp = None
+_worker_tokenizer = None
 
 
-def _init_worker(tokenizer_path):
-    global _worker_sp
-    _worker_sp = load_tokenizer(tokenizer_path)
+def _load_worker_tokenizer(load, source):
+    global _worker_tokenizer
+    _worker_tokenizer = load(source)
+
+
+def _encode_in_worker(encode, items, *args):
+    return encode(_worker_tokenizer, items, *args)
 
 
 def _record_text(record, key):
@@ -209,22 +219,20 @@ def encode_chunk(sp, items, opts: EncodeOptions):
     return (*format_bin_lines(ids), blank, bad)
 
 
-def _encode_in_worker(items, opts):
-    return encode_chunk(_worker_sp, items, opts)
+class InOrderPool:
+    """Apply `encode(tokenizer, items, *args)` to chunks in `workers` processes, each holding the tokenizer
+    `load(source)` (module-level functions: they travel to the workers by name), yielding results in input order with
+    a bounded number of chunks in flight (Pool.imap would read the whole input ahead)."""
 
-
-class _InOrderPool:
-    """Apply `_encode_in_worker` to chunks in `workers` processes, yielding results in input order with a bounded
-    number of chunks in flight (Pool.imap would read the whole input ahead)."""
-
-    def __init__(self, workers, tokenizer_path):
-        self._pool = multiprocessing.get_context().Pool(workers, _init_worker, (str(tokenizer_path),))
+    def __init__(self, workers, encode, load, source):
+        self._pool = multiprocessing.get_context().Pool(workers, _load_worker_tokenizer, (load, source))
+        self._encode = encode
         self._depth = 2 * workers
 
-    def map(self, chunks, opts):
+    def map(self, chunks, *args):
         pending = deque()
         for items, size in chunks:
-            pending.append((self._pool.apply_async(_encode_in_worker, (items, opts)), size))
+            pending.append((self._pool.apply_async(_encode_in_worker, (self._encode, items, *args)), size))
             if len(pending) > self._depth:
                 result, done = pending.popleft()
                 yield result.get(), done
@@ -258,12 +266,12 @@ def tokenize_file(input_path, bin_path, tokenizer_path=None, *, text_key="text",
     tokenizer_path = find_tokenizer(tokenizer_path)
     stats = TokenizeStats()
     start = time.perf_counter()
-    pool = _InOrderPool(workers, tokenizer_path) if workers > 1 else None
+    pool = InOrderPool(workers, encode_chunk, load_tokenizer, str(tokenizer_path)) if workers > 1 else None
     try:
         with BinWriter(bin_path, mode) as writer, tqdm(total=input_path.stat().st_size, unit="B", unit_scale=True,
                                                        unit_divisor=1024, desc=input_path.name,
                                                        disable=not progress) as bar:
-            chunks = _chunks(input_path, opts.fmt)
+            chunks = read_chunks(input_path, opts.fmt)
             if pool:
                 results = pool.map(chunks, opts)
             else:

@@ -4,6 +4,7 @@ from pathlib import Path
 
 import sentencepiece as spm
 
+from evods.console import quiet_sentencepiece
 from evods.data.errors import DataError
 
 # tools/V7_sft.model, reached through a link beside this module so that it ships inside the package (pip install .)
@@ -26,6 +27,7 @@ def find_tokenizer(path=None) -> Path:
 
 
 def load_tokenizer(path) -> spm.SentencePieceProcessor:
+    quiet_sentencepiece()
     try:
         return spm.SentencePieceProcessor(model_file=str(path))
     except (OSError, RuntimeError) as err:

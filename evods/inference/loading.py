@@ -7,19 +7,16 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from evods.model import InternLM2Config  # importing evods.model registers InternLM with the Auto classes
+from evods.model.chat_templates import CHAT_TEMPLATES, chat_template_named, check_tokenizer
+
+from .options import DTYPE_NAMES, ROTARY_TYPES, InferenceError
 
 # config.json's model_type of evods' own layout and of InternLM's published InternLM2 layout; published InternLM2
 # folders may say "internlm" too, and their `architectures` tells
 INTERNLM_MODEL_TYPES = ("internlm", "internlm2")
-
-ROTARY_TYPES = ("dynamic", "origin")
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPES = {name: getattr(torch, name) for name in DTYPE_NAMES}
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json")
 MAX_LENGTH_UNCHECKED = 10**9
-
-
-class InferenceError(ValueError):
-    """A folder, option or prompt the inference tools cannot use; the message says what to do."""
 
 
 def pick_device(device: str = "auto") -> torch.device:
@@ -73,18 +70,26 @@ def load_tokenizer(folder: Path, trust_remote_code: bool = False):
 
 
 def load_for_inference(folder: str | Path, rotary_type: str | None = None, dtype: str = "auto",
-                       device: str = "auto", trust_remote_code: bool = False):
+                       device: str = "auto", trust_remote_code: bool = False, chat_template: str | None = None):
     """(evods' InternLMForCausalLM in eval mode on `device`, the folder's tokenizer). `rotary_type` replaces the
-    folder's ("dynamic" or "origin") without editing config.json."""
+    folder's ("dynamic" or "origin") and `chat_template` its chat format (a name of evods.model.chat_templates),
+    without editing config.json."""
     folder = Path(folder)
     check_folder(folder)
     tokenizer = load_tokenizer(folder, trust_remote_code)
     if rotary_type is not None and rotary_type not in ROTARY_TYPES:
         raise InferenceError(f"--rotary_type {rotary_type!r}: use one of {ROTARY_TYPES}")
+    if chat_template is not None and chat_template not in CHAT_TEMPLATES:
+        raise InferenceError(f"--chat_template {chat_template!r}: use one of {', '.join(CHAT_TEMPLATES)}")
     config = folder_config(folder)
     if rotary_type is not None:
         config.rotary = {**config.rotary, "type": rotary_type}
         config.derive_rope_keys()
+    config.chat_template = chat_template or config.chat_template
+    try:
+        check_tokenizer(chat_template_named(config.chat_template), tokenizer, f"the tokenizer of {folder}")
+    except ValueError as error:
+        raise InferenceError(f"--model {folder}: {error}") from None
     return load_model(folder, config, dtype, device), tokenizer
 
 

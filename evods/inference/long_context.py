@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from .loading import InferenceError
+from .options import InferenceError
 
 ROTARIES = ("origin", "dynamic")
 
@@ -85,11 +85,15 @@ def evaluate_long_context(model, windows: torch.Tensor, bounds: list[int], progr
     return LongContextResult(bounds, len(windows), [count * len(windows) for count in tokens], perplexity)
 
 
-def plot_long_context(result: LongContextResult, max_position_embeddings: int, title: str, output) -> None:
+def long_context_figure(result: LongContextResult, max_position_embeddings: int, title: str):
+    """The bars of `result` (a matplotlib Figure). The perplexity axis is logarithmic only when the values span more
+    than a factor of ten, with plain numbers as ticks: a log axis over a narrow range shows only cramped minor
+    ticks in scientific notation (5.95×10³, 6×10³, ...)."""
     import matplotlib
 
     matplotlib.use("Agg")  # no display needed
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import FuncFormatter, NullFormatter
 
     labels = [f"{a}-{b}" for a, b in zip(result.bounds, result.bounds[1:])]
     figure, axis = plt.subplots(figsize=(7, 4.5), dpi=100)
@@ -101,10 +105,21 @@ def plot_long_context(result: LongContextResult, max_position_embeddings: int, t
     axis.set_xticks(range(len(labels)), labels)
     axis.set_xlabel(f"positions (max_position_embeddings = {max_position_embeddings})")
     axis.set_ylabel("perplexity")
-    axis.set_yscale("log")
+    values = [value for rotary in ROTARIES for value in result.perplexity[rotary]]
+    if max(values) > 10 * min(values):
+        axis.set_yscale("log")
+        axis.yaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))
+        axis.yaxis.set_minor_formatter(NullFormatter())
     axis.set_title(title, fontsize=10)
     axis.legend()
     axis.grid(True, axis="y", alpha=0.3)
     figure.tight_layout()
+    return figure
+
+
+def plot_long_context(result: LongContextResult, max_position_embeddings: int, title: str, output) -> None:
+    import matplotlib.pyplot as plt
+
+    figure = long_context_figure(result, max_position_embeddings, title)
     figure.savefig(output)
     plt.close(figure)

@@ -3,6 +3,7 @@
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
 from .attention_heads import HeadSplit
+from .chat_templates import CHAT_TEMPLATES, ChatTemplate, chat_template_named
 from .configuration_internlm import InternLMConfig, Rope
 from .configuration_internlm2 import InternLM2Config
 from .internevo import config_from_model_dict, intermediate_size
@@ -33,6 +34,9 @@ __all__ = [
     "InternLMModel",
     "InternLMForCausalLM",
     "MODEL_INITIALIZER",
+    "CHAT_TEMPLATES",
+    "ChatTemplate",
+    "chat_template_named",
     "config_from_model_dict",
     "intermediate_size",
     "set_activation_checkpointing",

@@ -3,10 +3,10 @@
 InternLM v1 is its multi-head case with q/k/v/o biases; grouped-query attention (`num_key_value_heads`), bias-free
 projections (`bias=False`) and another RoPE base or scaling make the later families out of the same core.
 
-This file imports only transformers and runs under transformers 4.36 to 5.x: `save_pretrained` copies it next to the
-weights, so that the folder loads with `trust_remote_code=True` where evods is not installed (see modeling_internlm.py).
-That is why it is written in the classic `__init__` style, which every version accepts, rather than as transformers
-5's dataclass fields.
+This file imports only transformers and chat_templates.py and runs under transformers 4.36 to 5.x: `save_pretrained`
+copies it next to the weights, so that the folder loads with `trust_remote_code=True` where evods is not installed
+(see modeling_internlm.py). That is why it is written in the classic `__init__` style, which every version accepts,
+rather than as transformers 5's dataclass fields.
 """
 from dataclasses import dataclass
 
@@ -14,6 +14,8 @@ try:
     from transformers import PreTrainedConfig
 except ImportError:  # transformers 4 spells it PretrainedConfig
     from transformers import PretrainedConfig as PreTrainedConfig
+
+from .chat_templates import CHAT_TEMPLATES, DEFAULT_CHAT_TEMPLATE
 
 ROTARY_TYPES = ("origin", "dynamic")
 PACKED_ATTENTION_BACKENDS = ("auto", "flash", "varlen", "flex", "loop", "mask")
@@ -110,6 +112,9 @@ class InternLMConfig(PreTrainedConfig):
     Padded batches and generation with a cache use transformers' `attn_implementation` ("sdpa", "eager",
     "flash_attention_2", ... on transformers 5; "sdpa" or "eager" on transformers 4) instead.
 
+    `chat_template` names the model's chat format in evods.model.chat_templates ("internlm", "internlm2", "llama3"):
+    the format of `model.chat` and of the exported tokenizer's chat template.
+
     `rope_theta`, `rope_scaling` and `rope_parameters` (see `rope_keys`) are then derived from `rotary`: saved configs
     carry them, serving engines read them off the loaded config, and beside a `rotary` their values in a config.json
     are not read.
@@ -139,6 +144,7 @@ class InternLMConfig(PreTrainedConfig):
         packed_attention="auto",
         rope_theta=None,
         rope_scaling=None,
+        chat_template=DEFAULT_CHAT_TEMPLATE,
         **kwargs,
     ):
         self.vocab_size = vocab_size
@@ -155,6 +161,7 @@ class InternLMConfig(PreTrainedConfig):
         self.bias = bias
         self.rotary = self._rotary(rotary, rope_theta, rope_scaling, kwargs.pop("rope_parameters", None))
         self.packed_attention = packed_attention
+        self.chat_template = chat_template
         self._check()
         super().__init__(pad_token_id=pad_token_id, bos_token_id=bos_token_id, eos_token_id=eos_token_id,
                          tie_word_embeddings=tie_word_embeddings, **kwargs)
@@ -196,6 +203,10 @@ class InternLMConfig(PreTrainedConfig):
             raise ValueError(
                 f"InternLMConfig.packed_attention is {self.packed_attention!r}; "
                 f"expected one of {PACKED_ATTENTION_BACKENDS}."
+            )
+        if self.chat_template not in CHAT_TEMPLATES:
+            raise ValueError(
+                f"InternLMConfig.chat_template is {self.chat_template!r}; expected one of {tuple(CHAT_TEMPLATES)}."
             )
         if self.hidden_size % self.num_attention_heads:
             raise ValueError(

@@ -7,6 +7,7 @@ import math
 
 import torch
 
+from .chat_templates import DEFAULT_CHAT_TEMPLATE
 from .configuration_internlm import InternLMConfig, Rope
 from .modeling_internlm import InternLMForCausalLM, set_activation_checkpointing
 from .registry import MODEL_INITIALIZER
@@ -58,6 +59,7 @@ def config_from_model_dict(model: dict) -> InternLMConfig:
         "num_kv_attention_heads",
         "norm_head",
         "multiple_of",
+        "chat_template",  # evods' own: the chat format the model is fine-tuned in (evods.model.chat_templates)
     }
     unknown = sorted(set(model) - known)
     if unknown:
@@ -88,6 +90,7 @@ def config_from_model_dict(model: dict) -> InternLMConfig:
         dtype=getattr(torch, dtype.removeprefix("torch.")) if isinstance(dtype, str) else dtype,
         # use_flash_attn=False keeps flash-attn out even where it is installed
         packed_attention="auto" if model.get("use_flash_attn", True) else "loop",
+        chat_template=model.get("chat_template", DEFAULT_CHAT_TEMPLATE),
     )
 
 

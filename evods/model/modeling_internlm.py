@@ -10,11 +10,11 @@ One forward takes two kinds of input:
   and its `attn_implementation`.
 A row whose position_ids are 0..T-1 is one document, so plain training batches take the packed path.
 
-This file is also the remote code of exported folders: `save_pretrained` copies it, `configuration_internlm.py` and
-`transformers_compat.py` next to the weights, so the folder loads with `trust_remote_code=True` where evods is not
-installed, on transformers 4.36 to 5.x. It therefore imports only torch, those two files and the parts of transformers
-that every such version has; what differs between versions comes from `transformers_compat` (one model for training
-and for export, instead of a second copy that would drift).
+This file is also the remote code of exported folders: `save_pretrained` copies it, `configuration_internlm.py`,
+`chat_templates.py` and `transformers_compat.py` next to the weights, so the folder loads with `trust_remote_code=True`
+where evods is not installed, on transformers 4.36 to 5.x. It therefore imports only torch, those files and the parts
+of transformers that every such version has; what differs between versions comes from `transformers_compat` (one
+model for training and for export, instead of a second copy that would drift).
 """
 
 import threading
@@ -31,6 +31,7 @@ from transformers.activations import ACT2FN
 from transformers.cache_utils import Cache
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 
+from .chat_templates import ChatTemplate, chat_messages, chat_template_named, check_tokenizer, stop_token_ids
 from .configuration_internlm import InternLMConfig
 from .transformers_compat import (
     CACHE_NAME,
@@ -44,22 +45,6 @@ from .transformers_compat import (
     new_cache,
     repeat_kv_heads,
 )
-
-# InternLM's chat format (InternLM-chat-7b): <|System|>:{meta}\n<|User|>:{query}<eoh>\n<|Bot|>:{reply}<eoa>\n...
-# The one definition: `chat` renders it, and exported tokenizers carry it as their `chat_template`. BOS comes from the
-# template: the rendered prompt is tokenized without adding special tokens.
-CHAT_TEMPLATE = (
-    "{{ bos_token }}"
-    "{% for message in messages %}"
-    "{% if message['role'] == 'system' %}{{ '<|System|>:' + message['content'] + '\\n' }}"
-    "{% elif message['role'] == 'user' %}{{ '<|User|>:' + message['content'] + '<eoh>\\n' }}"
-    "{% elif message['role'] == 'assistant' %}{{ '<|Bot|>:' + message['content'] + '<eoa>\\n' }}"
-    "{% else %}{{ raise_exception('InternLM chat roles are system, user and assistant, not ' + message['role']) }}"
-    "{% endif %}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|Bot|>:' }}{% endif %}"
-)
-END_OF_REPLY = "<eoa>"
 
 try:
     from flash_attn import flash_attn_varlen_func
@@ -673,31 +658,41 @@ class InternLMForCausalLM(InternLMPreTrainedModel, GenerationMixin):
         self.config.derive_rope_keys()
         self.model.rotary_emb.dynamic = rotary_type == "dynamic"
 
-    def build_inputs(self, tokenizer, query: str, history: Sequence[tuple[str, str]] = ()):
-        """The prompt of InternLM's chat format for `query` after `history` ((query, reply) pairs), tokenized: a
-        BatchEncoding of one row, as InternLM's `build_inputs`."""
-        prompt = tokenizer.apply_chat_template(chat_messages(query, history), chat_template=CHAT_TEMPLATE,
-                                               tokenize=False, add_generation_prompt=True)
+    @property
+    def chat_format(self) -> ChatTemplate:
+        """The chat template `config.chat_template` names (evods.model.chat_templates): the format of `chat`."""
+        return chat_template_named(self.config.chat_template)
+
+    def build_inputs(self, tokenizer, query: str, history: Sequence[tuple[str, str]] = (), meta_instruction: str = ""):
+        """The chat prompt for `query` after `history` ((query, reply) pairs) and an optional system prompt, in the
+        model's chat format, tokenized: a BatchEncoding of one row, as InternLM's `build_inputs`."""
+        template = self.chat_format
+        check_tokenizer(template, tokenizer)
+        prompt = tokenizer.apply_chat_template(chat_messages(query, history, meta_instruction),
+                                               chat_template=template.jinja, tokenize=False,
+                                               add_generation_prompt=True)
         return tokenizer([prompt], return_tensors="pt", add_special_tokens=False)
 
     @torch.no_grad()
     def chat(self, tokenizer, query: str, history: Sequence[tuple[str, str]] = (), streamer=None,
              max_new_tokens: int = 1024, do_sample: bool = True, temperature: float = 0.8, top_p: float = 0.8,
-             **generate_kwargs) -> tuple[str, list[tuple[str, str]]]:
+             meta_instruction: str = "", **generate_kwargs) -> tuple[str, list[tuple[str, str]]]:
         """InternLM's chat: the reply to `query` after `history`, and the history with this turn appended.
 
-        The prompt is InternLM's format (`<|User|>:{query}<eoh>\n<|Bot|>:{reply}<eoa>\n`, see CHAT_TEMPLATE), the reply
-        ends at `<eoa>` or EOS; the defaults sample as InternLM's chat does, `do_sample=False` is greedy, and any
-        other `generate` argument passes through (`top_k`, `repetition_penalty`, a `streamer`, ...).
+        The prompt is the model's chat format (`config.chat_template`: InternLM's `<|User|>:{query}<eoh>\n<|Bot|>:`
+        unless it names another), with `meta_instruction` as the system prompt; the reply ends at the format's end of
+        turn or EOS. The defaults sample as InternLM's chat does, `do_sample=False` is greedy, and any other
+        `generate` argument passes through (`top_k`, `repetition_penalty`, a `streamer`, ...).
         """
-        inputs = self.build_inputs(tokenizer, query, history).to(self.device)
-        stop_ids = chat_stop_ids(tokenizer)
+        inputs = self.build_inputs(tokenizer, query, history, meta_instruction).to(self.device)
+        stop_ids = stop_token_ids(self.chat_format, tokenizer)
         sampling = {"temperature": temperature, "top_p": top_p} if do_sample else {}
         generate_kwargs.setdefault("pad_token_id", tokenizer.pad_token_id if tokenizer.pad_token_id is not None
                                    else stop_ids[0])
         output = self.generate(**inputs, streamer=streamer, max_new_tokens=max_new_tokens, do_sample=do_sample,
                                eos_token_id=stop_ids, **sampling, **generate_kwargs)
-        reply = decode_reply(tokenizer, output[0, inputs["input_ids"].shape[1]:].tolist(), stop_ids)
+        reply = decode_reply(tokenizer, output[0, inputs["input_ids"].shape[1]:].tolist(), stop_ids,
+                             self.chat_format.end_of_turn)
         return reply, [*history, (query, reply)]
 
     def stream_chat(self, tokenizer, query: str, history: Sequence[tuple[str, str]] = (),
@@ -709,6 +704,7 @@ class InternLMForCausalLM(InternLMPreTrainedModel, GenerationMixin):
         stop = threading.Event()
         chat_kwargs["stopping_criteria"] = StoppingCriteriaList([*chat_kwargs.get("stopping_criteria", ()),
                                                                  StopOnEvent(stop)])
+        end_of_turn = self.chat_format.end_of_turn
         outcome = {}
 
         def run():
@@ -724,7 +720,7 @@ class InternLMForCausalLM(InternLMPreTrainedModel, GenerationMixin):
         try:
             for piece in streamer:
                 text += piece
-                grown = text.split(END_OF_REPLY)[0]
+                grown = text.split(end_of_turn)[0]
                 if grown != reply:
                     reply = grown
                     yield reply, [*history, (query, reply)]
@@ -744,25 +740,11 @@ class InternLMForCausalLM(InternLMPreTrainedModel, GenerationMixin):
         return super().save_pretrained(save_directory, *args, **kwargs)
 
 
-def chat_messages(query: str, history: Sequence[tuple[str, str]] = ()) -> list[dict[str, str]]:
-    """(query, reply) pairs and the new query as chat-template messages."""
-    messages = []
-    for past_query, past_reply in history:
-        messages += [{"role": "user", "content": past_query}, {"role": "assistant", "content": past_reply}]
-    return [*messages, {"role": "user", "content": query}]
-
-
-def chat_stop_ids(tokenizer) -> list[int]:
-    """EOS, and `<eoa>` where the tokenizer has it as one token (InternLM's do)."""
-    end_of_reply = tokenizer.convert_tokens_to_ids(END_OF_REPLY)
-    has_it = end_of_reply is not None and end_of_reply != tokenizer.unk_token_id
-    return [tokenizer.eos_token_id, *([end_of_reply] if has_it else [])]
-
-
-def decode_reply(tokenizer, new_ids: list[int], stop_ids: list[int]) -> str:
-    """The text of the generated ids up to the first stop token (or a spelled-out `<eoa>`)."""
+def decode_reply(tokenizer, new_ids: list[int], stop_ids: list[int], end_of_turn: str) -> str:
+    """The text of the generated ids up to the first stop token (or a spelled-out end of turn: a tokenizer whose end
+    token is an ordinary piece, as InternLM's `<eoa>`, decodes it as text)."""
     end = next((i for i, token in enumerate(new_ids) if token in stop_ids), len(new_ids))
-    return tokenizer.decode(new_ids[:end], skip_special_tokens=True).split(END_OF_REPLY)[0]
+    return tokenizer.decode(new_ids[:end], skip_special_tokens=True).split(end_of_turn)[0]
 
 
 class StopOnEvent(StoppingCriteria):

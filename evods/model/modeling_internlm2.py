@@ -12,7 +12,8 @@ import torch
 from torch import nn
 
 # transformers 4.36 copies into its module cache only the files a remote module imports itself (`from .name import`
-# lines), not theirs: the core's own two are imported here so that they come along.
+# lines), not theirs: the core's own three are imported here so that they come along.
+from .chat_templates import CHAT_TEMPLATES  # noqa: F401
 from .configuration_internlm import InternLMConfig  # noqa: F401
 from .configuration_internlm2 import InternLM2Config
 from .modeling_internlm import (

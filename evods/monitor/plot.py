@@ -1,6 +1,7 @@
 """Loss-curve pictures: the metrics.jsonl of one or more run folders as one PNG (tools/plot_metrics.py)."""
 import json
 import math
+from datetime import datetime
 from pathlib import Path
 
 # (title, y label, the record keys drawn in that panel): a key ending in "*" is a prefix
@@ -13,6 +14,8 @@ PANELS = (
     ("MFU", "model FLOPs utilisation", ("mfu",)),
 )
 FIGURE_SIZE_IN, DPI = (15, 8), 100  # 1500 × 800 pixels
+# The folders train_ds.py makes for a run: runs/{JOB_NAME}/{launch time in this format} (trainer.default_run_dir).
+RUN_TIME_FORMAT = "%Y%m%d-%H%M%S"
 
 
 class PlotError(ValueError):
@@ -50,12 +53,24 @@ def _matches(key: str, pattern: str) -> bool:
     return key.startswith(head) and key.endswith(tail) and len(key) > len(head) + len(tail)
 
 
+def run_label(run: Path) -> str:
+    """'demo_cpu 2026-12-03 10:31:35' for runs/demo_cpu/20261203-103135 (job name and launch time); the folder's
+    name for a folder named otherwise (--run_dir)."""
+    folder = run if run.is_dir() else run.parent
+    try:
+        launched = datetime.strptime(folder.name, RUN_TIME_FORMAT)
+    except ValueError:
+        return folder.name
+    return f"{folder.parent.name} {launched:%Y-%m-%d %H:%M:%S}"
+
+
 def run_labels(runs: list[Path]) -> list[str]:
-    """Short names telling the runs apart: the folder name, with its parent's when names repeat."""
-    names = [run.name if run.is_dir() else run.parent.name for run in runs]
-    if len(set(names)) == len(names):
-        return names
-    return [f"{(run if run.is_dir() else run.parent).parent.name}/{name}" for run, name in zip(runs, names)]
+    """Names telling the runs apart: job name and launch time, or the folder name, with its parent's when names
+    repeat."""
+    labels = [run_label(run) for run in runs]
+    if len(set(labels)) == len(labels):
+        return labels
+    return [f"{(run if run.is_dir() else run.parent).parent.name}/{label}" for run, label in zip(runs, labels)]
 
 
 def plot_runs(runs: list[Path], output: Path) -> Path:

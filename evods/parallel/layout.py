@@ -21,6 +21,12 @@ class ParallelLayout:
     # Megatron sequence parallelism: each tensor rank holds its slice of the tokens between the tensor-parallel
     # layers. Applied, not only asked for: never True with tp == 1.
     sequence_parallel: bool = False
+    # DeepSpeed's ZeRO over the data-parallel ranks: 1 shards the optimizer states, 2 the gradients too, 3 the
+    # parameters too (config parallel.zero, or InternEvo's zero1.fsdp=True); the offloads keep the fp32 optimizer
+    # shards (stage 2/3) and the parameter shards (stage 3) in host memory.
+    zero_stage: int = 1
+    offload_optimizer: bool = False
+    offload_param: bool = False
     rank: int = 0  # the global rank this layout is seen from; the *_rank properties place it
 
     @property
@@ -49,7 +55,8 @@ class ParallelLayout:
         return replace(self, rank=rank)
 
 
-def parallel_layout(rank: int, world_size: int, pp: int, tp: int, sequence_parallel: bool = False) -> ParallelLayout:
+def parallel_layout(rank: int, world_size: int, pp: int, tp: int, **modes) -> ParallelLayout:
     """Place `rank` in InternEvo's layout of `world_size` processes; the caller has checked that pp * tp divides
-    world_size (a training config: `evods.config.check_topology`, which also decides the modes)."""
-    return ParallelLayout(dp=world_size // (pp * tp), pp=pp, tp=tp, sequence_parallel=sequence_parallel, rank=rank)
+    world_size (a training config: `evods.config.check_topology`, which also decides the `modes`, the layout's
+    other fields)."""
+    return ParallelLayout(dp=world_size // (pp * tp), pp=pp, tp=tp, rank=rank, **modes)

@@ -7,11 +7,12 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 import boto3
-from boto3.exceptions import S3UploadFailedError
+from boto3.exceptions import RetriesExceededError, S3UploadFailedError
 from boto3.s3.transfer import TransferConfig
 from botocore.config import Config
-from botocore.exceptions import BotoCoreError, ClientError, HTTPClientError
+from botocore.exceptions import BotoCoreError, ClientError, HTTPClientError, ReadTimeoutError
 from botocore.exceptions import ConnectionError as BotoConnectionError
+from s3transfer.exceptions import RetriesExceededError as TransferRetriesExceededError
 
 from .base import BytesCallback, Storage, StorageError, clean_folder_to_delete, clean_rel, explain_os_error
 
@@ -19,11 +20,37 @@ logger = logging.getLogger(__name__)
 
 MiB = 1024 * 1024
 _POOL_CONNECTIONS = 100
-_BOTO_ERRORS = (BotoCoreError, ClientError, S3UploadFailedError)
+_BOTO_ERRORS = (BotoCoreError, ClientError, S3UploadFailedError, RetriesExceededError, TransferRetriesExceededError)
 _CREDENTIAL_CODES = {"InvalidAccessKeyId", "SignatureDoesNotMatch", "InvalidToken", "ExpiredToken"}
 _CREDENTIALS_HINT = (
     "check S3_ACCESS_KEY_ID and S3_SECRET_ACCESS_KEY_ID (or AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, or ~/.aws)"
 )
+# (environment variable, default) of each bound on a request. A request that gets no answer fails after max_attempts
+# x (read_timeout + the 1 s a PUT waits for "100 Continue") plus botocore's backoff between attempts (at most 1 + 2 s):
+# 3 x 7 + 3 = 24 s by default, so a hung endpoint is an error within half a minute.
+TIMEOUT_SETTINGS = {
+    "connect_timeout": ("EVODS_S3_CONNECT_TIMEOUT", 3.0),
+    "read_timeout": ("EVODS_S3_READ_TIMEOUT", 6.0),
+    "max_attempts": ("EVODS_S3_MAX_ATTEMPTS", 3),
+}
+
+
+def timeout_setting(name: str, given: float | int | None) -> float | int:
+    """`given`, else the environment variable of TIMEOUT_SETTINGS[name], else its default; a positive number."""
+    variable, default = TIMEOUT_SETTINGS[name]
+    if given is not None:
+        return given
+    text = os.environ.get(variable, "").strip()
+    if not text:
+        return default
+    try:
+        value = type(default)(text)
+    except ValueError:
+        value = 0
+    if value <= 0:
+        kind = "a whole number of attempts" if isinstance(default, int) else "a number of seconds"
+        raise StorageError(f"{variable}={text!r}: give {kind} above 0 (default {default})")
+    return value
 
 
 def _env_credentials() -> dict[str, str]:
@@ -45,10 +72,12 @@ def _user_agent_extra() -> str:
 class S3Storage(Storage):
     """Files under `s3://{bucket}/{prefix}/`.
 
-    Every request is retried by botocore ("standard" mode: connection errors, throttling and 5xx, with exponential
-    backoff) up to `max_attempts` times, and a connection attempt gives up after `connect_timeout` seconds, so a wrong
-    endpoint fails within seconds. Files above `multipart_threshold` bytes go up in `multipart_chunksize` parts,
-    `max_concurrency` at a time (InternEvo's defaults).
+    Every request is retried by botocore ("standard" mode: connection errors, timeouts, throttling and 5xx, with
+    exponential backoff) up to `max_attempts` times; a connection attempt gives up after `connect_timeout` seconds and
+    a connection that stays silent for `read_timeout` seconds is dropped, so a wrong endpoint fails within seconds
+    and a hung one within half a minute (TIMEOUT_SETTINGS: a value not given comes from EVODS_S3_CONNECT_TIMEOUT,
+    EVODS_S3_READ_TIMEOUT, EVODS_S3_MAX_ATTEMPTS, else the defaults 3 s, 6 s, 3). Files above `multipart_threshold`
+    bytes go up in `multipart_chunksize` parts, `max_concurrency` at a time (InternEvo's defaults).
     """
 
     def __init__(
@@ -60,9 +89,9 @@ class S3Storage(Storage):
         multipart_threshold: int = 100 * MiB,
         multipart_chunksize: int = 8 * MiB,
         max_concurrency: int = 10,
-        max_attempts: int = 3,
-        connect_timeout: float = 3.0,
-        read_timeout: float = 60.0,
+        max_attempts: int | None = None,
+        connect_timeout: float | None = None,
+        read_timeout: float | None = None,
     ):
         self.bucket = bucket
         self.prefix = clean_rel(prefix)
@@ -76,10 +105,12 @@ class S3Storage(Storage):
         frozen = credentials.get_frozen_credentials()
         # Kept only to scrub them from error messages, which quote text from the server.
         self._secrets = tuple(s for s in (frozen.access_key, frozen.secret_key, frozen.token) if s)
+        self.max_attempts = timeout_setting("max_attempts", max_attempts)
+        self.read_timeout = timeout_setting("read_timeout", read_timeout)
         config = Config(
-            retries={"max_attempts": max_attempts, "mode": "standard"},
-            connect_timeout=connect_timeout,
-            read_timeout=read_timeout,
+            retries={"max_attempts": self.max_attempts, "mode": "standard"},
+            connect_timeout=timeout_setting("connect_timeout", connect_timeout),
+            read_timeout=self.read_timeout,
             # Several transfers at once (AsyncUploader workers), each with max_concurrency part threads.
             max_pool_connections=_POOL_CONNECTIONS,
             user_agent_extra=_user_agent_extra(),
@@ -99,6 +130,9 @@ class S3Storage(Storage):
             multipart_threshold=multipart_threshold,
             multipart_chunksize=multipart_chunksize,
             max_concurrency=max_concurrency,
+            # botocore already retries each request; s3transfer's own download retries would multiply the attempts
+            # (and the time a hung endpoint takes to fail) by five.
+            num_download_attempts=1,
         )
         for proxy_variable in ("http_proxy", "HTTP_PROXY", "https_proxy", "HTTPS_PROXY"):
             if os.environ.get(proxy_variable):
@@ -123,15 +157,28 @@ class S3Storage(Storage):
         return key + "/" if key else ""
 
     def _error(self, action: str, rel: str, exc: Exception) -> Exception:
-        """What to raise for a failed boto3 call: FileNotFoundError for a missing object, else a StorageError that says
-        what to check."""
-        # upload_file wraps the ClientError that says what actually went wrong.
+        """What to raise for a failed boto3 call: FileNotFoundError for a missing object, else a one-line StorageError
+        that says what answered and what to check."""
+        # upload_file wraps the ClientError that says what actually went wrong, downloads the last network error.
         cause = exc.__context__ if isinstance(exc, S3UploadFailedError) and exc.__context__ else exc
-        code = cause.response.get("Error", {}).get("Code", "") if isinstance(cause, ClientError) else ""
+        cause = getattr(cause, "last_exception", None) or cause
+        response = cause.response if isinstance(cause, ClientError) else {}
+        code = response.get("Error", {}).get("Code", "")
         where = f"{self.uri(rel)} at {self._endpoint_name}"
-        if code in ("404", "NoSuchKey", "NotFound"):
+        is_head = getattr(cause, "operation_name", "") == "HeadObject"
+        if code in ("NoSuchKey", "NotFound") or (code == "404" and is_head):
             return FileNotFoundError(f"no such file: {where}")
-        if code == "NoSuchBucket":
+        reason = str(cause)
+        if isinstance(cause, ClientError) and not is_head and not code.isalpha():
+            # An S3 server's error body names its error (NoSuchKey, NoSuchBucket, AccessDenied...); an answer without
+            # one (a bare or HTML 404 or 502) came from a web server or proxy. HEAD answers have no body at all.
+            reason = f"{self._endpoint_name} answered {_describe_answer(response)}, not an S3 error"
+            hint = (
+                f"the endpoint must be the S3 service itself (scheme, host and port, no path: "
+                f"boto3:s3://BUCKET.HOST:PORT/prefix, or S3_ENDPOINT_URL for s3:// paths), and bucket {self.bucket!r} "
+                "must exist there"
+            )
+        elif code == "NoSuchBucket":
             hint = (
                 f"bucket {self.bucket!r} does not exist at {self._endpoint_name}: check the bucket name (in "
                 "boto3:s3://BUCKET.endpoint/prefix it is the text before the first '.') and the endpoint"
@@ -140,6 +187,13 @@ class S3Storage(Storage):
             hint = f"the storage rejected the credentials: {_CREDENTIALS_HINT}"
         elif code in ("AccessDenied", "403"):
             hint = f"access denied: check that these credentials may read and write bucket {self.bucket!r}"
+        elif isinstance(cause, ReadTimeoutError):
+            reason = (f"{self._endpoint_name} accepted the connection but sent no answer within "
+                      f"{self.read_timeout:g} s ({self.max_attempts} attempts)")
+            hint = (
+                "that the endpoint is an S3 server and is up (not a hung server or proxy); on a slow storage "
+                "raise EVODS_S3_READ_TIMEOUT (seconds) or EVODS_S3_MAX_ATTEMPTS"
+            )
         elif isinstance(cause, (BotoConnectionError, HTTPClientError)):
             hint = (
                 f"no answer from {self._endpoint_name}: check the endpoint (host and port) in the path or in "
@@ -147,7 +201,8 @@ class S3Storage(Storage):
             )
         else:
             hint = ""
-        message = f"S3 {action} of {where} failed: {cause}" + (f"\nWhat to check: {hint}" if hint else "")
+        message = f"S3 {action} of {where} failed: {reason}" + (f"; what to check: {hint}" if hint else "")
+        message = " ".join(message.split())  # one line, whatever the server put in its message
         for secret in self._secrets:
             message = message.replace(secret, "***")
         return StorageError(message)
@@ -230,3 +285,20 @@ class S3Storage(Storage):
 
     def uri(self, rel: str = "") -> str:
         return f"s3://{self.bucket}/{self._key(rel)}"
+
+
+def _describe_answer(response: dict) -> str:
+    """'HTTP 404 with an empty body (server nginx)', '... with an HTML page titled "404 Not Found"' for a response
+    botocore parsed from something that is not an S3 server."""
+    metadata = response.get("ResponseMetadata", {})
+    headers = metadata.get("HTTPHeaders", {})
+    length, kind = headers.get("content-length"), headers.get("content-type", "").split(";")[0]
+    title = response.get("head", {}).get("title") if isinstance(response.get("head"), dict) else None
+    if length == "0":
+        body = "an empty body"
+    elif "html" in kind or title:
+        body = f"an HTML page titled {title!r}" if title else "an HTML page"
+    else:
+        body = f"a {kind} body" if kind else "a body that is not S3's XML"
+    server = f" (server: {headers['server']})" if headers.get("server") else ""
+    return f"HTTP {metadata.get('HTTPStatusCode', '?')} with {body}{server}"

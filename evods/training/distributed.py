@@ -1,14 +1,9 @@
-"""Process-group start-up for the three launchers users have: deepspeed, torchrun and slurm."""
+"""Process-group start-up for the three launchers users have: deepspeed, torchrun and slurm. DeepSpeed and torch are
+imported where they are used, so that `train_ds.py --help` answers at once."""
 import datetime
 import os
 import re
 import socket
-
-import deepspeed
-import torch
-from deepspeed.accelerator import get_accelerator
-
-from evods.config import cpu_fp16_forced
 
 LAUNCHERS = ("deepspeed", "torch", "slurm")
 
@@ -60,6 +55,9 @@ def prepare_deepspeed_for_device(allow_cpu_fp16: bool = False) -> None:
     - The CPU accelerator reports fp16 as unsupported; fp16 still computes correctly, only slowly, so tests
       of the loss-scaling path may opt in.
     """
+    import deepspeed
+    from deepspeed.accelerator import get_accelerator
+
     if get_accelerator().device_name() == "cpu":
         deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
         if allow_cpu_fp16:
@@ -67,6 +65,12 @@ def prepare_deepspeed_for_device(allow_cpu_fp16: bool = False) -> None:
 
 
 def init_distributed(launcher: str = "deepspeed", port: int | None = None, timeout_s: int = 1800) -> None:
+    import deepspeed
+    import torch
+    from deepspeed.accelerator import get_accelerator
+
+    from evods.config import cpu_fp16_forced
+
     set_launcher_env(launcher, port)
     prepare_deepspeed_for_device(allow_cpu_fp16=cpu_fp16_forced())
     accelerator = get_accelerator()

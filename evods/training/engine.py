@@ -15,6 +15,7 @@ import torch.distributed as dist
 from deepspeed.pipe import PipelineModule
 
 from evods.parallel import ParallelGrid, ParallelLayout, build_parallel_grid, build_process_topology, pipeline_layers
+from evods.parallel.zero import gathered, whole_for_gradient
 
 from .loss import PackedLoss
 
@@ -56,6 +57,7 @@ class TrainEngine:
         self.engine, self.optimizer, _, _ = deepspeed.initialize(model=module, optimizer=make_optimizer(params),
                                                                  config=ds_config,
                                                                  mpu=None if self.pipelined else grid)
+        whole_for_gradient(loss_fn.head.weight)
         self.data_parallel_group = grid.get_data_parallel_group()
         # The pipeline engine sends activation shapes once and reuses its receive buffers; validation rows have
         # another shape, so the buffers are reset on every switch between training and evaluation.
@@ -106,7 +108,7 @@ class TrainEngine:
             self.engine.set_gradient_accumulation_boundary(index == len(micro_batches) - 1)
             hidden = self.engine(input_ids=inputs[0].to(device), position_ids=inputs[1].to(device),
                                  skip_lm_head=True).last_hidden_state
-            loss = self.loss_fn(hidden, tuple(t.to(device) for t in targets))
+            loss = self._loss(hidden, tuple(t.to(device) for t in targets))
             self.engine.backward(loss)
             self.engine.step()  # DeepSpeed applies the update only at the accumulation boundary
             total += loss.detach().double().cpu()
@@ -142,5 +144,12 @@ class TrainEngine:
         device = self.engine.device
         hidden = self.engine(input_ids=input_ids.to(device), position_ids=position_ids.to(device),
                              skip_lm_head=True).last_hidden_state
-        loss = self.loss_fn(hidden, (labels.to(device), type_ids.to(device)))
+        loss = self._loss(hidden, (labels.to(device), type_ids.to(device)))
         return self._mean_over_data_parallel(loss.detach().double().cpu())
+
+    def _loss(self, hidden: torch.Tensor, targets: tuple) -> torch.Tensor:
+        """The loss applies lm_head's weight outside lm_head's forward, around which alone ZeRO-3 gathers it: it is
+        gathered here for the loss, which also computes its gradient (the chunked and Liger kernels do so in the
+        forward), so the backward needs it whole only to accumulate that gradient (`whole_for_gradient`)."""
+        with gathered([self.loss_fn.head.weight]):
+            return self.loss_fn(hidden, targets)

@@ -8,6 +8,10 @@ What goes wrong without it (accelerate 1.15, DeepSpeed 0.19, no CUDA):
   processes (`InitProcessGroupKwargs(backend="gloo")`; for the Trainer, a PartialState made before
   TrainingArguments).
 - DeepSpeed JIT-compiles its shm all-reduce op (30 s) at start-up though training never uses it: switched off.
+- ZeRO-3 keeps each process's share of the weights only: a whole-model save (`accelerator.get_state_dict`) needs
+  `stage3_gather_16bit_weights_on_model_save`, which accelerate leaves off unless told. Without it every rank trains
+  to the end and then fails at the save, losing the run; the script says up front that it will save, and the key is
+  then set before training.
 - The batch keys: accelerate fills "auto" train_micro_batch_size_per_gpu only from a DataLoader passed to
   `prepare`, and turns an "auto" gradient_clipping into 1.0. evods' loader already deals the data to the ranks and is
   not prepared, so the keys are set here from the script's own values, and a launch config that disagrees is an
@@ -15,6 +19,7 @@ What goes wrong without it (accelerate 1.15, DeepSpeed 0.19, no CUDA):
 """
 import datetime
 import functools
+import logging
 import os
 from contextlib import contextmanager
 
@@ -24,6 +29,9 @@ from .distributed import LaunchError, prepare_deepspeed_for_device
 
 ACCELERATE_CONFIG_HINT = "accelerate launch --config_file examples/accelerate_zero1.yaml"
 DIST_TIMEOUT = datetime.timedelta(minutes=30)
+ZERO3_GATHER_KEY = "stage3_gather_16bit_weights_on_model_save"
+
+logger = logging.getLogger("evods")
 
 
 def _on_cpu() -> bool:
@@ -44,6 +52,18 @@ def check_zero_stage(zero_stage: int, tensor_parallel: int) -> None:
                           "weights across the tensor shards; set zero_stage: 1 in the accelerate config")
 
 
+def enable_zero3_save(ds_config: dict) -> bool:
+    """Under ZeRO-3, make the end-of-run save possible: the partitioned weights are gathered at save time (it costs
+    nothing before the save). In place; True when that changed the config. accelerate writes the key as false unless
+    zero3_save_16bit_model says otherwise (`accelerate config` asks, defaulting to no), so a false here is no
+    decision to honour at the cost of the run."""
+    zero = ds_config.get("zero_optimization", {})
+    if zero_stage_of(ds_config) != 3 or zero.get(ZERO3_GATHER_KEY) is True:
+        return False
+    zero[ZERO3_GATHER_KEY] = True
+    return True
+
+
 def derive_batch_keys(ds_config: dict, micro_num: int, clip_grad_norm: float, data_parallel: int) -> None:
     """Set DeepSpeed's batch keys and clipping from the script's values, in place. One micro-batch is one packed row
     (micro-batch size 1), micro_num of them make a step; a value the launch config fixed otherwise is an error."""
@@ -61,9 +81,10 @@ def derive_batch_keys(ds_config: dict, micro_num: int, clip_grad_norm: float, da
         ds_config[name] = value
 
 
-def deepspeed_accelerator(micro_num: int, clip_grad_norm: float, tensor_parallel: int = 1):
+def deepspeed_accelerator(micro_num: int, clip_grad_norm: float, tensor_parallel: int = 1, saves_model: bool = False):
     """An `accelerate.Accelerator` on the launch's DeepSpeed plugin (zero stage, offload, JSON of
-    `accelerate launch`), with gradient accumulation over `micro_num` micro-batches and DeepSpeed's clipping."""
+    `accelerate launch`), with gradient accumulation over `micro_num` micro-batches and DeepSpeed's clipping.
+    `saves_model`: the script saves the whole model at the end (under ZeRO-3 that needs the weights gathered)."""
     from accelerate import Accelerator
     from accelerate.utils import DeepSpeedPlugin, InitProcessGroupKwargs
 
@@ -81,6 +102,9 @@ def deepspeed_accelerator(micro_num: int, clip_grad_norm: float, tensor_parallel
     world = int(os.environ.get("WORLD_SIZE", "1"))
     derive_batch_keys(plugin.deepspeed_config, micro_num, clip_grad_norm, world // tensor_parallel)
     plugin.gradient_accumulation_steps, plugin.gradient_clipping = micro_num, float(clip_grad_norm)
+    if saves_model and enable_zero3_save(plugin.deepspeed_config):
+        plugin.zero3_save_16bit_model = True
+        logger.info("ZeRO-3: %s set to true, so that the model can be saved at the end", ZERO3_GATHER_KEY)
     handlers = [InitProcessGroupKwargs(backend="gloo", timeout=DIST_TIMEOUT)] if _on_cpu() else []
     return Accelerator(deepspeed_plugin=plugin, gradient_accumulation_steps=micro_num, kwargs_handlers=handlers)
 

@@ -14,6 +14,7 @@ from torch.profiler import record_function
 from evods.config import ConfigError, TrainConfig
 from evods.data import IGNORE_INDEX
 from evods.parallel import ParallelLayout, VocabParallelLogits
+from evods.parallel.zero import full_shape
 
 from .loss_kernels import (
     auto_chunk_tokens,
@@ -118,7 +119,7 @@ class PackedLoss:
         self.metrics = metrics
         self.vocab = vocab or FullLogits()  # how the head covers the vocabulary: whole, or split over tensor ranks
         self.kernel = kernel
-        self.chunk_tokens = chunk_tokens or auto_chunk_tokens(*head.weight.shape)
+        self.chunk_tokens = chunk_tokens or auto_chunk_tokens(*full_shape(head.weight))
 
     def __call__(self, hidden_states: torch.Tensor, targets) -> torch.Tensor:
         labels, type_ids = (t.reshape(-1) for t in targets)
@@ -167,7 +168,7 @@ def build_loss(cfg: TrainConfig, layout: ParallelLayout, head: torch.nn.Module, 
     except ValueError as error:
         raise (cfg.source.error("loss.kernel", str(error)) if cfg.source else ConfigError(str(error))) from None
     loss_fn = PackedLoss(head, cfg.loss.label_smoothing, metrics, vocab, kernel, cfg.loss.chunk_tokens)
-    local_vocab, hidden_size = head.weight.shape
+    local_vocab, hidden_size = full_shape(head.weight)
     logger.info("loss: %s kernel%s, head %d x %d%s", kernel,
                 f", {loss_fn.chunk_tokens} tokens per chunk" if kernel == "chunked" else "", local_vocab, hidden_size,
                 " (this rank's vocabulary shard)" if vocab_split else "")

@@ -30,22 +30,31 @@ ADAM_AND_MASTER_BYTES = 12  # per parameter: fp32 master copy, Adam exp_avg and 
 
 @dataclass(frozen=True)
 class MemoryEstimate:
-    """Bytes one rank needs. `build`: host memory while the whole model is built in fp32 (before tensor and pipeline
-    parallelism split it); the rest is training memory on the device."""
+    """Bytes one rank needs. `build`: host memory while the model is built (the whole model in fp32 before tensor and
+    pipeline parallelism split it; under ZeRO-3 this rank's shards and one module whole); the rest is training
+    memory, of which `offloaded` lives in host memory (ZeRO offload) and the remainder on the device."""
 
     build: int
     weights: int
     gradients: int
     optimizer: int
     activations: int
+    zero_stage: int = 1
+    offloaded: int = 0
 
     @property
     def training(self) -> int:
         return self.weights + self.gradients + self.optimizer + self.activations
 
+    @property
+    def on_device(self) -> int:
+        return self.training - self.offloaded
+
     def describe_training(self, dp: int) -> str:
+        offload = f"; {readable(self.offloaded)} of it in host memory (offload)" if self.offloaded else ""
         return (f"weights {readable(self.weights)}, gradients {readable(self.gradients)}, fp32 master + Adam "
-                f"{readable(self.optimizer)} (ZeRO-1 over {dp}), activations ~{readable(self.activations)}")
+                f"{readable(self.optimizer)} (ZeRO-{self.zero_stage} over {dp}), activations "
+                f"~{readable(self.activations)}{offload}")
 
 
 def readable(size: float) -> str:
@@ -74,10 +83,10 @@ def head_loss_bytes(loss: LossConfig, tokens: int, hidden: int, local_vocab: int
     return chunk * local_vocab * 8 + (tokens + local_vocab) * hidden * 4
 
 
-def estimate_memory(cfg: TrainConfig, model: torch.nn.Module, dp: int, pp: int, tp: int) -> MemoryEstimate:
-    """The rank of the heaviest pipeline stage: DeepSpeed's ZeRO-1 (weights and gradients in model.dtype, bf16 adds
-    an fp32 gradient accumulation buffer, the fp32 master weights and Adam states sharded over `dp`) and roughly the
-    activations of the micro-batches in flight. `model`: the whole model, best built on the meta device."""
+def estimate_memory(cfg: TrainConfig, model: torch.nn.Module, layout: ParallelLayout) -> MemoryEstimate:
+    """The rank of the heaviest pipeline stage, for the layout's ZeRO stage and offload (`_zero_state`), and roughly
+    the activations of the micro-batches in flight. `model`: the whole model, best built on the meta device."""
+    pp, tp = layout.pp, layout.tp
     data, dtype = cfg.data, cfg.model.dtype
     hidden, vocab = cfg.model.hidden_size, cfg.model.vocab_size
     embedding, layer, head, total = _parameter_counts(model, cfg.model.num_layers)
@@ -97,9 +106,43 @@ def estimate_memory(cfg: TrainConfig, model: torch.nn.Module, dp: int, pp: int, 
         params = max(embedding, head) + layers * layer
         activations = max(in_flight * kept, kept + logits)
     params = params / tp
-    gradients = params * width + (params * 4 if dtype == torch.bfloat16 else params * 4 / dp)
-    return MemoryEstimate(build=total * 4, weights=int(params * width), gradients=int(gradients),
-                          optimizer=int(params * ADAM_AND_MASTER_BYTES / dp), activations=int(activations))
+    largest_module = max(embedding, layer, head) / tp
+    return _zero_state(cfg, layout, params, total, largest_module, activations)
+
+
+def _zero_state(cfg: TrainConfig, layout: ParallelLayout, params: float, total: int, largest_module: float,
+                activations: float) -> MemoryEstimate:
+    """Weights, gradients and optimizer states of `params` parameters per rank, sharded over the data ranks as
+    DeepSpeed's ZeRO stages do (fp32 master weights and Adam states, 12 bytes a parameter, in every stage):
+    - ZeRO-1: weights and gradients in model.dtype whole; bf16 adds DeepSpeed's whole fp32 gradient accumulation
+      buffer, other dtypes a 1/dp fp32 gradient shard for the update;
+    - ZeRO-2: whole weights; gradients only transiently whole, in the reduce bucket (hybrid_zero_optimizer.
+      reduce_bucket_size elements at most), and as a 1/dp fp32 shard;
+    - ZeRO-3: 1/dp of the weights plus the largest module gathered whole, gradients as ZeRO-2 but with the whole
+      reduce bucket, which DeepSpeed's stage-3 optimizer allocates up front (contiguous_gradients; InternEvo's
+      default of 512M elements is 2 GiB in fp32). The model is built under zero.Init: this rank's shards, and one
+      module whole in fp32 at a time.
+    Offload moves the fp32 shards, their gradients and the Adam states (optimizer) and the weight shards
+    (parameters) to host memory."""
+    dp, stage, width = layout.dp, layout.zero_stage, torch.finfo(cfg.model.dtype).bits // 8
+    bucket = cfg.hybrid_zero_optimizer.reduce_bucket_size if stage == 3 else \
+        min(cfg.hybrid_zero_optimizer.reduce_bucket_size, params)
+    gradient_shard = params * 4 / dp
+    build = total * 4
+    if stage == 1:
+        weights = params * width
+        gradients = params * width + (params * 4 if cfg.model.dtype == torch.bfloat16 else gradient_shard)
+    else:
+        weights = params * width
+        gradients = bucket * width + gradient_shard
+        if stage == 3:
+            weights = params * width / dp + largest_module * width
+            build = total * width / dp + largest_module * 4
+    optimizer = params * ADAM_AND_MASTER_BYTES / dp
+    offloaded = (optimizer + gradient_shard if layout.offload_optimizer else 0) + \
+        (params * width / dp if layout.offload_param else 0)
+    return MemoryEstimate(build=int(build), weights=int(weights), gradients=int(gradients), optimizer=int(optimizer),
+                          activations=int(activations), zero_stage=stage, offloaded=int(offloaded))
 
 
 def _read_int(path: Path) -> int | None:
@@ -158,17 +201,20 @@ def check_memory(cfg: TrainConfig, model: torch.nn.Module, layout: ParallelLayou
     On the CPU the model is built and trained in host memory, so the larger of the two counts; on a GPU the fp32
     build happens in host memory and training on the device.
     """
-    estimate = estimate_memory(cfg, model, layout.dp, layout.pp, layout.tp)
+    estimate = estimate_memory(cfg, model, layout)
     device_free, host_free, measured = _free_memory(device_type, _ranks_on_this_host())
-    build = f"building the whole model in fp32: {readable(estimate.build)}"
+    built = "this rank's ZeRO-3 shards" if estimate.zero_stage == 3 else "the whole model in fp32"
+    build = f"building {built}: {readable(estimate.build)}"
     training = f"training: {estimate.describe_training(layout.dp)}"
     needs = []  # (needed bytes, free bytes, what is needed)
     if device_type == "cpu" and device_free is not None:
         needs.append((max(estimate.training, estimate.build), device_free, f"{build}; {training}"))
     elif device_free is not None:
-        needs.append((estimate.training, device_free, training))
+        needs.append((estimate.on_device, device_free, training))
     if device_type != "cpu" and host_free is not None:
-        needs.append((estimate.build, host_free, f"host memory for {build}"))
+        host = f"host memory for {build}" + (f"; then {readable(estimate.offloaded)} offloaded" if
+                                             estimate.offloaded else "")
+        needs.append((max(estimate.build, estimate.offloaded), host_free, host))
     verdict = max(((needed / max(free, 1), needed, free, what, measured) for needed, free, what in needs),
                   default=None)
     verdicts = [verdict]

@@ -4,6 +4,8 @@ import logging
 import math
 from pathlib import Path
 
+from evods.console import log_level
+
 # InternEvo's logging format (record_current_batch_training_metrics in internlm/train/training_internlm.py), so
 # tools that parse its logs parse ours.
 LOG_FORMAT = "%(asctime)s\t%(levelname)s %(filename)s:%(lineno)s in %(funcName)s -- %(message)s"
@@ -19,8 +21,9 @@ logger = logging.getLogger("evods")
 
 
 def setup_logging(rank: int) -> None:
-    """Every rank logs warnings; only rank 0 logs info, so a 1000-GPU run prints one line per step."""
-    logging.basicConfig(format=LOG_FORMAT, level=logging.INFO if rank == 0 else logging.WARNING, force=True)
+    """Rank 0 logs info; the other ranks only errors (everything with EVODS_VERBOSE=1), so that a 1000-GPU run
+    prints one line per step and no line once per rank (evods.console)."""
+    logging.basicConfig(format=LOG_FORMAT, level=log_level(rank), force=True)
 
 
 def ordered_metrics(metrics: dict) -> list[tuple[str, object]]:

@@ -2,7 +2,8 @@
 
 InternEvo prints "Distributed environment is initialized" once, from the log rank (launch.py, `launch`), "initialized
 seed on rank" on every rank (ParallelContext.set_seed), and "===========New Run" on every rank (train.py, `main`),
-or "Resume training from" / "SFT training from" when a checkpoint is loaded.
+or "Resume training from" / "SFT training from" when a checkpoint is loaded. evods prints the per-rank lines from the
+logging rank only, unless EVODS_VERBOSE=1 (`train_ds.py --verbose`): then from every rank, as InternEvo.
 """
 import logging
 import socket
@@ -11,10 +12,11 @@ from datetime import datetime
 import torch.distributed as dist
 
 from evods.checkpoint import LoadPlan
+from evods.console import is_verbose
 from evods.parallel import ParallelLayout, parallel_seeds
 from evods.parallel.nodes import NodeLayout, describe_layout, tensor_groups_across_nodes
 
-# Every rank prints these lines, whatever level setup_logging gives the root logger on that rank.
+# The ranks that print these lines print them whatever level setup_logging gives the root logger on that rank.
 logger = logging.getLogger("evods.startup")
 logger.setLevel(logging.INFO)
 
@@ -31,6 +33,8 @@ def log_parallel_setup(layout: ParallelLayout, seed: int, rank: int) -> None:
     if layout.is_log_rank:
         logger.info("Distributed environment is initialized, data parallel size: %d, pipeline parallel size: %d, "
                     "tensor parallel size: %d", layout.dp, layout.pp, layout.tp)
+    if not (layout.is_log_rank or is_verbose()):
+        return
     seeds = ", ".join(f"ParallelMode.{mode}: {value}" for mode, value in parallel_seeds(seed, layout).items())
     # InternEvo's fixed wording, down to the missing space after the last seed; like current InternEvo, evods moves
     # torch's generator to the TENSOR seed once the model is built (trainer.seed_runtime_rng).
@@ -52,6 +56,8 @@ def log_layout(nodes: NodeLayout, layout: ParallelLayout) -> None:
 
 def log_run_start(layout: ParallelLayout, launched: datetime, load_plan: LoadPlan | None) -> None:
     """`load_plan`: the checkpoint the run starts from, if any (its weights only, or also the run's state)."""
+    if not (layout.is_log_rank or is_verbose()):
+        return
     when, host = launched.strftime("%b%d_%H-%M-%S"), socket.gethostname()
     if load_plan is None:
         logger.info("===========New Run %s on host:%s,tp:%d,pp=%d,dp=%d===========", when, host, layout.tp_rank,

@@ -7,7 +7,12 @@ Launchers give the ranks a fixed time between their stop signal and SIGKILL:
   environment variable changes it, and the launcher itself then exits 1;
 - torchrun waits --shutdown-timeout / TORCH_ELASTIC_SHUTDOWN_TIMEOUT seconds (default 30);
 - Slurm waits KillWait seconds (default 30) after scancel or the time limit; the job cannot read the value.
-So the stop has about 30 s: rank 0 logs a warning well before that when the checkpoint is not complete yet.
+So the stop has about 30 s: the logging rank warns well before that when the checkpoint is not complete yet.
+
+A launcher that is gone stops the run the same way. SIGTERM to the `deepspeed` command itself (a job scheduler or a
+`kill` of its pid) ends that process only: its launch.py child and the ranks would train on to the end, unsaved if
+stopped later. Each rank watches the launcher processes above it (DeepSpeed's runner and launch.py, torchrun) and
+saves and stops once one of them is gone; no kill follows then, so there is no time limit.
 """
 import logging
 import os
@@ -15,6 +20,7 @@ import signal
 import threading
 import time
 
+import psutil
 import torch
 import torch.distributed as dist
 
@@ -32,34 +38,93 @@ def kill_window_s(environ=os.environ) -> float:
     return DEFAULT_KILL_WINDOW_S
 
 
-def _is_rank0() -> bool:
-    return (dist.get_rank() if dist.is_initialized() else 0) == 0
+# The commands that start ranks (as `python -m MODULE` or a script of that name): DeepSpeed's runner (the `deepspeed`
+# command) and its per-node launch.py, torchrun.
+LAUNCHERS = {"deepspeed", "deepspeed.launcher.runner", "deepspeed.launcher.launch", "torchrun", "torch.distributed.run"}
+WATCH_EVERY_S = 1.0
+
+
+def launcher_name(cmdline: list[str]) -> str | None:
+    """The launcher a command line runs ("deepspeed.launcher.launch" for `python -u -m deepspeed.launcher.launch
+    ...`, "deepspeed" for `python .../bin/deepspeed ...`), or None for anything else."""
+    args = iter(cmdline[1:])  # after the interpreter: its options, then `-m module` or the script
+    for arg in args:
+        if arg == "-m":
+            name = next(args, "")
+            break
+        if not arg.startswith("-"):
+            name = os.path.basename(arg)
+            break
+    else:
+        return None
+    return name if name in LAUNCHERS else None
+
+
+def launcher_processes() -> list[psutil.Process]:
+    """The launchers above this process, nearest first (launch.py, then the `deepspeed` command); [] when a
+    launcher of another kind (srun, a test harness) started it."""
+    chain, process = [], psutil.Process().parent()
+    while process is not None:
+        try:
+            if launcher_name(process.cmdline()) is None:
+                break
+        except psutil.Error:
+            break
+        chain.append(process)
+        process = process.parent()
+    return chain
+
+
+def _is_gone(process: psutil.Process) -> bool:
+    try:
+        return not process.is_running() or process.status() == psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return True
 
 
 class GracefulStop:
-    """Catches SIGTERM and SIGINT for the duration of training (`close` puts the previous handlers back)."""
+    """Catches SIGTERM and SIGINT, and watches the launcher processes above this rank, for the duration of training
+    (`close` puts the previous handlers back). `speaks`: this rank logs the stop (the logging rank).
+    `launchers`: the processes to watch (default: launcher_processes())."""
 
-    def __init__(self, kill_window: float | None = None):
+    def __init__(self, kill_window: float | None = None, speaks: bool = True,
+                 launchers: list[psutil.Process] | None = None):
         self.kill_window = kill_window_s() if kill_window is None else kill_window
+        self.speaks = speaks
         self.requested_at: float | None = None  # when this rank got the signal, or learnt of another rank's
         self._saved = threading.Event()
+        self._closed = threading.Event()
         self._timer: threading.Timer | None = None
         self._previous = {sig: signal.signal(sig, self._request) for sig in (signal.SIGTERM, signal.SIGINT)}
+        self._launchers = launcher_processes() if launchers is None else launchers
+        if self._launchers:
+            threading.Thread(target=self._watch_launchers, name="evods-launcher-watch", daemon=True).start()
 
     def _request(self, signum, _frame) -> None:
         if self.requested_at is not None:
-            if _is_rank0():
+            if self.speaks:
                 logger.warning("received %s again: already stopping (the checkpoint is being written)",
                                signal.Signals(signum).name)
             return
-        if _is_rank0():
+        if self.speaks:
             logger.warning("received %s: finishing this step, then saving a checkpoint and stopping",
                            signal.Signals(signum).name)
         self._start_clock()
 
-    def _start_clock(self) -> None:
+    def _watch_launchers(self) -> None:
+        while not self._closed.wait(WATCH_EVERY_S):
+            gone = next((process for process in self._launchers if _is_gone(process)), None)
+            if gone is not None:
+                if self.requested_at is None:
+                    if self.speaks:
+                        logger.warning("the launcher that started this job (pid %d) is gone: finishing this step, "
+                                       "then saving a checkpoint and stopping", gone.pid)
+                    self._start_clock(kill_coming=False)
+                return
+
+    def _start_clock(self, kill_coming: bool = True) -> None:
         self.requested_at = time.monotonic()
-        if _is_rank0():
+        if self.speaks and kill_coming:
             self._timer = threading.Timer(self.kill_window * WARN_AT_SHARE, self._warn_late)
             self._timer.daemon = True
             self._timer.start()
@@ -89,11 +154,12 @@ class GracefulStop:
     def saved(self, what: str) -> None:
         """The stop's checkpoint is complete: no late warning; say how long the stop took."""
         self._saved.set()
-        if self.requested_at is not None and _is_rank0():
+        if self.requested_at is not None and self.speaks:
             logger.warning("%s %.1f s after the stop request", what, time.monotonic() - self.requested_at)
 
     def close(self) -> None:
         self._saved.set()
+        self._closed.set()
         if self._timer is not None:
             self._timer.cancel()
         for sig, handler in self._previous.items():

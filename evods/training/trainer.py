@@ -21,9 +21,11 @@ from evods.config import (
     check_topology,
     write_deepspeed_config,
 )
+from evods.config.checks import offloads_to_cpu_adam
 from evods.data import BatchSkipper, batch_stats, build_train_loader, build_valid_loaders, check_tokenizer_fits
 from evods.model.registry import MODEL_INITIALIZER
 from evods.monitor import RunMonitor, StepProfiler
+from evods.monitor.plot import RUN_TIME_FORMAT
 from evods.parallel import (
     ParallelLayout,
     apply_tensor_parallel,
@@ -31,6 +33,7 @@ from evods.parallel import (
     parallel_seeds,
 )
 from evods.parallel.nodes import discover_nodes
+from evods.parallel.zero import model_construction
 from evods.progress import Progress
 
 from .distributed import init_distributed
@@ -84,7 +87,7 @@ def seed_runtime_rng(seed: int, layout: ParallelLayout) -> None:
 
 def default_run_dir(job_name: str, launched: datetime) -> Path:
     """runs/{JOB_NAME}/{launch time}; the time is rank 0's (launch_time), so every rank writes to the same folder."""
-    return Path("runs") / job_name / launched.strftime("%Y%m%d-%H%M%S")
+    return Path("runs") / job_name / launched.strftime(RUN_TIME_FORMAT)
 
 
 class Trainer:
@@ -102,7 +105,9 @@ class Trainer:
         if cfg.model.tf32:  # "torch.tf32": fp32 weights, TF32 matmuls and convolutions (InternEvo's launch.py)
             torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
         with torch.device("meta"):  # shapes only: a model too large for the machine is refused before it is built
-            check_memory(cfg, build_model(cfg), self.layout, _device_type())
+            whole_model = build_model(cfg)
+            check_memory(cfg, whole_model, self.layout, _device_type())
+        self.num_parameters = whole_model.num_parameters()  # before tensor parallelism or ZeRO-3 splits them
         seed_everything(seed)
         log_parallel_setup(self.layout, seed, rank)
         launched = launch_time()
@@ -110,14 +115,17 @@ class Trainer:
 
         self.nodes = discover_nodes()
         log_layout(self.nodes, self.layout)
-        model = build_model(cfg)
+        self.grid = build_parallel_grid(self.layout)
+        ds_config = build_deepspeed_config(cfg, self.layout, ds_config_override)
+        with model_construction(self.layout.zero_stage, ds_config, self.grid.get_data_parallel_group()):
+            model = build_model(cfg)
+        # The length of the rows the model trains on goes into the checkpoint's config.json, and so into the HF
+        # export, where the inference tools show it: max_position_embeddings alone says nothing about it.
+        model.config.training_packed_length = cfg.data.seq_len * cfg.data.micro_bsz
         self.checkpoints = CheckpointManager(cfg.ckpt, self.layout, model.config,
                                              cfg.source.text if cfg.source else None,
                                              on_failure=self.monitor.checkpoint_failed, nodes=self.nodes)
-        log_run_start(self.layout, launched, self.checkpoints.loader.plan)
         self.checkpoints.loader.load_model_weights(model)
-        self.num_parameters = model.num_parameters()  # of the whole model, before tensor parallelism slices it
-        self.grid = build_parallel_grid(self.layout)
         tensor_group = self.grid.get_tensor_model_parallel_group()
         apply_tensor_parallel(model, tensor_group, self.layout.tp_rank, self.layout.tp, cfg.model.embed_split_hidden,
                               cfg.model.parallel_output, sequence_parallel=self.layout.sequence_parallel)
@@ -135,13 +143,14 @@ class Trainer:
         self.skip_batch = BatchSkipper(cfg.data.skip_ranges)
         self.token_metrics = TokenMetrics(num_types=len(self.dataset_types))
         loss_fn = build_loss(cfg, self.layout, model.lm_head, _device_type(), self.token_metrics, tensor_group)
-        ds_config = build_deepspeed_config(cfg, self.layout, ds_config_override)
         self.engine = TrainEngine(model, self._make_optimizer, ds_config, self.layout, loss_fn, self.grid)
         self.lr_scheduler = LRScheduler(self.engine.optimizer, cfg.adam.lr, cfg.lr_scheduler)
         self.beta2_scheduler = Beta2Scheduler(self.engine.optimizer, cfg.beta2_scheduler)
         self.valid_loaders = build_valid_loaders(cfg.data, self.layout.dp_rank, self.layout.dp)
         self.state = TrainState()
         self.checkpoints.loader.restore(self._checkpoint_parts())
+        # once loaded: after a fallback from a damaged checkpoint, the one actually loaded
+        log_run_start(self.layout, launched, self.checkpoints.loader.loaded)
         self.profiler = None
         if profiling and self.layout.dp_rank == 0 and self.layout.tp_rank == 0:  # one trace per stage, as InternEvo
             worker = f"rank{rank}_dp{self.layout.dp_rank}_pp{self.layout.pp_rank}_tp{self.layout.tp_rank}"
@@ -155,24 +164,35 @@ class Trainer:
             write_deepspeed_config(ds_config, self.run_dir)
             tb_dir = Path(cfg.tensorboard_folder) if cfg.tensorboard_folder else self.run_dir / "tensorboard"
             self.sink = MetricsSink(self.run_dir, tb_dir if cfg.enable_tb else None)
-        logger.info("run folder: %s; model parameters: %.2fM", self.run_dir, self.num_parameters / 1e6)
+        parallel = self.layout
+        offloaded = [part for part, on in (("optimizer", parallel.offload_optimizer),
+                                           ("parameters", parallel.offload_param)) if on]
+        logger.info("run folder: %s; model parameters: %.2fM; DeepSpeed ZeRO-%d over %d data-parallel ranks%s",
+                    self.run_dir, self.num_parameters / 1e6, parallel.zero_stage, parallel.dp,
+                    f", {' and '.join(offloaded)} offloaded to host memory" if offloaded else "")
 
     def _checkpoint_parts(self) -> TrainingParts:
         return TrainingParts(engine=self.engine.engine, context=self.state, sampler=self.sampler,
                              lr_scheduler=self.lr_scheduler, beta2_scheduler=self.beta2_scheduler)
 
     def _make_optimizer(self, params) -> torch.optim.Optimizer:
+        """InternEvo's AdamW; under optimizer offload on GPUs DeepSpeed's CPU Adam in AdamW mode (the same update,
+        vectorised on the host), which DeepSpeed requires there (evods.config.checks.offloads_to_cpu_adam)."""
+        if offloads_to_cpu_adam(self.cfg, _device_type()):
+            from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+            return DeepSpeedCPUAdam(params, adamw_mode=True, **adamw_kwargs(self.cfg))
         return torch.optim.AdamW(params, **adamw_kwargs(self.cfg))
 
     def train(self) -> TrainState:
         """Train to total_steps. A stop signal (SIGTERM, SIGINT) finishes the running step, cuts validation short
         and saves the last finished step before anything else (see stopping.py for the launchers' time limits)."""
-        stop = GracefulStop()
+        stop = GracefulStop(speaks=self.engine.is_log_rank)
         try:
             self._train(stop)
             self.checkpoints.saver.close()  # waits for background uploads and writes the last checkpoint's marker
             if stop.requested and self.checkpoints.saver.saving:
-                stop.saved(f"checkpoint of step {self.state.step_count} complete")
+                stop.saved(f"saved step {self.state.step_count}: its checkpoint is complete")
         finally:
             stop.close()
         self._log_summary()
@@ -265,6 +285,7 @@ class Trainer:
             **batch_stats(batch["position_ids"]),
             "adam_beta2": self.beta2_scheduler.get_beta2(),
             "fwd_bwd_time": round(elapsed, 2),
+            "zero_stage": self.layout.zero_stage,
         }
         if self.peak:
             metrics["mfu"] = round(achieved / self.peak, 4)

@@ -69,6 +69,8 @@ def test_a_pipelined_checkpoint_exports_to_internlm_and_llama_with_equal_logits(
     assert type(internlm) is InternLMForCausalLM and llama.config.attention_bias
     # exported as InternLM's HF models are: dynamic NTK RoPE beyond max_position_embeddings
     assert internlm.config.rotary["type"] == "dynamic" and llama.config.rope_parameters["rope_type"] == "dynamic"
+    # the length of the rows it trained on (seq_len 32 × micro_bsz 2), which the inference tools state
+    assert internlm.config.training_packed_length == 64
     assert {"configuration_internlm.py", "modeling_internlm.py", "generation_config.json", "tokenizer.model"} <= \
         {p.name for p in (tmp_path / "internlm").iterdir()}
     input_ids = torch.randint(0, 512, (2, 16), generator=torch.Generator().manual_seed(0))

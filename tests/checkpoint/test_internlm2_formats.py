@@ -11,7 +11,7 @@ from evods.checkpoint import CheckpointError, read_native_model
 from evods.checkpoint.formats.internevo_layout import AttentionHeads, GroupedQKV, KVHeadRows
 from evods.inference.loading import TOKENIZER_FILES, load_for_inference
 from testkit.distributed import run_distributed
-from testkit.paths import TOKENIZER
+from testkit.paths import REPO
 from testkit.train_configs import tiny_config
 from tests.checkpoint.test_native import load_through_ckpt_info, random_weights
 from tools.convert2hf import main as convert2hf
@@ -251,21 +251,23 @@ def test_a_published_internlm2_folder_starts_training_and_exports_to_the_same_we
                             NativeLayout(tp=1, pp=1, num_layers=3, family="internlm2", mlp_naming="v2", bias=False),
                             step=1)
     assert convert2hf(["--src", str(tmp_path / "native"), "--tgt", str(tmp_path / "hf"), "--format", "internlm2",
-                       "--tokenizer", str(TOKENIZER)]) == 0
+                       "--tokenizer", str(REPO / "tools" / "tokenizer_internlm2.model"),
+                       "--chat_template", "internlm2"]) == 0
     theirs, ours = (load_file(tmp_path / name / "model.safetensors") for name in ("published", "hf"))
     assert ours.keys() == theirs.keys() and all(torch.equal(ours[name], theirs[name]) for name in theirs)
     config = json.loads((tmp_path / "hf" / "config.json").read_text())
     assert {path.name for path in (tmp_path / "hf").glob("*.py")} == {
-        "configuration_internlm.py", "configuration_internlm2.py", "modeling_internlm.py", "modeling_internlm2.py",
-        "transformers_compat.py"}
+        "chat_templates.py", "configuration_internlm.py", "configuration_internlm2.py", "modeling_internlm.py",
+        "modeling_internlm2.py", "transformers_compat.py"}
     assert (config["architectures"], config["num_key_value_heads"], config["bias"]) == (["InternLM2ForCausalLM"], 4,
                                                                                         False)
 
-    # the chat tools run both folders (the published one dispatched on its architectures, not its model_type)
+    # the chat tools run both folders (the published one dispatched on its architectures, not its model_type), in
+    # InternLM2's ChatML: the published folder's config.json names no template, and InternLM2Config's is ChatML
     for name in TOKENIZER_FILES:
         shutil.copy(tmp_path / "hf" / name, tmp_path / "published" / name)
     ids = torch.randint(0, 512, (1, 12), generator=torch.Generator().manual_seed(0))
     for folder in ("hf", "published"):
         served, _ = load_for_inference(tmp_path / folder, dtype="float32", device="cpu")
-        assert type(served).__name__ == "InternLM2ForCausalLM"
+        assert type(served).__name__ == "InternLM2ForCausalLM" and served.config.chat_template == "internlm2"
         assert torch.allclose(logits_of(served, ids), logits_of(model, ids), atol=1e-5, rtol=0)

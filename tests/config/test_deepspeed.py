@@ -92,7 +92,8 @@ def test_override_of_the_batch_geometry_is_an_error(tmp_path):
 
 def test_override_of_the_zero_stage_is_an_error(tmp_path):
     override = write_json(tmp_path, {"zero_optimization": {"stage": 0}})
-    with pytest.raises(ConfigError, match=r"zero_optimization\.stage=0 cannot be overridden: evods always runs ZeRO-1"):
+    with pytest.raises(ConfigError, match=r"zero_optimization\.stage=0 conflicts with the training config "
+                                          r"\(parallel\.zero\.stage gives 1\); .* set parallel\.zero\.stage"):
         deepspeed_json(tiny(tmp_path), world=2, override_path=override)
 
 

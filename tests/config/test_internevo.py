@@ -166,9 +166,8 @@ def test_read_base_forms_and_mistakes(internevo):
 
 
 @pytest.mark.parametrize("extra, message", [
-    ("parallel = dict(zero1=dict(size=-1, fsdp=True))\n",
-     r"cfg\.py:5: parallel\.zero1\.fsdp=True asks for torch FSDP, which evods does not run: it shards the optimizer "
-     r"with DeepSpeed ZeRO-1; set fsdp=False"),
+    ("parallel = dict(zero1=dict(size=-1, fsdp=True), pipeline=2)\n",
+     r"cfg\.py:5: parallel\.zero1\.fsdp=True \(ZeRO-3\) cannot run with parallel\.pipeline size 2"),
     ('parallel = dict(tensor=dict(size=2, mode="fsp"))\n',
      r'cfg\.py:5: parallel\.tensor\.mode="fsp" .* use mode="mtp"'),
     ('parallel = dict(tensor=dict(size=2, mode="tp"))\n',

@@ -91,6 +91,15 @@ def test_internlm2_demo_config_builds_an_internlm2():
     assert cfg.data == load_config(CONFIGS / "demo_cpu.py").data
 
 
+def test_chat_demo_config_fine_tunes_the_demo_model_in_internlm2s_format():
+    demo, chat = load_config(CONFIGS / "demo_cpu.py"), load_config(CONFIGS / "demo_cpu_chat.py")
+    assert check_topology(chat, 2).dp == 2 and demo.model.chat_template == "internlm"  # the default
+    assert (chat.model.chat_template, chat.model.vocab_size) == ("internlm2", 92544)  # tokenizer_internlm2.model's
+    assert (chat.data.train_folder, chat.data.valid_folder) == ("data/chat/train", "data/chat/valid")
+    assert chat.ckpt.checkpoint_every == chat.data.total_steps == chat.lr_scheduler.total_steps
+    assert chat.model_dict["chat_template"] == "internlm2"
+
+
 def test_resume_config_continues_the_demo_from_its_last_step():
     demo, resume = load_config(CONFIGS / "demo_cpu.py"), load_config(CONFIGS / "demo_cpu_resume.py")
     info = resume.ckpt.load_ckpt_info
@@ -271,7 +280,7 @@ def test_interleaved_pipeline_is_refused(tmp_path):
 def test_zero1_sizes_explain_what_deepspeed_does(tmp_path, caplog):
     with caplog.at_level(logging.INFO, logger="evods.config"):
         check_topology(load_text(tmp_path, TINY + "parallel = dict(zero1=2)\n"), 4)
-        assert "ZeRO-1 shards the optimizer state over the whole data-parallel group (4 ranks)" in caplog.text
+        assert "ZeRO-1 shards over the whole data-parallel group (4 ranks)" in caplog.text
         caplog.clear()
         check_topology(load_text(tmp_path, TINY + "parallel = dict(zero1=1)\n"), 4)
         assert "still uses ZeRO-1" in caplog.text and "wrong gradient norms" in caplog.text

@@ -1,6 +1,7 @@
 """InternLM's chat API on the evods model (issue: inference people use): `chat` and `stream_chat` build InternLM's chat
 prompt (the ids of the exported tokenizer's chat template), stop at <eoa> or EOS, and stream what they return;
 transformers' own TextIteratorStreamer works on the model; dynamic NTK switches in place."""
+import os
 import threading
 
 import pytest
@@ -144,3 +145,29 @@ def test_dynamic_ntk_switches_in_place():
     assert (dynamic[1] - origin[1]).abs().max() > 1e-3  # past it: another base
     with pytest.raises(ValueError, match="'origin' or 'dynamic'"):
         model.set_rotary_type("linear")
+
+
+def test_the_readme_snippets_that_load_an_export_run_without_evods_and_without_asking(folder, tmp_path):
+    """Where evods is not imported, transformers asks before it runs a folder's code and waits for an answer,
+    unless trust_remote_code=True: every README snippet that loads an export passes it, and they run as written."""
+    import re
+    import subprocess
+    import sys
+
+    from testkit.paths import REPO
+
+    readme = (REPO / "README.md").read_text(encoding="utf-8")
+    snippets = [block for block in re.findall(r"```python\n(.*?)```", readme, flags=re.S) if "hf/my_model" in block]
+    calls = [call for block in snippets for call in re.findall(r"from_pretrained\(([^)]*)\)", block)]
+    assert len(calls) >= 4 and all("trust_remote_code=True" in call for call in calls), calls
+    # the chat section's two snippets run one after the other (the second uses the first's model and tokenizer); the
+    # streamed reply is cut short, the tiny model would write its 1024 tokens
+    script = "\n".join(snippets).replace("hf/my_model", str(folder)).replace('"And then?", history)',
+                                                                             '"And then?", history, max_new_tokens=8)')
+    assert "max_new_tokens=8" in script
+    script += "\nimport sys\nassert 'evods' not in sys.modules, 'evods ran, not the folder code'\n"
+    result = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, stdin=subprocess.DEVNULL, timeout=300,
+                            capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output[-3000:]
+    assert "Do you wish to run the custom code" not in output

@@ -1,6 +1,7 @@
 """tools/chat.py driven through a pseudo-terminal, as a person types (issue: inference people use): two turns whose
-replies are the model's greedy chat with the history, /reset, Ctrl-C in the middle of a reply, and one clear line
-for a bad folder, a folder without a tokenizer and a prompt past the context with origin RoPE."""
+replies are the model's greedy chat with the history, /reset, Ctrl-C in the middle of a reply, control characters of
+a reply shown escaped, and one clear line for a bad folder, a folder without a tokenizer, a training checkpoint (in
+every inference command) and a prompt past the context with origin RoPE."""
 import io
 import os
 import re
@@ -12,8 +13,12 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from evods.cli.chat import BOT, USER
 from evods.cli.chat import main as chat_main
+from evods.cli.eval_long_context import main as eval_long_context_main
 from evods.cli.generate import main as generate_main
-from testkit.chat_models import tiny_chat_folder
+from evods.cli.serve import main as serve_main
+from evods.cli.web_demo import main as web_demo_main
+from testkit.chat_models import scripted_chat_folder, tiny_chat_folder
+from testkit.checkpoints import write_evods_checkpoint
 from testkit.paths import REPO
 
 TIMEOUT = 120  # start-up on a loaded 2-core machine (imports torch and transformers)
@@ -119,3 +124,41 @@ def test_generate_from_a_missing_folder_is_one_line_not_a_hub_lookup(tmp_path, c
     assert code == 1 and err.endswith(f": --model {tmp_path / 'nowhere'}: no config.json there; give a folder written "
                                       "by tools/convert2hf.py")
     assert len(err.splitlines()) == 1
+
+
+# What a model may send: ESC [2J clears a terminal, backspace and carriage return wipe what was printed, BEL rings.
+CONTROL_REPLY = "\x1b[2Jok\x08\r\x07 done"
+SHOWN = r"\x1b[2Jok\x08\x0d\x07 done"
+
+
+def test_control_characters_in_a_reply_are_shown_escaped(tmp_path, capsys, monkeypatch):
+    folder = scripted_chat_folder(tmp_path / "scripted", CONTROL_REPLY)
+    model = AutoModelForCausalLM.from_pretrained(folder).eval()
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    assert model.chat(tokenizer, "Hello", do_sample=False)[0] == CONTROL_REPLY
+    monkeypatch.setattr("sys.stdin", io.StringIO("Hello\nAnd?\n/exit\n"))
+    assert chat_main(["--model", str(folder), "--temperature", "0", "--max_new_tokens", "20"]) == 0
+    out = capsys.readouterr().out
+    assert out.count(f"{BOT}{SHOWN}\n") == 2, out  # streamed piece by piece, escaped piece by piece
+    assert not re.search(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]", out), "a control character reached the terminal"
+
+    # generate prints the decoded tokens the same way
+    assert generate_main(["--model", str(folder), "--prompt", "<|User|>:Hello<eoh>\n<|Bot|>:",
+                          "--max_new_tokens", "9"]) == 0
+    assert capsys.readouterr().out == f"{SHOWN}\n"
+
+
+def test_a_training_checkpoint_given_to_the_inference_tools_says_to_convert_it(tmp_path, capsys):
+    checkpoint = tmp_path / "ckpt" / "40"
+    write_evods_checkpoint(checkpoint)
+    expected = (f"--model {checkpoint} is a training checkpoint, not a Hugging Face folder: convert it first (python "
+                f"tools/convert2hf.py --src {checkpoint} --tgt hf/ckpt_40 --tokenizer tools/V7_sft.model; "
+                "evods-convert2hf once installed), then give --model hf/ckpt_40")
+    text = tmp_path / "text.txt"
+    text.write_text("Some text.")
+    for tool, extra in ((chat_main, []), (web_demo_main, []), (generate_main, ["--prompt", "Hi"]),
+                        (serve_main, ["--port", "0"]), (eval_long_context_main, ["--text", str(text)])):
+        code = tool(["--model", str(checkpoint), *extra])
+        err = capsys.readouterr().err
+        assert code == 1 and err.strip().split(": ", 1)[1] == expected, (tool, err)
+        assert len(err.splitlines()) == 1

@@ -1,6 +1,6 @@
 """tools/eval_long_context.py on a tiny model (issue: inference people use): one row per position bucket with the
 scored token counts, origin and dynamic RoPE equal below max_position_embeddings and different past it, the PNG
-decodes, and a text too short for one window is one clear line."""
+decodes with plain-number ticks, and a text too short for one window is one clear line."""
 import re
 
 import matplotlib.image
@@ -45,3 +45,24 @@ def test_a_text_shorter_than_one_window_is_one_line(folder, tmp_path, capsys):
     assert re.fullmatch(r"\S+: the text has 6 tokens; one window of 256 positions needs 255 \(BOS and the text\): "
                         r"give a longer text or smaller --lengths", err)
     assert not (tmp_path / "x.png").exists()
+
+
+@pytest.mark.parametrize("origin, dynamic", [
+    ([6005.65, 5931.96, 6338.40], [6005.65, 5994.21, 6424.62]),  # the README's held-out text: a narrow range
+    ([5.1, 61.0, 912.0], [5.1, 40.2, 300.0]),  # decades apart: a log axis
+])
+def test_the_plot_has_readable_perplexity_ticks(origin, dynamic):
+    import matplotlib.pyplot as plt
+
+    from evods.inference.long_context import LongContextResult, long_context_figure
+
+    result = LongContextResult([0, 256, 512, 1024], 8, [2040, 2048, 4096], {"origin": origin, "dynamic": dynamic})
+    figure = long_context_figure(result, 256, "held-out text")
+    figure.canvas.draw()
+    axis = figure.axes[0]
+    low, high = axis.get_ylim()
+    shown = [label.get_text() for minor in (False, True) for label in axis.get_yticklabels(minor=minor)
+             if label.get_text() and low <= label.get_position()[1] <= high]
+    plt.close(figure)
+    assert 2 <= len(shown) <= 10, shown  # a few ticks, not a crowd
+    assert all(re.fullmatch(r"[\d,.]+", label.replace("\N{MINUS SIGN}", "-")) for label in shown), shown  # 6000, 100

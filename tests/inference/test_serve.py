@@ -19,7 +19,7 @@ from transformers import AutoTokenizer
 
 from evods.inference.server import StopStrings
 from evods.model import InternLMForCausalLM
-from evods.model.modeling_internlm import chat_stop_ids
+from evods.model.chat_templates import INTERNLM, stop_token_ids
 from testkit.chat_models import tiny_export
 from testkit.paths import REPO
 
@@ -97,8 +97,8 @@ def expected_chat(reference, question: str, max_new_tokens: int) -> tuple[str, i
     model, tokenizer = reference
     reply, _ = model.chat(tokenizer, question, do_sample=False, max_new_tokens=max_new_tokens)
     prompt = model.build_inputs(tokenizer, question)["input_ids"]
-    ids = model.generate(prompt, do_sample=False, max_new_tokens=max_new_tokens, eos_token_id=chat_stop_ids(tokenizer),
-                         pad_token_id=tokenizer.pad_token_id)
+    ids = model.generate(prompt, do_sample=False, max_new_tokens=max_new_tokens,
+                         eos_token_id=stop_token_ids(INTERNLM, tokenizer), pad_token_id=tokenizer.pad_token_id)
     return reply, prompt.shape[1], ids.shape[1] - prompt.shape[1]
 
 
@@ -132,9 +132,9 @@ def test_chat_and_completions_give_the_models_own_greedy_text(client, reference)
     prompt = "The capital of France is"
     ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
     with torch.no_grad():
-        out = model.generate(ids, do_sample=False, max_new_tokens=12, eos_token_id=chat_stop_ids(tokenizer),
+        out = model.generate(ids, do_sample=False, max_new_tokens=12, eos_token_id=stop_token_ids(INTERNLM, tokenizer),
                              pad_token_id=tokenizer.pad_token_id)[0, ids.shape[1]:].tolist()
-    stop_ids = chat_stop_ids(tokenizer)
+    stop_ids = stop_token_ids(INTERNLM, tokenizer)
     expected = tokenizer.decode([t for t in out if t not in stop_ids], skip_special_tokens=True)
     response = client.completions.create(model=NAME, prompt=prompt, temperature=0, max_tokens=12)
     assert response.choices[0].text == expected and response.usage.prompt_tokens == ids.shape[1]

@@ -88,7 +88,8 @@ def test_saved_folder_loads_with_remote_code_without_evods(tmp_path):
     # library, torch, transformers (flash-attn where installed) and each other: no DeepSpeed, no pipeline stages and
     # nothing else of evods'
     code = {path.name: path.read_text() for path in (tmp_path / "model").glob("*.py")}
-    assert set(code) == {"configuration_internlm.py", "modeling_internlm.py", "transformers_compat.py"}
+    assert set(code) == {"chat_templates.py", "configuration_internlm.py", "modeling_internlm.py",
+                         "transformers_compat.py"}
     for name, text in code.items():
         imported = {node.module if isinstance(node, ast.ImportFrom) else alias.name
                     for node in ast.walk(ast.parse(text)) if isinstance(node, ast.Import | ast.ImportFrom)

@@ -5,6 +5,7 @@ import re
 import runpy
 import subprocess
 import sys
+from datetime import datetime
 from pathlib import Path
 
 import numpy as np
@@ -93,3 +94,17 @@ def test_plot_metrics_says_what_is_missing(tmp_path, capsys, monkeypatch):
     assert plot_metrics_main()([str(tmp_path)]) == 2
     error = capsys.readouterr().err
     assert error.startswith("plot_metrics.py: ") and "no metrics.jsonl" in error
+
+
+def test_runs_are_labelled_by_job_name_and_launch_time(tmp_path):
+    from evods.monitor.plot import run_labels
+    from evods.training.trainer import default_run_dir
+
+    first = tmp_path / default_run_dir("demo_cpu", datetime(2026, 12, 3, 10, 31, 35))
+    second = tmp_path / default_run_dir("demo_cpu_data", datetime(2026, 12, 4, 9, 15, 0))
+    for folder in (first, second, tmp_path / "a" / "my_run", tmp_path / "b" / "my_run"):
+        folder.mkdir(parents=True)
+    assert run_labels([first, second]) == ["demo_cpu 2026-12-03 10:31:35", "demo_cpu_data 2026-12-04 09:15:00"]
+    assert run_labels([first / "metrics.jsonl", tmp_path / "a" / "my_run"]) == ["demo_cpu 2026-12-03 10:31:35",
+                                                                               "my_run"]
+    assert run_labels([tmp_path / "a" / "my_run", tmp_path / "b" / "my_run"]) == ["a/my_run", "b/my_run"]

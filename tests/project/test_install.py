@@ -10,8 +10,8 @@ from pathlib import Path
 
 from testkit.paths import DATA, NOT_THE_PROJECT, REPO
 
-COMMANDS = ("evods-train", "evods-tokenizer", "evods-alpaca-tokenizer", "evods-convert2hf", "evods-convert2native",
-            "evods-generate", "evods-chat", "evods-web-demo", "evods-eval-long-context",
+COMMANDS = ("evods-train", "evods-tokenizer", "evods-alpaca-tokenizer", "evods-chat-tokenizer", "evods-convert2hf",
+            "evods-convert2native", "evods-generate", "evods-chat", "evods-web-demo", "evods-eval-long-context",
             "evods-serve")
 
 

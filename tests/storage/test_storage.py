@@ -2,6 +2,7 @@
 
 import os
 import socket
+import threading
 import time
 
 import pytest
@@ -15,6 +16,7 @@ from evods.storage import (
     parse_storage_path,
 )
 from evods.storage.local import atomic_write
+from testkit.bad_endpoints import NotFoundEndpoint, StallingEndpoint
 from testkit.s3_server import (
     ACCESS_KEY_ID,
     SECRET_ACCESS_KEY,
@@ -238,6 +240,72 @@ def test_ping_fails_fast_when_nothing_listens(s3_endpoint):
     assert f"no answer from http://{endpoint}" in str(error.value)
     assert "check the endpoint" in str(error.value)
     assert_no_secret(str(error.value))
+
+
+def storage_at(url: str):
+    """A folder at an endpoint given as http://host:port, in InternEvo's path form."""
+    return open_storage(f"boto3:s3://bucket.{url.removeprefix('http://')}/run")
+
+
+def failure_of(action) -> tuple[float, str]:
+    """(seconds until `action` raised StorageError, its message)."""
+    start = time.monotonic()
+    with pytest.raises(StorageError) as error:
+        action()
+    return time.monotonic() - start, str(error.value)
+
+
+def test_a_hung_endpoint_fails_within_half_a_minute_by_default_and_sooner_when_configured(s3_endpoint, monkeypatch,
+                                                                                        tmp_path):
+    with StallingEndpoint() as hung, StallingEndpoint(answer_head=True) as hung_after_head:
+        defaults = storage_at(hung.url)  # 3 attempts of 6 s each
+        outcome = {}
+        ping = threading.Thread(target=lambda: outcome.update(default=failure_of(defaults.ping)))
+        ping.start()  # meanwhile, the configured bounds
+
+        monkeypatch.setenv("EVODS_S3_READ_TIMEOUT", "1")
+        monkeypatch.setenv("EVODS_S3_MAX_ATTEMPTS", "2")
+        # the size check (HEAD) is answered, the GET is not: s3transfer's own five download attempts would multiply
+        # the wait by five
+        seconds, message = failure_of(lambda: storage_at(hung_after_head.url).download_file("x", tmp_path / "x"))
+        assert seconds < 6, seconds
+        assert message == (f"S3 download of s3://bucket/run/x at {hung_after_head.url} failed: {hung_after_head.url} "
+                           "accepted the connection but sent no answer within 1 s (2 attempts); what to check: that "
+                           "the endpoint is an S3 server and is up (not a hung server or proxy); on a slow storage "
+                           "raise EVODS_S3_READ_TIMEOUT (seconds) or EVODS_S3_MAX_ATTEMPTS")
+        monkeypatch.setenv("EVODS_S3_READ_TIMEOUT", "soon")
+        assert failure_of(lambda: storage_at(hung.url))[1] == \
+            "EVODS_S3_READ_TIMEOUT='soon': give a number of seconds above 0 (default 6.0)"
+        ping.join()
+    seconds, message = outcome["default"]
+    assert 18 <= seconds <= 30, seconds
+    assert f"{hung.url} accepted the connection but sent no answer within 6 s (3 attempts)" in message
+    assert "\n" not in message
+    assert_no_secret(message)
+
+
+@pytest.mark.parametrize("body, answer", [
+    (b"", "HTTP 404 with an empty body"),
+    (b"<html><head><title>404 Not Found</title></head><body><h1>Not Found</h1></body></html>",
+     "HTTP 404 with an HTML page titled '404 Not Found'"),
+])
+def test_an_endpoint_that_answers_404_is_one_line_that_says_what_answered(s3_endpoint, body, answer, tmp_path, capsys):
+    from evods.cli.convert2hf import main as convert2hf
+
+    with NotFoundEndpoint(body) as web_server:
+        ping_message = failure_of(storage_at(web_server.url).ping)[1]
+        code = convert2hf(["--src", f"boto3:s3://bucket.{web_server.url.removeprefix('http://')}/ckpt/10",
+                           "--tgt", str(tmp_path / "hf")])
+    assert ping_message.startswith("S3 write of s3://bucket/run/pings/") and "\n" not in ping_message
+    assert f"failed: {web_server.url} answered {answer} (server: BaseHTTP" in ping_message
+    assert ping_message.endswith("not an S3 error; what to check: the endpoint must be the S3 service itself (scheme, "
+                                 "host and port, no path: boto3:s3://BUCKET.HOST:PORT/prefix, or S3_ENDPOINT_URL for "
+                                 "s3:// paths), and bucket 'bucket' must exist there")
+    err = capsys.readouterr().err
+    assert code == 1 and len(err.splitlines()) == 1, err
+    assert err.split(": ", 1)[1].startswith(f"S3 listing of s3://bucket/ckpt/10 at {web_server.url} failed: "
+                          f"{web_server.url} answered {answer}")
+    assert not (tmp_path / "hf").exists()
 
 
 def test_ping_fails_for_credentials_the_server_rejects(s3_endpoint):

@@ -1,7 +1,6 @@
 """Faults and hostile files (issue: faults and trust): a stop during validation saves first and resumes exactly;
 damaged newest checkpoints fall back with one line each; checkpoint files never run code; storage faults end in one
 line per job; written files honour the umask; converters check their arguments before writing."""
-import json
 import logging
 import os
 import signal
@@ -12,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from testkit.checkpoints import write_evods_checkpoint
 from testkit.distributed import free_port, run_distributed
 from testkit.paths import REPO
 from testkit.train_configs import tiny_config
@@ -111,8 +111,8 @@ def test_sigint_during_validation_saves_the_last_step_and_the_restart_continues_
     full = rank0["eval_calls"].count(1)
     assert full > 1 and rank0["eval_calls"].count(3) == 1
     assert any("cut short by the stop request" in line for line in rank0["warnings"])
-    assert any("saving a checkpoint of step 3 before stopping" in line for line in rank0["warnings"])
-    assert any("checkpoint of step 3 complete" in line and "after the stop request" in line
+    assert any(line.startswith("saving step 3… (a stop was requested") for line in rank0["warnings"])
+    assert any(line.startswith("saved step 3: its checkpoint is complete") and line.endswith("after the stop request")
                for line in rank0["warnings"])
     assert (save / "3" / "3.step").is_file() and rank0["sigint_handler_restored"]
 
@@ -128,6 +128,9 @@ def test_sigint_during_validation_saves_the_last_step_and_the_restart_continues_
     assert f"{save}/3" in damaged[1] and "does not match its xxh3_64 checksum" in damaged[1]
     assert f"{save}/2" in damaged[2] and "which is not tensor data" in damaged[2] and "pathlib.PosixPath" in damaged[2]
     assert not result["payload_ran"]
+    # the start-up banner names the checkpoint that was loaded, not the damaged one first chosen
+    [banner] = result["banners"]
+    assert banner.startswith(f"===========Resume training from `local:{save}/1` "), banner
     # with the fallback off, the damaged newest checkpoint is one clear error, raised by rank 0 only
     assert result["no_fallback"].startswith("CheckpointError: checkpoint") and f"{save}/4" in result["no_fallback"]
     assert "auto_resume_fallback=False" in result["no_fallback"] and "\n" not in result["no_fallback"]
@@ -161,7 +164,11 @@ def resume_with_damage(save: str, run_root: str) -> dict:
         plant_payload(folder / "2", "deepspeed/mp_rank_00_model_states.pt", str(proof), Manifest, digest_file)
     dist.barrier()
     warnings = capture_warnings()
+    banners = Captured()
+    banners.setLevel(logging.INFO)
+    logging.getLogger("evods.startup").addHandler(banners)
     after_damage = train(faults_config(TOTAL_STEPS, ckpt), f"{run_root}/after_damage")
+    logging.getLogger("evods.startup").removeHandler(banners)
     if dist.get_rank() == 0:
         truncate(folder / "4" / "context.pt")
     dist.barrier()
@@ -173,6 +180,7 @@ def resume_with_damage(save: str, run_root: str) -> dict:
                                         hidden_size=32), f"{run_root}/other_info")
     return {"resumed": resumed, "after_damage": after_damage, "warnings": warnings.lines, "modes": modes,
             "payload_ran": proof.exists(), "no_fallback": no_fallback, "other_model_auto_resume": other_auto,
+            "banners": [line for line in banners.lines if line.startswith("===========")],
             "other_model_load_ckpt_info": other_info}
 
 
@@ -220,29 +228,6 @@ def test_a_stop_that_is_not_saved_in_time_says_so_before_the_launcher_kills(capl
 
 
 # ------------------------------------------------------------------------------------------ hostile files
-
-
-def write_evods_checkpoint(folder: Path, module_extra=None, context_extra=None) -> None:
-    """A small evods checkpoint as the manager lays it out (model states, run state, topology, config, marker)."""
-    from evods.checkpoint import layout
-    from evods.checkpoint.marker import Manifest, digest_file
-    from evods.model import InternLMConfig, InternLMForCausalLM
-
-    config = InternLMConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                            num_attention_heads=2)
-    model = InternLMForCausalLM(config)
-    (folder / "deepspeed").mkdir(parents=True)
-    torch.save({"module": {**model.state_dict(), **(module_extra or {})}},
-               folder / "deepspeed" / "mp_rank_00_model_states.pt")
-    context = {"step_count": 5, "batch_count": 5, "num_consumed_tokens": 10, "inf_nan_skip_batches": 0,
-               "skipped_by_config": 0, **(context_extra or {})}
-    torch.save(context, folder / layout.CONTEXT)
-    torch.save({"num_consumed_samples_in_epoch": 5, "data_world_size": 1}, folder / layout.SAMPLER)
-    torch.save({"lr": {"last_epoch": 5}, "beta2": {"cur_iter": 5}}, folder / layout.SCHEDULERS)
-    (folder / layout.TOPOLOGY).write_text(json.dumps({"dp": 1, "pp": 1, "tp": 1, "num_layers": 1}))
-    (folder / layout.MODEL_CONFIG).write_text(config.to_json_string())
-    files = {str(path.relative_to(folder)): digest_file(str(path)) for path in folder.rglob("*") if path.is_file()}
-    (folder / layout.marker_name(5)).write_bytes(Manifest(5, files).to_bytes())
 
 
 def run_tool(main, args: list[str], capsys) -> tuple[int, str]:
@@ -316,6 +301,33 @@ def test_a_damaged_checkpoint_does_not_convert(tmp_path):
         read_checkpoint_model(str(checkpoint))
 
 
+@pytest.mark.parametrize("marker, reason", [
+    (b"", "is empty"),
+    (b'{"step": 5, "files": {"context', "is not a valid marker (JSONDecodeError: Unterminated string"),
+    (b'{"step": 5, "files": {"context.pt": {"size": "ten"}}}', "is not a valid marker (ValueError: invalid literal"),
+    (b'{"step": 4, "files": {}}', "records step 4: it was copied or renamed from another checkpoint"),
+])
+def test_an_empty_or_corrupt_step_marker_is_one_line_for_every_reader(tmp_path, capsys, marker, reason):
+    from evods.checkpoint.errors import DamagedCheckpoint
+    from evods.checkpoint.resume.catalogue import read_catalogue_on_rank0
+    from evods.checkpoint.resume.plan import ALL_CONTENT, LoadPlan
+    from tools.convert2hf import main as convert2hf
+    from tools.convert2native import main as convert2native
+
+    checkpoint = tmp_path / "ckpt" / "5"
+    write_evods_checkpoint(checkpoint)
+    (checkpoint / "5.step").write_bytes(marker)
+    expected = f"the step marker {checkpoint / '5.step'} {reason}"
+    for convert in (convert2hf, convert2native):
+        code, err = run_tool(convert, ["--src", str(checkpoint), "--tgt", str(tmp_path / "out")], capsys)
+        assert code == 1 and expected in err and err.count("\n") == 1, err
+        assert not (tmp_path / "out").exists()
+    # what a resume reads first (rank 0, then shared); auto-resume falls back from this error to the previous one
+    with pytest.raises(DamagedCheckpoint) as error:
+        read_catalogue_on_rank0(LoadPlan(f"local:{tmp_path / 'ckpt'}", "5", ALL_CONTENT, "evods", "auto_resume"))
+    assert expected in str(error.value) and "\n" not in str(error.value)
+
+
 # ------------------------------------------------------------------------------------------ small guarantees
 
 
@@ -336,7 +348,7 @@ def test_written_files_honour_the_umask(tmp_path):
 
 def test_long_transfers_print_progress_lines(tmp_path, caplog, monkeypatch):
     from evods import progress
-    from evods.checkpoint.save.upload import Publisher
+    from evods.checkpoint.transfer import Publisher
     from evods.storage import LocalStorage
 
     monkeypatch.setattr(progress, "FIRST_LINE_AFTER_S", 0.0)

@@ -82,19 +82,14 @@ def loaded_weights(folder: Path) -> dict:
     return {name: params[name].detach().double().sum().item() for name in WATCHED}
 
 
-@pytest.mark.parametrize("tensor", [1, 2])
-def test_accelerate_example_equals_train_ds_on_two_processes(train_folder, tmp_path, tensor):
-    """2 data-parallel ranks, or one model split over 2 tensor ranks (evods' tensor parallelism under accelerate)."""
-    config_path = write_config(tmp_path, train_folder, tensor)
-    reference = run_distributed(train_ds_run, world=2, args=(str(config_path), str(tmp_path / "ds")))
-    assert reference[0]["history"] == reference[1]["history"] and len(reference[0]["history"]) == STEPS
-    out, metrics = tmp_path / "hf", tmp_path / "metrics.jsonl"
-    log = launch([sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-                  str(REPO / "examples" / "accelerate_zero1.yaml"), "--main_process_port", str(free_port()),
-                  str(REPO / "examples" / "accelerate_train.py"), "--config", str(config_path), "--output_dir",
-                  str(out), "--metrics_file", str(metrics)], tmp_path)
-    # accelerate counts both CPU processes
-    assert f"2 processes (rank 0), DeepSpeed ZeRO stage 1, tensor parallel {tensor}" in log
+def accelerate_launch(config_path: Path, accelerate_config: Path, out: Path, metrics: Path, tmp_path: Path) -> str:
+    return launch([sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(accelerate_config),
+                   "--main_process_port", str(free_port()), str(REPO / "examples" / "accelerate_train.py"),
+                   "--config", str(config_path), "--output_dir", str(out), "--metrics_file", str(metrics)], tmp_path)
+
+
+def check_against_reference(reference: list, out: Path, metrics: Path) -> None:
+    """The accelerate run's losses, gradient norms and saved weights are train_ds.py's."""
     steps = [json.loads(line) for line in metrics.read_text().splitlines()]
     assert [s["step"] for s in steps] == list(range(STEPS)) and all(s["tokens_per_s"] > 0 for s in steps)
     for step, ((loss, grad_norm), record) in enumerate(zip(reference[0]["history"], steps)):
@@ -106,6 +101,29 @@ def test_accelerate_example_equals_train_ds_on_two_processes(train_folder, tmp_p
     from transformers import AutoTokenizer
 
     assert AutoTokenizer.from_pretrained(out)("Hello").input_ids[0] == 1  # BOS: the tokenizer travels with it
+
+
+@pytest.mark.parametrize("tensor", [1, 2])
+def test_accelerate_example_equals_train_ds_on_two_processes(train_folder, tmp_path, tensor):
+    """2 data-parallel ranks, or one model split over 2 tensor ranks (evods' tensor parallelism under accelerate).
+    The data-parallel run goes again under a ZeRO-3 accelerate config, which accelerate writes with the weights'
+    gathering for a save turned off: the script turns it on before training, and the end-of-run save works."""
+    config_path = write_config(tmp_path, train_folder, tensor)
+    reference = run_distributed(train_ds_run, world=2, args=(str(config_path), str(tmp_path / "ds")))
+    assert reference[0]["history"] == reference[1]["history"] and len(reference[0]["history"]) == STEPS
+    out, metrics = tmp_path / "hf", tmp_path / "metrics.jsonl"
+    log = accelerate_launch(config_path, REPO / "examples" / "accelerate_zero1.yaml", out, metrics, tmp_path)
+    # accelerate counts both CPU processes
+    assert f"2 processes (rank 0), DeepSpeed ZeRO stage 1, tensor parallel {tensor}" in log
+    check_against_reference(reference, out, metrics)
+    if tensor == 1:
+        zero3 = tmp_path / "accelerate_zero3.yaml"
+        zero3.write_text((REPO / "examples" / "accelerate_zero1.yaml").read_text().replace(
+            "zero_stage: 1", "zero_stage: 3\n  zero3_save_16bit_model: false"))
+        log = accelerate_launch(config_path, zero3, tmp_path / "hf_zero3", tmp_path / "zero3.jsonl", tmp_path)
+        assert "2 processes (rank 0), DeepSpeed ZeRO stage 3, tensor parallel 1" in log
+        assert "Traceback" not in log
+        check_against_reference(reference, tmp_path / "hf_zero3", tmp_path / "zero3.jsonl")
 
 
 def test_hf_trainer_example_with_deepspeed_on_two_processes(train_folder, tmp_path):

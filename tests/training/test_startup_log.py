@@ -1,4 +1,5 @@
-"""The first lines of a run's log are the quickstart's: distributed sizes, each rank's seeds, each rank's New Run."""
+"""The first lines of a run's log are the quickstart's: distributed sizes, the seeds, New Run; from the logging rank
+only by default, from every rank (as InternEvo) with EVODS_VERBOSE=1."""
 import logging
 import re
 from datetime import datetime
@@ -55,7 +56,15 @@ def quickstart_host(monkeypatch):
     monkeypatch.setattr(startup.socket, "gethostname", lambda: QUICKSTART_HOST)
 
 
-def test_the_quickstart_run_prints_the_quickstart_lines():
+def test_by_default_only_the_logging_rank_prints_them():
+    ranks = {rank: [message(line) for line in start_up_lines(rank, world=8)] for rank in range(8)}
+    assert all(lines == [] for rank, lines in ranks.items() if rank != 0)
+    assert ranks[0][0] == message(QUICKSTART_DISTRIBUTED) and ranks[0][1].startswith("initialized seed on rank 0,")
+    assert ranks[0][2] == message(QUICKSTART_NEW_RUN[0]) and len(ranks[0]) == 3
+
+
+def test_verbose_the_quickstart_run_prints_the_quickstart_lines(monkeypatch):
+    monkeypatch.setenv("EVODS_VERBOSE", "1")
     ranks = {rank: start_up_lines(rank, world=8) for rank in range(8)}
     # the sizes once, from the log rank; seeds and New Run from every rank
     assert [message(line) for line in ranks[0][:1]] == [message(QUICKSTART_DISTRIBUTED)]
@@ -65,7 +74,8 @@ def test_the_quickstart_run_prints_the_quickstart_lines():
     assert {message(lines[-1]) for lines in ranks.values()} == new_runs
 
 
-def test_tensor_and_pipeline_ranks_get_their_seeds_and_coordinates():
+def test_tensor_and_pipeline_ranks_get_their_seeds_and_coordinates(monkeypatch):
+    monkeypatch.setenv("EVODS_VERBOSE", "1")
     # world 8 = dp 2 × pp 2 × tp 2; rank 7 is dp 1, pp 1, tp 1; the log rank is dp 0, tp 0, last stage: rank 2
     lines = {rank: [message(line) for line in start_up_lines(rank, world=8, pp=2, tp=2, seed=7)] for rank in range(8)}
     assert [rank for rank, messages in lines.items() if messages[0].startswith("Distributed")] == [2]

@@ -17,6 +17,13 @@ from .internevo import is_native_checkpoint, read_native_model
 from .weights import deepspeed_weights
 
 
+def is_training_checkpoint(names: list[str]) -> bool:
+    """Whether a folder with these file names is a training checkpoint (evods' or InternEvo's native one), which
+    holds a config.json but no Hugging Face weights or tokenizer."""
+    return (layout.TOPOLOGY in names or any(name.endswith(layout.MARKER_SUFFIX) for name in names)
+            or is_native_checkpoint(names))
+
+
 def read_checkpoint_model(src: str, mlp_naming: str | None = None) -> tuple[InternLMConfig, dict[str, torch.Tensor]]:
     """`src`: a storage path of one evods checkpoint (with its marker) or InternEvo native checkpoint folder (either
     family of names). `mlp_naming` applies to native checkpoints (see internevo.read_native_model)."""

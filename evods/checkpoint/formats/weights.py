@@ -6,9 +6,13 @@ does not partition parameters): with pipeline size 1 the module state in `mp_ran
 every weight of tensor rank t; with a pipeline, each `layer_XX-model_{t:02d}-model_states.pt` holds rank t's part of
 one PipelineModule layer, named back through `pipeline_parameter_name`. The tensor ranks' shards are then merged as the
 tensor-parallel plan says (`evods.parallel.TensorParallelSplit`), the table that sliced them: concatenated along the
-split dims, the copies of KV heads that several ranks share taken once.
+split dims, the copies of KV heads that several ranks share taken once. Under ZeRO-3
+the model files hold no weights: each data rank's optimizer partition holds its fp32 shard of them, which DeepSpeed's
+zero_to_fp32 consolidates (evods runs ZeRO-3 without tensor parallelism, so there is one set).
 """
+import contextlib
 import glob
+import io
 import json
 import os
 import re
@@ -19,6 +23,7 @@ from safetensors.torch import load_file
 
 from evods.model import HeadSplit
 from evods.parallel import TensorParallelSplit, pipeline_parameter_name
+from evods.parallel.zero import full_shape, gathered
 
 from .. import safe_load
 from ..errors import CheckpointError
@@ -39,6 +44,8 @@ def deepspeed_weights(checkpoint_dir: str) -> dict[str, torch.Tensor]:
     tensor_size = _saved_tensor_size(checkpoint_dir)
     tag_dir = os.path.join(checkpoint_dir, DEEPSPEED_TAG)
     layer_files = sorted(glob.glob(os.path.join(tag_dir, "layer_*-model_states.pt")))
+    if glob.glob(os.path.join(tag_dir, "zero_pp_rank_*_model_states.pt")):
+        return _zero3_weights(checkpoint_dir)
     if layer_files:
         shards = _pipeline_shards(layer_files, tensor_size, checkpoint_dir)
     else:
@@ -95,6 +102,21 @@ def _saved_tensor_size(checkpoint_dir: str) -> int:
         return int(json.load(f).get("tp", 1))
 
 
+def _zero3_weights(checkpoint_dir: str) -> dict[str, torch.Tensor]:
+    """The weights of a ZeRO-3 checkpoint, from its fp32 shards, in the dtype the model trained in (the dtype of its
+    model files' placeholders): DeepSpeed's own weights are its fp32 master weights cast to that dtype."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    tag_dir = os.path.join(checkpoint_dir, DEEPSPEED_TAG)
+    placeholders = safe_load.load_file(os.path.join(tag_dir, "zero_pp_rank_0_mp_rank_00_model_states.pt"),
+                                       safe_load.deepspeed_objects())["module"]
+    # zero_to_fp32 reads the files with torch.load(weights_only=False) and prints its progress
+    with safe_load.deepspeed_loads_weights_only(), contextlib.redirect_stdout(io.StringIO()):
+        weights = get_fp32_state_dict_from_zero_checkpoint(checkpoint_dir, tag=DEEPSPEED_TAG)
+    return {name: tensor.to(placeholders[name].dtype) if name in placeholders else tensor
+            for name, tensor in weights.items()}
+
+
 def _module_shard(tag_dir: str, tensor_rank: int, checkpoint_dir: str) -> dict[str, torch.Tensor]:
     """Tensor rank `tensor_rank`'s weights of a plain (unpipelined) module; DeepSpeed names the file by the mpu's
     model-parallel rank, which is the tensor rank when there is no pipeline."""
@@ -140,12 +162,14 @@ def hf_weights(folder: str) -> dict[str, torch.Tensor]:
 
 
 def load_weights(model: torch.nn.Module, weights: dict[str, torch.Tensor], source: str) -> None:
-    """Copy `weights` into `model` (cast to its dtype); every parameter must be there with its shape."""
-    expected = model.state_dict()
+    """Copy `weights` into `model` (cast to its dtype); every parameter must be there with its shape. A model built
+    under ZeRO-3 takes them too: each parameter is gathered whole around its copy (every rank copies the same)."""
+    expected = model.state_dict(keep_vars=True)
+    shapes = {name: tuple(full_shape(tensor)) for name, tensor in expected.items()}
     missing = sorted(set(expected) - set(weights))
     unexpected = sorted(set(weights) - set(expected))
-    wrong_shape = [f"{name}: {tuple(weights[name].shape)} in the checkpoint, {tuple(expected[name].shape)} in the model"
-                   for name in sorted(set(expected) & set(weights)) if weights[name].shape != expected[name].shape]
+    wrong_shape = [f"{name}: {tuple(weights[name].shape)} in the checkpoint, {shapes[name]} in the model"
+                   for name in sorted(set(expected) & set(weights)) if tuple(weights[name].shape) != shapes[name]]
     if (bias_cause := _bias_mismatch(missing, unexpected)) and not wrong_shape:
         raise WeightsError(f"the weights in {source} do not fit the model of this config: {bias_cause}")
     if missing or unexpected or wrong_shape:
@@ -155,7 +179,9 @@ def load_weights(model: torch.nn.Module, weights: dict[str, torch.Tensor], sourc
                            f"{'; '.join(p for p in problems if p)}); check the config's model sizes against the "
                            "checkpoint's config.json")
     with torch.no_grad():
-        model.load_state_dict({name: weights[name].to(expected[name].dtype) for name in expected})
+        for name, tensor in expected.items():
+            with gathered([tensor], modifier_rank=0):
+                tensor.data.copy_(weights[name])
 
 
 ATTENTION_BIAS = re.compile(r".*self_attn\.[qkvo]_proj\.bias$")

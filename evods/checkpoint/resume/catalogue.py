@@ -7,7 +7,6 @@ from dataclasses import dataclass
 from evods.storage import open_storage
 
 from .. import collective, layout
-from ..errors import DamagedCheckpoint
 from ..marker import Manifest
 from .plan import LoadPlan
 
@@ -18,7 +17,7 @@ logger = logging.getLogger("evods.checkpoint")
 class Catalogue:
     files: dict[str, int | None]
     manifest: Manifest | None
-    topology: dict | None  # {"dp", "pp", "tp", "num_layers"} of the saving run (evods checkpoints)
+    topology: dict | None  # {"dp", "pp", "tp", "zero_stage", "num_layers"} of the saving run (evods checkpoints)
 
 
 def read_catalogue_on_rank0(plan: LoadPlan) -> Catalogue:
@@ -32,10 +31,7 @@ def _read_catalogue(plan: LoadPlan) -> Catalogue:
     manifest = topology = None
     if plan.is_evods:
         step = layout.marked_step(storage, plan.folder)
-        try:
-            manifest = layout.read_manifest(storage, layout.CheckpointRef(step, plan.folder))
-        except ValueError as exc:
-            raise DamagedCheckpoint(str(exc)) from None
+        manifest = layout.read_manifest(storage, layout.CheckpointRef(step, plan.folder))
         topology = json.loads(storage.read_bytes(layout.join(plan.folder, layout.TOPOLOGY)))
     if manifest is not None and manifest.verifiable:
         files = {rel: digest.size for rel, digest in manifest.files.items()}

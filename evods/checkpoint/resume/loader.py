@@ -62,6 +62,7 @@ class CheckpointLoader:
                 load_weights(model, read_model_weights(plan, folder), plan.describe())
 
             collective.agree_on_failure(f"loading the model of {plan.describe()}", load)
+        self.loaded = plan
         plan.announce()
 
     def restore(self, parts: TrainingParts) -> None:

@@ -6,8 +6,10 @@ its data-parallel slice, which DeepSpeed calls the model-parallel rank):
 
     deepspeed/mp_rank_{m}_model_states.pt                   engine state (and, without a pipeline, the model)
     deepspeed/layer_{i}-model_{t}-model_states.pt           with a pipeline: the layers i of stage p
-    deepspeed/[bf16_]zero_pp_rank_{d}_mp_rank_{m}_optim_states.pt   its ZeRO-1 partition (DeepSpeed reads only the
-                                                            rank's own one unless elastic_checkpoint is set)
+    deepspeed/zero_pp_rank_{d}_mp_rank_{m}_model_states.pt  under ZeRO-3, instead of mp_rank_{m}: engine state
+    deepspeed/[bf16_]zero_pp_rank_{d}_mp_rank_{m}_optim_states.pt   its ZeRO partition (DeepSpeed reads only the
+                                                            rank's own one unless elastic_checkpoint is set; under
+                                                            ZeRO-3 it holds the rank's shard of the weights)
     context.pt, sampler.pt, schedulers.pt                   the run state, as the plan's content asks
     rng/rank{r}.pt                                          its RNG states, when the saving run had rank r
 
@@ -17,7 +19,8 @@ tensor ranks inside a node (InternEvo's layout) the node reads those anyway, so 
 
 A resume at another data or pipeline size converts the whole DeepSpeed folder once per node (reshard.py), so the
 node's leader reads every DeepSpeed file. Loading the model weights alone reads every model file (the tensor ranks
-are merged). A file that several ranks of a node read is downloaded once, by one of them, into the node's folder.
+are merged; a ZeRO-3 checkpoint keeps its weights in the optimizer partitions, so all of those). A file that several
+ranks of a node read is downloaded once, by one of them, into the node's folder.
 """
 import re
 from collections.abc import Iterable
@@ -29,6 +32,7 @@ from .. import layout
 _MODULE_FILE = re.compile(r"^deepspeed/mp_rank_(\d+)_model_states\.pt$")
 _LAYER_FILE = re.compile(r"^deepspeed/layer_(\d+)-model_(\d+)-model_states\.pt$")
 _ZERO_FILE = re.compile(r"^deepspeed/(?:bf16_)?zero_pp_rank_(\d+)_mp_rank_(\d+)_optim_states\.pt$")
+_ZERO3_MODULE_FILE = re.compile(r"^deepspeed/zero_pp_rank_(\d+)_mp_rank_(\d+)_model_states\.pt$")
 
 
 def deepspeed_files(files: Iterable[str]) -> list[str]:
@@ -37,10 +41,13 @@ def deepspeed_files(files: Iterable[str]) -> list[str]:
 
 
 def model_files(files: Iterable[str]) -> list[str]:
-    """The files that hold model weights: the layer files of a pipeline, else the module files."""
+    """The files that hold model weights: the layer files of a pipeline, else the module files, else (ZeRO-3) every
+    rank's model states (the parameter names and shapes) and optimizer partitions (the weights)."""
     files = list(files)
     layers = [rel for rel in files if _LAYER_FILE.match(rel)]
-    return sorted(layers or [rel for rel in files if _MODULE_FILE.match(rel)])
+    modules = [rel for rel in files if _MODULE_FILE.match(rel)]
+    zero3 = [rel for rel in files if _ZERO3_MODULE_FILE.match(rel) or _ZERO_FILE.match(rel)]
+    return sorted(layers or modules or zero3)
 
 
 def own_deepspeed_files(files: Iterable[str], parallel: ParallelLayout, stage_layers: range | None) -> list[str]:
@@ -54,8 +61,8 @@ def own_deepspeed_files(files: Iterable[str], parallel: ParallelLayout, stage_la
         elif (match := _LAYER_FILE.match(rel)) and stage_layers is not None \
                 and int(match.group(1)) in stage_layers and int(match.group(2)) in (parallel.tp_rank, 0):
             chosen.add(rel)
-        elif (match := _ZERO_FILE.match(rel)) and (int(match.group(1)), int(match.group(2))) == (parallel.dp_rank,
-                                                                                                 model_rank):
+        elif (match := _ZERO_FILE.match(rel) or _ZERO3_MODULE_FILE.match(rel)) and \
+                (int(match.group(1)), int(match.group(2))) == (parallel.dp_rank, model_rank):
             chosen.add(rel)
     return sorted(chosen)
 

@@ -85,7 +85,7 @@ class CheckpointSaver:
         """A run stopped on request (SIGTERM from a scheduler's preemption) keeps its progress: a normal checkpoint
         of `step_count`, unless the policy has just written one."""
         if self.saving and self._last_saved_step != step_count:
-            logger.warning("saving a checkpoint of step %d before stopping", step_count)
+            logger.warning("saving step %d… (a stop was requested; the job ends once it is saved)", step_count)
             self.save(str(step_count), step_count, parts)
 
     def save(self, folder: str, step: int, parts: TrainingParts) -> None:

@@ -1,0 +1,124 @@
+"""Memory per rank and step time of DeepSpeed ZeRO-1, ZeRO-2, ZeRO-3 and ZeRO-3 with CPU offload (parallel.zero).
+
+A ~110M-parameter InternLM (hidden 768, 12 layers, 12 heads, vocabulary 16,384), fp32 weights with fp32 master
+copies and AdamW, trained by evods' Trainer on 4 ranks (data parallel), one packed row of 512 tokens per rank and
+step. Each variant runs in its own 4 processes:
+- memory, from torch's own allocation records (the profiler's memory events; a process's RSS would mostly show
+  start-up and the allocator's caching), from just before the model is built to the end of the second step: what a
+  rank holds after the step (weights, gradients, optimizer states and DeepSpeed's buffers: the model, gradient and
+  optimizer state) and its peak (activations and transient buckets included). Under offload, the part
+  DeepSpeed keeps in its host-side buffers (the optimizer's fp32 shards, their gradients and Adam states; with
+  parameter offload the parameter shards too) is counted apart: on a GPU it leaves the device. On this CPU machine
+  everything is host memory, so offload changes where the bytes would be, not how many;
+- step time: the median of the steps after the second, without the profiler.
+
+    OMP_NUM_THREADS=1 python bench/bench_zero.py [--steps 5] [--ranks 4]
+"""
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from testkit.allocations import allocator_peak  # noqa: E402
+from testkit.distributed import run_distributed  # noqa: E402  (the same harness the tests use)
+from testkit.train_configs import tiny_config  # noqa: E402
+
+MODEL = dict(hidden_size=768, num_layers=12, num_attention_heads=12, vocab_size=16384, mlp_ratio=8 / 3,
+             dtype="torch.float32")
+VARIANTS = {
+    "ZeRO-1": dict(stage=1),
+    "ZeRO-2": dict(stage=2),
+    "ZeRO-3": dict(stage=3),
+    "ZeRO-2 + offload optimizer": dict(stage=2, offload_optimizer=True),
+    "ZeRO-3 + offload optimizer": dict(stage=3, offload_optimizer=True),
+    "ZeRO-3 + offload optimizer and parameters": dict(stage=3, offload_optimizer=True, offload_param=True),
+}
+MiB = 2**20
+
+
+def offloaded_bytes(trainer, zero: dict) -> int:
+    """Bytes of the state DeepSpeed keeps in host buffers under offload: the basic optimizer's parameters (the fp32
+    shards), their gradients and states; with parameter offload also the model's parameter shards."""
+    import torch
+
+    storages = {}
+
+    def add(tensor):
+        if isinstance(tensor, torch.Tensor) and tensor.numel():
+            storages[tensor.untyped_storage().data_ptr()] = tensor.untyped_storage().nbytes()
+
+    if zero.get("offload_optimizer"):
+        basic = trainer.engine.engine.basic_optimizer
+        for group in basic.param_groups:
+            for param in group["params"]:
+                add(param)
+                add(param.grad)
+                for value in basic.state.get(param, {}).values():
+                    add(value)
+    if zero.get("offload_param"):
+        for param in trainer.engine.engine.module.parameters():
+            add(getattr(param, "ds_tensor", None))
+    return sum(storages.values())
+
+
+def measure(zero: dict, steps: int, root: str) -> dict:
+    from torch.profiler import ProfilerActivity, profile
+
+    from evods.training.distributed import init_distributed
+    from evods.training.trainer import Trainer
+
+    init_distributed("torch")
+    cfg = tiny_config(model=MODEL, data=dict(seq_len=512, micro_bsz=1, micro_num=1, total_steps=steps + 2,
+                                             num_worker=0),
+                      parallel=dict(zero1=-1, zero=zero), lr_scheduler=dict(total_steps=steps + 2, warmup_ratio=0.0))
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        trainer = Trainer(cfg, run_dir=Path(root) / "run")
+        batches = iter(trainer.loader)
+        for _ in range(2):  # the second step runs with every optimizer state and DeepSpeed buffer in place
+            trainer.engine.train_step(next(batches))
+    peak, held = allocator_peak(prof)
+    times = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        trainer.engine.train_step(next(batches))
+        times.append(time.perf_counter() - start)
+    return {"peak": peak, "held": held, "offloaded": offloaded_bytes(trainer, zero),
+            "step": statistics.median(times), "parameters": trainer.num_parameters}
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--ranks", type=int, default=4)
+    args = parser.parse_args()
+    results = {}
+    for name, zero in VARIANTS.items():
+        with tempfile.TemporaryDirectory() as root:
+            results[name] = run_distributed(measure, world=args.ranks, args=(zero, args.steps, root),
+                                            timeout=600 + 120 * args.steps)
+        print(f"{name}: done", file=sys.stderr)
+    parameters = results["ZeRO-1"][0]["parameters"]
+    print(f"model {MODEL}: {parameters / 1e6:.1f}M parameters, {args.ranks} ranks, one row of 512 tokens per rank, "
+          f"AdamW\n")
+    base = results["ZeRO-1"]
+    base_held, base_step = max(r["held"] for r in base), max(r["step"] for r in base)
+    print("| run | held after a step, MiB (max over ranks) | ratio | of which in host buffers under offload, MiB | "
+          "on the accelerator, MiB | ratio | peak, MiB | ratio | s/step (median) | ratio |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    base_peak = max(r["peak"] for r in base)
+    for name, ranks in results.items():
+        held, peak = max(r["held"] for r in ranks), max(r["peak"] for r in ranks)
+        offloaded = max(r["offloaded"] for r in ranks)
+        resident = max(r["held"] - r["offloaded"] for r in ranks)
+        step = max(r["step"] for r in ranks)
+        print(f"| {name} | {held / MiB:.0f} | {held / base_held:.2f} | {offloaded / MiB:.0f} | {resident / MiB:.0f} | "
+              f"{resident / base_held:.2f} | {peak / MiB:.0f} | {peak / base_peak:.2f} | {step:.2f} | "
+              f"{step / base_step:.2f} |")
+
+
+if __name__ == "__main__":
+    main()
