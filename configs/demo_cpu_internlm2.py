@@ -3,7 +3,7 @@
 # built-in random data, on two CPU ranks in a few minutes, and exports in InternLM's published InternLM2 layout:
 #   OMP_NUM_THREADS=1 deepspeed --num_gpus 2 train_ds.py --config configs/demo_cpu_internlm2.py
 #   python tools/convert2hf.py --src demo_out/ckpt_internlm2/40 --tgt demo_out/hf_internlm2 --format internlm2 \
-#       --tokenizer tools/V7_sft.model
+#       --tokenizer tools/tokenizer_internlm2.model --chat_template internlm2
 # The keys are InternEvo's (its configs/7B_internlm2.py); only the sizes, precision and schedule differ.
 import os.path
 import runpy
@@ -16,7 +16,7 @@ model_type = "INTERNLM2"
 NUM_KV_ATTENTION_HEAD = 2
 
 ckpt.update(save_ckpt_folder="local:demo_out/ckpt_internlm2")  # noqa: F821 (from demo_cpu.py)
-model.update(  # noqa: F821 (the vocabulary stays demo_cpu.py's, V7_sft.model's, the tokenizer shipped here)
+model.update(  # noqa: F821 (the vocabulary stays demo_cpu.py's, which holds InternLM2's tokenizer's ids too)
     num_kv_attention_heads=NUM_KV_ATTENTION_HEAD,
     no_bias=True,
     mlp_ratio=3.5,
