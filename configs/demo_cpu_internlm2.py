@@ -3,7 +3,7 @@
 # built-in random data, on two CPU ranks in a few minutes, and exports in InternLM's published InternLM2 layout:
 #   OMP_NUM_THREADS=1 deepspeed --num_gpus 2 train_ds.py --config configs/demo_cpu_internlm2.py
 #   python tools/convert2hf.py --src demo_out/ckpt_internlm2/40 --tgt demo_out/hf_internlm2 --format internlm2 \
-#       --tokenizer tools/tokenizer_internlm2.model --chat_template internlm2
+#       --tokenizer tools/tokenizer_internlm2.model   (model type INTERNLM2 chats in ChatML, InternLM2's format)
 # The keys are InternEvo's (its configs/7B_internlm2.py); only the sizes, precision and schedule differ.
 import os.path
 import runpy

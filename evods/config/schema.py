@@ -20,7 +20,7 @@ import torch
 from evods.data import DataError, Rampup, parse_rampup, parse_skip_batches
 from evods.model.attention_heads import HeadSplit
 from evods.model.chat_templates import CHAT_TEMPLATES, DEFAULT_CHAT_TEMPLATE
-from evods.model.internevo import NORM_HEAD_REFUSAL
+from evods.model.internevo import MODEL_TYPE_CHAT_TEMPLATES, NORM_HEAD_REFUSAL
 from evods.model.registry import MODEL_INITIALIZER
 
 from .errors import ConfigError
@@ -512,6 +512,8 @@ def parse_config(raw: dict, source: ConfigSource) -> TrainConfig:
     cfg = _build(TrainConfig, keys, "", source)
     cfg.constants, cfg.source = constants, source
     cfg.raw_model = dict(keys["model"])
+    if "chat_template" not in cfg.raw_model:  # the model type's own, as its builder gives it
+        cfg.model.chat_template = MODEL_TYPE_CHAT_TEMPLATES.get(cfg.model_type, DEFAULT_CHAT_TEMPLATE)
     _normalise(cfg, source)
     return cfg
 

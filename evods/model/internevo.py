@@ -94,12 +94,23 @@ def config_from_model_dict(model: dict) -> InternLMConfig:
     )
 
 
+# The chat format each model type is published with (evods.model.chat_templates), where the model dict names none:
+# InternLM2/2.5 and InternLM3 chat in ChatML
+MODEL_TYPE_CHAT_TEMPLATES = {"INTERNLM": DEFAULT_CHAT_TEMPLATE, "INTERNLM2": "internlm2",
+                             "INTERNLM2_PUBLIC": "internlm2", "INTERNLM3": "internlm2"}
+
+
 @MODEL_INITIALIZER.register_module("INTERNLM")
-@MODEL_INITIALIZER.register_module("INTERNLM2")
-@MODEL_INITIALIZER.register_module("INTERNLM2_PUBLIC")
-@MODEL_INITIALIZER.register_module("INTERNLM3")
 def build_internlm(**model: object) -> InternLMForCausalLM:
     config = config_from_model_dict(model)
     internlm = InternLMForCausalLM(config).to(config.dtype)
     set_activation_checkpointing(internlm, model.get("checkpoint", False))
     return internlm
+
+
+@MODEL_INITIALIZER.register_module("INTERNLM2")
+@MODEL_INITIALIZER.register_module("INTERNLM2_PUBLIC")
+@MODEL_INITIALIZER.register_module("INTERNLM3")
+def build_internlm2(**model: object) -> InternLMForCausalLM:
+    """The same model; its chat format is the family's unless the model dict names another."""
+    return build_internlm(**{"chat_template": MODEL_TYPE_CHAT_TEMPLATES["INTERNLM2"], **model})

@@ -9,7 +9,7 @@ import torch
 
 from evods.config import CPU_FP16_ENV, ConfigError, check_device, check_topology, load_config
 from evods.data import Rampup
-from evods.model import config_from_model_dict
+from evods.model import MODEL_INITIALIZER, config_from_model_dict
 from evods.parallel import ParallelLayout
 from testkit.paths import REPO
 
@@ -87,6 +87,9 @@ def test_internlm2_demo_config_builds_an_internlm2():
     model = config_from_model_dict(cfg.model_dict)
     assert cfg.model_type == "INTERNLM2" and (model.num_attention_heads, model.num_key_value_heads) == (8, 2)
     assert (model.bias, model.rope.base, model.intermediate_size) == (False, 1e6, 1024)
+    # InternLM2's chat format (ChatML) by its model type, in the config and in the model its builder makes
+    assert cfg.model.chat_template == "internlm2"
+    assert MODEL_INITIALIZER.get_module(cfg.model_type)(**cfg.model_dict).config.chat_template == "internlm2"
     # the rest is the v1 demo's
     assert cfg.data == load_config(CONFIGS / "demo_cpu.py").data
 
