@@ -31,11 +31,13 @@ Other formats (formats/):
     weights.py            HF-named model weights from HF folders and DeepSpeed files, any tensor size merged
     checkpoint_model.py   the config and full weights of any checkpoint folder, whatever its format; whether a
                           folder is a training checkpoint at all
-    internevo_layout.py   InternEvo's native model files described as data (names of InternLM's and of its LLaMA
-                          family, tensor-parallel splits)
+    internevo_layout.py   InternEvo's native model files described as data (names of InternLM's, InternLM2's
+                          grouped wqkv and its LLaMA family, tensor-parallel splits)
     internevo.py          reading and writing InternEvo native checkpoint folders
     internevo_export.py   any checkpoint as an InternEvo native checkpoint at any tensor/pipeline size
-    hf.py                 any checkpoint as a Hugging Face folder (InternLM with remote code, or stock Llama)
+    hf.py                 any checkpoint as a Hugging Face folder (InternLM or InternLM2 with remote code, or
+                          stock Llama)
+    hf_internlm2.py       InternLM's published InternLM2 HF layout, read into and written from evods' names
     hf_tokenizer.py       the tokenizer files of that folder (slow, fast, chat template)
 """
 from .errors import CheckpointError

@@ -3,12 +3,15 @@ any tp/pp, to one Hugging Face folder.
 
     python tools/convert2hf.py --src ckpts/100 --tgt hf/internlm --tokenizer tools/V7_sft.model
     python tools/convert2hf.py --src ckpts/100 --tgt hf/llama --format llama --dtype bfloat16
+    python tools/convert2hf.py --src ckpts/100 --tgt hf/internlm2 --format internlm2 --scaling_factor 2.0
     python tools/convert2hf.py --src internevo_ckpt/5000 --tgt hf/internlm --mlp_naming v2 --max_pos 4096
     python tools/convert2hf.py --src ckpts/100 --tgt hf/chatml --tokenizer tools/tokenizer_internlm2.model \
         --chat_template internlm2
 
 --format internlm (default): loads with `AutoModelForCausalLM.from_pretrained(tgt)` where evods is imported, or
-with trust_remote_code=True elsewhere (transformers 4.36 to 5.x). --format llama: loads as stock `LlamaForCausalLM`.
+with trust_remote_code=True elsewhere (transformers 4.36 to 5.x). --format internlm2: the same, in the layout of
+InternLM's published InternLM2 folders (`InternLM2ForCausalLM`, a grouped `wqkv`), a drop-in for them. --format llama:
+loads as stock `LlamaForCausalLM`.
 --src_folder/--tgt_folder (InternLM's converter) and --src/--tgt are the same options.
 `evods-convert2hf` once installed.
 """

@@ -20,6 +20,7 @@ import torch
 from evods.data import DataError, Rampup, parse_rampup, parse_skip_batches
 from evods.model.attention_heads import HeadSplit
 from evods.model.chat_templates import CHAT_TEMPLATES, DEFAULT_CHAT_TEMPLATE
+from evods.model.internevo import MODEL_TYPE_CHAT_TEMPLATES, NORM_HEAD_REFUSAL
 from evods.model.registry import MODEL_INITIALIZER
 
 from .errors import ConfigError
@@ -177,6 +178,8 @@ class CkptConfig:
     stop_file_path: str | None = key(OPTIONAL_STR, None)
     snapshot_ckpt_folder: str | None = key(OPTIONAL_STR, None)  # {save_ckpt_folder}/snapshot, the only choice
     keep_last_ckpts: int = key(NON_NEGATIVE_INT, 0)  # keep only the newest k normal checkpoints (0: keep all)
+    # InternEvo converts each saved checkpoint to HF as well; evods leaves it to tools/convert2hf.py (a warning)
+    enable_internevo2hf_ckpt: bool = key(BOOL, False)
     # legacy keys, used when load_ckpt_info is absent
     load_ckpt_folder: str | None = key(OPTIONAL_STR, None)
     load_model_only_folder: str | None = key(OPTIONAL_STR, None)
@@ -214,6 +217,8 @@ class ZeroConfig:
 class PipelineConfig:
     size: int = key(POSITIVE_INT, 1)
     interleaved_overlap: bool = key(BOOL, False)  # only for the interleaved schedule (num_chunks > 1), refused
+    # InternEvo's schedules: 1f1b is what DeepSpeed's pipeline engine runs; the zero-bubble ones are refused
+    mode: str = key(_one_of("1f1b", "zbh1", "zbv"), "1f1b")
 
 
 TENSOR_MODES = ("mtp", "msp", "fsp", "isp")
@@ -229,8 +234,20 @@ class TensorConfig:
 @dataclass(kw_only=True)
 class WeightConfig:
     size: int = key(POSITIVE_INT, 1)  # InternEvo's weight parallelism (with isp): refused above 1
-    overlap: bool = key(BOOL, False)  # the next two tune weight parallelism only
+    overlap: bool = key(BOOL, False)  # the next keys tune weight parallelism only
     memory_pool: bool = key(BOOL, False)
+    launch_allgather_before: str = key(_one_of("wqkv", "attn", "wo", "w1"), "wo")
+    forward_overlap_per: str = key(_one_of("module", "layer"), "layer")
+
+
+@dataclass(kw_only=True)
+class Sequence2DConfig:
+    """InternEvo's 2D sequence parallelism (head parallelism x context parallelism, with isp): refused when enabled."""
+    enable: bool = key(BOOL, False)
+    head_size: int = key(POSITIVE_INT, 1)
+    context_size: int = key(POSITIVE_INT, 1)
+    window_size: int = key(POSITIVE_INT, 1)
+    device_placement_strategy: dict | None = key(_optional(DICT), None)
 
 
 @dataclass(kw_only=True)
@@ -241,6 +258,7 @@ class ParallelConfig:
     tensor: TensorConfig = section(TensorConfig, coerce=_sized)
     weight: WeightConfig = section(WeightConfig, coerce=_sized)
     sequence_parallel: bool = key(BOOL, False)
+    sequence_2D: Sequence2DConfig = section(Sequence2DConfig)  # noqa: N815 (InternEvo's key)
 
 
 @dataclass(kw_only=True)
@@ -272,6 +290,9 @@ class HybridZeroConfig:
 class LossConfig:
     label_smoothing: float = key(_in_range(0, 1, high_open=True), 0.0)
     moe_loss_coeff: float = key(NON_NEGATIVE_NUMBER, 1.0)
+    # InternEvo's cross-entropy implementations, which all compute the same loss; evods chooses with `kernel`
+    op_type: str = key(_one_of("torch_naive", "apex_naive", "py_naive", "flash_vocab_parallel", "py_vocab_parallel"),
+                       "py_vocab_parallel")
     # evods: how the output head and its cross entropy run (evods.training.loss_kernels). "auto": Liger's
     # fused kernel on CUDA where installed and the vocabulary is not split, else "chunked"; "full" holds the whole
     # [tokens, vocab] logits, as InternEvo does.
@@ -375,6 +396,7 @@ class ModelConfig:
     apply_post_layer_norm: bool = key(BOOL, False)
     norm_type: str = key(STR, "rmsnorm")
     layer_norm_epsilon: float = key(POSITIVE_NUMBER, 1e-5)
+    norm_head: bool = key(BOOL, False)  # InternEvo's L2-normalised output head: refused (NORM_HEAD_REFUSAL)
     # evods' own: the chat format of the model's fine-tuning data (tools/chat_tokenizer.py --template), which its
     # checkpoints carry into exports and model.chat (evods.model.chat_templates)
     chat_template: str = key(_one_of(*CHAT_TEMPLATES), DEFAULT_CHAT_TEMPLATE)
@@ -395,6 +417,12 @@ class TrainConfig:
     use_fp32_norm: bool = key(BOOL, False)  # fp32 norm weights in a 16-bit model: refused, DeepSpeed casts them all
     metric_dtype: str | None = key(OPTIONAL_STR, None)  # "fp32": evods' metrics are always fp32 or wider
     moe: dict | None = key(_optional(DICT), None)  # expert settings of MoE models, which evods does not build
+    # settings of InternEvo's own generation script; evods' tools/generate.py and tools/chat.py take them as options
+    generation: dict | None = key(_optional(DICT), None)
+    # InternEvo's recompute of selected ops (with their offload) instead of whole layers: evods recomputes the layers
+    # model.checkpoint names (a warning when asked)
+    selective_checkpoint: bool = key(BOOL, False)
+    selective_checkpoint_offload: bool = key(BOOL, False)
 
     data: DataConfig = section(DataConfig, required=True)
     model: ModelConfig = section(ModelConfig, required=True)
@@ -484,11 +512,15 @@ def parse_config(raw: dict, source: ConfigSource) -> TrainConfig:
     cfg = _build(TrainConfig, keys, "", source)
     cfg.constants, cfg.source = constants, source
     cfg.raw_model = dict(keys["model"])
+    if "chat_template" not in cfg.raw_model:  # the model type's own, as its builder gives it
+        cfg.model.chat_template = MODEL_TYPE_CHAT_TEMPLATES.get(cfg.model_type, DEFAULT_CHAT_TEMPLATE)
     _normalise(cfg, source)
     return cfg
 
 
-INTERNEVO_MODEL_TYPES = ("INTERNLM", "INTERNLM2_PUBLIC", "LLAMA2", "INTERNLM_MoE")
+# InternEvo's model types (its ModelType); evods builds the InternLM family (evods/model/internevo.py)
+INTERNEVO_MODEL_TYPES = ("INTERNLM", "INTERNLM2", "INTERNLM2_PUBLIC", "INTERNLM3", "LLAMA2", "INTERNLM_MoE", "QWEN2",
+                         "BAICHUAN2", "GEMMA", "MIXTRALMOE", "QWEN2MOE", "LLAVA")
 
 
 def _check_model_type(model_type, source: ConfigSource) -> None:
@@ -499,8 +531,8 @@ def _check_model_type(model_type, source: ConfigSource) -> None:
     not_ported = [name for name in INTERNEVO_MODEL_TYPES if name not in MODEL_INITIALIZER]
     raise source.error("model_type", f"model_type={model_type!r} is not a model evods builds: it builds "
                                      f"{', '.join(map(repr, MODEL_INITIALIZER.names()))} (InternEvo's "
-                                     f"{', '.join(map(repr, not_ported))} are not ported); use model_type=\"INTERNLM\" "
-                                     f"with an InternLM model dict")
+                                     f"{', '.join(map(repr, not_ported))} are not ported); use one it builds, with "
+                                     f"an InternLM-family model dict")
 
 
 def load_config(path: str | Path) -> TrainConfig:
@@ -515,6 +547,8 @@ def load_config(path: str | Path) -> TrainConfig:
 def _normalise(cfg: TrainConfig, source: ConfigSource) -> None:
     _normalise_data(cfg.data, source)
     _normalise_model(cfg.model)
+    if cfg.model.norm_head:
+        raise source.error("model.norm_head", f"model.{NORM_HEAD_REFUSAL}")
     _check_parallel(cfg.parallel, source)
     _check_attention_heads(cfg.model, cfg.parallel.tensor.size, source)
     if cfg.parallel.zero.stage == 3 and cfg.loss.kernel == "full":
@@ -563,6 +597,11 @@ def _warn_unapplied(cfg: TrainConfig) -> None:
         (cfg.metric_dtype not in (None, "fp32"), f"metric_dtype={cfg.metric_dtype!r}",
          "metrics are always computed in fp32"),
         (cfg.moe is not None, "moe=dict(...)", f"model_type {cfg.model_type!r} has no experts"),
+        (cfg.selective_checkpoint, "selective_checkpoint=True", "activation recompute covers the whole layers that "
+         "model.checkpoint selects"),
+        (cfg.selective_checkpoint_offload, "selective_checkpoint_offload=True", "no activations are offloaded"),
+        (cfg.ckpt.enable_internevo2hf_ckpt, "ckpt.enable_internevo2hf_ckpt=True", "checkpoints are saved in evods' "
+         "format only; convert one with tools/convert2hf.py"),
     ]
     for asked, setting, what_happens in unapplied:
         if asked:
@@ -616,6 +655,14 @@ def _normalise_model(model: ModelConfig) -> None:
 def _check_parallel(parallel: ParallelConfig, source: ConfigSource) -> None:
     """InternEvo's parallel modes: those evods does not run are refused with what to write instead."""
     _normalise_tensor_mode(parallel, source)
+    if parallel.pipeline.mode != "1f1b":
+        raise source.error("parallel.pipeline.mode", f"parallel.pipeline.mode={parallel.pipeline.mode!r} (InternEvo's "
+                                                     "zero-bubble schedule) is not run by evods: DeepSpeed's pipeline "
+                                                     'engine runs 1F1B; set mode="1f1b"')
+    if parallel.sequence_2D.enable:
+        raise source.error("parallel.sequence_2D", "parallel.sequence_2D.enable=True (InternEvo's head x context "
+                                                   "sequence parallelism, an isp companion) is not run by evods; set "
+                                                   "enable=False")
     _resolve_zero(parallel, source)
     if parallel.weight.size > 1:
         raise source.error("parallel.weight.size", f"parallel.weight.size={parallel.weight.size} asks for InternEvo's "

@@ -1,16 +1,19 @@
-"""Loading an InternLM Hugging Face folder (an evods export or a published InternLM v1 model) for inference, with one
-line that says what to do when the folder cannot serve."""
+"""Loading an InternLM Hugging Face folder (an evods export, a published InternLM v1 model or one of InternLM's
+published InternLM2 layout) for inference, with one line that says what to do when the folder cannot serve."""
 import json
 from pathlib import Path
 
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-import evods.model  # noqa: F401  (registers InternLM with the Auto classes: published folders load evods' model)
+from evods.model import InternLM2Config  # importing evods.model registers InternLM with the Auto classes
 from evods.model.chat_templates import CHAT_TEMPLATES, chat_template_named, check_tokenizer
 
 from .options import DTYPE_NAMES, ROTARY_TYPES, InferenceError
 
+# config.json's model_type of evods' own layout and of InternLM's published InternLM2 layout; published InternLM2
+# folders may say "internlm" too, and their `architectures` tells
+INTERNLM_MODEL_TYPES = ("internlm", "internlm2")
 DTYPES = {name: getattr(torch, name) for name in DTYPE_NAMES}
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json")
 MAX_LENGTH_UNCHECKED = 10**9
@@ -45,7 +48,7 @@ def read_folder_config(folder: Path) -> dict:
 def check_folder(folder: Path) -> dict:
     """config.json of an InternLM folder, or an InferenceError that says what is wrong with the folder."""
     config = read_folder_config(folder)
-    if config.get("model_type") != "internlm":
+    if config.get("model_type") not in INTERNLM_MODEL_TYPES:
         raise InferenceError(f"--model {folder} holds a {config.get('model_type')!r} model; this tool runs InternLM "
                              "folders (tools/convert2hf.py without --format llama)")
     return config
@@ -78,7 +81,7 @@ def load_for_inference(folder: str | Path, rotary_type: str | None = None, dtype
         raise InferenceError(f"--rotary_type {rotary_type!r}: use one of {ROTARY_TYPES}")
     if chat_template is not None and chat_template not in CHAT_TEMPLATES:
         raise InferenceError(f"--chat_template {chat_template!r}: use one of {', '.join(CHAT_TEMPLATES)}")
-    config = AutoConfig.from_pretrained(folder)
+    config = folder_config(folder)
     if rotary_type is not None:
         config.rotary = {**config.rotary, "type": rotary_type}
         config.derive_rope_keys()
@@ -88,6 +91,14 @@ def load_for_inference(folder: str | Path, rotary_type: str | None = None, dtype
     except ValueError as error:
         raise InferenceError(f"--model {folder}: {error}") from None
     return load_model(folder, config, dtype, device), tokenizer
+
+
+def folder_config(folder: Path):
+    """The folder's config as evods' class for its layout: InternLM2's published one by `architectures` (early
+    published InternLM2 folders say "model_type": "internlm"), else by model_type."""
+    if "InternLM2ForCausalLM" in (read_folder_config(folder).get("architectures") or ()):
+        return InternLM2Config.from_pretrained(folder)
+    return AutoConfig.from_pretrained(folder)
 
 
 def load_model(folder: Path, config, dtype: str, device: str):
@@ -101,7 +112,7 @@ def load_for_serving(folder: str | Path, dtype: str = "auto", device: str = "aut
     folder = Path(folder)
     read_folder_config(folder)
     tokenizer = load_tokenizer(folder, trust_remote_code)
-    return load_model(folder, AutoConfig.from_pretrained(folder), dtype, device), tokenizer
+    return load_model(folder, folder_config(folder), dtype, device), tokenizer
 
 
 def uses_dynamic_ntk(config) -> bool:

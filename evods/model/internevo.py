@@ -1,4 +1,7 @@
-"""Build the InternLM HF model from an InternEvo training config's `model` dict."""
+"""Build the InternLM HF model from an InternEvo training config's `model` dict: InternEvo's INTERNLM (v1), INTERNLM2
+(INTERNLM2_PUBLIC in its older configs) and INTERNLM3 model types, which are one decoder in different sizes (grouped
+KV heads, no biases, another RoPE base; InternEvo's `modeling_internlm2.py` builds InternLM3 with the InternLM2
+class too)."""
 
 import math
 
@@ -9,9 +12,12 @@ from .configuration_internlm import InternLMConfig, Rope
 from .modeling_internlm import InternLMForCausalLM, set_activation_checkpointing
 from .registry import MODEL_INITIALIZER
 
-# Keys that shape InternEvo's training run (parallelism, recompute, kernels) or the layout of its checkpoint files
-# (adapt_hf: q/k rows of its LLaMA models in HF's order), not the model's math. They are accepted; `checkpoint` is
-# applied by the builder below, num_chunks by the pipeline builder.
+# Keys that shape InternEvo's training run (parallelism, recompute, kernels) or the layout of its checkpoint files, not
+# the model's math. They are accepted; `checkpoint` is applied by the builder below, num_chunks by the pipeline
+# builder, and the layout keys by the native checkpoint reader and writer (evods/checkpoint/formats/internevo.py):
+# adapt_hf and qk_interleaved say whether the q/k rows are in HF's rotate-half order or interleaved (a model trained
+# either way computes the same; only the stored row order differs), enable_qkv_fusion=False stores q, k and v apart
+# (InternLM3) instead of one grouped wqkv.
 TRAINING_ONLY_KEYS = {
     "checkpoint",
     "embed_split_hidden",
@@ -21,13 +27,18 @@ TRAINING_ONLY_KEYS = {
     "use_flash_attn",
     "num_chunks",
     "adapt_hf",
+    "qk_interleaved",
+    "enable_qkv_fusion",
 }
 MLP_MULTIPLE_OF = 256
+NORM_HEAD_REFUSAL = ("norm_head=True (InternEvo's output head with L2-normalised rows) is not supported by evods; set "
+                     "norm_head=False to train a plain output head")
 
 
-def intermediate_size(hidden_size: int, mlp_ratio: float) -> int:
-    """int(hidden * mlp_ratio) rounded up to a multiple of 256 (4096 * 8/3 -> 11008), as InternEvo's MLP."""
-    return math.ceil(int(hidden_size * mlp_ratio) / MLP_MULTIPLE_OF) * MLP_MULTIPLE_OF
+def intermediate_size(hidden_size: int, mlp_ratio: float, multiple_of: int = MLP_MULTIPLE_OF) -> int:
+    """int(hidden * mlp_ratio) rounded up to a multiple of `multiple_of` (4096 * 8/3 -> 11008), as InternEvo's MLP
+    (its model key `multiple_of`, 256 unless given)."""
+    return math.ceil(int(hidden_size * mlp_ratio) / multiple_of) * multiple_of
 
 
 def config_from_model_dict(model: dict) -> InternLMConfig:
@@ -47,6 +58,7 @@ def config_from_model_dict(model: dict) -> InternLMConfig:
         "no_bias",
         "num_kv_attention_heads",
         "norm_head",
+        "multiple_of",
         "chat_template",  # evods' own: the chat format the model is fine-tuned in (evods.model.chat_templates)
     }
     unknown = sorted(set(model) - known)
@@ -58,12 +70,13 @@ def config_from_model_dict(model: dict) -> InternLMConfig:
     hidden_size = model.get("hidden_size", 2048)
     num_attention_heads = model.get("num_attention_heads", 32)
     if model.get("norm_head", False):
-        raise ValueError("model config: norm_head=True (a normalized output head) is not supported")
+        raise ValueError(f"model config: {NORM_HEAD_REFUSAL}")
     dtype = model.get("dtype", torch.float32)
     return InternLMConfig(
         vocab_size=model.get("vocab_size", 50304),
         hidden_size=hidden_size,
-        intermediate_size=intermediate_size(hidden_size, model.get("mlp_ratio", 4.0)),
+        intermediate_size=intermediate_size(hidden_size, model.get("mlp_ratio", 4.0),
+                                            model.get("multiple_of", MLP_MULTIPLE_OF)),
         num_hidden_layers=model.get("num_layers", 48),
         num_attention_heads=num_attention_heads,
         # grouped-query attention (InternEvo's InternLM2 and LLaMA models); None: multi-head
@@ -81,9 +94,23 @@ def config_from_model_dict(model: dict) -> InternLMConfig:
     )
 
 
+# The chat format each model type is published with (evods.model.chat_templates), where the model dict names none:
+# InternLM2/2.5 and InternLM3 chat in ChatML
+MODEL_TYPE_CHAT_TEMPLATES = {"INTERNLM": DEFAULT_CHAT_TEMPLATE, "INTERNLM2": "internlm2",
+                             "INTERNLM2_PUBLIC": "internlm2", "INTERNLM3": "internlm2"}
+
+
 @MODEL_INITIALIZER.register_module("INTERNLM")
 def build_internlm(**model: object) -> InternLMForCausalLM:
     config = config_from_model_dict(model)
     internlm = InternLMForCausalLM(config).to(config.dtype)
     set_activation_checkpointing(internlm, model.get("checkpoint", False))
     return internlm
+
+
+@MODEL_INITIALIZER.register_module("INTERNLM2")
+@MODEL_INITIALIZER.register_module("INTERNLM2_PUBLIC")
+@MODEL_INITIALIZER.register_module("INTERNLM3")
+def build_internlm2(**model: object) -> InternLMForCausalLM:
+    """The same model; its chat format is the family's unless the model dict names another."""
+    return build_internlm(**{"chat_template": MODEL_TYPE_CHAT_TEMPLATES["INTERNLM2"], **model})

@@ -381,10 +381,8 @@ class InternLMAttention(nn.Module):
         cache: Cache | None = None,
         cached_keys_rotation: CachedKeysRotation | None = None,
     ) -> torch.Tensor:
-        heads_shape = (*hidden_states.shape[:-1], -1, self.head_dim)  # q [B, T, H, D], k and v [B, T, KV, D]
-        q = apply_rotary(self.q_proj(hidden_states).view(heads_shape), *position_embeddings)
-        k = self.k_proj(hidden_states).view(heads_shape)
-        v = self.v_proj(hidden_states).view(heads_shape)
+        q, k, v = self.project(hidden_states)
+        q = apply_rotary(q, *position_embeddings)
         if cache is None:
             k = apply_rotary(k, *position_embeddings)
         else:
@@ -398,6 +396,11 @@ class InternLMAttention(nn.Module):
             out, _ = attn_fn(self, q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attention_mask,
                              scaling=self.scaling, dropout=0.0)
         return self.o_proj(out.reshape(*hidden_states.shape[:-1], -1))
+
+    def project(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """q [B, T, H, D], k and v [B, T, KV, D], before RoPE."""
+        heads_shape = (*hidden_states.shape[:-1], -1, self.head_dim)
+        return tuple(proj(hidden_states).view(heads_shape) for proj in (self.q_proj, self.k_proj, self.v_proj))
 
     def all_keys_and_values(self, k, v, position_embeddings, cache: Cache, rotation: CachedKeysRotation | None):
         """Append this step's un-rotated keys `k` and values `v` ([B, T, KV, D]) to the cache; return every key, turned
@@ -428,11 +431,13 @@ class InternLMDecoderLayer(nn.Module):
     `gradient_checkpointing_enable`, which sets it with `_gradient_checkpointing_func`) recomputes it in backward."""
 
     gradient_checkpointing = False
+    # the parts' classes: another layout of the same computation (modeling_internlm2.py) names its own
+    attention_class, mlp_class = InternLMAttention, InternLMMLP
 
     def __init__(self, config: InternLMConfig, layer_idx: int):
         super().__init__()
-        self.self_attn = InternLMAttention(config, layer_idx)
-        self.mlp = InternLMMLP(config)
+        self.self_attn = self.attention_class(config, layer_idx)
+        self.mlp = self.mlp_class(config)
         self.input_layernorm = InternLMRMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = InternLMRMSNorm(config.hidden_size, config.rms_norm_eps)
 
@@ -511,11 +516,13 @@ class InternLMPreTrainedModel(PreTrainedModel):
 
 
 class InternLMModel(InternLMPreTrainedModel):
+    decoder_layer_class = InternLMDecoderLayer
+
     def __init__(self, config: InternLMConfig):
         super().__init__(config)
         # No padding_idx: InternLM's pad id is often EOS, which must keep learning in packed training.
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList(InternLMDecoderLayer(config, i) for i in range(config.num_hidden_layers))
+        self.layers = nn.ModuleList(self.decoder_layer_class(config, i) for i in range(config.num_hidden_layers))
         self.norm = InternLMRMSNorm(config.hidden_size, config.rms_norm_eps)
         self.rotary_emb = InternLMRotaryEmbedding(config)
         self.post_init()
@@ -580,9 +587,11 @@ class InternLMCausalLMOutput(CausalLMOutputWithPast):
 
 
 class InternLMForCausalLM(InternLMPreTrainedModel, GenerationMixin):
+    base_model_class = InternLMModel
+
     def __init__(self, config: InternLMConfig):
         super().__init__(config)
-        self.model = InternLMModel(config)
+        self.model = self.base_model_class(config)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.post_init()
 

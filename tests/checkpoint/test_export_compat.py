@@ -150,18 +150,40 @@ torch.save({"version": transformers.__version__, "logits": logits, "generated": 
 """
 
 
-@pytest.mark.parametrize("version", ["4.36.2", "4.44.2", None], ids=["4.36.2", "4.44.2", "installed"])
-def test_a_grouped_query_export_loads_and_generates_as_evods_without_evods(version, tmp_path):
-    import transformers
+# The published InternLM2 layout (modeling_internlm2.py): the names and config keys of InternLM's InternLM2ForCausalLM
+INTERNLM2_NAMES = {"model.tok_embeddings.weight", "model.layers.1.attention.wqkv.weight",
+                   "model.layers.1.attention.wo.weight", "model.layers.1.feed_forward.w1.weight",
+                   "model.layers.1.feed_forward.w3.weight", "model.layers.1.feed_forward.w2.weight",
+                   "model.layers.1.attention_norm.weight", "model.layers.1.ffn_norm.weight", "model.norm.weight",
+                   "output.weight"}
 
-    from evods.model import InternLMConfig, InternLMForCausalLM
+
+@pytest.mark.parametrize("layout", ["internlm", "internlm2"])
+@pytest.mark.parametrize("version", ["4.36.2", "4.44.2", None], ids=["4.36.2", "4.44.2", "installed"])
+def test_a_grouped_query_export_loads_and_generates_as_evods_without_evods(version, layout, tmp_path):
+    import json
+
+    import transformers
+    from safetensors.torch import load_file
+
+    from evods.model import InternLM2Config, InternLM2ForCausalLM, InternLMConfig, InternLMForCausalLM
 
     torch.manual_seed(0)
-    model = InternLMForCausalLM(InternLMConfig(**GQA_CONFIG)).eval()
+    classes = {"internlm": (InternLMConfig, InternLMForCausalLM), "internlm2": (InternLM2Config, InternLM2ForCausalLM)}
+    config_class, model_class = classes[layout]
+    model = model_class(config_class(**GQA_CONFIG)).eval()
     with torch.no_grad():
         for name, param in model.named_parameters():
             param.normal_(1.0 if "norm" in name else 0.0, 0.3)
     model.save_pretrained(tmp_path / "hf")
+    if layout == "internlm2":
+        assert INTERNLM2_NAMES <= load_file(tmp_path / "hf" / "model.safetensors").keys()
+        config = json.loads((tmp_path / "hf" / "config.json").read_text())
+        assert (config["architectures"], config["model_type"], config["attn_implementation"]) == (
+            ["InternLM2ForCausalLM"], "internlm2", "eager")
+        assert config["auto_map"]["AutoModelForCausalLM"] == "modeling_internlm2.InternLM2ForCausalLM"
+        assert (config["bias"], config["num_key_value_heads"], config["rope_theta"], config["rope_scaling"]) == (
+            False, 2, 1e6, {"type": "dynamic", "factor": 2.0})
     ids = torch.randint(3, 128, (2, 8), generator=torch.Generator().manual_seed(1))
     batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
     batch["attention_mask"][1, :3] = 0  # left padding

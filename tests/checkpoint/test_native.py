@@ -292,8 +292,8 @@ def test_llama_layout_mismatches_are_one_line_errors_that_name_the_cause(tmp_pat
     with pytest.raises(CheckpointError, match=r"model_tp0_pp0.pt: its parameter names do not fit InternEvo's internlm "
                                               r"layout \(unexpected: layers.0.attention.wk.weight, layers.0.attention"
                                               r".wo.weight, ...\): they are InternEvo's llama layout; load it with "
-                                              r"ckpt_type='llama'"):
-        load_through_ckpt_info(tmp_path / "native", "internevo", LLAMA_MODEL)
+                                              r"ckpt_type='llama' \(or 'internevo'\)"):
+        load_through_ckpt_info(tmp_path / "native", "internlm", LLAMA_MODEL)
 
 
 def test_convert2hf_takes_internevo_converter_options(tmp_path):

@@ -259,10 +259,12 @@ def test_a_tp2_checkpoint_exports_to_one_hf_folder(runs, layout, tmp_path):
 def test_a_grouped_query_tp2_checkpoint_loads_at_tp1_and_exports_to_internlm_and_llama(runs, tmp_path, capsys):
     """Both tensor ranks held the one KV head: tp=1 gets it once, with the weights the tp=2 run had; the exports carry
     the KV heads and the RoPE (base 1e6, dynamic NTK with the export's factor 2) and compute the same logits, within
-    max_position_embeddings (16) and past it. InternLM v1's native layout has no place for fewer KV heads."""
+    max_position_embeddings (16) and past it. InternLM v1's native layout has no place for fewer KV heads;
+    InternLM2's has."""
     from transformers import AutoModelForCausalLM, LlamaForCausalLM
 
     import evods.model  # noqa: F401 - registers InternLM with the Auto classes
+    from evods.checkpoint import read_native_model
 
     saved = runs["saved"]["tp2_pp1"][0]["grouped_query"]["end"]
     assert saved["model.layers.0.self_attn.k_proj.weight"].shape == (16, 64)  # one KV head of 16
@@ -285,10 +287,14 @@ def test_a_grouped_query_tp2_checkpoint_loads_at_tp1_and_exports_to_internlm_and
         for length in (16, 40):  # the second rescales the RoPE base
             torch.testing.assert_close(llama(input_ids[:, :length]).logits,
                                        internlm(input_ids[:, :length]).logits, rtol=1e-5, atol=1e-5)
-    assert convert2native(["--src", str(checkpoint), "--tgt", str(tmp_path / "native")]) == 1
+    assert convert2native(["--src", str(checkpoint), "--tgt", str(tmp_path / "v1"), "--model_type", "INTERNLM"]) == 1
     assert "has no grouped-query attention, and this model has num_key_value_heads=1 for num_attention_heads=4; " \
-           "export it to HF" \
-        in capsys.readouterr().err and not (tmp_path / "native").exists()
+           "write it as model type INTERNLM2" in capsys.readouterr().err and not (tmp_path / "v1").exists()
+    # InternLM2's native files (the default for a grouped-query model): both tensor ranks hold a copy of the KV head
+    assert convert2native(["--src", str(checkpoint), "--tgt", str(tmp_path / "native"), "--tp", "2"]) == 0
+    assert torch.load(tmp_path / "native" / "model_tp1_pp0.pt")["layers.0.attention.wqkv.weight"].shape == (4 * 16, 64)
+    _, weights = read_native_model(str(tmp_path / "native"))
+    assert_same_weights(as_numpy(weights), saved, "InternLM2 native export of the GQA checkpoint")
 
 
 def test_a_tp2_checkpoint_exports_to_native(runs, tmp_path):

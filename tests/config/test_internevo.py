@@ -16,8 +16,10 @@ model = dict(num_attention_heads=4, hidden_size=32, num_layers=2, vocab_size=64,
              dtype="torch.float32")
 ckpt = dict(enable_save_ckpt=False)
 """
-NOT_BUILT = r"is not a model evods builds: it builds 'INTERNLM' \(InternEvo's .* are not ported\); use " \
-            r'model_type="INTERNLM" with an InternLM model dict'
+NOT_BUILT = (r"is not a model evods builds: it builds 'INTERNLM', 'INTERNLM2', 'INTERNLM2_PUBLIC', 'INTERNLM3' "
+             r"\(InternEvo's 'LLAMA2', .* are not ported\); use one it builds, with an InternLM-family model dict")
+ISP = (r'parallel\.tensor\.mode="isp" \(InternEvo\'s intern sequence parallelism with weight parallelism\) is not run '
+       r'by evods; use mode="mtp" \(Megatron tensor parallelism\)')
 
 
 @pytest.fixture(scope="module")
@@ -34,18 +36,51 @@ def refusal(path) -> str:
 
 
 @pytest.mark.parametrize("name, where, message", [
-    ("7B_isp_sft.py", "7B_isp_sft.py", r'parallel\.tensor\.mode="isp" \(InternEvo\'s intern sequence parallelism '
-                                       r'with weight parallelism\) is not run by evods; use mode="mtp" '
-                                       r'\(Megatron tensor parallelism\)'),
+    ("7B_isp_sft.py", "7B_isp_sft.py", ISP),
     ("7B_MoE4_sft.py", "7B_MoE4_sft.py", "model_type='INTERNLM_MoE' " + NOT_BUILT),
-    ("7B_internlm2.py", "7B_internlm2.py", "model_type='INTERNLM2_PUBLIC' " + NOT_BUILT),
+    # InternEvo's InternLM2/3 configs all train with isp: every other key of theirs loads (the next test)
+    ("7B_internlm2.py", "7B_internlm2.py", ISP),
+    ("20B_internlm2.py", "20B_internlm2.py", ISP),
+    ("8B_internlm3.py", "8B_internlm3.py", ISP),
     ("7B_llama2.py", "7B_llama2.py", "model_type='LLAMA2' " + NOT_BUILT),
-    # demo.py inherits model_type from its _base_ model: the error points there
-    ("demo.py", "_base_/models/internlm2_7B.py", "model_type='INTERNLM2_PUBLIC' " + NOT_BUILT),
 ])
 def test_internevo_configs_evods_cannot_run_are_refused_in_one_line(internevo, name, where, message):
     line = refusal(internevo[name])
     assert re.fullmatch(re.escape(str(internevo[where])) + r":\d+: " + message, line), line
+
+
+def _with_mtp(internevo, name: str):
+    """InternEvo's config `name` with Megatron tensor parallelism instead of isp (and its weight parallelism)."""
+    text = internevo[name].read_text()
+    text = re.sub(r'tensor=dict\(size=\d+, mode="isp"\)', 'tensor=dict(size=2, mode="mtp")', text)
+    path = internevo[name].with_name(f"mtp_{name}")
+    path.write_text(re.sub(r"weight=dict\(size=\d+", "weight=dict(size=1", text))
+    return path
+
+
+@pytest.mark.parametrize("name, model_type, sizes", [
+    # (layers, hidden, heads, KV heads, intermediate, vocab, RoPE base): InternLM2-7B's MLP is 4096 * 3.5 = 14336
+    ("7B_internlm2.py", "INTERNLM2_PUBLIC", (32, 4096, 32, 8, 14336, 92544, 10000.0)),
+    ("20B_internlm2.py", "INTERNLM2", (48, 6144, 48, 8, 16384, 92544, 10000.0)),
+    ("8B_internlm3.py", "INTERNLM3", (48, 4096, 32, 2, 10240, 128512, 5e7)),
+])
+def test_internevo_internlm2_and_3_configs_load_with_mtp(internevo, caplog, name, model_type, sizes):
+    with caplog.at_level(logging.WARNING, logger="evods.config"):
+        cfg = load_config(_with_mtp(internevo, name))
+    assert cfg.model_type == model_type and cfg.generation["max_length"] == 100
+    hf = config_from_model_dict(cfg.model_dict)
+    assert (hf.num_hidden_layers, hf.hidden_size, hf.num_attention_heads, hf.num_key_value_heads,
+            hf.intermediate_size, hf.vocab_size, hf.rope.base) == sizes
+    assert hf.bias is False and cfg.loss.op_type == "py_vocab_parallel"
+    if name == "20B_internlm2.py":  # a 4-stage 1F1B pipeline, recompute of half the layers
+        assert (cfg.parallel.pipeline.size, cfg.parallel.pipeline.mode, cfg.model.checkpoint) == (4, "1f1b", 0.5)
+        assert check_topology(cfg, 16).dp == 2
+        assert "selective_checkpoint=True is not applied by evods" in caplog.text
+    else:
+        assert not caplog.records
+    if name == "8B_internlm3.py":  # its split wq/wk/wv is a checkpoint layout, and an HF folder would start it
+        assert cfg.raw_model["enable_qkv_fusion"] is False and cfg.ckpt.load_ckpt_info is None
+        assert cfg.parallel.sequence_2D.enable is False and cfg.data.micro_num == 1
 
 
 def test_internevo_7b_sft_loads_and_applies_its_keys(internevo, caplog):
@@ -87,8 +122,24 @@ def test_read_base_inheritance_without_internevo_installed(internevo):
 
     big = load_config(_demo_on(internevo, "internlm_20B"))
     assert (big.model.num_layers, big.parallel.tensor.size, big.parallel.tensor.mode) == (60, 4, "mtp")
+
+    # the InternLM2 bases: 7B loads (its q/k rows interleaved: a checkpoint layout), 20B asks for fsp, 1B for norm_head
+    v2 = load_config(internevo["demo.py"])
+    assert (v2.model_type, v2.model.num_kv_attention_heads, v2.raw_model["qk_interleaved"]) == ("INTERNLM2_PUBLIC", 8,
+                                                                                                  True)
+    assert config_from_model_dict(v2.model_dict).intermediate_size == 14336
     line = refusal(_demo_on(internevo, "internlm2_20B"))
-    assert re.match(re.escape(str(internevo["_base_/models/internlm2_20B.py"])) + r":1: model_type=", line)
+    assert re.match(re.escape(str(internevo["_base_/models/internlm2_20B.py"])) + r':\d+: parallel\.tensor\.mode="fsp"',
+                    line), line
+    line = refusal(_demo_on(internevo, "internlm2_1B"))
+    assert re.fullmatch(re.escape(str(internevo["_base_/models/internlm2_1B.py"])) + r":\d+: model\.norm_head=True "
+                        r"\(InternEvo's output head with L2-normalised rows\) is not supported by evods; set "
+                        r"norm_head=False to train a plain output head", line), line
+    # without norm_head the 1B builds, its MLP rounded to InternEvo's multiple_of=128: 2048 * 4 = 8192
+    one_b = internevo["_base_/models/internlm2_1B.py"]
+    one_b.with_name("internlm2_1B_plain.py").write_text(one_b.read_text().replace("norm_head=True", "norm_head=False"))
+    plain = load_config(_demo_on(internevo, "internlm2_1B_plain"))
+    assert config_from_model_dict(plain.model_dict).intermediate_size == 8192
 
 
 def test_read_base_forms_and_mistakes(internevo):
@@ -126,6 +177,12 @@ def test_read_base_forms_and_mistakes(internevo):
     ("use_fp32_norm = True\n", r"cfg\.py:5: use_fp32_norm=True \(fp32 norm weights in a 16-bit model\) is not "
                                r"supported by evods"),
     ('model_type = "LLAMA2"\n', r"cfg\.py:5: model_type='LLAMA2' " + NOT_BUILT),
+    ('parallel = dict(pipeline=dict(size=2, mode="zbv"))\n',
+     r"cfg\.py:5: parallel\.pipeline\.mode='zbv' \(InternEvo's zero-bubble schedule\) is not run by evods: "
+     r'DeepSpeed\'s pipeline engine runs 1F1B; set mode="1f1b"'),
+    ("parallel = dict(sequence_2D=dict(enable=True, head_size=2, context_size=1))\n",
+     r"cfg\.py:5: parallel\.sequence_2D\.enable=True \(InternEvo's head x context sequence parallelism, an isp "
+     r"companion\) is not run by evods; set enable=False"),
 ])
 def test_internevo_parallel_modes_evods_does_not_run_are_refused(tmp_path, extra, message):
     text = TINY.replace('dtype="torch.float32"', 'dtype="torch.bfloat16"') + extra

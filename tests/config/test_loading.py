@@ -9,6 +9,7 @@ import torch
 
 from evods.config import CPU_FP16_ENV, ConfigError, check_device, check_topology, load_config
 from evods.data import Rampup
+from evods.model import MODEL_INITIALIZER, config_from_model_dict
 from evods.parallel import ParallelLayout
 from testkit.paths import REPO
 
@@ -67,7 +68,7 @@ def test_7b_sft_matches_the_quickstart():
     assert cfg.enable_tb and not cfg.cudnn_deterministic
 
 
-@pytest.mark.parametrize("name", ["demo_cpu.py", "demo_cpu_data.py", "demo_cpu_resume.py"])
+@pytest.mark.parametrize("name", ["demo_cpu.py", "demo_cpu_data.py", "demo_cpu_resume.py", "demo_cpu_internlm2.py"])
 def test_demo_configs_validate_for_two_cpu_ranks(name):
     cfg = load_config(CONFIGS / name)
     assert check_topology(cfg, 2).dp == 2
@@ -77,8 +78,20 @@ def test_demo_configs_validate_for_two_cpu_ranks(name):
     assert cfg.data.valid_every == 0
     assert cfg.data.train_folder == ("data/train" if name == "demo_cpu_data.py" else None)
     # the run on real data keeps its checkpoints apart from the demo's, which the resume config continues
-    assert cfg.ckpt.save_ckpt_folder == ("local:demo_out/ckpt_data" if name == "demo_cpu_data.py" else
-                                         "local:demo_out/ckpt")
+    folders = {"demo_cpu_data.py": "local:demo_out/ckpt_data", "demo_cpu_internlm2.py": "local:demo_out/ckpt_internlm2"}
+    assert cfg.ckpt.save_ckpt_folder == folders.get(name, "local:demo_out/ckpt")
+
+
+def test_internlm2_demo_config_builds_an_internlm2():
+    cfg = load_config(CONFIGS / "demo_cpu_internlm2.py")
+    model = config_from_model_dict(cfg.model_dict)
+    assert cfg.model_type == "INTERNLM2" and (model.num_attention_heads, model.num_key_value_heads) == (8, 2)
+    assert (model.bias, model.rope.base, model.intermediate_size) == (False, 1e6, 1024)
+    # InternLM2's chat format (ChatML) by its model type, in the config and in the model its builder makes
+    assert cfg.model.chat_template == "internlm2"
+    assert MODEL_INITIALIZER.get_module(cfg.model_type)(**cfg.model_dict).config.chat_template == "internlm2"
+    # the rest is the v1 demo's
+    assert cfg.data == load_config(CONFIGS / "demo_cpu.py").data
 
 
 def test_chat_demo_config_fine_tunes_the_demo_model_in_internlm2s_format():

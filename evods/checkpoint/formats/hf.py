@@ -12,7 +12,7 @@ import torch
 from transformers import AutoTokenizer, GenerationConfig, LlamaConfig, LlamaForCausalLM
 from transformers.utils.hub import convert_file_size_to_int
 
-from evods.model import InternLMConfig, InternLMForCausalLM, Rope
+from evods.model import InternLM2Config, InternLM2ForCausalLM, InternLMConfig, InternLMForCausalLM, Rope
 from evods.model.chat_templates import CHAT_TEMPLATES, ChatTemplate, chat_template_named, stop_token_ids
 from evods.model.configuration_internlm import rope_keys
 from evods.storage.local import DEFAULT_FILE_MODE, current_umask
@@ -20,10 +20,13 @@ from evods.storage.local import DEFAULT_FILE_MODE, current_umask
 from ..errors import CheckpointError
 from . import check_output_folder
 from .checkpoint_model import read_checkpoint_model
+from .hf_internlm2 import to_published
 from .hf_tokenizer import check_tokenizer_source, copy_tokenizer_files, write_tokenizer
 from .weights import load_weights
 
-FORMATS = ("internlm", "llama")
+# internlm: evods' model under its own names; internlm2: InternLM's published InternLM2 layout (hf_internlm2.py);
+# llama: stock LlamaForCausalLM
+FORMATS = ("internlm", "internlm2", "llama")
 # InternLM's SentencePiece ids, pad is EOS; an exported tokenizer gives its own.
 BOS_ID, EOS_ID, PAD_ID = 1, 2, 2
 
@@ -89,8 +92,8 @@ def export_hf(src: str, tgt: str, tokenizer: str | None = None, fmt: str = "inte
             config.bos_token_id, config.eos_token_id = chat_tokenizer.bos_token_id, chat_tokenizer.eos_token_id
             config.pad_token_id = chat_tokenizer.pad_token_id if chat_tokenizer.pad_token_id is not None \
                 else chat_tokenizer.eos_token_id
-        model = InternLMForCausalLM(config) if fmt == "internlm" else LlamaForCausalLM(llama_config(config))
-        load_weights(model, weights, src)
+        model = export_model(fmt, config)
+        load_weights(model, to_published(weights, config) if fmt == "internlm2" else weights, src)
         model.to(target_dtype).save_pretrained(tgt, max_shard_size=max_shard_size)
         if tokenizer:
             copy_tokenizer_files(tokenizer_files, tgt)
@@ -101,6 +104,16 @@ def export_hf(src: str, tgt: str, tokenizer: str | None = None, fmt: str = "inte
             os.chmod(os.path.join(tgt, name), DEFAULT_FILE_MODE & ~current_umask())
     if fmt == "llama":  # InternLMConfig writes them itself
         add_rope_keys(tgt, config.rotary)
+
+
+def export_model(fmt: str, config: InternLMConfig) -> torch.nn.Module:
+    """The model class of `fmt` with `config`'s sizes and RoPE."""
+    if fmt == "internlm":
+        return InternLMForCausalLM(config)
+    if fmt == "llama":
+        return LlamaForCausalLM(llama_config(config))
+    own = ("model_type", "architectures", "auto_map", "transformers_version")
+    return InternLM2ForCausalLM(InternLM2Config(**{k: v for k, v in config.to_dict().items() if k not in own}))
 
 
 def add_rope_keys(folder: str, rotary: dict) -> None:

@@ -14,6 +14,7 @@ written.
 """
 import os
 import re
+from dataclasses import replace
 
 import torch
 
@@ -22,6 +23,7 @@ from evods.model import InternLMConfig, config_from_model_dict, intermediate_siz
 from ..errors import CheckpointError
 from ..safe_load import NUMPY_ARRAYS, load_file
 from .internevo_layout import (
+    AttentionHeads,
     NativeLayout,
     detect_family,
     local_names,
@@ -50,9 +52,10 @@ def read_native_model(folder: str, family: str | None = None,
                       mlp_naming: str | None = None) -> tuple[dict, dict[str, torch.Tensor]]:
     """(the `model` dict of model_config.pt, full HF-named weights) of the native checkpoint in the local `folder`.
 
-    `family`: "internlm" or "llama" (see internevo_layout.py); None reads it off the parameter names. `mlp_naming`
-    (see internevo_layout.MLP_NAMINGS): None means v1 for InternLM's names (InternLM's own), and for LLaMA's names the
-    naming their shapes show (InternEvo's LLaMA models used both).
+    `family`: "internlm", "llama" or "internlm2" (see internevo_layout.py); None reads it off the parameter names.
+    `mlp_naming` (see internevo_layout.MLP_NAMINGS): None means v1 for InternLM's names (InternLM's own), v2 for
+    InternLM2's (which came after InternEvo's rename), and for LLaMA's names the naming their shapes show (InternEvo's
+    LLaMA models used both).
     """
     grid = sorted(tuple(map(int, match.groups())) for name in os.listdir(folder) if (match := MODEL_FILE.match(name)))
     if not grid:
@@ -69,12 +72,17 @@ def read_native_model(folder: str, family: str | None = None,
     family = family or detect_family(files[(0, 0)])
     first_stage = local_names(files[(0, 0)], family)
     if mlp_naming is None:
-        mlp_naming = "v1" if family == "internlm" else mlp_naming_of_shapes(first_stage, family)
+        mlp_naming = {"internlm": "v1", "internlm2": "v2"}.get(family) or mlp_naming_of_shapes(first_stage, family)
     layout = NativeLayout(tp=tp, pp=pp, num_layers=model_dict["num_layers"], mlp_naming=mlp_naming, family=family,
                           embed_split_hidden=_embedding_splits_hidden(first_stage, family, tp, model_dict),
-                          bias=not model_dict.get("no_bias", False),
-                          interleaved_head_dim=_interleaved_head_dim(family, model_dict))
+                          bias=not model_dict.get("no_bias", False), heads=attention_heads(model_dict),
+                          qk_interleaved=_qk_interleaved(family, model_dict))
     return model_dict, merge_shards(files, layout, folder)
+
+
+def attention_heads(model_dict: dict) -> AttentionHeads:
+    heads = model_dict["num_attention_heads"]
+    return AttentionHeads(heads, model_dict.get("num_kv_attention_heads") or heads, model_dict["hidden_size"] // heads)
 
 
 def _embedding_splits_hidden(first_stage: dict, family: str, tp: int, model_dict: dict) -> bool:
@@ -85,11 +93,14 @@ def _embedding_splits_hidden(first_stage: dict, family: str, tp: int, model_dict
     return tp > 1 and embedding is not None and embedding.shape[1] != model_dict.get("hidden_size")
 
 
-def _interleaved_head_dim(family: str, model_dict: dict) -> int | None:
-    """InternEvo's LLaMA keeps q/k in Meta's interleaved rotary order unless its model key adapt_hf is True."""
-    if family == "internlm" or model_dict.get("adapt_hf", False):
-        return None
-    return model_dict["hidden_size"] // model_dict["num_attention_heads"]
+def _qk_interleaved(family: str, model_dict: dict) -> bool:
+    """Whether the q/k rows hold interleaved rotary pairs: InternEvo's newer `qk_interleaved` says so; before it,
+    `adapt_hf=True` meant HF's order, which its InternLM2 had by default and its LLaMA did not."""
+    if family == "internlm":
+        return False
+    if "qk_interleaved" in model_dict:
+        return bool(model_dict["qk_interleaved"])
+    return not model_dict.get("adapt_hf", family == "internlm2")
 
 
 def write_native_checkpoint(folder: str, weights: dict[str, torch.Tensor], model_dict: dict, layout: NativeLayout,
@@ -103,7 +114,8 @@ def write_native_checkpoint(folder: str, weights: dict[str, torch.Tensor], model
         raise CheckpointError(f"InternLM's native layout (a fused Wqkv of as many k and v heads as q heads) has no "
                               f"grouped-query attention, and this model has num_key_value_heads="
                               f"{config.num_key_value_heads} for num_attention_heads={config.num_attention_heads}; "
-                              "export it to HF (tools/convert2hf.py)")
+                              "write it as model type INTERNLM2 (tools/convert2native.py --model_type INTERNLM2)")
+    layout = replace(layout, heads=layout.heads or attention_heads(model_dict))
     os.makedirs(folder, exist_ok=True)
     for (t, p), state in shard_weights(weights, layout).items():
         torch.save({name: tensor.to(config.dtype) for name, tensor in state.items()},
@@ -112,11 +124,20 @@ def write_native_checkpoint(folder: str, weights: dict[str, torch.Tensor], model
         torch.save({"model.embedding.word_embeddings": {"dim": 0}} if vocab_parallel else {},
                    os.path.join(folder, f"topo_tp{t}_pp{p}.json"))
     saved_model_dict = {**model_dict, "dtype": config.dtype, "embed_split_hidden": layout.embed_split_hidden,
-                        "num_chunks": 1}
+                        "num_chunks": 1, **LAYOUT_KEYS[layout.family](layout)}
     torch.save(saved_model_dict, os.path.join(folder, MODEL_CONFIG))
     for name, content in (run_state or {}).items():
         torch.save(content, os.path.join(folder, name))
     torch.save({"step": step}, os.path.join(folder, f"{step}.step"))
+
+
+# The model_config.pt keys that tell InternEvo (and `read_native_model`) how a family's q/k/v rows are stored
+LAYOUT_KEYS = {
+    "internlm": lambda layout: {},
+    "internlm2": lambda layout: {"qk_interleaved": layout.qk_interleaved},
+    "llama": lambda layout: {"qk_interleaved": layout.qk_interleaved, "adapt_hf": not layout.qk_interleaved,
+                             "enable_qkv_fusion": False},
+}
 
 
 def model_dict_from_config(config: InternLMConfig) -> dict:

@@ -3,10 +3,15 @@ tensor parallelism splits it. The converters and the loaders both go through `sh
 
 One file per (tensor rank t, pipeline stage p), `model_tp{t}_pp{p}.pt`, holds the stage's parameters with the decoder
 blocks renumbered from 0 on every stage. Stages own layer ranges by InternEvo's `partition_uniform`: an even share
-each, the later stages one more when the layers do not divide evenly. Two families of names:
+each, the later stages one more when the layers do not divide evenly. Three families of names:
 - "internlm": InternLM's model (`embedding`, `blocks.{i}.mixer.Wqkv`, `head`), q/k/v fused per tensor rank;
 - "llama": InternEvo's LLaMA-family models (`tok_embeddings`, `layers.{i}.attention.wq`, `feed_forward.w1`,
-  `output`), as `revert_internlm.py` writes them and `load_ckpt_info(..., ckpt_type="llama")` loads them.
+  `output`), as `revert_internlm.py` writes them and `load_ckpt_info(..., ckpt_type="llama")` loads them; InternLM3
+  (InternEvo's InternLM2 class with `enable_qkv_fusion=False`) saves these names too;
+- "internlm2": InternLM2's, the llama names with q/k/v fused into one `layers.{i}.attention.wqkv` whose rows are
+  grouped by KV head (`GroupedQKV`).
+Under grouped-query attention a tensor rank holds the KV heads its query heads use (evods.model.HeadSplit): whole KV
+heads when the tensor size divides them, else a copy of its one KV head, which the ranks sharing it all store.
 InternEvo saved through its NaiveAMP wrapper, which prefixes every name with `model.`, until its checkpoint manager
 unwrapped the model (2024-03); files of both kinds are read, and evods writes the InternLM family with the prefix.
 """
@@ -15,14 +20,18 @@ from dataclasses import dataclass
 
 import torch
 
+from evods.model import HeadSplit
+
 from ..errors import CheckpointError
 
 PREFIX = "model."
-FAMILIES = ("internlm", "llama")
+FAMILIES = ("internlm", "llama", "internlm2")
 # how load_ckpt_info names each family
 FAMILY_CKPT_TYPES = {"internlm": "ckpt_type='internlm' (or 'internevo' after its 2024-02 MLP rename)",
-                     "llama": "ckpt_type='llama'"}
-BLOCK_INDEX = {"internlm": re.compile(r"^blocks\.(\d+)\."), "llama": re.compile(r"^layers\.(\d+)\.")}
+                     "llama": "ckpt_type='llama' (or 'internevo')",
+                     "internlm2": "ckpt_type='internevo' (or 'internlm2_test')"}
+LAYER_INDEX = re.compile(r"^layers\.(\d+)\.")
+BLOCK_INDEX = {"internlm": re.compile(r"^blocks\.(\d+)\."), "llama": LAYER_INDEX, "internlm2": LAYER_INDEX}
 # Which native MLP weight is which projection. v1: InternLM and InternEvo before its 2024-02 rename (ae5a7ee);
 # v2: InternEvo after it (the LLaMA convention).
 MLP_NAMINGS = {
@@ -79,22 +88,109 @@ class FirstRankOnly:
         return [shards[0]]
 
 
+def interleave_rotary_rows(rows: torch.Tensor, head_dim: int) -> torch.Tensor:
+    """q or k rows (heads * head_dim, ...) from HF's rotate-half order, where each head's two halves lie apart, to the
+    interleaved order (x0, x_{d/2}, x1, x_{d/2+1}, ...) of Meta's LLaMA and of InternEvo's `qk_interleaved=True`
+    (InternEvo's convert2hf_internlm2.py `permute` is the inverse, `halve_rotary_rows`)."""
+    return rows.unflatten(0, (-1, 2, head_dim // 2)).transpose(1, 2).flatten(0, 2)
+
+
+def halve_rotary_rows(rows: torch.Tensor, head_dim: int) -> torch.Tensor:
+    """The inverse of `interleave_rotary_rows`: each head's even rows, then its odd rows."""
+    return rows.unflatten(0, (-1, head_dim // 2, 2)).transpose(1, 2).flatten(0, 2)
+
+
+@dataclass(frozen=True)
+class AttentionHeads:
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+
+    def split(self, tp: int) -> HeadSplit:
+        try:
+            return HeadSplit(self.num_heads, self.num_kv_heads, tp)
+        except ValueError as error:
+            raise CheckpointError(f"tensor size {tp}: {error}") from None
+
+
+@dataclass(frozen=True)
+class KVHeadRows:
+    """k or v rows (kv_heads * head_dim, ...) split by KV head: rank t holds the KV heads its query heads use, so the
+    ranks sharing one KV head each store a copy; merging takes each KV head once."""
+
+    heads: AttentionHeads
+
+    def shard(self, full: list[torch.Tensor], tp: int, rank: int) -> torch.Tensor:
+        kv = self.heads.split(tp).kv_heads(rank)
+        return full[0].unflatten(0, (-1, self.heads.head_dim))[kv.start:kv.stop].flatten(0, 1)
+
+    def merge(self, shards: list[torch.Tensor]) -> list[torch.Tensor]:
+        return [torch.cat(shards[::self.heads.split(len(shards)).kv_replicas])]
+
+
 @dataclass(frozen=True)
 class InterleavedRotary:
-    """q or k of InternEvo's LLaMA without `adapt_hf`: each head's rotary pairs lie interleaved, (x0, x_{d/2}, x1,
-    x_{d/2+1}, ...) as in Meta's LLaMA, where HF's rotate-half keeps the two halves apart. The rows are reordered
-    within each head, so splitting by whole heads (`split`) is unaffected."""
+    """q or k stored with interleaved rotary pairs (InternEvo's LLaMA without `adapt_hf`, its InternLM2 with
+    `qk_interleaved=True`). The rows are reordered within each head, so splitting by whole heads (`split`) is
+    unaffected."""
 
-    split: Chunked
+    split: object
     head_dim: int
 
     def shard(self, full: list[torch.Tensor], tp: int, rank: int) -> torch.Tensor:
-        halves_apart = full[0].unflatten(0, (-1, 2, self.head_dim // 2))
-        return self.split.shard([halves_apart.transpose(1, 2).flatten(0, 2)], tp, rank)
+        return self.split.shard([interleave_rotary_rows(full[0], self.head_dim)], tp, rank)
 
     def merge(self, shards: list[torch.Tensor]) -> list[torch.Tensor]:
-        interleaved = self.split.merge(shards)[0].unflatten(0, (-1, self.head_dim // 2, 2))
-        return [interleaved.transpose(1, 2).flatten(0, 2)]
+        return [halve_rotary_rows(self.split.merge(shards)[0], self.head_dim)]
+
+
+@dataclass(frozen=True)
+class GroupedQKV:
+    """InternLM2's fused wqkv (InternEvo's GQA module, `rearrange(qkv, "(h gs d) ..." , gs=q_per_kv + 2)`): its rows
+    are grouped by KV head, (kv_heads, q_per_kv + 2, head_dim), each group holding its query heads, then its key head,
+    then its value head. Tensor rank t holds whole groups when the tensor size divides the KV heads, else its share of
+    one group's query heads followed by a copy of the group's k and v (InternEvo's
+    `load_internlm2_with_dynamic_parallel_size` splits the same way)."""
+
+    heads: AttentionHeads
+    interleaved: bool = False  # q and k rows with interleaved rotary pairs (qk_interleaved=True)
+
+    def groups(self, tp: int, rank: int) -> list[tuple[range, int]]:
+        """(its query heads, the KV head) of each group rank `rank` holds, in row order."""
+        heads, q_per_kv = self.heads, self.heads.num_heads // self.heads.num_kv_heads
+        per_rank = heads.num_heads // tp
+        first = rank * per_rank
+        return [(range(max(first, g * q_per_kv), min(first + per_rank, (g + 1) * q_per_kv)), g)
+                for g in heads.split(tp).kv_heads(rank)]
+
+    def shard(self, full: list[torch.Tensor], tp: int, rank: int) -> torch.Tensor:
+        q, k, v = full
+        if self.interleaved:
+            q, k = (interleave_rotary_rows(x, self.heads.head_dim) for x in (q, k))
+        q, k, v = (x.unflatten(0, (-1, self.heads.head_dim)) for x in (q, k, v))
+        rows = [part for q_heads, g in self.groups(tp, rank)
+                for part in (q[q_heads.start:q_heads.stop], k[g:g + 1], v[g:g + 1])]
+        return torch.cat(rows).flatten(0, 1)
+
+    def merge(self, shards: list[torch.Tensor]) -> list[torch.Tensor]:
+        tp, head_dim = len(shards), self.heads.head_dim
+        q, k, v = [None] * self.heads.num_heads, [None] * self.heads.num_kv_heads, [None] * self.heads.num_kv_heads
+        for rank, shard in enumerate(shards):
+            groups = self.groups(tp, rank)
+            expected = sum(len(q_heads) + 2 for q_heads, _ in groups) * head_dim
+            if shard.shape[0] != expected:
+                raise CheckpointError(f"tensor rank {rank}'s wqkv has {shard.shape[0]} rows; {self.heads.num_heads} "
+                                      f"query and {self.heads.num_kv_heads} KV heads of {head_dim} over {tp} ranks "
+                                      f"give {expected}: model_config.pt does not describe this checkpoint")
+            local, row = shard.unflatten(0, (-1, head_dim)), 0
+            for q_heads, g in groups:
+                q[q_heads.start:q_heads.stop] = local[row:row + len(q_heads)]
+                k[g], v[g] = local[row + len(q_heads)], local[row + len(q_heads) + 1]  # a shared copy: the first
+                row += len(q_heads) + 2
+        q, k, v = (torch.stack(x).flatten(0, 1) for x in (q, k, v))
+        if self.interleaved:
+            q, k = (halve_rotary_rows(x, head_dim) for x in (q, k))
+        return [q, k, v]
 
 
 ROWS, COLUMNS = Chunked(0), Chunked(1)
@@ -132,40 +228,51 @@ def internlm_block_params(layout: "NativeLayout") -> list[NativeParam]:
 
 
 def llama_block_params(layout: "NativeLayout") -> list[NativeParam]:
+    """Split q/k/v (the llama family) or one grouped wqkv (internlm2), with the same names around them."""
     attn, layer = "model.layers.{i}.self_attn", "model.layers.{i}"
-    rotary = ROWS if layout.interleaved_head_dim is None else InterleavedRotary(ROWS, layout.interleaved_head_dim)
-    splits = {"q": rotary, "k": rotary, "v": ROWS}
+    kinds = ("weight", "bias") if layout.bias else ("weight",)
+    if layout.family == "internlm2":
+        grouped = GroupedQKV(layout.heads, layout.qk_interleaved)
+        qkv = [NativeParam(f"layers.{{i}}.attention.wqkv.{kind}", tuple(f"{attn}.{x}_proj.{kind}" for x in "qkv"),
+                           grouped) for kind in kinds]
+    else:
+        kv = ROWS if layout.heads is None else KVHeadRows(layout.heads)
+        splits = {"q": ROWS, "k": kv, "v": kv}
+        if layout.qk_interleaved:
+            head_dim = layout.heads.head_dim
+            splits.update(q=InterleavedRotary(ROWS, head_dim), k=InterleavedRotary(kv, head_dim))
+        qkv = [NativeParam(f"layers.{{i}}.attention.w{x}.{kind}", (f"{attn}.{x}_proj.{kind}",), splits[x])
+               for kind in kinds for x in "qkv"]
     params = [
         NativeParam("layers.{i}.attention_norm.weight", (f"{layer}.input_layernorm.weight",), Replicated()),
         NativeParam("layers.{i}.ffn_norm.weight", (f"{layer}.post_attention_layernorm.weight",), Replicated()),
-        *(NativeParam(f"layers.{{i}}.attention.w{x}.weight", (f"{attn}.{x}_proj.weight",), splits[x]) for x in "qkv"),
+        *qkv,
         NativeParam("layers.{i}.attention.wo.weight", (f"{attn}.o_proj.weight",), COLUMNS),
     ]
     if layout.bias:
-        params += [
-            *(NativeParam(f"layers.{{i}}.attention.w{x}.bias", (f"{attn}.{x}_proj.bias",), splits[x]) for x in "qkv"),
-            NativeParam("layers.{i}.attention.wo.bias", (f"{attn}.o_proj.bias",), FirstRankOnly()),
-        ]
+        params.append(NativeParam("layers.{i}.attention.wo.bias", (f"{attn}.o_proj.bias",), FirstRankOnly()))
     return params + mlp_params("layers.{i}.feed_forward", layout.mlp_naming)
 
 
 def embedding_param(layout: "NativeLayout") -> NativeParam:
     """The embedding split over hidden ([vocab, hidden/tp]) or over the vocabulary ([vocab/tp, hidden])."""
     split = COLUMNS if layout.embed_split_hidden else ROWS
-    if layout.family == "llama":  # one name both ways (revert_internlm.py); see `local_names` for the other
+    if layout.family != "internlm":  # one name both ways (revert_internlm.py); see `local_names` for the other
         name = "tok_embeddings.weight"
     else:
         name = "embedding.weight" if layout.embed_split_hidden else "embedding.word_embeddings.weight"
     return NativeParam(name, ("model.embed_tokens.weight",), split)
 
 
+LLAMA_HEAD = (NativeParam("norm.weight", ("model.norm.weight",), Replicated()),
+              NativeParam("output.weight", ("lm_head.weight",), ROWS))
 HEAD_PARAMS = {
     "internlm": (NativeParam("norm.weight", ("model.norm.weight",), Replicated()),
                  NativeParam("head.weight", ("lm_head.weight",), ROWS)),
-    "llama": (NativeParam("norm.weight", ("model.norm.weight",), Replicated()),
-              NativeParam("output.weight", ("lm_head.weight",), ROWS)),
+    "llama": LLAMA_HEAD,
+    "internlm2": LLAMA_HEAD,
 }
-BLOCK_PARAMS = {"internlm": internlm_block_params, "llama": llama_block_params}
+BLOCK_PARAMS = {"internlm": internlm_block_params, "llama": llama_block_params, "internlm2": llama_block_params}
 
 
 def partition_uniform(num_layers: int, pp: int) -> list[range]:
@@ -190,7 +297,10 @@ class NativeLayout:
     mlp_naming: str = "v1"
     family: str = "internlm"
     bias: bool = True  # q/k/v/o biases; InternEvo's model key no_bias=True leaves them out
-    interleaved_head_dim: int | None = None  # llama family without adapt_hf: q/k rows interleaved per head
+    # the attention heads: how q/k/v rows split over tensor ranks under grouped-query attention; the internlm2 family
+    # and qk_interleaved need them (write_native_checkpoint fills them in from the model dict)
+    heads: AttentionHeads | None = None
+    qk_interleaved: bool = False  # q/k rows with interleaved rotary pairs in each head (see InterleavedRotary)
 
     def __post_init__(self):
         if self.family not in FAMILIES:
@@ -250,6 +360,8 @@ def local_names(state: dict, family: str) -> dict:
 def detect_family(state: dict) -> str:
     """The family of names of a stage file's state."""
     names = local_names(state, "llama")
+    if any(".attention.wqkv." in name for name in names):
+        return "internlm2"
     llama = any(name.startswith(("layers.", "tok_embeddings.", "output.")) for name in names)
     return "llama" if llama else "internlm"
 
@@ -286,10 +398,10 @@ def _check_names(found: set[str], expected: set[str], layout: NativeLayout, wher
     unexpected, missing = sorted(found - expected), sorted(expected - found)
     if not unexpected and not missing:
         return
-    other = next(family for family in FAMILIES if family != layout.family)
+    found_family = detect_family(dict.fromkeys(found))
     bias_names = {name for name in unexpected + missing if name.endswith(".bias")}
-    if detect_family(dict.fromkeys(found)) == other:
-        cause = f"they are InternEvo's {other} layout; load it with {FAMILY_CKPT_TYPES[other]}"
+    if found_family != layout.family:
+        cause = f"they are InternEvo's {found_family} layout; load it with {FAMILY_CKPT_TYPES[found_family]}"
     elif any(".experts." in name for name in unexpected):
         cause = "MoE experts are not supported"
     elif bias_names and bias_names == set(unexpected + missing):
@@ -318,7 +430,7 @@ def _check_mlp_naming(weights: dict[str, torch.Tensor], layout: NativeLayout, so
 def mlp_naming_of_shapes(state: dict, family: str) -> str:
     """The MLP naming a stage file's shapes show: the down projection is [hidden, intermediate/tp]; "v2" (the LLaMA
     convention) when the shapes cannot tell (square MLP, or a stage without blocks)."""
-    prefix = {"internlm": "blocks.0.mlp", "llama": "layers.0.feed_forward"}[family]
+    prefix = "blocks.0.mlp" if family == "internlm" else "layers.0.feed_forward"
     w1, w2 = state.get(f"{prefix}.w1.weight"), state.get(f"{prefix}.w2.weight")
     if w1 is None or w2 is None or w1.shape[0] == w1.shape[1]:
         return "v2"

@@ -14,6 +14,7 @@ from evods.storage import LocalStorage, Storage, open_storage
 from .. import layout, safe_load
 from ..collective import rank
 from ..errors import CheckpointError
+from ..formats.hf_internlm2 import is_published_internlm2, read_published
 from ..formats.internevo import MODEL_CONFIG as NATIVE_MODEL_CONFIG
 from ..formats.internevo import is_native_checkpoint, read_native_model
 from ..formats.weights import deepspeed_weights, hf_weights
@@ -21,11 +22,15 @@ from ..formats.weights import deepspeed_weights, hf_weights
 logger = logging.getLogger("evods.checkpoint")
 
 ALL_CONTENT = frozenset({"model", "sampler", "optimizer", "scheduler"})
-# InternEvo's native formats as (family of names, MLP naming) (formats/internevo_layout.py): "internlm" for InternLM
-# (and InternEvo before its 2024-02 MLP rename), "internevo" for InternEvo after it, "llama" for InternEvo's
-# LLaMA-family names (revert_internlm.py, InternEvo's LLaMA models), whose MLP naming the weight shapes show.
-NATIVE_LAYOUTS = {"internlm": ("internlm", "v1"), "internevo": ("internlm", "v2"), "llama": ("llama", None)}
+# InternEvo's native formats as (family of names, MLP naming) (formats/internevo_layout.py); None: read off the files.
+# "internlm" for InternLM (and InternEvo before its 2024-02 MLP rename); "internevo" for InternEvo after it, whose
+# files are of the run's model type (InternLM's names, InternLM2's grouped wqkv or InternLM3's split wq/wk/wv, told
+# apart by their names); "internlm2_test" for InternLM2's (InternEvo's name of its loader that reshards them); "llama"
+# for InternEvo's LLaMA-family names (revert_internlm.py, its LLaMA models), whose MLP naming the weight shapes show.
+NATIVE_LAYOUTS = {"internlm": ("internlm", "v1"), "internevo": (None, "v2"), "internlm2_test": ("internlm2", "v2"),
+                  "llama": ("llama", None)}
 CKPT_TYPES = ("evods", "hf", *NATIVE_LAYOUTS)
+MODEL_ONLY_NATIVE = ("llama", "internlm2_test")  # InternEvo's LOAD_FUNC_DICT entries: model weights only
 # The config fields that give the parameters their shapes: a checkpoint loads only into a model that agrees on all.
 MODEL_SHAPE_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
                       "num_key_value_heads")
@@ -112,9 +117,9 @@ def _checked(plan: LoadPlan) -> LoadPlan:
     if plan.ckpt_type == "hf" and plan.content != {"model"}:
         raise CheckpointError(f"an HF folder ({plan.path}) holds model weights only: set content=('model',) "
                               f"instead of {tuple(sorted(plan.content))}")
-    if plan.ckpt_type == "llama" and plan.content != {"model"}:
-        raise CheckpointError(f"ckpt_type='llama' loads model weights only, as InternEvo's llama loader: set "
-                              f"content=('model',) instead of {tuple(sorted(plan.content))} for {plan.path}")
+    if plan.ckpt_type in MODEL_ONLY_NATIVE and plan.content != {"model"}:
+        raise CheckpointError(f"ckpt_type={plan.ckpt_type!r} loads model weights only, as InternEvo's loader of that "
+                              f"name: set content=('model',) instead of {tuple(sorted(plan.content))} for {plan.path}")
     if "optimizer" in plan.content and "model" not in plan.content:
         raise CheckpointError(f"content {tuple(sorted(plan.content))} for {plan.path}: the optimizer state only loads "
                               "together with its model; add 'model'")
@@ -147,7 +152,9 @@ def read_model_weights(plan: LoadPlan, local_folder: str) -> dict[str, torch.Ten
     if plan.is_native:
         family, mlp_naming = NATIVE_LAYOUTS[plan.ckpt_type]
         return read_native_model(local_folder, family, mlp_naming)[1]
-    return deepspeed_weights(local_folder) if plan.is_evods else hf_weights(local_folder)
+    if plan.is_evods:
+        return deepspeed_weights(local_folder)
+    return read_published(local_folder) if is_published_internlm2(local_folder) else hf_weights(local_folder)
 
 
 def saved_model_config(plan: LoadPlan) -> dict:
