@@ -38,7 +38,7 @@ def scripted_chat_folder(folder: Path, reply: str) -> Path:
 
     model = tiny_model()
     folder.mkdir(parents=True, exist_ok=True)
-    write_tokenizer(str(TOKENIZER), str(folder), model.config.max_position_embeddings)
+    write_tokenizer(str(TOKENIZER), str(folder), model.config.max_position_embeddings, INTERNLM)
     tokenizer = AutoTokenizer.from_pretrained(folder)
     reply_ids = tokenizer(reply, add_special_tokens=False).input_ids
     assert tokenizer.decode(reply_ids) == reply, "the reply must round-trip through the tokenizer"
