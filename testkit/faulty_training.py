@@ -29,6 +29,7 @@ _steps = {"next": 0}
 class _InfiniteLoss:
     def __init__(self, loss_fn):
         self.loss_fn = loss_fn
+        self.head = loss_fn.head  # the engine gathers the head's weight around the loss (ZeRO-3)
 
     def __call__(self, hidden_states, targets):
         return self.loss_fn(hidden_states, targets) * math.inf

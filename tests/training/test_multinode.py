@@ -99,7 +99,9 @@ def story(tmp_path_factory):
     bucket = create_bucket(f"http://{host}:{port}")
     folder = f"boto3:s3://{bucket}.{host}:{port}/{SAVED}"
     env = {"S3_ACCESS_KEY_ID": ACCESS_KEY_ID, "S3_SECRET_ACCESS_KEY_ID": SECRET_ACCESS_KEY,
-           "http_proxy": "", "HTTP_PROXY": "", "https_proxy": "", "HTTPS_PROXY": ""}
+           "http_proxy": "", "HTTP_PROXY": "", "https_proxy": "", "HTTPS_PROXY": "",
+           # every rank's lines: each node's leader says that it converts (by default only rank 0 logs warnings)
+           "EVODS_VERBOSE": "1"}
     root = tmp_path_factory.mktemp("cluster")
     args = ["--config", "config.py", "--run_dir", "run"]
     found = {"bucket": bucket}
