@@ -1,12 +1,13 @@
 """Endpoints that are not a working S3 server, on 127.0.0.1, for the storage tests: one that accepts connections and
 never answers (a hung proxy or server), and an HTTP server that answers every request with 404 (a web server or a
 wrong path where S3 was expected), with an empty body or an HTML page."""
+import abc
 import http.server
 import socket
 import threading
 
 
-class _Endpoint:
+class _Endpoint(abc.ABC):
     """Serves on a thread of its own from the start of a `with` block to its end."""
     _thread: threading.Thread
 
@@ -18,8 +19,9 @@ class _Endpoint:
         self._stop()
         self._thread.join(timeout=5)
 
+    @abc.abstractmethod
     def _stop(self) -> None:
-        raise NotImplementedError
+        """Make the serving thread return."""
 
 
 class StallingEndpoint(_Endpoint):

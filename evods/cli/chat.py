@@ -57,8 +57,8 @@ def chat_parser(description: str, max_context_help: str) -> argparse.ArgumentPar
     # Checked when the model loads (one line naming the choices): the registry's import would load transformers
     # before --help could print.
     parser.add_argument("--chat_template", default=None,
-                        help="the chat format, a name in evods.model.chat_templates such as internlm2 (default: the "
-                             "folder's, chat_template in config.json)")
+                        help="the chat format: internlm, internlm2 or llama3 (evods.model.chat_templates; default: "
+                             "the folder's, chat_template in config.json)")
     return parser
 
 

@@ -220,3 +220,21 @@ def test_the_templates_render_the_published_prompts_and_refuse_a_tokenizer_witho
     assert convert2hf(["--src", str(native), "--tgt", str(tmp_path / "hf"), "--tokenizer", str(exports["llama3"][0]),
                        "--chat_template", "internlm"]) == 1
     assert missing in capsys.readouterr().err and not (tmp_path / "hf").exists()
+
+
+def test_the_chat_tools_help_names_every_template_without_loading_the_registry():
+    """tools/chat.py and tools/web_demo.py spell the template names in --help (the registry's import would load
+    transformers before --help prints); a template added to the registry must be named there too."""
+    from evods.cli.chat import chat_parser
+
+    help_text = " ".join(chat_parser("", "").format_help().split())
+    for name in CHAT_TEMPLATES:
+        assert re.search(rf"\b{name}\b", help_text), (name, help_text)
+
+
+def test_an_unknown_chat_template_is_one_line_naming_the_known_ones(tmp_path):
+    from testkit.chat_models import tiny_chat_folder
+
+    folder = tiny_chat_folder(tmp_path / "hf")
+    with pytest.raises(InferenceError, match="--chat_template 'bogus': use one of internlm, internlm2, llama3"):
+        load_for_inference(str(folder), chat_template="bogus")
