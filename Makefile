@@ -20,7 +20,7 @@ demo: $(STAMP)
 	bash tools/demo.sh
 
 test: $(STAMP)
-	OMP_NUM_THREADS=2 $(BIN)/python -m pytest -q
+	OMP_NUM_THREADS=2 $(BIN)/python -m pytest -q --durations=40
 
 # ruff with the rules in pyproject.toml ([tool.ruff]); `$(BIN)/ruff check --fix .` fixes most of what it reports.
 lint: $(STAMP)
