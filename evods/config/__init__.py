@@ -6,30 +6,36 @@
     ds = build_deepspeed_config(cfg, layout, override_path)
 """
 from .checks import CPU_FP16_ENV, check_device, check_topology, cpu_fp16_forced
-from .deepspeed_config import adamw_kwargs, build_deepspeed_config, validate_deepspeed_config, write_deepspeed_config
+from .deepspeed_config import (
+    adamw_kwargs,
+    build_deepspeed_config,
+    reduce_bucket_elements,
+    validate_deepspeed_config,
+    write_deepspeed_config,
+)
 from .errors import ConfigError
 from .loader import ConfigSource, load_config_file
 from .schema import (
-                     SNAPSHOT_FOLDER,
-                     AdamConfig,
-                     AlertConfig,
-                     Beta2SchedulerConfig,
-                     CkptConfig,
-                     DataConfig,
-                     Fp16ScaleConfig,
-                     GradScalerConfig,
-                     HybridZeroConfig,
-                     LoadCkptInfo,
-                     LossConfig,
-                     LrSchedulerConfig,
-                     ModelConfig,
-                     MonitorConfig,
-                     ParallelConfig,
-                     PipelineConfig,
-                     TensorConfig,
-                     TrainConfig,
-                     load_config,
-                     parse_config,
+    SNAPSHOT_FOLDER,
+    AdamConfig,
+    AlertConfig,
+    Beta2SchedulerConfig,
+    CkptConfig,
+    DataConfig,
+    Fp16ScaleConfig,
+    GradScalerConfig,
+    HybridZeroConfig,
+    LoadCkptInfo,
+    LossConfig,
+    LrSchedulerConfig,
+    ModelConfig,
+    MonitorConfig,
+    ParallelConfig,
+    PipelineConfig,
+    TensorConfig,
+    TrainConfig,
+    load_config,
+    parse_config,
 )
 
 __all__ = [
@@ -37,6 +43,6 @@ __all__ = [
     "DataConfig", "Fp16ScaleConfig", "GradScalerConfig", "HybridZeroConfig", "LoadCkptInfo", "LossConfig",
     "LrSchedulerConfig", "ModelConfig", "MonitorConfig", "ParallelConfig", "PipelineConfig", "SNAPSHOT_FOLDER",
     "TensorConfig", "TrainConfig", "adamw_kwargs", "build_deepspeed_config", "check_device", "check_topology",
-    "cpu_fp16_forced", "load_config", "load_config_file", "parse_config", "validate_deepspeed_config",
-    "write_deepspeed_config",
+    "cpu_fp16_forced", "load_config", "load_config_file", "parse_config", "reduce_bucket_elements",
+    "validate_deepspeed_config", "write_deepspeed_config",
 ]

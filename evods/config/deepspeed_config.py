@@ -83,13 +83,24 @@ def deep_merge(base: dict, top: dict) -> dict:
     return merged
 
 
+def reduce_bucket_elements(cfg: TrainConfig, layout: ParallelLayout) -> int:
+    """The gradient reduce bucket DeepSpeed gets, in elements: hybrid_zero_optimizer.reduce_bucket_size, except that
+    under ZeRO-3 it is at most hidden_size² (transformers' DeepSpeed "auto" value). InternEvo's optimizer and
+    DeepSpeed's stages 1/2 fill their bucket as gradients arrive, but DeepSpeed's stage-3 optimizer allocates the whole
+    bucket up front (contiguous_gradients, deepspeed/runtime/zero/stage3.py): InternEvo's 512M elements would be
+    2 GiB per rank in fp32, more than ZeRO-3 saves on most models."""
+    given = cfg.hybrid_zero_optimizer.reduce_bucket_size
+    return min(given, cfg.model.hidden_size ** 2) if layout.zero_stage == 3 else given
+
+
 def _derived(cfg: TrainConfig, layout: ParallelLayout) -> dict[str, tuple[Any, str]]:
     """Dotted DeepSpeed key -> (value, the training config key it comes from)."""
     data, zero, scaler = cfg.data, cfg.hybrid_zero_optimizer, cfg.grad_scaler
     derived = {
         "gradient_accumulation_steps": (data.micro_num, "data.micro_num"),
         "train_batch_size": (data.micro_num * layout.dp, "data.micro_num × data-parallel size"),
-        "zero_optimization.reduce_bucket_size": (zero.reduce_bucket_size, "hybrid_zero_optimizer.reduce_bucket_size"),
+        "zero_optimization.reduce_bucket_size": (reduce_bucket_elements(cfg, layout),
+                                                 "hybrid_zero_optimizer.reduce_bucket_size"),
         "gradient_clipping": (float(zero.clip_grad_norm), "hybrid_zero_optimizer.clip_grad_norm"),
         **_zero_stage(cfg, layout),
     }
@@ -138,6 +149,12 @@ def _zero_stage(cfg: TrainConfig, layout: ParallelLayout) -> dict[str, tuple[Any
         derived["zero_force_ds_cpu_optimizer"] = (False, "parallel.zero.offload_optimizer")
     if layout.offload_param:
         derived["zero_optimization.offload_param.device"] = ("cpu", "parallel.zero.offload_param")
+    if layout.zero_stage == 3:
+        # transformers' DeepSpeed "auto" values: DeepSpeed's fixed defaults (a 50M-element prefetch, 100k-element
+        # persistent parameters) suit neither a small model nor a 70B one
+        hidden, reason = cfg.model.hidden_size, "sized from model.hidden_size as transformers' DeepSpeed 'auto'"
+        derived["zero_optimization.stage3_prefetch_bucket_size"] = (int(0.9 * hidden ** 2), reason)
+        derived["zero_optimization.stage3_param_persistence_threshold"] = (10 * hidden, reason)
     return derived
 
 

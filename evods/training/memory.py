@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from evods.config import ConfigError, LossConfig, TrainConfig
+from evods.config import ConfigError, LossConfig, TrainConfig, reduce_bucket_elements
 from evods.parallel import ParallelLayout
 
 from .loss_kernels import auto_chunk_tokens
@@ -119,14 +119,13 @@ def _zero_state(cfg: TrainConfig, layout: ParallelLayout, params: float, total: 
     - ZeRO-2: whole weights; gradients only transiently whole, in the reduce bucket (hybrid_zero_optimizer.
       reduce_bucket_size elements at most), and as a 1/dp fp32 shard;
     - ZeRO-3: 1/dp of the weights plus the largest module gathered whole, gradients as ZeRO-2 but with the whole
-      reduce bucket, which DeepSpeed's stage-3 optimizer allocates up front (contiguous_gradients; InternEvo's
-      default of 512M elements is 2 GiB in fp32). The model is built under zero.Init: this rank's shards, and one
+      reduce bucket, which DeepSpeed's stage-3 optimizer allocates up front (evods caps it at hidden_size²
+      elements: evods.config.reduce_bucket_elements). The model is built under zero.Init: this rank's shards, and one
       module whole in fp32 at a time.
     Offload moves the fp32 shards, their gradients and the Adam states (optimizer) and the weight shards
     (parameters) to host memory."""
     dp, stage, width = layout.dp, layout.zero_stage, torch.finfo(cfg.model.dtype).bits // 8
-    bucket = cfg.hybrid_zero_optimizer.reduce_bucket_size if stage == 3 else \
-        min(cfg.hybrid_zero_optimizer.reduce_bucket_size, params)
+    bucket = reduce_bucket_elements(cfg, layout) if stage == 3 else min(reduce_bucket_elements(cfg, layout), params)
     gradient_shard = params * 4 / dp
     build = total * 4
     if stage == 1:

@@ -37,13 +37,36 @@ def test_internevo_fsdp_and_evods_key_select_the_stage_and_offload(tmp_path):
     assert config(tmp_path, "dict(zero1=dict(size=-1, fsdp=True), zero=dict(stage=3))").parallel.zero.stage == 3
     offloaded = config(tmp_path, "dict(zero=dict(stage=3, offload_optimizer=True, offload_param=True))")
     ds = build_deepspeed_config(offloaded, check_topology(offloaded, 2))
-    assert ds["zero_optimization"] == {"stage": 3, "reduce_bucket_size": 512 * 1024 * 1024,
+    assert ds["zero_optimization"] == {"stage": 3, "reduce_bucket_size": 32 * 32,
+                                       "stage3_prefetch_bucket_size": 921, "stage3_param_persistence_threshold": 320,
                                        "offload_optimizer": {"device": "cpu"}, "offload_param": {"device": "cpu"}}
     # evods hands DeepSpeed the optimizer (CPU Adam on GPUs, torch's AdamW where the accelerator is the CPU)
     assert ds["zero_force_ds_cpu_optimizer"] is False
     stage2 = config(tmp_path, "dict(zero=dict(stage=2, offload_optimizer=True))")
     two = build_deepspeed_config(stage2, check_topology(stage2, 2))
     assert two["zero_optimization"]["stage"] == 2 and "offload_param" not in two["zero_optimization"]
+
+
+def test_zero3_sizes_its_buckets_from_the_model_and_other_stages_keep_internevos_bucket(tmp_path, caplog):
+    # DeepSpeed's stage 3 allocates its whole reduce bucket up front: InternEvo's 512M elements (2 GiB in fp32) would
+    # outweigh what ZeRO-3 saves, so it is capped at hidden_size² (transformers' "auto"); stages 1/2 fill it lazily
+    internevo_bucket = "hybrid_zero_optimizer = dict(reduce_bucket_size=512 * 1024 * 1024)\n"
+    for parallel, bucket in [("dict(zero=dict(stage=1))", 512 * 1024**2), ("dict(zero=dict(stage=2))", 512 * 1024**2),
+                             ("dict(zero=dict(stage=3))", 32 * 32), ("dict(zero1=dict(size=-1, fsdp=True))", 32 * 32)]:
+        cfg = config(tmp_path, parallel, internevo_bucket)
+        zero = build_deepspeed_config(cfg, check_topology(cfg, 2))["zero_optimization"]
+        assert zero["reduce_bucket_size"] == bucket, parallel
+        assert ("stage3_prefetch_bucket_size" in zero) == (zero["stage"] == 3)
+    # a smaller bucket than the cap is kept
+    cfg = config(tmp_path, "dict(zero=dict(stage=3))", "hybrid_zero_optimizer = dict(reduce_bucket_size=100)\n")
+    assert build_deepspeed_config(cfg, check_topology(cfg, 2))["zero_optimization"]["reduce_bucket_size"] == 100
+    # the prefetch and persistence sizes may be tuned in a DeepSpeed JSON (a warning names what it replaces)
+    override = tmp_path / "ds.json"
+    override.write_text(json.dumps({"zero_optimization": {"stage3_prefetch_bucket_size": 5000}}))
+    with caplog.at_level("WARNING", logger="evods.config"):
+        zero = build_deepspeed_config(cfg, check_topology(cfg, 2), override_path=override)["zero_optimization"]
+    assert zero["stage3_prefetch_bucket_size"] == 5000
+    assert "zero_optimization.stage3_prefetch_bucket_size=5000 overrides 921" in caplog.text
 
 
 def test_a_deepspeed_json_merges_but_cannot_change_the_stage_or_offload(tmp_path):

@@ -128,8 +128,8 @@ def test_ctrl_c_says_saving_and_saved_and_no_evods_process_prints_a_traceback(tm
         runner_traceback, after = runner_traceback.split("KeyboardInterrupt\n", 1)
         frames = re.findall(r'File "([^"]+)"', runner_traceback)
         # judged by place, not by name: a clone may itself live in a folder called evods
-        ours = [frame for frame in frames
-                if Path(frame).resolve().is_relative_to(REPO / "evods") or Path(frame).resolve() == REPO / "train_ds.py"]
+        places = [Path(frame).resolve() for frame in frames]
+        ours = [place for place in places if place.is_relative_to(REPO / "evods") or place == REPO / "train_ds.py"]
         assert frames and ours == [], frames
         assert any(frame.endswith("deepspeed/launcher/runner.py") for frame in frames), frames
         said = messages(before + after)

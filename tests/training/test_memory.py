@@ -108,6 +108,9 @@ def test_zero_stages_and_offload_change_the_estimate(monkeypatch):
         check_memory(cfg, meta_model(cfg), layout, "cuda")
     fits = check_memory(cfg, meta_model(cfg), replace(layout, zero_stage=3), "cuda")
     assert fits.on_device < 40 * GIB and fits.zero_stage == 3
+    # ZeRO-3's up-front bucket is counted as DeepSpeed gets it: hidden_size² elements, not the config's 512M
+    two = estimate_memory(cfg, meta_model(cfg), replace(layout, zero_stage=2))
+    assert two.gradients - fits.gradients == (512 * 1024 ** 2 - 4096 ** 2) * 2  # bf16 buckets
     offloaded = check_memory(cfg, meta_model(cfg), replace(layout, zero_stage=3, offload_optimizer=True,
                                                           offload_param=True), "cuda")
     assert offloaded.on_device < fits.on_device and offloaded.offloaded > 10 * GIB
