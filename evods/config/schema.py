@@ -97,7 +97,8 @@ class TrainDatasetConfig:
     path: str = key(STR)  # a save_to_disk folder, data files (parquet, jsonl, json, txt, csv: file or folder), Hub name
     streaming: bool = key(BOOL, False)  # False: tokenized once, packed and shuffled as a .bin; True: read in order
     text_key: str = key(STR, "text")
-    tokenizer_path: str | None = key(OPTIONAL_STR, None)  # SentencePiece model; None: tools/V7_sft.model
+    # SentencePiece model, or a Hugging Face tokenizer folder / tokenizer.json; None: tools/V7_sft.model
+    tokenizer_path: str | None = key(OPTIONAL_STR, None)
     split: str = key(STR, "train")
     name: str | None = key(OPTIONAL_STR, None)  # the Hub dataset's configuration
     add_bos: bool = key(BOOL, False)
