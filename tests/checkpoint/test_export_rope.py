@@ -126,3 +126,14 @@ def test_every_export_carries_the_three_rope_keys_and_the_chat_end_ids(exports):
         generation = json.loads((folder / "generation_config.json").read_text())
         assert generation["eos_token_id"] == [tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<eoa>")]
         assert "<|Bot|>" in tokenizer.chat_template
+
+
+def test_a_scaled_rope_export_refuses_another_rotary_type_in_the_chat_tools(exports):
+    from evods.inference import InferenceError, load_for_inference
+
+    folder = exports["internlm_llama3_base5e5"]
+    with pytest.raises(InferenceError, match=r"^--rotary_type dynamic: .* has RoPE type 'llama3', which only its own "
+                                             r"scaling computes; leave --rotary_type out$"):
+        load_for_inference(folder, rotary_type="dynamic", device="cpu")
+    model, _ = load_for_inference(folder, device="cpu")
+    assert model.config.rope.type == "llama3" and model.config.rope.original_max_position_embeddings == 16
