@@ -16,6 +16,7 @@ from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 from evods.checkpoint.formats.internevo import write_native_checkpoint
 from evods.checkpoint.formats.internevo_export import NATIVE_MODEL_TYPES
 from evods.checkpoint.formats.internevo_layout import AttentionHeads, NativeLayout
+from evods.checkpoint.formats.weights import hf_weights, load_weights
 from evods.config import ConfigError, load_config
 from evods.model import MODEL_INITIALIZER
 from tests.model.test_model import assert_close_rel, packed_row
@@ -114,6 +115,11 @@ def test_llama3_export_loads_as_transformers_llama_with_both_rope_schemas_and_th
     assert llama.config.rope_parameters["rope_type"] == "llama3"
     exported = llama.state_dict()
     assert all(torch.equal(exported[name], tensor) for name, tensor in model.state_dict().items())
+    # the folder's weights back into a LLAMA2 model, as a run starting from it (ckpt_type="hf") reads them
+    started = MODEL_INITIALIZER.get_module("LLAMA2")(**LLAMA3_TIED)
+    load_weights(started, hf_weights(str(folder)), str(folder))
+    assert started.lm_head.weight is started.model.embed_tokens.weight
+    assert all(torch.equal(exported[name], tensor) for name, tensor in started.state_dict().items())
     ids = torch.randint(0, 256, (1, LENGTH), generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         assert_close_rel(llama(ids).logits, model(ids).logits)
