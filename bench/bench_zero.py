@@ -41,8 +41,10 @@ MiB = 2**20
 
 
 def offloaded_bytes(trainer, zero: dict) -> int:
-    """Bytes of the state DeepSpeed keeps in host buffers under offload: the basic optimizer's parameters (the fp32
-    shards), their gradients and states; with parameter offload also the model's parameter shards."""
+    """Bytes of the state DeepSpeed keeps in host buffers under offload: the optimizer's fp32 shards, their gradients
+    and Adam states (stage 2: the parameters of the optimizer it wraps; stage 3: its flat fp32 partitions and the flat
+    gradient partition buffer, deepspeed/runtime/zero/stage3.py); with parameter offload also the model's parameter
+    shards."""
     import torch
 
     storages = {}
@@ -51,16 +53,21 @@ def offloaded_bytes(trainer, zero: dict) -> int:
         if isinstance(tensor, torch.Tensor) and tensor.numel():
             storages[tensor.untyped_storage().data_ptr()] = tensor.untyped_storage().nbytes()
 
+    engine = trainer.engine.engine
     if zero.get("offload_optimizer"):
-        basic = trainer.engine.engine.basic_optimizer
-        for group in basic.param_groups:
-            for param in group["params"]:
-                add(param)
-                add(param.grad)
-                for value in basic.state.get(param, {}).values():
-                    add(value)
+        if zero["stage"] == 3:
+            shards, inner = list(engine.optimizer.fp32_partitioned_groups_flat), engine.optimizer.optimizer
+            add(engine.optimizer.grad_partitions_flat_buffer)
+        else:
+            inner = engine.basic_optimizer
+            shards = [param for group in inner.param_groups for param in group["params"]]
+        for shard in shards:
+            add(shard)
+            add(shard.grad)
+            for value in inner.state.get(shard, {}).values():
+                add(value)
     if zero.get("offload_param"):
-        for param in trainer.engine.engine.module.parameters():
+        for param in engine.module.parameters():
             add(getattr(param, "ds_tensor", None))
     return sum(storages.values())
 

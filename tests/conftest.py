@@ -4,10 +4,13 @@
 With EVODS_NO_SKIPS=1 (set by .ci/run) a skipped test fails the run: in CI every check runs for real.
 """
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
 
+from evods.checkpoint.formats.hf_tokenizer import CACHE_ENV
 from testkit.paths import DATA, TOKENIZER
 
 # The S3 fixtures (moto_server, s3_endpoint): a real S3 endpoint over HTTP on 127.0.0.1.
@@ -22,6 +25,20 @@ def tokenizer_path() -> Path:
 @pytest.fixture
 def data_dir() -> Path:
     return DATA
+
+
+def pytest_configure(config):
+    # converted tokenizers are cached for the session and its subprocesses, not in the user's ~/.cache
+    if CACHE_ENV not in os.environ:
+        os.environ[CACHE_ENV] = config.stash.setdefault(_CACHE, tempfile.mkdtemp(prefix="evods-test-cache-"))
+
+
+def pytest_unconfigure(config):
+    if _CACHE in config.stash:
+        shutil.rmtree(config.stash[_CACHE], ignore_errors=True)
+
+
+_CACHE = pytest.StashKey[str]()
 
 
 def _skipped(config) -> list:

@@ -329,14 +329,16 @@ def tokenize_conversations(input_path, output_path, tokenizer_files, *, type_nam
     with tempfile.TemporaryDirectory(prefix="evods-chat-tokenizer-") as tokenizer_folder:
         tokenizer, jinja = tokenizer_files(tokenizer_folder)
         job = ChatJob(fmt, jinja, max_length, overlong)
-        is_valid = validation_mask(_count_records(input_path, fmt, dataset), split_ratio)
-        if not len(is_valid):
-            raise DataError(f"{input_path} has no records; nothing was written")
-        planned = {"train": int((~is_valid).sum()), "valid": int(is_valid.sum())}
-        writers = SplitWriters(split_paths(output_path, type_name, f"{input_path.stem}.bin"), planned, overwrite)
+        # the workers load their tokenizers while the records are counted
         pool = InOrderPool(workers, encode_chunk, _load_fast_tokenizer, tokenizer_folder) if workers > 1 else None
-        total = len(dataset) if hf else input_path.stat().st_size
+        writers = None
         try:
+            is_valid = validation_mask(_count_records(input_path, fmt, dataset), split_ratio)
+            if not len(is_valid):
+                raise DataError(f"{input_path} has no records; nothing was written")
+            planned = {"train": int((~is_valid).sum()), "valid": int(is_valid.sum())}
+            writers = SplitWriters(split_paths(output_path, type_name, f"{input_path.stem}.bin"), planned, overwrite)
+            total = len(dataset) if hf else input_path.stat().st_size
             with tqdm(total=total, unit="rows" if hf else "B", unit_scale=not hf, unit_divisor=1024,
                       desc=input_path.name, disable=not progress) as bar:
                 chunks = _with_splits(_record_chunks(input_path, fmt, dataset), fmt, is_valid)
@@ -356,7 +358,8 @@ def tokenize_conversations(input_path, output_path, tokenizer_files, *, type_nam
                                 "written")
             writers.commit()
         except BaseException:
-            writers.abort()
+            if writers is not None:
+                writers.abort()
             raise
         finally:
             if pool:

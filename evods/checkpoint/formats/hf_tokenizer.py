@@ -17,13 +17,20 @@ converter that always prepends "▁", which InternLM's model does not (`add_dumm
 gets a wrong id. transformers' own converter (as of 5.x) builds the right one; it is written down in the oldest JSON
 form so that older `tokenizers` read it as well.
 
+Converting a SentencePiece model takes seconds (transformers rebuilds the BPE merges in Python), and the data tools
+run once per input file: the converted tokenizer.json is kept in a cache (`tokenizer_cache_dir`), keyed by the
+model's bytes and the library versions, so each SentencePiece model converts once per machine.
+
 tools/chat_tokenizer.py tokenizes training conversations with the tokenizer these files make (`write_tokenizer`
 into a folder of its own), so the data and the exported folder's `apply_chat_template` give the same ids.
 """
+import contextlib
+import hashlib
 import json
 import os
 import shutil
 import tempfile
+from pathlib import Path
 
 from evods.model.chat_templates import ChatTemplate, check_tokenizer
 
@@ -35,6 +42,9 @@ SPECIAL_TOKENS = {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>",
 PIECE_NAMES = {"[UNUSED_TOKEN_141]": "<|plugin|>", "[UNUSED_TOKEN_142]": "<|interpreter|>",
                "[UNUSED_TOKEN_143]": "<|action_end|>", "[UNUSED_TOKEN_144]": "<|action_start|>",
                "[UNUSED_TOKEN_145]": "<|im_end|>", "[UNUSED_TOKEN_146]": "<|im_start|>"}
+CACHE_ENV = "EVODS_CACHE_DIR"  # where converted tokenizers are kept; empty: no cache
+# bump when the conversion below changes what it writes, so that older cache entries are not used
+CONVERSION_VERSION = 1
 # the files of a tokenizer folder that travel; chat_template.jinja does not (the model's template replaces it)
 TOKENIZER_FOLDER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model")
 
@@ -88,18 +98,61 @@ def _write_from_sentencepiece(sentencepiece_model: str, tgt: str, max_length: in
     }
     _write_json(os.path.join(tgt, "special_tokens_map.json"), SPECIAL_TOKENS, indent=2)
     _write_json(os.path.join(tgt, "tokenizer_config.json"), tokenizer_config, indent=2)
-    fast = _fast_tokenizer_json(tgt)
     named = {i: PIECE_NAMES[piece.piece] for i, piece in enumerate(proto.pieces) if piece.piece in PIECE_NAMES}
     if named:
         # The names replace the pieces at the same ids, in the fast tokenizer's vocabulary and added tokens and in
         # tokenizer_config's added_tokens_decoder (read by the slow tokenizer); a name only in added_tokens_decoder
         # would get a new id past the vocabulary.
-        fast = _rename_pieces(fast, named)
         tokenizer_config["added_tokens_decoder"] = {
             str(i): {"content": name, "lstrip": False, "normalized": False, "rstrip": False, "single_word": False,
                      "special": True} for i, name in named.items()}
         _write_json(os.path.join(tgt, "tokenizer_config.json"), tokenizer_config, indent=2)
-    _write_json(os.path.join(tgt, "tokenizer.json"), portable_tokenizer_json(fast))
+
+    def convert() -> str:
+        fast = _fast_tokenizer_json(tgt)
+        return json.dumps(portable_tokenizer_json(_rename_pieces(fast, named) if named else fast), ensure_ascii=False)
+
+    with open(os.path.join(tgt, "tokenizer.json"), "w", encoding="utf-8") as f:
+        f.write(_cached_conversion(sentencepiece_model, convert))
+
+
+def tokenizer_cache_dir() -> Path | None:
+    """Where converted tokenizers are kept: $EVODS_CACHE_DIR/tokenizers (no cache when it is set empty), else
+    $XDG_CACHE_HOME/evods/tokenizers or ~/.cache/evods/tokenizers."""
+    root = os.environ.get(CACHE_ENV)
+    if root == "":
+        return None
+    if root is None:
+        root = os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "evods")
+    return Path(root) / "tokenizers"
+
+
+def _cached_conversion(sentencepiece_model: str, convert) -> str:
+    """`convert()`'s tokenizer.json for this SentencePiece model, from the cache when an entry for the same model bytes
+    and library versions is there. The cache only saves time: an unreadable or unwritable cache is passed by."""
+    import tokenizers
+    import transformers
+
+    folder = tokenizer_cache_dir()
+    if folder is None:
+        return convert()
+    digest = hashlib.sha256(Path(sentencepiece_model).read_bytes())
+    digest.update(f"{CONVERSION_VERSION} {transformers.__version__} {tokenizers.__version__}".encode())
+    entry = folder / f"{digest.hexdigest()}.json"
+    try:
+        return entry.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError):  # no entry yet, or one that cannot be read
+        pass
+    text = convert()
+    part = entry.with_suffix(f".{os.getpid()}.part")
+    try:  # written whole, then renamed: a reader never sees half an entry
+        folder.mkdir(parents=True, exist_ok=True)
+        part.write_text(text, encoding="utf-8")
+        os.replace(part, entry)
+    except OSError:
+        with contextlib.suppress(OSError):
+            part.unlink()
+    return text
 
 
 def _rename_pieces(tokenizer: dict, names: dict[int, str]) -> dict:
