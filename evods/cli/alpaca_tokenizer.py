@@ -19,7 +19,9 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("dataset_path", help="Alpaca JSON list of {instruction, input, output}, or a saved HF dataset")
     parser.add_argument("output_path", help="output folder")
-    parser.add_argument("tokenizer_path", help="SentencePiece model (InternLM's V7_sft.model)")
+    parser.add_argument("tokenizer_path", help="SentencePiece model (InternLM's V7_sft.model), or a Hugging Face "
+                        "tokenizer folder with tokenizer.json (or the file) that has InternLM's <eoh>, <eoa> and "
+                        "<0x0A> pieces")
     parser.add_argument("--split_ratio", type=float, default=0.1, help="share of samples for validation (default 0.1)")
     parser.add_argument("--overwrite", action="store_true", help="replace existing outputs")
     parser.add_argument("--internevo_special_ids", action="store_true",

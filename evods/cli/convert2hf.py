@@ -43,9 +43,10 @@ def main(argv=None) -> int:
     parser.add_argument("--mlp_naming", choices=tuple(MLP_NAMINGS),
                         help="native checkpoints: v1 = InternLM (w2 up, w3 down), v2 = InternEvo since 2024-02 "
                         "(w3 up, w2 down); default: v1 for InternLM's names, read off the shapes for LLaMA's")
-    parser.add_argument("--rotary_type", choices=ROTARY_TYPES, default="dynamic",
+    parser.add_argument("--rotary_type", choices=ROTARY_TYPES,
                         help="dynamic (default, as InternLM's HF models): dynamic NTK RoPE beyond "
-                        "max_position_embeddings; origin: plain RoPE")
+                        "max_position_embeddings; origin: plain RoPE. A model trained with a scaled RoPE (model."
+                        "rope_scaling linear or llama3) keeps it")
     parser.add_argument("--scaling_factor", type=float, default=1.0, help="dynamic NTK's scaling factor")
     parser.add_argument("--max_pos", type=int, help="max_position_embeddings: where dynamic NTK starts to rescale; "
                         "default: the training config's (the length the model was trained for)")

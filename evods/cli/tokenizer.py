@@ -4,6 +4,8 @@
     python tools/tokenizer.py --text_input_path my_hf_dataset/ --text_key content --bin_output_path en/output.bin
 
 The default encoding is the quickstart's (raw SentencePiece, no BOS/EOS); --add_bos/--add_eos give later InternEvo's.
+A Hugging Face tokenizer (--tokenizer_path a folder with tokenizer.json, or the file) encodes the same way, with the
+BOS/EOS it defines (Llama-3's <|begin_of_text|> and <|end_of_text|>).
 """
 import argparse
 import sys
@@ -22,7 +24,8 @@ def parse_args(argv=None):
     parser.add_argument("--bin_output_path", required=True, help="output .bin; the meta goes to <this>.meta")
     parser.add_argument("--tokenizer_path", default=None,
                         help="SentencePiece model (default: tools/V7_sft.model, InternLM's V7 tokenizer shipped "
-                             "with evods)")
+                             "with evods), or a Hugging Face tokenizer: a folder with tokenizer.json (e.g. Llama-3's) "
+                             "or the tokenizer.json file, read from disk only")
     parser.add_argument("--text_key", default="text",
                         help="json/jsonl field or dataset column to tokenize (default: text)")
     parser.add_argument("--whole_record", action="store_true",

@@ -20,7 +20,7 @@ import torch
 from evods.data import DataError, Rampup, parse_rampup, parse_skip_batches
 from evods.model.attention_heads import HeadSplit
 from evods.model.chat_templates import CHAT_TEMPLATES, DEFAULT_CHAT_TEMPLATE
-from evods.model.internevo import MODEL_TYPE_CHAT_TEMPLATES, NORM_HEAD_REFUSAL
+from evods.model.internevo import MODEL_TYPE_CHAT_TEMPLATES, NORM_HEAD_REFUSAL, model_rope
 from evods.model.registry import MODEL_INITIALIZER
 
 from .errors import ConfigError
@@ -97,7 +97,8 @@ class TrainDatasetConfig:
     path: str = key(STR)  # a save_to_disk folder, data files (parquet, jsonl, json, txt, csv: file or folder), Hub name
     streaming: bool = key(BOOL, False)  # False: tokenized once, packed and shuffled as a .bin; True: read in order
     text_key: str = key(STR, "text")
-    tokenizer_path: str | None = key(OPTIONAL_STR, None)  # SentencePiece model; None: tools/V7_sft.model
+    # SentencePiece model, or a Hugging Face tokenizer folder / tokenizer.json; None: tools/V7_sft.model
+    tokenizer_path: str | None = key(OPTIONAL_STR, None)
     split: str = key(STR, "train")
     name: str | None = key(OPTIONAL_STR, None)  # the Hub dataset's configuration
     add_bos: bool = key(BOOL, False)
@@ -400,6 +401,10 @@ class ModelConfig:
     # evods' own: the chat format of the model's fine-tuning data (tools/chat_tokenizer.py --template), which its
     # checkpoints carry into exports and model.chat (evods.model.chat_templates)
     chat_template: str = key(_one_of(*CHAT_TEMPLATES), DEFAULT_CHAT_TEMPLATE)
+    # evods' own, in transformers' spelling (Llama-3 family): the RoPE scaling (evods.model.internevo.model_rope) and an
+    # output head that is the input embedding
+    rope_scaling: dict | None = key(_optional(DICT), None)
+    tie_word_embeddings: bool = key(BOOL, False)
 
     EXTRA_KEYS_ALLOWED = True  # other keys belong to the model builder
 
@@ -551,6 +556,7 @@ def _normalise(cfg: TrainConfig, source: ConfigSource) -> None:
         raise source.error("model.norm_head", f"model.{NORM_HEAD_REFUSAL}")
     _check_parallel(cfg.parallel, source)
     _check_attention_heads(cfg.model, cfg.parallel.tensor.size, source)
+    _check_llama_keys(cfg, source)
     if cfg.parallel.zero.stage == 3 and cfg.loss.kernel == "full":
         raise source.error("loss.kernel", "loss.kernel='full' keeps lm_head's weight for the backward, which ZeRO-3 "
                                           "shards again after the loss (evods gathers it only for the loss); use "
@@ -668,6 +674,23 @@ def _check_parallel(parallel: ParallelConfig, source: ConfigSource) -> None:
         raise source.error("parallel.weight.size", f"parallel.weight.size={parallel.weight.size} asks for InternEvo's "
                                                    "weight parallelism (an isp companion), which evods does not run; "
                                                    "set weight=dict(size=1)")
+
+
+def _check_llama_keys(cfg: TrainConfig, source: ConfigSource) -> None:
+    """The RoPE scaling is one evods computes; a tied output head runs where one process holds both ends of the model
+    with their whole weight (no tensor or pipeline split, no ZeRO-3 partitions)."""
+    try:
+        model_rope(cfg.raw_model)
+    except ValueError as error:
+        raise source.error("model.rope_scaling", "model." + str(error).removeprefix("model config: ")) from None
+    parallel = cfg.parallel
+    if cfg.model.tie_word_embeddings and (parallel.tensor.size > 1 or parallel.pipeline.size > 1
+                                          or parallel.zero.stage == 3):
+        raise source.error("model.tie_word_embeddings",
+                           f"model.tie_word_embeddings=True is not supported at parallel.tensor size "
+                           f"{parallel.tensor.size}, pipeline size {parallel.pipeline.size}, ZeRO stage "
+                           f"{parallel.zero.stage}; evods ties the output head at tensor and pipeline size 1 with "
+                           "ZeRO stage 1 or 2")
 
 
 def _check_attention_heads(model: ModelConfig, tp: int, source: ConfigSource) -> None:

@@ -18,7 +18,7 @@ import torch
 
 from evods.data.errors import DataError
 from evods.data.packing import build_pack
-from evods.data.tokenizer_model import find_tokenizer, load_tokenizer
+from evods.data.tokenizer_model import find_tokenizer, load_tokenizer, tokenizer_fingerprint
 
 DATA_FILE_BUILDERS = {".parquet": "parquet", ".jsonl": "json", ".json": "json", ".txt": "text", ".csv": "csv",
                       ".arrow": "arrow"}
@@ -90,8 +90,7 @@ class TextEncoder:
 
     def fingerprint(self) -> str:
         """What the tokens depend on besides the dataset: for datasets' cache of Dataset.map."""
-        digest = hashlib.sha256(self.tokenizer_path.read_bytes()).hexdigest()
-        return f"{digest}|{self.text_key}|{self.add_bos}|{self.add_eos}"
+        return f"{tokenizer_fingerprint(self.tokenizer_path)}|{self.text_key}|{self.add_bos}|{self.add_eos}"
 
 
 class TokenizedTexts:

@@ -83,6 +83,9 @@ def load_for_inference(folder: str | Path, rotary_type: str | None = None, dtype
         raise InferenceError(f"--chat_template {chat_template!r}: use one of {', '.join(CHAT_TEMPLATES)}")
     config = folder_config(folder)
     if rotary_type is not None:
+        if config.rope.type not in ROTARY_TYPES:  # linear, llama3: the frequencies are scaled, not only the base
+            raise InferenceError(f"--rotary_type {rotary_type}: {folder} has RoPE type {config.rope.type!r}, which "
+                                 "only its own scaling computes; leave --rotary_type out")
         config.rotary = {**config.rotary, "type": rotary_type}
         config.derive_rope_keys()
     config.chat_template = chat_template or config.chat_template

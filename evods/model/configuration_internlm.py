@@ -17,38 +17,65 @@ except ImportError:  # transformers 4 spells it PretrainedConfig
 
 from .chat_templates import CHAT_TEMPLATES, DEFAULT_CHAT_TEMPLATE
 
-ROTARY_TYPES = ("origin", "dynamic")
+ROTARY_TYPES = ("origin", "dynamic", "linear", "llama3")
 PACKED_ATTENTION_BACKENDS = ("auto", "flash", "varlen", "flex", "loop", "mask")
 # HF's rope_scaling types (key "type", or "rope_type" since transformers 4.45) -> evods' rotary types
-HF_ROPE_SCALING_TYPES = {"default": "origin", "dynamic": "dynamic"}
+HF_ROPE_SCALING_TYPES = {"default": "origin", "dynamic": "dynamic", "linear": "linear", "llama3": "llama3"}
+# the parameters of Llama 3.1's frequency-dependent scaling, under transformers' names (which `rotary` uses too)
+LLAMA3_KEYS = ("low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
 
 
 @dataclass(frozen=True)
 class Rope:
     """The rotary embedding of a model: the one description the model and the exporters read (`config.rope`),
     whichever spelling the config was written in:
-    - InternLM v1's `rotary={"base": b, "type": "origin" | "dynamic", "scaling_factor": f}` (f defaults to 1), which
-      is also what config.json stores;
-    - InternLM2's and transformers' `rope_theta=b` with `rope_scaling=None` (origin) or
-      `{"type": "dynamic", "factor": f}`.
-    "origin" keeps the base; "dynamic" is dynamic NTK: past max_position_embeddings the base grows with the length,
-    by `base * (f * length / max_position_embeddings - (f - 1)) ** (d / (d - 2))`. Another kind of scaling is
-    another `type` (in ROTARY_TYPES and HF_ROPE_SCALING_TYPES) with its parameters as fields here.
+    - InternLM v1's `rotary={"base": b, "type": t, "scaling_factor": f}` (f defaults to 1; llama3 adds the keys of
+      LLAMA3_KEYS), which is also what config.json stores;
+    - InternLM2's, Llama's and transformers' `rope_theta=b` with `rope_scaling=None` (origin) or
+      `{"type" | "rope_type": t, "factor": f, ...}`.
+    The types compute as transformers' `modeling_rope_utils.py` does:
+    - "origin" keeps the base;
+    - "dynamic" is dynamic NTK: past max_position_embeddings the base grows with the length, by
+      `base * (f * length / max_position_embeddings - (f - 1)) ** (d / (d - 2))`;
+    - "linear" divides every frequency by f (positions interpolated f times closer);
+    - "llama3" (Llama 3.1 and later) divides by f the frequencies whose wavelength is longer than
+      original_max_position_embeddings / low_freq_factor, keeps those shorter than
+      original_max_position_embeddings / high_freq_factor, and blends the two in between.
+    Another kind of scaling is another `type` (in ROTARY_TYPES and HF_ROPE_SCALING_TYPES) with its parameters as
+    fields here.
     """
 
     base: float = 10000.0
     type: str = "origin"
     factor: float = 1.0
+    low_freq_factor: float | None = None
+    high_freq_factor: float | None = None
+    original_max_position_embeddings: int | None = None
 
     def __post_init__(self):
         if self.type not in ROTARY_TYPES:
             raise ValueError(f"RoPE type {self.type!r} is not supported; use one of {ROTARY_TYPES}")
         if self.factor <= 0:
             raise ValueError(f"RoPE scaling factor {self.factor} must be positive")
+        llama3 = {key: getattr(self, key) for key in LLAMA3_KEYS}
+        if self.type != "llama3" and any(value is not None for value in llama3.values()):
+            raise ValueError(f"{', '.join(k for k, v in llama3.items() if v is not None)} belong to RoPE type "
+                             f"'llama3', not {self.type!r}")
+        if self.type == "llama3":
+            missing = [key for key, value in llama3.items() if value is None]
+            if missing:
+                raise ValueError(f"RoPE type 'llama3' needs factor, {', '.join(LLAMA3_KEYS)}; {missing} missing")
+            if self.high_freq_factor <= self.low_freq_factor or self.low_freq_factor <= 0:
+                raise ValueError(f"RoPE type 'llama3' needs 0 < low_freq_factor < high_freq_factor, not "
+                                 f"{self.low_freq_factor} and {self.high_freq_factor}")
+            if self.original_max_position_embeddings <= 0:
+                raise ValueError("RoPE type 'llama3' needs a positive original_max_position_embeddings, not "
+                                 f"{self.original_max_position_embeddings}")
 
     @classmethod
     def from_rotary(cls, rotary: dict) -> "Rope":
-        return cls(float(rotary["base"]), rotary.get("type"), float(rotary.get("scaling_factor", 1.0)))
+        return cls(float(rotary["base"]), rotary.get("type"), float(rotary.get("scaling_factor", 1.0)),
+                   **_llama3_parameters(rotary))
 
     @classmethod
     def from_hf(cls, rope_theta: float | None, rope_scaling: dict | None) -> "Rope":
@@ -59,30 +86,46 @@ class Rope:
         if hf_type not in HF_ROPE_SCALING_TYPES:
             raise ValueError(f"rope_scaling type {hf_type!r} is not supported; use one of "
                              f"{tuple(HF_ROPE_SCALING_TYPES)} (or no rope_scaling)")
-        return cls(base, HF_ROPE_SCALING_TYPES[hf_type], float(rope_scaling.get("factor", 1.0)))
+        return cls(base, HF_ROPE_SCALING_TYPES[hf_type], float(rope_scaling.get("factor", 1.0)),
+                   **_llama3_parameters(rope_scaling))
+
+    @property
+    def llama3_parameters(self) -> dict:
+        return {key: getattr(self, key) for key in LLAMA3_KEYS} if self.type == "llama3" else {}
 
     def as_rotary(self) -> dict:
-        """InternLM v1's spelling, as config.json stores it (the factor with the type that reads it)."""
+        """InternLM v1's spelling, as config.json stores it (the factor with the types that read it)."""
         rotary = {"base": self.base, "type": self.type}
-        return {**rotary, "scaling_factor": self.factor} if self.type == "dynamic" else rotary
+        return rotary if self.type == "origin" else {**rotary, "scaling_factor": self.factor, **self.llama3_parameters}
+
+
+def _llama3_parameters(spelling: dict) -> dict:
+    """The llama3 keys present in a `rotary` or `rope_scaling` dict, as numbers."""
+    kinds = {"low_freq_factor": float, "high_freq_factor": float, "original_max_position_embeddings": int}
+    return {key: kinds[key](spelling[key]) for key in LLAMA3_KEYS if spelling.get(key) is not None}
 
 
 def rope_keys(rotary: dict) -> dict:
     """InternEvo's `rotary` as the RoPE keys that other code reads from config.json: `rope_theta` and `rope_scaling`
     (transformers 4.x's Llama schema, read by vLLM's and SGLang's Llama code and by LMDeploy) and `rope_parameters`
-    (transformers 5.x's). Their "dynamic" is the same dynamic NTK as evods': past max_position_embeddings, the base
-    for a length L is base * (factor * L / max_position_embeddings - (factor - 1)) ** (d / (d - 2)). `Rope.from_hf`
+    (transformers 5.x's). Their "dynamic", "linear" and "llama3" compute what evods' do (see `Rope`); `Rope.from_hf`
     reads them back.
 
-    `rope_scaling` holds exactly `type` and `factor`, the only form transformers 4.36 accepts (it also requires a
-    factor above 1, so a factor-1 "dynamic" is readable as such from transformers 4.43 on).
+    `rope_scaling` of "dynamic" and "linear" holds exactly `type` and `factor`, the only form transformers 4.36 accepts
+    (it also requires a factor above 1, so a factor-1 "dynamic" is readable as such from transformers 4.43 on);
+    "llama3" is spelled as Llama 3.1's published config.json does (`rope_type`, which transformers reads from 4.43).
     """
     rope = Rope.from_rotary(rotary)
     if rope.type == "origin":
         return {"rope_theta": rope.base, "rope_scaling": None,
                 "rope_parameters": {"rope_type": "default", "rope_theta": rope.base}}
-    return {"rope_theta": rope.base, "rope_scaling": {"type": "dynamic", "factor": rope.factor},
-            "rope_parameters": {"rope_type": "dynamic", "factor": rope.factor, "rope_theta": rope.base}}
+    if rope.type == "llama3":
+        rope_scaling = {"rope_type": "llama3", "factor": rope.factor, **rope.llama3_parameters}
+    else:
+        rope_scaling = {"type": rope.type, "factor": rope.factor}
+    return {"rope_theta": rope.base, "rope_scaling": rope_scaling,
+            "rope_parameters": {"rope_type": rope.type, "factor": rope.factor, **rope.llama3_parameters,
+                                "rope_theta": rope.base}}
 
 
 class InternLMConfig(PreTrainedConfig):
@@ -193,7 +236,8 @@ class InternLMConfig(PreTrainedConfig):
             Rope.from_rotary(self.rotary)
         except (KeyError, TypeError, ValueError) as error:
             raise ValueError(f"InternLMConfig.rotary={self.rotary} is not a RoPE: {error}; give "
-                             '{"base": float, "type": "origin" | "dynamic", "scaling_factor": float}') from None
+                             f'{{"base": float, "type": one of {ROTARY_TYPES}, "scaling_factor": float}} (llama3: '
+                             f'with {", ".join(LLAMA3_KEYS)})') from None
         if self.num_key_value_heads < 1 or self.num_attention_heads % self.num_key_value_heads:
             raise ValueError(
                 f"InternLMConfig.num_attention_heads ({self.num_attention_heads}) must be a multiple of "

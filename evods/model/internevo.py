@@ -1,7 +1,7 @@
 """Build the InternLM HF model from an InternEvo training config's `model` dict: InternEvo's INTERNLM (v1), INTERNLM2
-(INTERNLM2_PUBLIC in its older configs) and INTERNLM3 model types, which are one decoder in different sizes (grouped
-KV heads, no biases, another RoPE base; InternEvo's `modeling_internlm2.py` builds InternLM3 with the InternLM2
-class too)."""
+(INTERNLM2_PUBLIC in its older configs), INTERNLM3 and LLAMA2 model types, which are one decoder in different sizes
+(grouped KV heads, no biases, another RoPE base or scaling, a tied output head; InternEvo's `modeling_internlm2.py`
+builds InternLM3 with the InternLM2 class too)."""
 
 import math
 
@@ -60,6 +60,10 @@ def config_from_model_dict(model: dict) -> InternLMConfig:
         "norm_head",
         "multiple_of",
         "chat_template",  # evods' own: the chat format the model is fine-tuned in (evods.model.chat_templates)
+        # evods' own, under transformers' names (Llama-3 family): a scaled RoPE and an output head tied to the input
+        # embedding
+        "rope_scaling",
+        "tie_word_embeddings",
     }
     unknown = sorted(set(model) - known)
     if unknown:
@@ -84,14 +88,35 @@ def config_from_model_dict(model: dict) -> InternLMConfig:
         rms_norm_eps=model.get("layer_norm_epsilon", 1e-5),
         bias=not model.get("no_bias", False),  # InternEvo's key for q/k/v/o without bias (its LLaMA configs)
         max_position_embeddings=model.get("max_position_embeddings", 2048),
-        # InternEvo trains dynamic NTK with a scaling factor of 1 (its modeling_internlm2.py); exports may set another
-        rotary=Rope(model.get("rope_base", 10000),
-                    "dynamic" if model.get("use_dynamic_ntk_rope", False) else "origin").as_rotary(),
+        rotary=model_rope(model).as_rotary(),
+        tie_word_embeddings=model.get("tie_word_embeddings", False),
         dtype=getattr(torch, dtype.removeprefix("torch.")) if isinstance(dtype, str) else dtype,
         # use_flash_attn=False keeps flash-attn out even where it is installed
         packed_attention="auto" if model.get("use_flash_attn", True) else "loop",
         chat_template=model.get("chat_template", DEFAULT_CHAT_TEMPLATE),
     )
+
+
+def model_rope(model: dict) -> Rope:
+    """The RoPE of a `model` dict: base `rope_base`; `rope_scaling` in transformers' spelling
+    (`{"rope_type": "linear" | "dynamic" | "llama3", "factor": f, ...}`, as a Llama config.json has it), else
+    InternEvo's `use_dynamic_ntk_rope`, which trains dynamic NTK with a scaling factor of 1 (its modeling_internlm2.py;
+    exports may set another)."""
+    base = model.get("rope_base", 10000)
+    rope_scaling = model.get("rope_scaling")
+    if rope_scaling is None:
+        return Rope(base, "dynamic" if model.get("use_dynamic_ntk_rope", False) else "origin")
+    if not isinstance(rope_scaling, dict):
+        raise ValueError(f"model config: rope_scaling={rope_scaling!r} is not a dict; give transformers' form, e.g. "
+                         'dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0, '
+                         "original_max_position_embeddings=8192)")
+    if model.get("use_dynamic_ntk_rope", False):
+        raise ValueError(f"model config: rope_scaling={rope_scaling} with use_dynamic_ntk_rope=True: give one of the "
+                         'two (rope_scaling=dict(rope_type="dynamic", factor=f) is dynamic NTK with a factor)')
+    try:
+        return Rope.from_hf(base, rope_scaling)
+    except (TypeError, ValueError) as error:
+        raise ValueError(f"model config: rope_scaling={rope_scaling}: {error}") from None
 
 
 # The chat format each model type is published with (evods.model.chat_templates), where the model dict names none:
@@ -106,6 +131,13 @@ def build_internlm(**model: object) -> InternLMForCausalLM:
     internlm = InternLMForCausalLM(config).to(config.dtype)
     set_activation_checkpointing(internlm, model.get("checkpoint", False))
     return internlm
+
+
+@MODEL_INITIALIZER.register_module("LLAMA2")
+def build_llama(**model: object) -> InternLMForCausalLM:
+    """InternEvo's LLAMA2 (Llama-2 and Llama-3 shapes: grouped KV heads, `no_bias=True`, `rope_scaling`,
+    `tie_word_embeddings`): the same model; `tools/convert2hf.py --format llama` exports it as `LlamaForCausalLM`."""
+    return build_internlm(**model)
 
 
 @MODEL_INITIALIZER.register_module("INTERNLM2")

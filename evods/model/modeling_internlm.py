@@ -17,6 +17,7 @@ of transformers that every such version has; what differs between versions comes
 model for training and for export, instead of a second copy that would drift).
 """
 
+import math
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -32,10 +33,11 @@ from transformers.cache_utils import Cache
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 
 from .chat_templates import ChatTemplate, chat_messages, chat_template_named, check_tokenizer, stop_token_ids
-from .configuration_internlm import InternLMConfig
+from .configuration_internlm import InternLMConfig, Rope
 from .transformers_compat import (
     CACHE_NAME,
     GENERATION_PREPARES_INPUTS,
+    TIED_HEAD_KEYS,
     TRANSFORMERS_BUILDS_MASKS,
     attention_function,
     build_causal_mask,
@@ -76,23 +78,23 @@ class InternLMRMSNorm(nn.Module):
 
 
 class InternLMRotaryEmbedding(nn.Module):
-    """Rotate-half RoPE tables in fp32, with InternEvo's dynamic NTK base for sequences beyond
-    max_position_embeddings (config.rope)."""
+    """Rotate-half RoPE tables in fp32 for the RoPE of `config.rope`: InternEvo's dynamic NTK base for sequences
+    beyond max_position_embeddings, or the frequencies scaled once ("linear", "llama3")."""
 
     def __init__(self, config: InternLMConfig):
         super().__init__()
-        rope = config.rope
+        self.rope = config.rope
         self.head_dim = config.head_dim
-        self.base = rope.base
-        self.dynamic = rope.type == "dynamic"
-        self.scaling_factor = rope.factor
+        self.base = self.rope.base
+        self.dynamic = self.rope.type == "dynamic"
+        self.scaling_factor = self.rope.factor
         self.max_position_embeddings = config.max_position_embeddings
         # Not saved (InternEvo checkpoints have no inv_freq); `_init_weights` refills it after from_pretrained.
         self.register_buffer("inv_freq", self.inv_freq_for_base(self.base), persistent=False)
 
     def inv_freq_for_base(self, base: float, device: torch.device | None = None) -> torch.Tensor:
         exponents = torch.arange(0, self.head_dim, 2, dtype=torch.float32, device=device) / self.head_dim
-        return 1.0 / (base**exponents)
+        return scaled_frequencies(1.0 / (base**exponents), self.rope)
 
     def rescales(self, seq_len: int) -> bool:
         """Whether a total length `seq_len` gets another base than the configured one."""
@@ -114,6 +116,25 @@ class InternLMRotaryEmbedding(nn.Module):
         freqs = position_ids[..., None].float() * inv_freq
         emb = torch.cat((freqs, freqs), dim=-1)
         return emb.cos(), emb.sin()
+
+
+def scaled_frequencies(inv_freq: torch.Tensor, rope: Rope) -> torch.Tensor:
+    """The inverse frequencies of a "linear" or "llama3" RoPE from the plain ones, as transformers'
+    `_compute_linear_scaling_rope_parameters` and `_compute_llama3_parameters` compute them (other types unchanged).
+
+    llama3: a frequency whose wavelength 2*pi/f spans fewer than original_max_position_embeddings / high_freq_factor
+    positions is kept, one spanning more than original_max_position_embeddings / low_freq_factor is divided by
+    `factor`, and one between is blended, the weight of the kept one growing linearly in
+    original_max_position_embeddings / wavelength from low_freq_factor to high_freq_factor."""
+    if rope.type == "linear":
+        return inv_freq / rope.factor
+    if rope.type != "llama3":
+        return inv_freq
+    wavelength = 2 * math.pi / inv_freq
+    kept_weight = ((rope.original_max_position_embeddings / wavelength - rope.low_freq_factor)
+                   / (rope.high_freq_factor - rope.low_freq_factor)).clamp(0.0, 1.0)
+    # in this order, the two ends give exactly inv_freq and inv_freq / factor, as transformers' selection does
+    return (1 - kept_weight) * inv_freq / rope.factor + kept_weight * inv_freq
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -588,6 +609,7 @@ class InternLMCausalLMOutput(CausalLMOutputWithPast):
 
 class InternLMForCausalLM(InternLMPreTrainedModel, GenerationMixin):
     base_model_class = InternLMModel
+    _tied_weights_keys = TIED_HEAD_KEYS  # only where config.tie_word_embeddings
 
     def __init__(self, config: InternLMConfig):
         super().__init__(config)
@@ -654,6 +676,8 @@ class InternLMForCausalLM(InternLMPreTrainedModel, GenerationMixin):
         cache holds keys rotated with the configured base under both: a cache stays valid across the switch.)"""
         if rotary_type not in ("origin", "dynamic"):
             raise ValueError(f"rotary type {rotary_type!r}: expected 'origin' or 'dynamic'")
+        if self.config.rope.type not in ("origin", "dynamic"):  # its frequencies are scaled, not only its base
+            raise ValueError(f"this model's RoPE is {self.config.rope.type!r}; only 'origin' and 'dynamic' switch")
         self.config.rotary = {**self.config.rotary, "type": rotary_type}
         self.config.derive_rope_keys()
         self.model.rotary_emb.dynamic = rotary_type == "dynamic"

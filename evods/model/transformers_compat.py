@@ -9,7 +9,8 @@ anything from transformers 4.36 on. The model imports what differs between versi
 - before 4.45, `generate` needs the model's own `prepare_inputs_for_generation`;
 - transformers 5 creates models on the meta device and refills non-persistent buffers through `_init_weights` with
   its `initialization` helpers, which leave tensors loaded from the checkpoint alone;
-- `loss_function` exists since 4.46.
+- `loss_function` exists since 4.46;
+- tied weights are named by a mapping in transformers 5, by a list before.
 """
 
 import dataclasses
@@ -17,7 +18,7 @@ import inspect
 
 import torch
 import torch.nn.functional as F
-from transformers import GenerationMixin
+from transformers import GenerationMixin, PreTrainedModel
 from transformers.cache_utils import DynamicCache
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
@@ -40,6 +41,10 @@ except ImportError:  # transformers 4 builds the model on a real device: a plain
 
 CACHE_NAME = "cache" if "cache" in {f.name for f in dataclasses.fields(CausalLMOutputWithPast)} else "past_key_values"
 GENERATION_PREPARES_INPUTS = "input_ids" in inspect.signature(GenerationMixin.prepare_inputs_for_generation).parameters
+# lm_head's weight is the input embedding's where config.tie_word_embeddings (Llama-3.2 1B/3B): transformers 5 reads the
+# tied weights as a {target: source} mapping, 4.x as a list of targets
+TIED_HEAD_KEYS = {"lm_head.weight": "model.embed_tokens.weight"} if "get_expanded_tied_weights_keys" in dir(
+    PreTrainedModel) else ["lm_head.weight"]
 
 
 def new_cache(config) -> DynamicCache:

@@ -2,8 +2,8 @@
 engines read right): config.json read as a `LlamaConfig` by transformers 4.36.2, 4.44.2 and the installed 5.x — what
 vLLM, SGLang and LMDeploy do with InternLM's and Llama's configs — gives, at lengths below and past
 max_position_embeddings, the cos/sin tables evods trained with and generates with: InternLM's dynamic NTK, a
-non-default base, plain RoPE, for the InternLM and the Llama export; and every export's generation_config.json ends a
-reply at the chat's end ids."""
+non-default base, plain RoPE, Llama 3.1's scaling, for the InternLM and the Llama export; and every export's
+generation_config.json ends a reply at the chat's end ids."""
 import json
 
 import pytest
@@ -19,15 +19,21 @@ MAX_POS = 32
 MODEL = dict(hidden_size=32, num_layers=1, num_attention_heads=4, vocab_size=103168, mlp_ratio=2,
              max_position_embeddings=MAX_POS)
 LENGTHS = [16, MAX_POS, MAX_POS + 1, 2 * MAX_POS, 3 * MAX_POS + 5]
-# case -> (InternEvo's rope_base, convert2hf options); each is exported in both layouts
+LLAMA3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+          "original_max_position_embeddings": 16}
+# case -> (InternEvo's rope_base, convert2hf options, the model's rope_scaling); each is exported in both layouts
 CASES = {
-    "dynamic": (10000, []),  # InternLM v1's: dynamic NTK with factor 1
-    "dynamic2_base1e6": (1e6, ["--scaling_factor", "2"]),
-    "origin_base5e5": (5e5, ["--rotary_type", "origin"]),
+    "dynamic": (10000, [], None),  # InternLM v1's: dynamic NTK with factor 1
+    "dynamic2_base1e6": (1e6, ["--scaling_factor", "2"], None),
+    "origin_base5e5": (5e5, ["--rotary_type", "origin"], None),
+    # trained with Llama 3.1's scaling (model type LLAMA2's rope_scaling), exported as trained; transformers reads it
+    # from 4.43 on
+    "llama3_base5e5": (5e5, [], LLAMA3),
 }
 EXPORTS = {f"{layout}_{case}": (case, ["--format", layout]) for layout in ("internlm", "llama") for case in CASES}
-# transformers before 4.43 take a rope_scaling factor only above 1 (README, "After training")
+# transformers before 4.43 take a rope_scaling factor only above 1 (README, "After training"), and no llama3 scaling
 FACTOR_1 = ("internlm_dynamic", "llama_dynamic")
+LLAMA3_SCALED = ("internlm_llama3_base5e5", "llama_llama3_base5e5")
 
 READ_AS_LLAMA = compat_env.WITHOUT_EVODS + """
 import inspect, json
@@ -63,8 +69,9 @@ def exports(tmp_path_factory):
     root = tmp_path_factory.mktemp("rope")
     folders = {}
     for name, (case, layout) in EXPORTS.items():
-        base, options = CASES[case]
-        folders[name] = tiny_export(root / case, {**MODEL, "rope_base": base}, *options, *layout, name=name)
+        base, options, rope_scaling = CASES[case]
+        model = {**MODEL, "rope_base": base, **({"rope_scaling": rope_scaling} if rope_scaling else {})}
+        folders[name] = tiny_export(root / case, model, *options, *layout, name=name)
     compat_env.ensure()
     return folders
 
@@ -91,6 +98,9 @@ def test_llama_schema_readers_get_the_rope_evods_trained_with(exports, version, 
         if version == "4.36.2" and name in FACTOR_1:
             assert "factor field must be a float > 1" in tables, tables
             continue
+        if version == "4.36.2" and name in LLAMA3_SCALED:
+            assert "`rope_scaling` must be a dictionary with" in tables and "two fields" in tables, tables
+            continue
         for length in LENGTHS:
             expected = evods_tables(folder, length)
             for theirs, ours in zip(tables[length], expected):
@@ -103,7 +113,10 @@ def test_every_export_carries_the_three_rope_keys_and_the_chat_end_ids(exports):
         case = EXPORTS[name][0]
         base = CASES[case][0]
         assert config["rope_theta"] == base and config["rope_parameters"]["rope_theta"] == base, name
-        if case.startswith("origin"):
+        if case.startswith("llama3"):
+            assert config["rope_scaling"] == LLAMA3, name  # as Llama 3.1's config.json
+            assert config["rope_parameters"] == {**LLAMA3, "rope_theta": base}, name
+        elif case.startswith("origin"):
             assert config["rope_scaling"] is None and config["rope_parameters"]["rope_type"] == "default", name
         else:
             factor = 2.0 if case.startswith("dynamic2") else 1.0
@@ -113,3 +126,14 @@ def test_every_export_carries_the_three_rope_keys_and_the_chat_end_ids(exports):
         generation = json.loads((folder / "generation_config.json").read_text())
         assert generation["eos_token_id"] == [tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<eoa>")]
         assert "<|Bot|>" in tokenizer.chat_template
+
+
+def test_a_scaled_rope_export_refuses_another_rotary_type_in_the_chat_tools(exports):
+    from evods.inference import InferenceError, load_for_inference
+
+    folder = exports["internlm_llama3_base5e5"]
+    with pytest.raises(InferenceError, match=r"^--rotary_type dynamic: .* has RoPE type 'llama3', which only its own "
+                                             r"scaling computes; leave --rotary_type out$"):
+        load_for_inference(folder, rotary_type="dynamic", device="cpu")
+    model, _ = load_for_inference(folder, device="cpu")
+    assert model.config.rope.type == "llama3" and model.config.rope.original_max_position_embeddings == 16

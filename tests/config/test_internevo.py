@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from evods.config import ConfigError, check_topology, load_config
-from evods.model import config_from_model_dict
+from evods.model import Rope, config_from_model_dict
 from testkit.internevo_configs import write_internevo_configs
 
 TINY = """\
@@ -16,8 +16,9 @@ model = dict(num_attention_heads=4, hidden_size=32, num_layers=2, vocab_size=64,
              dtype="torch.float32")
 ckpt = dict(enable_save_ckpt=False)
 """
-NOT_BUILT = (r"is not a model evods builds: it builds 'INTERNLM', 'INTERNLM2', 'INTERNLM2_PUBLIC', 'INTERNLM3' "
-             r"\(InternEvo's 'LLAMA2', .* are not ported\); use one it builds, with an InternLM-family model dict")
+NOT_BUILT = (r"is not a model evods builds: it builds 'INTERNLM', 'INTERNLM2', 'INTERNLM2_PUBLIC', 'INTERNLM3', "
+             r"'LLAMA2' \(InternEvo's 'INTERNLM_MoE', .* are not ported\); use one it builds, with an InternLM-family "
+             r"model dict")
 ISP = (r'parallel\.tensor\.mode="isp" \(InternEvo\'s intern sequence parallelism with weight parallelism\) is not run '
        r'by evods; use mode="mtp" \(Megatron tensor parallelism\)')
 
@@ -42,11 +43,22 @@ def refusal(path) -> str:
     ("7B_internlm2.py", "7B_internlm2.py", ISP),
     ("20B_internlm2.py", "20B_internlm2.py", ISP),
     ("8B_internlm3.py", "8B_internlm3.py", ISP),
-    ("7B_llama2.py", "7B_llama2.py", "model_type='LLAMA2' " + NOT_BUILT),
 ])
 def test_internevo_configs_evods_cannot_run_are_refused_in_one_line(internevo, name, where, message):
     line = refusal(internevo[name])
     assert re.fullmatch(re.escape(str(internevo[where])) + r":\d+: " + message, line), line
+
+
+def test_internevo_llama2_config_loads_unmodified(internevo, caplog):
+    """Llama-2-7B's shape with 8 KV heads (InternEvo's configs/7B_llama2.py trains with mtp), its model dict built."""
+    with caplog.at_level(logging.WARNING, logger="evods.config"):
+        cfg = load_config(internevo["7B_llama2.py"])
+    hf = config_from_model_dict(cfg.model_dict)
+    assert cfg.model_type == "LLAMA2" and cfg.model.dtype == torch.bfloat16
+    assert (hf.num_hidden_layers, hf.hidden_size, hf.num_attention_heads, hf.num_key_value_heads,
+            hf.intermediate_size, hf.vocab_size, hf.rope, hf.bias, hf.tie_word_embeddings) == \
+        (32, 4096, 32, 8, 14336, 32000, Rope(10000.0), False, False)
+    assert not caplog.records, caplog.text
 
 
 def _with_mtp(internevo, name: str):
@@ -176,7 +188,7 @@ def test_read_base_forms_and_mistakes(internevo):
      r"cfg\.py:5: parallel\.weight\.size=2 asks for InternEvo's weight parallelism .* set weight=dict\(size=1\)"),
     ("use_fp32_norm = True\n", r"cfg\.py:5: use_fp32_norm=True \(fp32 norm weights in a 16-bit model\) is not "
                                r"supported by evods"),
-    ('model_type = "LLAMA2"\n', r"cfg\.py:5: model_type='LLAMA2' " + NOT_BUILT),
+    ('model_type = "QWEN2"\n', r"cfg\.py:5: model_type='QWEN2' " + NOT_BUILT),
     ('parallel = dict(pipeline=dict(size=2, mode="zbv"))\n',
      r"cfg\.py:5: parallel\.pipeline\.mode='zbv' \(InternEvo's zero-bubble schedule\) is not run by evods: "
      r'DeepSpeed\'s pipeline engine runs 1F1B; set mode="1f1b"'),

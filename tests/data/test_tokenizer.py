@@ -170,7 +170,12 @@ BAD_INPUTS = {
     "unknown extension": ("in.csv", b"a,b\n", [], r"unsupported input format 'csv'"),
     "empty input": ("in.txt", b"\n  \n\n", [], r"no samples .*nothing was written"),
     "missing tokenizer": ("in.txt", b"hello\n", ["--tokenizer_path", "no/such/V7_sft.model"],
-                          r"V7_sft\.model not found; evods needs InternLM's V7_sft\.model, from the tools/ folder"),
+                          r"V7_sft\.model not found; give a SentencePiece model file, a Hugging Face tokenizer "
+                          r"folder or its tokenizer\.json \(evods' default is InternLM's V7_sft\.model, from the "
+                          r"tools/ folder"),
+    "tokenizer folder without tokenizer.json": ("in.txt", b"hello\n", ["--tokenizer_path", "tools"],
+                                                r"tokenizer folder tools has no tokenizer\.json; give a Hugging Face "
+                                                r"tokenizer or model folder"),
 }
 
 
@@ -267,3 +272,49 @@ def test_alpaca_internevo_special_ids_give_internevos_bytes(tmp_path, data_dir, 
         tokens = (tokens + sp.encode(record["output"]) + [103166, 13])[:2047] + [2]
         expected += json.dumps({"tokens": tokens}) + "\n"
     assert (tmp_path / "out" / "train" / "en" / "dataset.bin").read_text() == expected
+
+
+def bin_tokens(bin_path) -> list[list[int]]:
+    """The token lists of a .bin, checked against its .meta (byte offset, token count per line)."""
+    lines = Path(bin_path).read_bytes().splitlines(keepends=True)
+    offsets = np.cumsum([0] + [len(line) for line in lines[:-1]])
+    tokens = [json.loads(line)["tokens"] for line in lines]
+    meta = np.load(f"{bin_path}.meta")
+    assert meta.dtype == np.int32 and meta.tolist() == [[int(o), len(t)] for o, t in zip(offsets, tokens)]
+    return tokens
+
+
+def test_hf_tokenizer_gives_autotokenizers_ids_for_every_line(tmp_path, data_dir):
+    """A Llama-3-shaped tokenizer.json (byte-level BPE trained on the shipped samples, BOS added by its own
+    post-processor): --tokenizer_path a folder or the tokenizer.json gives AutoTokenizer's ids in the same bin/meta."""
+    from transformers import AutoTokenizer
+
+    from evods.data.tokenizer_model import check_tokenizer_fits
+    from testkit.chat_models import llama3_tokenizer_folder
+
+    folder = llama3_tokenizer_folder(tmp_path / "llama3")
+    auto = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    source = data_dir / "pretrain_en" / "c4_demo.jsonl"
+    texts = [json.loads(line)["text"] for line in source.read_text(encoding="utf-8").splitlines()]
+    texts = [text for text in texts if text]
+    assert len(texts) == 50
+    # the folder, with BOS/EOS: the BOS is the one AutoTokenizer adds itself, the EOS the folder's eos_token
+    tokenize_file(source, tmp_path / "bos_eos.bin", folder, add_bos=True, add_eos=True, progress=False)
+    assert bin_tokens(tmp_path / "bos_eos.bin") == [auto(text).input_ids + [auto.eos_token_id] for text in texts]
+    # the tokenizer.json alone (no tokenizer_config.json beside it): the text's own tokens
+    (tmp_path / "lone").mkdir()
+    (tmp_path / "lone" / "tokenizer.json").write_bytes((folder / "tokenizer.json").read_bytes())
+    tokenize_file(source, tmp_path / "raw.bin", tmp_path / "lone" / "tokenizer.json", progress=False)
+    assert bin_tokens(tmp_path / "raw.bin") == [auto(text, add_special_tokens=False).input_ids for text in texts]
+    # a BOS that the tokenizer does not define, an Alpaca template it cannot write: one line each, nothing written
+    with pytest.raises(DataError, match=r"^--add_bos: the tokenizer .*tokenizer\.json defines no bos_token "
+                                        r"\(tokenizer_config\.json\); leave --add_bos out"):
+        tokenize_file(source, tmp_path / "no_bos.bin", tmp_path / "lone" / "tokenizer.json", add_bos=True,
+                      progress=False)
+    with pytest.raises(DataError, match=r"^the tokenizer has no '<eoh>' piece"):
+        tokenize_alpaca(data_dir / "alpaca" / "alpaca_en_demo.json", tmp_path / "sft", folder)
+    assert not outputs(tmp_path / "no_bos.bin") and not (tmp_path / "sft").exists()
+    # the vocabulary check at training start counts the added special tokens
+    check_tokenizer_fits(folder, len(auto))
+    with pytest.raises(DataError, match=rf"has {len(auto)} ids but the model has vocab_size={len(auto) - 1}"):
+        check_tokenizer_fits(folder, len(auto) - 1)

@@ -212,8 +212,13 @@ def test_rope_in_either_spelling_is_one_description():
     # evods' exports write `rotary` and the HF keys derived from it: `rotary` is what is read
     beside = InternLMConfig(rotary={"base": 1e4, "type": "origin"}, rope_theta=1e6)
     assert beside.rope == Rope(1e4, "origin") and beside.rope_theta == 1e4
-    with pytest.raises(ValueError, match="rope_scaling type 'linear' is not supported"):
-        InternLMConfig(rope_theta=1e6, rope_scaling={"type": "linear", "factor": 2.0})
+    with pytest.raises(ValueError, match="rope_scaling type 'yarn' is not supported"):
+        InternLMConfig(rope_theta=1e6, rope_scaling={"type": "yarn", "factor": 2.0})
+    llama3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+              "original_max_position_embeddings": 8192}
+    llama31 = InternLMConfig(rope_theta=5e5, rope_scaling=llama3)  # Llama 3.1's config.json
+    assert llama31.rope == Rope(5e5, "llama3", 8.0, 1.0, 4.0, 8192) == InternLMConfig(rotary=llama31.rotary).rope
+    assert llama31.to_dict()["rope_scaling"] == llama3
     with pytest.raises(ValueError, match=r"num_attention_heads \(4\) must be a multiple of num_key_value_heads \(3\)"):
         InternLMConfig(hidden_size=32, num_attention_heads=4, num_key_value_heads=3)
     assert InternLMConfig(num_attention_heads=32).num_key_value_heads == 32  # multi-head unless said otherwise

@@ -33,36 +33,39 @@ BOS_ID, EOS_ID, PAD_ID = 1, 2, 2
 
 def llama_config(config: InternLMConfig) -> LlamaConfig:
     """The Llama config computing what the InternLM one does: q/k/v/o bias (unless bias-free), no MLP bias,
-    rotate-half RoPE, the same KV heads."""
+    rotate-half RoPE of the same type and scaling, the same KV heads, the output head tied where it is."""
     return LlamaConfig(
         vocab_size=config.vocab_size, hidden_size=config.hidden_size, intermediate_size=config.intermediate_size,
         num_hidden_layers=config.num_hidden_layers, num_attention_heads=config.num_attention_heads,
         num_key_value_heads=config.num_key_value_heads, hidden_act=config.hidden_act,
         max_position_embeddings=config.max_position_embeddings, rms_norm_eps=config.rms_norm_eps,
-        attention_bias=config.bias, mlp_bias=False, tie_word_embeddings=False,
+        attention_bias=config.bias, mlp_bias=False, tie_word_embeddings=config.tie_word_embeddings,
         rope_parameters=rope_keys(config.rotary)["rope_parameters"],
         bos_token_id=config.bos_token_id, eos_token_id=config.eos_token_id, pad_token_id=config.pad_token_id,
     )
 
 
 ROTARY_TYPES = ("dynamic", "origin")
+# RoPE types that scale the frequencies the model was trained with: an export keeps them
+SCALED_ROPE_TYPES = ("linear", "llama3")
 
 
 def export_hf(src: str, tgt: str, tokenizer: str | None = None, fmt: str = "internlm", dtype: str | None = None,
-              max_shard_size: str = "10GB", mlp_naming: str | None = None, rotary_type: str = "dynamic",
+              max_shard_size: str = "10GB", mlp_naming: str | None = None, rotary_type: str | None = None,
               max_pos: int | None = None, scaling_factor: float = 1.0, chat_template: str | None = None) -> None:
     """Write the model of the checkpoint `src` (a storage path of one evods or InternEvo native checkpoint folder) to
     the folder `tgt`. `dtype`: "float16", "bfloat16" or "float32"; None keeps the training dtype. `mlp_naming`: see
     internevo_layout.MLP_NAMINGS (native checkpoints only; None reads it off the weight shapes). `rotary_type`:
     "dynamic" (InternLM's HF default: dynamic NTK RoPE beyond max_position_embeddings, with `scaling_factor`) or
-    "origin"; within max_position_embeddings both are the same. `max_pos`: max_position_embeddings, by default the
+    "origin"; within max_position_embeddings both are the same. None: "dynamic", unless the model was trained with a
+    scaled RoPE ("linear", "llama3"), which is kept as trained. `max_pos`: max_position_embeddings, by default the
     training config's (the length the model was trained for, where dynamic NTK starts to rescale). `chat_template`:
     a name of evods.model.chat_templates, by default the checkpoint config's (InternLM's format unless the training
     config's `model.chat_template` named another); written into config.json and, with `tokenizer`, into the tokenizer
     files and the generation config's EOS ids."""
     if fmt not in FORMATS:
         raise CheckpointError(f"--format {fmt!r}: use one of {FORMATS}")
-    if rotary_type not in ROTARY_TYPES:
+    if rotary_type is not None and rotary_type not in ROTARY_TYPES:
         raise CheckpointError(f"--rotary_type {rotary_type!r}: use one of {ROTARY_TYPES}")
     # every argument is checked before anything is read or written: a failed conversion leaves no half folder
     check_output_folder(tgt, "--tgt")
@@ -81,7 +84,16 @@ def export_hf(src: str, tgt: str, tokenizer: str | None = None, fmt: str = "inte
     config, weights = read_checkpoint_model(src, mlp_naming)
     config.chat_template = chat_template or config.chat_template
     template = chat_template_named(config.chat_template)
-    config.rotary = Rope(config.rope.base, rotary_type, scaling_factor if rotary_type == "dynamic" else 1.0).as_rotary()
+    if config.rope.type in SCALED_ROPE_TYPES and rotary_type is not None:
+        raise CheckpointError(f"--rotary_type {rotary_type}: the model was trained with RoPE type "
+                              f"{config.rope.type!r}, which the export keeps; leave --rotary_type out")
+    if config.tie_word_embeddings and fmt == "internlm2":
+        raise CheckpointError("--format internlm2: InternLM2's layout has no tied output head, and this model ties "
+                              "it (tie_word_embeddings); use --format llama or internlm")
+    if config.rope.type not in SCALED_ROPE_TYPES:
+        rotary_type = rotary_type or "dynamic"
+        config.rotary = Rope(config.rope.base, rotary_type,
+                             scaling_factor if rotary_type == "dynamic" else 1.0).as_rotary()
     config.max_position_embeddings = max_pos or config.max_position_embeddings
     config.packed_attention = "auto"  # the training machine's kernel choice is not the inference machine's
     config.bos_token_id, config.eos_token_id, config.pad_token_id = BOS_ID, EOS_ID, PAD_ID

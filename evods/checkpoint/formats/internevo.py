@@ -149,6 +149,11 @@ def model_dict_from_config(config: InternLMConfig) -> dict:
         "max_position_embeddings": config.max_position_embeddings, "rope_base": config.rope.base,
         "use_dynamic_ntk_rope": config.rope.type == "dynamic", "dtype": config.dtype, "norm_type": "rmsnorm",
     }
+    if config.rope.type in ("linear", "llama3"):  # evods' own key (model_rope), in transformers' spelling
+        model_dict["rope_scaling"] = {"rope_type": config.rope.type, "factor": config.rope.factor,
+                                      **config.rope.llama3_parameters}
+    if config.tie_word_embeddings:
+        model_dict["tie_word_embeddings"] = True
     if not config.bias:
         model_dict["no_bias"] = True
     if config.num_key_value_heads != config.num_attention_heads:

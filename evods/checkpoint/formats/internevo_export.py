@@ -10,8 +10,9 @@ from .internevo import model_dict_from_config, native_run_state, write_native_ch
 from .internevo_layout import AttentionHeads, NativeLayout
 
 # InternEvo's model types and the layout of their native files (internevo_layout.py): InternLM3 is InternEvo's
-# InternLM2 class with enable_qkv_fusion=False, which stores q, k and v apart under the llama family's names
-NATIVE_MODEL_TYPES = {"INTERNLM": "internlm", "INTERNLM2": "internlm2", "INTERNLM3": "llama"}
+# InternLM2 class with enable_qkv_fusion=False, which stores q, k and v apart under the llama family's names, as its
+# LLAMA2 does
+NATIVE_MODEL_TYPES = {"INTERNLM": "internlm", "INTERNLM2": "internlm2", "INTERNLM3": "llama", "LLAMA2": "llama"}
 
 
 def export_native(src: str, tgt: str, tp: int = 1, pp: int = 1, mlp_naming: str | None = None,

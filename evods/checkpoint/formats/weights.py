@@ -147,6 +147,9 @@ def _pipeline_shards(layer_files: list[str], tensor_size: int, checkpoint_dir: s
     return shards
 
 
+TIED_HEAD, TIED_EMBEDDING = "lm_head.weight", "model.embed_tokens.weight"
+
+
 def hf_weights(folder: str) -> dict[str, torch.Tensor]:
     """The weights of an HF model folder (safetensors, sharded or not, or pytorch_model*.bin)."""
     shards = sorted(glob.glob(os.path.join(folder, "*.safetensors")))
@@ -165,6 +168,9 @@ def load_weights(model: torch.nn.Module, weights: dict[str, torch.Tensor], sourc
     """Copy `weights` into `model` (cast to its dtype); every parameter must be there with its shape. A model built
     under ZeRO-3 takes them too: each parameter is gathered whole around its copy (every rank copies the same)."""
     expected = model.state_dict(keep_vars=True)
+    tied = getattr(getattr(model, "config", None), "tie_word_embeddings", False)
+    if tied and TIED_HEAD not in weights and TIED_EMBEDDING in weights:  # save_pretrained keeps one copy of it
+        weights = {**weights, TIED_HEAD: weights[TIED_EMBEDDING]}
     shapes = {name: tuple(full_shape(tensor)) for name, tensor in expected.items()}
     missing = sorted(set(expected) - set(weights))
     unexpected = sorted(set(weights) - set(expected))
