@@ -8,11 +8,14 @@ model): the reply is printed as it is generated, the conversation is the model's
 In the chat: /reset forgets the conversation, /exit (or Ctrl-D) quits, Ctrl-C stops the reply being written.
 """
 import argparse
+import signal
 import sys
+import threading
 
 from evods.cli import run_cli
 from evods.inference import DTYPE_NAMES, ROTARY_TYPES, ContextError, InferenceError, fit_turn
 from evods.inference.display import escape_controls
+from evods.model.modeling_internlm import StopOnEvent
 
 USER, BOT = "User  >>> ", "Robot >>> "
 
@@ -127,21 +130,32 @@ def chat(args) -> None:
 
 def stream_reply(model, tokenizer, query: str, turn, sampling: dict) -> str | None:
     """Print the reply as it grows, control characters escaped; None when Ctrl-C stopped it (the turn is then not
-    remembered). The history keeps the reply as the model wrote it."""
+    remembered). The history keeps the reply as the model wrote it.
+
+    While the reply is written, Ctrl-C only sets an event that generation checks after each token: a
+    KeyboardInterrupt raised into the wait on the streamer's queue could leave its lock with the wrong thread and
+    stall both threads."""
     print(BOT, end="", flush=True)
-    replies = model.stream_chat(tokenizer, query, turn.history, max_new_tokens=turn.max_new_tokens, **sampling)
-    printed = ""
+    stop = threading.Event()
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: stop.set())
     try:
+        replies = model.stream_chat(tokenizer, query, turn.history, max_new_tokens=turn.max_new_tokens,
+                                    stopping_criteria=[StopOnEvent(stop)], **sampling)
+        printed = ""
         for reply, _ in replies:
+            if stop.is_set():
+                break
             if reply.startswith(printed):
                 print(escape_controls(reply[len(printed):]), end="", flush=True)
                 printed = reply
-        print()
-        return printed
-    except KeyboardInterrupt:
-        replies.close()  # ends generation at the next token
+        replies.close()  # the generation thread has ended when this returns
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if stop.is_set():
         print("\n(stopped)")
         return None
+    print()
+    return printed
 
 
 if __name__ == "__main__":
