@@ -132,8 +132,9 @@ def stream_reply(model, tokenizer, query: str, turn, sampling: dict) -> str | No
     """Print the reply as it grows, control characters escaped; None when Ctrl-C stopped it (the turn is then not
     remembered). The history keeps the reply as the model wrote it.
 
-    While the reply is written, Ctrl-C only sets an event that generation checks after each token, so the reply
-    ends the same way wherever the signal lands (no KeyboardInterrupt inside stream_chat's wait for text)."""
+    While the reply is written, Ctrl-C only sets an event that generation checks after each token: a
+    KeyboardInterrupt raised into the wait on the streamer's queue could leave its lock with the wrong thread and
+    stall both threads."""
     print(BOT, end="", flush=True)
     stop = threading.Event()
     previous = signal.signal(signal.SIGINT, lambda signum, frame: stop.set())

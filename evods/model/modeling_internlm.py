@@ -18,7 +18,6 @@ model for training and for export, instead of a second copy that would drift).
 """
 
 import math
-import queue
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -61,9 +60,6 @@ try:
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 except ImportError:
     create_block_mask = flex_attention = None
-
-
-STREAM_WAKE_SECONDS = 0.1  # stream_chat's longest wait for text before it checks for signals
 
 
 class InternLMRMSNorm(nn.Module):
@@ -728,10 +724,7 @@ class InternLMForCausalLM(InternLMPreTrainedModel, GenerationMixin):
         """As `chat`, streamed as InternLM's `stream_chat`: yields (the reply so far, the history with it) each time
         the reply grows; the last is what `chat` returns. Generation runs in a thread; closing the generator (a
         consumer that stops early, Ctrl-C) ends it at the next token."""
-        # the wait for text wakes every STREAM_WAKE_SECONDS: a signal (Ctrl-C) that the OS hands to another thread
-        # runs its Python handler only once this thread runs again, and the streamer may hold back text for long
-        streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True,
-                                        timeout=STREAM_WAKE_SECONDS)
+        streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
         stop = threading.Event()
         chat_kwargs["stopping_criteria"] = StoppingCriteriaList([*chat_kwargs.get("stopping_criteria", ()),
                                                                  StopOnEvent(stop)])
@@ -749,7 +742,7 @@ class InternLMForCausalLM(InternLMPreTrainedModel, GenerationMixin):
         thread.start()
         text, reply = "", ""
         try:
-            for piece in _waking(streamer):
+            for piece in streamer:
                 text += piece
                 grown = text.split(end_of_turn)[0]
                 if grown != reply:
@@ -776,17 +769,6 @@ def decode_reply(tokenizer, new_ids: list[int], stop_ids: list[int], end_of_turn
     token is an ordinary piece, as InternLM's `<eoa>`, decodes it as text)."""
     end = next((i for i, token in enumerate(new_ids) if token in stop_ids), len(new_ids))
     return tokenizer.decode(new_ids[:end], skip_special_tokens=True).split(end_of_turn)[0]
-
-
-def _waking(streamer: TextIteratorStreamer) -> Iterator[str]:
-    """The streamer's text, its timeouts passed over (they only let the waiting thread run its signal handlers)."""
-    while True:
-        try:
-            yield next(streamer)
-        except queue.Empty:
-            continue
-        except StopIteration:
-            return
 
 
 class StopOnEvent(StoppingCriteria):
