@@ -125,7 +125,9 @@ def _zero_state(cfg: TrainConfig, layout: ParallelLayout, params: float, total: 
     Offload moves the fp32 shards, their gradients and the Adam states (optimizer) and the weight shards
     (parameters) to host memory."""
     dp, stage, width = layout.dp, layout.zero_stage, torch.finfo(cfg.model.dtype).bits // 8
-    bucket = reduce_bucket_elements(cfg, layout) if stage == 3 else min(reduce_bucket_elements(cfg, layout), params)
+    bucket = reduce_bucket_elements(cfg, layout)
+    if stage != 3:  # stages 1/2 fill the bucket as gradients arrive: never more than the model
+        bucket = min(bucket, params)
     gradient_shard = params * 4 / dp
     build = total * 4
     if stage == 1:
