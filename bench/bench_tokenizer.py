@@ -6,7 +6,7 @@
 Each run's outputs must be byte-identical; a run's time is the whole tool's (the chat tool's includes writing the
 tokenizer files, as a user's run does; the tokenizer's one-time conversion, cached per machine, is timed apart).
 
-    python bench/bench_tokenizer.py [--part text|chat|all] [--repeat 90] [--chat_mb 20]
+    python bench/bench_tokenizer.py [--part text|chat|all] [--repeat 90] [--chat_mb 20] [--rounds 3]
 """
 import argparse
 import json
@@ -60,17 +60,25 @@ def chat_input(path: Path, megabytes: float) -> None:
             handle.write(block)
 
 
-def timed_runs(runs: dict, size_mb: float, work: Path, outputs) -> None:
-    """Run each (name -> run(out)), print MB/s and the ratio to the first, and check that outputs are identical."""
-    results, base_rate = {}, None
-    for name, run in runs.items():
-        out = work / f"{len(results)}.out"
-        start = time.perf_counter()
-        run(out)
-        rate = size_mb / (time.perf_counter() - start)
+def timed_runs(runs: dict, size_mb: float, work: Path, outputs, rounds: int = 1) -> None:
+    """Run each (name -> run(out)) `rounds` times, in turn (so that a burst of load on the machine falls on every
+    variant alike), print the median MB/s (and min-max) and its ratio to the first's, and check that outputs are
+    identical."""
+    rates, results = {name: [] for name in runs}, {}
+    for _ in range(rounds):
+        for index, (name, run) in enumerate(runs.items()):
+            out = work / f"{index}.out"
+            shutil.rmtree(out, ignore_errors=True)
+            start = time.perf_counter()
+            run(out)
+            rates[name].append(size_mb / (time.perf_counter() - start))
+            results.setdefault(name, outputs(out))
+    base_rate = None
+    for name, measured in rates.items():
+        rate = float(np.median(measured))
         base_rate = base_rate or rate
-        results[name] = outputs(out)
-        print(f"{name:28s} {rate:6.2f} MB/s  x{rate / base_rate:.2f}")
+        spread = f" (min {min(measured):.2f}, max {max(measured):.2f}, {rounds} runs)" if rounds > 1 else ""
+        print(f"{name:28s} {rate:6.2f} MB/s  x{rate / base_rate:.2f}{spread}")
     assert len(set(results.values())) == 1, "outputs differ"
     print("all outputs byte-identical")
 
@@ -90,7 +98,7 @@ def bench_text(work: Path, repeat: int, tokenizer_path: Path) -> None:
     timed_runs(runs, size_mb, work, lambda out: (out.read_bytes(), Path(f"{out}.meta").read_bytes()))
 
 
-def bench_chat(work: Path, megabytes: float, tokenizer_path: Path) -> None:
+def bench_chat(work: Path, megabytes: float, tokenizer_path: Path, rounds: int) -> None:
     src = work / "chat.jsonl"
     chat_input(src, megabytes)
     size_mb = src.stat().st_size / 2**20
@@ -105,7 +113,8 @@ def bench_chat(work: Path, megabytes: float, tokenizer_path: Path) -> None:
     runs = {f"chat tool workers={workers}": lambda out, w=workers: tokenize_chat(
         src, out, tokenizer_path, workers=w, progress=False) for workers in (1, 2)}
     timed_runs(runs, size_mb, work,
-               lambda out: tuple((path.relative_to(out), path.read_bytes()) for path in sorted(out.rglob("*.bin*"))))
+               lambda out: tuple((path.relative_to(out), path.read_bytes()) for path in sorted(out.rglob("*.bin*"))),
+               rounds)
 
 
 def main():
@@ -113,6 +122,7 @@ def main():
     parser.add_argument("--part", choices=("text", "chat", "all"), default="all")
     parser.add_argument("--repeat", type=int, default=90, help="copies of the sample text in the text input")
     parser.add_argument("--chat_mb", type=float, default=20, help="size of the conversations input")
+    parser.add_argument("--rounds", type=int, default=3, help="runs of each chat variant, taken in turn (median)")
     args = parser.parse_args()
     tokenizer_path = REPO / "tools" / "V7_sft.model"
     print(f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores")
@@ -121,7 +131,7 @@ def main():
         if args.part in ("text", "all"):
             bench_text(work, args.repeat, tokenizer_path)
         if args.part in ("chat", "all"):
-            bench_chat(work, args.chat_mb, tokenizer_path)
+            bench_chat(work, args.chat_mb, tokenizer_path, args.rounds)
     finally:
         shutil.rmtree(work)
 

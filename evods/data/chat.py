@@ -43,6 +43,9 @@ OVERLONG = ("truncate", "drop")
 SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
 MESSAGE_ROLES = {"system": "system", "user": "user", "assistant": "assistant"}
 HF_CHUNK_ROWS = 1024
+# Rendering the template and encoding costs about a second per MiB: chunks of a quarter MiB keep every worker busy
+# to the end of the input instead of one finishing the last large chunk alone.
+CHUNK_BYTES = 1 << 18
 PRINTED_BAD_RECORDS = 20
 
 
@@ -265,7 +268,7 @@ def _load_fast_tokenizer(folder):
 def _record_chunks(input_path: Path, fmt: str, dataset):
     """(items, input size) chunks of (position, record or raw line), as read_chunks gives them for files."""
     if fmt != "hf":
-        yield from read_chunks(input_path, fmt)
+        yield from read_chunks(input_path, fmt, CHUNK_BYTES)
         return
     for start in range(0, len(dataset), HF_CHUNK_ROWS):
         batch = dataset[start:start + HF_CHUNK_ROWS]
@@ -329,8 +332,9 @@ def tokenize_conversations(input_path, output_path, tokenizer_files, *, type_nam
     with tempfile.TemporaryDirectory(prefix="evods-chat-tokenizer-") as tokenizer_folder:
         tokenizer, jinja = tokenizer_files(tokenizer_folder)
         job = ChatJob(fmt, jinja, max_length, overlong)
-        # the workers load their tokenizers while the records are counted
-        pool = InOrderPool(workers, encode_chunk, _load_fast_tokenizer, tokenizer_folder) if workers > 1 else None
+        # the workers start (and, without fork, load their tokenizers) while the records are counted
+        pool = InOrderPool(workers, encode_chunk, _load_fast_tokenizer, tokenizer_folder, tokenizer) \
+            if workers > 1 else None
         writers = None
         try:
             is_valid = validation_mask(_count_records(input_path, fmt, dataset), split_ratio)

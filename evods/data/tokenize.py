@@ -6,8 +6,10 @@ order, at most a few chunks in flight) and appended to a BinWriter, so memory do
 output is byte-identical for every worker count.
 """
 import codecs
+import contextlib
 import json
 import multiprocessing
+import os
 import time
 from collections import deque
 from dataclasses import dataclass
@@ -23,6 +25,7 @@ from evods.data.tokenizer_model import find_tokenizer, load_tokenizer
 FORMATS = ("txt", "jsonl", "json")
 CHUNK_BYTES = 1 << 20
 CHUNK_ITEMS = 4096
+PARALLELISM_ENV = "TOKENIZERS_PARALLELISM"  # the Rust tokenizers' own thread pool
 @dataclass(frozen=True)
 class EncodeOptions:
     fmt: str
@@ -61,13 +64,13 @@ def input_format(path) -> str:
 
 # ---- reading: chunks of (line number, payload); payloads are raw line bytes (txt, jsonl) or parsed records (json)
 
-def _line_chunks(path):
+def _line_chunks(path, chunk_bytes):
     items, size = [], 0
     with open(path, "rb") as handle:
         for line_no, raw in enumerate(handle, 1):
             items.append((line_no, raw))
             size += len(raw)
-            if size >= CHUNK_BYTES or len(items) >= CHUNK_ITEMS:
+            if size >= chunk_bytes or len(items) >= CHUNK_ITEMS:
                 yield items, size
                 items, size = [], 0
     if items:
@@ -77,8 +80,9 @@ def _line_chunks(path):
 class _JsonListReader:
     """Streams the records of a JSON list with raw_decode over a sliding text buffer, tracking line numbers."""
 
-    def __init__(self, path):
+    def __init__(self, path, chunk_bytes):
         self.path = path
+        self._chunk_bytes = chunk_bytes
         self._decoder = json.JSONDecoder()
         self._utf8 = codecs.getincrementaldecoder("utf-8")()
         self._buf, self._pos, self._line = "", 0, 1
@@ -96,7 +100,7 @@ class _JsonListReader:
             return False
         self._line += self._buf.count("\n", 0, self._pos)
         self._buf, self._pos = self._buf[self._pos:], 0
-        data = handle.read(CHUNK_BYTES)
+        data = handle.read(self._chunk_bytes)
         try:
             self._buf += self._utf8.decode(data, final=not data)
         except UnicodeDecodeError as err:
@@ -150,7 +154,7 @@ class _JsonListReader:
             else:
                 while True:
                     items.append(self._decode_value(handle))
-                    if self._bytes_read - last_bytes >= CHUNK_BYTES or len(items) >= CHUNK_ITEMS:
+                    if self._bytes_read - last_bytes >= self._chunk_bytes or len(items) >= CHUNK_ITEMS:
                         yield items, self._bytes_read - last_bytes
                         items, last_bytes = [], self._bytes_read
                     if self._expect(handle, ",]") == "]":
@@ -160,10 +164,11 @@ class _JsonListReader:
         yield items, self._bytes_read - last_bytes
 
 
-def read_chunks(path, fmt):
-    """(items, input bytes) chunks of a file: items are (line number, raw line bytes) for txt and jsonl, (line number,
-    parsed record) for a JSON list."""
-    return _JsonListReader(path).chunks() if fmt == "json" else _line_chunks(path)
+def read_chunks(path, fmt, chunk_bytes=None):
+    """(items, input bytes) chunks of about `chunk_bytes` (default CHUNK_BYTES) of a file: items are (line number,
+    raw line bytes) for txt and jsonl, (line number, parsed record) for a JSON list."""
+    chunk_bytes = chunk_bytes or CHUNK_BYTES
+    return _JsonListReader(path, chunk_bytes).chunks() if fmt == "json" else _line_chunks(path, chunk_bytes)
 
 
 # ---- encoding (runs in worker processes when workers > 1)
@@ -222,10 +227,22 @@ def encode_chunk(sp, items, opts: EncodeOptions):
 class InOrderPool:
     """Apply `encode(tokenizer, items, *args)` to chunks in `workers` processes, each holding the tokenizer
     `load(source)` (module-level functions: they travel to the workers by name), yielding results in input order with
-    a bounded number of chunks in flight (Pool.imap would read the whole input ahead)."""
+    a bounded number of chunks in flight (Pool.imap would read the whole input ahead).
 
-    def __init__(self, workers, encode, load, source):
-        self._pool = multiprocessing.get_context().Pool(workers, _load_worker_tokenizer, (load, source))
+    `loaded`: that tokenizer, when the caller holds it already. Workers started by fork then inherit it instead of
+    loading their own: a fast tokenizer takes most of a second to load, time in which no chunk is encoded, which one
+    worker in the main process never pays. They run with the Rust tokenizer's own threads off: one process per core
+    is the parallelism, and more threads than cores only contend."""
+
+    def __init__(self, workers, encode, load, source, loaded=None):
+        global _worker_tokenizer
+        if loaded is not None and "fork" in multiprocessing.get_all_start_methods():
+            _worker_tokenizer = loaded  # kept until close(): the pool forks a replacement if a worker dies
+            with _tokenizer_threads_off():
+                self._pool = multiprocessing.get_context("fork").Pool(workers)
+        else:
+            with _tokenizer_threads_off():
+                self._pool = multiprocessing.get_context().Pool(workers, _load_worker_tokenizer, (load, source))
         self._encode = encode
         self._depth = 2 * workers
 
@@ -241,8 +258,24 @@ class InOrderPool:
             yield result.get(), done
 
     def close(self):
+        global _worker_tokenizer
         self._pool.terminate()
         self._pool.join()
+        _worker_tokenizer = None
+
+
+@contextlib.contextmanager
+def _tokenizer_threads_off():
+    """TOKENIZERS_PARALLELISM=false for the processes started inside (unless the user set it), the main process's
+    setting left as it was."""
+    if PARALLELISM_ENV in os.environ:
+        yield
+        return
+    os.environ[PARALLELISM_ENV] = "false"
+    try:
+        yield
+    finally:
+        del os.environ[PARALLELISM_ENV]
 
 
 def tokenize_file(input_path, bin_path, tokenizer_path=None, *, text_key="text", whole_record=False, add_bos=False,

@@ -70,8 +70,9 @@ def test_messages_sharegpt_and_alpaca_give_one_conversation_with_only_replies_tr
     assert tokenizer.decode([-t for t in tokens if t < 0]) == untrained
 
 
-def test_splits_type_folders_and_workers(tmp_path, internlm_folder, capsys):
+def test_splits_type_folders_and_workers(tmp_path, internlm_folder, capsys, monkeypatch):
     source = DATA / "chat" / "sharegpt_en_demo.json"
+    monkeypatch.setattr("evods.data.chat.CHUNK_BYTES", 8192)  # many chunks, so both workers get some
     records = json.loads(source.read_text(encoding="utf-8"))
     outputs = {}
     for workers in (1, 2):
