@@ -15,15 +15,13 @@ step. Each variant runs in its own 4 processes:
     OMP_NUM_THREADS=1 python bench/bench_zero.py [--steps 5] [--ranks 4]
 """
 import argparse
-import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from testkit.allocations import allocator_peak  # noqa: E402
+from testkit.allocations import profiled_training  # noqa: E402
 from testkit.distributed import run_distributed  # noqa: E402  (the same harness the tests use)
 from testkit.train_configs import tiny_config  # noqa: E402
 
@@ -73,28 +71,15 @@ def offloaded_bytes(trainer, zero: dict) -> int:
 
 
 def measure(zero: dict, steps: int, root: str) -> dict:
-    from torch.profiler import ProfilerActivity, profile
-
     from evods.training.distributed import init_distributed
-    from evods.training.trainer import Trainer
 
     init_distributed("torch")
     cfg = tiny_config(model=MODEL, data=dict(seq_len=512, micro_bsz=1, micro_num=1, total_steps=steps + 2,
                                              num_worker=0),
                       parallel=dict(zero1=-1, zero=zero), lr_scheduler=dict(total_steps=steps + 2, warmup_ratio=0.0))
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        trainer = Trainer(cfg, run_dir=Path(root) / "run")
-        batches = iter(trainer.loader)
-        for _ in range(2):  # the second step runs with every optimizer state and DeepSpeed buffer in place
-            trainer.engine.train_step(next(batches))
-    peak, held = allocator_peak(prof)
-    times = []
-    for _ in range(steps):
-        start = time.perf_counter()
-        trainer.engine.train_step(next(batches))
-        times.append(time.perf_counter() - start)
+    trainer, peak, held, step = profiled_training(cfg, Path(root) / "run", steps)
     return {"peak": peak, "held": held, "offloaded": offloaded_bytes(trainer, zero),
-            "step": statistics.median(times), "parameters": trainer.num_parameters}
+            "step": step, "parameters": trainer.num_parameters}
 
 
 def main():

@@ -14,3 +14,28 @@ def allocator_peak(prof) -> tuple[int, int]:
         current += nbytes
         peak = max(peak, current)
     return peak, current
+
+
+def profiled_training(cfg, run_dir, steps: int) -> tuple:
+    """Build evods' Trainer for `cfg` and train: two steps under the memory profiler (the second runs with every
+    optimizer state and DeepSpeed buffer in place), then `steps` timed steps without it. Returns (trainer, peak
+    bytes, bytes held after the second step, median seconds per timed step)."""
+    import statistics
+    import time
+
+    from torch.profiler import ProfilerActivity, profile
+
+    from evods.training.trainer import Trainer
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        trainer = Trainer(cfg, run_dir=run_dir)
+        batches = iter(trainer.loader)
+        for _ in range(2):
+            trainer.engine.train_step(next(batches))
+    peak, held = allocator_peak(prof)
+    times = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        trainer.engine.train_step(next(batches))
+        times.append(time.perf_counter() - start)
+    return trainer, peak, held, statistics.median(times)

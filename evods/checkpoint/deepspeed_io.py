@@ -7,6 +7,8 @@ layer files included) through `engine.checkpoint_engine`, a pluggable object; ev
   the others, and `raise_error` reports it once the save has returned;
 - load: weights only (safe_load.py), where DeepSpeed's TorchCheckpointEngine.load calls torch.load(weights_only=False);
   an empty file (the placeholder of a file this node did not download) is refused with a clear error.
+A model with frozen parameters (a LoRA run's base) saves its trained ones only (`trains_part_only`): the frozen
+base is the model-only folder it was loaded from, which a resume loads again.
 """
 import os
 
@@ -102,3 +104,9 @@ def install(engine) -> VerifyingCheckpointEngine:
 
     engine._copy_recovery_script = copy_recovery_script_keeping_errors
     return checkpoint_engine
+
+
+def trains_part_only(engine) -> bool:
+    """Whether some of the engine's parameters are frozen (LoRA's base): its checkpoints hold the trained ones only
+    (DeepSpeed's exclude_frozen_parameters), and load without the others (load_module_strict=False)."""
+    return any(not param.requires_grad for param in engine.module.parameters())

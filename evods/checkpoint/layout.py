@@ -15,6 +15,8 @@
                              missing before evods ran ZeRO-2/3: 1)
         config.json          the model's Hugging Face config
         config_file.py       the training config file's text
+        adapter_config.json  a LoRA run's only: peft's adapter config; the DeepSpeed files then hold the adapters
+                             alone (the frozen base is the model-only checkpoint the run loaded)
         {step}.step          the completion marker, written last (InternEvo's name): JSON with the size and
                              checksum of every other file (marker.py, Manifest)
 
@@ -25,6 +27,7 @@ import logging
 from dataclasses import dataclass
 
 from evods.config import SNAPSHOT_FOLDER
+from evods.model.lora import ADAPTER_CONFIG  # noqa: F401 - a file of the layout, peft's name
 from evods.parallel import ParallelLayout
 from evods.storage import Storage
 

@@ -19,12 +19,14 @@ logger = logging.getLogger("evods.checkpoint")
 class CheckpointManager:
     def __init__(self, ckpt: CkptConfig, parallel: ParallelLayout, model_config, config_text: str | None,
                  upload_options: dict | None = None,
-                 on_failure: Callable[[BaseException | str], None] | None = None, nodes: NodeLayout | None = None):
+                 on_failure: Callable[[BaseException | str], None] | None = None, nodes: NodeLayout | None = None,
+                 adapter_config: dict | None = None):
         """`model_config`: the model's HF config (saved as config.json, and checked against the checkpoint to load).
         `upload_options`, `on_failure`: see CheckpointSaver. `nodes`: which ranks share a node (discovered if not
-        given)."""
+        given). `adapter_config`: a LoRA run's peft adapter config, saved beside its adapters."""
         nodes = nodes or discover_nodes()
-        self.saver = CheckpointSaver(ckpt, parallel, model_config, config_text, upload_options, on_failure)
+        self.saver = CheckpointSaver(ckpt, parallel, model_config, config_text, upload_options, on_failure,
+                                     adapter_config)
         _clean_leftovers(nodes, self.saver.staging_root)
         self.loader = CheckpointLoader(ckpt, self.saver.storage, parallel, model_config, nodes)
 

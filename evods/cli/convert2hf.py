@@ -7,11 +7,15 @@ any tp/pp, to one Hugging Face folder.
     python tools/convert2hf.py --src internevo_ckpt/5000 --tgt hf/internlm --mlp_naming v2 --max_pos 4096
     python tools/convert2hf.py --src ckpts/100 --tgt hf/chatml --tokenizer tools/tokenizer_internlm2.model \
         --chat_template internlm2
+    python tools/convert2hf.py --src lora_ckpts/100 --base hf/internlm-7b --tgt hf/lora --tokenizer ...
+    python tools/convert2hf.py --src lora_ckpts/100 --base hf/internlm-7b --tgt hf/merged --merge
 
 --format internlm (default): loads with `AutoModelForCausalLM.from_pretrained(tgt)` where evods is imported, or
 with trust_remote_code=True elsewhere (transformers 4.36 to 5.x). --format internlm2: the same, in the layout of
 InternLM's published InternLM2 folders (`InternLM2ForCausalLM`, a grouped `wqkv`), a drop-in for them. --format llama:
 loads as stock `LlamaForCausalLM`.
+A LoRA run's checkpoint holds its adapters only: --base names the model it trained on (its load_ckpt_info path), and
+the folder holds that model with the adapters in peft's format in TGT/adapter, or with --merge the merged model.
 --src_folder/--tgt_folder (InternLM's converter) and --src/--tgt are the same options.
 `evods-convert2hf` once installed.
 """
@@ -50,11 +54,14 @@ def main(argv=None) -> int:
     parser.add_argument("--scaling_factor", type=float, default=1.0, help="dynamic NTK's scaling factor")
     parser.add_argument("--max_pos", type=int, help="max_position_embeddings: where dynamic NTK starts to rescale; "
                         "default: the training config's (the length the model was trained for)")
+    parser.add_argument("--base", help="a LoRA checkpoint's base model: the HF folder or checkpoint it trained on")
+    parser.add_argument("--merge", action="store_true", help="a LoRA checkpoint: write the model with the adapters "
+                        "merged in (W + B A * alpha/r), instead of the base and a peft adapter folder")
     args = parser.parse_args(argv)
 
     def convert():
         export_hf(args.src, args.tgt, args.tokenizer, args.format, args.dtype, args.max_shard, args.mlp_naming,
-                  args.rotary_type, args.max_pos, args.scaling_factor, args.chat_template)
+                  args.rotary_type, args.max_pos, args.scaling_factor, args.chat_template, args.base, args.merge)
         print(f"wrote {args.format} model to {args.tgt}")
 
     return run_cli(convert, (CheckpointError, StorageError, OSError))

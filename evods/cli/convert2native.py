@@ -33,11 +33,13 @@ def main(argv=None) -> int:
                         help="for a native --src; default: v1 for InternLM's names, read off the shapes for LLaMA's")
     parser.add_argument("--embed_split_hidden", action="store_true",
                         help="embedding split over hidden (model.embedding.weight) instead of vocab")
+    parser.add_argument("--base", help="a LoRA checkpoint's base model (the HF folder or checkpoint it trained on): "
+                        "the adapters are written merged into it")
     args = parser.parse_args(argv)
 
     def convert():
         export_native(args.src, args.tgt, args.tp, args.pp, args.mlp_naming, args.embed_split_hidden,
-                      args.src_mlp_naming, args.model_type)
+                      args.src_mlp_naming, args.model_type, args.base)
         print(f"wrote a native checkpoint (tp={args.tp}, pp={args.pp}) to {args.tgt}")
 
     return run_cli(convert, (CheckpointError, StorageError, OSError))

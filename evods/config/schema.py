@@ -21,6 +21,7 @@ from evods.data import DataError, Rampup, parse_rampup, parse_skip_batches
 from evods.model.attention_heads import HeadSplit
 from evods.model.chat_templates import CHAT_TEMPLATES, DEFAULT_CHAT_TEMPLATE
 from evods.model.internevo import MODEL_TYPE_CHAT_TEMPLATES, NORM_HEAD_REFUSAL, model_rope
+from evods.model.lora import LORA_TARGET_MODULES, LoraSpec
 from evods.model.registry import MODEL_INITIALIZER
 
 from .errors import ConfigError
@@ -301,6 +302,37 @@ class LossConfig:
     chunk_tokens: int | None = key(_optional(POSITIVE_INT), None)  # None: from the vocab and hidden size
 
 
+def _peft_spelling(value):
+    """lora=dict(alpha=..., dropout=...): the short names, as peft's LoraConfig's lora_alpha and lora_dropout."""
+    if not isinstance(value, dict):
+        return value
+    renamed = {"alpha": "lora_alpha", "dropout": "lora_dropout"}
+    return {renamed[name] if name in renamed and renamed[name] not in value else name: item
+            for name, item in value.items()}
+
+
+TARGET_MODULES = Rule(f"a list of the names {', '.join(LORA_TARGET_MODULES)} (the projections of evods' models)",
+                      lambda v: isinstance(v, (list, tuple)) and len(v) > 0 and set(v) <= set(LORA_TARGET_MODULES))
+
+
+@dataclass(kw_only=True)
+class LoraConfig:
+    """evods' own `lora` section: train LoRA adapters on a frozen base (evods.model.lora); names as peft's
+    LoraConfig."""
+    r: int = key(POSITIVE_INT, LoraSpec.r)
+    lora_alpha: float = key(POSITIVE_NUMBER, LoraSpec.lora_alpha)
+    lora_dropout: float = key(_in_range(0, 1, high_open=True), LoraSpec.lora_dropout)
+    target_modules: list | tuple = key(TARGET_MODULES, LORA_TARGET_MODULES)
+    use_rslora: bool = key(BOOL, LoraSpec.use_rslora)
+    init_lora_weights: bool = key(BOOL, LoraSpec.init_lora_weights)  # False: B random too (peft's, for tests)
+    load_in_4bit: bool = key(BOOL, False)  # QLoRA's 4-bit base (transformers' BitsAndBytesConfig name)
+
+    def spec(self) -> LoraSpec:
+        return LoraSpec(r=self.r, lora_alpha=self.lora_alpha, lora_dropout=self.lora_dropout,
+                        target_modules=tuple(self.target_modules), use_rslora=self.use_rslora,
+                        init_lora_weights=self.init_lora_weights)
+
+
 @dataclass(kw_only=True)
 class AdamConfig:
     lr: float = key(POSITIVE_NUMBER, 1e-4)
@@ -440,6 +472,7 @@ class TrainConfig:
     lr_scheduler: LrSchedulerConfig = section(LrSchedulerConfig)
     beta2_scheduler: Beta2SchedulerConfig = section(Beta2SchedulerConfig)
     monitor: MonitorConfig = section(MonitorConfig)
+    lora: LoraConfig | None = section(LoraConfig, optional=True, coerce=_peft_spelling)  # None: full fine-tuning
 
     # Filled from the file, not keys
     constants: dict = field(default_factory=dict)  # the UPPERCASE user variables (SEQ_LEN, MODEL_ONLY_FOLDER, ...)
@@ -567,12 +600,25 @@ def _normalise(cfg: TrainConfig, source: ConfigSource) -> None:
                                             "(norms still compute in fp32); set use_fp32_norm=False")
     _normalise_ckpt(cfg.ckpt, source)
     _normalise_optimizer(cfg, source)
+    if cfg.lora is not None:
+        _check_lora(cfg, source)
     if cfg.tensorboard_folder is None:
         cfg.tensorboard_folder = os.environ.get("tensorboard_folder")
     if cfg.resume_tb_folder is None:
         cfg.resume_tb_folder = os.environ.get("resume_tb_folder")
     _warn_unapplied(cfg)
     _normalise_alert(cfg)
+
+
+def _check_lora(cfg: TrainConfig, source: ConfigSource) -> None:
+    if cfg.lora.load_in_4bit:
+        raise source.error("lora.load_in_4bit", "lora.load_in_4bit=True (QLoRA: a 4-bit base) is not run by evods: "
+                                                "its 4-bit layers need bitsandbytes and CUDA and do not split over "
+                                                "tensor ranks; set load_in_4bit=False (a 16-bit frozen base)")
+    if cfg.parallel.zero.stage == 3:
+        raise source.error("parallel.zero.stage", "lora=dict(...) with ZeRO-3 is not supported: the adapters are "
+                                                  "added to a whole base, which ZeRO-3 never holds; use ZeRO stage 1"
+                                                  " or 2 (the optimizer states are the adapters' only)")
 
 
 def _normalise_alert(cfg: TrainConfig) -> None:

@@ -7,6 +7,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from evods.model.lora import LoraAdaptable
+
 from .comm import (
     copy_to_tensor_parallel_region,
     gather_from_tensor_parallel_region,
@@ -19,12 +21,15 @@ def _parameter(tensor: torch.Tensor | None) -> nn.Parameter | None:
     return None if tensor is None else nn.Parameter(tensor)
 
 
-class ColumnParallelLinear(nn.Module):
+class ColumnParallelLinear(LoraAdaptable, nn.Module):
     """y = x Wᵀ + b with W and b split along the output features: each rank computes its slice of y.
 
     With `gather_output` the slices are all-gathered, so every rank sees the full y. With `sequence_parallel` x
     arrives all-gathered from the ranks' token slices (`evods.parallel.sequence_parallel`), and that gather's
     backward already sums the ranks' input gradients, so the all-reduce is left out here.
+
+    A LoRA adapter (`add_adapter`) holds A whole and this rank's rows of B: it adds this rank's slice of the low-rank
+    term to this rank's slice of y. A's gradient is then this rank's share only (`evods.parallel.plan` sums it).
     """
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, group, gather_output: bool = False,
@@ -39,7 +44,7 @@ class ColumnParallelLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.sequence_parallel:
             x = copy_to_tensor_parallel_region(x, self.group)
-        out = F.linear(x, self.weight, self.bias)
+        out = self.with_adapter(x, F.linear(x, self.weight, self.bias))
         return gather_from_tensor_parallel_region(out, self.group) if self.gather_output else out
 
     def extra_repr(self) -> str:
@@ -47,11 +52,15 @@ class ColumnParallelLinear(nn.Module):
                 f"gather_output={self.gather_output}, sequence_parallel={self.sequence_parallel}")
 
 
-class RowParallelLinear(nn.Module):
+class RowParallelLinear(LoraAdaptable, nn.Module):
     """y = x Wᵀ + b with W split along the input features: x arrives split the same way (a column-parallel output).
 
     The partial products are all-reduced; the bias is replicated and added once, after the sum. With
     `sequence_parallel` they are reduce-scattered instead: each rank keeps the sum for its own slice of the tokens.
+
+    A LoRA adapter (`add_adapter`) holds this rank's columns of A and B whole: its term on this rank's slice of x is
+    a partial sum too, added before the reduction, which sums it with the others (no communication of its own). B's
+    gradient is then this rank's share only (`evods.parallel.plan` sums it).
     """
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, group, sequence_parallel: bool = False):
@@ -64,7 +73,7 @@ class RowParallelLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         reduce = reduce_scatter_to_sequence_parallel_region if self.sequence_parallel \
             else reduce_from_tensor_parallel_region
-        out = reduce(F.linear(x, self.weight), self.group)
+        out = reduce(self.with_adapter(x, F.linear(x, self.weight)), self.group)
         return out if self.bias is None else out + self.bias
 
     def extra_repr(self) -> str:

@@ -16,6 +16,10 @@ save_model_checkpoint writes one file per tp rank):
 - The embedding splits hidden (`embed_split_hidden=True`, InternEvo's `embedding.weight`) or the vocabulary
   (`False`, `embedding.word_embeddings.weight`); lm_head always splits the vocabulary.
 - Everything else (the RMSNorm weights) is replicated.
+- A LoRA adapter's factors (evods.model.lora) split so that its term needs no communication of its own: on a
+  column-parallel base B splits like the base's output and A is whole; on a row-parallel base A splits like the
+  base's input and B is whole (as the LoRA layers of Megatron-based trainers, e.g. NeMo's, place them). The whole
+  factor's gradient is each rank's share of the sum, which a tensor hook sums over the group.
 With `sequence_parallel` the same weights are split the same way; `evods.parallel.sequence_parallel` adds the
 token slicing around them.
 """
@@ -29,8 +33,9 @@ import torch.distributed as dist
 from torch import nn
 
 from evods.model import HeadSplit
+from evods.model.lora import LORA_FACTORS, is_lora_parameter
 
-from .comm import sum_gradient_over_copies
+from .comm import all_reduce_gradient, sum_gradient_over_copies
 from .layers import ColumnParallelLinear, HiddenParallelEmbedding, RowParallelLinear, VocabParallelEmbedding
 from .sequence_parallel import apply_sequence_parallel
 
@@ -50,10 +55,12 @@ class ShardStyle:
     holds_kv_heads: bool = False  # the split dim holds KV heads, which several ranks may share (TensorParallelSplit)
 
 
-COLUMN = ShardStyle({"weight": 0, "bias": 0}, lambda p, ctx: ColumnParallelLinear(
+COLUMN_DIMS = {"weight": 0, "bias": 0, "lora_A.weight": None, "lora_B.weight": 0}
+ROW_DIMS = {"weight": 1, "bias": None, "lora_A.weight": 1, "lora_B.weight": None}
+COLUMN = ShardStyle(COLUMN_DIMS, lambda p, ctx: ColumnParallelLinear(
     p["weight"], p.get("bias"), ctx.group, sequence_parallel=ctx.sequence_parallel))
 KV_COLUMN = ShardStyle(COLUMN.param_dims, COLUMN.build, holds_kv_heads=True)
-ROW = ShardStyle({"weight": 1, "bias": None}, lambda p, ctx: RowParallelLinear(
+ROW = ShardStyle(ROW_DIMS, lambda p, ctx: RowParallelLinear(
     p["weight"], p.get("bias"), ctx.group, sequence_parallel=ctx.sequence_parallel))
 VOCAB_HEAD = ShardStyle({"weight": 0}, lambda p, ctx: ColumnParallelLinear(
     p["weight"], None, ctx.group, gather_output=not ctx.parallel_output, sequence_parallel=ctx.sequence_parallel))
@@ -97,15 +104,23 @@ class TensorParallelSplit:
                 return style
         return None
 
+    def _style_of_parameter(self, param_name: str) -> tuple[ShardStyle | None, str]:
+        """The style of the plan's module that holds `param_name`, and the parameter's name inside it (`weight`, or
+        `lora_A.weight` for its adapter's factor)."""
+        module_name, _, leaf = param_name.rpartition(".")
+        if is_lora_parameter(param_name):
+            module_name, _, factor = module_name.rpartition(".")
+            leaf = f"{factor}.{leaf}"
+        return self.style(module_name), leaf
+
     def split_dim(self, param_name: str) -> int | None:
         """The dim along which HF parameter `param_name` is split over the ranks; None when every rank holds it all."""
-        module_name, _, leaf = param_name.rpartition(".")
-        style = self.style(module_name)
+        style, leaf = self._style_of_parameter(param_name)
         return None if style is None else style.param_dims.get(leaf)
 
     def replicas(self, param_name: str) -> int:
         """How many consecutive ranks hold the same part of `param_name` (1 unless it holds shared KV heads)."""
-        style = self.style(param_name.rpartition(".")[0])
+        style, _ = self._style_of_parameter(param_name)
         return self.kv_replicas if style is not None and style.holds_kv_heads else 1
 
     def shard(self, param_name: str, full: torch.Tensor, rank: int) -> torch.Tensor:
@@ -159,13 +174,18 @@ def apply_tensor_parallel(model: nn.Module, tp_group, tp_rank: int, tp_size: int
         if style is None:
             continue
         local = {leaf: split.shard(f"{name}.{leaf}", param.detach(), tp_rank)
-                 for leaf, param in module.named_parameters(recurse=False)}
+                 for leaf, param in module.named_parameters()}
         parallel_module = style.build(local, ctx)
-        for leaf, param in parallel_module.named_parameters(recurse=False):
+        if "lora_A.weight" in local:
+            parallel_module.add_adapter(local["lora_A.weight"], local["lora_B.weight"], module.lora_scaling,
+                                        getattr(module.lora_dropout, "p", 0.0))
+        for leaf, param in parallel_module.named_parameters():
             param.requires_grad_(module.get_parameter(leaf).requires_grad)
             if style.param_dims[leaf] is not None:
                 _share_split_parameter(param, style.param_dims[leaf], split.replicas(f"{name}.{leaf}"), tp_group,
                                        tp_rank)
+            elif leaf.partition(".")[0] in LORA_FACTORS:  # the whole factor: each rank computed its share
+                param.register_hook(partial(all_reduce_gradient, group=tp_group))
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name), child, parallel_module)
         swapped += 1
@@ -177,7 +197,9 @@ def apply_tensor_parallel(model: nn.Module, tp_group, tp_rank: int, tp_size: int
         if re.fullmatch(ATTENTION, name):
             module.num_key_value_groups = local_groups  # what transformers' attention functions read
     if sequence_parallel:
-        apply_sequence_parallel(model, tp_group, lambda param_name: split.split_dim(param_name) is None)
+        # (the whole LoRA factors have their gradient summed already, above)
+        apply_sequence_parallel(model, tp_group, lambda param_name: split.split_dim(param_name) is None
+                                and not is_lora_parameter(param_name))
     return model
 
 
@@ -185,7 +207,7 @@ def _share_split_parameter(param: nn.Parameter, dim: int, replicas: int, tp_grou
     """Mark a split parameter for DeepSpeed; a part that `replicas` > 1 ranks hold (shared KV heads) gets its gradient
     summed over them and counts in the gradient norm on the first of them only (tensor rank 0 is always a first one,
     so every KV head counts exactly once)."""
-    if replicas > 1:
+    if replicas > 1 and param.requires_grad:  # (a frozen one, the base under LoRA, has no gradient)
         param.register_hook(partial(sum_gradient_over_copies, group=tp_group, copies=replicas))
     if tp_rank % replicas == 0:
         _mark_tensor_parallel(param, dim)

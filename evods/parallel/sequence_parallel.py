@@ -71,6 +71,7 @@ def apply_sequence_parallel(model: nn.Module, tp_group, replicated: Callable[[st
     for name, param in model.named_parameters():
         if re.fullmatch(SLICED_REGION, name) and replicated(name):
             param.sequence_parallel = True  # Megatron's mark of a replicated parameter with per-slice gradients
-            param.register_hook(partial(all_reduce_gradient, group=tp_group))
+            if param.requires_grad:  # (a frozen one, the base under LoRA, has none)
+                param.register_hook(partial(all_reduce_gradient, group=tp_group))
     return model
 

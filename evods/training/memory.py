@@ -107,11 +107,13 @@ def estimate_memory(cfg: TrainConfig, model: torch.nn.Module, layout: ParallelLa
         activations = max(in_flight * kept, kept + logits)
     params = params / tp
     largest_module = max(embedding, layer, head) / tp
-    return _zero_state(cfg, layout, params, total, largest_module, activations)
+    # LoRA: gradients and optimizer states exist for the adapters only
+    trained = sum(param.numel() for param in model.parameters() if param.requires_grad) / max(total, 1)
+    return _zero_state(cfg, layout, params, total, largest_module, activations, trained)
 
 
 def _zero_state(cfg: TrainConfig, layout: ParallelLayout, params: float, total: int, largest_module: float,
-                activations: float) -> MemoryEstimate:
+                activations: float, trained: float = 1.0) -> MemoryEstimate:
     """Weights, gradients and optimizer states of `params` parameters per rank, sharded over the data ranks as
     DeepSpeed's ZeRO stages do (fp32 master weights and Adam states, 12 bytes a parameter, in every stage):
     - ZeRO-1: weights and gradients in model.dtype whole; bf16 adds DeepSpeed's whole fp32 gradient accumulation
@@ -123,23 +125,25 @@ def _zero_state(cfg: TrainConfig, layout: ParallelLayout, params: float, total: 
       elements: evods.config.reduce_bucket_elements). The model is built under zero.Init: this rank's shards, and one
       module whole in fp32 at a time.
     Offload moves the fp32 shards, their gradients and the Adam states (optimizer) and the weight shards
-    (parameters) to host memory."""
+    (parameters) to host memory. `trained`: the share of the parameters that train (LoRA: the adapters'), which
+    alone have gradients and optimizer states."""
     dp, stage, width = layout.dp, layout.zero_stage, torch.finfo(cfg.model.dtype).bits // 8
     bucket = reduce_bucket_elements(cfg, layout)
+    grads = params * trained
     if stage != 3:  # stages 1/2 fill the bucket as gradients arrive: never more than the model
-        bucket = min(bucket, params)
-    gradient_shard = params * 4 / dp
+        bucket = min(bucket, grads)
+    gradient_shard = grads * 4 / dp
     build = total * 4
     if stage == 1:
         weights = params * width
-        gradients = params * width + (params * 4 if cfg.model.dtype == torch.bfloat16 else gradient_shard)
+        gradients = grads * width + (grads * 4 if cfg.model.dtype == torch.bfloat16 else gradient_shard)
     else:
         weights = params * width
         gradients = bucket * width + gradient_shard
         if stage == 3:
             weights = params * width / dp + largest_module * width
             build = total * width / dp + largest_module * 4
-    optimizer = params * ADAM_AND_MASTER_BYTES / dp
+    optimizer = grads * ADAM_AND_MASTER_BYTES / dp
     offloaded = (optimizer + gradient_shard if layout.offload_optimizer else 0) + \
         (params * width / dp if layout.offload_param else 0)
     return MemoryEstimate(build=int(build), weights=int(weights), gradients=int(gradients), optimizer=int(optimizer),

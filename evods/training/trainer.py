@@ -23,6 +23,7 @@ from evods.config import (
 )
 from evods.config.checks import offloads_to_cpu_adam
 from evods.data import BatchSkipper, batch_stats, build_train_loader, build_valid_loaders, check_tokenizer_fits
+from evods.model.lora import add_lora, peft_adapter_config
 from evods.model.registry import MODEL_INITIALIZER
 from evods.monitor import RunMonitor, StepProfiler
 from evods.monitor.plot import RUN_TIME_FORMAT
@@ -106,8 +107,10 @@ class Trainer:
             torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
         with torch.device("meta"):  # shapes only: a model too large for the machine is refused before it is built
             whole_model = build_model(cfg)
+            self.num_parameters = whole_model.num_parameters()  # before tensor parallelism or ZeRO-3 splits them
+            if cfg.lora is not None:  # the estimate counts gradients and optimizer states of the adapters only
+                add_lora(whole_model, cfg.lora.spec())
             check_memory(cfg, whole_model, self.layout, _device_type())
-        self.num_parameters = whole_model.num_parameters()  # before tensor parallelism or ZeRO-3 splits them
         seed_everything(seed)
         log_parallel_setup(self.layout, seed, rank)
         launched = launch_time()
@@ -124,8 +127,11 @@ class Trainer:
         model.config.training_packed_length = cfg.data.seq_len * cfg.data.micro_bsz
         self.checkpoints = CheckpointManager(cfg.ckpt, self.layout, model.config,
                                              cfg.source.text if cfg.source else None,
-                                             on_failure=self.monitor.checkpoint_failed, nodes=self.nodes)
-        self.checkpoints.loader.load_model_weights(model)
+                                             on_failure=self.monitor.checkpoint_failed, nodes=self.nodes,
+                                             adapter_config=peft_adapter_config(cfg.lora.spec()) if cfg.lora else None)
+        self.checkpoints.loader.load_model_weights(model, frozen_base=cfg.lora is not None)
+        if cfg.lora is not None:  # on the whole base, so that the adapters split with it
+            add_lora(model, cfg.lora.spec())
         tensor_group = self.grid.get_tensor_model_parallel_group()
         apply_tensor_parallel(model, tensor_group, self.layout.tp_rank, self.layout.tp, cfg.model.embed_split_hidden,
                               cfg.model.parallel_output, sequence_parallel=self.layout.sequence_parallel)

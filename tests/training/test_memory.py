@@ -41,6 +41,20 @@ def test_estimate_follows_the_model_and_the_layout():
     assert half.weights == 2 * params and half.gradients == 6 * params  # bf16 grads + DeepSpeed's fp32 accumulation
 
 
+def test_lora_estimate_counts_gradients_and_optimizer_states_of_the_adapters_only():
+    from evods.model.lora import add_lora
+
+    cfg = tiny_config(model=dict(dtype="torch.float32"), lora=dict(r=4))
+    full = estimate_memory(cfg, meta_model(cfg), ParallelLayout(dp=1, pp=1, tp=1))
+    adapted = meta_model(cfg)
+    add_lora(adapted, cfg.lora.spec())
+    lora = estimate_memory(cfg, adapted, ParallelLayout(dp=1, pp=1, tp=1))
+    adapters = sum(param.numel() for param in adapted.parameters() if param.requires_grad)
+    assert lora.weights == full.weights + 4 * adapters and lora.activations == full.activations
+    assert lora.optimizer == 12 * adapters and lora.gradients == 8 * adapters  # fp32 master + Adam; grads + partition
+    assert lora.optimizer < 0.1 * full.optimizer
+
+
 def test_7b_on_a_4_gib_machine_is_refused_before_it_is_built(monkeypatch):
     cfg = load_config(QUICKSTART)
     monkeypatch.setenv(MEMORY_LIMIT_ENV, "4")

@@ -15,11 +15,12 @@ from transformers.utils.hub import convert_file_size_to_int
 from evods.model import InternLM2Config, InternLM2ForCausalLM, InternLMConfig, InternLMForCausalLM, Rope
 from evods.model.chat_templates import CHAT_TEMPLATES, ChatTemplate, chat_template_named, stop_token_ids
 from evods.model.configuration_internlm import rope_keys
+from evods.model.lora import write_peft_adapter
 from evods.storage.local import DEFAULT_FILE_MODE, current_umask
 
 from ..errors import CheckpointError
 from . import check_output_folder
-from .checkpoint_model import read_checkpoint_model
+from .checkpoint_model import read_checkpoint_model, read_lora_checkpoint
 from .hf_internlm2 import to_published
 from .hf_tokenizer import check_tokenizer_source, copy_tokenizer_files, write_tokenizer
 from .weights import load_weights
@@ -27,6 +28,7 @@ from .weights import load_weights
 # internlm: evods' model under its own names; internlm2: InternLM's published InternLM2 layout (hf_internlm2.py);
 # llama: stock LlamaForCausalLM
 FORMATS = ("internlm", "internlm2", "llama")
+ADAPTER_FOLDER = "adapter"  # a LoRA export's peft folder, inside the exported base's
 # InternLM's SentencePiece ids, pad is EOS; an exported tokenizer gives its own.
 BOS_ID, EOS_ID, PAD_ID = 1, 2, 2
 
@@ -52,7 +54,8 @@ SCALED_ROPE_TYPES = ("linear", "llama3")
 
 def export_hf(src: str, tgt: str, tokenizer: str | None = None, fmt: str = "internlm", dtype: str | None = None,
               max_shard_size: str = "10GB", mlp_naming: str | None = None, rotary_type: str | None = None,
-              max_pos: int | None = None, scaling_factor: float = 1.0, chat_template: str | None = None) -> None:
+              max_pos: int | None = None, scaling_factor: float = 1.0, chat_template: str | None = None,
+              base: str | None = None, merge: bool = False) -> None:
     """Write the model of the checkpoint `src` (a storage path of one evods or InternEvo native checkpoint folder) to
     the folder `tgt`. `dtype`: "float16", "bfloat16" or "float32"; None keeps the training dtype. `mlp_naming`: see
     internevo_layout.MLP_NAMINGS (native checkpoints only; None reads it off the weight shapes). `rotary_type`:
@@ -62,7 +65,9 @@ def export_hf(src: str, tgt: str, tokenizer: str | None = None, fmt: str = "inte
     training config's (the length the model was trained for, where dynamic NTK starts to rescale). `chat_template`:
     a name of evods.model.chat_templates, by default the checkpoint config's (InternLM's format unless the training
     config's `model.chat_template` named another); written into config.json and, with `tokenizer`, into the tokenizer
-    files and the generation config's EOS ids."""
+    files and the generation config's EOS ids. A LoRA run's checkpoint (adapters only) needs `base`, the model-only
+    checkpoint or HF folder it trained on: with `merge` the folder holds the merged model; without, the base model and
+    the adapters as a peft folder in {tgt}/adapter (`PeftModel.from_pretrained(model, f"{tgt}/adapter")`)."""
     if fmt not in FORMATS:
         raise CheckpointError(f"--format {fmt!r}: use one of {FORMATS}")
     if rotary_type is not None and rotary_type not in ROTARY_TYPES:
@@ -81,7 +86,14 @@ def export_hf(src: str, tgt: str, tokenizer: str | None = None, fmt: str = "inte
         raise CheckpointError(f"--max_pos {max_pos}: give a positive number of positions")
     if scaling_factor <= 0:
         raise CheckpointError(f"--scaling_factor {scaling_factor}: give a positive factor")
-    config, weights = read_checkpoint_model(src, mlp_naming)
+    adapters = None
+    if base is not None and not merge:
+        if fmt == "internlm2":
+            raise CheckpointError("--format internlm2 groups q/k/v into one wqkv, which the adapters of q_proj, "
+                                  "k_proj and v_proj do not fit; add --merge, or use --format internlm or llama")
+        config, weights, adapters, adapter_config = read_lora_checkpoint(src, base)
+    else:
+        config, weights = read_checkpoint_model(src, mlp_naming, base)
     config.chat_template = chat_template or config.chat_template
     template = chat_template_named(config.chat_template)
     if config.rope.type in SCALED_ROPE_TYPES and rotary_type is not None:
@@ -107,6 +119,10 @@ def export_hf(src: str, tgt: str, tokenizer: str | None = None, fmt: str = "inte
         model = export_model(fmt, config)
         load_weights(model, to_published(weights, config) if fmt == "internlm2" else weights, src)
         model.to(target_dtype).save_pretrained(tgt, max_shard_size=max_shard_size)
+        if adapters is not None:  # the names of HF InternLM and HF Llama, which peft finds in either
+            write_peft_adapter(os.path.join(tgt, ADAPTER_FOLDER), {name: tensor.to(target_dtype)
+                                                                   for name, tensor in adapters.items()},
+                               adapter_config)
         if tokenizer:
             copy_tokenizer_files(tokenizer_files, tgt)
             write_generation_config(tgt, template)

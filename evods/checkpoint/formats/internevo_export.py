@@ -17,17 +17,18 @@ NATIVE_MODEL_TYPES = {"INTERNLM": "internlm", "INTERNLM2": "internlm2", "INTERNL
 
 def export_native(src: str, tgt: str, tp: int = 1, pp: int = 1, mlp_naming: str | None = None,
                   embed_split_hidden: bool = False, src_mlp_naming: str | None = None,
-                  model_type: str | None = None) -> None:
+                  model_type: str | None = None, base: str | None = None) -> None:
     """Write the model of checkpoint `src` to the local folder `tgt` as model_tp{t}_pp{p}.pt files, with
     model_config.pt and the marker; an evods source also gives context.pt, sampler.pt and schedulder.pt.
     `model_type` (NATIVE_MODEL_TYPES) chooses the layout; None: INTERNLM for a multi-head model, else INTERNLM2.
-    `mlp_naming` (v1, v2): None means v1 for INTERNLM and v2 (the only one InternEvo's InternLM2 class knows) else."""
+    `mlp_naming` (v1, v2): None means v1 for INTERNLM and v2 (the only one InternEvo's InternLM2 class knows) else.
+    A LoRA run's checkpoint is written merged into `base`, the model it trained on (native files hold no adapters)."""
     if tp < 1 or pp < 1:
         raise CheckpointError(f"tp={tp}, pp={pp}: both must be at least 1")
     if model_type is not None and model_type not in NATIVE_MODEL_TYPES:
         raise CheckpointError(f"--model_type {model_type!r}: use one of {tuple(NATIVE_MODEL_TYPES)}")
     check_output_folder(tgt, "--tgt")
-    config, weights = read_checkpoint_model(src, src_mlp_naming)
+    config, weights = read_checkpoint_model(src, src_mlp_naming, base)
     if model_type is None:
         model_type = "INTERNLM" if config.num_key_value_heads == config.num_attention_heads else "INTERNLM2"
     family = NATIVE_MODEL_TYPES[model_type]

@@ -22,6 +22,7 @@ import torch
 from safetensors.torch import load_file
 
 from evods.model import HeadSplit
+from evods.model.lora import is_lora_parameter
 from evods.parallel import TensorParallelSplit, pipeline_parameter_name
 from evods.parallel.zero import full_shape, gathered
 
@@ -88,6 +89,8 @@ def _embedding_splits_hidden(shard: dict[str, torch.Tensor], source: str) -> boo
     split over the vocabulary it is [vocab/tp, hidden], the shape of the (always vocabulary-split) lm_head shard;
     split over hidden it is [vocab, hidden/tp]."""
     embedding, head = shard.get("model.embed_tokens.weight"), shard.get("lm_head.weight")
+    if embedding is None and head is None and all(map(is_lora_parameter, shard)):
+        return False  # a LoRA run's adapters alone: no embedding, whose split would matter
     if embedding is None or head is None:
         raise WeightsError(f"{source}: the model files lack model.embed_tokens.weight or lm_head.weight")
     return embedding.shape != head.shape

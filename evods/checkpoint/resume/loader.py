@@ -22,7 +22,7 @@ from ..rng import set_rng_state
 from ..run_state import TrainingParts, from_bytes
 from .catalogue import Catalogue, read_catalogue_on_rank0
 from .download import LocalCopy
-from .plan import LoadPlan, check_same_model, choose_load_plan, read_model_weights
+from .plan import LoadPlan, check_same_model, choose_base_plan, choose_load_plan, read_model_weights
 from .rank_files import deepspeed_files, model_files, own_deepspeed_files, run_state_files
 from .reshard import check_reshardable, load_resharded, reshard_sampler_state
 from .verify import verify_local
@@ -39,6 +39,7 @@ class CheckpointLoader:
         self.model_config = model_config
         self.nodes = nodes
         self.fallback = ckpt.auto_resume_fallback
+        self.ckpt = ckpt
         self.loaded: LoadPlan | None = None
         # Rank 0 lists the storage and reads the model config; the other ranks learn the answer.
         self.plan = collective.on_rank0("choosing the checkpoint to load", lambda: choose_load_plan(ckpt, save_storage))
@@ -46,12 +47,15 @@ class CheckpointLoader:
             collective.on_rank0("comparing the checkpoint's model",
                                 lambda: check_same_model(self.plan, self.model_config))
 
-    def load_model_weights(self, model: torch.nn.Module) -> None:
+    def load_model_weights(self, model: torch.nn.Module, frozen_base: bool = False) -> None:
         """Before the engine exists: copy the planned model weights into the plain model (HF names). A full resume
-        (with the optimizer) loads the weights through DeepSpeed in `restore` instead."""
-        if self.plan is None or not self.plan.loads_weights_only:
-            return
+        (with the optimizer) loads the weights through DeepSpeed in `restore` instead; with `frozen_base` (LoRA: its
+        checkpoints hold the adapters only) the base weights come from the config's model-only checkpoint then."""
         plan = self.plan
+        if frozen_base and plan is not None and not plan.loads_weights_only:
+            plan = collective.on_rank0("choosing the base model to load", lambda: choose_base_plan(self.ckpt))
+        if plan is None or not plan.loads_weights_only:
+            return
         catalogue = read_catalogue_on_rank0(plan)
         # every rank reads every model file (the tensor ranks are merged); the node downloads each once
         reads = [*model_files(catalogue.files), layout.TOPOLOGY] if plan.is_evods else sorted(catalogue.files)
@@ -139,13 +143,22 @@ class CheckpointLoader:
                        fallbacks=plan.fallbacks[1:])
 
     def _restore_evods(self, folder: str, plan: LoadPlan, saved: dict, parts: TrainingParts) -> None:
+        from ..deepspeed_io import trains_part_only
+
         now = self._topology()
+        part_only = trains_part_only(parts.engine)
         if "optimizer" in plan.content:
-            if check_reshardable(saved, now, plan.describe()):
+            reshard = check_reshardable(saved, now, plan.describe())
+            if reshard and part_only:
+                raise CheckpointError(f"{plan.describe()} holds LoRA adapters saved at dp={saved['dp']}, pp="
+                                      f"{saved['pp']} and this run has dp={now['dp']}, pp={now['pp']}: evods resumes "
+                                      "adapters at the layout that saved them; run with that layout")
+            if reshard:
                 load_resharded(parts.engine, folder, plan.describe(), saved, now, self.nodes)
             else:
                 path, _ = parts.engine.load_checkpoint(folder, tag=layout.DEEPSPEED_TAG, load_optimizer_states=True,
-                                                       load_lr_scheduler_states=False)
+                                                       load_lr_scheduler_states=False,
+                                                       load_module_strict=not part_only)
                 if path is None:
                     raise DamagedCheckpoint(f"DeepSpeed found no checkpoint in {plan.describe()}/"
                                             f"{layout.DEEPSPEED_TAG}")

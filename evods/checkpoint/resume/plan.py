@@ -84,11 +84,23 @@ def choose_load_plan(ckpt: CkptConfig, save_storage: Storage | None) -> LoadPlan
                               f"checkpoint under {ckpt.save_ckpt_folder} is step {ref.step}{ignored}")
                      for ref in newest_first]
             return replace(plans[0], fallbacks=tuple(plans[1:]))
+    return _configured_plan(ckpt)
+
+
+def _configured_plan(ckpt: CkptConfig) -> LoadPlan | None:
+    """load_ckpt_info, or the legacy keys."""
     if ckpt.load_ckpt_info is not None:
         info = ckpt.load_ckpt_info
         return _checked(LoadPlan(info.path, "", _expand(info.content), info.ckpt_type, "ckpt.load_ckpt_info"))
     legacy = _legacy_plan(ckpt)
     return _checked(legacy) if legacy else None
+
+
+def choose_base_plan(ckpt: CkptConfig) -> LoadPlan | None:
+    """Where a LoRA run's frozen base comes from when it resumes: the model-only checkpoint the config names (its
+    own checkpoints hold the adapters only). None when the config names none (a base built from the seed)."""
+    plan = _configured_plan(ckpt)
+    return plan if plan is not None and plan.loads_weights_only else None
 
 
 def _expand(content) -> frozenset:

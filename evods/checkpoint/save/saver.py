@@ -34,15 +34,18 @@ class _PendingSave:
 class CheckpointSaver:
     def __init__(self, ckpt: CkptConfig, parallel: ParallelLayout, model_config, config_text: str | None,
                  upload_options: dict | None = None,
-                 on_failure: Callable[[BaseException | str], None] | None = None):
+                 on_failure: Callable[[BaseException | str], None] | None = None,
+                 adapter_config: dict | None = None):
         """`model_config`: the model's HF config (saved as config.json). `upload_options`: AsyncUploader keyword
         arguments (attempts, retry_backoff_s, workers). `on_failure` hears of this rank's failed saves (the error,
         which is raised as well) and failed background uploads (a description, as soon as one fails for good; the
-        next save raises), e.g. to send an alert."""
+        next save raises), e.g. to send an alert. `adapter_config`: a LoRA run's peft adapter config (written as
+        adapter_config.json, which tells the exports that the checkpoint holds adapters)."""
         self.parallel = parallel
         self.on_failure = on_failure
         self.model_config = model_config
         self.config_text = config_text
+        self.adapter_config = adapter_config
         self.keep_last = ckpt.keep_last_ckpts
         self.storage: Storage | None = None
         self._pending: _PendingSave | None = None
@@ -90,7 +93,7 @@ class CheckpointSaver:
 
     def save(self, folder: str, step: int, parts: TrainingParts) -> None:
         # evods' checkpoint engine, imported here: the converters, which import this package, need no DeepSpeed
-        from ..deepspeed_io import install
+        from ..deepspeed_io import install, trains_part_only
 
         self._complete_pending()
         self._last_saved_step = step
@@ -109,7 +112,8 @@ class CheckpointSaver:
             target = collective.agree_on_failure("creating the local staging folder", lambda: _staging_folder(
                 step, rank, self.staging_root))
         # A write error is kept by the checkpoint engine until DeepSpeed's barriers are behind every rank.
-        parts.engine.save_checkpoint(target, tag=layout.DEEPSPEED_TAG, save_latest=False)
+        parts.engine.save_checkpoint(target, tag=layout.DEEPSPEED_TAG, save_latest=False,
+                                     exclude_frozen_parameters=trains_part_only(parts.engine))
         pending = _PendingSave(folder, step)
 
         def write_own_files():
@@ -145,6 +149,8 @@ class CheckpointSaver:
         }
         if self.config_text is not None:
             files[layout.CONFIG_TEXT] = self.config_text.encode()
+        if self.adapter_config is not None:
+            files[layout.ADAPTER_CONFIG] = json.dumps(self.adapter_config, indent=2, sort_keys=True).encode()
         return {name: self.publisher.write(layout.join(folder, name), data) for name, data in files.items()}
 
     def _complete_pending(self) -> None:
