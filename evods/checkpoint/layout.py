@@ -57,8 +57,9 @@ def marker_name(step: int) -> str:
 
 def topology_record(parallel: ParallelLayout, num_layers: int) -> dict:
     """What topology.json holds: the parallel sizes, the ZeRO stage and the layer count of the run that saved (a
-    resume compares its own with them)."""
-    return {"dp": parallel.dp, "pp": parallel.pp, "tp": parallel.tp, "zero_stage": parallel.zero_stage,
+    resume compares its own with them). "dp" is the count of ZeRO partitions, DeepSpeed's data-parallel size (dp × the
+    isp ranks of a row); the sampler's own state records the data size it was split over."""
+    return {"dp": parallel.zero_ranks, "pp": parallel.pp, "tp": parallel.tp, "zero_stage": parallel.zero_stage,
             "num_layers": num_layers}
 
 

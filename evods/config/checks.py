@@ -29,12 +29,14 @@ def check_topology(cfg: TrainConfig, world_size: int, rank: int = 0) -> Parallel
     """The run's parallel layout, seen from `rank`: `world_size` processes split into data × pipeline × tensor
     parallel groups, the parallel modes that apply, checked against the model and data. Every parallel decision is
     made here, once; the rest of evods reads the layout."""
-    pp, tp = cfg.parallel.pipeline.size, cfg.parallel.tensor.size
+    pp, tp, sp = cfg.parallel.pipeline.size, cfg.parallel.tensor.size, 1
+    if cfg.parallel.tensor.mode == "isp":  # the tensor ranks share rows instead of weights
+        tp, sp = 1, tp
     model, source = cfg.model, cfg.source
-    if world_size % (pp * tp):
-        raise source.error("parallel", f"{world_size} processes cannot be split into pipeline {pp} × tensor {tp} "
-                                       f"groups: the world size must be a multiple of {pp * tp}; change "
-                                       f"parallel.pipeline/parallel.tensor or the number of processes")
+    if world_size % (pp * tp * sp):
+        raise source.error("parallel", f"{world_size} processes cannot be split into pipeline {pp} × tensor "
+                                       f"{tp * sp} groups: the world size must be a multiple of {pp * tp * sp}; "
+                                       f"change parallel.pipeline/parallel.tensor or the number of processes")
     if model.num_layers < pp:
         raise source.error("parallel.pipeline", f"model.num_layers={model.num_layers} is less than parallel.pipeline "
                                                 f"size {pp}: every pipeline stage needs at least one layer")
@@ -46,18 +48,21 @@ def check_topology(cfg: TrainConfig, world_size: int, rank: int = 0) -> Parallel
         raise source.error("model.num_chunks", f"model.num_chunks={model.num_chunks} asks for InternEvo's interleaved "
                                                f"pipeline, but DeepSpeed pipelines run 1F1B only; set num_chunks=1")
     zero = cfg.parallel.zero  # its stage resolved, and its combinations checked, when the config was loaded
-    layout = parallel_layout(rank, world_size, pp=pp, tp=tp, sequence_parallel=_check_sequence_parallel(cfg, tp),
+    if sp > 1:
+        _check_rows_split(cfg, "parallel.tensor", 'parallel.tensor.mode="isp"', f"parallel.tensor size {sp}", sp)
+    layout = parallel_layout(rank, world_size, pp=pp, tp=tp, sp=sp,
+                             sequence_parallel=_check_sequence_parallel(cfg, tp),
                              zero_stage=zero.stage, offload_optimizer=zero.offload_optimizer,
                              offload_param=zero.offload_param)
-    dp, stage = layout.dp, layout.zero_stage
+    stage = layout.zero_stage
     zero1 = cfg.parallel.zero1.size
     if zero1 == 1:
         logger.info("parallel.zero1=1 asks for no ZeRO, but evods still uses ZeRO-%d over the data-parallel group: "
                     "DeepSpeed's non-ZeRO optimizers compute wrong gradient norms under pipeline/tensor parallelism.",
                     stage)
-    elif zero1 > 1 and zero1 != dp:
+    elif zero1 > 1 and zero1 != layout.zero_ranks:
         logger.warning("parallel.zero1=%d: DeepSpeed ZeRO-%d shards over the whole data-parallel group (%d ranks), "
-                       "not over groups of %d.", zero1, stage, dp, zero1)
+                       "not over groups of %d.", zero1, stage, layout.zero_ranks, zero1)
     return layout
 
 
@@ -70,20 +75,24 @@ def _check_sequence_parallel(cfg: TrainConfig, tp: int) -> bool:
         logger.warning("parallel.sequence_parallel=True has no effect with parallel.tensor size 1: it splits the "
                        "tokens over the tensor-parallel ranks")
         return False
+    _check_rows_split(cfg, "parallel.sequence_parallel", "parallel.sequence_parallel=True",
+                      f"parallel.tensor size {tp}", tp)
+    return True
+
+
+def _check_rows_split(cfg: TrainConfig, key: str, asked: str, over: str, size: int) -> None:
+    """Sequence parallelism (`asked`, config key `key`) splits each packed row's tokens over `size` ranks (`over`):
+    the training rows and the validation rows must be multiples of it."""
     data = cfg.data
     tokens = data.micro_bsz * data.seq_len
-    if tokens % tp:
-        raise cfg.source.error("parallel.sequence_parallel",
-                               f"parallel.sequence_parallel=True splits each micro-batch's data.micro_bsz × "
-                               f"data.seq_len = {data.micro_bsz} × {data.seq_len} = {tokens} tokens over "
-                               f"parallel.tensor size {tp}, which does not divide them; make micro_bsz × seq_len a "
-                               f"multiple of {tp}")
-    if data.valid_every > 0 and data.seq_len % tp:
-        raise cfg.source.error("parallel.sequence_parallel",
-                               f"parallel.sequence_parallel=True splits each validation row's data.seq_len="
-                               f"{data.seq_len} tokens over parallel.tensor size {tp}, which does not divide them; "
-                               f"make seq_len a multiple of {tp} (or set data.valid_every=0)")
-    return True
+    if tokens % size:
+        raise cfg.source.error(key, f"{asked} splits each micro-batch's data.micro_bsz × data.seq_len = "
+                                    f"{data.micro_bsz} × {data.seq_len} = {tokens} tokens over {over}, which does "
+                                    f"not divide them; make micro_bsz × seq_len a multiple of {size}")
+    if data.valid_every > 0 and data.seq_len % size:
+        raise cfg.source.error(key, f"{asked} splits each validation row's data.seq_len={data.seq_len} tokens over "
+                                    f"{over}, which does not divide them; make seq_len a multiple of {size} (or set "
+                                    f"data.valid_every=0)")
 
 
 def cpu_fp16_forced() -> bool:

@@ -98,7 +98,8 @@ def _derived(cfg: TrainConfig, layout: ParallelLayout) -> dict[str, tuple[Any, s
     data, zero, scaler = cfg.data, cfg.hybrid_zero_optimizer, cfg.grad_scaler
     derived = {
         "gradient_accumulation_steps": (data.micro_num, "data.micro_num"),
-        "train_batch_size": (data.micro_num * layout.dp, "data.micro_num × data-parallel size"),
+        # DeepSpeed's data-parallel world is every rank holding the same weights: dp × the isp ranks of a row
+        "train_batch_size": (data.micro_num * layout.zero_ranks, "data.micro_num × data-parallel size"),
         "zero_optimization.reduce_bucket_size": (reduce_bucket_elements(cfg, layout),
                                                  "hybrid_zero_optimizer.reduce_bucket_size"),
         "gradient_clipping": (float(zero.clip_grad_norm), "hybrid_zero_optimizer.clip_grad_norm"),
@@ -199,7 +200,7 @@ def build_deepspeed_config(cfg: TrainConfig, layout: ParallelLayout, override_pa
         fixed = {name: (value, FIXED_BY_EVODS[name]) for name, value in _leaves(defaults) if name in FIXED_BY_EVODS}
         _check_override(user, {**fixed, **derived}, str(override_path))
         ds_config = deep_merge(ds_config, user)
-    validate_deepspeed_config(ds_config, layout.dp, origin=str(override_path or DEFAULTS_PATH))
+    validate_deepspeed_config(ds_config, layout.zero_ranks, origin=str(override_path or DEFAULTS_PATH))
     return ds_config
 
 

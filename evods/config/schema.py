@@ -229,7 +229,8 @@ TENSOR_MODES = ("mtp", "msp", "fsp", "isp")
 @dataclass(kw_only=True)
 class TensorConfig:
     size: int = key(POSITIVE_INT, 1)
-    # mtp: Megatron tensor parallelism; msp: with sequence parallelism; fsp, isp: refused (_normalise_tensor_mode)
+    # mtp: Megatron tensor parallelism; msp: with sequence parallelism; isp: Ulysses sequence parallelism of degree
+    # size (no weight split; evods.parallel.ulysses); fsp: refused (_normalise_tensor_mode)
     mode: str = key(_one_of(*TENSOR_MODES), "mtp", coerce=lambda v: "mtp" if v is None else v)
 
 
@@ -244,7 +245,8 @@ class WeightConfig:
 
 @dataclass(kw_only=True)
 class Sequence2DConfig:
-    """InternEvo's 2D sequence parallelism (head parallelism x context parallelism, with isp): refused when enabled."""
+    """InternEvo's 2D sequence parallelism (head parallelism x context parallelism, with isp): runs with isp as head
+    parallelism alone (context_size=1); context parallelism is refused."""
     enable: bool = key(BOOL, False)
     head_size: int = key(POSITIVE_INT, 1)
     context_size: int = key(POSITIVE_INT, 1)
@@ -619,6 +621,9 @@ def _check_lora(cfg: TrainConfig, source: ConfigSource) -> None:
         raise source.error("parallel.zero.stage", "lora=dict(...) with ZeRO-3 is not supported: the adapters are "
                                                   "added to a whole base, which ZeRO-3 never holds; use ZeRO stage 1"
                                                   " or 2 (the optimizer states are the adapters' only)")
+    if cfg.parallel.tensor.mode == "isp":
+        raise source.error("parallel.tensor.mode", 'lora=dict(...) with parallel.tensor.mode="isp" is not run by evods;'
+                                                   ' train adapters with mode="mtp" (or tensor size 1)')
 
 
 def _normalise_alert(cfg: TrainConfig) -> None:
@@ -711,15 +716,37 @@ def _check_parallel(parallel: ParallelConfig, source: ConfigSource) -> None:
         raise source.error("parallel.pipeline.mode", f"parallel.pipeline.mode={parallel.pipeline.mode!r} (InternEvo's "
                                                      "zero-bubble schedule) is not run by evods: DeepSpeed's pipeline "
                                                      'engine runs 1F1B; set mode="1f1b"')
-    if parallel.sequence_2D.enable:
-        raise source.error("parallel.sequence_2D", "parallel.sequence_2D.enable=True (InternEvo's head x context "
-                                                   "sequence parallelism, an isp companion) is not run by evods; set "
-                                                   "enable=False")
-    _resolve_zero(parallel, source)
     if parallel.weight.size > 1:
         raise source.error("parallel.weight.size", f"parallel.weight.size={parallel.weight.size} asks for InternEvo's "
                                                    "weight parallelism (an isp companion), which evods does not run; "
                                                    "set weight=dict(size=1)")
+    if parallel.tensor.mode == "isp":
+        _check_isp(parallel, source)
+    elif parallel.sequence_2D.enable:
+        raise source.error("parallel.sequence_2D", "parallel.sequence_2D.enable=True (InternEvo's head x context "
+                                                   "sequence parallelism, an isp companion) is not run by evods; set "
+                                                   "enable=False")
+    _resolve_zero(parallel, source)
+    if parallel.tensor.mode == "isp" and parallel.zero.stage == 3:
+        raise source.error("parallel.zero.stage", 'ZeRO-3 with parallel.tensor.mode="isp" is not run by evods; use '
+                                                  "ZeRO stage 1 or 2 with isp")
+
+
+def _check_isp(parallel: ParallelConfig, source: ConfigSource) -> None:
+    """What evods runs of InternEvo's isp: Ulysses head parallelism of degree tensor.size (sequence_2D's head_size,
+    when given), without context parallelism (ring attention) or a pipeline."""
+    size, two_d = parallel.tensor.size, parallel.sequence_2D
+    if two_d.enable and two_d.context_size > 1:
+        raise source.error("parallel.sequence_2D", f"parallel.sequence_2D.context_size={two_d.context_size} (InternEvo's"
+                                                   " ring-attention context parallelism) is not run by evods; set "
+                                                   "context_size=1 (isp splits the heads only)")
+    if two_d.enable and two_d.head_size != size:
+        raise source.error("parallel.sequence_2D", f"parallel.sequence_2D.head_size={two_d.head_size} must equal "
+                                                   f"parallel.tensor size {size}: with context_size=1 every isp rank "
+                                                   f"is a head rank")
+    if parallel.pipeline.size > 1:
+        raise source.error("parallel.pipeline", f'parallel.tensor.mode="isp" with parallel.pipeline size '
+                                                f"{parallel.pipeline.size} is not run by evods; use pipeline=1 with isp")
 
 
 def _check_llama_keys(cfg: TrainConfig, source: ConfigSource) -> None:
@@ -768,7 +795,7 @@ def _resolve_zero(parallel: ParallelConfig, source: ConfigSource) -> None:
         raise source.error(where, f"{asked} cannot run with parallel.pipeline size {parallel.pipeline.size}: "
                                   f"DeepSpeed's pipeline engine keeps each stage's gradients and parameters whole "
                                   f"and runs ZeRO-1 only; use pipeline=1 or ZeRO stage 1")
-    if zero.stage == 3 and parallel.tensor.size > 1:
+    if zero.stage == 3 and parallel.tensor.size > 1 and parallel.tensor.mode != "isp":  # isp: _check_parallel
         raise source.error(where, f"{asked} cannot run with parallel.tensor size {parallel.tensor.size}: evods "
                                   f"builds a ZeRO-3 model already sharded over the data ranks (deepspeed.zero.Init),"
                                   f" while its tensor parallelism slices a whole model; use ZeRO stage 2 with "
@@ -793,8 +820,6 @@ def _normalise_tensor_mode(parallel: ParallelConfig, source: ConfigSource) -> No
     refusals = {
         "fsp": 'parallel.tensor.mode="fsp" (flash-attn tensor parallelism with sequence parallelism) is not run by '
                'evods; use mode="mtp" (Megatron tensor parallelism)',
-        "isp": 'parallel.tensor.mode="isp" (InternEvo\'s intern sequence parallelism with weight parallelism) is not '
-               'run by evods; use mode="mtp" (Megatron tensor parallelism)',
     }
     if parallel.tensor.mode in refusals:
         raise source.error("parallel.tensor.mode", refusals[parallel.tensor.mode])

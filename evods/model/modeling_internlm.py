@@ -416,12 +416,14 @@ class InternLMAttention(nn.Module):
             attn_fn = attention_function(self.config._attn_implementation)
             out, _ = attn_fn(self, q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attention_mask,
                              scaling=self.scaling, dropout=0.0)
-        return self.o_proj(out.reshape(*hidden_states.shape[:-1], -1))
+        # Shapes come from the projections' outputs, not from hidden_states: under sequence parallelism with a head
+        # split (evods.parallel.ulysses) the projections return every token of a share of the heads.
+        return self.o_proj(out.flatten(-2))
 
     def project(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """q [B, T, H, D], k and v [B, T, KV, D], before RoPE."""
-        heads_shape = (*hidden_states.shape[:-1], -1, self.head_dim)
-        return tuple(proj(hidden_states).view(heads_shape) for proj in (self.q_proj, self.k_proj, self.v_proj))
+        return tuple(proj(hidden_states).unflatten(-1, (-1, self.head_dim))
+                     for proj in (self.q_proj, self.k_proj, self.v_proj))
 
     def all_keys_and_values(self, k, v, position_embeddings, cache: Cache, rotation: CachedKeysRotation | None):
         """Append this step's un-rotated keys `k` and values `v` ([B, T, KV, D]) to the cache; return every key, turned

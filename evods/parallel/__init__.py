@@ -1,10 +1,11 @@
 """The parallel layout (data × pipeline × tensor, InternEvo's rank numbering), the process groups DeepSpeed needs
-from it, and tensor and sequence parallelism applied to a plain model from outside."""
+from it, and tensor, sequence and Ulysses (isp) parallelism applied to a plain model from outside."""
 from .layout import ParallelLayout, parallel_layout
 from .loss_vocab_parallel import VocabParallelLogits, vocab_parallel_argmax, vocab_parallel_cross_entropy
 from .pipeline_stages import DecoderStage, EmbeddingStage, HeadStage, pipeline_layers, pipeline_parameter_name
 from .plan import TENSOR_PARALLEL_PLAN, TensorParallelSplit, apply_tensor_parallel, gather_tensor_parallel_state_dict
 from .rng import parallel_seeds, tensor_parallel_generator
+from .ulysses import apply_ulysses
 
 __all__ = [
     "DecoderStage",
@@ -16,6 +17,7 @@ __all__ = [
     "TensorParallelSplit",
     "VocabParallelLogits",
     "apply_tensor_parallel",
+    "apply_ulysses",
     "build_parallel_grid",
     "build_process_topology",
     "gather_tensor_parallel_state_dict",

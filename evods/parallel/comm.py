@@ -12,6 +12,13 @@ tensor-parallel layers:
   input gradients of the column-parallel layers are summed, each keeping its tokens' share);
 - reduce_scatter_to_sequence_parallel_region: reduce-scatter over the tokens forward, all-gather backward (a
   row-parallel layer's partial sums, each rank keeping its tokens).
+Ulysses sequence parallelism (InternEvo's isp, evods.parallel.ulysses), where each rank holds 1/N of the tokens and
+every weight whole:
+- keep_own_tokens: keep the own slice of the tokens forward, the slice's gradient in zeros backward (the input is
+  computed whole on every rank, each rank's copy gets its own tokens' share of the gradient);
+- tokens_to_heads: [B, T/N, N * F] -> [B, T, F] by one all-to-all, chunk n of the last dim going to rank n (before
+  attention: all tokens, this rank's heads); heads_to_tokens is its inverse (after attention). Each one's backward is
+  the other.
 """
 from collections.abc import Callable
 from functools import partial
@@ -61,9 +68,42 @@ def _own_last_dim_slice(tensor: torch.Tensor, group) -> torch.Tensor:
     return _own_slice(tensor, group, dim=-1).contiguous()
 
 
-def _own_tokens(tensor: torch.Tensor, group) -> torch.Tensor:
+def own_tokens(tensor: torch.Tensor, group) -> torch.Tensor:
+    """This rank's contiguous chunk of the tokens (dim 1), a copy."""
     # A copy even where the view is contiguous (a one-row batch): the view would keep the whole row alive.
     return _own_slice(tensor, group, SEQUENCE_DIM).clone(memory_format=torch.contiguous_format)
+
+
+def _own_tokens_in_zeros(tensor: torch.Tensor, group) -> torch.Tensor:
+    size, rank = dist.get_world_size(group), dist.get_rank(group)
+    whole = tensor.new_zeros(*tensor.shape[:SEQUENCE_DIM], tensor.shape[SEQUENCE_DIM] * size,
+                             *tensor.shape[SEQUENCE_DIM + 1:])
+    whole.chunk(size, dim=SEQUENCE_DIM)[rank].copy_(tensor)
+    return whole
+
+
+def _all_to_all_first_dim(tensor: torch.Tensor, group) -> torch.Tensor:
+    """Chunk n of dim 0 goes to rank n; chunk n of the result came from rank n."""
+    tensor = tensor.contiguous()
+    out = torch.empty_like(tensor)
+    dist.all_to_all_single(out, tensor, group=group)
+    return out
+
+
+def _tokens_to_heads(tensor: torch.Tensor, group) -> torch.Tensor:
+    size = dist.get_world_size(group)
+    batch, tokens = tensor.shape[:2]
+    chunks = tensor.unflatten(-1, (size, -1)).permute(2, 0, 1, 3)  # [N, B, T/N, F]: chunk n for rank n
+    received = _all_to_all_first_dim(chunks, group)  # [N, B, T/N, F]: rank n's tokens, this rank's features
+    return received.permute(1, 0, 2, 3).reshape(batch, size * tokens, -1)
+
+
+def _heads_to_tokens(tensor: torch.Tensor, group) -> torch.Tensor:
+    size = dist.get_world_size(group)
+    batch, tokens = tensor.shape[:2]
+    chunks = tensor.unflatten(1, (size, tokens // size)).transpose(0, 1)  # [N, B, T/N, F]: rank n's tokens
+    received = _all_to_all_first_dim(chunks, group)  # [N, B, T/N, F]: this rank's tokens, rank n's features
+    return received.permute(1, 2, 0, 3).reshape(batch, tokens // size, -1)
 
 
 def _region(name: str, forward: Callable, backward: Callable) -> Callable:
@@ -86,7 +126,7 @@ copy_to_tensor_parallel_region = _region("CopyToTensorParallelRegion", _unchange
 reduce_from_tensor_parallel_region = _region("ReduceFromTensorParallelRegion", _summed, _unchanged)
 gather_from_tensor_parallel_region = _region("GatherFromTensorParallelRegion", partial(_all_gather, dim=-1),
                                              _own_last_dim_slice)
-scatter_to_sequence_parallel_region = _region("ScatterToSequenceParallelRegion", _own_tokens,
+scatter_to_sequence_parallel_region = _region("ScatterToSequenceParallelRegion", own_tokens,
                                               partial(_all_gather, dim=SEQUENCE_DIM))
 gather_from_sequence_parallel_region = _region("GatherFromSequenceParallelRegion",
                                                partial(_all_gather, dim=SEQUENCE_DIM),
@@ -94,6 +134,9 @@ gather_from_sequence_parallel_region = _region("GatherFromSequenceParallelRegion
 reduce_scatter_to_sequence_parallel_region = _region("ReduceScatterToSequenceParallelRegion",
                                                      partial(_reduce_scatter, dim=SEQUENCE_DIM),
                                                      partial(_all_gather, dim=SEQUENCE_DIM))
+keep_own_tokens = _region("KeepOwnTokens", own_tokens, _own_tokens_in_zeros)
+tokens_to_heads = _region("TokensToHeads", _tokens_to_heads, _heads_to_tokens)
+heads_to_tokens = _region("HeadsToTokens", _heads_to_tokens, _tokens_to_heads)
 
 
 def all_reduce_gradient(grad: torch.Tensor, group) -> torch.Tensor:

@@ -27,12 +27,15 @@ from torch import nn
 from .comm import all_reduce_gradient, gather_from_sequence_parallel_region, scatter_to_sequence_parallel_region
 
 
-def _split_input(group, module, args):
-    tokens, tp_size = args[0].shape[1], dist.get_world_size(group)
-    if tokens % tp_size:
-        raise ValueError(f"sequence parallelism splits the {tokens} tokens of each row over {tp_size} tensor ranks, "
-                         f"which does not divide them; use rows whose length is a multiple of {tp_size}")
-    return (scatter_to_sequence_parallel_region(args[0], group), *args[1:])
+def split_input(keep: Callable, ranks: str, group, module, args):
+    """A forward pre-hook (bound with partial): the module's first input, [B, T, H], cut to this rank's contiguous
+    slice of the tokens by `keep(tensor, group)`, whose backward says what the rest of the row gets (Megatron's
+    all-gather, Ulysses' zeros); `ranks` names the group's ranks in the error."""
+    tokens, size = args[0].shape[1], dist.get_world_size(group)
+    if tokens % size:
+        raise ValueError(f"sequence parallelism splits the {tokens} tokens of each row over {size} {ranks}, which "
+                         f"does not divide them; use rows whose length is a multiple of {size}")
+    return (keep(args[0], group), *args[1:])
 
 
 def _gather_input(group, module, args):
@@ -45,7 +48,7 @@ def _gather_output(group, module, args, output):
 
 # HF module name (full match) -> (hook kind, hook): where the token slices begin, are gathered and end.
 SEQUENCE_PARALLEL_PLAN = {
-    r"model\.layers\.0": ("pre", _split_input),
+    r"model\.layers\.0": ("pre", partial(split_input, scatter_to_sequence_parallel_region, "tensor ranks")),
     r"model\.layers\.\d+\.(self_attn|mlp)": ("pre", _gather_input),
     r"model\.norm": ("post", _gather_output),
 }

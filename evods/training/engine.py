@@ -115,9 +115,11 @@ class TrainEngine:
         return self._mean_over_data_parallel(total / batch["input_ids"].shape[0])
 
     def _mean_over_data_parallel(self, value: torch.Tensor) -> float:
-        if self.layout.dp > 1:
+        """The mean over DeepSpeed's data-parallel group; under isp each rank's loss is sp times its tokens' share
+        (PackedLoss), so the mean over the dp × sp ranks is the mean over the dp rows."""
+        if self.layout.zero_ranks > 1:
             dist.all_reduce(value, group=self.data_parallel_group)
-            value /= self.layout.dp
+            value /= self.layout.zero_ranks
         return float(value)
 
     def share_from_last_stage(self, tensor: torch.Tensor) -> torch.Tensor:

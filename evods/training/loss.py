@@ -14,6 +14,7 @@ from torch.profiler import record_function
 from evods.config import ConfigError, TrainConfig
 from evods.data import IGNORE_INDEX
 from evods.parallel import ParallelLayout, VocabParallelLogits
+from evods.parallel.comm import own_tokens
 from evods.parallel.zero import full_shape
 
 from .loss_kernels import (
@@ -105,12 +106,19 @@ class PackedLoss:
     tensor-parallel ColumnParallelLinear with `vocab=VocabParallelLogits(group)`); its weight is read at every call.
 
     DeepSpeed divides each micro-batch loss by gradient_accumulation_steps (= micro_num) before backward, which is
-    InternEvo's per-micro-batch `/ micro_num`. Called as `loss(hidden_states, (labels, type_ids))`, the signature a
+    InternEvo's per-micro-batch `/ micro_num`.
+
+    With `isp_group` (Ulysses sequence parallelism, evods.parallel.ulysses) the hidden states are this rank's
+    contiguous 1/N of each row's tokens: the labels are cut the same way, the token count is the whole row's (summed
+    over the group), and the loss is N times this rank's tokens' share. DeepSpeed averages gradients over its
+    data-parallel group, all dp × N ranks, so the N shares add up to the row's loss and its exact gradient (and the
+    mean of the ranks' losses is the rows' mean loss). Called as `loss(hidden_states, (labels, type_ids))`, the signature a
     DeepSpeed PipelineModule gives its loss_fn; hidden_states are the full sequence's, [B, T, H].
     """
 
     def __init__(self, head: nn.Module, label_smoothing: float = 0.0, metrics: TokenMetrics | None = None,
-                 vocab: "FullLogits | None" = None, kernel: str = "chunked", chunk_tokens: int | None = None):
+                 vocab: "FullLogits | None" = None, kernel: str = "chunked", chunk_tokens: int | None = None,
+                 isp_group=None):
         if kernel not in ("chunked", "liger", "full"):
             raise ValueError(f"PackedLoss kernel {kernel!r}: expected 'chunked', 'liger' or 'full' "
                              f"(choose_loss_kernel resolves 'auto')")
@@ -120,8 +128,11 @@ class PackedLoss:
         self.vocab = vocab or FullLogits()  # how the head covers the vocabulary: whole, or split over tensor ranks
         self.kernel = kernel
         self.chunk_tokens = chunk_tokens or auto_chunk_tokens(*full_shape(head.weight))
+        self.isp_group = isp_group
 
     def __call__(self, hidden_states: torch.Tensor, targets) -> torch.Tensor:
+        if self.isp_group is not None:
+            targets = [own_tokens(t, self.isp_group) for t in targets]
         labels, type_ids = (t.reshape(-1) for t in targets)
         hidden = hidden_states.reshape(-1, hidden_states.shape[-1])
         # The head runs here, not as a module call: the span keeps it under its module's name in --profiling traces.
@@ -130,8 +141,13 @@ class PackedLoss:
                 loss_sum, num_tokens = self._full_logits(hidden, labels, type_ids)
             else:
                 loss_sum, num_tokens = self._without_logits(hidden, labels, type_ids)
+        share = 1
+        if self.isp_group is not None:
+            counted = torch.tensor([num_tokens], dtype=torch.int64)
+            torch.distributed.all_reduce(counted, group=self.isp_group)
+            num_tokens, share = int(counted), torch.distributed.get_world_size(self.isp_group)
         # A micro-batch whose labels are all masked contributes 0, not nan.
-        return loss_sum / max(num_tokens, 1)
+        return loss_sum * share / max(num_tokens, 1)
 
     def _full_logits(self, hidden, labels, type_ids):
         logits = F.linear(self.vocab.head_input(hidden), self.head.weight).float()
@@ -157,8 +173,9 @@ class PackedLoss:
 
 
 def build_loss(cfg: TrainConfig, layout: ParallelLayout, head: torch.nn.Module, device_type: str,
-               metrics: TokenMetrics | None, tensor_group=None) -> PackedLoss:
-    """The training loss from the config's `loss` section; it applies `head` (the model's lm_head) itself."""
+               metrics: TokenMetrics | None, tensor_group=None, isp_group=None) -> PackedLoss:
+    """The training loss from the config's `loss` section; it applies `head` (the model's lm_head) itself. Under isp
+    (layout.sp > 1) it takes this rank's tokens of `isp_group`'s rows."""
     # Under tensor parallelism lm_head's weight is a vocabulary shard whatever parallel_output says (which only
     # decides whether the model's own logits are gathered); the loss applies that shard.
     vocab_split = layout.tp > 1
@@ -167,7 +184,8 @@ def build_loss(cfg: TrainConfig, layout: ParallelLayout, head: torch.nn.Module, 
         kernel = choose_loss_kernel(cfg.loss.kernel, device_type, vocab_split)
     except ValueError as error:
         raise (cfg.source.error("loss.kernel", str(error)) if cfg.source else ConfigError(str(error))) from None
-    loss_fn = PackedLoss(head, cfg.loss.label_smoothing, metrics, vocab, kernel, cfg.loss.chunk_tokens)
+    loss_fn = PackedLoss(head, cfg.loss.label_smoothing, metrics, vocab, kernel, cfg.loss.chunk_tokens,
+                         isp_group if layout.sp > 1 else None)
     local_vocab, hidden_size = full_shape(head.weight)
     logger.info("loss: %s kernel%s, head %d x %d%s", kernel,
                 f", {loss_fn.chunk_tokens} tokens per chunk" if kernel == "chunked" else "", local_vocab, hidden_size,

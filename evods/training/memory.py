@@ -93,7 +93,7 @@ def estimate_memory(cfg: TrainConfig, model: torch.nn.Module, layout: ParallelLa
     width = torch.finfo(dtype).bits // 8
     layers = math.ceil(cfg.model.num_layers / pp)
     recomputed = int(cfg.model.checkpoint * layers)
-    tokens = data.seq_len * data.micro_bsz  # one micro-batch is one packed row
+    tokens = data.seq_len * data.micro_bsz // layout.sp  # one micro-batch is one packed row (isp: a 1/sp slice)
     # Per layer and token: about (5 + 12 / tp) activations of hidden size kept for backward (Megatron's count without
     # the attention scores, which flash-style kernels do not keep); a recomputed layer keeps only its input.
     per_layer = tokens * hidden * width * (5 + 12 / tp)
@@ -127,7 +127,7 @@ def _zero_state(cfg: TrainConfig, layout: ParallelLayout, params: float, total: 
     Offload moves the fp32 shards, their gradients and the Adam states (optimizer) and the weight shards
     (parameters) to host memory. `trained`: the share of the parameters that train (LoRA: the adapters'), which
     alone have gradients and optimizer states."""
-    dp, stage, width = layout.dp, layout.zero_stage, torch.finfo(cfg.model.dtype).bits // 8
+    dp, stage, width = layout.zero_ranks, layout.zero_stage, torch.finfo(cfg.model.dtype).bits // 8
     bucket = reduce_bucket_elements(cfg, layout)
     grads = params * trained
     if stage != 3:  # stages 1/2 fill the bucket as gradients arrive: never more than the model

@@ -32,7 +32,8 @@ def launch_time() -> datetime:
 def log_parallel_setup(layout: ParallelLayout, seed: int, rank: int) -> None:
     if layout.is_log_rank:
         logger.info("Distributed environment is initialized, data parallel size: %d, pipeline parallel size: %d, "
-                    "tensor parallel size: %d", layout.dp, layout.pp, layout.tp)
+                    "tensor parallel size: %d%s", layout.dp, layout.pp, layout.tp,
+                    f", isp (Ulysses sequence parallel) size: {layout.sp}" if layout.sp > 1 else "")
     if not (layout.is_log_rank or is_verbose()):
         return
     seeds = ", ".join(f"ParallelMode.{mode}: {value}" for mode, value in parallel_seeds(seed, layout).items())
@@ -48,10 +49,11 @@ def log_layout(nodes: NodeLayout, layout: ParallelLayout) -> None:
     if dist.get_rank() != 0:
         return
     logger.info("rank layout: %s", describe_layout(nodes, layout))
-    spanning = tensor_groups_across_nodes(nodes, layout.tp)
+    row_width = layout.tp * layout.sp  # the tensor ranks, or the isp ranks with their all-to-alls
+    spanning = tensor_groups_across_nodes(nodes, row_width)
     if spanning:
         logger.warning("%d tensor-parallel groups span nodes (e.g. ranks %s): launch a multiple of parallel.tensor=%d "
-                       "ranks per node so that each group stays inside one", len(spanning), spanning[0], layout.tp)
+                       "ranks per node so that each group stays inside one", len(spanning), spanning[0], row_width)
 
 
 def log_run_start(layout: ParallelLayout, launched: datetime, load_plan: LoadPlan | None) -> None:

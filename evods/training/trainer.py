@@ -30,6 +30,7 @@ from evods.monitor.plot import RUN_TIME_FORMAT
 from evods.parallel import (
     ParallelLayout,
     apply_tensor_parallel,
+    apply_ulysses,
     build_parallel_grid,
     parallel_seeds,
 )
@@ -135,6 +136,8 @@ class Trainer:
         tensor_group = self.grid.get_tensor_model_parallel_group()
         apply_tensor_parallel(model, tensor_group, self.layout.tp_rank, self.layout.tp, cfg.model.embed_split_hidden,
                               cfg.model.parallel_output, sequence_parallel=self.layout.sequence_parallel)
+        if self.layout.sp > 1:
+            apply_ulysses(model, self.grid.get_ulysses_group())
         seed_runtime_rng(seed, self.layout)
         kv_ratio = model.config.num_key_value_heads / model.config.num_attention_heads
         self.flops_per_token = model_flops_per_token(cfg.data.seq_len, cfg.model.hidden_size, cfg.model.num_layers,
@@ -148,7 +151,8 @@ class Trainer:
                                                                             self.layout.dp, cfg.data.num_worker)
         self.skip_batch = BatchSkipper(cfg.data.skip_ranges)
         self.token_metrics = TokenMetrics(num_types=len(self.dataset_types))
-        loss_fn = build_loss(cfg, self.layout, model.lm_head, _device_type(), self.token_metrics, tensor_group)
+        loss_fn = build_loss(cfg, self.layout, model.lm_head, _device_type(), self.token_metrics, tensor_group,
+                             self.grid.get_ulysses_group())
         self.engine = TrainEngine(model, self._make_optimizer, ds_config, self.layout, loss_fn, self.grid)
         self.lr_scheduler = LRScheduler(self.engine.optimizer, cfg.adam.lr, cfg.lr_scheduler)
         self.beta2_scheduler = Beta2Scheduler(self.engine.optimizer, cfg.beta2_scheduler)
@@ -174,7 +178,7 @@ class Trainer:
         offloaded = [part for part, on in (("optimizer", parallel.offload_optimizer),
                                            ("parameters", parallel.offload_param)) if on]
         logger.info("run folder: %s; model parameters: %.2fM; DeepSpeed ZeRO-%d over %d data-parallel ranks%s",
-                    self.run_dir, self.num_parameters / 1e6, parallel.zero_stage, parallel.dp,
+                    self.run_dir, self.num_parameters / 1e6, parallel.zero_stage, parallel.zero_ranks,
                     f", {' and '.join(offloaded)} offloaded to host memory" if offloaded else "")
 
     def _checkpoint_parts(self) -> TrainingParts:

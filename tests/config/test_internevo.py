@@ -19,8 +19,12 @@ ckpt = dict(enable_save_ckpt=False)
 NOT_BUILT = (r"is not a model evods builds: it builds 'INTERNLM', 'INTERNLM2', 'INTERNLM2_PUBLIC', 'INTERNLM3', "
              r"'LLAMA2' \(InternEvo's 'INTERNLM_MoE', .* are not ported\); use one it builds, with an InternLM-family "
              r"model dict")
-ISP = (r'parallel\.tensor\.mode="isp" \(InternEvo\'s intern sequence parallelism with weight parallelism\) is not run '
-       r'by evods; use mode="mtp" \(Megatron tensor parallelism\)')
+# isp runs (Ulysses sequence parallelism); InternEvo's configs pair it with weight parallelism, which is refused
+
+
+def weight_refusal(size: int) -> str:
+    return (rf"parallel\.weight\.size={size} asks for InternEvo's weight parallelism \(an isp companion\), which evods "
+            r"does not run; set weight=dict\(size=1\)")
 
 
 @pytest.fixture(scope="module")
@@ -37,12 +41,12 @@ def refusal(path) -> str:
 
 
 @pytest.mark.parametrize("name, where, message", [
-    ("7B_isp_sft.py", "7B_isp_sft.py", ISP),
+    ("7B_isp_sft.py", "7B_isp_sft.py", weight_refusal(4)),
     ("7B_MoE4_sft.py", "7B_MoE4_sft.py", "model_type='INTERNLM_MoE' " + NOT_BUILT),
     # InternEvo's InternLM2/3 configs all train with isp: every other key of theirs loads (the next test)
-    ("7B_internlm2.py", "7B_internlm2.py", ISP),
-    ("20B_internlm2.py", "20B_internlm2.py", ISP),
-    ("8B_internlm3.py", "8B_internlm3.py", ISP),
+    ("7B_internlm2.py", "7B_internlm2.py", weight_refusal(2)),
+    ("20B_internlm2.py", "20B_internlm2.py", weight_refusal(4)),
+    ("8B_internlm3.py", "8B_internlm3.py", weight_refusal(16)),
 ])
 def test_internevo_configs_evods_cannot_run_are_refused_in_one_line(internevo, name, where, message):
     line = refusal(internevo[name])
@@ -111,6 +115,46 @@ def test_internevo_7b_sft_loads_and_applies_its_keys(internevo, caplog):
     assert cfg.monitor.alert.alert_file_path == "llm_alter/7b_train_alert.log"
     hf = config_from_model_dict(cfg.model_dict)  # the model builder takes every model key (no 7B is built here)
     assert (hf.hidden_size, hf.intermediate_size, hf.num_hidden_layers, hf.vocab_size) == (4096, 11008, 32, 103168)
+
+
+def test_internevo_7b_isp_sft_runs_as_ulysses_without_weight_parallelism(internevo, caplog):
+    """7B_isp_sft.py with weight=dict(size=1): isp of degree 2, each pair of ranks sharing rows (evods.parallel.ulysses),
+    every other key as InternEvo's."""
+    path = internevo["7B_isp_sft.py"].with_name("isp_weight1_7B_isp_sft.py")
+    path.write_text(re.sub(r"weight=dict\(size=\d+", "weight=dict(size=1", internevo["7B_isp_sft.py"].read_text()))
+    with caplog.at_level(logging.WARNING, logger="evods.config"):
+        cfg = load_config(path)
+    assert not caplog.records, caplog.text
+    assert (cfg.parallel.tensor.size, cfg.parallel.tensor.mode, cfg.parallel.sequence_parallel) == (2, "isp", False)
+    layout = check_topology(cfg, 16, rank=5)
+    assert (layout.dp, layout.pp, layout.tp, layout.sp, layout.zero_ranks) == (8, 1, 1, 2, 16)
+    assert (layout.dp_rank, layout.sp_rank, layout.zero_rank) == (2, 1, 5)
+
+
+ISP_TINY = 'parallel = dict(tensor=dict(size=2, mode="isp"){})\n'
+
+
+@pytest.mark.parametrize("extra, message", [
+    (ISP_TINY.format(", sequence_2D=dict(enable=True, head_size=2, context_size=2)"),
+     r"parallel\.sequence_2D\.context_size=2 \(InternEvo's ring-attention context parallelism\) is not run by evods; "
+     r"set context_size=1"),
+    (ISP_TINY.format(", sequence_2D=dict(enable=True, head_size=4, context_size=1)"),
+     r"parallel\.sequence_2D\.head_size=4 must equal parallel\.tensor size 2"),
+    (ISP_TINY.format(", pipeline=2"), r'parallel\.tensor\.mode="isp" with parallel\.pipeline size 2 is not run by '
+                                      r"evods; use pipeline=1 with isp"),
+    (ISP_TINY.format(", zero=dict(stage=3)"), r'ZeRO-3 with parallel\.tensor\.mode="isp" is not run by evods'),
+    ('parallel = dict(tensor=dict(size=3, mode="isp"))\n', r"parallel\.tensor size 3 does not split "
+                                                          r"model\.num_attention_heads=4"),
+])
+def test_isp_combinations_evods_does_not_run_are_refused(tmp_path, extra, message):
+    (tmp_path / "cfg.py").write_text(TINY + extra)
+    assert re.search(r"cfg\.py:\d+: " + message, refusal(tmp_path / "cfg.py"))
+
+
+def test_isp_with_head_size_loads(tmp_path):
+    (tmp_path / "cfg.py").write_text(TINY + ISP_TINY.format(", sequence_2D=dict(enable=True, head_size=2, "
+                                                            "context_size=1)"))
+    assert check_topology(load_config(tmp_path / "cfg.py"), 4).sp == 2
 
 
 def _demo_on(internevo, base: str):

@@ -32,14 +32,16 @@ FULL = dict(kernel="full")
 
 class Variant:
     def __init__(self, recompute: bool, embed_split_hidden: bool = True, parallel_output: bool = True,
-                 loss: dict = CHUNKED, sequence_parallel: bool = False, kv_heads: int | None = None):
+                 loss: dict = CHUNKED, sequence_parallel: bool = False, kv_heads: int | None = None,
+                 isp: bool = False):
         self.model = dict(checkpoint=recompute, embed_split_hidden=embed_split_hidden, parallel_output=parallel_output,
                           num_kv_attention_heads=kv_heads)
         self.loss = loss
         self.sequence_parallel = sequence_parallel
         self.kv_heads = kv_heads  # grouped-query attention; None: multi-head
+        self.isp = isp  # the topology's tensor size is an isp size (Ulysses sequence parallelism)
         self.name = (f"recompute={recompute},embed_split_hidden={embed_split_hidden},parallel_output={parallel_output},"
-                     f"sequence_parallel={sequence_parallel},loss={loss['kernel']},kv_heads={kv_heads}")
+                     f"sequence_parallel={sequence_parallel},loss={loss['kernel']},kv_heads={kv_heads},isp={isp}")
 
 
 def sequence_parallel_variants(embed_split_hidden: bool, parallel_output: bool) -> list:
@@ -67,6 +69,13 @@ TOPOLOGIES = {
     (1, 2, 1): [Variant(True)],
     (1, 1, 2): [Variant(False)],
     (1, 2, 2): [Variant(True)],
+}
+# InternEvo's isp (issue 27), (sp, pp, dp) -> variants: recompute off and on, the chunked and the whole-logits loss,
+# and at sp 4 the 2 KV heads of the 4 query heads replicated to one per rank.
+ISP_TOPOLOGIES = {
+    (2, 1, 1): [Variant(False, isp=True), Variant(True, loss=FULL, isp=True)],
+    (2, 1, 2): [Variant(True, isp=True)],
+    (4, 1, 1): [Variant(False, kv_heads=OWN_KV, isp=True), Variant(True, kv_heads=OWN_KV, isp=True)],
 }
 # The one-process runs: per KV heads, the training every variant with those heads must repeat
 REFERENCE = (1, 1, 1), [Variant(False, loss=FULL, kv_heads=kv_heads) for kv_heads in (None, OWN_KV, SHARED_KV)]
@@ -101,7 +110,8 @@ def train_variants(topology: tuple, variants: list, train_folder: str, run_root:
             data=dict(seq_len=32, micro_bsz=2, micro_num=ROWS_PER_STEP // dp, total_steps=STEPS,
                       train_folder=train_folder),
             model=dict(MODEL, dtype="torch.float32", **variant.model),
-            parallel=dict(pipeline=dict(size=pp), zero1=-1, tensor=tp, sequence_parallel=variant.sequence_parallel),
+            parallel=dict(pipeline=dict(size=pp), zero1=-1, tensor=dict(size=tp, mode="isp" if variant.isp else "mtp"),
+                          sequence_parallel=variant.sequence_parallel),
             lr_scheduler=dict(total_steps=STEPS, warmup_ratio=0.0),
             loss=variant.loss,
         )
@@ -118,6 +128,8 @@ def train_variants(topology: tuple, variants: list, train_folder: str, run_root:
         groups = {name: dist.get_process_group_ranks(group) for name, group in (
             ("tensor", grid.get_tensor_model_parallel_group()), ("pipe", grid.get_pipe_parallel_group()),
             ("data", grid.get_data_parallel_group()))}
+        if grid.get_ulysses_group() is not None:
+            groups["isp"] = dist.get_process_group_ranks(grid.get_ulysses_group())
     return {"rank": dist.get_rank(), "results": results, "groups": groups}
 
 
@@ -180,6 +192,42 @@ def test_parallel_training_matches_one_process(topology, reference, train_folder
                 # A later pipeline stage receives this tensor rank's slice of the tokens and the full position_ids.
                 assert received == [[1, ROWS_TOKENS // topology[0], MODEL["hidden_size"]], [1, ROWS_TOKENS]], \
                     (variant.name, received)
+
+
+def documents_crossing_slices(train_folder: Path, sp: int) -> int:
+    """How many of the first steps' rows (one process's data order) have a document running across a boundary between
+    the token slices of `sp` isp ranks: position_ids not restarting there."""
+    from evods.data import build_train_loader
+
+    cfg = tiny_config(data=dict(seq_len=32, micro_bsz=2, micro_num=ROWS_PER_STEP, total_steps=STEPS,
+                                train_folder=str(train_folder)))
+    loader, _, _ = build_train_loader(cfg.data, 0, 1, 0)
+    batches = iter(loader)
+    rows = torch.cat([next(batches)["position_ids"] for _ in range(STEPS)])
+    boundaries = rows[:, ROWS_TOKENS // sp::ROWS_TOKENS // sp]
+    return int((boundaries != 0).any(dim=1).sum())
+
+
+@pytest.mark.parametrize("topology", list(ISP_TOPOLOGIES), ids=lambda t: "isp{}_pp{}_dp{}".format(*t))
+def test_isp_training_matches_one_process(topology, reference, train_folder, tmp_path):
+    """Ulysses sequence parallelism: each rank trains on 1/sp of every row's tokens, with every weight whole, and the
+    losses, gradient norms and token metrics (each token counted once) are one process's."""
+    sp, _, dp = topology
+    assert documents_crossing_slices(train_folder, sp) >= ROWS_PER_STEP, "documents cross the slice edges of rows"
+    ranks = launch(topology, ISP_TOPOLOGIES[topology], train_folder, tmp_path)
+    assert sum(rank["results"][v.name]["metrics"] is not None for rank in ranks for v in ISP_TOPOLOGIES[topology]) \
+        == len(ISP_TOPOLOGIES[topology]), "exactly one rank logs each run"
+    for rank in ranks:
+        row = rank["rank"] // sp
+        assert rank["groups"] == {"tensor": [rank["rank"]], "pipe": [rank["rank"]], "data": list(range(sp * dp)),
+                                  "isp": list(range(row * sp, (row + 1) * sp))}
+        for variant in ISP_TOPOLOGIES[topology]:
+            result = rank["results"][variant.name]
+            assert_same_training(reference[variant.kv_heads], result, f"rank {rank['rank']} {variant.name}")
+            for ref_entry, entry in zip(reference[variant.kv_heads]["metrics"], result["metrics"] or []):
+                assert entry["num_consumed_tokens"] == ref_entry["num_consumed_tokens"]
+                assert entry["tgs (tokens/gpu/second)"] == pytest.approx(
+                    ref_entry["num_consumed_tokens"] / STEPS / (sp * dp) / entry["fwd_bwd_time"], rel=0.05)
 
 
 # ------------------------------------------------------------------------------------- weights and the loss op

@@ -169,8 +169,8 @@ class CheckpointLoader:
             parts.beta2_scheduler.load_state_dict(schedulers["beta2"])
         if "sampler" in plan.content:
             sampler = _read(folder, layout.SAMPLER)
-            if saved["dp"] != now["dp"]:
-                sampler = reshard_sampler_state(sampler, now["dp"], plan.describe())
+            if sampler["data_world_size"] != self.parallel.dp:  # the rows' data ranks (isp ranks share rows)
+                sampler = reshard_sampler_state(sampler, self.parallel.dp, plan.describe())
             parts.sampler.load_state_dict(sampler)
         rng_path = os.path.join(folder, layout.rng_file(collective.rank()))
         if os.path.isfile(rng_path):

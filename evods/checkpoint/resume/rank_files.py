@@ -1,6 +1,6 @@
 """Which files of a remote evods checkpoint each rank reads, and which rank of a node downloads each of them.
 
-A resume at the saved layout reads, on the rank at (dp d, pp p, tp t), only what DeepSpeed's engine and evods load
+A resume at the saved layout reads, on the rank at (dp d, pp p, tp t; under isp d is the ZeRO rank, dp × sp ranks), only what DeepSpeed's engine and evods load
 there (DeepSpeed's names, deepspeed/runtime/engine.py and pipe/module.py; m = p * tp + t, the rank's position in
 its data-parallel slice, which DeepSpeed calls the model-parallel rank):
 
@@ -62,7 +62,7 @@ def own_deepspeed_files(files: Iterable[str], parallel: ParallelLayout, stage_la
                 and int(match.group(1)) in stage_layers and int(match.group(2)) in (parallel.tp_rank, 0):
             chosen.add(rel)
         elif (match := _ZERO_FILE.match(rel) or _ZERO3_MODULE_FILE.match(rel)) and \
-                (int(match.group(1)), int(match.group(2))) == (parallel.dp_rank, model_rank):
+                (int(match.group(1)), int(match.group(2))) == (parallel.zero_rank, model_rank):
             chosen.add(rel)
     return sorted(chosen)
 
