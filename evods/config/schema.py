@@ -737,16 +737,17 @@ def _check_isp(parallel: ParallelConfig, source: ConfigSource) -> None:
     when given), without context parallelism (ring attention) or a pipeline."""
     size, two_d = parallel.tensor.size, parallel.sequence_2D
     if two_d.enable and two_d.context_size > 1:
-        raise source.error("parallel.sequence_2D", f"parallel.sequence_2D.context_size={two_d.context_size} (InternEvo's"
-                                                   " ring-attention context parallelism) is not run by evods; set "
-                                                   "context_size=1 (isp splits the heads only)")
+        raise source.error("parallel.sequence_2D", f"parallel.sequence_2D.context_size={two_d.context_size} "
+                                                   "(InternEvo's ring-attention context parallelism) is not run by "
+                                                   "evods; set context_size=1 (isp splits the heads only)")
     if two_d.enable and two_d.head_size != size:
         raise source.error("parallel.sequence_2D", f"parallel.sequence_2D.head_size={two_d.head_size} must equal "
                                                    f"parallel.tensor size {size}: with context_size=1 every isp rank "
                                                    f"is a head rank")
     if parallel.pipeline.size > 1:
         raise source.error("parallel.pipeline", f'parallel.tensor.mode="isp" with parallel.pipeline size '
-                                                f"{parallel.pipeline.size} is not run by evods; use pipeline=1 with isp")
+                                                f"{parallel.pipeline.size} is not run by evods; use pipeline=1 with "
+                                                "isp")
 
 
 def _check_llama_keys(cfg: TrainConfig, source: ConfigSource) -> None:

@@ -112,8 +112,10 @@ class PackedLoss:
     contiguous 1/N of each row's tokens: the labels are cut the same way, the token count is the whole row's (summed
     over the group), and the loss is N times this rank's tokens' share. DeepSpeed averages gradients over its
     data-parallel group, all dp × N ranks, so the N shares add up to the row's loss and its exact gradient (and the
-    mean of the ranks' losses is the rows' mean loss). Called as `loss(hidden_states, (labels, type_ids))`, the signature a
-    DeepSpeed PipelineModule gives its loss_fn; hidden_states are the full sequence's, [B, T, H].
+    mean of the ranks' losses is the rows' mean loss).
+
+    Called as `loss(hidden_states, (labels, type_ids))`, the signature a DeepSpeed PipelineModule gives its loss_fn;
+    hidden_states are the full sequence's (isp: this rank's slice), [B, T, H].
     """
 
     def __init__(self, head: nn.Module, label_smoothing: float = 0.0, metrics: TokenMetrics | None = None,

@@ -118,8 +118,8 @@ def test_internevo_7b_sft_loads_and_applies_its_keys(internevo, caplog):
 
 
 def test_internevo_7b_isp_sft_runs_as_ulysses_without_weight_parallelism(internevo, caplog):
-    """7B_isp_sft.py with weight=dict(size=1): isp of degree 2, each pair of ranks sharing rows (evods.parallel.ulysses),
-    every other key as InternEvo's."""
+    """7B_isp_sft.py with weight=dict(size=1): isp of degree 2, each pair of ranks sharing rows
+    (evods.parallel.ulysses), every other key as InternEvo's."""
     path = internevo["7B_isp_sft.py"].with_name("isp_weight1_7B_isp_sft.py")
     path.write_text(re.sub(r"weight=dict\(size=\d+", "weight=dict(size=1", internevo["7B_isp_sft.py"].read_text()))
     with caplog.at_level(logging.WARNING, logger="evods.config"):

@@ -1,8 +1,9 @@
 """Which files of a remote evods checkpoint each rank reads, and which rank of a node downloads each of them.
 
-A resume at the saved layout reads, on the rank at (dp d, pp p, tp t; under isp d is the ZeRO rank, dp × sp ranks), only what DeepSpeed's engine and evods load
-there (DeepSpeed's names, deepspeed/runtime/engine.py and pipe/module.py; m = p * tp + t, the rank's position in
-its data-parallel slice, which DeepSpeed calls the model-parallel rank):
+A resume at the saved layout reads, on the rank at (dp d, pp p, tp t; under isp d is the ZeRO rank, one of dp × sp),
+only what DeepSpeed's engine and evods load there (DeepSpeed's names, deepspeed/runtime/engine.py and
+pipe/module.py; m = p * tp + t, the rank's position in its data-parallel slice, which DeepSpeed calls the
+model-parallel rank):
 
     deepspeed/mp_rank_{m}_model_states.pt                   engine state (and, without a pipeline, the model)
     deepspeed/layer_{i}-model_{t}-model_states.pt           with a pipeline: the layers i of stage p
