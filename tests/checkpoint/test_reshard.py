@@ -1,5 +1,6 @@
 """A checkpoint saved at one data/pipeline size resumes at another, weights and Adam state included, with no separate
-conversion step (issue: checkpoints). The resumed run's losses match the uninterrupted run at the saved size."""
+conversion step (issue: checkpoints). The resumed run's losses match the uninterrupted run at the saved size. A
+checkpoint saved with isp (issue 27) resumes without it, and the reverse."""
 import pytest
 
 from testkit.distributed import run_distributed
@@ -19,3 +20,23 @@ def test_a_checkpoint_resumes_on_one_rank_after_saving_on_two(tmp_path, saved_pi
     assert resumed["losses"] == pytest.approx(reference["losses"][SAVE_EVERY:], abs=1e-5, rel=0)
     assert resumed["step_count"] == TOTAL_STEPS
     assert not list(tmp_path.glob("ckpt/*/universal*")), "the conversion stays out of the checkpoint folder"
+
+
+ISP = dict(size=2, mode="isp")
+
+
+@pytest.mark.parametrize("saved_tensor, saved_world, resumed_tensor, resumed_world",
+                         [(ISP, 2, 1, 1), (1, 1, ISP, 2)], ids=["isp2_to_one_rank", "one_rank_to_isp2"])
+def test_isp_checkpoints_are_interchangeable_with_runs_without_isp(tmp_path, saved_tensor, saved_world, resumed_tensor,
+                                                                   resumed_world):
+    """Two isp ranks share each row (dp 1) and ZeRO partitions over both: resuming on one rank without isp converts
+    the partitions like a data-size change, and the data position carries over (the rows' data size is 1 both ways)."""
+    ckpt = dict(enable_save_ckpt=True, checkpoint_every=SAVE_EVERY, auto_resume=True,
+                save_ckpt_folder=f"local:{tmp_path}/ckpt")
+    first = run_distributed(first_launch, saved_world, (1, 1, ckpt, {}, str(tmp_path), saved_tensor))
+    reference = first[0]["reference"]
+    assert len(set(reference["losses"])) == TOTAL_STEPS, "training moves"
+    for rank in run_distributed(second_launch, resumed_world, (1, 1, ckpt, {}, str(tmp_path), resumed_tensor)):
+        assert rank["loaded"][0] == str(SAVE_EVERY)
+        assert rank["losses"] == pytest.approx(reference["losses"][SAVE_EVERY:], abs=1e-5, rel=0)
+        assert (rank["step_count"], rank["batch_count"]) == (TOTAL_STEPS, reference["batch_count"])

@@ -16,20 +16,21 @@ TOTAL_STEPS, SAVE_EVERY = 4, 2
 ROWS_PER_STEP = 4
 
 
-def checkpointed_config(pipeline: int, data_parallel: int, total_steps: int, ckpt: dict):
+def checkpointed_config(pipeline: int, data_parallel: int, total_steps: int, ckpt: dict, tensor: int | dict = 1):
     return tiny_config(
         data=dict(seq_len=32, micro_bsz=2, micro_num=ROWS_PER_STEP // data_parallel, total_steps=total_steps),
         model=dict(dtype="torch.float32"),
-        parallel=dict(pipeline=dict(size=pipeline), zero1=-1, tensor=1),
+        parallel=dict(pipeline=dict(size=pipeline), zero1=-1, tensor=tensor),
         lr_scheduler=dict(total_steps=TOTAL_STEPS, warmup_ratio=0.25),  # the schedule of the whole run
         ckpt=ckpt,
     )
 
 
-def train(pipeline: int, data_parallel: int, total_steps: int, ckpt: dict, run_dir: str) -> dict:
+def train(pipeline: int, data_parallel: int, total_steps: int, ckpt: dict, run_dir: str,
+          tensor: int | dict = 1) -> dict:
     from evods.training.trainer import Trainer
 
-    trainer = Trainer(checkpointed_config(pipeline, data_parallel, total_steps, ckpt), run_dir=Path(run_dir))
+    trainer = Trainer(checkpointed_config(pipeline, data_parallel, total_steps, ckpt, tensor), run_dir=Path(run_dir))
     state = trainer.train()
     trainer.close()
     loaded = trainer.checkpoints.loader.loaded
@@ -37,23 +38,24 @@ def train(pipeline: int, data_parallel: int, total_steps: int, ckpt: dict, run_d
             "batch_count": state.batch_count, "loaded": loaded and (loaded.folder, loaded.reason)}
 
 
-def first_launch(pipeline, data_parallel, ckpt, env, run_root) -> dict:
+def first_launch(pipeline, data_parallel, ckpt, env, run_root, tensor=1) -> dict:
     """The uninterrupted reference, then a run that saves every SAVE_EVERY steps and ends at SAVE_EVERY."""
     os.environ.update(env)
     from evods.training.distributed import init_distributed
 
     init_distributed("torch")
-    reference = train(pipeline, data_parallel, TOTAL_STEPS, dict(enable_save_ckpt=False), f"{run_root}/reference")
-    interrupted = train(pipeline, data_parallel, SAVE_EVERY, ckpt, f"{run_root}/interrupted")
+    reference = train(pipeline, data_parallel, TOTAL_STEPS, dict(enable_save_ckpt=False), f"{run_root}/reference",
+                      tensor)
+    interrupted = train(pipeline, data_parallel, SAVE_EVERY, ckpt, f"{run_root}/interrupted", tensor)
     return {"reference": reference, "interrupted": interrupted}
 
 
-def second_launch(pipeline, data_parallel, ckpt, env, run_root) -> dict:
+def second_launch(pipeline, data_parallel, ckpt, env, run_root, tensor=1) -> dict:
     os.environ.update(env)
     from evods.training.distributed import init_distributed
 
     init_distributed("torch")
-    return train(pipeline, data_parallel, TOTAL_STEPS, ckpt, f"{run_root}/resumed")
+    return train(pipeline, data_parallel, TOTAL_STEPS, ckpt, f"{run_root}/resumed", tensor)
 
 
 def check_exact_resume(pipeline: int, data_parallel: int, ckpt: dict, env: dict, run_root: Path) -> dict:
