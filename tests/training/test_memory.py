@@ -31,6 +31,10 @@ def test_estimate_follows_the_model_and_the_layout():
     assert sharded.optimizer == one.optimizer // 4 and sharded.weights == one.weights  # ZeRO-1 shards the optimizer
     split = estimate_memory(cfg, shape, ParallelLayout(dp=1, pp=1, tp=2))
     assert split.weights == one.weights // 2 and split.activations < one.activations
+    # isp: every weight whole, ZeRO over the 2 ranks of a row, each rank 1/2 of the row's tokens
+    isp = estimate_memory(cfg, shape, ParallelLayout(dp=1, pp=1, tp=1, sp=2))
+    assert isp.weights == one.weights and isp.optimizer == sharded.optimizer * 2
+    assert one.activations / 2 < isp.activations < one.activations * 0.55  # (the head's vocab-sized buffers stay)
     staged = estimate_memory(cfg, shape, ParallelLayout(dp=1, pp=2, tp=1))
     assert staged.weights < one.weights and staged.build == one.build  # the fp32 build is the whole model
     recompute = estimate_memory(tiny_config(model=dict(dtype="torch.float32", checkpoint=True)), shape,
