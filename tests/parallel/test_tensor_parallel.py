@@ -33,15 +33,17 @@ FULL = dict(kernel="full")
 class Variant:
     def __init__(self, recompute: bool, embed_split_hidden: bool = True, parallel_output: bool = True,
                  loss: dict = CHUNKED, sequence_parallel: bool = False, kv_heads: int | None = None,
-                 isp: bool = False):
+                 isp: bool = False, zero_stage: int = 1):
         self.model = dict(checkpoint=recompute, embed_split_hidden=embed_split_hidden, parallel_output=parallel_output,
                           num_kv_attention_heads=kv_heads)
         self.loss = loss
         self.sequence_parallel = sequence_parallel
         self.kv_heads = kv_heads  # grouped-query attention; None: multi-head
         self.isp = isp  # the topology's tensor size is an isp size (Ulysses sequence parallelism)
+        self.zero_stage = zero_stage
         self.name = (f"recompute={recompute},embed_split_hidden={embed_split_hidden},parallel_output={parallel_output},"
-                     f"sequence_parallel={sequence_parallel},loss={loss['kernel']},kv_heads={kv_heads},isp={isp}")
+                     f"sequence_parallel={sequence_parallel},loss={loss['kernel']},kv_heads={kv_heads},isp={isp},"
+                     f"zero_stage={zero_stage}")
 
 
 def sequence_parallel_variants(embed_split_hidden: bool, parallel_output: bool) -> list:
@@ -71,10 +73,10 @@ TOPOLOGIES = {
     (1, 2, 2): [Variant(True)],
 }
 # InternEvo's isp (issue 27), (sp, pp, dp) -> variants: recompute off and on, the chunked and the whole-logits loss,
-# and at sp 4 the 2 KV heads of the 4 query heads replicated to one per rank.
+# ZeRO-2 over the 4 ranks of dp 2 x sp 2, and at sp 4 the 2 KV heads of the 4 query heads replicated to one per rank.
 ISP_TOPOLOGIES = {
     (2, 1, 1): [Variant(False, isp=True), Variant(True, loss=FULL, isp=True)],
-    (2, 1, 2): [Variant(True, isp=True)],
+    (2, 1, 2): [Variant(True, isp=True), Variant(False, isp=True, zero_stage=2)],
     (4, 1, 1): [Variant(False, kv_heads=OWN_KV, isp=True), Variant(True, kv_heads=OWN_KV, isp=True)],
 }
 # The one-process runs: per KV heads, the training every variant with those heads must repeat
@@ -111,7 +113,7 @@ def train_variants(topology: tuple, variants: list, train_folder: str, run_root:
                       train_folder=train_folder),
             model=dict(MODEL, dtype="torch.float32", **variant.model),
             parallel=dict(pipeline=dict(size=pp), zero1=-1, tensor=dict(size=tp, mode="isp" if variant.isp else "mtp"),
-                          sequence_parallel=variant.sequence_parallel),
+                          sequence_parallel=variant.sequence_parallel, zero=dict(stage=variant.zero_stage)),
             lr_scheduler=dict(total_steps=STEPS, warmup_ratio=0.0),
             loss=variant.loss,
         )
