@@ -117,3 +117,25 @@ def pipeline_parameter_name(stage_index: int, local_name: str, num_layers: int) 
     if stage_index == num_layers + 1 and local_name.startswith("lm_head."):
         return local_name
     raise ValueError(f"no parameter {local_name!r} in pipeline stage {stage_index} of a {num_layers}-layer model")
+
+
+def pipeline_layer_index(param_name: str, num_layers: int) -> int:
+    """The index in `pipeline_layers()` of the layer that holds HF parameter `param_name` (the inverse of
+    `pipeline_parameter_name`): 0 for the embedding, i + 1 for decoder layer i, num_layers + 1 for the norm and head."""
+    if param_name.startswith("model.embed_tokens."):
+        return 0
+    if param_name.startswith("model.layers."):
+        return int(param_name.split(".")[2]) + 1
+    if param_name.startswith(("model.norm.", "lm_head.")):
+        return num_layers + 1
+    raise ValueError(f"{param_name!r} is no parameter of a pipelined {num_layers}-layer model")
+
+
+def stage_layers(num_layers: int, pp_size: int, pp_rank: int) -> range:
+    """The `pipeline_layers()` indices pipeline stage `pp_rank` holds, known before the PipelineModule exists: DeepSpeed
+    partitions them with evods' method "type:DecoderStage" (evods.training.engine) as
+    `deepspeed.runtime.utils.partition_balanced` over weight 1 per decoder stage and 0 for the embedding and head."""
+    from deepspeed.runtime.utils import partition_balanced
+
+    parts = partition_balanced(weights=[0, *[1] * num_layers, 0], num_parts=pp_size)
+    return range(parts[pp_rank], parts[pp_rank + 1])

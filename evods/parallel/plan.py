@@ -123,17 +123,28 @@ class TensorParallelSplit:
         style, _ = self._style_of_parameter(param_name)
         return self.kv_replicas if style is not None and style.holds_kv_heads else 1
 
-    def shard(self, param_name: str, full: torch.Tensor, rank: int) -> torch.Tensor:
-        """Rank `rank`'s part of the full HF parameter `param_name` (a copy; the full tensor when replicated)."""
+    def part(self, param_name: str, full_shape: Sequence[int], rank: int) -> tuple[int, int, int] | None:
+        """(dim, start, stop): the entries along its split dim of the full HF parameter `param_name` (of shape
+        `full_shape`) that rank `rank` holds; None when every rank holds it all."""
         dim = self.split_dim(param_name)
         if dim is None or self.tp_size == 1:
-            return full.clone()
+            return None
         replicas = self.replicas(param_name)
         parts = self.tp_size // replicas
-        if full.shape[dim] % parts:
-            raise ValueError(f"{param_name} has {full.shape[dim]} entries along dim {dim}, which tensor parallel size "
+        if full_shape[dim] % parts:
+            raise ValueError(f"{param_name} has {full_shape[dim]} entries along dim {dim}, which tensor parallel size "
                              f"{self.tp_size} does not divide; pick a tensor size that divides it")
-        return full.chunk(parts, dim=dim)[rank // replicas].clone()
+        size = full_shape[dim] // parts
+        index = rank // replicas
+        return dim, index * size, (index + 1) * size
+
+    def shard(self, param_name: str, full: torch.Tensor, rank: int) -> torch.Tensor:
+        """Rank `rank`'s part of the full HF parameter `param_name` (a copy; the full tensor when replicated)."""
+        part = self.part(param_name, full.shape, rank)
+        if part is None:
+            return full.clone()
+        dim, start, stop = part
+        return full.narrow(dim, start, stop - start).clone()
 
     def merge(self, param_name: str, shards: Sequence[torch.Tensor]) -> torch.Tensor:
         """The full HF parameter from every rank's part (in rank order); a replicated one is rank 0's."""

@@ -135,6 +135,8 @@ class Trainer:
         tensor_group = self.grid.get_tensor_model_parallel_group()
         apply_tensor_parallel(model, tensor_group, self.layout.tp_rank, self.layout.tp, cfg.model.embed_split_hidden,
                               cfg.model.parallel_output, sequence_parallel=self.layout.sequence_parallel)
+        self.checkpoints.loader.load_split_model_weights(model, cfg.model.embed_split_hidden,
+                                                         frozen_base=cfg.lora is not None)
         seed_runtime_rng(seed, self.layout)
         kv_ratio = model.config.num_key_value_heads / model.config.num_attention_heads
         self.flops_per_token = model_flops_per_token(cfg.data.seq_len, cfg.model.hidden_size, cfg.model.num_layers,

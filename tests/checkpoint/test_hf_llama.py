@@ -1,0 +1,235 @@
+"""A Hugging Face Llama folder as a training start (issue: Llama / Hugging Face starts): ckpt_type="hf_llama" (and
+InternEvo's other names for it) reads a sharded `LlamaForCausalLM` folder that save_pretrained wrote, each rank only
+its pipeline stage's tensors and its tensor slices of them; the first step's loss equals transformers' on the same
+packed rows at every (tp, pp); an export after 0 steps gives the source's weights bit for bit; bad folders are one
+line before anything is built. Tiny fp32 models on CPU, the four layouts in one 4-rank launch."""
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from evods.checkpoint import CheckpointError
+from evods.checkpoint.formats.hf_start import RankPart, load_rank_parts
+from evods.checkpoint.resume.plan import check_same_model, choose_load_plan
+from evods.config import CkptConfig
+from evods.model import MODEL_INITIALIZER
+from evods.parallel import TensorParallelSplit, stage_layers
+from testkit.distributed import run_distributed
+from testkit.train_configs import tiny_config
+from tools.convert2hf import main as convert2hf
+
+LLAMA3_SCALING = dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                      original_max_position_embeddings=64)
+# InternEvo's LLAMA2 model dict of the folder's model: 4 query heads over 2 KV heads, int(64 * 2.5) -> 160 MLP
+MODEL = dict(num_layers=4, hidden_size=64, num_attention_heads=4, num_kv_attention_heads=2, vocab_size=256,
+             mlp_ratio=2.5, multiple_of=32, no_bias=True, rope_base=500000.0, max_position_embeddings=256,
+             rope_scaling=LLAMA3_SCALING, layer_norm_epsilon=1e-5, dtype="torch.float32")
+ROWS, TOKENS = 2, 16  # packed rows of the first step, one document each
+LAYOUTS = [(1, 1), (2, 1), (1, 2), (2, 2)]  # (tp, pp) on 4 ranks; the data-parallel size fills the rest
+EXPORTED_LAYOUT = (2, 2)
+SHARD_SIZE = "40KB"  # several safetensors shards for the tiny model
+
+
+def llama_config(tie: bool) -> LlamaConfig:
+    return LlamaConfig(vocab_size=MODEL["vocab_size"], hidden_size=MODEL["hidden_size"], intermediate_size=160,
+                       num_hidden_layers=MODEL["num_layers"], num_attention_heads=MODEL["num_attention_heads"],
+                       num_key_value_heads=MODEL["num_kv_attention_heads"], rms_norm_eps=1e-5,
+                       max_position_embeddings=MODEL["max_position_embeddings"], attention_bias=False,
+                       tie_word_embeddings=tie, rope_parameters={**LLAMA3_SCALING, "rope_theta": MODEL["rope_base"]})
+
+
+def write_llama_folder(folder: Path, tie: bool, dtype=torch.float32) -> LlamaForCausalLM:
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(llama_config(tie)).eval()
+    with torch.no_grad():  # norms that are not all ones, so a norm read wrongly shows
+        for name, param in model.named_parameters():
+            param.normal_(1.0 if "norm" in name else 0.0, 0.2)
+    model.to(dtype).save_pretrained(folder, max_shard_size=SHARD_SIZE)
+    return model
+
+
+def first_batch() -> dict:
+    ids = torch.randint(0, MODEL["vocab_size"], (ROWS, TOKENS + 1), generator=torch.Generator().manual_seed(3))
+    return {"input_ids": ids[:, :-1], "labels": ids[:, 1:], "position_ids": torch.arange(TOKENS).repeat(ROWS, 1),
+            "type_ids": torch.zeros(ROWS, TOKENS, dtype=torch.long)}
+
+
+def transformers_loss(folder: Path) -> float:
+    """transformers' cross entropy of the batch's rows (one document each), averaged over the rows."""
+    llama = LlamaForCausalLM.from_pretrained(folder).eval()
+    batch = first_batch()
+    with torch.no_grad():
+        logits = llama(input_ids=batch["input_ids"]).logits
+    return float(torch.stack([F.cross_entropy(logits[row], batch["labels"][row]) for row in range(ROWS)]).mean())
+
+
+def run_config(tp: int, pp: int, folder: str, tie: bool, ckpt_type: str = "hf_llama", **ckpt):
+    return tiny_config(model_type="LLAMA2", model=dict(MODEL, tie_word_embeddings=tie),
+                       data=dict(seq_len=TOKENS, micro_bsz=1, micro_num=ROWS, total_steps=1),
+                       parallel=dict(pipeline=dict(size=pp), zero1=-1, tensor=tp),
+                       lr_scheduler=dict(total_steps=1, warmup_ratio=0.0), loss=dict(kernel="full"),
+                       ckpt=dict(auto_resume=False, enable_save_ckpt=bool(ckpt), load_ckpt_info=dict(
+                           path=folder, content=("model",), ckpt_type=ckpt_type), **ckpt))
+
+
+def start_from_hf(folders: dict, run_root: str) -> dict:
+    """Every layout in turn: train the first step from the folder; the exported layout saves its step 0 first. The
+    parts of tensors each rank read are recorded."""
+    import torch.distributed as dist
+
+    from evods.checkpoint.formats import hf_start
+    from evods.training.distributed import init_distributed
+    from evods.training.trainer import Trainer
+
+    reads = []
+    original_read = hf_start.SafetensorsFolder.read
+
+    def recording_read(self, name, part):
+        tensor = original_read(self, name, part)
+        reads[-1][1].append((name, tuple(tensor.shape)))
+        return tensor
+
+    hf_start.SafetensorsFolder.read = recording_read
+    init_distributed("torch")
+    results = {"rank": dist.get_rank(), "losses": {}, "reads": {}, "stages": {}}
+    for tp, pp in LAYOUTS:
+        tie = (tp, pp) == (1, 1)
+        name = f"tp{tp}_pp{pp}"
+        saves = dict(save_ckpt_folder=f"local:{run_root}/{name}/ckpt") if (tp, pp) == EXPORTED_LAYOUT else {}
+        reads.append((name, []))
+        trainer = Trainer(run_config(tp, pp, folders["tied" if tie else "untied"], tie, **saves),
+                          run_dir=Path(run_root) / name / "run")
+        module = trainer.engine.engine.module
+        results["stages"][name] = (getattr(module, "_local_start", None), getattr(module, "_local_stop", None))
+        if saves:
+            trainer.checkpoints.saver.save("0", 0, trainer._checkpoint_parts())
+            trainer.checkpoints.saver.close()
+        results["losses"][name] = trainer.engine.train_step(first_batch()).loss
+        trainer.close()
+    results["reads"] = dict(reads)
+    return results
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory) -> dict:
+    root = tmp_path_factory.mktemp("hf_llama")
+    for tie in (True, False):
+        write_llama_folder(root / ("tied" if tie else "untied"), tie)
+    return {name: str(root / name) for name in ("tied", "untied")}
+
+
+@pytest.fixture(scope="module")
+def started(folders, tmp_path_factory) -> tuple[Path, list[dict]]:
+    run_root = tmp_path_factory.mktemp("runs")
+    return run_root, run_distributed(start_from_hf, 4, (folders, str(run_root)), timeout=600)
+
+
+def test_the_folder_is_sharded_with_one_copy_of_the_tied_weight(folders):
+    index = json.loads((Path(folders["tied"]) / "model.safetensors.index.json").read_text())
+    assert len(set(index["weight_map"].values())) >= 3 and "lm_head.weight" not in index["weight_map"]
+
+
+def test_first_step_loss_equals_transformers_at_every_layout(folders, started):
+    _, ranks = started
+    for tp, pp in LAYOUTS:
+        name = f"tp{tp}_pp{pp}"
+        expected = transformers_loss(Path(folders["tied" if (tp, pp) == (1, 1) else "untied"]))
+        for rank in ranks:
+            assert math.isclose(rank["losses"][name], expected, rel_tol=1e-5), (name, rank["rank"], expected)
+
+
+def test_each_rank_reads_only_its_stage_and_its_slices(folders, started):
+    """At tp 2 x pp 2 each rank reads the tensors of its stage's layers (those DeepSpeed's PipelineModule put there),
+    each tensor-split one as half of it; together the ranks of one data-parallel replica read every tensor once."""
+    _, ranks = started
+    full = {}
+    for path in Path(folders["untied"]).glob("*.safetensors"):
+        full.update({name: tuple(tensor.shape) for name, tensor in load_file(path).items()})
+    split = TensorParallelSplit(2, True, kv_replicas=1)
+    read_by_stage = {0: set(), 1: set()}
+    for rank in ranks:
+        tp_rank, pp_rank = rank["rank"] % 2, rank["rank"] // 2 % 2
+        layers = stage_layers(MODEL["num_layers"], 2, pp_rank)
+        assert rank["stages"]["tp2_pp2"] == (layers.start, layers.stop)
+        for name, shape in rank["reads"]["tp2_pp2"]:
+            part = split.part(name, full[name], tp_rank)
+            expected = list(full[name])
+            if part is not None:
+                expected[part[0]] = full[name][part[0]] // 2
+            assert shape == tuple(expected), (name, shape)
+            read_by_stage[pp_rank].add(name)
+    assert not read_by_stage[0] & read_by_stage[1] and read_by_stage[0] | read_by_stage[1] == set(full)
+    assert "model.embed_tokens.weight" in read_by_stage[0] and "lm_head.weight" in read_by_stage[1]
+
+
+def test_an_export_after_0_steps_is_the_source_bit_for_bit(folders, started, tmp_path):
+    run_root, _ = started
+    tp, pp = EXPORTED_LAYOUT
+    assert convert2hf(["--src", str(run_root / f"tp{tp}_pp{pp}" / "ckpt" / "0"), "--tgt", str(tmp_path / "out"),
+                       "--format", "llama"]) == 0
+    source, exported = LlamaForCausalLM.from_pretrained(folders["untied"]), LlamaForCausalLM.from_pretrained(
+        tmp_path / "out")
+    exported_state = exported.state_dict()
+    assert all(torch.equal(exported_state[name], tensor) for name, tensor in source.state_dict().items())
+    ids = first_batch()["input_ids"]
+    with torch.no_grad():
+        assert torch.equal(exported(input_ids=ids).logits, source(input_ids=ids).logits)
+
+
+def ckpt_config(folder: Path, ckpt_type: str = "hf_llama") -> CkptConfig:
+    return run_config(1, 1, str(folder), False, ckpt_type).ckpt
+
+
+@pytest.mark.parametrize("ckpt_type", ["hf_llama", "hf_model", "hf"])
+def test_internevo_names_of_an_hf_start_are_accepted(tmp_path, ckpt_type):
+    write_llama_folder(tmp_path / "llama", tie=False)
+    plan = choose_load_plan(ckpt_config(tmp_path / "llama", ckpt_type), None)
+    assert plan.is_hf and plan.loads_weights_only
+
+
+def test_a_bf16_folder_is_cast_to_the_run_dtype(tmp_path):
+    source = write_llama_folder(tmp_path / "bf16", tie=True, dtype=torch.bfloat16)
+    model = MODEL_INITIALIZER.get_module("LLAMA2")(**dict(MODEL, tie_word_embeddings=True))
+    split = TensorParallelSplit.of(model.config, 1, True)
+    load_rank_parts(model, str(tmp_path / "bf16"), RankPart(split, 0, MODEL["num_layers"]), "bf16 folder")
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    for name, tensor in source.state_dict().items():
+        assert model.state_dict()[name].dtype == torch.float32 and torch.equal(model.state_dict()[name], tensor.float())
+
+
+def one_line_error(work) -> str:
+    with pytest.raises(CheckpointError) as error:
+        work()
+    message = str(error.value)
+    assert "\n" not in message
+    return message
+
+
+def test_another_architecture_is_one_line(tmp_path):
+    write_llama_folder(tmp_path / "qwen", tie=False)
+    config = json.loads((tmp_path / "qwen" / "config.json").read_text())
+    config.update(architectures=["Qwen2ForCausalLM"], model_type="qwen2")
+    (tmp_path / "qwen" / "config.json").write_text(json.dumps(config))
+    message = one_line_error(lambda: choose_load_plan(ckpt_config(tmp_path / "qwen"), None))
+    assert "is not a Hugging Face Llama folder" in message and "Qwen2ForCausalLM" in message
+
+
+def test_a_missing_shard_is_one_line(tmp_path):
+    write_llama_folder(tmp_path / "llama", tie=False)
+    shard = sorted((tmp_path / "llama").glob("model-*.safetensors"))[1]
+    shard.unlink()
+    message = one_line_error(lambda: choose_load_plan(ckpt_config(tmp_path / "llama"), None))
+    assert f"shard {shard.name} named by model.safetensors.index.json is missing" in message
+
+
+def test_sizes_or_layout_disagreeing_with_the_config_are_one_line_naming_both(tmp_path):
+    write_llama_folder(tmp_path / "llama", tie=False)
+    plan = choose_load_plan(ckpt_config(tmp_path / "llama"), None)
+    run_model = MODEL_INITIALIZER.get_module("LLAMA2")(**dict(MODEL, hidden_size=128, tie_word_embeddings=True))
+    message = one_line_error(lambda: check_same_model(plan, run_model.config))
+    assert "hidden_size 64 there, 128 here" in message and "tie_word_embeddings False there, True here" in message
