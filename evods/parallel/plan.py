@@ -14,7 +14,8 @@ save_model_checkpoint writes one file per tp rank):
 - o_proj and down_proj split their input features; their bias (o_proj) is replicated and added after the all-reduce
   (InternEvo stores it on tensor rank 0 only).
 - The embedding splits hidden (`embed_split_hidden=True`, InternEvo's `embedding.weight`) or the vocabulary
-  (`False`, `embedding.word_embeddings.weight`); lm_head always splits the vocabulary.
+  (`False`, `embedding.word_embeddings.weight`); lm_head always splits the vocabulary. A head tied to the embedding
+  (`tie_word_embeddings`) needs the vocabulary split, and the two share one parameter.
 - Everything else (the RMSNorm weights) is replicated.
 - A LoRA adapter's factors (evods.model.lora) split so that its term needs no communication of its own: on a
   column-parallel base B splits like the base's output and A is whole; on a row-parallel base A splits like the
@@ -203,6 +204,11 @@ def apply_tensor_parallel(model: nn.Module, tp_group, tp_rank: int, tp_size: int
     if not swapped:
         raise ValueError(f"no module of {type(model).__name__} matches the tensor-parallel plan: it expects the HF "
                          f"InternLM names (model.embed_tokens, model.layers.N.self_attn.q_proj, ..., lm_head)")
+    if model.config.tie_word_embeddings:  # both hold the same vocabulary rows: one parameter again, both gradients
+        if embed_split_hidden:
+            raise ValueError("a tied output head (tie_word_embeddings) splits the vocabulary rows, as lm_head does: "
+                             "set embed_split_hidden=False")
+        model.lm_head.weight = model.model.embed_tokens.weight
     local_groups = model.config.num_attention_heads // model.config.num_key_value_heads // split.kv_replicas
     for name, module in model.named_modules():
         if re.fullmatch(ATTENTION, name):

@@ -1,8 +1,10 @@
 """A Hugging Face Llama folder as a training start (issue: Llama / Hugging Face starts): ckpt_type="hf_llama" (and
 InternEvo's other names for it) reads a sharded `LlamaForCausalLM` folder that save_pretrained wrote, each rank only
 its pipeline stage's tensors and its tensor slices of them; the first step's loss equals transformers' on the same
-packed rows at every (tp, pp); an export after 0 steps gives the source's weights bit for bit; bad folders are one
-line before anything is built. Tiny fp32 models on CPU, the four layouts in one 4-rank launch."""
+packed rows at every (tp, pp), and the next steps too: the tied output head (Llama-3.2) under tensor parallelism (one
+parameter of vocabulary rows) and pipelines (DeepSpeed's TiedLayerSpec, its gradient summed over the first and last
+stage); an export after 0 steps gives the source's weights bit for bit; bad folders are one line before anything is
+built. Tiny fp32 models on CPU, the four layouts in one 4-rank launch."""
 import json
 import math
 from pathlib import Path
@@ -25,10 +27,13 @@ from tools.convert2hf import main as convert2hf
 
 LLAMA3_SCALING = dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
                       original_max_position_embeddings=64)
-# InternEvo's LLAMA2 model dict of the folder's model: 4 query heads over 2 KV heads, int(64 * 2.5) -> 160 MLP
+# InternEvo's LLAMA2 model dict of the folder's model: 4 query heads over 2 KV heads, int(64 * 2.5) -> 160 MLP, the
+# output head tied to the embedding (split by vocabulary rows under tensor parallelism)
 MODEL = dict(num_layers=4, hidden_size=64, num_attention_heads=4, num_kv_attention_heads=2, vocab_size=256,
              mlp_ratio=2.5, multiple_of=32, no_bias=True, rope_base=500000.0, max_position_embeddings=256,
-             rope_scaling=LLAMA3_SCALING, layer_norm_epsilon=1e-5, dtype="torch.float32")
+             rope_scaling=LLAMA3_SCALING, layer_norm_epsilon=1e-5, dtype="torch.float32", tie_word_embeddings=True,
+             embed_split_hidden=False)
+STEPS = 2
 ROWS, TOKENS = 2, 16  # packed rows of the first step, one document each
 LAYOUTS = [(1, 1), (2, 1), (1, 2), (2, 2)]  # (tp, pp) on 4 ranks; the data-parallel size fills the rest
 EXPORTED_LAYOUT = (2, 2)
@@ -68,18 +73,18 @@ def transformers_loss(folder: Path) -> float:
     return float(torch.stack([F.cross_entropy(logits[row], batch["labels"][row]) for row in range(ROWS)]).mean())
 
 
-def run_config(tp: int, pp: int, folder: str, tie: bool, ckpt_type: str = "hf_llama", **ckpt):
+def run_config(tp: int, pp: int, folder: str, tie: bool = True, ckpt_type: str = "hf_llama", **ckpt):
     return tiny_config(model_type="LLAMA2", model=dict(MODEL, tie_word_embeddings=tie),
-                       data=dict(seq_len=TOKENS, micro_bsz=1, micro_num=ROWS, total_steps=1),
+                       data=dict(seq_len=TOKENS, micro_bsz=1, micro_num=ROWS, total_steps=STEPS),
                        parallel=dict(pipeline=dict(size=pp), zero1=-1, tensor=tp),
-                       lr_scheduler=dict(total_steps=1, warmup_ratio=0.0), loss=dict(kernel="full"),
+                       lr_scheduler=dict(total_steps=STEPS, warmup_ratio=0.0), loss=dict(kernel="full"),
                        ckpt=dict(auto_resume=False, enable_save_ckpt=bool(ckpt), load_ckpt_info=dict(
                            path=folder, content=("model",), ckpt_type=ckpt_type), **ckpt))
 
 
 def start_from_hf(folders: dict, run_root: str) -> dict:
-    """Every layout in turn: train the first step from the folder; the exported layout saves its step 0 first. The
-    parts of tensors each rank read are recorded."""
+    """Every layout in turn: train STEPS steps on the same rows from the tied folder; the exported layout saves its
+    step 0 before and its last step after. The parts of tensors each rank read are recorded."""
     import torch.distributed as dist
 
     from evods.checkpoint.formats import hf_start
@@ -98,18 +103,20 @@ def start_from_hf(folders: dict, run_root: str) -> dict:
     init_distributed("torch")
     results = {"rank": dist.get_rank(), "losses": {}, "reads": {}, "stages": {}}
     for tp, pp in LAYOUTS:
-        tie = (tp, pp) == (1, 1)
         name = f"tp{tp}_pp{pp}"
         saves = dict(save_ckpt_folder=f"local:{run_root}/{name}/ckpt") if (tp, pp) == EXPORTED_LAYOUT else {}
         reads.append((name, []))
-        trainer = Trainer(run_config(tp, pp, folders["tied" if tie else "untied"], tie, **saves),
-                          run_dir=Path(run_root) / name / "run")
+        trainer = Trainer(run_config(tp, pp, folders["tied"], **saves), run_dir=Path(run_root) / name / "run")
         module = trainer.engine.engine.module
         results["stages"][name] = (getattr(module, "_local_start", None), getattr(module, "_local_stop", None))
+        saver = trainer.checkpoints.saver
         if saves:
-            trainer.checkpoints.saver.save("0", 0, trainer._checkpoint_parts())
-            trainer.checkpoints.saver.close()
-        results["losses"][name] = trainer.engine.train_step(first_batch()).loss
+            saver.save("0", 0, trainer._checkpoint_parts())
+        outcomes = [trainer.engine.train_step(first_batch()) for _ in range(STEPS)]
+        results["losses"][name] = [(outcome.loss, outcome.grad_norm) for outcome in outcomes]
+        if saves:
+            saver.save(str(STEPS), STEPS, trainer._checkpoint_parts())
+            saver.close()
         trainer.close()
     results["reads"] = dict(reads)
     return results
@@ -118,9 +125,8 @@ def start_from_hf(folders: dict, run_root: str) -> dict:
 @pytest.fixture(scope="module")
 def folders(tmp_path_factory) -> dict:
     root = tmp_path_factory.mktemp("hf_llama")
-    for tie in (True, False):
-        write_llama_folder(root / ("tied" if tie else "untied"), tie)
-    return {name: str(root / name) for name in ("tied", "untied")}
+    write_llama_folder(root / "tied", tie=True)
+    return {"tied": str(root / "tied")}
 
 
 @pytest.fixture(scope="module")
@@ -134,13 +140,33 @@ def test_the_folder_is_sharded_with_one_copy_of_the_tied_weight(folders):
     assert len(set(index["weight_map"].values())) >= 3 and "lm_head.weight" not in index["weight_map"]
 
 
-def test_first_step_loss_equals_transformers_at_every_layout(folders, started):
+def test_first_step_loss_equals_transformers_and_training_goes_on_alike_at_every_layout(folders, started):
+    """Step 1's loss is transformers'; the gradient norms and the next step's loss agree with one process holding the
+    tied weight whole, so the tied weight's gradient is summed over its two ends and counted once."""
     _, ranks = started
+    expected = transformers_loss(Path(folders["tied"]))
+    reference = ranks[0]["losses"]["tp1_pp1"]
+    assert reference[1][0] < reference[0][0]  # the step moved the weights
     for tp, pp in LAYOUTS:
         name = f"tp{tp}_pp{pp}"
-        expected = transformers_loss(Path(folders["tied" if (tp, pp) == (1, 1) else "untied"]))
         for rank in ranks:
-            assert math.isclose(rank["losses"][name], expected, rel_tol=1e-5), (name, rank["rank"], expected)
+            steps = rank["losses"][name]
+            assert math.isclose(steps[0][0], expected, rel_tol=1e-5), (name, rank["rank"], steps[0][0], expected)
+            for (loss, norm), (ref_loss, ref_norm) in zip(steps, reference):
+                assert math.isclose(loss, ref_loss, rel_tol=1e-5), (name, rank["rank"], loss, ref_loss)
+                assert math.isclose(norm, ref_norm, rel_tol=1e-5), (name, rank["rank"], norm, ref_norm)
+
+
+def test_the_tied_weight_stays_one_weight_in_the_checkpoint(started):
+    """The first stage's embedding and the last stage's head, saved by different ranks, are equal after training."""
+    from evods.checkpoint import deepspeed_weights
+
+    run_root, _ = started
+    tp, pp = EXPORTED_LAYOUT
+    trained = deepspeed_weights(str(run_root / f"tp{tp}_pp{pp}" / "ckpt" / str(STEPS)))
+    started_from = deepspeed_weights(str(run_root / f"tp{tp}_pp{pp}" / "ckpt" / "0"))
+    assert torch.equal(trained["lm_head.weight"], trained["model.embed_tokens.weight"])
+    assert not torch.equal(trained["lm_head.weight"], started_from["lm_head.weight"])
 
 
 def test_each_rank_reads_only_its_stage_and_its_slices(folders, started):
@@ -148,13 +174,13 @@ def test_each_rank_reads_only_its_stage_and_its_slices(folders, started):
     each tensor-split one as half of it; together the ranks of one data-parallel replica read every tensor once."""
     _, ranks = started
     full = {}
-    for path in Path(folders["untied"]).glob("*.safetensors"):
+    for path in Path(folders["tied"]).glob("*.safetensors"):
         full.update({name: tuple(tensor.shape) for name, tensor in load_file(path).items()})
-    split = TensorParallelSplit(2, True, kv_replicas=1)
+    split = TensorParallelSplit(2, embed_split_hidden=False, kv_replicas=1)
     read_by_stage = {0: set(), 1: set()}
     for rank in ranks:
         tp_rank, pp_rank = rank["rank"] % 2, rank["rank"] // 2 % 2
-        layers = stage_layers(MODEL["num_layers"], 2, pp_rank)
+        layers = stage_layers(MODEL["num_layers"], 2, pp_rank, tied_embeddings=True)
         assert rank["stages"]["tp2_pp2"] == (layers.start, layers.stop)
         for name, shape in rank["reads"]["tp2_pp2"]:
             part = split.part(name, full[name], tp_rank)
@@ -163,8 +189,9 @@ def test_each_rank_reads_only_its_stage_and_its_slices(folders, started):
                 expected[part[0]] = full[name][part[0]] // 2
             assert shape == tuple(expected), (name, shape)
             read_by_stage[pp_rank].add(name)
-    assert not read_by_stage[0] & read_by_stage[1] and read_by_stage[0] | read_by_stage[1] == set(full)
-    assert "model.embed_tokens.weight" in read_by_stage[0] and "lm_head.weight" in read_by_stage[1]
+    # the last stage reads its copy of the tied weight (the folder holds one) as lm_head's
+    assert not read_by_stage[0] & read_by_stage[1] - {"model.embed_tokens.weight"}
+    assert read_by_stage[0] | read_by_stage[1] == set(full) and "model.embed_tokens.weight" in read_by_stage[1]
 
 
 def test_an_export_after_0_steps_is_the_source_bit_for_bit(folders, started, tmp_path):
@@ -172,8 +199,9 @@ def test_an_export_after_0_steps_is_the_source_bit_for_bit(folders, started, tmp
     tp, pp = EXPORTED_LAYOUT
     assert convert2hf(["--src", str(run_root / f"tp{tp}_pp{pp}" / "ckpt" / "0"), "--tgt", str(tmp_path / "out"),
                        "--format", "llama"]) == 0
-    source, exported = LlamaForCausalLM.from_pretrained(folders["untied"]), LlamaForCausalLM.from_pretrained(
+    source, exported = LlamaForCausalLM.from_pretrained(folders["tied"]), LlamaForCausalLM.from_pretrained(
         tmp_path / "out")
+    assert exported.lm_head.weight is exported.model.embed_tokens.weight
     exported_state = exported.state_dict()
     assert all(torch.equal(exported_state[name], tensor) for name, tensor in source.state_dict().items())
     ids = first_batch()["input_ids"]

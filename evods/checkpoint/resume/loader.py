@@ -79,7 +79,8 @@ class CheckpointLoader:
             return
         parallel = self.parallel
         num_layers = model.config.num_hidden_layers
-        stage = stage_layers(num_layers, parallel.pp, parallel.pp_rank) if parallel.pp > 1 else None
+        stage = stage_layers(num_layers, parallel.pp, parallel.pp_rank, model.config.tie_word_embeddings) \
+            if parallel.pp > 1 else None
         part = RankPart(TensorParallelSplit.of(model.config, parallel.tp, embed_split_hidden), parallel.tp_rank,
                         num_layers, stage)
         catalogue = read_catalogue_on_rank0(plan)
@@ -140,6 +141,15 @@ class CheckpointLoader:
         if plan.is_native or "optimizer" not in plan.content:
             return reads
         if check_reshardable(catalogue.topology, self._topology(), plan.describe()):
+            saved = catalogue.topology
+            if self.model_config.tie_word_embeddings and max(saved["pp"], self.parallel.pp) > 1:
+                # DeepSpeed's PipelineModule names the tied embedding by its tie key, which the universal checkpoint
+                # conversion (reshard.py) does not map
+                raise CheckpointError(f"{plan.describe()} holds a model with a tied output head saved at dp="
+                                      f"{saved['dp']}, pp={saved['pp']}, and this run has dp={self.parallel.dp}, pp="
+                                      f"{self.parallel.pp}: evods resumes a tied pipeline's optimizer at the layout "
+                                      "that saved it; run with that layout, or load content=('model',) with a fresh "
+                                      "optimizer")
             # converted once per node, by its leader (reshard.py), from the whole DeepSpeed folder
             return reads + (deepspeed_files(files) if self.nodes.is_leader else [])
         return reads + own_deepspeed_files(files, self.parallel, _stage_layers(engine))
