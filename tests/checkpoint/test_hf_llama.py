@@ -261,3 +261,27 @@ def test_sizes_or_layout_disagreeing_with_the_config_are_one_line_naming_both(tm
     run_model = MODEL_INITIALIZER.get_module("LLAMA2")(**dict(MODEL, hidden_size=128, tie_word_embeddings=True))
     message = one_line_error(lambda: check_same_model(plan, run_model.config))
     assert "hidden_size 64 there, 128 here" in message and "tie_word_embeddings False there, True here" in message
+
+
+def test_the_llama3_demo_config_starts_from_the_folder_the_tool_writes(tmp_path):
+    """configs/demo_cpu_llama3.py's model is the one tools/tiny_llama3.py writes (sizes and layout agree, every weight
+    loads), and the folder's tokenizer fits its vocabulary."""
+    from dataclasses import replace
+
+    from evods.config import load_config
+    from evods.data import check_tokenizer_fits
+    from testkit.paths import REPO
+    from tools.tiny_llama3 import main as tiny_llama3
+
+    assert tiny_llama3(["--out", str(tmp_path / "llama3")]) == 0
+    cfg = load_config(REPO / "configs" / "demo_cpu_llama3.py")
+    assert cfg.ckpt.load_ckpt_info.ckpt_type == "hf_llama"
+    ckpt = replace(cfg.ckpt, load_ckpt_info=replace(cfg.ckpt.load_ckpt_info, path=str(tmp_path / "llama3")))
+    plan = choose_load_plan(ckpt, None)
+    model = MODEL_INITIALIZER.get_module(cfg.model_type)(**cfg.model_dict)
+    check_same_model(plan, model.config)
+    load_rank_parts(model, str(tmp_path / "llama3"), RankPart(TensorParallelSplit.of(model.config, 1, False), 0,
+                                                              cfg.model.num_layers), "demo folder")
+    folder_model = LlamaForCausalLM.from_pretrained(tmp_path / "llama3")
+    assert all(torch.equal(model.state_dict()[name], tensor) for name, tensor in folder_model.state_dict().items())
+    check_tokenizer_fits(str(tmp_path / "llama3"), cfg.model.vocab_size, "the demo model")
