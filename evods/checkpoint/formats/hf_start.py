@@ -108,7 +108,7 @@ class SafetensorsFolder(contextlib.ExitStack):
         return self.files[name].get_slice(name)[(slice(None),) * dim + (slice(start, stop),)]
 
 
-class WholeWeights(contextlib.nullcontext):
+class WholeWeights(contextlib.ExitStack):
     """Weights already read whole, sliced the same way."""
 
     def __init__(self, weights: dict[str, torch.Tensor]):
