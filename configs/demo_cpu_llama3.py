@@ -33,6 +33,7 @@ model = dict(
     layer_norm_epsilon=1e-5,
     dtype="torch.float32",
     use_flash_attn=False,
+    chat_template="llama3",  # the tokenizer's family: the export writes Llama-3's chat format and end of turn
 )
 data.update(seq_len=128, total_steps=TOTAL_STEPS, train_folder="data/llama3")  # noqa: F821 (from demo_cpu.py)
 lr_scheduler.update(total_steps=TOTAL_STEPS)  # noqa: F821
