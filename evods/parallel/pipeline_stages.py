@@ -1,5 +1,6 @@
 """The InternLM model as the layers of a DeepSpeed `PipelineModule`: [EmbeddingStage, DecoderStage x num_layers,
-HeadStage], built around the model's own submodules (they share its parameters).
+HeadStage], built around the model's own submodules (they share its parameters); a head tied to the embedding adds
+the embedding's copy on the last stage (DeepSpeed's TiedLayerSpec, `pipeline_layers`).
 
 Only fixed-shape tensors travel between pipeline stages: (hidden_states, position_ids). Each decoder stage derives the
 packed documents and the RoPE tables from the position_ids itself, with the model's own helpers, so a stage computes

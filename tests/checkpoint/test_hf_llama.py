@@ -73,13 +73,14 @@ def transformers_loss(folder: Path) -> float:
     return float(torch.stack([F.cross_entropy(logits[row], batch["labels"][row]) for row in range(ROWS)]).mean())
 
 
-def run_config(tp: int, pp: int, folder: str, tie: bool = True, ckpt_type: str = "hf_llama", **ckpt):
+def run_config(tp: int, pp: int, folder: str, tie: bool = True, ckpt_type: str = "hf_llama",
+               content: tuple = ("model",), **ckpt):
     return tiny_config(model_type="LLAMA2", model=dict(MODEL, tie_word_embeddings=tie),
                        data=dict(seq_len=TOKENS, micro_bsz=1, micro_num=ROWS, total_steps=STEPS),
                        parallel=dict(pipeline=dict(size=pp), zero1=-1, tensor=tp),
                        lr_scheduler=dict(total_steps=STEPS, warmup_ratio=0.0), loss=dict(kernel="full"),
                        ckpt=dict(auto_resume=False, enable_save_ckpt=bool(ckpt), load_ckpt_info=dict(
-                           path=folder, content=("model",), ckpt_type=ckpt_type), **ckpt))
+                           path=folder, content=content, ckpt_type=ckpt_type), **ckpt))
 
 
 def start_from_hf(folders: dict, run_root: str) -> dict:
@@ -117,7 +118,14 @@ def start_from_hf(folders: dict, run_root: str) -> dict:
         if saves:
             saver.save(str(STEPS), STEPS, trainer._checkpoint_parts())
             saver.close()
+            continued = trainer.engine.train_step(first_batch())
         trainer.close()
+        if saves:  # the saved step resumed with its optimizer: the next step is the one the run took
+            resume = run_config(tp, pp, f"local:{run_root}/{name}/ckpt/{STEPS}", ckpt_type="evods", content=("all",),
+                                save_ckpt_folder=f"local:{run_root}/{name}/resumed")
+            resumed = Trainer(resume, run_dir=Path(run_root) / name / "resumed_run")
+            results["resumed"] = (continued.loss, resumed.engine.train_step(first_batch()).loss)
+            resumed.close()
     results["reads"] = dict(reads)
     return results
 
@@ -155,6 +163,13 @@ def test_first_step_loss_equals_transformers_and_training_goes_on_alike_at_every
             for (loss, norm), (ref_loss, ref_norm) in zip(steps, reference):
                 assert math.isclose(loss, ref_loss, rel_tol=1e-5), (name, rank["rank"], loss, ref_loss)
                 assert math.isclose(norm, ref_norm, rel_tol=1e-5), (name, rank["rank"], norm, ref_norm)
+
+
+def test_a_tied_pipeline_resumes_with_its_optimizer_where_it_stopped(started):
+    _, ranks = started
+    for rank in ranks:
+        continued, resumed = rank["resumed"]
+        assert math.isclose(resumed, continued, rel_tol=1e-6), (rank["rank"], resumed, continued)
 
 
 def test_the_tied_weight_stays_one_weight_in_the_checkpoint(started):

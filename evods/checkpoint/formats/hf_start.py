@@ -38,8 +38,8 @@ SAFETENSORS_INDEX = "model.safetensors.index.json"
 LLAMA_LAYOUT_FIELDS = {"tie_word_embeddings": ("tie_word_embeddings", False), "attention_bias": ("bias", False)}
 
 
-def check_hf_folder(storage, folder: str, ckpt_type: str, where: str) -> dict:
-    """Refuse in one line an HF folder that cannot start this run (before anything is built); its config.json."""
+def check_hf_folder(storage, folder: str, ckpt_type: str, where: str) -> None:
+    """Refuse in one line an HF folder that cannot start this run (before anything is built)."""
     try:
         config = json.loads(storage.read_bytes(join(folder, MODEL_CONFIG)))
     except FileNotFoundError:
@@ -60,7 +60,6 @@ def check_hf_folder(storage, folder: str, ckpt_type: str, where: str) -> dict:
             raise CheckpointError(f"{where}: shard {_few(missing)} named by {SAFETENSORS_INDEX} is missing (the folder "
                                   f"holds {len(shards) - len(missing)} of its {len(shards)} shards); copy the whole "
                                   "folder")
-    return config
 
 
 def layout_differences(config: dict, model_config) -> list[str]:
@@ -91,7 +90,13 @@ class SafetensorsFolder(contextlib.ExitStack):
     def __init__(self, folder: str):
         super().__init__()
         self.files = {}
-        for path in sorted(glob.glob(os.path.join(folder, "*.safetensors"))):
+        index = os.path.join(folder, SAFETENSORS_INDEX)
+        if os.path.isfile(index):  # the shards it names, not any other safetensors file lying beside them
+            with open(index) as f:
+                paths = sorted({os.path.join(folder, shard) for shard in json.load(f)["weight_map"].values()})
+        else:
+            paths = sorted(glob.glob(os.path.join(folder, "*.safetensors")))
+        for path in paths:
             handle = self.enter_context(safe_open(path, framework="pt"))
             self.files.update(dict.fromkeys(handle.keys(), handle))
 
