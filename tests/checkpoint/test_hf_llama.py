@@ -103,6 +103,11 @@ def start_from_hf(folders: dict, run_root: str) -> dict:
     hf_start.SafetensorsFolder.read = recording_read
     init_distributed("torch")
     results = {"rank": dist.get_rank(), "losses": {}, "reads": {}, "stages": {}}
+    try:
+        Trainer(run_config(2, 2, folders["qwen"], save_ckpt_folder=f"local:{run_root}/refused/ckpt"),
+                run_dir=Path(run_root) / "refused" / "run")
+    except CheckpointError as error:
+        results["refused"] = str(error)
     for tp, pp in LAYOUTS:
         name = f"tp{tp}_pp{pp}"
         saves = dict(save_ckpt_folder=f"local:{run_root}/{name}/ckpt") if (tp, pp) == EXPORTED_LAYOUT else {}
@@ -134,7 +139,16 @@ def start_from_hf(folders: dict, run_root: str) -> dict:
 def folders(tmp_path_factory) -> dict:
     root = tmp_path_factory.mktemp("hf_llama")
     write_llama_folder(root / "tied", tie=True)
-    return {"tied": str(root / "tied")}
+    relabel_as_qwen2(root / "qwen")
+    return {"tied": str(root / "tied"), "qwen": str(root / "qwen")}
+
+
+def relabel_as_qwen2(folder: Path) -> None:
+    """A folder whose config.json says another architecture."""
+    write_llama_folder(folder, tie=False)
+    config = json.loads((folder / "config.json").read_text())
+    config.update(architectures=["Qwen2ForCausalLM"], model_type="qwen2")
+    (folder / "config.json").write_text(json.dumps(config))
 
 
 @pytest.fixture(scope="module")
@@ -254,12 +268,20 @@ def one_line_error(work) -> str:
 
 
 def test_another_architecture_is_one_line(tmp_path):
-    write_llama_folder(tmp_path / "qwen", tie=False)
-    config = json.loads((tmp_path / "qwen" / "config.json").read_text())
-    config.update(architectures=["Qwen2ForCausalLM"], model_type="qwen2")
-    (tmp_path / "qwen" / "config.json").write_text(json.dumps(config))
+    relabel_as_qwen2(tmp_path / "qwen")
     message = one_line_error(lambda: choose_load_plan(ckpt_config(tmp_path / "qwen"), None))
     assert "is not a Hugging Face Llama folder" in message and "Qwen2ForCausalLM" in message
+
+
+def test_a_run_refused_at_start_writes_nothing(started):
+    """The 4-rank run from a folder of another architecture stopped before it built anything: rank 0 says why in one
+    line, the other ranks that rank 0 failed; no run folder, no file (the storage opens the save folder, empty)."""
+    run_root, ranks = started
+    messages = {rank["rank"]: rank["refused"] for rank in ranks}
+    assert "is not a Hugging Face Llama folder" in messages[0] and "\n" not in messages[0]
+    assert all("failed on another rank" in messages[rank] for rank in (1, 2, 3))
+    assert not (run_root / "refused" / "run").exists()
+    assert not [path for path in (run_root / "refused").rglob("*") if not path.is_dir()]
 
 
 def test_a_missing_shard_is_one_line(tmp_path):
