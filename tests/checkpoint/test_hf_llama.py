@@ -74,11 +74,12 @@ def transformers_loss(folder: Path) -> float:
 
 
 def run_config(tp: int, pp: int, folder: str, tie: bool = True, ckpt_type: str = "hf_llama",
-               content: tuple = ("model",), **ckpt):
+               content: tuple = ("model",), zero_stage: int = 1, **ckpt):
     return tiny_config(model_type="LLAMA2", model=dict(MODEL, tie_word_embeddings=tie),
                        data=dict(seq_len=TOKENS, micro_bsz=1, micro_num=ROWS, total_steps=STEPS),
-                       parallel=dict(pipeline=dict(size=pp), zero1=-1, tensor=tp),
-                       lr_scheduler=dict(total_steps=STEPS, warmup_ratio=0.0), loss=dict(kernel="full"),
+                       parallel=dict(pipeline=dict(size=pp), zero1=-1, tensor=tp, zero=dict(stage=zero_stage)),
+                       lr_scheduler=dict(total_steps=STEPS, warmup_ratio=0.0),
+                       loss=dict(kernel="full" if zero_stage < 3 else "chunked"),  # (ZeRO-3 refuses "full")
                        ckpt=dict(auto_resume=False, enable_save_ckpt=bool(ckpt), load_ckpt_info=dict(
                            path=folder, content=content, ckpt_type=ckpt_type), **ckpt))
 
@@ -322,3 +323,27 @@ def test_the_llama3_demo_config_starts_from_the_folder_the_tool_writes(tmp_path)
     folder_model = LlamaForCausalLM.from_pretrained(tmp_path / "llama3")
     assert all(torch.equal(model.state_dict()[name], tensor) for name, tensor in folder_model.state_dict().items())
     check_tokenizer_fits(str(tmp_path / "llama3"), cfg.model.vocab_size, "the demo model")
+
+
+def start_under_zero3(folder: str, run_root: str) -> float:
+    """ZeRO-3 (no tied head there): each rank's partitions of the folder's weights, gathered whole around the copy."""
+    from evods.training.distributed import init_distributed
+    from evods.training.trainer import Trainer
+    from testkit.train_configs import zero3_ds_config
+
+    init_distributed("torch")
+    cfg = run_config(1, 1, folder, tie=False, zero_stage=3)
+    assert cfg.parallel.zero.stage == 3
+    Path(run_root).mkdir(parents=True, exist_ok=True)
+    trainer = Trainer(cfg, run_dir=Path(run_root) / "run", ds_config_override=zero3_ds_config(run_root))
+    assert trainer.layout.zero_stage == 3
+    loss = trainer.engine.train_step(first_batch()).loss
+    trainer.close()
+    return loss
+
+
+def test_a_start_under_zero3_gives_transformers_loss(tmp_path):
+    write_llama_folder(tmp_path / "untied", tie=False)
+    ranks = run_distributed(start_under_zero3, 2, (str(tmp_path / "untied"), str(tmp_path / "z3")))
+    expected = transformers_loss(tmp_path / "untied")
+    assert all(math.isclose(loss, expected, rel_tol=1e-5) for loss in ranks), (ranks, expected)
