@@ -3,6 +3,7 @@ other formats (InternEvo native, Hugging Face InternLM and Llama) and converts b
 
     checkpoints = CheckpointManager(cfg.ckpt, layout, model.config, cfg.source.text)
     checkpoints.loader.load_model_weights(model)     # before the DeepSpeed engine is built
+    checkpoints.loader.load_split_model_weights(model, embed_split_hidden)  # an HF folder: after the tensor split
     checkpoints.loader.restore(parts)                # after: optimizer, schedulers, sampler, counters, RNG
     quit = checkpoints.saver.after_step(step_count, parts)
     checkpoints.saver.close()                        # waits for background uploads, writes the last marker
@@ -38,6 +39,8 @@ Other formats (formats/):
     hf.py                 any checkpoint as a Hugging Face folder (InternLM or InternLM2 with remote code, or
                           stock Llama)
     hf_internlm2.py       InternLM's published InternLM2 HF layout, read into and written from evods' names
+    hf_start.py           an HF folder (hf_llama, hf, hf_model) as a training start: checked before the model is
+                          built, then each rank reads its pipeline stage's tensors and its tensor slices of them
     hf_tokenizer.py       the tokenizer files of that folder (slow, fast, chat template)
 """
 from .errors import CheckpointError

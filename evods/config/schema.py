@@ -751,20 +751,22 @@ def _check_isp(parallel: ParallelConfig, source: ConfigSource) -> None:
 
 
 def _check_llama_keys(cfg: TrainConfig, source: ConfigSource) -> None:
-    """The RoPE scaling is one evods computes; a tied output head runs where one process holds both ends of the model
-    with their whole weight (no tensor or pipeline split, no ZeRO-3 partitions)."""
+    """The RoPE scaling is one evods computes; a tied output head shares the embedding's vocabulary rows under tensor
+    parallelism, and whole parameters (no ZeRO-3 partitions)."""
     try:
         model_rope(cfg.raw_model)
     except ValueError as error:
         raise source.error("model.rope_scaling", "model." + str(error).removeprefix("model config: ")) from None
     parallel = cfg.parallel
-    if cfg.model.tie_word_embeddings and (parallel.tensor.size > 1 or parallel.pipeline.size > 1
-                                          or parallel.zero.stage == 3):
+    if cfg.model.tie_word_embeddings and parallel.zero.stage == 3:
         raise source.error("model.tie_word_embeddings",
-                           f"model.tie_word_embeddings=True is not supported at parallel.tensor size "
-                           f"{parallel.tensor.size}, pipeline size {parallel.pipeline.size}, ZeRO stage "
-                           f"{parallel.zero.stage}; evods ties the output head at tensor and pipeline size 1 with "
-                           "ZeRO stage 1 or 2")
+                           "model.tie_word_embeddings=True is not supported with ZeRO stage 3; evods ties the output "
+                           "head with ZeRO stage 1 or 2")
+    if cfg.model.tie_word_embeddings and parallel.tensor.size > 1 and cfg.model.embed_split_hidden:
+        raise source.error("model.embed_split_hidden",
+                           f"model.tie_word_embeddings=True at parallel.tensor size {parallel.tensor.size} needs "
+                           "model.embed_split_hidden=False: the tied embedding is split by vocabulary rows, as the "
+                           "output head is")
 
 
 def _check_attention_heads(model: ModelConfig, tp: int, source: ConfigSource) -> None:

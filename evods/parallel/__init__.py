@@ -2,7 +2,15 @@
 from it, and tensor, sequence and Ulysses (isp) parallelism applied to a plain model from outside."""
 from .layout import ParallelLayout, parallel_layout
 from .loss_vocab_parallel import VocabParallelLogits, vocab_parallel_argmax, vocab_parallel_cross_entropy
-from .pipeline_stages import DecoderStage, EmbeddingStage, HeadStage, pipeline_layers, pipeline_parameter_name
+from .pipeline_stages import (
+    DecoderStage,
+    EmbeddingStage,
+    HeadStage,
+    pipeline_layer_index,
+    pipeline_layers,
+    pipeline_parameter_name,
+    stage_layers,
+)
 from .plan import TENSOR_PARALLEL_PLAN, TensorParallelSplit, apply_tensor_parallel, gather_tensor_parallel_state_dict
 from .rng import parallel_seeds, tensor_parallel_generator
 from .ulysses import apply_ulysses
@@ -23,8 +31,10 @@ __all__ = [
     "gather_tensor_parallel_state_dict",
     "parallel_seeds",
     "parallel_layout",
+    "pipeline_layer_index",
     "pipeline_layers",
     "pipeline_parameter_name",
+    "stage_layers",
     "tensor_parallel_generator",
     "vocab_parallel_argmax",
     "vocab_parallel_cross_entropy",

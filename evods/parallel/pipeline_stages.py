@@ -1,5 +1,6 @@
 """The InternLM model as the layers of a DeepSpeed `PipelineModule`: [EmbeddingStage, DecoderStage x num_layers,
-HeadStage], built around the model's own submodules (they share its parameters).
+HeadStage], built around the model's own submodules (they share its parameters); a head tied to the embedding adds
+the embedding's copy on the last stage (DeepSpeed's TiedLayerSpec, `pipeline_layers`).
 
 Only fixed-shape tensors travel between pipeline stages: (hidden_states, position_ids). Each decoder stage derives the
 packed documents and the RoPE tables from the position_ids itself, with the model's own helpers, so a stage computes
@@ -30,7 +31,27 @@ def pipeline_layers(model: InternLMForCausalLM, skip_lm_head: bool = False) -> l
     layout = PackedRowsLayout(model.model.rotary_emb)
     decoder_stages = [DecoderStage(layer, layout) for layer in model.model.layers]
     head = HeadStage(model.model.norm, model.lm_head, skip_lm_head)
-    return [EmbeddingStage(model.model.embed_tokens), *decoder_stages, head]
+    if not model.config.tie_word_embeddings:
+        return [EmbeddingStage(model.model.embed_tokens), *decoder_stages, head]
+    # The output head is the input embedding (Llama-3.2 1B/3B): DeepSpeed's TiedLayerSpec puts the embedding on the
+    # first stage and a copy on the last one, which holds lm_head (the same parameter in the model); the pipeline
+    # engine broadcasts the first stage's weight at the start and sums the two stages' gradients of it before every
+    # update (PipelineModule.allreduce_tied_weight_gradients), counting it once in the gradient norm.
+    from deepspeed.pipe import TiedLayerSpec
+
+    def tied(forward_fn=None):
+        return TiedLayerSpec(TIED_EMBEDDING_KEY, EmbeddingStage, model.model.embed_tokens, forward_fn=forward_fn,
+                             tied_weight_attr=["embed_tokens.weight"])
+
+    return [tied(), *decoder_stages, head, tied(forward_fn=_passed_on)]
+
+
+TIED_EMBEDDING_KEY = "embed_tokens"
+
+
+def _passed_on(_tied_embedding: nn.Module, outputs):
+    """The last stage's place of the tied embedding: it holds the weight for lm_head and computes nothing."""
+    return outputs
 
 
 class EmbeddingStage(nn.Module):
@@ -117,3 +138,26 @@ def pipeline_parameter_name(stage_index: int, local_name: str, num_layers: int) 
     if stage_index == num_layers + 1 and local_name.startswith("lm_head."):
         return local_name
     raise ValueError(f"no parameter {local_name!r} in pipeline stage {stage_index} of a {num_layers}-layer model")
+
+
+def pipeline_layer_index(param_name: str, num_layers: int) -> int:
+    """The index in `pipeline_layers()` of the layer that holds HF parameter `param_name` (the inverse of
+    `pipeline_parameter_name`): 0 for the embedding, i + 1 for decoder layer i, num_layers + 1 for the norm and head."""
+    if param_name.startswith("model.embed_tokens."):
+        return 0
+    if param_name.startswith("model.layers."):
+        return int(param_name.split(".")[2]) + 1
+    if param_name.startswith(("model.norm.", "lm_head.")):
+        return num_layers + 1
+    raise ValueError(f"{param_name!r} is no parameter of a pipelined {num_layers}-layer model")
+
+
+def stage_layers(num_layers: int, pp_size: int, pp_rank: int, tied_embeddings: bool = False) -> range:
+    """The `pipeline_layers()` indices pipeline stage `pp_rank` holds, known before the PipelineModule exists: DeepSpeed
+    partitions them with evods' method "type:DecoderStage" (evods.training.engine) as
+    `deepspeed.runtime.utils.partition_balanced` over weight 1 per decoder stage and 0 for the embedding, the head and
+    (`tied_embeddings`) the last stage's copy of the tied embedding."""
+    from deepspeed.runtime.utils import partition_balanced
+
+    parts = partition_balanced(weights=[0, *[1] * num_layers, 0, *[0] * tied_embeddings], num_parts=pp_size)
+    return range(parts[pp_rank], parts[pp_rank + 1])

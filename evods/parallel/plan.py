@@ -14,7 +14,8 @@ save_model_checkpoint writes one file per tp rank):
 - o_proj and down_proj split their input features; their bias (o_proj) is replicated and added after the all-reduce
   (InternEvo stores it on tensor rank 0 only).
 - The embedding splits hidden (`embed_split_hidden=True`, InternEvo's `embedding.weight`) or the vocabulary
-  (`False`, `embedding.word_embeddings.weight`); lm_head always splits the vocabulary.
+  (`False`, `embedding.word_embeddings.weight`); lm_head always splits the vocabulary. A head tied to the embedding
+  (`tie_word_embeddings`) needs the vocabulary split, and the two share one parameter.
 - Everything else (the RMSNorm weights) is replicated.
 - A LoRA adapter's factors (evods.model.lora) split so that its term needs no communication of its own: on a
   column-parallel base B splits like the base's output and A is whole; on a row-parallel base A splits like the
@@ -123,17 +124,28 @@ class TensorParallelSplit:
         style, _ = self._style_of_parameter(param_name)
         return self.kv_replicas if style is not None and style.holds_kv_heads else 1
 
-    def shard(self, param_name: str, full: torch.Tensor, rank: int) -> torch.Tensor:
-        """Rank `rank`'s part of the full HF parameter `param_name` (a copy; the full tensor when replicated)."""
+    def part(self, param_name: str, full_shape: Sequence[int], rank: int) -> tuple[int, int, int] | None:
+        """(dim, start, stop): the entries along its split dim of the full HF parameter `param_name` (of shape
+        `full_shape`) that rank `rank` holds; None when every rank holds it all."""
         dim = self.split_dim(param_name)
         if dim is None or self.tp_size == 1:
-            return full.clone()
+            return None
         replicas = self.replicas(param_name)
         parts = self.tp_size // replicas
-        if full.shape[dim] % parts:
-            raise ValueError(f"{param_name} has {full.shape[dim]} entries along dim {dim}, which tensor parallel size "
+        if full_shape[dim] % parts:
+            raise ValueError(f"{param_name} has {full_shape[dim]} entries along dim {dim}, which tensor parallel size "
                              f"{self.tp_size} does not divide; pick a tensor size that divides it")
-        return full.chunk(parts, dim=dim)[rank // replicas].clone()
+        size = full_shape[dim] // parts
+        index = rank // replicas
+        return dim, index * size, (index + 1) * size
+
+    def shard(self, param_name: str, full: torch.Tensor, rank: int) -> torch.Tensor:
+        """Rank `rank`'s part of the full HF parameter `param_name` (a copy; the full tensor when replicated)."""
+        part = self.part(param_name, full.shape, rank)
+        if part is None:
+            return full.clone()
+        dim, start, stop = part
+        return full.narrow(dim, start, stop - start).clone()
 
     def merge(self, param_name: str, shards: Sequence[torch.Tensor]) -> torch.Tensor:
         """The full HF parameter from every rank's part (in rank order); a replicated one is rank 0's."""
@@ -192,6 +204,11 @@ def apply_tensor_parallel(model: nn.Module, tp_group, tp_rank: int, tp_size: int
     if not swapped:
         raise ValueError(f"no module of {type(model).__name__} matches the tensor-parallel plan: it expects the HF "
                          f"InternLM names (model.embed_tokens, model.layers.N.self_attn.q_proj, ..., lm_head)")
+    if model.config.tie_word_embeddings:  # both hold the same vocabulary rows: one parameter again, both gradients
+        if embed_split_hidden:
+            raise ValueError("a tied output head (tie_word_embeddings) splits the vocabulary rows, as lm_head does: "
+                             "set embed_split_hidden=False")
+        model.lm_head.weight = model.model.embed_tokens.weight
     local_groups = model.config.num_attention_heads // model.config.num_key_value_heads // split.kv_replicas
     for name, module in model.named_modules():
         if re.fullmatch(ATTENTION, name):

@@ -136,6 +136,8 @@ class Trainer:
         tensor_group = self.grid.get_tensor_model_parallel_group()
         apply_tensor_parallel(model, tensor_group, self.layout.tp_rank, self.layout.tp, cfg.model.embed_split_hidden,
                               cfg.model.parallel_output, sequence_parallel=self.layout.sequence_parallel)
+        self.checkpoints.loader.load_split_model_weights(model, cfg.model.embed_split_hidden,
+                                                         frozen_base=cfg.lora is not None)
         if self.layout.sp > 1:
             apply_ulysses(model, self.grid.get_ulysses_group())
         seed_runtime_rng(seed, self.layout)

@@ -225,8 +225,12 @@ def load_through_ckpt_info(folder: Path, ckpt_type: str, model_dict: dict):
 
     ckpt = tiny_config(ckpt=dict(enable_save_ckpt=False, auto_resume=False, load_ckpt_info=dict(
         path=str(folder), content=("model",), ckpt_type=ckpt_type))).ckpt
+    from evods.parallel import ParallelLayout
+
     model = MODEL_INITIALIZER.get_module("INTERNLM")(**model_dict)
-    CheckpointManager(ckpt, None, model.config, None).loader.load_model_weights(model)
+    loader = CheckpointManager(ckpt, ParallelLayout(dp=1, pp=1, tp=1), model.config, None).loader
+    loader.load_model_weights(model)
+    loader.load_split_model_weights(model, embed_split_hidden=True)  # an HF folder: after the (here no) tensor split
     return model.eval()
 
 

@@ -149,11 +149,12 @@ ckpt = dict(enable_save_ckpt=False)
     ('rope_scaling=dict(rope_type="linear", factor=2.0), use_dynamic_ntk_rope=True', "",
      r"cfg\.py:\d+: model\.rope_scaling=\{'rope_type': 'linear', 'factor': 2\.0\} with use_dynamic_ntk_rope=True: "
      r"give one of the two"),
-    ("tie_word_embeddings=True", "parallel = dict(tensor=2)",
-     r"cfg\.py:\d+: model\.tie_word_embeddings=True is not supported at parallel\.tensor size 2, pipeline "
-     r"size 1, ZeRO stage 1; evods ties the output head at tensor and pipeline size 1 with ZeRO stage 1 or 2"),
-    ("tie_word_embeddings=True", "parallel = dict(pipeline=2)",
-     r"cfg\.py:\d+: model\.tie_word_embeddings=True .* pipeline size 2"),
+    # tied under tensor parallelism: the embedding splits by vocabulary rows, as the head does (issue 25)
+    ("tie_word_embeddings=True, embed_split_hidden=True", "parallel = dict(tensor=2)",
+     r"cfg\.py:\d+: model\.tie_word_embeddings=True at parallel\.tensor size 2 needs "
+     r"model\.embed_split_hidden=False: the tied embedding is split by vocabulary rows, as the output head is"),
+    ("tie_word_embeddings=True", "parallel = dict(zero1=dict(size=-1, fsdp=True))",
+     r"cfg\.py:\d+: model\.tie_word_embeddings=True is not supported with ZeRO stage 3"),
 ])
 def test_llama2_config_refusals_are_one_line(tmp_path, extra, parallel, message):
     path = tmp_path / "cfg.py"

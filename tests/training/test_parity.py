@@ -12,10 +12,17 @@ from testkit.train_configs import tiny_config
 
 STEPS = 3
 ROWS_PER_STEP = 4  # packed rows per optimizer step, summed over data-parallel ranks
-VARIANTS = {  # name: (dtype, activation checkpointing)
-    "fp32": ("torch.float32", False),
-    "fp32_recompute": ("torch.float32", True),
-    "bf16": ("torch.bfloat16", False),
+# The Llama family (issue 25): InternEvo's LLAMA2 type with grouped KV heads, Llama-3's RoPE scaling and the output
+# head tied to the embedding, which a pipeline holds on its first and last stage (DeepSpeed's TiedLayerSpec, the
+# gradient summed over the two)
+LLAMA3_TIED = dict(num_kv_attention_heads=2, no_bias=True, rope_base=500000.0, tie_word_embeddings=True,
+                   rope_scaling=dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                                     original_max_position_embeddings=16))
+VARIANTS = {  # name: (dtype, activation checkpointing, model type, model keys)
+    "fp32": ("torch.float32", False, "INTERNLM", {}),
+    "fp32_recompute": ("torch.float32", True, "INTERNLM", {}),
+    "bf16": ("torch.bfloat16", False, "INTERNLM", {}),
+    "llama3_tied_fp32": ("torch.float32", False, "LLAMA2", LLAMA3_TIED),
 }
 
 
@@ -28,10 +35,11 @@ def train_variants(pipeline: int, data_parallel: int, run_root: str) -> dict:
 
     init_distributed("torch")
     results = {}
-    for name, (dtype, recompute) in VARIANTS.items():
+    for name, (dtype, recompute, model_type, model_keys) in VARIANTS.items():
         cfg = tiny_config(
+            model_type=model_type,
             data=dict(seq_len=32, micro_bsz=2, micro_num=ROWS_PER_STEP // data_parallel, total_steps=STEPS),
-            model=dict(dtype=dtype, checkpoint=recompute),
+            model=dict(dtype=dtype, checkpoint=recompute, **model_keys),
             parallel=dict(pipeline=dict(size=pipeline), zero1=-1, tensor=1),
             lr_scheduler=dict(total_steps=STEPS, warmup_ratio=0.0),
         )
@@ -60,6 +68,7 @@ def assert_same_training(reference: dict, results: dict) -> None:
 
 def test_recompute_changes_nothing_and_training_moves(reference):
     assert reference["fp32_recompute"] == reference["fp32"]  # recomputation repeats the same operations
+    assert reference["llama3_tied_fp32"][0] != reference["fp32"][0]  # another model
     losses = [loss for loss, _ in reference["fp32"]]
     assert len(set(losses)) == STEPS, "each step sees new data and new weights"
 

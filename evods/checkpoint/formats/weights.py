@@ -179,6 +179,15 @@ def load_weights(model: torch.nn.Module, weights: dict[str, torch.Tensor], sourc
     unexpected = sorted(set(weights) - set(expected))
     wrong_shape = [f"{name}: {tuple(weights[name].shape)} in the checkpoint, {shapes[name]} in the model"
                    for name in sorted(set(expected) & set(weights)) if tuple(weights[name].shape) != shapes[name]]
+    check_weights_fit(missing, unexpected, wrong_shape, source)
+    with torch.no_grad():
+        for name, tensor in expected.items():
+            with gathered([tensor], modifier_rank=0):
+                tensor.data.copy_(weights[name])
+
+
+def check_weights_fit(missing: list[str], unexpected: list[str], wrong_shape: list[str], source: str) -> None:
+    """Refuse in one line weights that lack some of the model's parameters, hold others, or differ in shape."""
     if (bias_cause := _bias_mismatch(missing, unexpected)) and not wrong_shape:
         raise WeightsError(f"the weights in {source} do not fit the model of this config: {bias_cause}")
     if missing or unexpected or wrong_shape:
@@ -187,10 +196,6 @@ def load_weights(model: torch.nn.Module, weights: dict[str, torch.Tensor], sourc
         raise WeightsError(f"the weights in {source} do not fit the model of this config ("
                            f"{'; '.join(p for p in problems if p)}); check the config's model sizes against the "
                            "checkpoint's config.json")
-    with torch.no_grad():
-        for name, tensor in expected.items():
-            with gathered([tensor], modifier_rank=0):
-                tensor.data.copy_(weights[name])
 
 
 ATTENTION_BIAS = re.compile(r".*self_attn\.[qkvo]_proj\.bias$")

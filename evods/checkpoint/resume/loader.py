@@ -10,13 +10,14 @@ from dataclasses import replace
 import torch
 
 from evods.config import CkptConfig
-from evods.parallel import ParallelLayout
+from evods.parallel import ParallelLayout, TensorParallelSplit, stage_layers
 from evods.parallel.nodes import NodeLayout
 from evods.storage import Storage
 
 from .. import collective, layout
 from ..errors import CheckpointError, DamagedCheckpoint, FailedOnAnotherRank
 from ..formats import internevo as native
+from ..formats.hf_start import RankPart, load_rank_parts
 from ..formats.weights import load_weights
 from ..rng import set_rng_state
 from ..run_state import TrainingParts, from_bytes
@@ -50,11 +51,10 @@ class CheckpointLoader:
     def load_model_weights(self, model: torch.nn.Module, frozen_base: bool = False) -> None:
         """Before the engine exists: copy the planned model weights into the plain model (HF names). A full resume
         (with the optimizer) loads the weights through DeepSpeed in `restore` instead; with `frozen_base` (LoRA: its
-        checkpoints hold the adapters only) the base weights come from the config's model-only checkpoint then."""
-        plan = self.plan
-        if frozen_base and plan is not None and not plan.loads_weights_only:
-            plan = collective.on_rank0("choosing the base model to load", lambda: choose_base_plan(self.ckpt))
-        if plan is None or not plan.loads_weights_only:
+        checkpoints hold the adapters only) the base weights come from the config's model-only checkpoint then. An HF
+        folder is read once the model is split instead (`load_split_model_weights`)."""
+        plan = self._weights_plan(frozen_base)
+        if plan is None or plan.is_hf:
             return
         catalogue = read_catalogue_on_rank0(plan)
         # every rank reads every model file (the tensor ranks are merged); the node downloads each once
@@ -68,6 +68,34 @@ class CheckpointLoader:
             collective.agree_on_failure(f"loading the model of {plan.describe()}", load)
         self.loaded = plan
         plan.announce()
+
+    def load_split_model_weights(self, model: torch.nn.Module, embed_split_hidden: bool,
+                                 frozen_base: bool = False) -> None:
+        """Before the engine exists, after tensor parallelism split `model` (with `embed_split_hidden`): copy this
+        rank's part of the planned HF folder into it, each rank reading only the tensors of its pipeline stage and
+        its slices of them (formats/hf_start.py). Other checkpoints were loaded whole by `load_model_weights`."""
+        plan = self._weights_plan(frozen_base)
+        if plan is None or not plan.is_hf:
+            return
+        parallel = self.parallel
+        num_layers = model.config.num_hidden_layers
+        stage = stage_layers(num_layers, parallel.pp, parallel.pp_rank, model.config.tie_word_embeddings) \
+            if parallel.pp > 1 else None
+        part = RankPart(TensorParallelSplit.of(model.config, parallel.tp, embed_split_hidden), parallel.tp_rank,
+                        num_layers, stage)
+        catalogue = read_catalogue_on_rank0(plan)
+        with LocalCopy(plan, catalogue, sorted(catalogue.files), self.nodes) as folder:
+            collective.agree_on_failure(f"loading the model of {plan.describe()}",
+                                        lambda: load_rank_parts(model, folder, part, plan.describe()))
+        self.loaded = plan
+        plan.announce()
+
+    def _weights_plan(self, frozen_base: bool) -> LoadPlan | None:
+        """The plan whose model weights go into the plain model before the engine exists, or None."""
+        plan = self.plan
+        if frozen_base and plan is not None and not plan.loads_weights_only:
+            plan = collective.on_rank0("choosing the base model to load", lambda: choose_base_plan(self.ckpt))
+        return plan if plan is not None and plan.loads_weights_only else None
 
     def restore(self, parts: TrainingParts) -> None:
         """After the engine exists: optimizer, schedulers, sampler, counters and RNG, as the plan's content says.
@@ -113,6 +141,15 @@ class CheckpointLoader:
         if plan.is_native or "optimizer" not in plan.content:
             return reads
         if check_reshardable(catalogue.topology, self._topology(), plan.describe()):
+            saved = catalogue.topology
+            if self.model_config.tie_word_embeddings and max(saved["pp"], self.parallel.pp) > 1:
+                # DeepSpeed's PipelineModule names the tied embedding by its tie key, which the universal checkpoint
+                # conversion (reshard.py) does not map
+                raise CheckpointError(f"{plan.describe()} holds a model with a tied output head saved at dp="
+                                      f"{saved['dp']}, pp={saved['pp']}, and this run has dp={self.parallel.dp}, pp="
+                                      f"{self.parallel.pp}: evods resumes a tied pipeline's optimizer at the layout "
+                                      "that saved it; run with that layout, or load content=('model',) with a fresh "
+                                      "optimizer")
             # converted once per node, by its leader (reshard.py), from the whole DeepSpeed folder
             return reads + (deepspeed_files(files) if self.nodes.is_leader else [])
         return reads + own_deepspeed_files(files, self.parallel, _stage_layers(engine))

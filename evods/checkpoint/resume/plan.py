@@ -14,10 +14,10 @@ from evods.storage import LocalStorage, Storage, open_storage
 from .. import layout, safe_load
 from ..collective import rank
 from ..errors import CheckpointError
-from ..formats.hf_internlm2 import is_published_internlm2, read_published
+from ..formats.hf_start import HF_CKPT_TYPES, check_hf_folder, layout_differences
 from ..formats.internevo import MODEL_CONFIG as NATIVE_MODEL_CONFIG
 from ..formats.internevo import is_native_checkpoint, read_native_model
-from ..formats.weights import deepspeed_weights, hf_weights
+from ..formats.weights import deepspeed_weights
 
 logger = logging.getLogger("evods.checkpoint")
 
@@ -29,7 +29,7 @@ ALL_CONTENT = frozenset({"model", "sampler", "optimizer", "scheduler"})
 # for InternEvo's LLaMA-family names (revert_internlm.py, its LLaMA models), whose MLP naming the weight shapes show.
 NATIVE_LAYOUTS = {"internlm": ("internlm", "v1"), "internevo": (None, "v2"), "internlm2_test": ("internlm2", "v2"),
                   "llama": ("llama", None)}
-CKPT_TYPES = ("evods", "hf", *NATIVE_LAYOUTS)
+CKPT_TYPES = ("evods", *HF_CKPT_TYPES, *NATIVE_LAYOUTS)
 MODEL_ONLY_NATIVE = ("llama", "internlm2_test")  # InternEvo's LOAD_FUNC_DICT entries: model weights only
 # The config fields that give the parameters their shapes: a checkpoint loads only into a model that agrees on all.
 MODEL_SHAPE_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
@@ -59,6 +59,11 @@ class LoadPlan:
     @property
     def is_evods(self) -> bool:
         return self.ckpt_type == "evods"
+
+    @property
+    def is_hf(self) -> bool:
+        """An HF folder (formats/hf_start.py), which each rank reads its own part of once the model is split."""
+        return self.ckpt_type in HF_CKPT_TYPES
 
     def describe(self) -> str:
         return layout.join(self.path, self.folder) if self.folder else self.path
@@ -126,7 +131,7 @@ def _checked(plan: LoadPlan) -> LoadPlan:
     is_evods = storage.exists(layout.TOPOLOGY)
     if plan.ckpt_type not in CKPT_TYPES:
         raise CheckpointError(f"ckpt.load_ckpt_info ckpt_type={plan.ckpt_type!r} is unknown; use one of {CKPT_TYPES}")
-    if plan.ckpt_type == "hf" and plan.content != {"model"}:
+    if plan.is_hf and plan.content != {"model"}:
         raise CheckpointError(f"an HF folder ({plan.path}) holds model weights only: set content=('model',) "
                               f"instead of {tuple(sorted(plan.content))}")
     if plan.ckpt_type in MODEL_ONLY_NATIVE and plan.content != {"model"}:
@@ -137,6 +142,8 @@ def _checked(plan: LoadPlan) -> LoadPlan:
                               "together with its model; add 'model'")
     if plan.is_native:
         _check_native(plan, is_native_checkpoint(storage.list("")), is_evods)
+    if plan.is_hf:
+        check_hf_folder(storage, plan.folder, plan.ckpt_type, f"{plan.reason} path {plan.path}")
     if plan.is_evods:
         if not is_evods:
             raise CheckpointError(f"{plan.path} is not an evods checkpoint folder (no {layout.TOPOLOGY}); for an HF "
@@ -160,13 +167,12 @@ def _check_native(plan: LoadPlan, is_native: bool, is_evods: bool) -> None:
 
 
 def read_model_weights(plan: LoadPlan, local_folder: str) -> dict[str, torch.Tensor]:
-    """HF-named model weights of the planned checkpoint, copied locally at `local_folder`."""
+    """HF-named model weights of the planned evods or native checkpoint, copied locally at `local_folder` (an HF
+    folder is read rank by rank instead: formats/hf_start.py)."""
     if plan.is_native:
         family, mlp_naming = NATIVE_LAYOUTS[plan.ckpt_type]
         return read_native_model(local_folder, family, mlp_naming)[1]
-    if plan.is_evods:
-        return deepspeed_weights(local_folder)
-    return read_published(local_folder) if is_published_internlm2(local_folder) else hf_weights(local_folder)
+    return deepspeed_weights(local_folder)
 
 
 def saved_model_config(plan: LoadPlan) -> dict:
@@ -190,6 +196,8 @@ def check_same_model(plan: LoadPlan, model_config) -> None:
     saved = saved_model_config(plan)
     differences = [f"{name} {saved.get(name)} there, {getattr(model_config, name)} here"
                    for name in MODEL_SHAPE_FIELDS if saved.get(name) != getattr(model_config, name)]
+    if plan.ckpt_type == "hf_llama":
+        differences += layout_differences(saved, model_config)
     if differences:
         key = "save_ckpt_folder" if plan.reason.startswith("auto_resume") else plan.reason
         raise CheckpointError(f"{plan.describe()} holds another model than this run's config: "
