@@ -1,12 +1,14 @@
 """Starting from a sharded Hugging Face Llama folder at tensor 2 x pipeline 2: memory per rank and load time.
 
 A Llama of ~156M parameters (hidden 1024, 8 layers, 16 query / 4 KV heads, MLP 2816, vocabulary 32,000, untied head),
-saved by `save_pretrained` in fp32 with 100MB shards. Four ranks (gloo, the tests' harness) each build the model as
-evods' Trainer does (whole, fp32), split it with `apply_tensor_parallel` at tp 2, and read their part of the folder with
-`load_rank_parts` (formats/hf_start.py: only their pipeline stage's tensors, tensor-split ones as slices via
-safetensors' get_slice). Per rank:
-- peak RSS (getrusage's ru_maxrss) at the end, and the peak's growth during the load itself;
-- bytes read from the folder;
+saved by `save_pretrained` in fp32 with 100MB shards. Four ranks (gloo, the tests' harness) each build their part of
+the model as evods' Trainer does for an HF start (evods/training/model_part.py: the model on the meta device, split
+there by `apply_tensor_parallel` at tp 2, only the rank's stage and slices materialised) and read their part of the
+folder with `load_rank_parts` (formats/hf_start.py: only their pipeline stage's tensors, tensor-split ones as slices
+via safetensors' get_slice). Per rank:
+- the bytes of the parameters it materialised, and the bytes read from the folder;
+- peak RSS (getrusage's ru_maxrss) at the end, whole-process, and above the peak before the model is built (the
+  imports of torch, transformers, DeepSpeed and the process groups, which are not the model's);
 - load time (the `load_rank_parts` call), the ranks taking turns (the bench machine has fewer cores than ranks), and
   the part of it spent in safetensors' reads (get_slice / get_tensor), the rest being checks and the copies into
   the model's parameters.
@@ -45,16 +47,20 @@ def load_part(folder: str) -> dict:
 
     from evods.checkpoint.formats import hf_start
     from evods.model import MODEL_INITIALIZER
-    from evods.parallel import TensorParallelSplit, apply_tensor_parallel, stage_layers
+    from evods.parallel import TensorParallelSplit, stage_layers
+    from evods.training.model_part import materialise_rank_part, parameter_bytes
 
     dist.init_process_group("gloo")
     rank = dist.get_rank()
     tp_rank, pp_rank = rank % TP, rank // TP
     groups = [dist.new_group([stage * TP + t for t in range(TP)]) for stage in range(PP)]
-    model = MODEL_INITIALIZER.get_module("LLAMA2")(**MODEL_DICT)
-    apply_tensor_parallel(model, groups[pp_rank], tp_rank, TP, embed_split_hidden=False, parallel_output=True)
+    before_model = peak_rss()
+    with torch.device("meta"):
+        model = MODEL_INITIALIZER.get_module("LLAMA2")(**MODEL_DICT)
     part = hf_start.RankPart(TensorParallelSplit.of(model.config, TP, False), tp_rank, MODEL_DICT["num_layers"],
                              stage_layers(MODEL_DICT["num_layers"], PP, pp_rank))
+    materialise_rank_part(model, part, groups[pp_rank], embed_split_hidden=False, parallel_output=True,
+                          sequence_parallel=False)
     read_bytes, read_seconds = 0, 0.0
     original_read = hf_start.SafetensorsFolder.read
 
@@ -67,7 +73,6 @@ def load_part(folder: str) -> dict:
         return tensor
 
     hf_start.SafetensorsFolder.read = counting_read
-    before = peak_rss()
     for turn in range(dist.get_world_size()):  # one rank at a time, each on a core of its own
         dist.barrier()
         if turn == rank:
@@ -76,8 +81,8 @@ def load_part(folder: str) -> dict:
             seconds = time.perf_counter() - start
     dist.barrier()
     return {"rank": rank, "tp_rank": tp_rank, "pp_rank": pp_rank, "seconds": seconds, "read": read_bytes,
-            "read_seconds": read_seconds, "peak": peak_rss(), "load_growth": peak_rss() - before,
-            "torch_threads": torch.get_num_threads()}
+            "read_seconds": read_seconds, "peak": peak_rss(), "model_growth": peak_rss() - before_model,
+            "built": parameter_bytes(model), "torch_threads": torch.get_num_threads()}
 
 
 def from_pretrained(folder: str) -> dict:
@@ -109,17 +114,20 @@ def main(argv=None) -> int:
         reference = sorted((run_distributed(from_pretrained, 1, (folder,))[0] for _ in range(args.rounds)),
                            key=lambda r: r["seconds"])[args.rounds // 2]
     print(f"folder: {whole / MiB:.0f} MiB of fp32 weights in {shards} shards\n")
-    print("| rank (tp, pp) | read from the folder | peak growth during the load | peak RSS at the end | load time "
-          "(of it in reads) |")
-    print("|---|---|---|---|---|")
+    print("| rank (tp, pp) | parameters built | read from the folder | peak RSS at the end | of it above the RSS "
+          "before the model | load time (of it in reads) |")
+    print("|---|---|---|---|---|---|")
     for r in ranks:
-        print(f"| {r['rank']} ({r['tp_rank']}, {r['pp_rank']}) | {r['read'] / MiB:.0f} MiB ({r['read'] / whole:.2f}x) "
-              f"| {r['load_growth'] / MiB:.0f} MiB ({r['load_growth'] / whole:.2f}x) | {r['peak'] / MiB:.0f} MiB "
-              f"({r['peak'] / whole:.2f}x) | {r['seconds']:.3f} s ({r['read_seconds']:.3f} s) |")
+        cells = [f"{r['rank']} ({r['tp_rank']}, {r['pp_rank']})"]
+        cells += [f"{r[key] / MiB:.0f} MiB ({r[key] / whole:.2f}x)"
+                  for key in ("built", "read", "peak", "model_growth")]
+        cells.append(f"{r['seconds']:.3f} s ({r['read_seconds']:.3f} s)")
+        print(f"| {' | '.join(cells)} |")
     slowest = max(r["seconds"] for r in ranks)
-    print(f"| from_pretrained, 1 process | {whole / MiB:.0f} MiB (1.00x) | {reference['load_growth'] / MiB:.0f} MiB "
-          f"({reference['load_growth'] / whole:.2f}x) | {reference['peak'] / MiB:.0f} MiB "
-          f"({reference['peak'] / whole:.2f}x) | {reference['seconds']:.3f} s |")
+    print(f"| from_pretrained, 1 process | {whole / MiB:.0f} MiB (1.00x) | {whole / MiB:.0f} MiB (1.00x) | "
+          f"{reference['peak'] / MiB:.0f} MiB ({reference['peak'] / whole:.2f}x) | "
+          f"{reference['load_growth'] / MiB:.0f} MiB ({reference['load_growth'] / whole:.2f}x) | "
+          f"{reference['seconds']:.3f} s |")
     print(f"\nslowest rank's load / from_pretrained: {slowest / reference['seconds']:.2f}x")
     return 0
 

@@ -92,6 +92,10 @@ class InternLMRotaryEmbedding(nn.Module):
         # Not saved (InternEvo checkpoints have no inv_freq); `_init_weights` refills it after from_pretrained.
         self.register_buffer("inv_freq", self.inv_freq_for_base(self.base), persistent=False)
 
+    def reset_inv_freq(self) -> None:
+        """Recompute the (unsaved) inverse frequencies into the buffer, in its dtype, as `__init__` computes them."""
+        init_copy_(self.inv_freq, self.inv_freq_for_base(self.base))
+
     def inv_freq_for_base(self, base: float, device: torch.device | None = None) -> torch.Tensor:
         exponents = torch.arange(0, self.head_dim, 2, dtype=torch.float32, device=device) / self.head_dim
         return scaled_frequencies(1.0 / (base**exponents), self.rope)
@@ -535,7 +539,7 @@ class InternLMPreTrainedModel(PreTrainedModel):
         super()._init_weights(module)
         if isinstance(module, InternLMRotaryEmbedding):
             # Buffers come back uninitialized from the meta device after from_pretrained.
-            init_copy_(module.inv_freq, module.inv_freq_for_base(module.base))
+            module.reset_inv_freq()
 
 
 class InternLMModel(InternLMPreTrainedModel):

@@ -164,13 +164,16 @@ def _mark_tensor_parallel(param: nn.Parameter, dim: int) -> None:
 
 
 def apply_tensor_parallel(model: nn.Module, tp_group, tp_rank: int, tp_size: int, embed_split_hidden: bool,
-                          parallel_output: bool, sequence_parallel: bool = False) -> nn.Module:
+                          parallel_output: bool, sequence_parallel: bool = False,
+                          materialise: Callable[[str, torch.Tensor], torch.Tensor] | None = None) -> nn.Module:
     """Swap the modules named in the plan for tensor-parallel ones holding rank `tp_rank`'s slices of their weights.
 
     The model is changed in place (and returned); it must hold full weights, e.g. fresh or loaded from HF. With
     `parallel_output` the logits stay split along the vocabulary (use `VocabParallelLogits` for the loss);
     otherwise they are gathered. With `sequence_parallel` the activations between the tensor-parallel layers are
     split along the tokens too (Megatron's sequence parallelism). A tensor size of 1 leaves the model as it is.
+    A model on the meta device is split on it: `materialise(parameter name, slice)` then gives each slice the tensor
+    the parallel module holds (evods.training.model_part: this rank's slices, left empty for a checkpoint to fill).
     """
     if tp_size == 1:
         return model
@@ -187,6 +190,8 @@ def apply_tensor_parallel(model: nn.Module, tp_group, tp_rank: int, tp_size: int
             continue
         local = {leaf: split.shard(f"{name}.{leaf}", param.detach(), tp_rank)
                  for leaf, param in module.named_parameters()}
+        if materialise is not None:
+            local = {leaf: materialise(f"{name}.{leaf}", tensor) for leaf, tensor in local.items()}
         parallel_module = style.build(local, ctx)
         if "lora_A.weight" in local:
             parallel_module.add_adapter(local["lora_A.weight"], local["lora_B.weight"], module.lora_scaling,

@@ -44,6 +44,7 @@ from .flops import megatron_tflops, model_flops_per_token, peak_flops, tgs
 from .loss import TokenMetrics, build_loss
 from .memory import check_memory
 from .metrics import MetricsSink, format_metrics_line, setup_logging
+from .model_part import materialise_rank_part
 from .schedules import Beta2Scheduler, LRScheduler
 from .startup import launch_time, log_layout, log_parallel_setup, log_run_start
 from .stopping import GracefulStop
@@ -121,21 +122,28 @@ class Trainer:
         log_layout(self.nodes, self.layout)
         self.grid = build_parallel_grid(self.layout)
         ds_config = build_deepspeed_config(cfg, self.layout, ds_config_override)
-        with model_construction(self.layout.zero_stage, ds_config, self.grid.get_data_parallel_group()):
-            model = build_model(cfg)
         # The length of the rows the model trains on goes into the checkpoint's config.json, and so into the HF
         # export, where the inference tools show it: max_position_embeddings alone says nothing about it.
-        model.config.training_packed_length = cfg.data.seq_len * cfg.data.micro_bsz
-        self.checkpoints = CheckpointManager(cfg.ckpt, self.layout, model.config,
+        whole_model.config.training_packed_length = cfg.data.seq_len * cfg.data.micro_bsz
+        self.checkpoints = CheckpointManager(cfg.ckpt, self.layout, whole_model.config,
                                              cfg.source.text if cfg.source else None,
                                              on_failure=self.monitor.checkpoint_failed, nodes=self.nodes,
                                              adapter_config=peft_adapter_config(cfg.lora.spec()) if cfg.lora else None)
-        self.checkpoints.loader.load_model_weights(model, frozen_base=cfg.lora is not None)
-        if cfg.lora is not None:  # on the whole base, so that the adapters split with it
-            add_lora(model, cfg.lora.spec())
         tensor_group = self.grid.get_tensor_model_parallel_group()
-        apply_tensor_parallel(model, tensor_group, self.layout.tp_rank, self.layout.tp, cfg.model.embed_split_hidden,
-                              cfg.model.parallel_output, sequence_parallel=self.layout.sequence_parallel)
+        tensor_parallel = dict(embed_split_hidden=cfg.model.embed_split_hidden,
+                               parallel_output=cfg.model.parallel_output,
+                               sequence_parallel=self.layout.sequence_parallel)
+        if self._builds_rank_part_only():  # the meta-device model above: only this rank's part gets memory
+            model = materialise_rank_part(whole_model, self.checkpoints.loader.rank_part(cfg.model.embed_split_hidden),
+                                          tensor_group, **tensor_parallel)
+        else:  # seeded random init (the parity tests' start), any other checkpoint, LoRA, ZeRO-3
+            with model_construction(self.layout.zero_stage, ds_config, self.grid.get_data_parallel_group()):
+                model = build_model(cfg)
+            model.config = whole_model.config  # the one the checkpoints save and compare
+            self.checkpoints.loader.load_model_weights(model, frozen_base=cfg.lora is not None)
+            if cfg.lora is not None:  # on the whole base, so that the adapters split with it
+                add_lora(model, cfg.lora.spec())
+            apply_tensor_parallel(model, tensor_group, self.layout.tp_rank, self.layout.tp, **tensor_parallel)
         self.checkpoints.loader.load_split_model_weights(model, cfg.model.embed_split_hidden,
                                                          frozen_base=cfg.lora is not None)
         if self.layout.sp > 1:
@@ -182,6 +190,12 @@ class Trainer:
         logger.info("run folder: %s; model parameters: %.2fM; DeepSpeed ZeRO-%d over %d data-parallel ranks%s",
                     self.run_dir, self.num_parameters / 1e6, parallel.zero_stage, parallel.zero_ranks,
                     f", {' and '.join(offloaded)} offloaded to host memory" if offloaded else "")
+
+    def _builds_rank_part_only(self) -> bool:
+        """An HF folder gives every weight of the model (no LoRA adapters to initialise) and nothing is partitioned
+        by ZeRO-3 while it is built (`model_construction`): the rank builds only its part of the model."""
+        return (self.cfg.lora is None and self.layout.zero_stage < 3
+                and self.checkpoints.loader.starts_from_hf_folder())
 
     def _checkpoint_parts(self) -> TrainingParts:
         return TrainingParts(engine=self.engine.engine, context=self.state, sampler=self.sampler,

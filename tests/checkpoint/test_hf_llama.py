@@ -90,11 +90,19 @@ def start_from_hf(folders: dict, run_root: str) -> dict:
     import torch.distributed as dist
 
     from evods.checkpoint.formats import hf_start
+    from evods.training import trainer as trainer_module
     from evods.training.distributed import init_distributed
+    from evods.training.model_part import parameter_bytes
     from evods.training.trainer import Trainer
 
-    reads = []
+    reads, built = [], {}
     original_read = hf_start.SafetensorsFolder.read
+    original_materialise = trainer_module.materialise_rank_part
+
+    def recording_materialise(*args, **kwargs):  # the bytes of the rank's part, as the Trainer built it
+        model = original_materialise(*args, **kwargs)
+        built[reads[-1][0]] = parameter_bytes(model)
+        return model
 
     def recording_read(self, name, part):
         tensor = original_read(self, name, part)
@@ -102,8 +110,9 @@ def start_from_hf(folders: dict, run_root: str) -> dict:
         return tensor
 
     hf_start.SafetensorsFolder.read = recording_read
+    trainer_module.materialise_rank_part = recording_materialise
     init_distributed("torch")
-    results = {"rank": dist.get_rank(), "losses": {}, "reads": {}, "stages": {}}
+    results = {"rank": dist.get_rank(), "losses": {}, "reads": {}, "stages": {}, "built": built}
     try:
         Trainer(run_config(2, 2, folders["qwen"], save_ckpt_folder=f"local:{run_root}/refused/ckpt"),
                 run_dir=Path(run_root) / "refused" / "run")
@@ -222,6 +231,21 @@ def test_each_rank_reads_only_its_stage_and_its_slices(folders, started):
     # the last stage reads its copy of the tied weight (the folder holds one) as lm_head's
     assert not read_by_stage[0] & read_by_stage[1] - {"model.embed_tokens.weight"}
     assert read_by_stage[0] | read_by_stage[1] == set(full) and "model.embed_tokens.weight" in read_by_stage[1]
+
+
+def test_each_rank_builds_only_the_part_it_reads(folders, started):
+    """No rank builds the whole model: the parameters it gives memory to are exactly the tensors it reads (its stage,
+    its slices, the tied weight once), about a quarter of the model at tp 2 x pp 2 (its other stage's layers stay on
+    the meta device), and all of it at tp 1 x pp 1."""
+    _, ranks = started
+    whole = sum(tensor.numel() * tensor.element_size() for path in Path(folders["tied"]).glob("*.safetensors")
+                for tensor in load_file(path).values())
+    for rank in ranks:
+        for layout, bytes_built in rank["built"].items():
+            read = dict(rank["reads"][layout])
+            assert bytes_built == sum(math.prod(shape) * 4 for shape in read.values()), (layout, rank["rank"])
+        assert rank["built"]["tp1_pp1"] == whole
+        assert 0.25 * whole < rank["built"]["tp2_pp2"] < 0.3 * whole, (rank["rank"], rank["built"]["tp2_pp2"], whole)
 
 
 def test_an_export_after_0_steps_is_the_source_bit_for_bit(folders, started, tmp_path):

@@ -77,18 +77,28 @@ class CheckpointLoader:
         plan = self._weights_plan(frozen_base)
         if plan is None or not plan.is_hf:
             return
-        parallel = self.parallel
-        num_layers = model.config.num_hidden_layers
-        stage = stage_layers(num_layers, parallel.pp, parallel.pp_rank, model.config.tie_word_embeddings) \
-            if parallel.pp > 1 else None
-        part = RankPart(TensorParallelSplit.of(model.config, parallel.tp, embed_split_hidden), parallel.tp_rank,
-                        num_layers, stage)
+        part = self.rank_part(embed_split_hidden)
         catalogue = read_catalogue_on_rank0(plan)
         with LocalCopy(plan, catalogue, sorted(catalogue.files), self.nodes) as folder:
             collective.agree_on_failure(f"loading the model of {plan.describe()}",
                                         lambda: load_rank_parts(model, folder, part, plan.describe()))
         self.loaded = plan
         plan.announce()
+
+    def starts_from_hf_folder(self, frozen_base: bool = False) -> bool:
+        """Whether the model's weights come from an HF folder, each rank reading its part
+        (`load_split_model_weights`)."""
+        plan = self._weights_plan(frozen_base)
+        return plan is not None and plan.is_hf
+
+    def rank_part(self, embed_split_hidden: bool) -> RankPart:
+        """What this rank holds of the model: its tensor slices and, under a pipeline, its stage's layers."""
+        parallel, config = self.parallel, self.model_config
+        num_layers = config.num_hidden_layers
+        stage = stage_layers(num_layers, parallel.pp, parallel.pp_rank, config.tie_word_embeddings) \
+            if parallel.pp > 1 else None
+        return RankPart(TensorParallelSplit.of(config, parallel.tp, embed_split_hidden), parallel.tp_rank, num_layers,
+                        stage)
 
     def _weights_plan(self, frozen_base: bool) -> LoadPlan | None:
         """The plan whose model weights go into the plain model before the engine exists, or None."""
