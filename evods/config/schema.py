@@ -734,7 +734,7 @@ def _check_parallel(parallel: ParallelConfig, source: ConfigSource) -> None:
 
 def _check_isp(parallel: ParallelConfig, source: ConfigSource) -> None:
     """What evods runs of InternEvo's isp: Ulysses head parallelism of degree tensor.size (sequence_2D's head_size,
-    when given), without context parallelism (ring attention) or a pipeline."""
+    when given), without context parallelism (ring attention)."""
     size, two_d = parallel.tensor.size, parallel.sequence_2D
     if two_d.enable and two_d.context_size > 1:
         raise source.error("parallel.sequence_2D", f"parallel.sequence_2D.context_size={two_d.context_size} "
@@ -744,10 +744,6 @@ def _check_isp(parallel: ParallelConfig, source: ConfigSource) -> None:
         raise source.error("parallel.sequence_2D", f"parallel.sequence_2D.head_size={two_d.head_size} must equal "
                                                    f"parallel.tensor size {size}: with context_size=1 every isp rank "
                                                    f"is a head rank")
-    if parallel.pipeline.size > 1:
-        raise source.error("parallel.pipeline", f'parallel.tensor.mode="isp" with parallel.pipeline size '
-                                                f"{parallel.pipeline.size} is not run by evods; use pipeline=1 with "
-                                                "isp")
 
 
 def _check_llama_keys(cfg: TrainConfig, source: ConfigSource) -> None:

@@ -5,9 +5,10 @@ names its helpers (and Megatron-style code) look for. Traps: the grid's "model p
 group is pipe × tensor, the tensor group is the grid's slice group. With pipeline size 1 the two are the same, which
 is what ZeRO-1 needs from `mpu` for a plain module; a PipelineModule builds its own grid from the same topology.
 
-Under isp (`layout.sp` > 1, pipeline size 1) the sp ranks of a row hold the same weights, so DeepSpeed's "data" axis
-is all dp × sp ranks (its data-parallel group averages their gradients, ZeRO shards over them); with the isp ranks
-consecutive that axis is the global rank itself. The isp group of each row is built beside the grid. The grid does
+Under isp (`layout.sp` > 1) the sp ranks of a row at a pipeline stage hold the same weights, so DeepSpeed's "data"
+axis is all dp × sp ranks (its data-parallel group averages their gradients, ZeRO shards over them); `LayoutTopology`
+keeps the isp ranks consecutive in the global numbering all the same. The isp group of each row is built beside the
+grid. The grid does
 not name it `get_sequence_parallel_group`: DeepSpeed reads that name (deepspeed/utils/groups.py) to run its own
 sequence-data-parallel gradient averaging, which evods does not ask for (the loss carries the scaling, ulysses.py).
 """
@@ -27,12 +28,24 @@ class ParallelGrid(PipelineParallelGrid):
         return self.ulysses_group
 
 
+class LayoutTopology(ProcessTopology):
+    """DeepSpeed's topology over the axes ["data", "pipe", "model"] with InternEvo's rank numbering (`layout`), where
+    the data coordinate is the ZeRO rank (dp × the isp ranks). Without isp that numbering is ProcessTopology's own
+    row-major one. With isp and a pipeline it is not: the isp ranks of a stage are consecutive (their all-to-alls stay
+    inside a node) while DeepSpeed counts them as data ranks, an axis outside the pipeline's. Every DeepSpeed group
+    and lookup (PipelineParallelGrid, PipelineModule's tied weights) goes through `mapping`, so a permuted mapping is
+    all it takes."""
+
+    def __init__(self, layout: ParallelLayout):
+        super().__init__(axes=["data", "pipe", "model"], dims=[layout.zero_ranks, layout.pp, layout.tp])
+        placed = (layout.at(rank) for rank in range(layout.world))
+        self.mapping = {self.ProcessCoord(data=at.zero_rank, pipe=at.pp_rank, model=at.tp_rank): at.rank
+                        for at in placed}
+
+
 def build_process_topology(layout: ParallelLayout) -> ProcessTopology:
-    """DeepSpeed's topology of `layout`: row-major over ["data", "pipe", "model"] is InternEvo's rank numbering; the
-    isp ranks count as data ranks (config validation keeps isp to pipeline size 1, where that numbering holds)."""
-    if layout.sp > 1 and layout.pp > 1:
-        raise ValueError(f"isp size {layout.sp} with pipeline size {layout.pp}: evods runs isp without a pipeline")
-    return ProcessTopology(axes=["data", "pipe", "model"], dims=[layout.zero_ranks, layout.pp, layout.tp])
+    """DeepSpeed's topology of `layout` (InternEvo's rank numbering)."""
+    return LayoutTopology(layout)
 
 
 def build_parallel_grid(layout: ParallelLayout) -> ParallelGrid:
@@ -43,8 +56,9 @@ def build_parallel_grid(layout: ParallelLayout) -> ParallelGrid:
         raise RuntimeError(f"DeepSpeed placed rank {grid.get_global_rank()} at (data, pp, tp) = {placed}, but "
                            f"InternEvo's layout gives {(layout.zero_rank, layout.pp_rank, layout.tp_rank)}")
     if layout.sp > 1:
-        for row in range(layout.world // layout.sp):  # every rank creates every group, in the same order
-            group = dist.new_group(list(range(row * layout.sp, (row + 1) * layout.sp)))
-            if row == layout.rank // layout.sp:
+        # the isp ranks of a row at one pipeline stage are consecutive; every rank creates every group, in order
+        for block in range(layout.world // layout.sp):
+            group = dist.new_group(list(range(block * layout.sp, (block + 1) * layout.sp)))
+            if block == layout.rank // layout.sp:
                 grid.ulysses_group = group
     return grid

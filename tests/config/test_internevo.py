@@ -140,8 +140,6 @@ ISP_TINY = 'parallel = dict(tensor=dict(size=2, mode="isp"){})\n'
      r"set context_size=1"),
     (ISP_TINY.format(", sequence_2D=dict(enable=True, head_size=4, context_size=1)"),
      r"parallel\.sequence_2D\.head_size=4 must equal parallel\.tensor size 2"),
-    (ISP_TINY.format(", pipeline=2"), r'parallel\.tensor\.mode="isp" with parallel\.pipeline size 2 is not run by '
-                                      r"evods; use pipeline=1 with isp"),
     (ISP_TINY.format(", zero=dict(stage=3)"), r'ZeRO-3 with parallel\.tensor\.mode="isp" is not run by evods'),
     ('parallel = dict(tensor=dict(size=3, mode="isp"))\n', r"parallel\.tensor size 3 does not split "
                                                           r"model\.num_attention_heads=4"),
@@ -155,6 +153,15 @@ def test_isp_with_head_size_loads(tmp_path):
     (tmp_path / "cfg.py").write_text(TINY + ISP_TINY.format(", sequence_2D=dict(enable=True, head_size=2, "
                                                             "context_size=1)"))
     assert check_topology(load_config(tmp_path / "cfg.py"), 4).sp == 2
+
+
+def test_isp_with_a_pipeline_keeps_each_stages_isp_ranks_consecutive(tmp_path):
+    (tmp_path / "cfg.py").write_text(TINY + ISP_TINY.format(", pipeline=2"))
+    cfg = load_config(tmp_path / "cfg.py")
+    placed = [check_topology(cfg, 8, rank) for rank in range(8)]
+    assert [(at.dp_rank, at.pp_rank, at.sp_rank) for at in placed] == [
+        (dp_rank, pp_rank, sp_rank) for dp_rank in range(2) for pp_rank in range(2) for sp_rank in range(2)]
+    assert [at.zero_rank for at in placed] == [0, 1, 0, 1, 2, 3, 2, 3]
 
 
 def _demo_on(internevo, base: str):

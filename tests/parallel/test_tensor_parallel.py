@@ -73,10 +73,12 @@ TOPOLOGIES = {
     (1, 2, 2): [Variant(True)],
 }
 # InternEvo's isp (issue 27), (sp, pp, dp) -> variants: recompute off and on, the chunked and the whole-logits loss,
-# ZeRO-2 over the 4 ranks of dp 2 x sp 2, and at sp 4 the 2 KV heads of the 4 query heads replicated to one per rank.
+# ZeRO-2 over the 4 ranks of dp 2 x sp 2, a pipeline whose stages pass token slices, and at sp 4 the 2 KV heads of
+# the 4 query heads replicated to one per rank.
 ISP_TOPOLOGIES = {
     (2, 1, 1): [Variant(False, isp=True), Variant(True, loss=FULL, isp=True)],
     (2, 1, 2): [Variant(True, isp=True), Variant(False, isp=True, zero_stage=2)],
+    (2, 2, 1): [Variant(False, isp=True), Variant(True, loss=FULL, isp=True)],
     (4, 1, 1): [Variant(False, kv_heads=OWN_KV, isp=True), Variant(True, kv_heads=OWN_KV, isp=True)],
 }
 # The one-process runs: per KV heads, the training every variant with those heads must repeat
@@ -214,23 +216,35 @@ def documents_crossing_slices(train_folder: Path, sp: int) -> int:
 def test_isp_training_matches_one_process(topology, reference, train_folder, tmp_path):
     """Ulysses sequence parallelism: each rank trains on 1/sp of every row's tokens, with every weight whole, and the
     losses, gradient norms and token metrics (each token counted once) are one process's."""
-    sp, _, dp = topology
+    sp, pp, dp = topology
     assert documents_crossing_slices(train_folder, sp) >= ROWS_PER_STEP, "documents cross the slice edges of rows"
     ranks = launch(topology, ISP_TOPOLOGIES[topology], train_folder, tmp_path)
     assert sum(rank["results"][v.name]["metrics"] is not None for rank in ranks for v in ISP_TOPOLOGIES[topology]) \
         == len(ISP_TOPOLOGIES[topology]), "exactly one rank logs each run"
     for rank in ranks:
-        row = rank["rank"] // sp
-        assert rank["groups"] == {"tensor": [rank["rank"]], "pipe": [rank["rank"]], "data": list(range(sp * dp)),
-                                  "isp": list(range(row * sp, (row + 1) * sp))}
+        assert rank["groups"] == expected_isp_groups(rank["rank"], topology)
         for variant in ISP_TOPOLOGIES[topology]:
             result = rank["results"][variant.name]
             assert_same_training(reference[variant.kv_heads], result, f"rank {rank['rank']} {variant.name}")
             for ref_entry, entry in zip(reference[variant.kv_heads]["metrics"], result["metrics"] or []):
                 assert entry["num_consumed_tokens"] == ref_entry["num_consumed_tokens"]
                 # a step's real tokens, each counted once, over all ranks and the step's time
-                assert entry["tgs"] == pytest.approx(ROWS_PER_STEP * ROWS_TOKENS / (sp * dp) / entry["fwd_bwd_time"],
-                                                     rel=0.05)
+                assert entry["tgs"] == pytest.approx(
+                    ROWS_PER_STEP * ROWS_TOKENS / (sp * pp * dp) / entry["fwd_bwd_time"], rel=0.05)
+            if result["received"] is not None:  # a later pipeline stage gets this rank's token slice
+                assert result["received"] == [[1, ROWS_TOKENS // sp, MODEL["hidden_size"]], [1, ROWS_TOKENS]]
+    assert (pp > 1) == any(rank["results"][v.name]["received"] for rank in ranks for v in ISP_TOPOLOGIES[topology])
+
+
+def expected_isp_groups(rank: int, topology: tuple) -> dict:
+    """InternEvo's isp layout: global_rank = dp_rank * (pp * sp) + pp_rank * sp + sp_rank (a stage's isp ranks
+    consecutive); DeepSpeed's data-parallel group is every rank holding the stage's weights, dp x sp."""
+    sp, pp, dp = topology
+    dp_rank, pp_rank, sp_rank = rank // (pp * sp), (rank // sp) % pp, rank % sp
+    at = lambda d, p, s: d * pp * sp + p * sp + s  # noqa: E731
+    return {"tensor": [rank], "pipe": [at(dp_rank, p, sp_rank) for p in range(pp)],
+            "data": [at(d, pp_rank, s) for d in range(dp) for s in range(sp)],
+            "isp": [at(dp_rank, pp_rank, s) for s in range(sp)]}
 
 
 # ------------------------------------------------------------------------------------- weights and the loss op
