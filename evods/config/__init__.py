@@ -16,6 +16,7 @@ from .deepspeed_config import (
 from .errors import ConfigError
 from .loader import ConfigSource, load_config_file
 from .schema import (
+    CKPT_TYPES,
     SNAPSHOT_FOLDER,
     AdamConfig,
     AlertConfig,
@@ -40,7 +41,7 @@ from .schema import (
 
 __all__ = [
     "AdamConfig", "AlertConfig", "Beta2SchedulerConfig", "CkptConfig", "ConfigError", "ConfigSource", "CPU_FP16_ENV",
-    "DataConfig", "Fp16ScaleConfig", "GradScalerConfig", "HybridZeroConfig", "LoadCkptInfo", "LossConfig",
+    "CKPT_TYPES", "DataConfig", "Fp16ScaleConfig", "GradScalerConfig", "HybridZeroConfig", "LoadCkptInfo", "LossConfig",
     "LrSchedulerConfig", "ModelConfig", "MonitorConfig", "ParallelConfig", "PipelineConfig", "SNAPSHOT_FOLDER",
     "TensorConfig", "TrainConfig", "adamw_kwargs", "build_deepspeed_config", "check_device", "check_topology",
     "cpu_fp16_forced", "load_config", "load_config_file", "parse_config", "reduce_bucket_elements",

@@ -144,6 +144,10 @@ class DataConfig:
 
 
 CKPT_CONTENT = {"model", "sampler", "optimizer", "scheduler", "all"}
+# load_ckpt_info's ckpt_type, checked when the config loads (before any process group starts): "evods"; a Hugging
+# Face folder (evods.checkpoint.formats.hf_start: "hf_llama" and "hf_model", InternEvo's LOAD_FUNC_DICT names, and "hf",
+# its newer one); InternEvo's native layouts (evods.checkpoint.resume.plan.NATIVE_LAYOUTS)
+CKPT_TYPES = ("evods", "hf", "hf_llama", "hf_model", "internlm", "internevo", "internlm2_test", "llama")
 # The snapshots of a run live in this folder of its save_ckpt_folder, where auto_resume looks for them beside the
 # normal checkpoints (evods.checkpoint.layout); ckpt.snapshot_ckpt_folder can only name that folder.
 SNAPSHOT_FOLDER = "snapshot"
@@ -162,7 +166,7 @@ class LoadCkptInfo:
     content: tuple = key(Rule('a non-empty tuple of "model", "sampler", "optimizer", "scheduler" or "all"',
                               lambda v: isinstance(v, tuple) and bool(v) and set(v) <= CKPT_CONTENT),
                          ("model",), coerce=_as_tuple)
-    ckpt_type: str = key(STR, "internlm")
+    ckpt_type: str = key(_one_of(*CKPT_TYPES), "internlm")
 
 
 @dataclass(kw_only=True)

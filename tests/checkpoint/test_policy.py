@@ -1,11 +1,16 @@
 """When saves happen, which checkpoint auto_resume picks, and the load_ckpt_info errors (issue: checkpoints)."""
 import json
+import re
 
 import pytest
 
 from evods.checkpoint import CheckpointError, SavePolicy, StopFile, choose_load_plan, latest_checkpoint
+from evods.checkpoint.formats.hf_start import HF_CKPT_TYPES
+from evods.checkpoint.resume.plan import NATIVE_LAYOUTS
+from evods.config import CKPT_TYPES, ConfigError, load_config
 from evods.storage import LocalStorage
 from testkit.train_configs import tiny_config
+from tests.config.test_internevo import TINY
 
 
 def decisions(policy: SavePolicy, steps) -> list:
@@ -65,13 +70,27 @@ def test_auto_resume_overrides_load_ckpt_info_and_says_so(tmp_path):
 @pytest.mark.parametrize("info, words", [
     (dict(content=("model", "optimizer"), ckpt_type="hf"), "holds model weights only"),
     (dict(content=("all",), ckpt_type="internlm"), "not an InternEvo native checkpoint"),
-    (dict(content=("model",), ckpt_type="megatron"), "unknown"),
     (dict(content=("all",), ckpt_type="evods"), "not an evods checkpoint"),
 ])
 def test_load_ckpt_info_mistakes_are_clear_errors(tmp_path, info, words):
     ckpt = ckpt_config(enable_save_ckpt=False, load_ckpt_info=dict(path=str(tmp_path), **info))
     with pytest.raises(CheckpointError, match=words):
         choose_load_plan(ckpt, None)
+
+
+def test_a_ckpt_type_typo_is_refused_when_the_config_loads(tmp_path):
+    """Before any process group starts (a 1000-rank job would otherwise start every rank to fail)."""
+    (tmp_path / "cfg.py").write_text(TINY + f"ckpt = dict(load_ckpt_info=dict(path={str(tmp_path)!r}, "
+                                            "content=('model',), ckpt_type='hf_lama'))\n")
+    with pytest.raises(ConfigError) as refused:
+        load_config(tmp_path / "cfg.py")
+    assert re.fullmatch(r".*cfg\.py:\d+: ckpt\.load_ckpt_info\.ckpt_type must be one of 'evods', 'hf', 'hf_llama', "
+                        r"'hf_model', 'internlm', 'internevo', 'internlm2_test', 'llama', got 'hf_lama'.*",
+                        str(refused.value)), str(refused.value)
+
+
+def test_every_ckpt_type_the_config_accepts_has_a_reader():
+    assert set(CKPT_TYPES) == {"evods", *HF_CKPT_TYPES, *NATIVE_LAYOUTS}
 
 
 def test_an_evods_checkpoint_without_marker_is_refused(tmp_path):

@@ -29,7 +29,6 @@ ALL_CONTENT = frozenset({"model", "sampler", "optimizer", "scheduler"})
 # for InternEvo's LLaMA-family names (revert_internlm.py, its LLaMA models), whose MLP naming the weight shapes show.
 NATIVE_LAYOUTS = {"internlm": ("internlm", "v1"), "internevo": (None, "v2"), "internlm2_test": ("internlm2", "v2"),
                   "llama": ("llama", None)}
-CKPT_TYPES = ("evods", *HF_CKPT_TYPES, *NATIVE_LAYOUTS)
 MODEL_ONLY_NATIVE = ("llama", "internlm2_test")  # InternEvo's LOAD_FUNC_DICT entries: model weights only
 # The config fields that give the parameters their shapes: a checkpoint loads only into a model that agrees on all.
 MODEL_SHAPE_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
@@ -129,8 +128,6 @@ def _checked(plan: LoadPlan) -> LoadPlan:
         raise CheckpointError(f"{plan.reason} path {plan.path} does not exist: give the folder of one checkpoint "
                               "(e.g. save_ckpt_folder/100)")
     is_evods = storage.exists(layout.TOPOLOGY)
-    if plan.ckpt_type not in CKPT_TYPES:
-        raise CheckpointError(f"ckpt.load_ckpt_info ckpt_type={plan.ckpt_type!r} is unknown; use one of {CKPT_TYPES}")
     if plan.is_hf and plan.content != {"model"}:
         raise CheckpointError(f"an HF folder ({plan.path}) holds model weights only: set content=('model',) "
                               f"instead of {tuple(sorted(plan.content))}")
