@@ -11,9 +11,12 @@ via safetensors' get_slice). Per rank:
   imports of torch, transformers, DeepSpeed and the process groups, which are not the model's);
 - load time (the `load_rank_parts` call), the ranks taking turns (the bench machine has fewer cores than ranks), and
   the part of it spent in safetensors' reads (get_slice / get_tensor), the rest being checks and the copies into
-  the model's parameters.
+  the model's parameters;
+- the load and then a first pass over every parameter it holds (a sum): where the parameters are views of the
+  files' mappings (both evods and transformers keep them so), the pages are read from the page cache only then.
 Against: the folder's weight bytes (the whole model) and `LlamaForCausalLM.from_pretrained` of the same folder in one
-process (fp32, one thread, as each rank). Peak RSS counts the safetensors pages mapped and touched.
+process (fp32, one thread, as each rank), timed the same two ways. Peak RSS counts the safetensors pages mapped and
+touched.
 
     OMP_NUM_THREADS=1 python bench/bench_hf_start.py
 """
@@ -79,10 +82,21 @@ def load_part(folder: str) -> dict:
             start = time.perf_counter()
             hf_start.load_rank_parts(model, folder, part, folder)
             seconds = time.perf_counter() - start
+            touch_all(model)
+            touched = time.perf_counter() - start
     dist.barrier()
-    return {"rank": rank, "tp_rank": tp_rank, "pp_rank": pp_rank, "seconds": seconds, "read": read_bytes,
+    return {"rank": rank, "tp_rank": tp_rank, "pp_rank": pp_rank, "seconds": seconds, "touched": touched,
+            "read": read_bytes,
             "read_seconds": read_seconds, "peak": peak_rss(), "model_growth": peak_rss() - before_model,
             "built": parameter_bytes(model), "torch_threads": torch.get_num_threads()}
+
+
+def touch_all(model) -> float:
+    """Read every byte of the parameters the process holds (a tied one once)."""
+    import torch
+
+    with torch.no_grad():
+        return sum(float(param.sum()) for param in model.parameters() if not param.is_meta)
 
 
 def from_pretrained(folder: str) -> dict:
@@ -91,8 +105,11 @@ def from_pretrained(folder: str) -> dict:
 
     before = peak_rss()
     start = time.perf_counter()
-    LlamaForCausalLM.from_pretrained(folder, dtype=torch.float32)
-    return {"seconds": time.perf_counter() - start, "peak": peak_rss(), "load_growth": peak_rss() - before}
+    model = LlamaForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    seconds = time.perf_counter() - start
+    touch_all(model)
+    return {"seconds": seconds, "touched": time.perf_counter() - start, "peak": peak_rss(),
+            "load_growth": peak_rss() - before}
 
 
 def main(argv=None) -> int:
@@ -115,20 +132,22 @@ def main(argv=None) -> int:
                            key=lambda r: r["seconds"])[args.rounds // 2]
     print(f"folder: {whole / MiB:.0f} MiB of fp32 weights in {shards} shards\n")
     print("| rank (tp, pp) | parameters built | read from the folder | peak RSS at the end | of it above the RSS "
-          "before the model | load time (of it in reads) |")
-    print("|---|---|---|---|---|---|")
+          "before the model | load time (of it in reads) | load and a first pass over the parameters |")
+    print("|---|---|---|---|---|---|---|")
     for r in ranks:
         cells = [f"{r['rank']} ({r['tp_rank']}, {r['pp_rank']})"]
         cells += [f"{r[key] / MiB:.0f} MiB ({r[key] / whole:.2f}x)"
                   for key in ("built", "read", "peak", "model_growth")]
         cells.append(f"{r['seconds']:.3f} s ({r['read_seconds']:.3f} s)")
+        cells.append(f"{r['touched']:.3f} s")
         print(f"| {' | '.join(cells)} |")
-    slowest = max(r["seconds"] for r in ranks)
     print(f"| from_pretrained, 1 process | {whole / MiB:.0f} MiB (1.00x) | {whole / MiB:.0f} MiB (1.00x) | "
           f"{reference['peak'] / MiB:.0f} MiB ({reference['peak'] / whole:.2f}x) | "
           f"{reference['load_growth'] / MiB:.0f} MiB ({reference['load_growth'] / whole:.2f}x) | "
-          f"{reference['seconds']:.3f} s |")
-    print(f"\nslowest rank's load / from_pretrained: {slowest / reference['seconds']:.2f}x")
+          f"{reference['seconds']:.3f} s | {reference['touched']:.3f} s |")
+    for key, what in (("seconds", "load"), ("touched", "load and first pass")):
+        slowest = max(r[key] for r in ranks)
+        print(f"\nslowest rank's {what} / from_pretrained's: {slowest / reference[key]:.2f}x")
     return 0
 
 

@@ -5,6 +5,7 @@ packed rows at every (tp, pp), and the next steps too: the tied output head (Lla
 parameter of vocabulary rows) and pipelines (DeepSpeed's TiedLayerSpec, its gradient summed over the first and last
 stage); an export after 0 steps gives the source's weights bit for bit; bad folders are one line before anything is
 built. Tiny fp32 models on CPU, the four layouts in one 4-rank launch."""
+import hashlib
 import json
 import math
 from pathlib import Path
@@ -150,7 +151,11 @@ def folders(tmp_path_factory) -> dict:
     root = tmp_path_factory.mktemp("hf_llama")
     write_llama_folder(root / "tied", tie=True)
     relabel_as_qwen2(root / "qwen")
-    return {"tied": str(root / "tied"), "qwen": str(root / "qwen")}
+    return {"tied": str(root / "tied"), "qwen": str(root / "qwen"), "tied_digests": folder_digests(root / "tied")}
+
+
+def folder_digests(folder: Path) -> dict:
+    return {path.name: hashlib.sha256(path.read_bytes()).hexdigest() for path in sorted(folder.iterdir())}
 
 
 def relabel_as_qwen2(folder: Path) -> None:
@@ -165,6 +170,12 @@ def relabel_as_qwen2(folder: Path) -> None:
 def started(folders, tmp_path_factory) -> tuple[Path, list[dict]]:
     run_root = tmp_path_factory.mktemp("runs")
     return run_root, run_distributed(start_from_hf, 4, (folders, str(run_root)), timeout=600)
+
+
+def test_training_from_the_folder_leaves_it_as_it_was(folders, started):
+    """The ranks' parameters start as views of the safetensors files' private mappings (hf_start.SafetensorsFolder):
+    after every layout has trained from the folder, its files are byte for byte what save_pretrained wrote."""
+    assert folder_digests(Path(folders["tied"])) == folders["tied_digests"]
 
 
 def test_the_folder_is_sharded_with_one_copy_of_the_tied_weight(folders):

@@ -23,7 +23,7 @@ from safetensors import safe_open
 
 from evods.model.lora import is_lora_parameter
 from evods.parallel import TensorParallelSplit, pipeline_layer_index
-from evods.parallel.zero import full_shape, gathered
+from evods.parallel.zero import full_shape, gathered, is_sharded
 
 from ..errors import CheckpointError
 from ..layout import MODEL_CONFIG, join
@@ -85,7 +85,14 @@ class RankPart:
 
 
 class SafetensorsFolder(contextlib.ExitStack):
-    """The tensors of a folder's safetensors files, open for reading by part."""
+    """The tensors of a folder's safetensors files, open for reading by part.
+
+    What `read` returns is a view of the file's private (copy-on-write) memory mapping, as safetensors' get_slice
+    gives it: its pages are read when first touched, and writing to it never reaches the file. A parameter can take
+    it as its storage (`mapped`), as transformers' from_pretrained does, instead of copying it into fresh memory.
+    """
+
+    mapped = True
 
     def __init__(self, folder: str):
         super().__init__()
@@ -115,6 +122,8 @@ class SafetensorsFolder(contextlib.ExitStack):
 
 class WholeWeights(contextlib.ExitStack):
     """Weights already read whole, sliced the same way."""
+
+    mapped = False  # a slice is a view that would keep the whole weight in memory: copy it
 
     def __init__(self, weights: dict[str, torch.Tensor]):
         super().__init__()
@@ -166,9 +175,17 @@ def load_rank_parts(model: torch.nn.Module, folder: str, rank: RankPart, source:
                           wrong_shape, source)
         with torch.no_grad():
             for name in held:
-                tensor = expected[name]
+                tensor, stored = expected[name], weights.read(source_of[name] or name, parts[name])
+                if weights.mapped and tensor.requires_grad and not is_sharded(tensor):
+                    # The mapped slice becomes the parameter's storage (a contiguous one as it is; a row-parallel
+                    # weight's column slice, or another dtype, copied once): no second copy of the part into fresh
+                    # memory. DeepSpeed's ZeRO-1/2 optimizer copies every trainable parameter into its flat buffers
+                    # when the engine is built, which ends the mapping. A frozen one (a LoRA base) would keep it for
+                    # the whole run, exposed to the folder being rewritten: copied.
+                    tensor.data = stored.to(tensor.dtype).contiguous()
+                    continue
                 with gathered([tensor], modifier_rank=0):
-                    tensor.data.copy_(weights.read(source_of[name] or name, parts[name]))
+                    tensor.data.copy_(stored)
 
 
 def _part(rank: RankPart, name: str, full_shape: tuple, source: str) -> tuple[int, int, int] | None:
