@@ -10,7 +10,8 @@ For each rank count (1; 2 with isp 2; 4 with isp 4), one launch:
   every exchange, forward and backward);
 - the search: each tried length is one real step under torch's memory profiler; its peak is the bytes held before
   the step plus the highest sum of allocations minus frees within it (testkit/allocations.py), the largest over the
-  ranks; it fits when that is under the cap. Doubling from 64 tokens, then bisection on multiples of 64.
+  ranks; it fits when that is under the cap. Doubling from 64 tokens (`--start_tokens`), then bisection on
+  multiples of 64 (`--granularity`).
 
     OMP_NUM_THREADS=1 flock /tmp/evods-heavy.lock python bench/bench_isp.py --cap_mib 2600 [--ranks 1 2 4]
 """
@@ -83,7 +84,8 @@ def all_to_all_timer():
     return spent
 
 
-def search(cap_mib: int, time_row: int, timed_steps: int) -> dict:
+def search(cap_mib: int, time_row: int, timed_steps: int, start_tokens: int = STEP, granularity: int = STEP,
+           max_tokens: int = 2**20) -> dict:
     """One launch's rank: warm-up, the timed steps on `time_row` (if any), then the search (cap_mib 0: none)."""
     import torch
     import torch.distributed as dist
@@ -122,11 +124,14 @@ def search(cap_mib: int, time_row: int, timed_steps: int) -> dict:
     if not cap_mib:
         return result
     cap = cap_mib * MiB
-    fits, fails = 0, STEP
+    fits, fails = 0, start_tokens
     while peak_of(fails) <= cap:
-        fits, fails = fails, fails * 2
-    while fails - fits > STEP:
-        middle = (fits + fails) // 2 // STEP * STEP
+        fits, fails = fails, min(fails * 2, max_tokens)
+        if fits == max_tokens:  # a lower bound: the search tries nothing longer
+            result["longest"], result["at_least"] = fits, True
+            return result
+    while fails - fits > granularity:
+        middle = (fits + fails) // 2 // granularity * granularity
         if peak_of(middle) <= cap:
             fits = middle
         else:
@@ -143,12 +148,21 @@ def main():
     parser.add_argument("--time_row", type=int, default=1024, help="the row timed at 1 rank and at isp 2 (0: none)")
     parser.add_argument("--timed_steps", type=int, default=2)
     parser.add_argument("--timeout", type=int, default=900, help="seconds per launch")
+    parser.add_argument("--start_tokens", type=int, default=STEP,
+                        help="the first length the doubling tries (a multiple of 64; larger skips the short steps)")
+    parser.add_argument("--max_tokens", type=int, default=2**20,
+                        help="the longest row tried (the host's memory holds every rank's step, and torch's memory "
+                             "profiler's records of it); fitting there, the result is a lower bound")
+    parser.add_argument("--granularity", type=int, default=STEP,
+                        help="the bisection's step in tokens (a multiple of 64; the longest row is exact to it)")
     args = parser.parse_args()
     results = {}
     for ranks in args.ranks:
         begin = time.monotonic()
         time_row = args.time_row if ranks <= 2 else 0
-        results[ranks] = run_distributed(search, world=ranks, args=(args.cap_mib, time_row, args.timed_steps),
+        results[ranks] = run_distributed(search, world=ranks, args=(args.cap_mib, time_row, args.timed_steps,
+                                                                    args.start_tokens, args.granularity,
+                                                                    args.max_tokens),
                                          timeout=args.timeout)
         tried = ", ".join(f"{t}: {p / MiB:.0f}" for t, p in results[ranks][0]["tried"].items())
         print(f"{ranks} rank(s), {time.monotonic() - begin:.0f} s; tried (tokens: peak MiB) {tried}", flush=True)
@@ -162,9 +176,11 @@ def main():
     for ranks, per_rank in results.items() if args.cap_mib else ():
         held = max(r["held"] for r in per_rank) / MiB
         longest = per_rank[0]["longest"]
-        ratio = f"{longest / base:.2f}x" if base else "-"
+        at_least = "≥ " if per_rank[0].get("at_least") else ""
+        ratio = f"{at_least}{longest / base:.2f}x" if base else "-"
         peak = f"{per_rank[0]['tried'][longest] / MiB:.0f}" if longest else "-"
-        print(f"| {ranks} | {ranks if ranks > 1 else '-'} | {held:.0f} | {longest or 'none'} | {peak} | {ratio} |")
+        print(f"| {ranks} | {ranks if ranks > 1 else '-'} | {held:.0f} | {at_least}{longest or 'none'} | {peak} | "
+              f"{ratio} |")
     if args.time_row and 1 in results and 2 in results:
         print(f"\n| ranks | row | s/step (fastest of {args.timed_steps}, slowest rank) | tokens per rank | "
               "s per 1k tokens per rank | vs 1 rank | all-to-all share |")
