@@ -8,9 +8,9 @@ is what ZeRO-1 needs from `mpu` for a plain module; a PipelineModule builds its 
 Under isp (`layout.sp` > 1) the sp ranks of a row at a pipeline stage hold the same weights, so DeepSpeed's "data"
 axis is all dp × sp ranks (its data-parallel group averages their gradients, ZeRO shards over them); `LayoutTopology`
 keeps the isp ranks consecutive in the global numbering all the same. The isp group of each row is built beside the
-grid. The grid does
-not name it `get_sequence_parallel_group`: DeepSpeed reads that name (deepspeed/utils/groups.py) to run its own
-sequence-data-parallel gradient averaging, which evods does not ask for (the loss carries the scaling, ulysses.py).
+grid. The grid does not name it `get_sequence_parallel_group`: DeepSpeed reads that name (deepspeed/utils/groups.py)
+to run its own sequence-data-parallel gradient averaging, which evods does not ask for (the loss carries the scaling,
+ulysses.py).
 """
 import torch.distributed as dist
 from deepspeed.runtime.pipe.topology import PipelineParallelGrid, ProcessTopology
