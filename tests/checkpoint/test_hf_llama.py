@@ -36,7 +36,14 @@ MODEL = dict(num_layers=4, hidden_size=64, num_attention_heads=4, num_kv_attenti
              embed_split_hidden=False)
 STEPS = 2
 ROWS, TOKENS = 2, 16  # packed rows of the first step, one document each
-LAYOUTS = [(1, 1), (2, 1), (1, 2), (2, 2)]  # (tp, pp) on 4 ranks; the data-parallel size fills the rest
+# (tensor, pp) on 4 ranks, the data-parallel size filling the rest; isp 2 under a pipeline: the tied embedding's two
+# ends see the whole row (the first stage's embedding) and this rank's tokens (the last stage's head)
+ISP2 = dict(size=2, mode="isp")
+LAYOUTS = [(1, 1), (2, 1), (1, 2), (2, 2), (ISP2, 2)]
+
+
+def layout_name(tensor, pp: int) -> str:
+    return f"isp{tensor['size']}_pp{pp}" if isinstance(tensor, dict) else f"tp{tensor}_pp{pp}"
 EXPORTED_LAYOUT = (2, 2)
 SHARD_SIZE = "40KB"  # several safetensors shards for the tiny model
 
@@ -74,7 +81,7 @@ def transformers_loss(folder: Path) -> float:
     return float(torch.stack([F.cross_entropy(logits[row], batch["labels"][row]) for row in range(ROWS)]).mean())
 
 
-def run_config(tp: int, pp: int, folder: str, tie: bool = True, ckpt_type: str = "hf_llama",
+def run_config(tp: int | dict, pp: int, folder: str, tie: bool = True, ckpt_type: str = "hf_llama",
                content: tuple = ("model",), zero_stage: int = 1, **ckpt):
     return tiny_config(model_type="LLAMA2", model=dict(MODEL, tie_word_embeddings=tie),
                        data=dict(seq_len=TOKENS, micro_bsz=1, micro_num=ROWS, total_steps=STEPS),
@@ -120,7 +127,7 @@ def start_from_hf(folders: dict, run_root: str) -> dict:
     except CheckpointError as error:
         results["refused"] = str(error)
     for tp, pp in LAYOUTS:
-        name = f"tp{tp}_pp{pp}"
+        name = layout_name(tp, pp)
         saves = dict(save_ckpt_folder=f"local:{run_root}/{name}/ckpt") if (tp, pp) == EXPORTED_LAYOUT else {}
         reads.append((name, []))
         trainer = Trainer(run_config(tp, pp, folders["tied"], **saves), run_dir=Path(run_root) / name / "run")
@@ -191,7 +198,7 @@ def test_first_step_loss_equals_transformers_and_training_goes_on_alike_at_every
     reference = ranks[0]["losses"]["tp1_pp1"]
     assert reference[1][0] < reference[0][0]  # the step moved the weights
     for tp, pp in LAYOUTS:
-        name = f"tp{tp}_pp{pp}"
+        name = layout_name(tp, pp)
         for rank in ranks:
             steps = rank["losses"][name]
             assert math.isclose(steps[0][0], expected, rel_tol=1e-5), (name, rank["rank"], steps[0][0], expected)
