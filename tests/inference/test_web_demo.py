@@ -16,6 +16,7 @@ from urllib.parse import urlparse
 
 import pytest
 from selenium import webdriver
+from selenium.common.exceptions import TimeoutException
 from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
 from selenium.webdriver.common.keys import Keys
@@ -214,16 +215,25 @@ def test_chat_streams_and_the_ntk_switch_changes_the_next_reply(demo_urls, brows
     assert requested_hosts(browser) == {"127.0.0.1"}
 
 
+def wait_for_reply(driver, longer_than: int, what: str) -> None:
+    """Until the reply being written is longer than `longer_than` characters; a timeout says where it stood."""
+    try:
+        WebDriverWait(driver, REPLY_TIMEOUT).until(lambda d: reply_length(d) > longer_than)
+    except TimeoutException:
+        pytest.fail(f"{what}: the reply has {reply_length(driver)} characters after {REPLY_TIMEOUT} s (waited for "
+                    f"more than {longer_than}); status {status(driver)!r}")
+
+
 def test_typing_while_a_reply_streams_stays_and_stop_and_clear_end_a_reply(demo_urls, browser):
     open_page(browser, demo_urls[0])
     set_max_new_tokens(browser, 5000)  # a reply that streams for a while
     question_box(browser).send_keys("Tell me a long story", Keys.ENTER)
-    WebDriverWait(browser, REPLY_TIMEOUT).until(lambda d: reply_length(d) > 20)
+    wait_for_reply(browser, 20, "the reply starts")
     document = browser.find_element(By.CSS_SELECTOR, "#document textarea")
     question_box(browser).send_keys("typed while it streams")
     document.send_keys("a document typed meanwhile")
     typed_at = reply_length(browser)
-    WebDriverWait(browser, REPLY_TIMEOUT).until(lambda d: reply_length(d) > typed_at + 40)  # tokens kept coming
+    wait_for_reply(browser, typed_at + 40, "tokens keep coming while the boxes are typed in")
     assert question_box(browser).get_attribute("value") == "typed while it streams"
     assert document.get_attribute("value") == "a document typed meanwhile"
     assert status(browser).startswith("generating")
