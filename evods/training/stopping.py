@@ -94,6 +94,9 @@ class GracefulStop:
         self.requested_at: float | None = None  # when this rank got the signal, or learnt of another rank's
         self._saved = threading.Event()
         self._closed = threading.Event()
+        # One stop start, whoever sees the cause first: the signal handler and agreed() (main thread) or the launcher
+        # watch. Reentrant, because a signal handler runs in the main thread, which may hold it.
+        self._starting = threading.RLock()
         self._timer: threading.Timer | None = None
         self._previous = {sig: signal.signal(sig, self._request) for sig in (signal.SIGTERM, signal.SIGINT)}
         self._launchers = launcher_processes() if launchers is None else launchers
@@ -101,26 +104,34 @@ class GracefulStop:
             threading.Thread(target=self._watch_launchers, name="evods-launcher-watch", daemon=True).start()
 
     def _request(self, signum, _frame) -> None:
-        if self.requested_at is not None:
+        with self._starting:
+            if self.requested_at is not None:
+                if self.speaks:
+                    logger.warning("received %s again: already stopping (the checkpoint is being written)",
+                                   signal.Signals(signum).name)
+                return
             if self.speaks:
-                logger.warning("received %s again: already stopping (the checkpoint is being written)",
+                logger.warning("received %s: finishing this step, then saving a checkpoint and stopping",
                                signal.Signals(signum).name)
-            return
-        if self.speaks:
-            logger.warning("received %s: finishing this step, then saving a checkpoint and stopping",
-                           signal.Signals(signum).name)
-        self._start_clock()
+            self._start_clock()
 
     def _watch_launchers(self) -> None:
         while not self._closed.wait(WATCH_EVERY_S):
-            gone = next((process for process in self._launchers if _is_gone(process)), None)
-            if gone is not None:
-                if self.requested_at is None:
-                    if self.speaks:
-                        logger.warning("the launcher that started this job (pid %d) is gone: finishing this step, "
-                                       "then saving a checkpoint and stopping", gone.pid)
-                    self._start_clock(kill_coming=False)
+            if self._stop_if_a_launcher_is_gone():
                 return
+
+    def _stop_if_a_launcher_is_gone(self) -> bool:
+        """Start the stop, saying why, when a launcher above this rank is gone (no kill follows); whether one is."""
+        gone = next((process for process in self._launchers if _is_gone(process)), None)
+        if gone is None:
+            return False
+        with self._starting:
+            if self.requested_at is None:
+                if self.speaks:
+                    logger.warning("the launcher that started this job (pid %d) is gone: finishing this step, "
+                                   "then saving a checkpoint and stopping", gone.pid)
+                self._start_clock(kill_coming=False)
+        return True
 
     def _start_clock(self, kill_coming: bool = True) -> None:
         self.requested_at = time.monotonic()
@@ -148,7 +159,12 @@ class GracefulStop:
         if dist.is_initialized():
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         if flag.item() and not self.requested:
-            self._start_clock()
+            # Another rank stopped first. Its cause is this rank's too when it is a launcher both share (the ranks of
+            # a node have the same ones): said here then, so that the logging rank's log says why it stops.
+            if not self._stop_if_a_launcher_is_gone():
+                with self._starting:
+                    if self.requested_at is None:
+                        self._start_clock()
         return bool(flag.item())
 
     def saved(self, what: str) -> None:

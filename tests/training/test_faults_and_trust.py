@@ -227,6 +227,47 @@ def test_a_stop_that_is_not_saved_in_time_says_so_before_the_launcher_kills(capl
     assert "its checkpoint is not complete yet: launchers kill the ranks about 0 s after" in caplog.text
 
 
+def hear_of_a_gone_launcher_from_the_other_rank() -> dict:
+    """Both ranks' launcher is gone; rank 1's watch sees it at once, the logging rank 0's would only in an hour:
+    rank 0 learns of the stop from the ranks' agreement."""
+    import subprocess
+    import time
+
+    import psutil
+    import torch.distributed as dist
+
+    from evods.training import stopping
+
+    dist.init_process_group("gloo")
+    rank = dist.get_rank()
+    finished = subprocess.Popen(["true"])
+    launcher = psutil.Process(finished.pid)
+    finished.wait()
+    stopping.WATCH_EVERY_S = 3600 if rank == 0 else 0.01
+    said = []
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = lambda record: said.append(record.getMessage())
+    logging.getLogger("evods").addHandler(handler)
+    stop = stopping.GracefulStop(speaks=rank == 0, launchers=[launcher])
+    deadline = time.monotonic() + 30
+    while rank == 1 and not stop.requested and time.monotonic() < deadline:
+        time.sleep(0.01)
+    dist.barrier()
+    agreed = stop.agreed()
+    stop.close()
+    return {"rank": rank, "agreed": agreed, "said": said, "pid": launcher.pid}
+
+
+def test_the_logging_rank_says_the_launcher_is_gone_when_another_rank_saw_it_first():
+    """A stop is agreed at a step's end; the logging rank, told of it by another rank, says why when the cause is
+    its own launcher too (the ranks of a node share them), and says it once."""
+    ranks = sorted(run_distributed(hear_of_a_gone_launcher_from_the_other_rank, 2, ()), key=lambda r: r["rank"])
+    assert [rank["agreed"] for rank in ranks] == [True, True]
+    assert ranks[0]["said"] == [f"the launcher that started this job (pid {ranks[0]['pid']}) is gone: finishing "
+                                "this step, then saving a checkpoint and stopping"]
+    assert ranks[1]["said"] == []  # not a logging rank
+
+
 # ------------------------------------------------------------------------------------------ hostile files
 
 
