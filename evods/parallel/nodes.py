@@ -74,14 +74,16 @@ def _span(values: list[int]) -> str:
 
 
 def describe_layout(nodes: NodeLayout, layout: ParallelLayout) -> str:
-    """One line: each node's ranks and the data, pipeline and tensor ranks they hold (InternEvo's layout)."""
+    """One line: each node's ranks and the data, pipeline and tensor (or isp) ranks they hold (InternEvo's layout)."""
     world = len(nodes.node_of_rank)
     parts = []
     for node in range(min(nodes.num_nodes, _NODES_SHOWN)):
         ranks = nodes.ranks_on(node)
         placed = [layout.at(rank) for rank in ranks]
+        row = f"isp {_span([p.sp_rank for p in placed])}" if layout.sp > 1 else \
+            f"tp {_span([p.tp_rank for p in placed])}"
         parts.append(f"node {node} = ranks {_span(ranks)} (dp {_span([p.dp_rank for p in placed])}, "
-                     f"pp {_span([p.pp_rank for p in placed])}, tp {_span([p.tp_rank for p in placed])})")
+                     f"pp {_span([p.pp_rank for p in placed])}, {row})")
     if nodes.num_nodes > _NODES_SHOWN:
         parts.append(f"and {nodes.num_nodes - _NODES_SHOWN} more nodes")
     return f"{nodes.num_nodes} nodes, {world} ranks: " + "; ".join(parts)

@@ -227,26 +227,31 @@ def test_two_nodes_resume_on_one_and_one_node_on_two(story):
     assert [output.count(CONVERTING) for output in story["regrown"].outputs] == [1, 1]
 
 
-@pytest.mark.parametrize("tp, pp, expected", [
-    (2, 1, "node 0 = ranks 0-1 (dp 0, pp 0, tp 0-1); node 1 = ranks 2-3 (dp 1, pp 0, tp 0-1)"),
-    (1, 2, "node 0 = ranks 0-1 (dp 0, pp 0-1, tp 0); node 1 = ranks 2-3 (dp 1, pp 0-1, tp 0)"),
+# (tp, pp, sp) on 2 nodes of 2 ranks: the layout line, and DeepSpeed's axes whose groups stay inside a node / span
+# both (under isp, DeepSpeed's data axis is the isp ranks of a stage)
+@pytest.mark.parametrize("tp, pp, sp, expected, inside, across", [
+    (2, 1, 1, "node 0 = ranks 0-1 (dp 0, pp 0, tp 0-1); node 1 = ranks 2-3 (dp 1, pp 0, tp 0-1)", ["model", "pipe"],
+     ["data"]),
+    (1, 2, 1, "node 0 = ranks 0-1 (dp 0, pp 0-1, tp 0); node 1 = ranks 2-3 (dp 1, pp 0-1, tp 0)", ["model", "pipe"],
+     ["data"]),
+    (1, 2, 2, "node 0 = ranks 0-1 (dp 0, pp 0, isp 0-1); node 1 = ranks 2-3 (dp 0, pp 1, isp 0-1)",
+     ["model", "data"], ["pipe"]),
 ])
-def test_layout_of_two_nodes_of_two_ranks(tp, pp, expected):
-    from deepspeed.runtime.pipe.topology import ProcessTopology
+def test_layout_of_two_nodes_of_two_ranks(tp, pp, sp, expected, inside, across):
+    from evods.parallel import build_process_topology
 
     nodes = NodeLayout(0, (0, 0, 1, 1), ("a:/tmp", "b:/tmp"))
-    assert describe_layout(nodes, parallel_layout(0, 4, pp, tp)) == f"2 nodes, 4 ranks: {expected}"
-    assert tensor_groups_across_nodes(nodes, tp) == []
-    # DeepSpeed's groups over InternEvo's layout: tensor groups inside a node, the other axes across
-    topology = ProcessTopology(axes=["data", "pipe", "model"], dims=[4 // (tp * pp), pp, tp])
+    layout = parallel_layout(0, 4, pp, tp, sp)
+    assert describe_layout(nodes, layout) == f"2 nodes, 4 ranks: {expected}"
+    assert tensor_groups_across_nodes(nodes, tp * sp) == []
+    # evods' DeepSpeed topology (mpu.LayoutTopology) places every rank where InternEvo's layout does
+    topology = build_process_topology(layout)
     for rank in range(4):
-        coord = topology.get_coord(rank)
-        placed = parallel_layout(rank, 4, pp, tp)
-        assert (coord.data, coord.pipe, coord.model) == (placed.dp_rank, placed.pp_rank, placed.tp_rank)
+        coord, placed = topology.get_coord(rank), layout.at(rank)
+        assert (coord.data, coord.pipe, coord.model) == (placed.zero_rank, placed.pp_rank, placed.tp_rank)
     nodes_of = lambda group: {nodes.node_of_rank[rank] for rank in group}  # noqa: E731
-    assert all(len(nodes_of(group)) == 1 for group in topology.get_axis_comm_lists("model"))
-    assert all(len(nodes_of(group)) == 1 for group in topology.get_axis_comm_lists("pipe"))
-    assert all(len(nodes_of(group)) == 2 for group in topology.get_axis_comm_lists("data"))
+    assert all(len(nodes_of(group)) == 1 for axis in inside for group in topology.get_axis_comm_lists(axis))
+    assert all(len(nodes_of(group)) == 2 for axis in across for group in topology.get_axis_comm_lists(axis))
 
 
 def test_a_tensor_group_across_nodes_is_found():
